@@ -24,7 +24,6 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m lora_ns.train", description="Fine-tune a model as a recipe describes.",
         epilog="Overrides: key.sub=value or --key.sub value, e.g. training.max_steps=10 --peft.r 8")
     parser.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="recipe overrides, applied before validation")
     return parser
 
 
@@ -35,7 +34,8 @@ def training_arguments(recipe, eval_dataset) -> Any:
     from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS
     from lora_ns.model import torch_dtype
 
-    args = {k: v for k, v in recipe.training.items() if k not in LORA_NS_TRAINING_FIELDS}
+    args = {k: v for k, v in recipe.training.items()
+            if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
     args["output_dir"] = recipe.output_dir
     args.setdefault("report_to", "none")
     args.setdefault("save_strategy", "no")
@@ -93,17 +93,19 @@ def library_versions() -> dict[str, str]:
 def train(recipe) -> dict[str, Any]:
     """Train a validated recipe; return the run summary (also written to run_summary.json)."""
     from lora_ns.adapters import apply_peft, count_parameters
+    from lora_ns.checkpoints import guard_output_dir, resume_target
     from lora_ns.data import build_datasets
     from lora_ns.model import load_model, load_tokenizer
 
     started = time.time()
+    guard_output_dir(recipe)
     tokenizer = load_tokenizer(recipe)
     train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
     trainable, total = count_parameters(model)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_target(recipe))
     out = Path(recipe.output_dir)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
@@ -121,7 +123,7 @@ def train(recipe) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args, args.overrides = make_parser().parse_known_args(argv)
     from lora_ns.validate import check_recipe_file
 
     recipe = check_recipe_file(args.recipe, args.overrides, for_training=True)

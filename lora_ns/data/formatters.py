@@ -68,3 +68,22 @@ def gsm8k(row: Row) -> Row:
 @formatter("glue_mrpc", "pair", ("sentence1", "sentence2", "label"))
 def glue_mrpc(row: Row) -> Row:
     return {"sentence1": row["sentence1"], "sentence2": row["sentence2"], "label": int(row["label"])}
+
+
+@formatter("metamath", "prompt_completion", ("query", "response"))
+def metamath(row: Row) -> Row:
+    return {"prompt": row["query"], "completion": row["response"]}
+
+
+@formatter("code_feedback", "messages", ("messages",))
+def code_feedback(row: Row) -> Row:
+    return messages(row)
+
+
+@formatter("alpaca", "prompt_completion", ("instruction", "input", "output"))
+def alpaca(row: Row) -> Row:
+    prompt = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+    return {"prompt": prompt, "completion": row["output"]}
+
+
+FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "input", "output"), alpaca)

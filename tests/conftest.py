@@ -1,0 +1,48 @@
+"""Shared test set-up: fully offline, builtin tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub / transformers / datasets.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LORA_NS_CACHE", tempfile.mkdtemp(prefix="lora_ns_test_cache_"))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> str:
+    """Path to the builtin tiny Llama (random weights, BPE tokenizer with a ChatML template)."""
+    from lora_ns.builtin_models import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2() -> str:
+    from lora_ns.builtin_models import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert() -> str:
+    """Path to the builtin tiny BERT for sequence classification (WordPiece tokenizer)."""
+    from lora_ns.builtin_models import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-bert")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test from a temporary working directory (so outputs/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
