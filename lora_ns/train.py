@@ -116,7 +116,10 @@ def train(recipe) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         (out / "versions.json").write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        from lora_ns.report import write_report
+
+        write_report(trainer.state.log_history, out, summary)
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")  # last: marks done
         print(f"done: {summary['steps']} steps in {summary['seconds']} s, loss {summary['first_loss']} -> "
               f"{summary['last_loss']}; adapter saved to {out}")
     return summary
