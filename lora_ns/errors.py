@@ -21,7 +21,7 @@ class Problem:
     message: str
     fix: str = ""
     line: int | None = None
-    severity: str = "error"  # "error" | "warning"
+    severity: str = "error"  # "error" | "warning" | "info"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file

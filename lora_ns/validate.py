@@ -70,8 +70,8 @@ def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_
     errors = [p for p in problems if p.is_error]
     if errors:
         raise UserError(errors)
-    for warning in problems:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    for note in problems:  # warnings, and "info" lines such as dataset length stats
+        print(f"{PROG}: {note.severity}: {note}", file=sys.stderr)
     return recipe
 
 
