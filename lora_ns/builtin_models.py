@@ -126,13 +126,13 @@ def _tiny_causal(arch: str) -> Callable[[Path], None]:
 
 def _tiny_bert(out: Path) -> None:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertModel
 
     tokenizer = _wordpiece_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out)
+    BertModel(config).save_pretrained(out)  # no head, like a hub encoder: seq_cls adds one of any size
     tokenizer.save_pretrained(out)
 
 

@@ -218,6 +218,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> N
 
 def _suggest(word: str, options: set[str]) -> str:
     close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    close = close or sorted(o for o in options if word.startswith(o) or o.startswith(word))[:1]
     return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(options)[:12])}"
 
 
@@ -243,6 +244,9 @@ def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> lis
             path = f"{section}.{key}"
             if section == "peft" and key in PEFT_MANAGED:
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"
+            elif section == "training" and data.get("task") == "seq_cls" and key in training_fields("causal_lm"):
+                msg = "only applies to causal LM tasks (TRL SFTConfig); seq_cls uses transformers' TrainingArguments"
+                fix = f"remove training.{key}"
             else:
                 method = body.get("method", "lora") if section == "peft" else None
                 msg = f"unknown field for peft method '{method}'" if method else "unknown field"

@@ -50,11 +50,6 @@ def seq_cls_head_saved(r: Recipe) -> Iterator[Problem]:
                             f"add the head to it, e.g. modules_to_save: [{', '.join(SEQ_CLS_HEADS)}]")
 
 
-def packing_needs_causal_lm(r: Recipe) -> Iterator[Problem]:
-    if r.task == "seq_cls" and r.training.get("packing"):
-        yield r.problem("training.packing", "packing only applies to causal LM tasks", "remove training.packing")
-
-
 def eval_needs_val_split(r: Recipe) -> Iterator[Problem]:
     strategy = str(r.training.get("eval_strategy", "no"))
     if strategy != "no" and r.dataset.val_split is None:
@@ -109,7 +104,7 @@ def remote_code_warning(r: Recipe) -> Iterator[Problem]:
 
 RULES: list[Rule] = [
     qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
-    packing_needs_causal_lm, eval_needs_val_split, streaming_needs_max_steps, val_fraction_in_range,
+    eval_needs_val_split, streaming_needs_max_steps, val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
 ]
 

@@ -1,0 +1,38 @@
+# Set-up and everyday commands. Each target creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+# The CPU build of torch on this kind of machine; on a GPU machine use e.g. TORCH="torch==2.13.0" with the CUDA index.
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install demo test validate bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## demo: train the embedded default (tiny offline model + bundled sample), then print where the adapter went
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lora_ns.train recipes/quickstart.yaml training.overwrite_output_dir=true
+
+## test: the whole test suite (offline)
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+## validate: check every recipe in recipes/
+validate: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lora_ns.validate --all
+
+bench: install
+	$(BIN)/python bench/validate.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/preprocess.py --small
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache *.egg-info

@@ -1,0 +1,109 @@
+"""Recipe parsing: overrides, unknown-key suggestions, type coercion, YAML line numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_ns.config import apply_overrides, load_recipe, parse_overrides, parse_recipe
+from lora_ns.errors import UserError
+
+BASE = {
+    "task": "causal_lm",
+    "model": {"name_or_path": "builtin:tiny-llama"},
+    "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"},
+    "training": {"max_steps": 3},
+}
+
+
+def _copy() -> dict:
+    import copy
+
+    return copy.deepcopy(BASE)
+
+
+def test_minimal_recipe_gets_defaults():
+    recipe = parse_recipe(_copy())
+    assert recipe.peft.method == "lora"
+    assert recipe.model.trust_remote_code is False
+    assert recipe.quantization.load_in_4bit is False
+    assert recipe.output_dir == "outputs/<recipe>"
+
+
+def test_override_forms_all_reach_the_recipe():
+    pairs = parse_overrides(["training.learning_rate=1e-3", "--peft.r", "4", "--dataset.streaming",
+                             "--model.dtype=fp32", "max_length=64"])
+    data = _copy()
+    apply_overrides(data, pairs)
+    recipe = parse_recipe(data)
+    assert recipe.training["learning_rate"] == pytest.approx(1e-3)  # "1e-3" text coerced to float
+    assert recipe.peft.options["r"] == 4
+    assert recipe.dataset.streaming is True
+    assert recipe.model.dtype == "fp32"
+    assert recipe.training["max_length"] == 64  # dotless key found in its only section
+
+
+def test_ambiguous_dotless_override_is_rejected():
+    data = _copy()
+    with pytest.raises(UserError, match="several sections"):
+        apply_overrides(data, parse_overrides(["revision=main"]))  # model.revision and dataset.revision
+
+
+def test_unknown_keys_suggest_the_closest_field():
+    data = _copy()
+    data["training"]["learnig_rate"] = 0.1
+    data["peft"] = {"method": "lora", "lora_alpah": 8}
+    data["modle"] = {}
+    with pytest.raises(UserError) as err:
+        parse_recipe(data, "r.yaml")
+    text = str(err.value)
+    assert "training.learnig_rate: unknown field — did you mean 'learning_rate'?" in text
+    assert "peft.lora_alpah" in text and "'lora_alpha'" in text
+    assert "modle: unknown section — did you mean 'model'?" in text
+
+
+def test_peft_fields_depend_on_method():
+    data = _copy()
+    data["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 8}
+    assert parse_recipe(data).peft.options == {"num_virtual_tokens": 8}
+    data["peft"] = {"method": "ia3", "num_virtual_tokens": 8}
+    with pytest.raises(UserError, match="unknown field for peft method 'ia3'"):
+        parse_recipe(data)
+
+
+def test_managed_peft_fields_are_refused():
+    data = _copy()
+    data["peft"] = {"method": "lora", "task_type": "CAUSAL_LM"}
+    with pytest.raises(UserError, match="peft.task_type: is set by lora_ns"):
+        parse_recipe(data)
+
+
+def test_wrong_type_names_the_field_and_expected_type():
+    data = _copy()
+    data["training"]["num_train_epochs"] = "three"
+    with pytest.raises(UserError, match=r"training.num_train_epochs: expected float, got 'three'"):
+        parse_recipe(data)
+
+
+def test_errors_carry_the_yaml_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: causal_lm\nmodel:\n  name_or_path: x\ndataset:\n  path: y\n  formater: gsm8k\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert f"{path}:6: dataset.formater" in str(err.value)
+
+
+def test_invalid_yaml_is_one_line_with_line_number(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("task: causal_lm\nmodel:\n  name_or_path: [unclosed\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert "invalid YAML" in message and "\n" not in message
+
+
+def test_saved_recipe_round_trips(tmp_path):
+    recipe = parse_recipe(_copy())
+    path = tmp_path / "saved.yaml"
+    path.write_text(recipe.to_yaml())
+    again = load_recipe(path)
+    assert again.model_dump() == recipe.model_dump()

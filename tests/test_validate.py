@@ -1,0 +1,107 @@
+"""`python -m lora_ns.validate`: every shipped recipe passes; broken ones name the right field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_ns.validate import main as validate_main
+
+from conftest import REPO
+
+GOOD = {
+    "task": "causal_lm",
+    "model": {"name_or_path": "builtin:tiny-llama"},
+    "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"},
+    "training": {"max_steps": 3},
+}
+
+# (name, change applied to GOOD, field the message must name, words it must contain)
+BROKEN = [
+    ("qlora_without_4bit", {"peft": {"method": "qlora"}}, "peft.method", "load_in_4bit: true"),
+    ("4bit_full_finetune", {"quantization": {"load_in_4bit": True}, "peft": {"method": "full"}},
+     "peft.method", "cannot be fully fine-tuned"),
+    ("4bit_and_8bit", {"quantization": {"load_in_4bit": True, "load_in_8bit": True}},
+     "quantization.load_in_8bit", "choose one"),
+    ("seq_cls_no_labels", {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert"},
+                           "dataset": {"path": "sample:gsm8k", "formatter": "glue_mrpc"}},
+     "model.num_labels", "num_labels"),
+    ("seq_cls_head_not_saved", {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "num_labels": 2},
+                                "peft": {"method": "lora", "modules_to_save": ["pooler"]},
+                                "dataset": {"path": "sample:gsm8k", "formatter": "glue_mrpc"}},
+     "peft.modules_to_save", "classifier"),
+    ("packing_on_seq_cls", {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "num_labels": 2},
+                            "dataset": {"path": "sample:gsm8k", "formatter": "glue_mrpc"},
+                            "training": {"packing": True}},
+     "training.packing", "causal LM"),
+    ("eval_without_val_split", {"training": {"eval_strategy": "steps"}}, "training.eval_strategy", "val_split"),
+    ("streaming_without_max_steps", {"dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", "streaming": True},
+                                     "training": {}}, "training.max_steps", "max_steps"),
+    ("unknown_formatter", {"dataset": {"path": "sample:gsm8k", "formatter": "gsm9k"}}, "dataset.formatter", "gsm8k"),
+    ("formatter_wrong_task", {"task": "cpt"}, "dataset.formatter", "text"),
+    ("misspelled_training_key", {"training": {"max_step": 3}}, "training.max_step", "did you mean 'max_steps'"),
+    ("misspelled_section", {"peft_config": {"r": 8}}, "peft_config", "did you mean 'peft'"),
+    ("bad_dtype", {"model": {"name_or_path": "builtin:tiny-llama", "dtype": "float8"}}, "model.dtype", "bf16"),
+    ("bad_task", {"task": "chat"}, "task", "causal_lm"),
+    ("missing_model_path", {"model": {"dtype": "fp32"}}, "model.name_or_path", "required"),
+    ("negative_max_samples", {"dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", "max_samples": 0}},
+     "dataset.max_samples", "greater than or equal to 1"),
+    ("val_fraction_too_big", {"dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", "val_split": 1.5}},
+     "dataset.val_split", "between 0 and 1"),
+    ("unknown_builtin_model", {"model": {"name_or_path": "builtin:tiny-gpt9"}}, "model.name_or_path", "tiny-llama"),
+    ("lr_not_a_number", {"training": {"learning_rate": "fast"}}, "training.learning_rate", "expected float"),
+]
+
+
+def _write(tmp_path: Path, name: str, change: dict) -> Path:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in GOOD.items()}
+    data.update(change)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_shipped_recipe_validates(capsys):
+    assert validate_main(["--all", str(REPO / "recipes"), "--no-data", "--no-model"]) == 0
+    out = capsys.readouterr().out
+    shipped = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+    assert len(shipped) >= 6
+    for name in shipped:
+        assert f"OK {REPO / 'recipes' / name}" in out
+
+
+@pytest.mark.parametrize("name,change,field,words", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_recipe_names_the_field(tmp_path, capsys, name, change, field, words):
+    path = _write(tmp_path, name, change)
+    assert validate_main([str(path), "--no-data", "--no-model"]) == 2
+    err = capsys.readouterr().err
+    line = next((ln for ln in err.splitlines() if f": {field}:" in ln or f": {field} " in ln), None)
+    assert line is not None, err
+    assert str(path) in line and words in line, line
+
+
+def test_cli_exit_code_and_no_traceback(tmp_path):
+    path = _write(tmp_path, "bad", {"training": {"max_step": 3}})
+    run = subprocess.run([sys.executable, "-m", "lora_ns.validate", str(path), "--no-data", "--no-model"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().count("\n") == 0  # one problem, one line
+    assert "training.max_step" in run.stderr
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    from lora_ns.errors import run_cli
+
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(missing)])) == 2
+    assert f"{missing}: recipe file not found" in capsys.readouterr().err
+
+
+def test_overrides_fix_a_recipe_before_validation(tmp_path, capsys):
+    path = _write(tmp_path, "qlora", {"peft": {"method": "qlora"}})
+    assert validate_main([str(path), "--no-data", "--no-model", "quantization.load_in_4bit=true"]) == 0
