@@ -1,0 +1,140 @@
+"""Evaluation end to end on the tiny models: metrics are computed from the predictions written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_ns.answers import extract_answer
+from lora_ns.errors import run_cli
+from lora_ns.evaluate import main, score_math
+from lora_ns.metrics import classification_metrics, exact_match, generation_metrics
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+
+
+def make_adapter(out: Path, recipe) -> Path:
+    """Wrap the recipe's base with peft (random LoRA B) and save it like training does."""
+    from lora_ns.adapters import apply_peft
+    from lora_ns.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe)
+    torch.manual_seed(0)
+    apply_peft(load_model(recipe, tokenizer), recipe).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    return out
+
+
+def read_results(folder: Path) -> tuple[dict, list[dict]]:
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return metrics, rows
+
+
+@pytest.fixture(scope="module")
+def gsm_adapter(tmp_path_factory, tiny_llama) -> Path:
+    from lora_ns.config import load_recipe
+
+    out = tmp_path_factory.mktemp("gsm") / "out"
+    return make_adapter(out, load_recipe(QUICKSTART, [f"training.output_dir={out}", "peft.init_lora_weights=false"]))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_bert) -> Path:
+    from lora_ns.config import load_recipe
+
+    folder = tmp_path_factory.mktemp("cls")
+    (folder / "recipe.yaml").write_text(
+        "task: seq_cls\nmodel: {name_or_path: 'builtin:tiny-bert', dtype: fp32,"
+        " labels: [not_equivalent, equivalent]}\n"
+        "peft: {method: lora, r: 4, target_modules: [query, value], init_lora_weights: false}\n"
+        "dataset: {path: 'sample:glue_mrpc', formatter: glue_mrpc, val_split: 0.2}\n"
+        f"training: {{output_dir: '{folder / 'out'}'}}\n", encoding="utf-8")
+    return make_adapter(folder / "out", load_recipe(folder / "recipe.yaml"))
+
+
+def test_math_scores_the_held_out_rows_from_the_predictions(gsm_adapter, capsys):
+    from lora_ns.config import load_recipe
+    from lora_ns.data import build_datasets
+    from lora_ns.model import load_tokenizer
+
+    recipe_file = str(gsm_adapter / "recipe.yaml")
+    argv = [recipe_file, "--adapter", str(gsm_adapter), "--limit", "3", "--max-new-tokens", "12", "--no-progress"]
+    assert main(argv) == 0
+    metrics, rows = read_results(gsm_adapter / "eval")
+
+    assert metrics["kind"] == "math" and metrics["num_examples"] == len(rows) == 3
+    assert metrics["exact_match"] == exact_match([extract_answer(r["prediction"]) for r in rows],
+                                                 [extract_answer(r["reference"]) for r in rows])
+    assert all(r["reference_answer"] == extract_answer(r["reference"]) is not None for r in rows)
+    assert all(r["correct"] == (r["predicted_answer"] == r["reference_answer"]) for r in rows)
+
+    recipe = load_recipe(recipe_file)
+    _, held_out = build_datasets(recipe, load_tokenizer(recipe))  # the rows training evaluated on
+    assert [r["prompt"] for r in rows] == [ex["prompt"][-1]["content"] for ex in held_out.select(range(3))]
+
+    capsys.readouterr()
+    assert run_cli("lora_ns.evaluate", lambda: main(argv)) == 2  # results exist: not replaced silently
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_perfect_math_prediction_set_scores_one():
+    rows = [{"prediction": "The answer is: 1,080", "reference": "so 1080 in all\n#### 1080"},
+            {"prediction": "#### -3", "reference": "#### -3"},
+            {"prediction": "It costs $1,234.50", "reference": "#### 1234.5"}]
+    assert score_math(rows)["exact_match"] == 1.0
+    rows[1]["prediction"] = "#### 3"
+    assert score_math(rows)["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_generation_metrics_and_perplexity(gsm_adapter, tmp_path):
+    out = tmp_path / "zh"
+    argv = [str(gsm_adapter / "recipe.yaml"), "--adapter", str(gsm_adapter), "--limit", "3", "--max-new-tokens",
+            "8", "--output-dir", str(out), "--no-progress", "dataset.path=sample:alpaca_zh",
+            "dataset.formatter=alpaca_zh"]
+    assert main(argv) == 0
+    metrics, rows = read_results(out)
+
+    assert metrics["kind"] == "generation" and len(rows) == 3
+    recomputed = generation_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed)
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    perfect = generation_metrics([r["reference"] for r in rows], [r["reference"] for r in rows])
+    assert perfect == pytest.approx({"bleu": 1.0, "rouge_l": 1.0})
+
+
+def test_classification(classifier, tmp_path):
+    out = tmp_path / "cls"
+    assert main([str(classifier / "recipe.yaml"), "--adapter", str(classifier), "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    metrics, rows = read_results(out)
+
+    assert metrics["kind"] == "classification" and len(rows) == 6  # 0.2 of the 30 sample rows
+    recomputed = classification_metrics([r["predicted"] for r in rows], [r["label"] for r in rows], 2)
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed)
+    assert all(r["predicted_label"] == ["not_equivalent", "equivalent"][r["predicted"]] for r in rows)
+    labels = [r["label"] for r in rows]
+    assert classification_metrics(labels, labels, 2)["f1"] == (1.0 if 1 in labels else 0.0)
+
+
+def test_base_model_on_a_data_file(in_tmp, tiny_llama):
+    data = in_tmp / "questions.jsonl"
+    data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "5 + 6 = 11\n#### 11"}) + "\n")
+    assert main([str(QUICKSTART), "--model", "builtin:tiny-llama", "--data-file", str(data),
+                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    metrics, rows = read_results(in_tmp / "outputs" / "eval" / "builtin_tiny-llama")
+    assert metrics["model_kind"] == "base" and [r["reference_answer"] for r in rows] == ["11"]
+
+
+def test_a_recipe_without_eval_data_is_a_one_line_error(gsm_adapter, tmp_path, capsys):
+    code = run_cli("lora_ns.evaluate", lambda: main([str(QUICKSTART), "--adapter", str(gsm_adapter),
+                                                     "--output-dir", str(tmp_path / "e"), "dataset.val_split=null"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "dataset.val_split" in err[-1] and "--data-file" in err[-1]
+    assert not (tmp_path / "e").exists()

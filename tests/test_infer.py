@@ -1,0 +1,148 @@
+"""Inference: adapter/base detection, prompt rendering as in training, batching, files, seq_cls output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_ns.errors import UserError, run_cli
+from lora_ns.infer import generate, main, read_inputs
+from lora_ns.inference_model import load_for_inference, render_prompt
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+PROMPTS = ["What is 2+2?", "Ben has 33 stickers and gives away 27. How many stickers are left?", "请用中文回答"]
+
+
+def make_adapter(out: Path, recipe) -> Path:
+    """Wrap the recipe's base with peft (random LoRA B) and save it like training does."""
+    from lora_ns.adapters import apply_peft
+    from lora_ns.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe)
+    torch.manual_seed(0)
+    apply_peft(load_model(recipe, tokenizer), recipe).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_llama) -> Path:
+    from lora_ns.config import load_recipe
+
+    out = tmp_path_factory.mktemp("infer") / "out"
+    recipe = load_recipe(QUICKSTART, [f"training.output_dir={out}", "peft.init_lora_weights=false",
+                                      "dataset.system_prompt=Answer briefly."])
+    return make_adapter(out, recipe)
+
+
+@pytest.fixture(scope="module")
+def loaded(adapter_dir):
+    return load_for_inference(str(adapter_dir))
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, tiny_bert) -> Path:
+    from lora_ns.config import load_recipe
+
+    folder = tmp_path_factory.mktemp("cls")
+    (folder / "recipe.yaml").write_text(
+        "task: seq_cls\nmodel: {name_or_path: 'builtin:tiny-bert', dtype: fp32, labels: [negative, positive]}\n"
+        "peft: {method: lora, r: 4, target_modules: [query, value], init_lora_weights: false}\n"
+        "dataset: {path: pairs.jsonl, formatter: glue_mrpc}\n", encoding="utf-8")
+    return make_adapter(folder / "out", load_recipe(folder / "recipe.yaml"))
+
+
+def test_detects_adapter_and_base(loaded, tiny_llama):
+    from peft import PeftModel
+
+    assert loaded.kind == "adapter" and isinstance(loaded.model, PeftModel) and loaded.task == "causal_lm"
+    assert loaded.recipe is not None and loaded.tokenizer.padding_side == "left"
+    base = load_for_inference("builtin:tiny-llama")
+    assert base.kind == "base" and not isinstance(base.model, PeftModel) and base.recipe is None
+
+
+def test_prompts_are_rendered_as_in_training(loaded):
+    from lora_ns.data.render import prompt_text
+
+    tok, recipe = loaded.tokenizer, loaded.recipe
+    example = {"prompt": "What is 2+2?", "completion": "4"}
+    prompt = render_prompt(tok, example["prompt"], recipe)
+    assert prompt.text == prompt_text(example, recipe, tok)
+    assert prompt.text.startswith("<|im_start|>system\nAnswer briefly.") and prompt.text.endswith("assistant\n")
+    assert not prompt.add_special_tokens  # the chat template carries its own special tokens
+
+    templated = recipe.model_copy(update={"dataset": recipe.dataset.model_copy(
+        update={"prompt_template": "Q: {prompt}\nA:"})})
+    plain = render_prompt(tok, example["prompt"], templated)
+    assert plain.text == prompt_text(example, templated, tok) and "Q: What is 2+2?\nA:" in plain.text
+    assert plain.add_special_tokens
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "again"}]
+    assert render_prompt(tok, chat, recipe).text == prompt_text(
+        {"messages": chat + [{"role": "assistant", "content": "x"}]}, recipe, tok)
+
+
+def test_left_padded_batches_match_one_at_a_time(loaded):
+    batched = generate(loaded, PROMPTS, max_new_tokens=8, batch_size=3, progress=False)
+    single = [generate(loaded, [p], max_new_tokens=8, batch_size=1, progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert any(batched)
+
+
+def test_cli_single_prompt_prints_the_completion(adapter_dir, loaded, capsys):
+    assert main(["--model", str(adapter_dir), "--prompt", PROMPTS[1], "--greedy", "--max-new-tokens", "8"]) == 0
+    expected = generate(loaded, [PROMPTS[1]], max_new_tokens=8, progress=False)[0]
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_cli_input_file_to_output_file(adapter_dir, tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": PROMPTS[0], "id": 1}, {"messages": [{"role": "user", "content": PROMPTS[1]}]}]) + "\n")
+    out = tmp_path / "results.jsonl"
+    argv = ["--model", str(adapter_dir), "--input-file", str(questions), "--output-file", str(out),
+            "--greedy", "--max-new-tokens", "6", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == [1, None] and all(isinstance(r["output"], str) for r in rows)
+
+    out.write_text("earlier results")
+    capsys.readouterr()
+    assert run_cli("lora_ns.infer", lambda: main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "--overwrite" in err and err.count("\n") == 0
+    assert out.read_text() == "earlier results"
+    assert main(argv + ["--overwrite"]) == 0 and len(out.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl", "results.jsonl"]  # no temp files left
+
+
+def test_text_file_and_bad_jsonl(tmp_path):
+    txt = tmp_path / "q.txt"
+    txt.write_text("first\n\nsecond\n")
+    assert read_inputs(txt) == [{"prompt": "first"}, {"prompt": "second"}]
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
+    with pytest.raises(UserError) as err:
+        read_inputs(bad)
+    assert err.value.problems[0].line == 2
+
+
+def test_seq_cls_prints_label_names_and_probabilities(classifier_dir, capsys):
+    assert main(["--model", str(classifier_dir), "--prompt", "a fine day"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] in ("negative", "positive")
+    probs = dict(line.strip().split(": ") for line in lines[1:])
+    assert set(probs) == {"negative", "positive"}
+    assert sum(float(p) for p in probs.values()) == pytest.approx(1.0, abs=1e-3)
+    assert lines[0] == max(probs, key=lambda k: float(probs[k]))
+
+
+def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
+    code = run_cli("lora_ns.infer", lambda: main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not found" in err and err.count("\n") == 0

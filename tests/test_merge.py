@@ -1,0 +1,186 @@
+"""Merging: logits match the unmerged adapter, QLoRA requantization, dtype, overwrite and atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_ns.errors import UserError, run_cli
+from lora_ns.merge import main, merge
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+PROMPTS = ["Question: Ben has 33 stickers and gives away 27. How many are left?", "#### 1,080 and -3.5"]
+
+
+def make_adapter(out: Path, overrides: list[str], recipe_file: Path = QUICKSTART) -> Path:
+    """A saved adapter dir like training leaves (weights, tokenizer, recipe.yaml), with random LoRA B."""
+    from lora_ns.adapters import apply_peft
+    from lora_ns.config import load_recipe
+    from lora_ns.model import load_model, load_tokenizer
+
+    recipe = load_recipe(recipe_file, [f"training.output_dir={out}", "peft.init_lora_weights=false", *overrides])
+    tokenizer = load_tokenizer(recipe)
+    torch.manual_seed(0)
+    model = apply_peft(load_model(recipe, tokenizer), recipe)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    return out
+
+
+def logits(model, tokenizer) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**tokenizer(p, return_tensors="pt")).logits.float() for p in PROMPTS]
+
+
+def max_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_llama) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("lora") / "out", [])
+
+
+@pytest.fixture(scope="module")
+def qlora_dir(tmp_path_factory, tiny_llama) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("qlora") / "out",
+                        ["quantization.load_in_4bit=true", "peft.method=qlora"])
+
+
+def load_merged(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_merged_logits_equal_the_adapter_model(lora_dir, tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    info = merge(str(lora_dir), str(tmp_path / "merged"))
+    merged, tokenizer = load_merged(tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    base_logits = logits(base, tokenizer)
+    with_adapter = logits(PeftModel.from_pretrained(base, str(lora_dir)).eval(), tokenizer)
+
+    assert max_diff(logits(merged, tokenizer), with_adapter) < 1e-4
+    assert max_diff(with_adapter, base_logits) > 1e-2  # the adapter really changes the model
+    assert info["max_logit_diff_fp32"] < 1e-4 and info["dtype"] == "fp32" and not info["requantized"]
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "merge_info.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert not any(name.startswith(".") for name in files)
+
+
+def test_qlora_merge_requantizes_like_training(qlora_dir, tmp_path):
+    from lora_ns.inference_model import load_for_inference
+
+    quantized = load_for_inference(str(qlora_dir))  # 4-bit base + adapter, as trained
+    assert quantized.model.get_base_model().is_loaded_in_4bit
+    trained = logits(quantized.model, quantized.tokenizer)
+
+    with_round_trip = merge(str(qlora_dir), str(tmp_path / "rq"))
+    without = merge(str(qlora_dir), str(tmp_path / "plain"), requantize=False)
+    diff_rq = max_diff(logits(*load_merged(tmp_path / "rq")), trained)
+    diff_plain = max_diff(logits(*load_merged(tmp_path / "plain")), trained)
+
+    assert with_round_trip["requantized"] and with_round_trip["requantized_layers"] == 14  # 2 layers x 7 linears
+    assert not without["requantized"]
+    assert diff_rq < diff_plain / 10
+    assert diff_rq < 1e-3
+
+
+def test_cli_saves_in_the_base_dtype(lora_dir, tiny_llama, tmp_path, capsys):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16_base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(bf16_base)
+
+    assert main(["--adapter", str(lora_dir), "--output", str(tmp_path / "m"), "--base", str(bf16_base)]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "m" / "merge_info.json").read_text())["dtype"] == "bf16"
+
+
+def test_refuses_a_non_empty_output_unless_overwrite(lora_dir, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    argv = ["--adapter", str(lora_dir), "--output", str(target)]
+    assert run_cli("lora_ns.merge", lambda: main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not empty" in err and "--overwrite" in err
+    assert (target / "keep.txt").read_text() == "mine"
+
+    assert main(argv + ["--dtype", "fp16", "--overwrite"]) == 0
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+    assert json.loads((target / "merge_info.json").read_text())["dtype"] == "fp16"
+
+
+def test_a_crash_while_saving_leaves_nothing_behind(lora_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def crash(self, folder, *args, **kwargs):
+        (Path(folder) / "half-written.json").write_text("{")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge(str(lora_dir), str(tmp_path / "new"))
+    assert list(tmp_path.iterdir()) == []  # no target, no temporary folder
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        merge(str(lora_dir), str(old), overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep.txt").read_text() == "mine"
+
+
+def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_ns.inference_model import load_for_inference
+
+    recipe_file = tmp_path / "cls.yaml"
+    recipe_file.write_text(
+        "task: seq_cls\nmodel: {name_or_path: 'builtin:tiny-bert', dtype: fp32, labels: [negative, positive]}\n"
+        "peft: {method: lora, r: 4, target_modules: [query, value]}\n"
+        "dataset: {path: 'sample:glue_mrpc', formatter: glue_mrpc}\n", encoding="utf-8")
+    adapter = make_adapter(tmp_path / "adapter", [], recipe_file)
+    with torch.no_grad():  # a trained head differs from the base's random one
+        adapter_model = load_for_inference(str(adapter)).model
+        adapter_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    adapter_model.save_pretrained(adapter)
+
+    merge(str(adapter), str(tmp_path / "merged"))
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    loaded = load_for_inference(str(adapter))
+    batch = loaded.tokenizer(["a fine day", "the budget passed"], padding=True, return_tensors="pt")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        expected, got, untuned = loaded.model(**batch).logits, merged(**batch).logits, base(**batch).logits
+    assert float((got - expected).abs().max()) < 1e-4
+    assert float((untuned - expected).abs().max()) > 1e-2
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+
+
+@pytest.mark.parametrize("config, message", [(None, "no adapter_config.json"),
+                                             ({"peft_type": "PREFIX_TUNING"}, "cannot be merged")])
+def test_rejects_what_cannot_be_merged(tmp_path, capsys, config, message):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    if config:
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code = run_cli("lora_ns.merge", lambda: main(["--adapter", str(adapter), "--output", str(tmp_path / "o")]))
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError):
+        merge(str(adapter), str(tmp_path / "o"))
