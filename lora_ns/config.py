@@ -299,8 +299,10 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
-    except ValidationError as err:
-        problems += _pydantic_problems(err, source, lines)
+    except ValidationError as err:  # unknown keys and non-mapping sections are already reported above
+        seen = {p.field for p in problems}
+        problems += [p for p in _pydantic_problems(err, source, lines)
+                     if p.field not in seen and p.field.split(".")[0] not in seen]
     if problems:
         raise UserError(problems)
     recipe.source, recipe.lines = source, lines

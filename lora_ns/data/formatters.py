@@ -5,18 +5,35 @@ Each formatter declares its `kind`, which fixes the shape it returns:
 - ``prompt_completion``: {"prompt": str, "completion": str}   (single-turn SFT)
 - ``messages``: {"messages": [{"role": ..., "content": ...}, ...]}   (multi-turn chat)
 - ``text``: {"text": str}   (continued pretraining)
-- ``pair``: {"sentence1": str, "sentence2": str | None, "label": int}   (classification)
+- ``pair``: {"sentence1": str, "sentence2": str | None, "label": int | str}   (classification)
 
-`fields` are the columns it reads; a recipe's ``dataset.columns`` renames them for data whose
-columns are named otherwise. Rendering to chat/template form happens later (`lora_ns.data.render`).
+A formatter gets a dict keyed by its own field names (``fields`` are required, ``optional`` may be
+None). Which column feeds which field is decided by the loader: the recipe's ``dataset.columns``
+mapping first, then a column named like the field, then the formatter's ``aliases`` (so
+``glue_mrpc`` also reads the original GLUE TSV's ``#1 String``/``#2 String``/``Quality``).
+A value a formatter cannot use raises `RowError`; the loader adds the file and line.
+Rendering to chat/template form happens later (`lora_ns.data.render`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 Row = dict[str, Any]
+KINDS = ("prompt_completion", "messages", "text", "pair")
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names -> chat roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "tool": "tool", "function": "tool"}
+
+
+class RowError(ValueError):
+    """A row a formatter cannot use: the field (formatter field name) and what is wrong with it."""
+
+    def __init__(self, field: str, message: str, fix: str = ""):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.fix = field, message, fix
 
 
 @dataclass(frozen=True)
@@ -25,18 +42,30 @@ class Formatter:
     kind: str
     fields: tuple[str, ...]
     fn: Callable[[Row], Row]
+    optional: tuple[str, ...] = ()
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __call__(self, row: Row) -> Row:
         return self.fn(row)
+
+    @property
+    def all_fields(self) -> tuple[str, ...]:
+        return self.fields + self.optional
 
 
 FORMATTERS: dict[str, Formatter] = {}
 
 
-def formatter(name: str, kind: str, fields: tuple[str, ...]) -> Callable[[Callable[[Row], Row]], Callable[[Row], Row]]:
+FormatFn = Callable[[Row], Row]
+
+
+def formatter(name: str, kind: str, fields: tuple[str, ...], optional: tuple[str, ...] = (),
+              aliases: Mapping[str, tuple[str, ...]] | None = None) -> Callable[[FormatFn], FormatFn]:
     """Register a formatter under `name`."""
-    def register(fn: Callable[[Row], Row]) -> Callable[[Row], Row]:
-        FORMATTERS[name] = Formatter(name, kind, fields, fn)
+    assert kind in KINDS, kind
+
+    def register(fn: FormatFn) -> FormatFn:
+        FORMATTERS[name] = Formatter(name, kind, fields, fn, optional, dict(aliases or {}))
         return fn
     return register
 
@@ -45,45 +74,133 @@ def get_formatter(name: str) -> Formatter:
     return FORMATTERS[name]
 
 
+# --- value checks shared by the formatters ----------------------------------------------------------
+
+def text_value(row: Row, name: str, required: bool = True) -> str | None:
+    """A string field; numbers are accepted and written as text, None is an error when required."""
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise RowError(name, "missing value", "fill it in or drop the row")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError(name, f"expected text, got {type(value).__name__}")
+    return value if isinstance(value, str) else str(value)
+
+
+def check_messages(value: Any, name: str) -> list[dict[str, str]]:
+    """A list of {role, content} chat messages with at least one assistant turn (else nothing is trained)."""
+    if not isinstance(value, list) or not value:
+        raise RowError(name, "expected a non-empty list of {role, content} messages")
+    messages = []
+    for i, message in enumerate(value, 1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowError(name, f"message {i} needs 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise RowError(name, f"message {i} has unknown role {role!r}", f"use one of: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(name, f"message {i} content must be text, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(name, "no assistant message, so nothing to train on", "drop the row or add the reply")
+    return messages
+
+
+# --- generic formatters -----------------------------------------------------------------------------
+
 @formatter("prompt_completion", "prompt_completion", ("prompt", "completion"))
 def prompt_completion(row: Row) -> Row:
-    return {"prompt": row["prompt"], "completion": row["completion"]}
+    return {"prompt": text_value(row, "prompt"), "completion": text_value(row, "completion")}
 
 
 @formatter("text", "text", ("text",))
 def text(row: Row) -> Row:
-    return {"text": row["text"]}
+    return {"text": text_value(row, "text")}
 
 
 @formatter("messages", "messages", ("messages",))
 def messages(row: Row) -> Row:
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+    return {"messages": check_messages(row.get("messages"), "messages")}
 
+
+@formatter("sharegpt", "messages", ("conversations",))
+def sharegpt(row: Row) -> Row:
+    """ShareGPT ``conversations: [{from, value}]`` (from: system/human/gpt) -> chat messages."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RowError("conversations", "expected a non-empty list of {from, value} turns")
+    converted = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError("conversations", f"turn {i} needs 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise RowError("conversations", f"turn {i} has unknown speaker 'from: {turn['from']}'",
+                           "use system, human or gpt")
+        converted.append({"role": role, "content": turn["value"]})
+    return {"messages": check_messages(converted, "conversations")}
+
+
+@formatter("pair", "pair", ("sentence1", "label"), optional=("sentence2",),
+           aliases={"sentence1": ("sentence", "text"), "label": ("labels",)})
+def pair(row: Row) -> Row:
+    """Sentence (or sentence pair) classification; the label stays as written (int or class name)."""
+    label = row.get("label")
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise RowError("label", "missing label")
+    return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2", required=False),
+            "label": label}
+
+
+# --- dataset-specific formatters ---------------------------------------------------------------------
 
 @formatter("gsm8k", "prompt_completion", ("question", "answer"))
 def gsm8k(row: Row) -> Row:
-    return {"prompt": row["question"], "completion": row["answer"]}
-
-
-@formatter("glue_mrpc", "pair", ("sentence1", "sentence2", "label"))
-def glue_mrpc(row: Row) -> Row:
-    return {"sentence1": row["sentence1"], "sentence2": row["sentence2"], "label": int(row["label"])}
+    """The whole worked answer (ending ``#### N``) is the completion; extracting N is evaluation's job."""
+    return {"prompt": text_value(row, "question"), "completion": text_value(row, "answer")}
 
 
 @formatter("metamath", "prompt_completion", ("query", "response"))
 def metamath(row: Row) -> Row:
-    return {"prompt": row["query"], "completion": row["response"]}
+    """MetaMathQA; ``type`` and ``original_question`` stay in the row's metadata."""
+    return {"prompt": text_value(row, "query"), "completion": text_value(row, "response")}
 
 
 @formatter("code_feedback", "messages", ("messages",))
 def code_feedback(row: Row) -> Row:
-    return messages(row)
+    """Code-Feedback multi-turn chats; loss on every assistant turn (see `lora_ns.data.render.sft_defaults`)."""
+    return {"messages": check_messages(row.get("messages"), "messages")}
 
 
-@formatter("alpaca", "prompt_completion", ("instruction", "input", "output"))
+@formatter("alpaca", "prompt_completion", ("instruction", "output"), optional=("input",))
 def alpaca(row: Row) -> Row:
-    prompt = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
-    return {"prompt": prompt, "completion": row["output"]}
+    """Instruction, then the input (when there is one) after a blank line. Text is kept byte for byte."""
+    instruction, extra = text_value(row, "instruction"), text_value(row, "input", required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return {"prompt": prompt, "completion": text_value(row, "output")}
 
 
-FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "input", "output"), alpaca)
+FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "output"), alpaca, ("input",))
+
+
+def _binary_label(value: Any) -> int:
+    if value is None:
+        raise RowError("label", "missing label")
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return int(value)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value.strip())
+    raise RowError("label", f"unknown label {value!r}", "MRPC labels are 0 (not equivalent) or 1 (equivalent)")
+
+
+@formatter("glue_mrpc", "pair", ("sentence1", "sentence2", "label"),
+           aliases={"sentence1": ("#1 String",), "sentence2": ("#2 String",), "label": ("Quality",)})
+def glue_mrpc(row: Row) -> Row:
+    """GLUE MRPC, from the HF schema or the original TSV (``Quality``, ``#1 String``, ``#2 String``)."""
+    return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2"),
+            "label": _binary_label(row.get("label"))}

@@ -1,11 +1,211 @@
-"""Dataset checks for `validate`: read a small sample, report missing columns and length stats."""
+"""Dataset checks for `validate`: read a small sample, report what would break or waste a training run.
+
+`check_dataset(recipe)` reads the first rows (`SAMPLE_ROWS`) of the training data -- local files
+with plain Python (`lora_ns.data.sources`), Hub datasets streamed -- and of a validation file when
+``dataset.val_split`` names one, then returns:
+
+- errors: unreadable/empty files, malformed rows, missing columns, rows the formatter rejects,
+  a bad ``prompt_template`` (each names the file, line or row, and the field);
+- warnings: empty prompts/answers/texts (count and the first one), a Hub dataset that cannot be
+  reached (the data checks are then skipped; training may still work on a machine that can);
+- info: token lengths (p50/p95/max, how many exceed ``training.max_length``) and how much of a
+  batch would be padding, when the tokenizer is local, builtin or in the HF cache.
+"""
 
 from __future__ import annotations
 
+from itertools import islice
+from pathlib import Path
+from typing import Any, NamedTuple
+
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem
+from lora_ns.data.formatters import FORMATTERS, RowError
+from lora_ns.data.loading import (
+    HubSource, RowConverter, Source, column_map, first_location, is_data_path, source_for,
+)
+from lora_ns.data.render import TEMPLATE_EXAMPLE, has_chat_template, render, template_problem, uses_chat_template
+from lora_ns.data.sources import Location, iter_rows, looks_local
+from lora_ns.errors import Problem, UserError
+
+SAMPLE_ROWS = 200
+MAX_ROW_ERRORS = 5
+
+
+class Sampled(NamedTuple):
+    where: Location
+    row: dict[str, Any]
+    example: dict[str, Any]
 
 
 def check_dataset(recipe: Recipe) -> list[Problem]:
-    """Problems found in a small sample of the recipe's dataset (filled in by the data work)."""
-    return []
+    """Errors, warnings and info lines from a sample of the recipe's data (see the module docstring)."""
+    cfg = recipe.dataset
+    if cfg.formatter not in FORMATTERS:
+        return []  # lora_ns.rules reports it
+    problems: list[Problem] = []
+    if cfg.prompt_template is not None and (why := template_problem(cfg.prompt_template)):
+        problems.append(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
+    splits: list[tuple[str | None, str]] = [(None, "dataset.path")]
+    if isinstance(cfg.val_split, str) and (is_data_path(cfg.val_split) or looks_local(cfg.path)):
+        splits.append((cfg.val_split, "dataset.val_split"))
+    examples: list[Sampled] = []
+    found: dict[str, str] = {}
+    for split, field in splits:
+        try:
+            src = source_for(cfg, split, field)
+            sampled = _sample(src)
+        except UserError as err:
+            return problems + err.problems
+        if sampled is None:
+            return problems + [recipe.problem(
+                "dataset.path", f"dataset '{cfg.path}' not reachable, data checks skipped",
+                "run validate where the Hub (or its cache) is available", "warning")]
+        formatted, columns, errors = _format(recipe, src, sampled)
+        problems += errors
+        if split is None:
+            examples, found = formatted, columns
+    if any(p.is_error for p in problems) or not examples:
+        return problems
+    return problems + _empty_warnings(recipe, examples, found) + _token_stats(recipe, examples)
+
+
+def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
+    """The first rows with their locations; None when a Hub dataset cannot be reached."""
+    if not isinstance(src, HubSource):
+        return list(islice(iter_rows(src), SAMPLE_ROWS))
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision, streaming=True)
+        return [(Location(src.path, None, i + 1), row) for i, row in enumerate(stream.take(SAMPLE_ROWS))]
+    except Exception:  # offline, unknown id, gated: all mean "cannot check here"
+        return None
+
+
+def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str, Any]]]) -> \
+        tuple[list[Sampled], dict[str, str], list[Problem]]:
+    """The sampled rows with their canonical examples, the field -> column map, and the problems
+    (missing columns, rows the formatter rejects)."""
+    fmt = FORMATTERS[recipe.dataset.formatter]
+    columns = list(dict.fromkeys(k for _, row in sampled for k in row))
+    found, problems = column_map(fmt, recipe.dataset.columns, columns, first_location(src))
+    if problems:
+        return [], found, problems
+    conv = RowConverter(fmt, found, src, recipe)
+    examples, bad = [], []
+    for where, row in sampled:
+        try:
+            examples.append(Sampled(where, row, conv.canonical(row)))
+        except RowError as err:
+            message = err.message if where.line else f"row {where.row}: {err.message}"
+            bad.append(Problem(where.file, found.get(err.field, err.field), message, err.fix, where.line))
+    if len(bad) > MAX_ROW_ERRORS:
+        more = len(bad) - MAX_ROW_ERRORS
+        bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field, f"... and {more} more rows like these")]
+    return examples, found, bad
+
+
+def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, str]) -> list[Problem]:
+    """Blank required text fields (an empty question or answer trains nothing useful), by column."""
+    fmt = FORMATTERS[recipe.dataset.formatter]
+    blanks: dict[str, list[Location]] = {}
+    for s in examples:
+        for name in fmt.fields:
+            value = s.row.get(columns[name])
+            if isinstance(value, str) and not value.strip():
+                blanks.setdefault(columns[name], []).append(s.where)
+        if fmt.kind == "messages" and any(not m["content"].strip() for m in s.example["messages"]):
+            blanks.setdefault(columns[fmt.fields[0]], []).append(s.where)
+    problems = []
+    for column, rows in blanks.items():
+        first, n = rows[0], len(examples)
+        if fmt.kind == "text":
+            problems.append(Problem(first.file, column, f"{len(rows)} of {n} sampled rows are blank (first: "
+                                    f"{first.where}); blank rows are skipped", "", first.line, "info"))
+        else:
+            what = "a message with no content" if fmt.kind == "messages" else f"an empty '{column}'"
+            problems.append(Problem(first.file, column, f"{len(rows)} of {n} sampled rows have {what} "
+                                    f"(first: {first.where})", "fill them in or drop those rows", first.line,
+                                    "warning"))
+    return problems
+
+
+def _tokenizer(recipe: Recipe):
+    """The recipe's tokenizer when it loads without a download, else (None, why)."""
+    from lora_ns.builtin_models import is_builtin
+
+    m = recipe.model
+    name = m.tokenizer_name_or_path or m.name_or_path
+    if not (is_builtin(name) or Path(name).is_dir() or _in_hf_cache(name, m.revision)):
+        return None, f"tokenizer '{name}' is neither local nor in the HF cache"
+    try:
+        from lora_ns.model import load_tokenizer
+
+        return load_tokenizer(recipe), ""
+    except Exception as err:  # a broken or partial download: report it, don't fail validation
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        return None, f"tokenizer '{name}' could not be loaded ({reason})"
+
+
+def _in_hf_cache(name: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(name, f, revision=revision), str)
+                   for f in ("tokenizer_config.json", "tokenizer.json"))
+    except Exception:  # not a valid repo id
+        return False
+
+
+def token_lengths(rows: list[dict[str, Any]], tokenizer) -> list[int]:
+    """Tokens per rendered row, counted as TRL will (chat template, or text plus EOS; pairs as encoded)."""
+    if not rows:
+        return []
+    first = rows[0]
+    if "sentence1" in first:
+        seconds = [r.get("sentence2") for r in rows]
+        pair = seconds if all(isinstance(s, str) for s in seconds) else None
+        return [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
+    if "messages" in first or isinstance(first.get("prompt"), list):
+        convs = [r["messages"] if "messages" in r else r["prompt"] + r["completion"] for r in rows]
+        texts = tokenizer.apply_chat_template(convs, tokenize=False)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    texts = [r["prompt"] + r["completion"] if "prompt" in r else r["text"] for r in rows]
+    return [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + the EOS TRL appends
+
+
+def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
+    from lora_ns.data.stats import SFT_DEFAULT_MAX_LENGTH, length_summary, unpacked_padding
+
+    fmt = FORMATTERS[recipe.dataset.formatter]
+    where = examples[0].where.file
+    tokenizer, why = _tokenizer(recipe)
+    if tokenizer is None:
+        return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
+    if fmt.kind == "messages" and not has_chat_template(tokenizer):
+        return [recipe.problem("dataset.formatter", f"formatter '{fmt.name}' gives chat messages but the tokenizer "
+                               "has no chat template", "set model.chat_template, or use a chat model")]
+    rows = [render(s.example, recipe, tokenizer) for s in examples if fmt.kind != "text" or s.example["text"].strip()]
+    lengths = token_lengths(rows, tokenizer)
+    if not lengths:
+        return []
+    if recipe.task == "seq_cls":
+        limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
+                             "the tokenizer's model_max_length")
+    else:
+        limit = int(recipe.training.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
+        limit_name = "training.max_length"
+    s = length_summary(lengths, limit)
+    chat = fmt.kind == "messages" or (fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer))
+    style = "chat template" if chat else "plain text"
+    over = f"; {s['over']} exceed {limit_name}={limit} and will be truncated" if limit else ""
+    notes = [Problem(where, "dataset", f"{s['count']} rows sampled ({style}): tokens per example p50 {s['p50']}, "
+                     f"p95 {s['p95']}, max {s['max']}{over}", severity="info")]
+    batch = int(recipe.training.get("per_device_train_batch_size") or 8)
+    if recipe.task != "seq_cls" and not recipe.training.get("packing") and len(lengths) > 1:
+        sizes = [min(n, limit) for n in lengths]
+        padded = unpacked_padding(sizes, batch)
+        share = padded / (padded + sum(sizes))
+        notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would be "
+                             "padding; training.packing: true (bfd) removes it", severity="info"))
+    return notes

@@ -1,0 +1,131 @@
+"""Render canonical examples into the rows TRL's SFTTrainer takes, and say which loss masks they need.
+
+- prompt/completion: *conversational* when the tokenizer has a chat template and the recipe sets no
+  ``dataset.prompt_template`` -- ``prompt=[system?, user]``, ``completion=[assistant]`` -- so TRL
+  applies the template itself and trains on the completion only (its ``completion_only_loss``
+  default). Otherwise plain text: ``prompt = template.format(prompt=..., system=...)``; TRL appends
+  the EOS token to the completion. An explicit ``prompt_template`` always wins.
+- messages: ``[system?] + messages``; with ``assistant_only_loss=True`` TRL trains on every assistant
+  turn (content and its end-of-turn token) and nothing else.
+- text (cpt): unchanged; every token is trained. pair (seq_cls): unchanged (see `encode_pairs`).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from lora_ns.config import Recipe
+from lora_ns.errors import UserError
+
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+TEMPLATE_FIELDS = ("prompt", "system")
+TEMPLATE_EXAMPLE = "e.g. \"### Question:\\n{prompt}\\n### Answer:\\n\""
+
+
+def kind_of(example: dict[str, Any]) -> str:
+    if "messages" in example:
+        return "messages"
+    if "prompt" in example:
+        return "prompt_completion"
+    if "sentence1" in example:
+        return "pair"
+    return "text"
+
+
+def template_problem(template: str) -> str | None:
+    """Why a ``dataset.prompt_template`` cannot be used, or None."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        return f"not a valid format string ({err}); write literal braces as {{{{ and }}}}"
+    unknown = sorted({n.split(".")[0].split("[")[0] for n in names} - set(TEMPLATE_FIELDS))
+    if unknown:
+        return f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; use {{prompt}} (and {{system}})"
+    if "prompt" not in names:
+        return "has no {prompt} placeholder, so the question would never reach the model"
+    return None
+
+
+def has_chat_template(tokenizer) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def uses_chat_template(recipe: Recipe, tokenizer) -> bool:
+    """Prompt/completion rows go out as chat messages: a chat template and no explicit prompt_template."""
+    return recipe.dataset.prompt_template is None and has_chat_template(tokenizer)
+
+
+def require_chat_template(recipe: Recipe, tokenizer) -> None:
+    if not has_chat_template(tokenizer):
+        raise UserError(recipe.problem(
+            "dataset.formatter", f"formatter '{recipe.dataset.formatter}' gives chat messages but the tokenizer "
+            "has no chat template", "set model.chat_template (a Jinja template or a file), or use a chat model"))
+
+
+def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def format_prompt(prompt: str, recipe: Recipe) -> str:
+    """A plain-text prompt from the recipe's prompt_template (or the default one)."""
+    template = recipe.dataset.prompt_template or DEFAULT_PROMPT_TEMPLATE
+    system = recipe.dataset.system_prompt or ""
+    text = template.format(prompt=prompt, system=system)
+    if system and "{system}" not in template:
+        text = f"{system}\n\n{text}"
+    return text
+
+
+def render(example: dict[str, Any], recipe: Recipe, tokenizer=None) -> dict[str, Any]:
+    """One canonical example -> one row for TRL's SFTTrainer (pairs and text pass through)."""
+    kind = kind_of(example)
+    if kind == "prompt_completion":
+        if uses_chat_template(recipe, tokenizer):
+            user = [{"role": "user", "content": example["prompt"]}]
+            return {"prompt": _with_system(user, recipe.dataset.system_prompt),
+                    "completion": [{"role": "assistant", "content": example["completion"]}]}
+        return {"prompt": format_prompt(example["prompt"], recipe), "completion": example["completion"]}
+    if kind == "messages":
+        return {"messages": _with_system(list(example["messages"]), recipe.dataset.system_prompt)}
+    if kind == "pair":
+        return {"sentence1": example["sentence1"], "sentence2": example.get("sentence2"), "label": example["label"]}
+    return {"text": example["text"]}
+
+
+def prompt_text(example: dict[str, Any], recipe: Recipe, tokenizer) -> str:
+    """The exact text the model sees before it should answer, rendered as in training (for generation).
+
+    Prompt/completion rows: the chat-templated user turn plus the assistant header, or the prompt
+    template. Messages: the conversation up to (not including) its last assistant turn.
+    """
+    kind = kind_of(example)
+    if kind == "prompt_completion" and not uses_chat_template(recipe, tokenizer):
+        return format_prompt(example["prompt"], recipe)
+    if kind == "prompt_completion":
+        history = render(example, recipe, tokenizer)["prompt"]
+    elif kind == "messages":
+        messages = render(example, recipe, tokenizer)["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        history = messages[:last]
+    else:
+        raise ValueError(f"{kind} examples have no prompt")
+    return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+
+
+def sft_defaults(recipe: Recipe) -> dict[str, Any]:
+    """SFTConfig settings the formatter's kind needs for the right loss mask (``args.setdefault`` them).
+
+    Chat messages train on assistant turns only; prompt/completion rows on the completion only
+    (TRL's default, stated explicitly); text on everything.
+    """
+    from lora_ns.data.formatters import FORMATTERS
+
+    kind = FORMATTERS[recipe.dataset.formatter].kind
+    if kind == "messages":
+        return {"assistant_only_loss": True}
+    if kind == "prompt_completion":
+        return {"completion_only_loss": True}
+    return {}
