@@ -6,7 +6,9 @@ listing it in RULES; every message says how to fix the recipe.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
@@ -102,10 +104,94 @@ def remote_code_warning(r: Recipe) -> Iterator[Problem]:
                         "keep it only for a model you trust", severity="warning")
 
 
+# --- safety and reliability -----------------------------------------------------------------------
+
+SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
+# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque string of letters and digits.
+_SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
+_OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
+
+
+def looks_like_secret(value: Any) -> bool:
+    return isinstance(value, str) and bool(_SECRET_SHAPES.match(value.strip()) or _OPAQUE.match(value.strip()))
+
+
+def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) for every leaf of a nested recipe section."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value, path)
+    else:
+        yield path, node
+
+
+def no_secrets_in_recipe(r: Recipe) -> Iterator[Problem]:
+    """Recipes are copied into the output dir, logs and model cards: tokens belong in the environment.
+
+    The value is never echoed, so the message itself cannot leak it.
+    """
+    sections = {"model": r.model.model_dump(), "quantization": r.quantization.model_dump(),
+                "peft": r.peft.options, "dataset": r.dataset.model_dump(), "training": r.training}
+    for section, body in sections.items():
+        for path, value in _walk(body, section):
+            key = path.rsplit(".", 1)[-1].lower()
+            if path == "training.hub_token" and value:
+                yield r.problem(path, "a hub token in a recipe is copied into the output dir and logs",
+                                "export HF_TOKEN instead (huggingface_hub reads it from the environment)")
+            elif any(word in key for word in SECRET_KEY_WORDS) and looks_like_secret(value):
+                yield r.problem(path, "this looks like a secret token (value not shown)",
+                                "export HF_TOKEN instead and remove it from the recipe")
+
+
+def resume_checkpoint_exists(r: Recipe) -> Iterator[Problem]:
+    from lora_ns.checkpoints import checkpoint_problem
+
+    problem = checkpoint_problem(r)
+    if problem:
+        yield problem
+
+
+def output_dir_usable(r: Recipe) -> Iterator[Problem]:
+    from lora_ns.checkpoints import is_finished
+
+    out = Path(r.output_dir)
+    if out.exists() and not out.is_dir():
+        yield r.problem("training.output_dir", f"{out} is a file, not a folder", "choose another output_dir")
+    elif is_finished(out) and not r.training.get("overwrite_output_dir"):
+        yield r.problem("training.output_dir", f"{out} already holds a finished run: training will refuse it",
+                        "choose another output_dir, or set training.overwrite_output_dir: true", "warning")
+
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
+    """A model path that can only be local (not a hub id) must exist; the hub lookup would fail obscurely.
+    (Data paths are checked by lora_ns.data, which knows globs, folders and samples.)"""
+    for field in ("name_or_path", "tokenizer_name_or_path"):
+        value = getattr(r.model, field)
+        if value and value.startswith(_LOCAL_PREFIXES) and not Path(value).expanduser().exists():
+            yield r.problem(f"model.{field}", f"{value} not found", "check the path, or use a hub id")
+
+
+def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
+    """Checkpoint settings next to save_strategy "no" save nothing, so the run cannot be resumed."""
+    t = r.training
+    asked = [k for k in ("save_steps", "save_total_limit") if k in t]
+    if asked and str(t.get("save_strategy", "steps")) == "no":
+        yield r.problem(f"training.{asked[0]}", "no checkpoints are saved (save_strategy is 'no'), "
+                        "so an interrupted run cannot resume", "set training.save_strategy: steps", "warning")
+
+
 RULES: list[Rule] = [
     qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
     eval_needs_val_split, streaming_needs_max_steps, val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
+    no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
+    checkpoints_are_saved,
 ]
 
 

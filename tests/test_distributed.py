@@ -1,0 +1,169 @@
+"""Two-process DDP on the CPU (gloo) with the tiny model, launched the way a user would on GPUs:
+``examples/train_multi_gpu.sh`` -> ``accelerate launch --multi_gpu --num_processes 2 -m lora_ns.train``.
+
+A ``sitecustomize`` on PYTHONPATH records, per rank, every file opened for writing under the output
+dir (Python's audit hook) and every dataset map that really ran (not loaded from the datasets cache),
+so the test can tell which rank wrote and which rank tokenized, without touching lora_ns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+WORLD_SIZE, BATCH, STEPS, SAMPLES = 2, 2, 4, 16
+
+RECIPE = f"""\
+task: causal_lm
+model:
+  name_or_path: builtin:tiny-llama
+  dtype: fp32
+peft:
+  method: lora
+  r: 8
+  lora_alpha: 16
+  lora_dropout: 0.0
+dataset:
+  path: sample:gsm8k
+  formatter: gsm8k
+  max_samples: {SAMPLES}
+training:
+  max_steps: {STEPS}
+  per_device_train_batch_size: {BATCH}
+  learning_rate: 1.0e-2
+  lr_scheduler_type: constant
+  logging_steps: 1
+  save_strategy: steps
+  save_steps: {STEPS}
+  max_length: 128
+  seed: 0
+  dataloader_num_workers: 0
+"""
+
+TRACER = '''\
+"""Test-only tracer (tests/test_distributed.py): per-rank log of writes under the output dir and of maps run."""
+import functools, json, os, sys
+
+_LOG, _OUT = os.environ.get("LORA_NS_TRACE_LOG"), os.environ.get("LORA_NS_TRACE_OUT")
+if _LOG and _OUT and "RANK" in os.environ:  # only the ranks, not the launcher
+    _RANK = os.environ["RANK"]
+    _OUT = os.path.realpath(_OUT)
+
+    def _record(kind, detail):
+        with open(f"{_LOG}.rank{_RANK}", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "detail": detail}) + "\\n")
+
+    def _inside(path):
+        try:
+            return os.path.realpath(os.fsdecode(path)).startswith(_OUT)
+        except (TypeError, ValueError):
+            return False
+
+    def _audit(event, args):
+        if event == "open" and args and not isinstance(args[0], int) and _inside(args[0]):
+            mode, flags = args[1], args[2] or 0
+            if (mode and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                _record("write", os.fsdecode(args[0]))
+        elif event in ("os.rename", "os.replace") and _inside(args[1]):
+            _record("write", os.fsdecode(args[1]))
+
+    _record("start", {"world_size": os.environ.get("WORLD_SIZE"), "argv": sys.argv})
+    sys.addaudithook(_audit)
+
+    import datasets.arrow_dataset as _ad
+
+    _map_single = _ad.Dataset._map_single
+
+    @functools.wraps(_map_single)
+    def _traced(*args, **kwargs):
+        _record("map", kwargs.get("new_fingerprint"))
+        yield from _map_single(*args, **kwargs)
+
+    _ad.Dataset._map_single = staticmethod(_traced)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_trace(log: Path, rank: int) -> list[dict]:
+    path = Path(f"{log}.rank{rank}")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_llama):
+    """One 2-rank run; the tests below each check one property of it."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    (tmp / "hooks").mkdir()
+    (tmp / "hooks" / "sitecustomize.py").write_text(TRACER, encoding="utf-8")
+    recipe = tmp / "ddp.yaml"
+    recipe.write_text(RECIPE, encoding="utf-8")
+    out, log = tmp / "out", tmp / "trace"
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(tmp / "hooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE), "MAIN_PROCESS_PORT": str(free_port()),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp / "hf_datasets_cache"),  # fresh: rank 0 must really tokenize
+           "LORA_NS_TRACE_LOG": str(log), "LORA_NS_TRACE_OUT": str(out)}
+    result = subprocess.run(["bash", str(REPO / "examples" / "train_multi_gpu.sh"), str(recipe),
+                             f"training.output_dir={out}"], cwd=tmp, env=env, capture_output=True, text=True,
+                            timeout=540)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    checkpoint = out / f"checkpoint-{STEPS}"
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return {"out": out, "checkpoint": checkpoint, "state": state, "log": log, "tmp": tmp, "result": result}
+
+
+def test_two_ranks_trained_together(ddp_run):
+    """Trainer saves one RNG state per process when it sees a process group of 2."""
+    rng = sorted(p.name for p in ddp_run["checkpoint"].glob("rng_state*.pth"))
+    assert rng == [f"rng_state_{r}.pth" for r in range(WORLD_SIZE)]
+    for rank in range(WORLD_SIZE):
+        starts = [e["detail"] for e in read_trace(ddp_run["log"], rank) if e["kind"] == "start"]
+        assert len(starts) == 1 and starts[0]["world_size"] == str(WORLD_SIZE), f"rank {rank}: {starts}"
+
+
+def test_data_is_split_between_ranks(ddp_run):
+    """Each step consumes world_size x per-device batch rows: the epoch counter says how many were seen."""
+    state = ddp_run["state"]
+    assert state["global_step"] == STEPS
+    seen = state["epoch"] * SAMPLES
+    assert seen == pytest.approx(WORLD_SIZE * BATCH * STEPS)
+
+
+def test_loss_goes_down(ddp_run):
+    losses = [e["loss"] for e in ddp_run["state"]["log_history"] if "loss" in e]
+    assert len(losses) == STEPS
+    assert losses[-1] < losses[0]
+
+
+def test_only_rank_zero_writes(ddp_run):
+    out = ddp_run["out"]
+    assert len(list(out.rglob("adapter_model.safetensors"))) == 2  # the final adapter + the one checkpoint's
+    assert (out / "adapter_model.safetensors").is_file() and (out / "run_summary.json").is_file()
+    writes = {rank: [e["detail"] for e in read_trace(ddp_run["log"], rank) if e["kind"] == "write"]
+              for rank in range(WORLD_SIZE)}
+    assert any(w.endswith("run_summary.json") for w in writes[0]), "the tracer saw rank 0 write nothing"
+    assert writes[1] == [], f"rank 1 wrote into the output dir: {writes[1]}"
+    assert json.loads((out / "run_summary.json").read_text(encoding="utf-8"))["steps"] == STEPS
+
+
+def test_tokenized_once(ddp_run):
+    """Datasets are prepared on the main process first; the other rank finds every map in the cache."""
+    maps = {rank: [e["detail"] for e in read_trace(ddp_run["log"], rank) if e["kind"] == "map"]
+            for rank in range(WORLD_SIZE)}
+    assert maps[0], "rank 0 ran no dataset map at all (was the datasets cache not fresh?)"
+    assert maps[1] == [], f"rank 1 recomputed {len(maps[1])} dataset maps instead of reading rank 0's cache"

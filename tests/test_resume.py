@@ -1,0 +1,178 @@
+"""Resuming: a run killed with SIGKILL mid-way and started again ends with the same adapter as a run that
+was never interrupted; the checkpoint helpers pick the right folder; save_total_limit is honoured."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_ns.checkpoints import (COMPLETE_MARKER, FINISHED_MARKER, guard_output_dir, last_checkpoint,
+                                 resume_target)
+from lora_ns.config import parse_recipe
+from lora_ns.errors import UserError
+
+from conftest import REPO
+
+STEPS, SAVE_EVERY, KEEP = 10, 2, 2
+
+RECIPE = f"""\
+task: causal_lm
+model:
+  name_or_path: builtin:tiny-llama
+  dtype: fp32
+peft:
+  method: lora
+  r: 8
+  lora_alpha: 16
+  lora_dropout: 0.0
+dataset:
+  path: sample:gsm8k
+  formatter: gsm8k
+  max_samples: {STEPS * 2}
+training:
+  max_steps: {STEPS}
+  per_device_train_batch_size: 2
+  learning_rate: 1.0e-2
+  lr_scheduler_type: linear
+  warmup_steps: 2
+  logging_steps: 1
+  save_strategy: steps
+  save_steps: {SAVE_EVERY}
+  save_total_limit: {KEEP}
+  max_length: 128
+  seed: 0
+  dataloader_num_workers: 0
+"""
+
+
+def recipe(output_dir: Path, **training) -> object:
+    return parse_recipe({"model": {"name_or_path": "builtin:tiny-llama"},
+                         "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"},
+                         "training": {"output_dir": str(output_dir), **training}}, "r.yaml")
+
+
+def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    if complete:
+        (folder / COMPLETE_MARKER).write_text("{}")
+    return folder
+
+
+# --- the helpers ----------------------------------------------------------------------------------
+
+def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
+    assert last_checkpoint(tmp_path / "missing") is None
+    assert last_checkpoint(tmp_path) is None
+    fake_checkpoint(tmp_path, 9)
+    newest = fake_checkpoint(tmp_path, 10)  # 10 > 9 by number, though "checkpoint-10" < "checkpoint-9" as text
+    fake_checkpoint(tmp_path, 12, complete=False)  # killed while saving
+    (tmp_path / "checkpoint-final").mkdir()
+    assert last_checkpoint(tmp_path) == str(newest)
+
+
+def test_resume_auto_explicit_and_off(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert resume_target(recipe(out)) is None  # fresh run: nothing to resume
+    fake_checkpoint(out, 2)
+    four = fake_checkpoint(out, 4)
+    assert resume_target(recipe(out)) == str(four)  # "auto" is the default
+    assert f"resuming from {four}" in capsys.readouterr().err
+    two = str(out / "checkpoint-2")
+    assert resume_target(recipe(out, resume_from_checkpoint=two)) == two
+    assert resume_target(recipe(out, resume_from_checkpoint="no")) is None
+
+
+@pytest.mark.parametrize("wanted, words", [("nowhere/checkpoint-7", "not found"), ("partial", COMPLETE_MARKER)])
+def test_resume_from_a_bad_path_is_a_user_error(tmp_path, wanted, words):
+    fake_checkpoint(tmp_path, 0, complete=False).rename(tmp_path / "partial")
+    with pytest.raises(UserError) as err:
+        resume_target(recipe(tmp_path / "run", resume_from_checkpoint=str(tmp_path / wanted)))
+    (problem,) = err.value.problems
+    assert problem.field == "training.resume_from_checkpoint" and words in problem.message
+
+
+def test_finished_run_is_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    fake_checkpoint(out, 4)
+    guard_output_dir(recipe(out))  # interrupted: allowed, it will be resumed
+    (out / FINISHED_MARKER).write_text("{}")
+    with pytest.raises(UserError) as err:
+        guard_output_dir(recipe(out))
+    assert err.value.problems[0].field == "training.output_dir"
+    assert "overwrite_output_dir" in err.value.problems[0].fix
+    overwrite = recipe(out, overwrite_output_dir=True)
+    assert resume_target(overwrite) is None  # starts over rather than "resuming" the finished run
+    guard_output_dir(overwrite)
+    # ...and clears the old run's marker and checkpoints, so an interrupted new run resumes itself, not the old one
+    assert not (out / FINISHED_MARKER).exists() and last_checkpoint(out) is None
+
+
+# --- the real thing: SIGKILL, resume, compare ---------------------------------------------------------
+
+def start(recipe_path: Path, out: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_ns.train", str(recipe_path), f"training.output_dir={out}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, what: str) -> str:
+    stdout, stderr = proc.communicate(timeout=420)
+    assert proc.returncode == 0, f"{what} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return stderr
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while last_checkpoint(out) is None:
+        assert proc.poll() is None, "the run ended before it wrote a checkpoint:\n" + proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def adapter(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_llama):
+    import torch
+
+    recipe_path = tmp_path / "resume.yaml"
+    recipe_path.write_text(RECIPE, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"), "CUDA_VISIBLE_DEVICES": ""}
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+
+    straight = start(recipe_path, reference, env)  # runs alongside the one that gets killed
+    victim = start(recipe_path, interrupted, env)
+    kill_after_first_checkpoint(victim, interrupted)
+    assert not (interrupted / FINISHED_MARKER).exists()
+    resume_from = last_checkpoint(interrupted)
+    assert int(resume_from.rsplit("-", 1)[1]) < STEPS, "the run was not killed mid-way"
+
+    resumed_log = finish(start(recipe_path, interrupted, env), "the resumed run")
+    finish(straight, "the uninterrupted run")
+    assert f"resuming from {resume_from}" in resumed_log
+
+    want, got = adapter(reference), adapter(interrupted)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    trained = adapter(reference)
+    assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n), "lora_B never left zero"
+
+    for out in (reference, interrupted):  # save_total_limit: only the newest KEEP checkpoints survive
+        kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+        assert kept == list(range(STEPS - SAVE_EVERY * (KEEP - 1), STEPS + 1, SAVE_EVERY)), f"{out.name}: {kept}"

@@ -1,0 +1,111 @@
+"""Cross-field rules (lora_ns.rules): each fires on its own mistake, names the field and says how to fix it,
+and stays quiet on a good recipe and on every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_ns import rules
+from lora_ns.config import load_recipe, parse_recipe
+
+from conftest import REPO
+
+GOOD = {"task": "causal_lm", "model": {"name_or_path": "builtin:tiny-llama"},
+        "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"}, "training": {"max_steps": 3}}
+BERT = {"name_or_path": "builtin:tiny-bert", "num_labels": 2}
+PAIRS = {"path": "sample:glue_mrpc", "formatter": "glue_mrpc"}
+
+
+def make(change: dict) -> object:
+    data = {**GOOD, **{k: ({**GOOD[k], **v} if isinstance(v, dict) and k in GOOD else v) for k, v in change.items()}}
+    return parse_recipe(data, "r.yaml")
+
+
+# (rule, change to GOOD, field named, severity)
+CASES = [
+    (rules.qlora_needs_4bit, {"peft": {"method": "qlora"}}, "peft.method", "error"),
+    (rules.one_quantization, {"quantization": {"load_in_4bit": True, "load_in_8bit": True}},
+     "quantization.load_in_8bit", "error"),
+    (rules.quantized_needs_adapter, {"quantization": {"load_in_4bit": True}, "peft": {"method": "full"}},
+     "peft.method", "error"),
+    (rules.seq_cls_needs_labels, {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert"},
+                                  "dataset": PAIRS}, "model.num_labels", "error"),
+    (rules.seq_cls_needs_labels, {"task": "seq_cls", "model": {**BERT, "labels": ["a", "b", "c"]}, "dataset": PAIRS},
+     "model.labels", "error"),
+    (rules.seq_cls_head_saved, {"task": "seq_cls", "model": BERT, "dataset": PAIRS,
+                                "peft": {"method": "lora", "modules_to_save": ["pooler"]}},
+     "peft.modules_to_save", "error"),
+    (rules.eval_needs_val_split, {"training": {"eval_strategy": "steps"}}, "training.eval_strategy", "error"),
+    (rules.streaming_needs_max_steps, {"dataset": {"streaming": True}, "training": {"max_steps": -1}},
+     "training.max_steps", "error"),
+    (rules.val_fraction_in_range, {"dataset": {"val_split": 1.5}}, "dataset.val_split", "error"),
+    (rules.formatter_exists, {"dataset": {"formatter": "gsm9k"}}, "dataset.formatter", "error"),
+    (rules.formatter_fits_task, {"task": "cpt"}, "dataset.formatter", "error"),
+    (rules.builtin_model_exists, {"model": {"name_or_path": "builtin:tiny-gpt9"}}, "model.name_or_path", "error"),
+    (rules.remote_code_warning, {"model": {"trust_remote_code": True}}, "model.trust_remote_code", "warning"),
+    (rules.no_secrets_in_recipe, {"training": {"hub_token": "hf_anything"}}, "training.hub_token", "error"),
+    (rules.no_secrets_in_recipe, {"peft": {"method": "prompt_tuning",
+                                           "tokenizer_name_or_path": "hf_" + "Ab1" * 12}},
+     "peft.tokenizer_name_or_path", "error"),
+    (rules.resume_checkpoint_exists, {"training": {"resume_from_checkpoint": "nowhere/checkpoint-9"}},
+     "training.resume_from_checkpoint", "error"),
+    (rules.local_model_paths_exist, {"model": {"name_or_path": "./models/nowhere"}}, "model.name_or_path", "error"),
+    (rules.local_model_paths_exist, {"model": {"tokenizer_name_or_path": "/nowhere/tokenizer"}},
+     "model.tokenizer_name_or_path", "error"),
+    (rules.checkpoints_are_saved, {"training": {"save_total_limit": 2, "save_strategy": "no"}},
+     "training.save_total_limit", "warning"),
+    (rules.checkpoints_are_saved, {"training": {"save_steps": 5, "save_strategy": "no"}}, "training.save_steps",
+     "warning"),
+]
+
+
+@pytest.mark.parametrize("rule, change, field, severity", CASES,
+                         ids=[f"{c[0].__name__}-{c[2]}" for c in CASES])
+def test_rule_fires_on_its_mistake(rule, change, field, severity):
+    problems = list(rule(make(change)))
+    assert [(p.field, p.severity) for p in problems] == [(field, severity)]
+    assert problems[0].fix, "every message says how to fix it"
+    assert problems[0].file == "r.yaml"
+
+
+def test_every_rule_has_a_case():
+    assert set(rules.RULES) <= {rule for rule, *_ in CASES} | {rules.output_dir_usable}  # see test_output_dir_rules
+
+
+def test_a_good_recipe_breaks_no_rule():
+    good = make({"training": {"save_steps": 5, "save_total_limit": 2, "resume_from_checkpoint": "auto"},
+                 "model": {"tokenizer_name_or_path": "meta-llama/Llama-3.2-1B"}})
+    assert rules.check_rules(good) == []
+
+
+def test_output_dir_rules(tmp_path):
+    as_file = tmp_path / "taken.txt"
+    as_file.write_text("x")
+    (problem,) = rules.output_dir_usable(make({"training": {"output_dir": str(as_file)}}))
+    assert (problem.field, problem.severity) == ("training.output_dir", "error")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "run_summary.json").write_text("{}")
+    (problem,) = rules.output_dir_usable(make({"training": {"output_dir": str(done)}}))
+    assert problem.severity == "warning" and "overwrite_output_dir" in problem.fix
+    overwrite = make({"training": {"output_dir": str(done), "overwrite_output_dir": True}})
+    assert list(rules.output_dir_usable(overwrite)) == []
+    assert list(rules.output_dir_usable(make({"training": {"output_dir": str(tmp_path / "new")}}))) == []
+
+
+def test_existing_local_paths_pass(tmp_path, tiny_llama):
+    assert list(rules.local_model_paths_exist(make({"model": {"name_or_path": tiny_llama}}))) == []
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    resume = make({"training": {"resume_from_checkpoint": str(checkpoint)}})
+    assert list(rules.resume_checkpoint_exists(resume)) == []
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_break_no_rule(path: Path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    problems = rules.check_rules(load_recipe(path))
+    assert [str(p) for p in problems if p.is_error] == []
