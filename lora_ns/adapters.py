@@ -1,44 +1,103 @@
-"""Build the peft config a recipe asks for and wrap the model with it."""
+"""Build the peft config a recipe asks for, wrap the model with it, and keep AdaLoRA's budget moving.
+
+`peft.method` picks the peft config class; every other key of the recipe's `peft:` section is a field
+of that class, passed as is. lora_ns fills in only what peft cannot know from the recipe alone:
+
+- ``task_type``: SEQ_CLS for seq_cls, CAUSAL_LM otherwise. For SEQ_CLS peft itself adds the
+  classification head (``classifier`` / ``score``) to ``modules_to_save``, so it is trained and saved.
+- lora / qlora / adalora: ``target_modules`` defaults to ``all-linear``.
+- prompt_tuning with ``prompt_tuning_init: TEXT``: ``tokenizer_name_or_path`` = the recipe's model.
+- prefix_tuning / prompt_tuning: ``num_virtual_tokens`` defaults to 20.
+- adalora: ``total_step`` defaults to ``training.max_steps``; with no max_steps it is set from the
+  trainer's own step count when training starts (`AdaLoraCallback`). transformers' Trainer and TRL
+  never call ``update_and_allocate`` (the rank budget step AdaLoRA needs after every optimizer step),
+  so the callback does.
+- full: no adapter; every weight trains.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 
 _PEFT_CLASS = {"lora": "LoraConfig", "qlora": "LoraConfig", "adalora": "AdaLoraConfig", "ia3": "IA3Config",
                "prefix_tuning": "PrefixTuningConfig", "prompt_tuning": "PromptTuningConfig"}
-# Classification heads that must be trained and saved with the adapter.
+# Classification heads that must be trained and saved with the adapter (peft adds them for SEQ_CLS).
 SEQ_CLS_HEADS = ["classifier", "score"]
+DEFAULT_VIRTUAL_TOKENS = 20
+
+
+def peft_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's peft fields plus the defaults lora_ns derives from the rest of the recipe."""
+    method = recipe.peft.method
+    options: dict[str, Any] = recipe.peft.options
+    if method in ("lora", "qlora", "adalora"):
+        options.setdefault("target_modules", "all-linear")
+    if method in ("prefix_tuning", "prompt_tuning"):
+        options.setdefault("num_virtual_tokens", DEFAULT_VIRTUAL_TOKENS)
+    if method == "prompt_tuning" and str(options.get("prompt_tuning_init", "")).upper() == "TEXT":
+        m = recipe.model
+        options.setdefault("tokenizer_name_or_path", resolve_model_path(m.tokenizer_name_or_path or m.name_or_path))
+    if method == "adalora" and not options.get("total_step"):
+        max_steps = int(recipe.training.get("max_steps", -1))
+        # Provisional when max_steps is unknown: AdaLoraCallback sets the real count at train start.
+        options["total_step"] = max_steps if max_steps > 0 else options.get("tinit", 0) + options.get("tfinal", 0) + 1
+    return options
 
 
 def peft_config(recipe: Recipe):
     """A peft config object, or None for full fine-tuning."""
-    method = recipe.peft.method
-    if method == "full":
+    if recipe.peft.method == "full":
         return None
     import peft
 
-    options: dict[str, Any] = recipe.peft.options
     task_type = "SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM"
-    if method in ("lora", "qlora", "adalora"):
-        options.setdefault("target_modules", "all-linear")
-    if recipe.task == "seq_cls" and method in ("lora", "qlora", "adalora", "ia3"):
-        options.setdefault("modules_to_save", SEQ_CLS_HEADS)
-    return getattr(peft, _PEFT_CLASS[method])(task_type=task_type, **options)
+    return getattr(peft, _PEFT_CLASS[recipe.peft.method])(task_type=task_type, **peft_options(recipe))
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; peft's own count knows that a 4-bit weight packs two values a byte."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
 
 
 def apply_peft(model, recipe: Recipe):
+    """Wrap the model with the recipe's adapter (unchanged for full fine-tuning)."""
     config = peft_config(recipe)
     if config is None:
         return model
     from peft import get_peft_model
 
     return get_peft_model(model, config)
+
+
+def training_callbacks(recipe: Recipe) -> list:
+    """Trainer callbacks the peft method needs."""
+    if recipe.peft.method != "adalora":
+        return []
+    return [adalora_callback(set_total_step=not recipe.peft.options.get("total_step"))]
+
+
+def adalora_callback(set_total_step: bool):
+    """A TrainerCallback that runs AdaLoRA's rank allocation after each optimizer step.
+
+    ``update_and_allocate`` reads the gradients, so it must run after ``optimizer.step()`` and before
+    ``zero_grad()``: exactly where Trainer fires ``on_optimizer_step``.
+    """
+    from transformers import TrainerCallback
+
+    class AdaLoraCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if set_total_step and model is not None:
+                model.base_model.rankallocator.set_total_step(state.max_steps)
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                model.base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraCallback()

@@ -1,14 +1,32 @@
-"""Load the tokenizer and the model a recipe names: dtype, attention, bitsandbytes quantization."""
+"""Load the tokenizer and the model a recipe names: dtype, attention, bitsandbytes quantization.
+
+Everything here is transformers/peft doing the work; this module only turns recipe fields into
+their arguments:
+
+- ``model.dtype``: bf16 / fp16 / fp32, or "auto" = bf16 on a GPU that supports it, else fp32
+  (CPUs run bf16 matmuls slowly, and fp16 training needs a GPU).
+- ``model.attn_implementation``: passed to ``from_pretrained``; flash attention is checked first so a
+  missing package is one line (`attention_problem`), not a stack trace from deep inside the load.
+- ``quantization``: a ``BitsAndBytesConfig`` (4-bit nf4/fp4 with double quant, compute dtype and
+  storage dtype, or 8-bit), then peft's ``prepare_model_for_kbit_training``. Under DDP each rank
+  loads its quantized copy onto its own device (``device_map={"": local_rank}``).
+- The tokenizer gets a pad token when it has none, and the recipe's chat template when it has none.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
+from lora_ns.errors import Problem, UserError
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# attn_implementation -> (importable module, pip package)
+FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
+                  "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from the flash-attention repo)")}
 
 
 def torch_dtype(name: str):
@@ -20,6 +38,24 @@ def torch_dtype(name: str):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, _DTYPES[name])
+
+
+def attention_problem(recipe: Recipe) -> Problem | None:
+    """A flash attention implementation whose package is not installed, as one Problem (else None)."""
+    wanted = recipe.model.attn_implementation
+    if wanted not in FLASH_PACKAGES:
+        return None
+    module, package = FLASH_PACKAGES[wanted]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return recipe.problem("model.attn_implementation", f"{wanted} needs the {package} package, which is not installed",
+                          f"pip install {package.split()[0]} (CUDA only), or set model.attn_implementation: sdpa")
+
+
+def gradient_checkpointing(recipe: Recipe) -> bool:
+    """The recipe's choice, else on for quantized (memory-bound QLoRA) runs and off otherwise."""
+    t = recipe.training
+    return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", recipe.quantized)))
 
 
 def quantization_config(recipe: Recipe):
@@ -39,17 +75,39 @@ def quantization_config(recipe: Recipe):
 
 
 def load_tokenizer(recipe: Recipe):
+    """The tokenizer, with a pad token (the eos token when it has none) and a chat template if the recipe gives one."""
     from transformers import AutoTokenizer
 
     m = recipe.model
     path = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if m.chat_template and not tokenizer.chat_template:
         template = Path(m.chat_template)
         tokenizer.chat_template = template.read_text(encoding="utf-8") if template.is_file() else m.chat_template
     return tokenizer
+
+
+def quantized_device_map() -> dict[str, Any] | str:
+    """Where a bitsandbytes model goes: this rank's GPU under DDP (one full copy per rank), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def label_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """seq_cls: num_labels, and id2label/label2id from model.labels so saved configs carry class names."""
+    m = recipe.model
+    kwargs: dict[str, Any] = {"num_labels": m.num_labels or len(m.labels or []) or 2}
+    if m.labels:
+        kwargs["id2label"] = dict(enumerate(m.labels))
+        kwargs["label2id"] = {name: i for i, name in enumerate(m.labels)}
+    return kwargs
 
 
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -58,29 +116,30 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
                               "dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
     quant = quantization_config(recipe)
     if quant is not None:
-        import torch
-
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = quantized_device_map()
     if recipe.task == "seq_cls":
-        kwargs["num_labels"] = m.num_labels or len(m.labels or []) or 2
-        if m.labels:
-            kwargs["id2label"] = dict(enumerate(m.labels))
-            kwargs["label2id"] = {name: i for i, name in enumerate(m.labels)}
+        kwargs.update(label_kwargs(recipe))
     return kwargs
+
+
+def auto_model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
 
 
 def load_model(recipe: Recipe, tokenizer=None):
     """The base model, ready for peft (k-bit preparation applied when quantized)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if recipe.task == "seq_cls" else AutoModelForCausalLM
-    model = auto.from_pretrained(resolve_model_path(recipe.model.name_or_path), **model_kwargs(recipe))
+    problem = attention_problem(recipe)
+    if problem is not None:
+        raise UserError(problem)
+    path = resolve_model_path(recipe.model.name_or_path)
+    model = auto_model_class(recipe.task).from_pretrained(path, **model_kwargs(recipe))
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(recipe.training.get("gradient_checkpointing", False)))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing(recipe))
     return model

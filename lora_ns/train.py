@@ -1,22 +1,59 @@
 """``accelerate launch -m lora_ns.train RECIPE.yaml [key.sub=value ...]``: train a recipe.
 
-The libraries do the work: TRL's SFTTrainer for causal_lm and cpt, transformers' Trainer for
-seq_cls, peft for adapters. This module only wires the recipe into them and writes the run's
-record (resolved recipe, library versions, summary) next to the adapter.
+Also ``python -m lora_ns.train`` for one process. The libraries do the work: TRL's SFTTrainer for
+causal_lm and cpt, transformers' Trainer for seq_cls, peft for adapters (`lora_ns.adapters`),
+transformers + bitsandbytes for loading (`lora_ns.model`). This module wires the recipe into them
+and writes the run's record next to the adapter.
+
+Defaults lora_ns sets under the recipe's ``training:`` section (any key the recipe gives wins):
+
+- ``report_to``: "tensorboard" when tensorboard is importable, else "none".
+- ``logging_steps``: 10.
+- ``save_strategy``: "steps" (every ``save_steps``, HF default 500) with ``save_total_limit: 2``,
+  so an interrupted run resumes from its last checkpoint (``resume_from_checkpoint: auto``).
+- ``gradient_checkpointing`` (transformers 5 calls it ``activation_checkpointing``; either name
+  works): on when the model is quantized, off otherwise (TRL's default is on; turn it on for
+  large models).
+- ``use_cpu``: true when no CUDA GPU is visible. ``bf16`` / ``fp16`` follow ``model.dtype``.
+- ``eval_strategy``: "no" when the recipe has no validation data.
+- causal_lm: the loss is on the answer only (`lora_ns.data.sft_defaults`): prompt/completion rows
+  get ``completion_only_loss: true``; chat rows (a formatter of kind "messages") get
+  ``assistant_only_loss: true``, which needs {% generation %} markers in the chat template (TRL
+  swaps in a marked template for known models). To train on every token instead, set
+  ``training.completion_only_loss: false`` or ``training.assistant_only_loss: false``. cpt text
+  rows train on every token.
+- packing stays TRL's default (off). TRL's "bfd" packing is padding-free: sequences share one row
+  told apart only by ``position_ids``, which flash attention honours but sdpa/eager do not (measured:
+  the second packed sequence attends to the first), so it is not the default here. For cpt,
+  ``packing: true, packing_strategy: wrapped`` (fixed blocks, documents joined by EOS) is mask-safe;
+  bfd pays off with ``model.attn_implementation: flash_attention_2`` on a GPU.
+- seq_cls: accuracy, F1, precision and recall at each evaluation (`lora_ns.metrics`).
+
+Distributed runs: datasets are built and tokenized inside ``main_process_first`` (rank 0 fills the
+cache, the others reuse it), quantized models load onto each rank's own GPU, and only the main
+process writes recipe.yaml, versions.json, the tokenizer and run_summary.json (written last: it
+marks a finished run, see `lora_ns.checkpoints`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from lora_ns.config import Recipe
 from lora_ns.errors import UserError, run_cli
 
 PROG = "lora_ns.train"
+# Training keys that hold credentials: never written to the saved recipe.
+SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -27,24 +64,40 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def training_arguments(recipe, eval_dataset) -> Any:
-    """SFTConfig (causal_lm, cpt) or TrainingArguments (seq_cls) from the recipe's training section."""
+def training_defaults(recipe: Recipe) -> dict[str, Any]:
+    """What lora_ns sets when the recipe's training section doesn't (see the module docstring)."""
     import torch
 
-    from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS
-    from lora_ns.model import torch_dtype
+    from lora_ns.model import gradient_checkpointing, torch_dtype
 
-    args = {k: v for k, v in recipe.training.items()
-            if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
-    args["output_dir"] = recipe.output_dir
-    args.setdefault("report_to", "none")
-    args.setdefault("save_strategy", "no")
-    # Mixed precision follows the model dtype unless the recipe says otherwise.
     dtype = torch_dtype(recipe.model.dtype)
-    args.setdefault("bf16", dtype == torch.bfloat16)
-    args.setdefault("fp16", dtype == torch.float16)
-    if eval_dataset is None:
-        args.setdefault("eval_strategy", "no")
+    defaults: dict[str, Any] = {
+        "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+    }
+    if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.training.keys():
+        defaults["activation_checkpointing"] = gradient_checkpointing(recipe)  # the new name of the option
+    if recipe.dataset.val_split is None:
+        defaults["eval_strategy"] = "no"
+    if recipe.task != "seq_cls":
+        from lora_ns.data import sft_defaults
+
+        defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
+    return defaults
+
+
+def training_arguments(recipe: Recipe) -> Any:
+    """SFTConfig (causal_lm, cpt) or TrainingArguments (seq_cls) from the recipe's training section."""
+    from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS
+
+    args = {k: "no" if v is False and k.endswith("_strategy") else v  # YAML 1.1 reads a bare `no` as false
+            for k, v in recipe.training.items() if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
+    args = {**training_defaults(recipe), **args, "output_dir": recipe.output_dir}
     if recipe.task == "seq_cls":
         from transformers import TrainingArguments as config_class
     else:
@@ -56,26 +109,39 @@ def training_arguments(recipe, eval_dataset) -> Any:
                                        "fix the training section (see the HF TrainingArguments docs)"))
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset):
-    args = training_arguments(recipe, eval_dataset)
+def classification_eval(num_labels: int):
+    """A Trainer ``compute_metrics`` reporting accuracy, F1, precision and recall."""
+    from lora_ns.metrics import classification_metrics
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return classification_metrics(logits.argmax(-1), eval_pred.label_ids, num_labels)
+
+    return compute_metrics
+
+
+def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_dataset):
+    """SFTTrainer (causal_lm, cpt) or Trainer with padding and classification metrics (seq_cls)."""
+    from lora_ns.adapters import training_callbacks
+
+    callbacks = training_callbacks(recipe)
     if recipe.task == "seq_cls":
         from transformers import DataCollatorWithPadding, Trainer
 
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            pair = batch["sentence2"] if batch.get("sentence2") and batch["sentence2"][0] is not None else None
-            enc = tokenizer(batch["sentence1"], pair, truncation=True, max_length=tokenizer.model_max_length)
-            return {**enc, "labels": batch["label"]}
+        from lora_ns.data import encode_pairs
 
-        cols = train_dataset.column_names
-        train_dataset = train_dataset.map(encode, batched=True, remove_columns=cols)
+        max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+        train_dataset = encode_pairs(train_dataset, tokenizer, max_length, recipe.model.labels, recipe.dataset.path)
         if eval_dataset is not None:
-            eval_dataset = eval_dataset.map(encode, batched=True, remove_columns=eval_dataset.column_names)
+            eval_dataset = encode_pairs(eval_dataset, tokenizer, max_length, recipe.model.labels, recipe.dataset.path)
+        metrics = classification_eval(model.config.num_labels) if eval_dataset is not None else None
         return Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                       compute_metrics=metrics, callbacks=callbacks)
     from trl import SFTTrainer
 
     return SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, callbacks=callbacks)
 
 
 def library_versions() -> dict[str, str]:
@@ -90,39 +156,99 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def train(recipe) -> dict[str, Any]:
-    """Train a validated recipe; return the run summary (also written to run_summary.json)."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def saved_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, credentials removed."""
+    clean = recipe.model_copy(deep=True)
+    clean.training = {k: v for k, v in recipe.training.items() if k not in SECRET_KEYS}
+    return clean.to_yaml()
+
+
+def run_summary(recipe: Recipe, trainer, result, trainable: int, total: int, started: float) -> dict[str, Any]:
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    evals = [e for e in history if any(k.startswith("eval_") for k in e)]
+    return {"output_dir": recipe.output_dir, "task": recipe.task, "method": recipe.peft.method,
+            "steps": trainer.state.global_step, "seconds": round(time.time() - started, 1),
+            "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "eval": evals[-1] if evals else None,
+            "trainable_params": trainable, "total_params": total}
+
+
+def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> None:
+    """Adapter (or full model) as safetensors, trainer state, and the run record; run_summary.json last."""
+    out = Path(recipe.output_dir)
+    trainer.save_model(str(out))
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(str(out))
+    write_atomic(out / "recipe.yaml", saved_recipe(recipe))
+    write_atomic(out / "versions.json", json.dumps(library_versions(), indent=2))
+    from lora_ns.report import write_report
+
+    write_report(trainer.state.log_history, out, summary)
+    write_atomic(out / "run_summary.json", json.dumps(summary, indent=2))  # last: marks a finished run
+
+
+def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
+    """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
+    from transformers import set_seed
+
     from lora_ns.adapters import apply_peft, count_parameters
-    from lora_ns.checkpoints import guard_output_dir, resume_target
     from lora_ns.data import build_datasets
     from lora_ns.model import load_model, load_tokenizer
 
-    started = time.time()
-    guard_output_dir(recipe)
+    args = training_arguments(recipe)
+    set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
     tokenizer = load_tokenizer(recipe)
-    train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
     trainable, total = count_parameters(model)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset)
-    result = trainer.train(resume_from_checkpoint=resume_target(recipe))
-    out = Path(recipe.output_dir)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    summary = {"output_dir": str(out), "steps": trainer.state.global_step, "seconds": round(time.time() - started, 1),
-               "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "trainable_params": trainable, "total_params": total}
-    if trainer.is_world_process_zero():
-        (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        (out / "versions.json").write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
-        from lora_ns.report import write_report
+    if args.process_index == 0:
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    with args.main_process_first(desc="build and tokenize the datasets"):
+        train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
+        trainer = build_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset)
+    return trainer, tokenizer, (trainable, total)
 
-        write_report(trainer.state.log_history, out, summary)
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")  # last: marks done
-        print(f"done: {summary['steps']} steps in {summary['seconds']} s, loss {summary['first_loss']} -> "
-              f"{summary['last_loss']}; adapter saved to {out}")
-    return summary
+
+def run_training(recipe: Recipe) -> tuple[Any, dict[str, Any]]:
+    """Train and save a validated recipe; return the trainer (its model is the trained one) and the summary."""
+    from lora_ns.checkpoints import guard_output_dir, resume_target
+
+    started = time.time()
+    guard_output_dir(recipe)
+    trainer, tokenizer, (trainable, total) = prepare(recipe)
+    result = trainer.train(resume_from_checkpoint=resume_target(recipe))
+    summary = run_summary(recipe, trainer, result, trainable, total, started)
+    save_run(recipe, trainer, tokenizer, summary)
+    if trainer.is_world_process_zero():
+        loss = summary["first_loss"], summary["last_loss"]
+        what = "model" if recipe.peft.method == "full" else "adapter"
+        print(f"done: {summary['steps']} steps in {summary['seconds']} s, loss "
+              f"{_fmt(loss[0])} -> {_fmt(loss[1])}; {what} saved to {recipe.output_dir}")
+    return trainer, summary
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Train a validated recipe; return the run summary (also written to run_summary.json)."""
+    return run_training(recipe)[1]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,149 @@
+"""Validate-time model checks: config only, meta device, no weights, no network."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_ns.config import load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def recipe_for(model: str = "builtin:tiny-llama", task: str = "causal_lm", quantization: dict | None = None,
+               attn: str = "sdpa", **peft):
+    seq_cls = task == "seq_cls"
+    return parse_recipe({
+        "task": task,
+        "model": {"name_or_path": model, "dtype": "fp32", "attn_implementation": attn,
+                  **({"num_labels": 2} if seq_cls else {})},
+        "quantization": quantization or {},
+        "peft": {"method": "lora", **peft},
+        "dataset": {"path": "sample:glue_mrpc" if seq_cls else "sample:gsm8k",
+                    "formatter": "glue_mrpc" if seq_cls else "gsm8k"},
+        "training": {"output_dir": "unused", "max_steps": 10},
+    }, source="r.yaml")
+
+
+def errors(problems):
+    return [p for p in problems if p.is_error]
+
+
+def info_counts(problems) -> tuple[int, int]:
+    (info,) = [p for p in problems if p.severity == "info"]
+    trainable, total = re.search(r"trainable params ([\d,]+) of ([\d,]+)", info.message).groups()
+    return int(trainable.replace(",", "")), int(total.replace(",", ""))
+
+
+def test_missing_target_module_is_named_with_the_linear_layers_there(tiny_llama):
+    from lora_ns.model_check import check_model
+
+    problems = check_model(recipe_for(target_modules=["q_proj", "qkv_proj"]))
+    (error,) = errors(problems)
+    assert error.field == "peft.target_modules"
+    assert "no module named qkv_proj in LlamaForCausalLM" in error.message
+    assert "q_proj" not in error.message  # the present one is not reported missing
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in error.fix
+
+
+@pytest.mark.parametrize("peft", [
+    {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    {"method": "lora", "r": 8, "use_dora": True},
+    {"method": "ia3"},
+    {"method": "prompt_tuning", "num_virtual_tokens": 5, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Hi"},
+    {"method": "prefix_tuning", "num_virtual_tokens": 5},
+    {"method": "adalora", "init_r": 6},
+    {"method": "full"},
+], ids=lambda p: p["method"] + ("_dora" if p.get("use_dora") else ""))
+def test_parameter_counts_on_meta_match_the_loaded_model(peft, tiny_llama):
+    from lora_ns.adapters import apply_peft, count_parameters
+    from lora_ns.model import load_model
+    from lora_ns.model_check import check_model
+
+    recipe = recipe_for(**peft)
+    problems = check_model(recipe)
+    assert not errors(problems)
+    assert info_counts(problems) == count_parameters(apply_peft(load_model(recipe), recipe))
+
+
+def test_seq_cls_counts_include_the_head_and_modules_to_save_is_checked(tiny_bert):
+    from lora_ns.model_check import check_model
+
+    good = check_model(recipe_for("builtin:tiny-bert", "seq_cls", target_modules=["query", "value"],
+                                  modules_to_save=["classifier"]))
+    assert not errors(good)
+    trainable, _ = info_counts(good)
+    lora, head = 2 * 2 * (8 * 64 + 64 * 8), 64 * 2 + 2  # r=8 on query+value of 2 layers; the 64->2 classifier
+    assert trainable == lora + head
+    bad = errors(check_model(recipe_for("builtin:tiny-bert", "seq_cls", target_modules=["query", "value"],
+                                        modules_to_save=["clasifier"])))
+    assert [p.field for p in bad] == ["peft.modules_to_save"] and "clasifier" in bad[0].message
+
+
+def test_quantized_count_is_marked_before_quantization(tiny_llama):
+    from lora_ns.model_check import check_model
+
+    problems = check_model(recipe_for(quantization={"load_in_4bit": True}, method="qlora"))
+    assert not errors(problems)
+    assert "(before quantization)" in [p for p in problems if p.severity == "info"][0].message
+
+
+def test_unreachable_hub_model_is_a_warning_without_waiting(monkeypatch):
+    """Offline (HF_HUB_OFFLINE here, or no route to the Hub): a warning, and no 25 s of hub retries."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from lora_ns.model_check import check_model
+
+    for offline in (True, False):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+        started = time.time()
+        problems = check_model(recipe_for("some-org/not-cached-model-xyz"))
+        assert time.time() - started < 10
+        (warning,) = problems
+        assert warning.severity == "warning" and warning.field == "model.name_or_path"
+        assert "model config not reachable" in warning.message and "model checks skipped" in warning.message
+
+
+def test_missing_flash_attention_is_one_error(tiny_llama):
+    import importlib.util
+
+    from lora_ns.model_check import check_model
+
+    problems = check_model(recipe_for(attn="flash_attention_2"))
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    (error,) = errors(problems)
+    assert error.field == "model.attn_implementation" and "flash-attn" in error.message
+    assert "attn_implementation: sdpa" in error.fix and "\n" not in str(error)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_have_no_model_errors(path):
+    from lora_ns.model_check import check_model
+
+    assert not errors(check_model(load_recipe(path)))
+
+
+@pytest.mark.parametrize("peft, words", [
+    ({"method": "prompt_tuning", "prompt_tuning_init": "TEXT"}, "prompt_tuning_init_text"),
+    ({"method": "adalora", "total_step": 10, "tinit": 8, "tfinal": 5}, "budgeting phase"),
+])
+def test_peft_config_values_peft_rejects_are_one_error(peft, words, tiny_llama):
+    from lora_ns.model_check import check_model
+
+    (error,) = errors(check_model(recipe_for(**peft)))
+    assert error.field == "peft" and words in error.message and "\n" not in str(error)
+
+
+def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
+    from lora_ns.model_check import check_model
+
+    (error,) = check_model(recipe_for(str(tmp_path / "no-such-model")))
+    assert error.is_error and error.field == "model.name_or_path" and "not found" in error.message

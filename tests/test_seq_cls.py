@@ -1,0 +1,104 @@
+"""Sequence classification: the head trains and is saved with the adapter, eval reports the metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_ns.config import parse_recipe
+
+LABELS = ["not_equivalent", "equivalent"]
+
+
+def seq_cls_recipe(out, method: str = "lora", **peft):
+    return parse_recipe({
+        "task": "seq_cls",
+        "model": {"name_or_path": "builtin:tiny-bert", "dtype": "fp32", "num_labels": 2, "labels": LABELS},
+        "peft": {"method": method, **peft},
+        "dataset": {"path": "sample:glue_mrpc", "formatter": "glue_mrpc", "max_samples": 20,
+                    "val_split": 0.2, "seed": 0},
+        # one batch of the 16 training rows per step, so first and last losses are comparable
+        "training": {"output_dir": str(out), "max_steps": 12, "per_device_train_batch_size": 16,
+                     "learning_rate": 1e-2, "lr_scheduler_type": "constant", "logging_steps": 1,
+                     "eval_strategy": "steps", "eval_steps": 6, "seed": 0, "report_to": "none",
+                     "save_strategy": "no"},
+    }, source="test.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert):
+    """One LoRA seq_cls run shared by the tests below: (trainer, summary, output dir)."""
+    from lora_ns.train import run_training
+
+    out = tmp_path_factory.mktemp("seq_cls") / "out"
+    trainer, summary = run_training(seq_cls_recipe(out, r=8, lora_alpha=16, target_modules=["query", "value"]))
+    return trainer, summary, out
+
+
+def batch(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    return tokenizer(["The cat sat on the mat.", "Shares rose 4 percent."],
+                     ["A cat was sitting on the mat.", "The market fell."], padding=True, return_tensors="pt")
+
+
+def logits_of(model, inputs):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_loss_goes_down_and_eval_reports_classification_metrics(trained):
+    trainer, summary, _ = trained
+    assert summary["last_loss"] < summary["first_loss"] - 0.02, summary
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) == 2
+    for key in ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall"):
+        assert 0.0 <= evals[-1][key] <= 1.0
+    assert summary["eval"]["eval_accuracy"] == evals[-1]["eval_accuracy"]
+
+
+def test_saved_adapter_reloads_to_identical_logits(trained, tiny_bert):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    trainer, _, out = trained
+    inputs = batch(tiny_bert)
+    expected = logits_of(trainer.model, inputs)
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    untrained = logits_of(fresh, inputs)
+    reloaded = logits_of(PeftModel.from_pretrained(fresh, str(out)), inputs)
+    assert torch.equal(reloaded, expected)
+    assert not torch.allclose(untrained, expected)  # training changed the model, so equality means something
+
+
+def test_head_is_trained_and_saved_with_class_names(trained):
+    from safetensors import safe_open
+
+    trainer, _, out = trained
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as saved:
+        keys = list(saved.keys())
+    assert any("classifier" in k for k in keys) and any("lora_A" in k for k in keys)
+    assert trainer.model.config.id2label == dict(enumerate(LABELS))
+    assert json.loads((out / "run_summary.json").read_text())["task"] == "seq_cls"
+
+
+def test_full_fine_tune_reloads_with_label_names(tmp_path, tiny_bert):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_ns.train import run_training
+
+    recipe = seq_cls_recipe(tmp_path / "out", "full")
+    recipe.training.update(learning_rate=1e-3, max_steps=6, eval_steps=6)
+    trainer, summary = run_training(recipe)
+    assert summary["trainable_params"] == summary["total_params"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert reloaded.config.id2label == dict(enumerate(LABELS))
+    inputs = batch(tiny_bert)
+    assert torch.equal(logits_of(reloaded, inputs), logits_of(trainer.model, inputs))
