@@ -264,6 +264,8 @@ def _check_training_types(data: dict[str, Any], source: str, lines: dict[str, in
         if not isinstance(body, dict):
             continue
         for key, value in body.items():
+            if key.endswith("_strategy") and value is False:  # YAML 1.1 reads a bare `no` as false
+                body[key] = value = "no"
             if key in fields and value is not None:
                 ok, converted = coerce(value, fields[key])
                 if ok:

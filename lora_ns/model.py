@@ -89,10 +89,22 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def quantized_device_map() -> dict[str, Any] | str:
-    """Where a bitsandbytes model goes: this rank's GPU under DDP (one full copy per rank), else the CPU."""
+def sharded_training() -> bool:
+    """DeepSpeed ZeRO-3 or FSDP: they place (and shard) the weights themselves."""
+    import os
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def quantized_device_map() -> dict[str, Any] | str | None:
+    """Where a bitsandbytes model goes: this rank's GPU under DDP (one full copy per rank), else the CPU;
+    None under ZeRO-3/FSDP, which refuse a device_map."""
     import torch
 
+    if sharded_training():
+        return None
     if not torch.cuda.is_available():
         return "cpu"
     from accelerate import PartialState
@@ -117,7 +129,8 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     quant = quantization_config(recipe)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = quantized_device_map()
+        if (device_map := quantized_device_map()) is not None:
+            kwargs["device_map"] = device_map
     if recipe.task == "seq_cls":
         kwargs.update(label_kwargs(recipe))
     return kwargs
@@ -138,7 +151,9 @@ def load_model(recipe: Recipe, tokenizer=None):
     model = auto_model_class(recipe.task).from_pretrained(path, **model_kwargs(recipe))
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if recipe.quantized:
+    # Under ZeRO-3/FSDP QLoRA every weight must keep the one storage dtype: k-bit preparation would upcast the
+    # non-quantized ones to fp32, so it is skipped there (as PEFT's FSDP-QLoRA example does).
+    if recipe.quantized and not sharded_training():
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing(recipe))

@@ -107,3 +107,9 @@ def test_saved_recipe_round_trips(tmp_path):
     path.write_text(recipe.to_yaml())
     again = load_recipe(path)
     assert again.model_dump() == recipe.model_dump()
+
+
+def test_bare_no_strategy_reads_as_the_string_no():
+    data = _copy()
+    data["training"]["eval_strategy"] = False  # what YAML makes of `eval_strategy: no`
+    assert parse_recipe(data).training["eval_strategy"] == "no"

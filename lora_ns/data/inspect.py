@@ -73,6 +73,10 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
     """The first rows with their locations; None when a Hub dataset cannot be reached."""
     if not isinstance(src, HubSource):
         return list(islice(iter_rows(src), SAMPLE_ROWS))
+    from lora_ns.model_check import hub_reachable
+
+    if not hub_reachable():  # fail in seconds, not after huggingface_hub's ~25 s of retries
+        return None
     try:
         import datasets
 
