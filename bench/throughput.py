@@ -1,0 +1,396 @@
+"""Benchmark: lora_ns training vs a plain hand-written TRL SFT script on the same model and data.
+
+    python bench/throughput.py --threads 1                  # builtin:tiny-llama on CPU, 3 rounds (~12 min here)
+    python bench/throughput.py --model builtin:smollm2-135m --steps 5 --batch-size 4 --max-length 256 \
+        --max-tokens 256 --rounds 1 --threads 1 --variants trl,lora_ns,lora_ns+pack
+    python bench/throughput.py --device cuda --model Qwen/Qwen2.5-0.5B --peak-tflops 989   # GPU (untested here)
+
+Not a test. Every run is a fresh subprocess (timed from just before it starts), in rounds that
+rotate the order of the variants, so drift on a shared machine hits all of them alike:
+
+- ``trl``: `plain_trl_sft` below, what a user writes by hand: SFTTrainer + peft LoraConfig, TRL's
+  SFTConfig defaults (no packing, padding to the longest in the batch, gradient checkpointing on).
+- ``lora_ns``: ``python -m lora_ns.train`` on an equivalent recipe, *as lora_ns configures it by default*.
+- ``lora_ns+pack`` / ``lora_ns-pack``: the same with ``training.packing`` forced on (TRL "bfd", which
+  is padding-free) / off, to show how much packing is worth; ``lora_ns+gc``: gradient checkpointing
+  forced on (TRL's default), to show how much that default is worth.
+
+Same model, same variable-length data (prompt/completion rows of 16..512 tokens, rendered with the
+chat template on both sides), same LoRA settings, same batch size, accumulation and steps. Both
+sides log every step (``logging_steps: 1``) so TRL's own non-pad token counter (``num_tokens``,
+the attention-mask sum, or every token when padding-free) is read per step; neither writes
+TensorBoard logs (``report_to: none``; lora_ns's own default is tensorboard when it is installed).
+
+Figures: non-pad tokens/s and steps/s between the end of step 1 and the last step (the first step
+is warm-up); startup, from process start to the start of training (imports, checks, model loading,
+tokenizing; the target is lora_ns within 1 s of the plain script); time to the end of step 1; peak
+RSS; on CUDA also torch.cuda.max_memory_allocated and an MFU estimate
+6 * params * tokens/s / (peak TFLOPS) (the 6N convention; LoRA skips the frozen weights' gradient,
+and checkpointing recomputes the forward, so it is an estimate). Packed rows hold more tokens per
+step, so compare tokens/s, not steps/s, across packing. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, dict[str, Any]] = {  # name -> recipe overrides (None: the plain TRL script)
+    "trl": {},
+    "lora_ns": {},
+    "lora_ns+pack": {"packing": True, "packing_strategy": "bfd"},
+    "lora_ns-pack": {"packing": False},
+    "lora_ns+gc": {"gradient_checkpointing": True},
+}
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+# Dense bf16 peak TFLOPS by GPU name, for --peak-tflops auto.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+               "4090": 165.0, "3090": 71.0}
+
+# Runs in each subprocess: a TrainerCallback records step times and TRL's token count, then the
+# command runs as it would from a shell (lora_ns: python -m lora_ns.train; trl: plain_trl_sft).
+_DRIVER = r"""
+import json, os, resource, runpy, sys, time
+from transformers import Trainer, TrainerCallback
+
+result = {"steps": [], "tokens": {}}
+
+class Probe(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        result["train_begin"] = time.time()
+        result["params"] = sum(p.numel() for p in model.parameters()) if model is not None else None
+        result["args"] = {k: getattr(args, k, None) for k in ("packing", "packing_strategy", "padding_free",
+                          "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
+                          "bf16", "max_length", "use_cpu")}
+    def on_step_end(self, args, state, control, **kwargs):
+        result["steps"].append((time.time(), state.global_step))
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs:
+            result["tokens"][state.global_step] = logs["num_tokens"]
+    def on_train_end(self, args, state, control, **kwargs):
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import torch
+        if torch.cuda.is_available():
+            result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        with open(os.environ["BENCH_RESULT"], "w") as f:
+            json.dump(result, f)
+
+_init = Trainer.__init__
+def _init_with_probe(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self.add_callback(Probe())
+Trainer.__init__ = _init_with_probe
+
+kind, payload = sys.argv[1], sys.argv[2]
+if kind == "trl":
+    runpy.run_path(os.environ["BENCH_SCRIPT"])["plain_trl_sft"](json.loads(payload))
+else:
+    sys.argv = ["lora_ns.train", *json.loads(payload)]
+    try:
+        runpy.run_module("lora_ns.train", run_name="__main__")
+    except SystemExit as exc:
+        if exc.code:
+            raise
+"""
+
+
+def plain_trl_sft(cfg: dict[str, Any]) -> None:
+    """The baseline: a plain TRL SFT script with TRL's defaults, as a user would write it."""
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = cfg["device"] == "cuda"
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype="bfloat16" if cuda else "float32")
+    data = load_dataset("json", data_files=cfg["data"], split="train")
+    data = data.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}],
+                                 "completion": [{"role": "assistant", "content": row["completion"]}]},
+                    remove_columns=data.column_names)
+    args = SFTConfig(output_dir=cfg["output_dir"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
+                     gradient_accumulation_steps=cfg["grad_accum"], learning_rate=2e-4, max_length=cfg["max_length"],
+                     logging_steps=1, save_strategy="no", report_to="none", seed=0, bf16=cuda, use_cpu=not cuda)
+    peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer.train()
+
+
+# --- data and recipe ---------------------------------------------------------------------------
+
+def word_pool(tokenizer) -> list[tuple[str, int]]:
+    """Words from the bundled samples with their token count (as a following word, after a space)."""
+    words: set[str] = set()
+    for path in sorted((REPO / "lora_ns" / "samples").glob("*")):
+        words.update(path.read_text(encoding="utf-8", errors="ignore").split())
+    chosen = sorted(w for w in words if len(w) < 20)[:4000]
+    return [(w, len(tokenizer(" " + w, add_special_tokens=False)["input_ids"])) for w in chosen]
+
+
+def make_text(rng: random.Random, pool: list[tuple[str, int]], tokens: int) -> str:
+    out, count = [], 0
+    while count < tokens:
+        word, n = rng.choice(pool)
+        out.append(word)
+        count += n
+    return " ".join(out)
+
+
+def write_data(path: Path, tokenizer, rows: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """prompt/completion rows whose total length is uniform in [low, high] tokens (a quarter prompt)."""
+    rng, pool = random.Random(seed), word_pool(tokenizer)
+    lengths = []
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            total = rng.randint(low, high)
+            prompt = max(4, total // 4)
+            lengths.append(total)
+            row = {"prompt": make_text(rng, pool, prompt), "completion": make_text(rng, pool, total - prompt)}
+            f.write(json.dumps(row) + "\n")
+    return lengths
+
+
+def trainable_copy(model_path: str, work: Path) -> str:
+    """`model_path`, or a copy without a leftover GGUF ``quantization_config`` (Trainer refuses to train those).
+
+    builtin:smollm2-135m is converted from a GGUF file into plain safetensors, but its config.json
+    still names the GGUF quantization, so transformers' Trainer refuses to train it.
+    """
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return model_path
+    config = json.loads(config_file.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return model_path
+    import shutil
+
+    copy = work / "model"
+    shutil.copytree(model_path, copy)
+    del config["quantization_config"]
+    (copy / "config.json").write_text(json.dumps(config, indent=2))
+    return str(copy)
+
+
+def write_recipe(path: Path, model: str, data: Path, args: argparse.Namespace) -> None:
+    import yaml
+
+    recipe = {
+        "task": "causal_lm",
+        "model": {"name_or_path": model, "dtype": "bf16" if args.device == "cuda" else "fp32"},
+        "peft": {"method": "lora", **LORA},
+        "dataset": {"path": str(data), "formatter": "prompt_completion"},
+        "training": {"max_steps": args.steps, "per_device_train_batch_size": args.batch_size,
+                     "gradient_accumulation_steps": args.grad_accum, "learning_rate": 2e-4,
+                     "max_length": args.max_length, "logging_steps": 1, "seed": 0, "report_to": "none"},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+
+
+# --- running and measuring ---------------------------------------------------------------------
+
+def run_variant(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path,
+                device: str, threads: int | None) -> dict[str, Any]:
+    """One fresh subprocess; returns the probe's record plus the start time, or an error."""
+    run_dir = work / f"run{index:02d}-{name}"
+    run_dir.mkdir()
+    env = {**os.environ, "BENCH_RESULT": str(run_dir / "result.json"), "BENCH_SCRIPT": str(Path(__file__).resolve()),
+           "HF_DATASETS_CACHE": str(run_dir / "hf_datasets"),  # cold cache for every run: no one reuses another's map
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if name == "trl":
+        payload = json.dumps({**cfg, "output_dir": str(run_dir / "out")})
+    else:
+        overrides = [f"training.output_dir={run_dir / 'out'}",
+                     *(f"training.{k}={json.dumps(v)}" for k, v in VARIANTS[name].items())]
+        payload = json.dumps([str(recipe), *overrides])
+    with open(run_dir / "log.txt", "w") as log:
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-c", _DRIVER, "trl" if name == "trl" else "lora_ns", payload],
+                              cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        ended = time.time()
+    result_file = run_dir / "result.json"
+    if proc.returncode or not result_file.is_file():
+        tail = (run_dir / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return {**json.loads(result_file.read_text()), "started": started, "wall_s": ended - started}
+
+
+def figures(record: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
+    """tokens/s and steps/s after step 1, time to step 1, memory, MFU."""
+    steps = record["steps"]
+    tokens = {int(k): v for k, v in record["tokens"].items()}
+    (t1, s1), (tn, sn) = steps[0], steps[-1]
+    span = tn - t1
+    out = {"startup_s": record["train_begin"] - record["started"], "first_step_s": t1 - record["started"], "steps": sn,
+           "steps_per_s": (sn - s1) / span if span > 0 else None,
+           "tokens_per_s": (tokens[sn] - tokens[s1]) / span if span > 0 and s1 in tokens and sn in tokens else None,
+           "peak_rss_mb": record.get("peak_rss_mb"), "params": record.get("params"), "args": record.get("args")}
+    if "cuda_max_allocated_mb" in record:
+        out["cuda_max_allocated_mb"] = record["cuda_max_allocated_mb"]
+        if peak_tflops and out["tokens_per_s"] and out["params"]:
+            out["mfu"] = 6 * out["params"] * out["tokens_per_s"] / (peak_tflops * 1e12)
+    return out
+
+
+def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0]["error"] if runs else "not run"}
+    merged: dict[str, Any] = {"runs": len(ok), "args": ok[0].get("args")}
+    for key in ("tokens_per_s", "steps_per_s", "startup_s", "first_step_s", "peak_rss_mb", "cuda_max_allocated_mb",
+                "mfu"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            merged[key] = statistics.median(values)
+    return merged
+
+
+def auto_peak_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def paired(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, ratio: bool) -> float | None:
+    """Median over rounds of a/b (or a-b) for `key`: runs of one round are next to each other in time,
+    so this cancels most of the drift of a shared machine that a ratio of medians would keep."""
+    values = [x[key] / y[key] if ratio else x[key] - y[key] for x, y in zip(runs.get(a, []), runs.get(b, []))
+              if x.get(key) and y.get(key)]
+    return round(statistics.median(values), 3) if values else None
+
+
+def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in runs:
+        if name != "trl" and "trl" in runs:
+            out[f"{name}_vs_trl_tokens_per_s"] = paired(runs, name, "trl", "tokens_per_s", ratio=True)
+            out[f"{name}_minus_trl_startup_s"] = paired(runs, name, "trl", "startup_s", ratio=False)
+    if "lora_ns+pack" in runs and "lora_ns-pack" in runs:
+        out["packing_on_vs_off_tokens_per_s"] = paired(runs, "lora_ns+pack", "lora_ns-pack", "tokens_per_s", ratio=True)
+    return out
+
+
+def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gpu: bool) -> None:
+    """Medians per variant; "x trl" and "+startup" are the paired per-round figures of `ratios`."""
+    cols = ["variant", "tok/s", "x trl", "steps/s", "startup s", "+startup", "1st step s", "peak RSS MB", "packing",
+            "grad ckpt"]
+    if gpu:
+        cols += ["CUDA max MB", "MFU"]
+    print(" | ".join(f"{c:>11}" for c in cols))
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:>11} | failed: {r['error']}")
+            continue
+        args = r.get("args") or {}
+        speed, startup = compared.get(f"{name}_vs_trl_tokens_per_s"), compared.get(f"{name}_minus_trl_startup_s")
+        cells = [name, f"{r.get('tokens_per_s', 0):.0f}", f"{speed:.2f}" if speed else "-",
+                 f"{r.get('steps_per_s', 0):.2f}", f"{r.get('startup_s', 0):.2f}",
+                 f"{startup:+.2f}" if startup is not None else "-", f"{r.get('first_step_s', 0):.2f}",
+                 f"{r.get('peak_rss_mb', 0):.0f}",
+                 str(args.get("packing")), str(args.get("gradient_checkpointing"))]
+        if gpu:
+            cells += [f"{r.get('cuda_max_allocated_mb', 0):.0f}", f"{r['mfu']:.1%}" if "mfu" in r else "-"]
+        print(" | ".join(f"{c:>11}" for c in cells))
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python bench/throughput.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="builtin:tiny-llama", help="builtin:<name>, a folder or a hub id")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--min-tokens", type=int, default=16, help="shortest row (prompt + completion tokens)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest row")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (median reported)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
+    parser.add_argument("--peak-tflops", type=float, help="GPU peak TFLOPS for MFU (default: by GPU name)")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice); "
+                        "1 is far steadier on a CPU that other jobs share")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs of every run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants: {', '.join(sorted(unknown))}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoTokenizer
+
+    from lora_ns.builtin_models import resolve_model_path
+
+    work = Path(tempfile.mkdtemp(prefix="lora_ns_bench_"))
+    model_path = trainable_copy(resolve_model_path(args.model), work)  # built once, before any timing
+    model_name = args.model if model_path == resolve_model_path(args.model) else model_path
+    rows = max(256, 3 * args.steps * args.batch_size * args.grad_accum)
+    lengths = write_data(work / "data.jsonl", AutoTokenizer.from_pretrained(model_path), rows,
+                         args.min_tokens, args.max_tokens)
+    write_recipe(work / "recipe.yaml", model_name, work / "data.jsonl", args)
+    cfg = {"model_path": model_path, "data": str(work / "data.jsonl"), "device": args.device, "steps": args.steps,
+           "batch": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length}
+    peak = args.peak_tflops or auto_peak_tflops(args.device)
+    print(f"model {args.model} on {args.device}; {rows} rows of {min(lengths)}..{max(lengths)} tokens "
+          f"(mean {statistics.mean(lengths):.0f}); batch {args.batch_size} x accum {args.grad_accum}, "
+          f"{args.steps} steps, max_length {args.max_length}; {args.rounds} round(s); "
+          f"threads {args.threads or 'auto'}; "
+          f"load average {os.getloadavg()[0]:.1f}; work dir {work}")
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    index = 0
+    for round_no in range(args.rounds):
+        order = variants[round_no % len(variants):] + variants[:round_no % len(variants)]  # rotate
+        for name in order:
+            record = run_variant(name, work, index, cfg, work / "recipe.yaml", args.device, args.threads)
+            index += 1
+            runs[name].append(record if "error" in record else figures(record, peak))
+            shown = runs[name][-1]
+            print(f"  round {round_no + 1} {name}: " + (shown["error"] if "error" in shown else
+                  f"{shown['tokens_per_s'] or 0:.0f} tok/s, startup {shown['startup_s']:.2f} s, "
+                  f"first step done {shown['first_step_s']:.2f} s"), flush=True)
+    results = {name: median_figures(r) for name, r in runs.items()}
+    compared = ratios(runs)
+    print()
+    print_table(results, compared, args.device == "cuda")
+    print("x trl, +startup: medians over rounds of each round's ratio / difference to the trl run")
+    summary = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "model": args.model, "device": args.device,
+               "cpu_count": os.cpu_count(), "steps": args.steps, "batch_size": args.batch_size,
+               "grad_accum": args.grad_accum, "max_length": args.max_length, "rounds": args.rounds,
+               "row_tokens": [args.min_tokens, args.max_tokens], "peak_tflops": peak, "threads": args.threads,
+               "load_average": round(os.getloadavg()[0], 1),
+               "results": results, "ratios": compared,
+               "targets": {"lora_ns_vs_trl_tokens_per_s": ">= 1.5", "lora_ns_minus_trl_startup_s": "<= 1.0"}}
+    print(json.dumps(summary))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
