@@ -31,7 +31,7 @@ validate: install
 
 bench: install
 	$(BIN)/python bench/validate.py
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --threads 1
 	$(BIN)/python bench/preprocess.py --small
 
 clean:

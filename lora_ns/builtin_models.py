@@ -154,6 +154,8 @@ def _smollm2(out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_config(loaded.config)
     model.load_state_dict(loaded.state_dict())
+    if hasattr(model.config, "quantization_config"):  # names the GGUF quantization: Trainer would refuse it
+        del model.config.quantization_config
     tokenizer.eos_token = "<|im_end|>"
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         tokenizer.pad_token = "<|endoftext|>"

@@ -22,11 +22,13 @@ Defaults lora_ns sets under the recipe's ``training:`` section (any key the reci
   swaps in a marked template for known models). To train on every token instead, set
   ``training.completion_only_loss: false`` or ``training.assistant_only_loss: false``. cpt text
   rows train on every token.
-- packing stays TRL's default (off). TRL's "bfd" packing is padding-free: sequences share one row
-  told apart only by ``position_ids``, which flash attention honours but sdpa/eager do not (measured:
-  the second packed sequence attends to the first), so it is not the default here. For cpt,
-  ``packing: true, packing_strategy: wrapped`` (fixed blocks, documents joined by EOS) is mask-safe;
-  bfd pays off with ``model.attn_implementation: flash_attention_2`` on a GPU.
+- ``packing``: on (``packing_strategy: bfd``, padding-free) for causal_lm and cpt when
+  ``model.attn_implementation`` is a flash-attention kernel, which runs the packed row as separate
+  sequences. Packing is mask-correct with sdpa too (transformers turns the restarting
+  ``position_ids`` into block-diagonal attention; tests/test_masks.py checks the logits), but sdpa
+  then attends over the whole packed row, which costs more than the padding it saves on small
+  models, so with sdpa/eager it stays off unless the recipe sets it. ``validate`` prints the padding
+  fraction packing would remove.
 - seq_cls: accuracy, F1, precision and recall at each evaluation (`lora_ns.metrics`).
 
 Distributed runs: datasets are built and tokenized inside ``main_process_first`` (rank 0 fills the
@@ -88,6 +90,8 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         from lora_ns.data import sft_defaults
 
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
+        if recipe.model.attn_implementation.startswith("flash_attention"):
+            defaults.update(packing=True, packing_strategy="bfd")
     return defaults
 
 
@@ -95,8 +99,8 @@ def training_arguments(recipe: Recipe) -> Any:
     """SFTConfig (causal_lm, cpt) or TrainingArguments (seq_cls) from the recipe's training section."""
     from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS
 
-    args = {k: "no" if v is False and k.endswith("_strategy") else v  # YAML 1.1 reads a bare `no` as false
-            for k, v in recipe.training.items() if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
+    args = {k: v for k, v in recipe.training.items()
+            if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
     args = {**training_defaults(recipe), **args, "output_dir": recipe.output_dir}
     if recipe.task == "seq_cls":
         from transformers import TrainingArguments as config_class

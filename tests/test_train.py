@@ -43,6 +43,17 @@ def test_lora_ns_defaults_and_recipe_values_win(tmp_path):
     assert args.completion_only_loss is False
 
 
+def test_packing_defaults_on_with_flash_attention_only(tmp_path):
+    from lora_ns.train import training_arguments
+
+    flash = recipe_dict(tmp_path)
+    flash["model"]["attn_implementation"] = "flash_attention_2"
+    args = training_arguments(parse_recipe(flash))
+    assert args.packing is True and args.packing_strategy == "bfd"
+    flash["training"]["packing"] = False  # the recipe wins
+    assert training_arguments(parse_recipe(flash)).packing is False
+
+
 def test_chat_rows_default_to_assistant_only_loss(tmp_path):
     from lora_ns.train import training_arguments
 
