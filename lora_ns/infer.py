@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.fileio import write_text_atomic
 
 PROG = "lora_ns.infer"
 PromptInput = str | list[dict[str, str]]
@@ -30,25 +29,6 @@ def guard_output_file(path: str | Path, overwrite: bool, flag: str = "--output-f
         raise UserError(Problem(str(path), flag, "already exists", "choose another path or pass --overwrite"))
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace: readers never see half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -284,13 +284,13 @@ def deepspeed_values_match(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
         return
     pairs = (("gradient_accumulation_steps", "gradient_accumulation_steps", 1),
              ("gradient_clipping", "max_grad_norm", 1.0))
-    for ds_key, field, default in pairs:
+    for ds_key, recipe_key, default in pairs:
         value = cfg.ds.get(ds_key)
         if value in (None, "auto"):
             continue
-        wanted = r.training.get(field, default)
+        wanted = r.training.get(recipe_key, default)
         if float(value) != float(wanted):
-            yield r.problem(f"training.{field}", f"is {wanted} but {cfg.path} sets {ds_key}: {value}",
+            yield r.problem(f"training.{recipe_key}", f"is {wanted} but {cfg.path} sets {ds_key}: {value}",
                             f"make them agree, or remove {ds_key} from the accelerate config "
                             "(it then follows the recipe)")
 
@@ -335,7 +335,7 @@ def mixed_precision_agrees(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     if ours == "off" and theirs != "no":
         field = "training.bf16" if "bf16" in r.training else "training.fp16"
         yield r.problem(field, f"the recipe turns mixed precision off but {cfg.path} says mixed_precision: "
-                        f"{theirs}, which then applies", f"set mixed_precision: no in the accelerate config, "
+                        f"{theirs}, which then applies", "set mixed_precision: no in the accelerate config, "
                         "or drop the flag from the recipe")
     elif ours not in ("off", theirs):
         field = f"training.{ours}" if ours in r.training else "model.dtype"

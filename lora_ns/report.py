@@ -10,37 +10,16 @@ backend (no display needed, nothing changed for a caller that uses pyplot itself
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from lora_ns.fileio import atomic_output
 
 Points = list[tuple[int, float]]
 CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.txt"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_output(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside `path`; move it into place only when the block finishes without error."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            yield fh
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def loss_points(log_history: list[dict[str, Any]]) -> tuple[Points, Points]:
@@ -68,7 +47,7 @@ def plot_loss_curve(train: Points, evals: Points, path: Path, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_output(path) as fh:
+    with atomic_output(path, "wb") as fh:
         fig.savefig(fh, format="png")
 
 

@@ -43,15 +43,14 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from lora_ns.config import Recipe
 from lora_ns.errors import UserError, run_cli
+from lora_ns.fileio import write_text_atomic
 
 PROG = "lora_ns.train"
 # Training keys that hold credentials: never written to the saved recipe.
@@ -160,18 +159,6 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def saved_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, credentials removed."""
     clean = recipe.model_copy(deep=True)
@@ -198,12 +185,12 @@ def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> Non
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(str(out))
-    write_atomic(out / "recipe.yaml", saved_recipe(recipe))
-    write_atomic(out / "versions.json", json.dumps(library_versions(), indent=2))
+    write_text_atomic(out / "recipe.yaml", saved_recipe(recipe))
+    write_text_atomic(out / "versions.json", json.dumps(library_versions(), indent=2))
     from lora_ns.report import write_report
 
     write_report(trainer.state.log_history, out, summary)
-    write_atomic(out / "run_summary.json", json.dumps(summary, indent=2))  # last: marks a finished run
+    write_text_atomic(out / "run_summary.json", json.dumps(summary, indent=2))  # last: marks a finished run
 
 
 def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:

@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORA_NS_CACHE", tempfile.mkdtemp(prefix="lora_ns_test_cache_"))
 
 REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,22 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test from a temporary working directory (so outputs/ lands there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def make_adapter(out: Path, recipe) -> Path:
+    """Wrap the recipe's base with peft and save it like training does (no training: fast).
+
+    With ``peft.init_lora_weights=false`` the adapter changes the outputs, so tests can tell
+    base and tuned apart.
+    """
+    import torch
+
+    from lora_ns.adapters import apply_peft
+    from lora_ns.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe)
+    torch.manual_seed(0)
+    apply_peft(load_model(recipe, tokenizer), recipe).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    return out

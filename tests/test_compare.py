@@ -9,30 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_ns.compare import main
 from lora_ns.errors import run_cli
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+from conftest import QUICKSTART, make_adapter
 QUESTIONS = ["Ben has 33 stickers and gives away 27. How many stickers are left?", "What is 2+2?"]
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, tiny_llama) -> Path:
     """A saved adapter (random LoRA B, so it answers differently from the base)."""
-    from lora_ns.adapters import apply_peft
     from lora_ns.config import load_recipe
-    from lora_ns.model import load_model, load_tokenizer
 
     out = tmp_path_factory.mktemp("compare") / "out"
-    recipe = load_recipe(QUICKSTART, [f"training.output_dir={out}", "peft.init_lora_weights=false"])
-    tokenizer = load_tokenizer(recipe)
-    torch.manual_seed(0)
-    apply_peft(load_model(recipe, tokenizer), recipe).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    return out
+    return make_adapter(out, load_recipe(QUICKSTART, [f"training.output_dir={out}", "peft.init_lora_weights=false"]))
 
 
 def test_questions_file_to_json(tuned, tmp_path, capsys):

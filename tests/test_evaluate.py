@@ -7,27 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_ns.answers import extract_answer
 from lora_ns.errors import run_cli
 from lora_ns.evaluate import main, score_math
 from lora_ns.metrics import classification_metrics, exact_match, generation_metrics
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
-
-
-def make_adapter(out: Path, recipe) -> Path:
-    """Wrap the recipe's base with peft (random LoRA B) and save it like training does."""
-    from lora_ns.adapters import apply_peft
-    from lora_ns.model import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(recipe)
-    torch.manual_seed(0)
-    apply_peft(load_model(recipe, tokenizer), recipe).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    return out
+from conftest import QUICKSTART, make_adapter
 
 
 def read_results(folder: Path) -> tuple[dict, list[dict]]:

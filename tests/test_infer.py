@@ -6,27 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_ns.errors import UserError, run_cli
 from lora_ns.infer import generate, main, read_inputs
 from lora_ns.inference_model import load_for_inference, render_prompt
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+from conftest import QUICKSTART, make_adapter
+
 PROMPTS = ["What is 2+2?", "Ben has 33 stickers and gives away 27. How many stickers are left?", "请用中文回答"]
-
-
-def make_adapter(out: Path, recipe) -> Path:
-    """Wrap the recipe's base with peft (random LoRA B) and save it like training does."""
-    from lora_ns.adapters import apply_peft
-    from lora_ns.model import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(recipe)
-    torch.manual_seed(0)
-    apply_peft(load_model(recipe, tokenizer), recipe).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    return out
 
 
 @pytest.fixture(scope="module")
