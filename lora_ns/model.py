@@ -58,6 +58,14 @@ def gradient_checkpointing(recipe: Recipe) -> bool:
     return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", recipe.quantized)))
 
 
+def dtype_name(name: str) -> str:
+    """The recipe name (bf16/fp16/fp32) of what `torch_dtype` resolves `name` to on this machine."""
+    import torch
+
+    resolved = torch_dtype(name)
+    return next(short for short, long in _DTYPES.items() if getattr(torch, long) == resolved)
+
+
 def quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig, or None."""
     q = recipe.quantization

@@ -160,9 +160,16 @@ def library_versions() -> dict[str, str]:
 
 
 def saved_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, credentials removed."""
+    """The resolved recipe as YAML, credentials removed, "auto" dtypes pinned to what this run used
+    (so a later merge or evaluation reproduces the training precision, e.g. QLoRA's requantization)."""
+    from lora_ns.model import dtype_name
+
     clean = recipe.model_copy(deep=True)
     clean.training = {k: v for k, v in recipe.training.items() if k not in SECRET_KEYS}
+    if clean.model.dtype == "auto":
+        clean.model.dtype = dtype_name(recipe.model.dtype)
+    if clean.quantization.bnb_4bit_compute_dtype == "auto":
+        clean.quantization.bnb_4bit_compute_dtype = clean.model.dtype
     return clean.to_yaml()
 
 

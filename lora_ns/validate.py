@@ -64,6 +64,10 @@ def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_
     from lora_ns.rules import check_rules
 
     recipe = load_recipe(path, overrides)
+    if for_training:
+        from lora_ns.checkpoints import guard_output_dir
+
+        guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
     problems = check_rules(recipe, for_training)
     if not any(p.is_error for p in problems):
         problems += deep_problems(recipe, checks)

@@ -150,3 +150,21 @@ def test_cli_trains_end_to_end_and_writes_the_run_folder(tmp_path, tiny_llama):
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # tensorboard logged
     assert "trainable params:" in done.stdout
     assert (out / "run_summary.json").stat().st_mtime_ns >= (out / "recipe.yaml").stat().st_mtime_ns
+
+
+def test_saved_recipe_pins_auto_dtypes(tmp_path):
+    from lora_ns.config import Recipe
+    from lora_ns.train import saved_recipe
+
+    data = recipe_dict(tmp_path, hub_token="hf_secret_value")
+    data["model"]["dtype"] = "auto"
+    data["quantization"] = {"load_in_4bit": True}
+    data["peft"]["method"] = "qlora"
+    recipe = Recipe.model_validate(data)  # schema only: the secret rule would refuse this recipe
+    import torch
+
+    saved = yaml.safe_load(saved_recipe(recipe))
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    assert saved["model"]["dtype"] == expected
+    assert saved["quantization"]["bnb_4bit_compute_dtype"] == expected
+    assert "hf_secret_value" not in saved_recipe(recipe)
