@@ -24,6 +24,7 @@ from typing import Callable
 from lora_ns.errors import UserError, Problem
 
 PREFIX = "builtin:"
+BUILD_VERSION = 2  # bump when a builder changes, so cached builds are made again
 SAMPLES_DIR = Path(__file__).parent / "samples"
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -188,7 +189,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name not in BUILDERS:
         raise UserError(Problem("<model>", "model.name_or_path", f"unknown builtin model '{name}'",
                                 f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}"))
-    target = cache_dir() / "models" / name
+    target = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)

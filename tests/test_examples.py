@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    """The scripts call `accelerate` and `python` by name: put this interpreter's bin folder first (CI
+    runs the suite as .venv/bin/python without activating the venv)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PYTHONPATH": str(REPO), "PATH": path}
 
 
 @pytest.fixture(scope="module")
