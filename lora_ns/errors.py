@@ -48,6 +48,9 @@ def fail(file: str, field: str, message: str, fix: str = "", line: int | None = 
 
 def run_cli(prog: str, main: Callable[[], int]) -> int:
     """Run an entry point; print user errors as one line each and return exit code 2."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
     try:
         return main()
     except UserError as err:

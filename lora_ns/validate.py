@@ -100,9 +100,6 @@ def validate_paths(paths: list[Path], overrides: list[str], checks: Checks) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes drown the report
     args, args.overrides = make_parser().parse_known_args(argv)
     checks = Checks(data=not args.no_data, model=not args.no_model, accelerate_config=args.accelerate_config)
     if args.all:
