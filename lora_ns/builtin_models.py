@@ -25,7 +25,6 @@ from lora_ns.errors import UserError, Problem
 
 PREFIX = "builtin:"
 BUILD_VERSION = 2  # bump when a builder changes, so cached builds are made again
-SAMPLES_DIR = Path(__file__).parent / "samples"
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -63,6 +62,8 @@ def _sample_texts() -> list[str]:
         elif isinstance(value, list):
             for v in value:
                 walk(v)
+
+    from lora_ns.data.sources import SAMPLES_DIR
 
     for path in sorted(SAMPLES_DIR.glob("*")):
         if path.suffix == ".jsonl":

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_ns.checkpoints import FINISHED_MARKER
 from lora_ns.config import Recipe
 from lora_ns.errors import UserError, run_cli
 from lora_ns.fileio import write_text_atomic
@@ -197,7 +198,7 @@ def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> Non
     from lora_ns.report import write_report
 
     write_report(trainer.state.log_history, out, summary)
-    write_text_atomic(out / "run_summary.json", json.dumps(summary, indent=2))  # last: marks a finished run
+    write_text_atomic(out / FINISHED_MARKER, json.dumps(summary, indent=2))  # last: marks a finished run
 
 
 def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
