@@ -1,7 +1,11 @@
-"""Quick start in Python: train the embedded default recipe, then ask the tuned model a question.
+"""Quick start in Python: train a recipe, then show what training changed on held-out data.
 
     python examples/quick_start.py                                   # -> outputs/quickstart/
     python examples/quick_start.py training.output_dir=/tmp/qs training.max_steps=20
+    python examples/quick_start.py recipes/demo.yaml                 # the real small model (make demo)
+
+Prints the held-out loss before and after training (the recipe's ``eval_on_start``) and one held-out
+question answered by the base model and by the tuned one.
 
 Runs offline on a CPU in about a minute: a tiny random Llama (builtin:tiny-llama) learns the bundled
 GSM8K-style sample with LoRA. Its answers are not meant to be good, only to show the whole path:
@@ -51,15 +55,26 @@ def answer(adapter_dir: str, question: str) -> str:
     return generate(loaded, [question], max_new_tokens=64, greedy=True, progress=False)[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from lora_ns.train import train
+def eval_losses(log_history: list[dict]) -> list[float]:
+    return [entry["eval_loss"] for entry in log_history if "eval_loss" in entry]
 
-    recipe = load_recipe(RECIPE, argv)
-    summary = train(recipe)  # also prints the summary and writes loss_curve.png + summary.txt
-    out = Path(summary["output_dir"])
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_ns.train import run_training
+
+    argv = list(argv or [])
+    recipe_file = Path(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else RECIPE
+    recipe = load_recipe(recipe_file, argv)
     example = sample_question(recipe)
+    before = answer(recipe.model.name_or_path, example["prompt"])  # the base model, untrained
+    trainer, summary = run_training(recipe)  # also prints the summary, writes loss_curve.png + summary.txt
+    out = Path(summary["output_dir"])
+    losses = eval_losses(trainer.state.log_history)
+    if recipe.training.get("eval_on_start") and len(losses) >= 2:
+        print(f"\nheld-out loss: {losses[0]:.4f} before training -> {losses[-1]:.4f} after")
     print(f"\nquestion:  {example['prompt']}")
     print(f"reference: {example['completion']}")
+    print(f"before:    {' '.join(before.split())[:300]}")
     print(f"model:     {' '.join(answer(str(out), example['prompt']).split())[:300]}")
     print(f"\nloss curve: {out / 'loss_curve.png'}")
     print(f"summary:    {out / 'summary.txt'}")
