@@ -1,0 +1,48 @@
+"""The argument parser every command uses: one-line errors, and the flag spellings users bring along.
+
+Users arrive with habits: Hugging Face scripts spell flags in snake_case (``--output_dir``), and the
+scripts lora_ns descends from used ``--model_path``, ``--adapter_path``, ``--input_text`` and so on.
+`CommandParser` accepts ``--foo_bar`` for ``--foo-bar`` (and the reverse), plus each command's own
+legacy names (``aliases``), without listing them in ``--help``. Tokens that name no option of the
+command, such as recipe overrides (``--training.output_dir 5``), are left exactly as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from lora_ns.errors import Problem, UserError
+
+
+class CommandParser(argparse.ArgumentParser):
+    def __init__(self, *args, aliases: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.aliases = aliases or {}
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
+        args = self.canonical(list(sys.argv[1:] if args is None else args))
+        return super().parse_known_args(args, namespace)
+
+    def canonical(self, args: list[str]) -> list[str]:
+        """``args`` with every alias or other spelling of a known option replaced by its own name."""
+        out = []
+        for i, token in enumerate(args):
+            if token == "--":  # everything after it is positional
+                return out + args[i:]
+            out.append(self._spelling(token) if token.startswith("--") else token)
+        return out
+
+    def _spelling(self, token: str) -> str:
+        flag, eq, value = token.partition("=")
+        known = self._option_string_actions
+        if flag in known:
+            return token
+        for candidate in (self.aliases.get(flag), flag.replace("_", "-"), flag.replace("-", "_")):
+            if candidate and candidate in known:
+                return candidate + eq + value
+        return token
+
+    def error(self, message: str):  # one line, like every other user error, instead of usage + error
+        raise UserError(Problem("<command line>", "", message, f"run '{self.prog} --help'"))
