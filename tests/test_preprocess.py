@@ -155,7 +155,7 @@ def test_utf16_binary_and_archive_members(tmp_path: Path) -> None:
     report, lines = run(raw, tmp_path / "all.txt")
     assert lines == ["UTF-16 文本", "second", "压缩包里的中文"]
     assert dict(report.fallback_encodings) == {"a_utf16.txt": "utf-16", "c.zip::gbk.txt": "gb18030"}
-    assert dict(report.files_skipped) == {"b_binary.txt": pp._BINARY}
+    assert dict(report.files_skipped) == {"b_binary.txt": pp.BINARY}
     assert report.ignored_by_ext == {"(hidden)": 1, ".zip": 1}
 
 
@@ -233,7 +233,7 @@ def test_streamed_blocks_never_split_a_paragraph(unit: str) -> None:
     rng = random.Random(unit)
     text = "\n\n".join(" ".join(rng.choice(["中文", "abc", "。"]) for _ in range(rng.randint(1, 5)))
                        for _ in range(400))
-    blocks = list(pp._text_blocks(io.StringIO(text), 200, unit))
+    blocks = list(pp.text_blocks(io.StringIO(text), 200, unit))
     assert len(blocks) > 10 and "".join(blocks) == text
     streamed = [s for block in blocks for s in pp.samples_from_text(block, unit, False)]
     assert streamed == pp.samples_from_text(text, unit, False)
@@ -262,7 +262,7 @@ def test_jsonl_output_keeps_cjk_and_line_breaks(corpus: Path, tmp_path: Path) ->
     assert rows[2]["text"] == "第一段中文，\n没有空格。"
 
 
-def test_deterministic_across_workers_chunks_and_spills(tmp_path: Path) -> None:
+def test_deterministic_across_workers_and_chunks(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     paragraphs = [f"段落 {i} 的内容。\nparagraph {i} line two {'x' * (i % 37)}" for i in range(3000)]
     write(raw / "big.txt", "\n\n".join(paragraphs) + "\n")  # ~150 KB: many 4 KiB ranges below
@@ -270,8 +270,8 @@ def test_deterministic_across_workers_chunks_and_spills(tmp_path: Path) -> None:
         write(raw / f"small_{i}.txt", f"small file {i}\n\nsecond {i}\n")
     make_csv(raw / "rows.csv", ["text"], [[f"csv row {i}"] for i in range(2000)])
     outputs = {}
-    for name, kwargs in {"plain": {}, "w1_chunked": dict(chunk_bytes=4096, spill_bytes=1024),
-                         "w2_chunked": dict(num_workers=2, chunk_bytes=4096, spill_bytes=1024),
+    for name, kwargs in {"plain": {}, "w1_chunked": dict(chunk_bytes=4096),
+                         "w2_chunked": dict(num_workers=2, chunk_bytes=4096),
                          "w2": dict(num_workers=2)}.items():
         out = tmp_path / f"{name}.txt"
         report = preprocess(raw, out, dedup=True, **kwargs)
@@ -343,9 +343,14 @@ def test_module_runs_as_script_and_imports_nothing_heavy(corpus: Path, tmp_path:
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text(encoding="utf-8").splitlines() == EXPECTED
-    tree = ast.parse(Path(pp.__file__).read_text(encoding="utf-8"))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"torch", "transformers", "datasets", "numpy", "peft"}
+    heavy = {"torch", "transformers", "datasets", "numpy", "peft", "pyarrow"}
+    for path in Path(pp.__file__).parent.glob("*.py"):  # module level: --help and checks stay fast
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in tree.body
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & heavy, path
+    loaded = subprocess.run([sys.executable, "-c", "import sys, lora_ns.preprocess as p; p.make_parser(); "
+                             "print(' '.join(sys.modules))"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert not set(loaded.stdout.split()) & heavy, loaded.stderr
