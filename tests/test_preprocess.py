@@ -17,6 +17,7 @@ import docx
 import pytest
 
 from lora_ns import preprocess as pp
+from lora_ns.preprocess import readers
 from lora_ns.preprocess import main, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,3 +355,57 @@ def test_module_runs_as_script_and_imports_nothing_heavy(corpus: Path, tmp_path:
     loaded = subprocess.run([sys.executable, "-c", "import sys, lora_ns.preprocess as p; p.make_parser(); "
                              "print(' '.join(sys.modules))"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert not set(loaded.stdout.split()) & heavy, loaded.stderr
+
+
+def test_docx_needs_the_extra_with_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    raw = tmp_path / "raw"
+    docx_bytes = make_docx(tmp_path / "m.docx", ["member text"]).read_bytes()
+    write(raw / "a.docx", docx_bytes)
+    monkeypatch.setitem(sys.modules, "docx", None)  # `import docx` now fails as if it were not installed
+    out = tmp_path / "out" / "all.txt"
+    assert main(["--raw-dir", str(raw), "--out-file", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"lora_ns.preprocess: error: {raw / 'a.docx'}: reading .docx needs "
+                                       "python-docx — pip install lora_ns[preprocess]\n")
+    assert not out.parent.exists()
+    (raw / "a.docx").unlink()
+    with zipfile.ZipFile(write(raw / "z.zip", b""), "w") as zf:  # inside an archive: that member is skipped
+        zf.writestr("m.docx", docx_bytes)
+        zf.writestr("ok.txt", "kept\n")
+    report, lines = run(raw, out)
+    assert lines == ["kept"]
+    assert dict(report.files_skipped) == {"z.zip::m.docx": "reading .docx needs python-docx — pip install "
+                                          "lora_ns[preprocess]"}
+
+
+def test_shards_concatenate_to_the_whole_run(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "raw"
+    for i in range(7):  # different sizes, so the byte-balanced cut is not just a count
+        write(raw / f"f{i}.txt", "".join(f"file {i} paragraph {j}\n\n" for j in range(10 * (i + 1))))
+    _, whole = run(raw, tmp_path / "all.txt")
+    parts, read = [], 0
+    for i in range(3):
+        report, lines = run(raw, tmp_path / f"shard{i}.txt", shard=(i, 3), num_workers=2)
+        assert 0 < len(lines) < len(whole)
+        parts, read = parts + lines, read + report.files_read
+    assert parts == whole and read == 7
+    assert main(["--raw-dir", str(raw), "--out-file", str(tmp_path / "x.txt"), "--shard", "3/3"]) == 2
+    assert "expected I/N with 0 <= I < N, got '3/3'" in capsys.readouterr().err
+
+
+def test_rows_of_a_unit_that_fails_later_are_taken_back(tmp_path: Path, monkeypatch) -> None:
+    """A CSV that breaks after 1 MB of rows was written, and an archive member whose UTF-8 (then
+    GB18030) attempt fails after several 4 KiB blocks: their rows, dedup hashes and short counts go."""
+    raw = tmp_path / "raw"
+    first = "csv row 0 " + "x" * 100
+    make_csv(raw / "a.csv", ["text"], [[f"csv row {i} " + "x" * 100] for i in range(12000)] + [["y" * 5000]])
+    write(raw / "b.txt", first + "\n")  # also in the failed CSV: dedup must have forgotten it
+    member = "ab\n\n" + "".join(f"member para {i}\n\n" for i in range(2000))
+    with zipfile.ZipFile(write(raw / "c.zip", b""), "w") as zf:
+        zf.writestr("m.txt", member.encode() + b"caf\xe9\n")
+    monkeypatch.setattr(readers, "CSV_FIELD_LIMIT", 1000)  # the last CSV row is now malformed
+    report, lines = run(raw, tmp_path / "all.txt", dedup=True, chunk_bytes=4096, min_chars=3)
+    assert lines == [first] + [f"member para {i}" for i in range(2000)] + ["café"]
+    assert list(dict(report.files_skipped)) == ["a.csv"]
+    assert "malformed CSV near line 12002" in report.files_skipped[0][1]
+    assert dict(report.fallback_encodings) == {"c.zip::m.txt": "latin-1"}
+    assert (report.samples_written, report.duplicates_dropped, report.short_dropped) == (2002, 0, 1)

@@ -176,6 +176,8 @@ def run_tasks(tasks: list[Task], opts: Options, num_workers: int, work_dir: str,
     import pyarrow as pa
 
     shards = [s for s in split_by_size(tasks, [t.end - t.start for t in tasks], num_workers) if s]
+    if not shards:
+        return
     verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity_error()
     if quiet or not sys.stderr.isatty():
@@ -299,7 +301,7 @@ def process(tasks: list[Task], opts: Options, out_file: Path, num_workers: int, 
                     collector.write(row["data"])
                 else:
                     collector.end(json.loads(row["note"]))
-            if report.files_read == 0:
+            if tasks and report.files_read == 0:
                 path, why = report.files_skipped[0] if report.files_skipped else ("", "")
                 raise fail(f"--raw-dir {raw_dir}", "", f"no readable files: all {n_files} "
                            f"were skipped (first: {path}: {why})", "fix or remove the broken files")

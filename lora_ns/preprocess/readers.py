@@ -175,8 +175,16 @@ def _codec(name: str) -> str:
     return "utf-8-sig" if codecs.lookup(name).name == "utf-8" else name
 
 
-def _undecodable(encodings: Iterable[str]) -> SkipFile:
-    return SkipFile(f"not valid text in {', '.join(encodings)} — re-save it as UTF-8")
+def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterator[dict]], rows: Rows) -> Iterator[dict]:
+    """Run `attempt(codec)` with each encoding until one decodes; a failed attempt's rows are
+    dropped (a ``retry`` row). Returns the encoding used."""
+    for name in encodings:
+        try:
+            yield from attempt(_codec(name))
+            return name
+        except UnicodeDecodeError:
+            yield rows.end("retry")
+    raise SkipFile(f"not valid text in {', '.join(encodings)} — re-save it as UTF-8")
 
 
 def read_txt(path: str, start: int, end: int, opts: Options, rows: Rows) -> Iterator[dict]:
@@ -188,50 +196,35 @@ def read_txt(path: str, start: int, end: int, opts: Options, rows: Rows) -> Iter
         data = fh.read(end - start)
     if start == 0 and b"\x00" in data[:8192]:
         raise SkipFile(BINARY)
-    for name in opts.encodings:
-        try:
-            text = data.decode(_codec(name))
-        except UnicodeDecodeError:
-            continue
-        del data
-        yield from rows.data(samples_from_text(text, opts.unit, opts.fmt == "jsonl"))
-        return name
-    raise _undecodable(opts.encodings)
+    keep = opts.fmt == "jsonl"
+    return (yield from _fallback(opts.encodings, lambda codec: iter(
+        rows.data(samples_from_text(data.decode(codec), opts.unit, keep))), rows))
 
 
 def read_text_stream(open_raw: Callable[[], IO[bytes]], encodings: Iterable[str], opts: Options,
                      rows: Rows) -> Iterator[dict]:
-    """Stream text in blocks cut at paragraph breaks; on a decode error the attempt is thrown away
-    (a ``retry`` row) and the next encoding tried. With ``--unit file`` each block is one sample."""
-    for name in encodings:
-        try:
-            with open_raw() as raw, io.TextIOWrapper(raw, encoding=_codec(name)) as stream:
-                for block in text_blocks(stream, opts.block_chars, opts.unit):
-                    yield from rows.data(samples_from_text(block, opts.unit, opts.fmt == "jsonl"))
-            return name
-        except UnicodeDecodeError:
-            yield rows.end("retry")
-    raise _undecodable(encodings)
+    """Stream text in blocks cut at paragraph breaks. With ``--unit file`` each block is one sample."""
+    def attempt(codec: str) -> Iterator[dict]:
+        with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec) as stream:
+            for block in text_blocks(stream, opts.block_chars, opts.unit):
+                yield from rows.data(samples_from_text(block, opts.unit, opts.fmt == "jsonl"))
+    return (yield from _fallback(encodings, attempt, rows))
 
 
 def read_csv(open_raw: Callable[[], IO[bytes]], opts: Options, rows: Rows) -> Iterator[dict]:
     """One document per row of the chosen column; a decode error restarts the file."""
+    def attempt(codec: str) -> Iterator[dict]:
+        with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec, newline="") as text:
+            reader = csv.reader(text)
+            try:
+                col = _csv_column(next(reader), opts.csv_column)
+                yield from _cells((row[col] for row in reader if col < len(row) and row[col]), opts, rows)
+            except StopIteration:
+                raise SkipFile("empty CSV (no header row)") from None
+            except csv.Error as err:
+                raise SkipFile(f"malformed CSV near line {reader.line_num}: {err}") from None
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    for name in opts.encodings:
-        try:
-            with open_raw() as raw, io.TextIOWrapper(raw, encoding=_codec(name), newline="") as text:
-                reader = csv.reader(text)
-                try:
-                    col = _csv_column(next(reader), opts.csv_column)
-                    yield from _cells((row[col] for row in reader if col < len(row) and row[col]), opts, rows)
-                except StopIteration:
-                    raise SkipFile("empty CSV (no header row)") from None
-                except csv.Error as err:
-                    raise SkipFile(f"malformed CSV near line {reader.line_num}: {err}") from None
-            return name
-        except UnicodeDecodeError:
-            yield rows.end("retry")
-    raise _undecodable(opts.encodings)
+    return (yield from _fallback(opts.encodings, attempt, rows))
 
 
 def _csv_column(header: list[str], wanted: str) -> int:
@@ -290,14 +283,14 @@ def read_zip(path: str, rel: str, opts: Options, rows: Rows, ignored: list[str])
         raise SkipFile(f"corrupt zip archive ({err})") from None
     with archive:
         for info in sorted(archive.infolist(), key=lambda i: i.filename):
-            ext, kind = Path(info.filename).suffix.lower(), KINDS.get(Path(info.filename).suffix.lower())
+            ext = Path(info.filename).suffix.lower()
             if info.is_dir():
                 continue
-            if is_hidden(info.filename) or kind in (None, "zip"):
+            if is_hidden(info.filename) or KINDS.get(ext) in (None, "zip"):
                 ignored.append("(hidden)" if is_hidden(info.filename) else ext or "(none)")
                 continue
             try:
-                enc = yield from _read_member(archive, info, kind, opts, rows)
+                enc = yield from _read_member(archive, info, KINDS[ext], opts, rows)
                 yield rows.end("member", rel=f"{rel}::{info.filename}", enc=enc)
             except Exception as err:
                 yield rows.end("member", rel=f"{rel}::{info.filename}", error=reason(err))
