@@ -142,7 +142,8 @@ def test_encoding_fallbacks_are_reported(tmp_path: Path) -> None:
     assert lines == ["简体中文内容", "café ÿ"]
     assert dict(report.fallback_encodings) == {"gbk.txt": "gb18030", "latin.txt": "latin-1"}
     report, lines = run(raw, tmp_path / "strict.txt", encodings=["utf-8", "gb18030"])
-    assert dict(report.files_skipped) == {"latin.txt": "not valid text in utf-8, gb18030 — re-save it as UTF-8"}
+    assert dict(report.files_skipped) == {"latin.txt": "not valid text in utf-8, gb18030 — re-save it as "
+                                          "UTF-8"}
 
 
 def test_utf16_binary_and_archive_members(tmp_path: Path) -> None:
@@ -226,7 +227,8 @@ def test_block_normalization_matches_line_by_line_rules(unit: str, keep_newlines
     rng = random.Random(f"{unit}{keep_newlines}")
     for _ in range(300):
         text = _random_text(rng, rng.randint(0, 12))
-        assert pp.samples_from_text(text, unit, keep_newlines) == _reference(text, unit, keep_newlines), repr(text)
+        expected = _reference(text, unit, keep_newlines)
+        assert pp.samples_from_text(text, unit, keep_newlines) == expected, repr(text)
 
 
 @pytest.mark.parametrize("unit", ["paragraph", "line"])
@@ -301,7 +303,8 @@ def test_overwrite_refused_then_allowed(corpus: Path, tmp_path: Path, capsys) ->
     code = main(["--raw-dir", str(corpus), "--out-file", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err == f"lora_ns.preprocess: error: --out-file {out}: already exists — pass --overwrite to replace it\n"
+    assert err == (f"lora_ns.preprocess: error: --out-file {out}: already exists — pass --overwrite "
+                   "to replace it\n")
     assert out.read_text() == "original\n"
     assert main(["--raw-dir", str(corpus), "--out-file", str(out), "--quiet", "--overwrite"]) == 0
     assert out.read_text(encoding="utf-8").splitlines() == EXPECTED
@@ -352,9 +355,11 @@ def test_module_runs_as_script_and_imports_nothing_heavy(corpus: Path, tmp_path:
         imported |= {node.module.split(".")[0] for node in tree.body
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & heavy, path
-    loaded = subprocess.run([sys.executable, "-c", "import sys, lora_ns.preprocess as p; p.make_parser(); "
-                             "print(' '.join(sys.modules))"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert not set(loaded.stdout.split()) & heavy, loaded.stderr
+    code = "import sys, lora_ns.preprocess as p; p.make_parser(); print(' '.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert loaded.returncode == 0 and "lora_ns.preprocess.cli" in loaded.stdout.split(), loaded.stderr
+    assert not set(loaded.stdout.split()) & heavy
 
 
 def test_docx_needs_the_extra_with_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_ns.errors import fail, run_cli
-from lora_ns.preprocess.pipeline import (PROG, PreprocessReport, discover, parents_removed_on_error, plan_tasks,
-                                         process, split_by_size)
+from lora_ns.preprocess.pipeline import (PROG, PreprocessReport, discover, parents_removed_on_error,
+                                         plan_tasks, process, split_by_size)
 from lora_ns.preprocess.readers import CHUNK_BYTES, DEFAULT_ENCODINGS, NO_DOCX, UNITS, Options
 
 FORMATS = ("txt", "jsonl")
@@ -36,8 +36,8 @@ def preprocess(raw_dir: str | os.PathLike, out_file: str | os.PathLike, *, num_w
     opts = Options(fmt, unit, min_chars, csv_column, _check_encodings(encodings), chunk_bytes)
     files, ignored, unlisted = discover(raw_dir, exclude=[out_file])
     if not files:
-        raise fail(f"--raw-dir {raw_dir}", "", f"no .txt/.csv/.docx/.zip files found ({sum(ignored.values())} "
-                   "other files ignored)", "put the raw documents in this folder")
+        raise fail(f"--raw-dir {raw_dir}", "", f"no .txt/.csv/.docx/.zip files found "
+                   f"({sum(ignored.values())} other files ignored)", "put the raw documents in this folder")
     files = split_by_size(files, [_size(p) for p in files], shard[1])[shard[0]]  # may be empty: empty output
     docx = next((p for p in files if p.suffix.lower() == ".docx"), None)
     if docx and importlib.util.find_spec("docx") is None:
@@ -68,7 +68,8 @@ def _check_encodings(encodings: Sequence[str]) -> tuple[str, ...]:
         try:
             codecs.lookup(name)
         except LookupError:
-            raise fail(f"--encodings {name}", "", "unknown encoding", "use names like utf-8,gb18030,latin-1") from None
+            raise fail(f"--encodings {name}", "", "unknown encoding",
+                       "use names like utf-8,gb18030,latin-1") from None
     if not encodings:
         raise fail("--encodings", "", "empty", "give at least one encoding, e.g. utf-8")
     return tuple(encodings)
@@ -106,7 +107,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Clean a folder of .txt/.csv/.docx/.zip files into one text corpus "
         "for continued pretraining (one sample per line, or JSON lines).")
-    parser.add_argument("--raw-dir", default="data/raw", help="folder read recursively (default: %(default)s)")
+    parser.add_argument("--raw-dir", default="data/raw",
+                        help="folder read recursively (default: %(default)s)")
     parser.add_argument("--out-file", default="data/processed/all_text.txt",
                         help="output file (default: %(default)s)")
     parser.add_argument("--num-workers", type=_count(1), default=_default_workers(),
@@ -116,7 +118,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unit", choices=UNITS, default="paragraph",
                         help="one sample per blank-line-separated paragraph, per document (a file or a CSV "
                         "row), or per line (default: %(default)s)")
-    parser.add_argument("--csv-column", default="text", help="CSV column holding the text (default: %(default)s)")
+    parser.add_argument("--csv-column", default="text",
+                        help="CSV column holding the text (default: %(default)s)")
     parser.add_argument("--dedup", action="store_true", help="drop exact duplicate samples (keeps the first)")
     parser.add_argument("--min-chars", type=_count(0), default=0,
                         help="drop samples shorter than this many characters (default: %(default)s)")

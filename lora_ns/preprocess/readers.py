@@ -175,7 +175,8 @@ def _codec(name: str) -> str:
     return "utf-8-sig" if codecs.lookup(name).name == "utf-8" else name
 
 
-def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterator[dict]], rows: Rows) -> Iterator[dict]:
+def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterator[dict]],
+              rows: Rows) -> Iterator[dict]:
     """Run `attempt(codec)` with each encoding until one decodes; a failed attempt's rows are
     dropped (a ``retry`` row). Returns the encoding used."""
     for name in encodings:
