@@ -281,6 +281,7 @@ def test_deterministic_across_workers_and_chunks(tmp_path: Path) -> None:
         outputs[name] = out.read_bytes()
         assert report.files_read == 8
     assert len(set(outputs.values())) == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp Arrow files left
     lines = outputs["plain"].decode("utf-8").splitlines()
     assert lines[:2] == ["段落 0 的内容。 paragraph 0 line two", "段落 1 的内容。 paragraph 1 line two x"]
     assert len(lines) == 3000 + 2000 + 12
