@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -211,8 +211,9 @@ class Collector:
     """Writes rows in order and keeps the report. A unit that failed is undone by truncating the
     output back to where it started (the output is a temp file until the end)."""
 
-    def __init__(self, out: IO[bytes], report: PreprocessReport, dedup: bool, tasks: Iterator[Task]):
-        self.out, self.report, self.tasks = out, report, tasks
+    def __init__(self, out: IO[bytes], report: PreprocessReport, dedup: bool, tasks: Iterator[Task],
+                 progress: Callable[[int], object]):
+        self.out, self.report, self.tasks, self.progress = out, report, tasks, progress
         self.seen: set[int] | None = set() if dedup else None
         self.added: list[int] = []  # dedup hashes added since the current task started
         self.failed: set[str] = set()
@@ -271,6 +272,7 @@ class Collector:
                 report.ignored_by_ext[ext] = report.ignored_by_ext.get(ext, 0) + 1
             self.encodings.setdefault(task.rel, set()).add(note["enc"])
         if task is not None:
+            self.progress(task.end - task.start)
             if task.last:
                 self._finish_file(task.rel)
             self.added.clear()
@@ -300,12 +302,16 @@ class Collector:
 def process(tasks: list[Task], opts: Options, out_file: Path, num_workers: int, dedup: bool, quiet: bool,
             report: PreprocessReport, raw_dir: Path, n_files: int) -> None:
     """Run every task and write the output atomically; refuse to finish if no file was readable."""
+    from tqdm import tqdm
+
     from lora_ns.fileio import atomic_output
 
     work_dir = tempfile.mkdtemp(prefix=f".{out_file.name}.work-", dir=out_file.parent)
+    bar = tqdm(total=sum(t.end - t.start for t in tasks), unit="B", unit_scale=True, unit_divisor=1024,
+               desc="preprocess", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     try:
-        with atomic_output(out_file, "wb") as out:
-            collector = Collector(out, report, dedup, iter(tasks))
+        with atomic_output(out_file, "wb") as out, bar:
+            collector = Collector(out, report, dedup, iter(tasks), bar.update)
             for row in run_tasks(tasks, opts, num_workers, work_dir, quiet):
                 if row["note"] is None:
                     collector.write(row["data"])
