@@ -2,12 +2,16 @@
 
     python bench/preprocess.py            # 100 MB vs 1 GB corpus
     python bench/preprocess.py --small    # 10 MB vs 100 MB (quick)
+    python bench/preprocess.py --small --baseline /path/to/other/checkout   # before/after, same run
 
 Not a test. Each corpus is generated into a temp folder (a mix of ~1 MiB .txt files plus a few large
 ones that get split into ranges, English and Chinese paragraphs). Every measurement runs in a fresh
 subprocess, which reports its own peak RSS (the parent, which writes the output) and that of its
 children (the largest worker), so runs do not see each other's peaks. Streaming is working when the
-peaks stay flat while the corpus grows 10x. Prints a table and one JSON line.
+peaks stay flat while the corpus grows 10x. Workers are `datasets`' pool (``from_generator(num_proc=N)``);
+their Arrow files go to a temp folder beside the output, so allow ~3x the corpus in free space.
+With ``--baseline`` each measurement is also taken with that checkout's lora_ns, right after ours.
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ argv = json.loads(sys.argv[1])
 started = time.perf_counter()
 code = main(argv)
 seconds = time.perf_counter() - started
-print(json.dumps({"rc": code, "seconds": seconds,
+print(json.dumps({"rc": code, "seconds": seconds, "module": sys.modules["lora_ns.preprocess"].__file__,
                   "parent_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
@@ -98,28 +102,34 @@ def generate(folder: Path, total: int) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.txt"))
 
 
-def measure(raw: Path, out: Path, workers: int, extra: list[str]) -> dict:
-    """One preprocess run in a fresh interpreter; returns its timing and peak RSS figures."""
+def measure(raw: Path, out: Path, workers: int, extra: list[str], repo: Path = REPO) -> dict:
+    """One preprocess run of `repo`'s lora_ns in a fresh interpreter; its timing and peak RSS figures."""
     argv = ["--raw-dir", str(raw), "--out-file", str(out), "--num-workers", str(workers), "--quiet",
             "--overwrite", "--report-file", str(out) + ".report.json", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(argv)], cwd=REPO, env=env,
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(argv)], cwd=repo, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"bench: preprocess failed:\n{proc.stderr}")
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     report = json.loads(Path(str(out) + ".report.json").read_text())
-    return {"workers": workers, "bytes_in": report["bytes_in"], "samples": report["samples_written"],
-            "seconds": round(stats["seconds"], 2), "mb_per_s": round(report["bytes_in"] / MB / stats["seconds"], 1),
-            "parent_rss_mb": round(stats["parent_kb"] / 1024, 1), "worker_rss_mb": round(stats["workers_kb"] / 1024, 1)}
+    assert Path(stats["module"]).is_relative_to(repo / "lora_ns"), stats["module"]  # the code we meant
+    return {"code": "baseline" if repo != REPO else "this", "workers": workers,
+            "bytes_in": report["bytes_in"], "samples": report["samples_written"],
+            "seconds": round(stats["seconds"], 2),
+            "mb_per_s": round(report["bytes_in"] / MB / stats["seconds"], 1),
+            "parent_rss_mb": round(stats["parent_kb"] / 1024, 1),
+            "worker_rss_mb": round(stats["workers_kb"] / 1024, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="10 MB vs 100 MB instead of 100 MB vs 1 GB")
     parser.add_argument("--workers", default="1,2", help="worker counts to time (default: %(default)s)")
-    parser.add_argument("--dedup", action="store_true", help="also pass --dedup (its hash set grows with the corpus)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="also pass --dedup (its hash set grows with the corpus)")
     parser.add_argument("--tmp-dir", help="where to generate the corpora (default: system temp)")
+    parser.add_argument("--baseline", type=Path, help="another checkout (its root) to measure the same way")
     args = parser.parse_args(argv)
     sizes = [10 * MB, 100 * MB] if args.small else [100 * MB, 1000 * MB]
     workers = [int(w) for w in args.workers.split(",")]
@@ -135,21 +145,22 @@ def main(argv: list[str] | None = None) -> int:
             gen_s = time.perf_counter() - started
             print(f"generated {actual / MB:,.0f} MB in {gen_s:.1f} s", file=sys.stderr)
             for n in workers:
-                rows.append({"target_mb": size // MB, "corpus_mb": round(actual / MB, 1),
-                             **measure(raw, Path(tmp, "out.txt"), n, extra)})
+                for repo in [REPO] + ([args.baseline.resolve()] if args.baseline else []):
+                    rows.append({"target_mb": size // MB, "corpus_mb": round(actual / MB, 1),
+                                 **measure(raw, Path(tmp, "out.txt"), n, extra, repo)})
             shutil.rmtree(raw)
-    print(f"{'corpus MB':>9} {'workers':>7} {'seconds':>8} {'MB/s':>7} {'samples':>10} "
+    print(f"{'code':>8} {'corpus MB':>9} {'workers':>7} {'seconds':>8} {'MB/s':>7} {'samples':>10} "
           f"{'parent RSS MB':>13} {'worker RSS MB':>13}")
     for r in rows:
         workers_rss = r["worker_rss_mb"] if r["workers"] > 1 else "-"  # 1 worker runs in-process
-        print(f"{r['corpus_mb']:>9} {r['workers']:>7} {r['seconds']:>8} {r['mb_per_s']:>7} {r['samples']:>10} "
-              f"{r['parent_rss_mb']:>13} {workers_rss:>13}")
-    peak = {size // MB: max(max(r["parent_rss_mb"], r["worker_rss_mb"]) for r in rows if r["target_mb"] == size // MB)
-            for size in sizes}
+        print(f"{r['code']:>8} {r['corpus_mb']:>9} {r['workers']:>7} {r['seconds']:>8} {r['mb_per_s']:>7} "
+              f"{r['samples']:>10} {r['parent_rss_mb']:>13} {workers_rss:>13}")
+    peak = {size // MB: max(max(r["parent_rss_mb"], r["worker_rss_mb"]) for r in rows
+                            if r["target_mb"] == size // MB and r["code"] == "this") for size in sizes}
     small, large = (peak[size // MB] for size in sizes)
     growth = round(large / small, 2) if small else None
-    print(f"peak RSS (largest process): {small} MB at {sizes[0] // MB} MB -> {large} MB at {sizes[1] // MB} MB "
-          f"(x{growth} for x{sizes[1] // sizes[0]} data)")
+    print(f"peak RSS (largest process, this code): {small} MB at {sizes[0] // MB} MB -> {large} MB at "
+          f"{sizes[1] // MB} MB (x{growth} for x{sizes[1] // sizes[0]} data)")
     print(json.dumps({"bench": "preprocess", "sizes_mb": [size // MB for size in sizes], "results": rows,
                       "peak_rss_mb": peak, "peak_rss_growth": growth, "cpus": os.cpu_count()}))
     return 0

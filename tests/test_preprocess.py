@@ -17,6 +17,7 @@ import docx
 import pytest
 
 from lora_ns import preprocess as pp
+from lora_ns.preprocess import readers
 from lora_ns.preprocess import main, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +142,8 @@ def test_encoding_fallbacks_are_reported(tmp_path: Path) -> None:
     assert lines == ["简体中文内容", "café ÿ"]
     assert dict(report.fallback_encodings) == {"gbk.txt": "gb18030", "latin.txt": "latin-1"}
     report, lines = run(raw, tmp_path / "strict.txt", encodings=["utf-8", "gb18030"])
-    assert dict(report.files_skipped) == {"latin.txt": "not valid text in utf-8, gb18030 — re-save it as UTF-8"}
+    assert dict(report.files_skipped) == {"latin.txt": "not valid text in utf-8, gb18030 — re-save it as "
+                                          "UTF-8"}
 
 
 def test_utf16_binary_and_archive_members(tmp_path: Path) -> None:
@@ -155,7 +157,7 @@ def test_utf16_binary_and_archive_members(tmp_path: Path) -> None:
     report, lines = run(raw, tmp_path / "all.txt")
     assert lines == ["UTF-16 文本", "second", "压缩包里的中文"]
     assert dict(report.fallback_encodings) == {"a_utf16.txt": "utf-16", "c.zip::gbk.txt": "gb18030"}
-    assert dict(report.files_skipped) == {"b_binary.txt": pp._BINARY}
+    assert dict(report.files_skipped) == {"b_binary.txt": pp.BINARY}
     assert report.ignored_by_ext == {"(hidden)": 1, ".zip": 1}
 
 
@@ -225,7 +227,8 @@ def test_block_normalization_matches_line_by_line_rules(unit: str, keep_newlines
     rng = random.Random(f"{unit}{keep_newlines}")
     for _ in range(300):
         text = _random_text(rng, rng.randint(0, 12))
-        assert pp.samples_from_text(text, unit, keep_newlines) == _reference(text, unit, keep_newlines), repr(text)
+        expected = _reference(text, unit, keep_newlines)
+        assert pp.samples_from_text(text, unit, keep_newlines) == expected, repr(text)
 
 
 @pytest.mark.parametrize("unit", ["paragraph", "line"])
@@ -233,7 +236,7 @@ def test_streamed_blocks_never_split_a_paragraph(unit: str) -> None:
     rng = random.Random(unit)
     text = "\n\n".join(" ".join(rng.choice(["中文", "abc", "。"]) for _ in range(rng.randint(1, 5)))
                        for _ in range(400))
-    blocks = list(pp._text_blocks(io.StringIO(text), 200, unit))
+    blocks = list(pp.text_blocks(io.StringIO(text), 200, unit))
     assert len(blocks) > 10 and "".join(blocks) == text
     streamed = [s for block in blocks for s in pp.samples_from_text(block, unit, False)]
     assert streamed == pp.samples_from_text(text, unit, False)
@@ -262,7 +265,7 @@ def test_jsonl_output_keeps_cjk_and_line_breaks(corpus: Path, tmp_path: Path) ->
     assert rows[2]["text"] == "第一段中文，\n没有空格。"
 
 
-def test_deterministic_across_workers_chunks_and_spills(tmp_path: Path) -> None:
+def test_deterministic_across_workers_and_chunks(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     paragraphs = [f"段落 {i} 的内容。\nparagraph {i} line two {'x' * (i % 37)}" for i in range(3000)]
     write(raw / "big.txt", "\n\n".join(paragraphs) + "\n")  # ~150 KB: many 4 KiB ranges below
@@ -270,14 +273,15 @@ def test_deterministic_across_workers_chunks_and_spills(tmp_path: Path) -> None:
         write(raw / f"small_{i}.txt", f"small file {i}\n\nsecond {i}\n")
     make_csv(raw / "rows.csv", ["text"], [[f"csv row {i}"] for i in range(2000)])
     outputs = {}
-    for name, kwargs in {"plain": {}, "w1_chunked": dict(chunk_bytes=4096, spill_bytes=1024),
-                         "w2_chunked": dict(num_workers=2, chunk_bytes=4096, spill_bytes=1024),
+    for name, kwargs in {"plain": {}, "w1_chunked": dict(chunk_bytes=4096),
+                         "w2_chunked": dict(num_workers=2, chunk_bytes=4096),
                          "w2": dict(num_workers=2)}.items():
         out = tmp_path / f"{name}.txt"
         report = preprocess(raw, out, dedup=True, **kwargs)
         outputs[name] = out.read_bytes()
         assert report.files_read == 8
     assert len(set(outputs.values())) == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp Arrow files left
     lines = outputs["plain"].decode("utf-8").splitlines()
     assert lines[:2] == ["段落 0 的内容。 paragraph 0 line two", "段落 1 的内容。 paragraph 1 line two x"]
     assert len(lines) == 3000 + 2000 + 12
@@ -300,7 +304,8 @@ def test_overwrite_refused_then_allowed(corpus: Path, tmp_path: Path, capsys) ->
     code = main(["--raw-dir", str(corpus), "--out-file", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err == f"lora_ns.preprocess: error: --out-file {out}: already exists — pass --overwrite to replace it\n"
+    assert err == (f"lora_ns.preprocess: error: --out-file {out}: already exists — pass --overwrite "
+                   "to replace it\n")
     assert out.read_text() == "original\n"
     assert main(["--raw-dir", str(corpus), "--out-file", str(out), "--quiet", "--overwrite"]) == 0
     assert out.read_text(encoding="utf-8").splitlines() == EXPECTED
@@ -343,9 +348,70 @@ def test_module_runs_as_script_and_imports_nothing_heavy(corpus: Path, tmp_path:
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text(encoding="utf-8").splitlines() == EXPECTED
-    tree = ast.parse(Path(pp.__file__).read_text(encoding="utf-8"))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"torch", "transformers", "datasets", "numpy", "peft"}
+    heavy = {"torch", "transformers", "datasets", "numpy", "peft", "pyarrow"}
+    for path in Path(pp.__file__).parent.glob("*.py"):  # module level: --help and checks stay fast
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in tree.body
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & heavy, path
+    code = "import sys, lora_ns.preprocess as p; p.make_parser(); print(' '.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert loaded.returncode == 0 and "lora_ns.preprocess.cli" in loaded.stdout.split(), loaded.stderr
+    assert not set(loaded.stdout.split()) & heavy
+
+
+def test_docx_needs_the_extra_with_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    raw = tmp_path / "raw"
+    docx_bytes = make_docx(tmp_path / "m.docx", ["member text"]).read_bytes()
+    write(raw / "a.docx", docx_bytes)
+    monkeypatch.setitem(sys.modules, "docx", None)  # `import docx` now fails as if it were not installed
+    out = tmp_path / "out" / "all.txt"
+    assert main(["--raw-dir", str(raw), "--out-file", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"lora_ns.preprocess: error: {raw / 'a.docx'}: reading .docx needs "
+                                       "python-docx — pip install lora_ns[preprocess]\n")
+    assert not out.parent.exists()
+    (raw / "a.docx").unlink()
+    with zipfile.ZipFile(write(raw / "z.zip", b""), "w") as zf:  # inside an archive: that member is skipped
+        zf.writestr("m.docx", docx_bytes)
+        zf.writestr("ok.txt", "kept\n")
+    report, lines = run(raw, out)
+    assert lines == ["kept"]
+    assert dict(report.files_skipped) == {"z.zip::m.docx": "reading .docx needs python-docx — pip install "
+                                          "lora_ns[preprocess]"}
+
+
+def test_shards_concatenate_to_the_whole_run(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "raw"
+    for i in range(7):  # different sizes, so the byte-balanced cut is not just a count
+        write(raw / f"f{i}.txt", "".join(f"file {i} paragraph {j}\n\n" for j in range(10 * (i + 1))))
+    _, whole = run(raw, tmp_path / "all.txt")
+    parts, read = [], 0
+    for i in range(3):
+        report, lines = run(raw, tmp_path / f"shard{i}.txt", shard=(i, 3), num_workers=2)
+        assert 0 < len(lines) < len(whole)
+        parts, read = parts + lines, read + report.files_read
+    assert parts == whole and read == 7
+    assert main(["--raw-dir", str(raw), "--out-file", str(tmp_path / "x.txt"), "--shard", "3/3"]) == 2
+    assert "expected I/N with 0 <= I < N, got '3/3'" in capsys.readouterr().err
+
+
+def test_rows_of_a_unit_that_fails_later_are_taken_back(tmp_path: Path, monkeypatch) -> None:
+    """A CSV that breaks after 1 MB of rows was written, and an archive member whose UTF-8 (then
+    GB18030) attempt fails after several 4 KiB blocks: their rows, dedup hashes and short counts go."""
+    raw = tmp_path / "raw"
+    first = "csv row 0 " + "x" * 100
+    make_csv(raw / "a.csv", ["text"], [[f"csv row {i} " + "x" * 100] for i in range(12000)] + [["y" * 5000]])
+    write(raw / "b.txt", first + "\n")  # also in the failed CSV: dedup must have forgotten it
+    member = "ab\n\n" + "".join(f"member para {i}\n\n" for i in range(2000))
+    with zipfile.ZipFile(write(raw / "c.zip", b""), "w") as zf:
+        zf.writestr("m.txt", member.encode() + b"caf\xe9\n")
+    monkeypatch.setattr(readers, "CSV_FIELD_LIMIT", 1000)  # the last CSV row is now malformed
+    report, lines = run(raw, tmp_path / "all.txt", dedup=True, chunk_bytes=4096, min_chars=3)
+    assert lines == [first] + [f"member para {i}" for i in range(2000)] + ["café"]
+    assert list(dict(report.files_skipped)) == ["a.csv"]
+    assert "malformed CSV near line 12002" in report.files_skipped[0][1]
+    assert dict(report.fallback_encodings) == {"c.zip::m.txt": "latin-1"}
+    assert (report.samples_written, report.duplicates_dropped, report.short_dropped) == (2002, 0, 1)

@@ -1,0 +1,3 @@
+from lora_ns.preprocess.cli import main
+
+raise SystemExit(main())
