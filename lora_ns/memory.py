@@ -178,15 +178,16 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
         weights = weights / num_processes + shape.largest_layer * c
         trainable = trainable / num_processes
     tokens = batch * seq
+    classes = shape.vocab if task != "seq_cls" else num_labels
+    vocab_bytes = classes * 12 if task != "seq_cls" else 0
     per_layer = _layer_bytes(shape, c, 0 if full else lora_r, lora_dropout and not full)
     if full:
         per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
-    if checkpointing:
-        acts = tokens * (shape.layers * shape.hidden * c + per_layer)
+    if checkpointing:  # each layer's input; the recomputed layer lives after the loss buffers are freed
+        acts = tokens * shape.layers * shape.hidden * c + max(0, tokens * per_layer - tokens * vocab_bytes)
     else:
         acts = tokens * shape.layers * per_layer
     acts += tokens * shape.hidden * 4  # final norm
-    classes = shape.vocab if task != "seq_cls" else num_labels
     logits = (tokens if task != "seq_cls" else batch) * classes * 12
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
                           gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(logits),
