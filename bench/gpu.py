@@ -50,7 +50,7 @@ TINY = {"vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 2, "num_atte
         "num_key_value_heads": 2, "intermediate_size": 128}
 # (name, shape, variants, steps, batch, max_length, quantized, seconds needed to start it)
 SECTIONS = [("0.5b-lora", "qwen2.5-0.5b", ["trl", "lora_ns"], 30, 8, 1024, False, 60),
-            ("1.5b-lora", "qwen2.5-1.5b", ["trl", "lora_ns"], 30, 8, 1024, False, 90),
+            ("1.5b-lora", "qwen2.5-1.5b", ["trl", "lora_ns"], 25, 8, 1024, False, 90),
             ("7b-qlora", "qwen2.5-7b", ["lora_ns"], 20, 1, 1024, True, 200)]
 
 

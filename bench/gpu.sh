@@ -12,7 +12,7 @@ PY="${PYTHON:-python}"
 TOTAL_S="${GPU_BENCH_TOTAL_S:-450}"   # the whole script, install included: one call is at most 8 minutes
 if [[ " $* " != *" --device cpu "* ]]; then
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl
   else
     echo "no .whl/*.whl to install; using what is installed" >&2
   fi
