@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 import throughput as tp  # noqa: E402  (bench/throughput.py: data, recipe, probe driver, figures)
 
-QWEN = {"vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6, "max_position_embeddings": 32768,
-        "hidden_act": "silu", "rms_norm_eps": 1e-6}
+QWEN = {"vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
+        "max_position_embeddings": 32768, "hidden_act": "silu", "rms_norm_eps": 1e-6}
 SHAPES = {
     "qwen2.5-0.5b": {**QWEN, "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
                      "num_key_value_heads": 2, "intermediate_size": 4864},
@@ -67,7 +67,8 @@ def build_model(shape: dict[str, Any], folder: Path, device: str, tiny: bool) ->
                          bos_token_id=None)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder, max_shard_size="20GB")
     tokenizer.save_pretrained(folder)
     del model
@@ -89,7 +90,8 @@ def run(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path, de
     if name.endswith("-trl"):
         kind, payload = "trl", json.dumps({**cfg, "output_dir": str(run_dir / "out")})
     else:
-        kind, payload = "lora_ns", json.dumps([str(recipe), f"training.output_dir={run_dir / 'out'}", *overrides])
+        kind = "lora_ns"
+        payload = json.dumps([str(recipe), f"training.output_dir={run_dir / 'out'}", *overrides])
     started = time.time()
     try:
         with open(run_dir / "log.txt", "w") as log:
@@ -131,15 +133,17 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     rows = max(64, 2 * steps * batch)
-    lengths = tp.write_data(work / f"{label}.jsonl", AutoTokenizer.from_pretrained(folder), rows, 16, max_length)
-    ns = argparse.Namespace(device=args.device, steps=steps, batch_size=batch, grad_accum=1, max_length=max_length)
+    data = work / f"{label}.jsonl"
+    lengths = tp.write_data(data, AutoTokenizer.from_pretrained(folder), rows, 16, max_length)
+    ns = argparse.Namespace(device=args.device, steps=steps, batch_size=batch, grad_accum=1,
+                            max_length=max_length)
     recipe = work / f"{label}.yaml"
     tp.write_recipe(recipe, str(folder), work / f"{label}.jsonl", ns)
     base = ["quantization.load_in_4bit=true"] if quantized else []
     runs = [(v, base) for v in variants]
     if args.device == "cuda" and importlib.util.find_spec("flash_attn") and not quantized:
-        runs.append(("lora_ns", [*base, "model.attn_implementation=flash_attention_2"]))  # packing on by default
-    cfg = {"model_path": str(folder), "data": str(work / f"{label}.jsonl"), "device": args.device, "steps": steps,
+        runs.append(("lora_ns", [*base, "model.attn_implementation=flash_attention_2"]))  # packs by default
+    cfg = {"model_path": str(folder), "data": str(data), "device": args.device, "steps": steps,
            "batch": batch, "grad_accum": 1, "max_length": max_length}
     config = AutoConfig.from_pretrained(folder)
     from lora_ns.memory import shape_from_config
@@ -148,7 +152,8 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
     n_params = shape.quantizable + shape.other  # every base parameter (4-bit ones too) for 6N
     peak = args.peak_tflops or tp.auto_peak_tflops(args.device)
     out = {"shape": shape_name, "config": {k: getattr(config, k, None) for k in SHAPES[shape_name]},
-           "params": n_params, "build_s": round(built_s, 1), "steps": steps, "batch": batch, "max_length": max_length,
+           "params": n_params, "build_s": round(built_s, 1), "steps": steps, "batch": batch,
+           "max_length": max_length,
            "rows_tokens": [min(lengths), max(lengths)], "quantized": quantized, "runs": {}}
     for index, (name, overrides) in enumerate(runs):
         key = name + ("+fa2" if any("flash" in o for o in overrides) else "")
@@ -176,8 +181,8 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    cols = ["section", "variant", "tok/s", "x trl", "MFU", "max alloc GiB", "estimate GiB", "est/meas", "grad ckpt",
-            "packing", "startup s"]
+    cols = ["section", "variant", "tok/s", "x trl", "MFU", "max alloc GiB", "estimate GiB", "est/meas",
+            "grad ckpt", "packing", "startup s"]
     print(" | ".join(f"{c:>13}" for c in cols))
     for label, sec in results["sections"].items():
         trl = (sec.get("runs", {}).get("trl") or {}).get("tokens_per_s")
@@ -191,7 +196,8 @@ def print_table(results: dict[str, Any]) -> None:
             cells = [label, key, f"{tps:.0f}", f"{tps / trl:.2f}" if trl else "-",
                      f"{r['mfu']:.1%}" if r.get("mfu") else "-", f"{meas:.2f}" if meas else "-",
                      f"{est:.2f}" if est else "-", f"{est / meas:.2f}" if meas and est else "-",
-                     str(args.get("gradient_checkpointing")), str(args.get("packing")), f"{r.get('startup_s', 0):.1f}"]
+                     str(args.get("gradient_checkpointing")), str(args.get("packing")),
+                     f"{r.get('startup_s', 0):.1f}"]
             print(" | ".join(f"{c:>13}" for c in cells))
 
 
@@ -199,9 +205,14 @@ def device_info(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}
     for pkg in ("trl", "peft", "accelerate", "bitsandbytes", "datasets", "flash_attn"):
-        info[pkg] = getattr(__import__(pkg), "__version__", "?") if importlib.util.find_spec(pkg) else None
+        try:
+            found = importlib.util.find_spec(pkg)
+            info[pkg] = getattr(__import__(pkg), "__version__", "?") if found else None
+        except Exception as err:  # a broken optional package fails its own runs, not the bench
+            info[pkg] = f"import failed: {err!r}"[:200]
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
@@ -248,8 +259,8 @@ def bench(args) -> int:
 # Members left out of the carried wheels (64 MiB per call): bitsandbytes' libraries for CUDA < 13 and
 # ROCm/XPU (torch there is CUDA 13), pyarrow's Flight/S3 (optional imports) and test suites, headers.
 SLIM = {"bitsandbytes": ("libbitsandbytes_cuda1", "libbitsandbytes_rocm", "libbitsandbytes_xpu"),
-        "pyarrow": ("libarrow_flight", "libarrow_python_flight", "_flight.", "libarrow_s3", "_s3fs.", "/tests/",
-                    "/include/", "_pyarrow_cpp_tests"),
+        "pyarrow": ("libarrow_flight", "libarrow_python_flight", "_flight.", "libarrow_s3", "_s3fs.",
+                    "/tests/", "/include/", "_pyarrow_cpp_tests"),
         "pandas": ("/tests/",)}
 KEEP = ("libbitsandbytes_cuda130", "libbitsandbytes_cuda132")
 
@@ -280,7 +291,7 @@ def slim_wheel(path: Path) -> None:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python bench/gpu.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes and 4 steps (a dry run of the code path)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, 4 steps: a dry run")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting sections/runs after this")
     parser.add_argument("--sections", help=f"comma list of: {', '.join(s[0] for s in SECTIONS)}")
     parser.add_argument("--peak-tflops", type=float, help="default: by GPU name (H100/H200: 989)")

@@ -10,6 +10,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-python}"
 TOTAL_S="${GPU_BENCH_TOTAL_S:-450}"   # the whole script, install included: one call is at most 8 minutes
+[[ " $* " == *" --tiny "* ]] && TOTAL_S="${GPU_BENCH_TOTAL_S:-1800}"  # the dry run only checks the path
 if [[ " $* " != *" --device cpu "* ]]; then
   if compgen -G ".whl/*.whl" > /dev/null; then
     PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl
@@ -17,7 +18,8 @@ if [[ " $* " != *" --device cpu "* ]]; then
     echo "no .whl/*.whl to install; using what is installed" >&2
   fi
 fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
 export LORA_NS_CACHE="${LORA_NS_CACHE:-${TMPDIR:-/tmp}/lora_ns_cache}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"

@@ -40,7 +40,8 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-cfg, batch, seq, checkpointing = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+cfg, batch, seq = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+checkpointing = sys.argv[4] == "1"
 torch.manual_seed(0)
 config = Qwen2Config(**cfg)
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -69,7 +70,8 @@ print(json.dumps({"step_peak": status("VmHWM") - before}))
 
 
 def measured_step_peak(checkpointing: bool) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run([sys.executable, "-c", _STEP, json.dumps(CONFIG), str(BATCH), str(SEQ),
                           "1" if checkpointing else "0"], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["step_peak"]
@@ -87,7 +89,7 @@ def tiny_estimate(**settings):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_step_peak_matches_measurement(checkpointing):
     est = tiny_estimate(checkpointing=checkpointing)
-    predicted = est.activations + est.logits + est.gradients  # what one step adds to weights + optimizer state
+    predicted = est.activations + est.logits + est.gradients  # a step adds these to weights + optimizer
     measured = measured_step_peak(checkpointing)
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured, est.lines())
 
@@ -111,7 +113,7 @@ def test_weights_and_lora_state_are_exact_counts():
 def test_four_bit_weights_are_an_eighth_of_fp32_plus_unquantized_parts():
     est, full = tiny_estimate(quant="nf4-dq"), tiny_estimate()
     shape = est.settings["shape"]
-    # 0.5 byte/param + uint8 absmax per 64 + fp32 per 256 blocks; embeddings/lm_head upcast to fp32 by k-bit prep
+    # 0.5 byte/param + uint8 absmax per 64 + fp32 per 256 blocks; k-bit prep upcasts the rest to fp32
     expected = shape.quantizable * (0.5 + 1 / 64 + 4 / (64 * 256)) + shape.other * 4
     assert est.weights == int(expected)
     assert est.weights < full.weights
@@ -133,7 +135,8 @@ def test_verdict_names_the_cheapest_fix():
     tight = (est.total + CUDA_CONTEXT) / 0.9 - 1  # just too small once the CUDA context is counted
     assert "gradient_checkpointing: true" in est.verdict(int(tight))
     with_gc = tiny_estimate(checkpointing=True)
-    assert "per_device_train_batch_size: 4" in with_gc.verdict(int((with_gc.total + CUDA_CONTEXT) / 0.9 * 0.97))
+    card = int((with_gc.total + CUDA_CONTEXT) / 0.9 * 0.97)
+    assert "per_device_train_batch_size: 4" in with_gc.verdict(card)
     assert "no single fix" in est.verdict(2**20)
 
 
