@@ -61,8 +61,8 @@ class MemoryEstimate:
     def lines(self) -> list[str]:
         s = self.settings
         head = (f"per-GPU memory estimate ({s['strategy'] or 'ddp'} over {s['num_processes']}; batch "
-                f"{s.get('batch')} x {s.get('seq')} tokens, {s.get('weights_dtype')} weights, gradient "
-                f"checkpointing {'on' if s.get('checkpointing') else 'off'})")
+                f"{s['batch']} x {s['seq']} tokens, {s['quant'] or s['weights_dtype']} weights, "
+                f"gradient checkpointing {'on' if s['checkpointing'] else 'off'})")
         rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
                 ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
                 ("activations", self.activations), ("logits + loss", self.logits), ("total", self.total)]
