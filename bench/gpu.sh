@@ -8,12 +8,13 @@ set -euo pipefail
 START=$SECONDS
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 TOTAL_S="${GPU_BENCH_TOTAL_S:-450}"   # the whole script, install included: one call is at most 8 minutes
 [[ " $* " == *" --tiny "* ]] && TOTAL_S="${GPU_BENCH_TOTAL_S:-1800}"  # the dry run only checks the path
 if [[ " $* " != *" --device cpu "* ]]; then
   if compgen -G ".whl/*.whl" > /dev/null; then
-    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl \
+      || echo "wheel install failed: the runs that need them will report it" >&2
   else
     echo "no .whl/*.whl to install; using what is installed" >&2
   fi
