@@ -1,0 +1,200 @@
+"""Per-GPU memory estimate for a recipe, before launch. What HF Trainer + peft 0.21 actually keep:
+
+- weights: the frozen base in the load dtype. bitsandbytes 4-bit packs each decoder nn.Linear into 0.5
+  byte/param + absmax (fp32 per 64-block; double quant: uint8 per block + fp32 per 256 blocks), 8-bit into
+  1 byte/param + an fp32 scale per row. lm_head, embeddings and norms stay unquantized, and
+  `prepare_model_for_kbit_training` (skipped under ZeRO-3/FSDP) upcasts them to fp32.
+- LoRA adapters are fp32 (peft's autocast_adapter_dtype): fp32 grads, two fp32 AdamW moments, 16 bytes
+  per param. Full fine-tuning keeps params, grads and moments in the load dtype (no fp32 master copy).
+- activations: what autograd saves per layer per token (`_layer_bytes`); with checkpointing, each
+  layer's input plus the one layer being recomputed.
+- logits: the loss upcasts batch x seq x vocab to fp32; log_softmax's backward holds its fp32 output and
+  the fp32 gradient in and out: 12 bytes per logit at the peak.
+ZeRO-2 shards grads and optimizer state over the processes, ZeRO-3/FSDP2 the weights too. `total`
+compares with torch.cuda.max_memory_allocated; `verdict` adds the CUDA context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 2**30
+CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
+STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from a transformers config (decoder-only LM, or an encoder for seq_cls)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    quantizable: int  # params in the decoder's nn.Linear layers (what bitsandbytes converts)
+    linear_out_rows: int  # sum of out_features of those layers (8-bit row scales)
+    linear_io: int  # sum of in_features + out_features of those layers (LoRA all-linear: r x this)
+    other: int  # embeddings, lm_head (if untied), norms, biases
+    largest_layer: int  # params of the largest module (ZeRO-3 gathers one at a time)
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    trainable_params: int
+    trainable: int  # the trainable params' own bytes, when not already in `weights`
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        state = self.weights + self.trainable + self.gradients + self.optimizer
+        return state + self.activations + self.logits
+
+    def lines(self) -> list[str]:
+        s = self.settings
+        head = (f"per-GPU memory estimate ({s['strategy'] or 'ddp'} over {s['num_processes']}; batch "
+                f"{s['batch']} x {s['seq']} tokens, {s['quant'] or s['weights_dtype']} weights, "
+                f"gradient checkpointing {'on' if s['checkpointing'] else 'off'})")
+        rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
+                ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
+                ("activations", self.activations), ("logits + loss", self.logits), ("total", self.total)]
+        return [head] + [f"  {name:<32} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
+
+    def verdict(self, gpu_bytes: int) -> str | None:
+        """None if it fits under 90% of the card, else a warning naming the cheapest fix that fits."""
+        limit = 0.9 * gpu_bytes
+        if self.total + CUDA_CONTEXT <= limit:
+            return None
+        need = f"needs ~{(self.total + CUDA_CONTEXT) / GiB:.1f} GiB of {gpu_bytes / GiB:.1f} GiB (over 90%)"
+        for fix, estimate in self._fixes():
+            if estimate.total + CUDA_CONTEXT <= limit:
+                return f"{need}; cheapest fix: {fix} (~{(estimate.total + CUDA_CONTEXT) / GiB:.1f} GiB)"
+        return f"{need}; no single fix fits (try several: gradient checkpointing, batch 1, 4-bit, ZeRO-3)"
+
+    def _fixes(self):
+        """In this order: checkpointing, smaller batch, 4-bit, ZeRO-3; `verdict` names the first that fits."""
+        s, half = self.settings, max(self.settings["batch"] // 2, 1)
+        options = [(not s["checkpointing"], "training.gradient_checkpointing: true", {"checkpointing": True}),
+                   (s["batch"] > 1, f"per_device_train_batch_size: {half}, gradient_accumulation_steps x2",
+                    {"batch": half}),
+                   (s["quant"] is None, "quantization.load_in_4bit: true (QLoRA)", {"quant": "nf4-dq"}),
+                   (s["num_processes"] > 1 and s["strategy"] not in ("zero3", "fsdp2"),
+                    "ZeRO-3 (an accelerate config with deepspeed stage 3)", {"strategy": "zero3"})]
+        return [(fix, estimate(**{**s, **change})) for wanted, fix, change in options if wanted]
+
+
+def shape_from_config(config) -> Shape:
+    """Counts from the real module tree, built on the meta device (accelerate's init_empty_weights)."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import calculate_maximum_sizes
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with init_empty_weights():
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # an encoder (seq_cls)
+            model = AutoModelForSequenceClassification.from_config(config)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    quantizable, rows = sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
+    io = sum(m.in_features + m.out_features for m in linears)
+    total, (_, (largest, _)) = sum(p.numel() for p in model.parameters()), calculate_maximum_sizes(model)
+    largest //= next(model.parameters()).element_size()  # bytes in the meta model's dtype -> params
+    heads = text.num_attention_heads
+    return Shape(text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads,
+                 getattr(text, "num_key_value_heads", None) or heads, text.vocab_size, quantizable, rows, io,
+                 total - quantizable, largest)
+
+
+def _layer_bytes(shape: Shape, c: int, lora_r: int, dropout: bool) -> float:
+    """Bytes autograd saves per token in one Llama/Qwen2 decoder layer (frozen base, LoRA all-linear).
+
+    Frozen linears save only their weight. What stays: each RMSNorm's fp32 input; q, k, v after rope, the
+    attention output and fp32 logsumexp (sdpa); silu's input and both operands of gate*up; per LoRA module
+    its input (a dropout copy + bool mask when lora_dropout > 0, else shared) and its r-wide A output."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.hidden // shape.heads * shape.kv_heads
+    norms, attention, mlp = 2 * h * 4, (2 * h + 2 * kv) * c + shape.heads * 4, 3 * i * c
+    lora_inputs = (6 * h + i) * (c + 1) if dropout else 0  # q,k,v,o,gate,up see h, down sees i
+    return norms + attention + mlp + lora_inputs + 7 * lora_r * c
+
+
+def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16", quant: str | None = None,
+             method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
+             checkpointing: bool = False, strategy: str | None = None, num_processes: int = 1,
+             task: str = "causal_lm", num_labels: int = 2) -> MemoryEstimate:
+    """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    settings, c, q = dict(locals()), _BYTES[weights_dtype], shape.quantizable
+    kbit_prep = quant is not None and strategy not in ("zero3", "fsdp2")
+    packed = {None: q * c, "nf4": q / 2 + q / 64 * 4, "nf4-dq": q / 2 + q / 64 + q / 64 / 256 * 4,
+              "int8": q + shape.linear_out_rows * 4}[quant]
+    weights = packed + shape.other * (4 if kbit_prep else c)
+    full = method == "full"  # then grads and both AdamW moments are in the load dtype
+    # LoRA: A (r x in) + B (out x r) on every linear, fp32
+    params, per_param = (q + shape.other, c) if full else (lora_r * shape.linear_io, 4)
+    trainable = 0 if full else params * 4
+    states = 0 if "sgd" in optim or "adafactor" in optim else (2 if "8bit" in optim else 2 * per_param)
+    states //= 2 if "lion" in optim else 1  # one moment
+    shard = max(num_processes, 1) if strategy in ("zero2", "zero3", "fsdp2") else 1
+    grads, opt = params * per_param / shard, params * states / shard
+    if strategy in ("zero3", "fsdp2"):  # plus the one layer gathered at a time
+        weights, trainable = weights / num_processes + shape.largest_layer * c, trainable / num_processes
+    tokens = batch * seq
+    classes = shape.vocab if task != "seq_cls" else num_labels
+    vocab_bytes = classes * 12 if task != "seq_cls" else 0
+    per_layer = _layer_bytes(shape, c, 0 if full else lora_r, lora_dropout and not full)
+    if full:
+        per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
+    # checkpointing: each layer's input; the recomputed layer lives after the loss buffers are freed
+    saved = shape.hidden * c if checkpointing else per_layer
+    recompute = max(0, per_layer - vocab_bytes) if checkpointing else 0
+    acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
+    logits = (tokens if task != "seq_cls" else batch) * classes * 12
+    return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
+                          gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(logits),
+                          settings=settings)
+
+
+def estimate_for_config(config, **settings) -> MemoryEstimate:
+    """`estimate` from a transformers config object (the bench uses this)."""
+    return estimate(shape=shape_from_config(config), **settings)
+
+
+def estimate_for_recipe(recipe, num_processes: int = 1, strategy: str | None = None) -> MemoryEstimate:
+    """The estimate for a lora_ns Recipe, with lora_ns's own defaults (checkpointing, dtype "auto" = bf16)."""
+    from transformers import AutoConfig
+
+    from lora_ns.builtin_models import resolve_model_path
+    from lora_ns.errors import UserError
+    from lora_ns.model import gradient_checkpointing  # lora_ns's default: on for quantized models
+
+    m, t, qz = recipe.model, recipe.training, recipe.quantization
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
+                                            trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(recipe.problem("model.name_or_path", f"cannot read the model config: {err}",
+                                       "point it at a local folder or a reachable hub id"))
+    quant = ("nf4-dq" if qz.bnb_4bit_use_double_quant else "nf4") if qz.load_in_4bit else None
+    quant = "int8" if qz.load_in_8bit else quant
+    options, method = recipe.peft.options, recipe.peft.method
+    return estimate_for_config(
+        config, batch=int(t.get("per_device_train_batch_size", 8)), seq=int(t.get("max_length") or 1024),
+        weights_dtype="bf16" if m.dtype == "auto" else m.dtype, quant=quant,
+        method="full" if method == "full" else "lora", lora_r=int(options.get("r", 8)),
+        lora_dropout=float(options.get("lora_dropout", 0.0)) > 0, optim=str(t.get("optim", "adamw_torch")),
+        checkpointing=gradient_checkpointing(recipe), strategy=strategy, num_processes=num_processes,
+        task=recipe.task, num_labels=m.num_labels or 2)
+
+
