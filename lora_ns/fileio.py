@@ -37,3 +37,24 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator[Any]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_output(path) as fh:
         fh.write(text)
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why files cannot be created at `path` (a folder or a file to be), or None; creates nothing that stays.
+
+    Checked before anything slow runs, so a read-only disk, a missing permission or a parent that is a
+    file is one line at the start instead of a traceback after the work is done."""
+    target = Path(path).absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != target and not existing.is_dir():
+        return f"{existing} is a file, so {target} cannot be created under it"
+    folder = existing if existing.is_dir() else existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lora_ns_probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot write in {folder} ({err.strerror or err})"
+    return None
