@@ -100,7 +100,9 @@ def check_messages(value: Any, name: str) -> list[dict[str, str]]:
         if role not in ROLES:
             raise RowError(name, f"message {i} has unknown role {role!r}", f"use one of: {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise RowError(name, f"message {i} content must be text, got {type(content).__name__}")
+            got = "null" if content is None else type(content).__name__
+            raise RowError(name, f"message {i} ({role}) content must be text, got {got}",
+                           'write the text as "content": "...", or drop the message or the row')
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(name, "no assistant message, so nothing to train on", "drop the row or add the reply")

@@ -217,8 +217,10 @@ def _read_jsonl(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise data_error(file, f"not valid JSON: {err.msg} (column {err.colno})",
-                                 "fix or remove that line (one JSON object per line)", number)
+                fix = "fix or remove that line (one JSON object per line)"
+                if number == 1 and not line.startswith(("{", "[")):  # not JSON at all: the wrong format
+                    fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text"
+                raise data_error(file, f"not valid JSON: {err.msg} (column {err.colno})", fix, number)
             if not isinstance(row, dict):
                 raise data_error(file, f"expected a JSON object, got {type(row).__name__}",
                                  "write one {\"column\": value, ...} object per line", number)
@@ -244,7 +246,8 @@ def _read_delimited(file: str, tsv: bool) -> Iterator[tuple[int | None, dict[str
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with _open(file) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(text)
+        # strict: a quote that never closes is an error (else the rest of the file becomes one field)
+        reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(text, strict=True)
         try:
             header = next(reader, None)
             if not header or not any(h.strip() for h in header):
@@ -266,7 +269,11 @@ def _read_delimited(file: str, tsv: bool) -> Iterator[tuple[int | None, dict[str
         except UnicodeDecodeError:
             raise data_error(file, "not UTF-8 text", "re-save the file as UTF-8", reader.line_num + 1)
         except csv.Error as err:
-            raise data_error(file, f"malformed {'TSV' if tsv else 'CSV'}: {err}", "fix that row", reader.line_num)
+            if "unexpected end of data" in str(err):
+                raise data_error(file, "a quoted field opens on this line and never closes (unterminated \")",
+                                 'close the quote; write a quote inside a field as ""', start)
+            raise data_error(file, f"malformed {'TSV' if tsv else 'CSV'}: {err}", 'fix that row (a quote inside a '
+                             'field is written "")', reader.line_num)
 
 
 def _read_text(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
