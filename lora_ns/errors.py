@@ -7,6 +7,7 @@ print its problems without a traceback (see `run_cli`).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -41,9 +42,34 @@ class UserError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `UserError` line (not usage + error, exit 2 either way)."""
+
+    def error(self, message: str):
+        raise UserError(Problem("<command line>", "", message, f"run '{self.prog} --help'"))
+
+
 def fail(file: str, field: str, message: str, fix: str = "", line: int | None = None) -> UserError:
     """Build a one-problem `UserError` (``raise fail(...)``)."""
     return UserError(Problem(file, field, message, fix, line))
+
+
+# Library log lines that are noise to every user, by logger name -> message prefix. bitsandbytes' CPU backend
+# warns at import (peft imports it) that an optional kernel package is missing, even when nothing is quantized.
+LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+
+def quiet_library_noise() -> None:
+    """Drop the LIBRARY_NOISE records (a filter on their own loggers, so nothing else is hidden)."""
+    import logging
+
+    for name, prefix in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "lora_ns_noise", False) for f in logger.filters):
+            noise = logging.Filter()
+            noise.filter = lambda record, prefix=prefix: not str(record.msg).startswith(prefix)  # type: ignore
+            noise.lora_ns_noise = True  # type: ignore[attr-defined]
+            logger.addFilter(noise)
 
 
 def run_cli(prog: str, main: Callable[[], int]) -> int:
@@ -51,6 +77,7 @@ def run_cli(prog: str, main: Callable[[], int]) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
+    quiet_library_noise()
     try:
         return main()
     except UserError as err:

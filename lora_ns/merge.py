@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import OneLineParser, Problem, UserError, run_cli
 
 PROG = "lora_ns.merge"
 PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.",
@@ -36,7 +36,7 @@ _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.merge",
+    parser = OneLineParser(prog="python -m lora_ns.merge",
                                      description="Merge a trained adapter into its base model and save it.")
     parser.add_argument("--adapter", required=True, help="training output dir (holds adapter_config.json)")
     parser.add_argument("--output", required=True, help="folder for the merged model")
@@ -51,7 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
 # --- checks ------------------------------------------------------------------------------------
 
 def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
-    from lora_ns.inference_model import ADAPTER_CONFIG, is_adapter_dir
+    from lora_ns.fileio import unwritable
+    from lora_ns.inference_model import ADAPTER_CONFIG, check_adapter_files, is_adapter_dir
 
     if not is_adapter_dir(adapter):
         raise UserError(Problem(str(adapter), "--adapter", f"no {ADAPTER_CONFIG} there",
@@ -63,6 +64,9 @@ def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UserError(Problem(str(output), "--output", "folder exists and is not empty",
                                 "choose a new folder or pass --overwrite"))
+    if why := unwritable(output):
+        raise UserError(Problem(str(output), "--output", why, "choose a folder you can write to"))
+    check_adapter_files(adapter)
 
 
 def check_mergeable(adapter: Path) -> None:
@@ -96,7 +100,7 @@ def load_full_precision(base_path: str, task: str, recipe):
     """The base in fp32, never quantized; seq_cls head sized and labelled as in training."""
     import torch
 
-    from lora_ns.model import auto_model_class
+    from lora_ns.model import auto_model_class, head_loaded_next
 
     kwargs: dict[str, Any] = {}
     if recipe is not None:
@@ -104,7 +108,8 @@ def load_full_precision(base_path: str, task: str, recipe):
 
         kwargs = {k: v for k, v in model_kwargs(recipe).items() if k not in ("quantization_config", "device_map")}
     kwargs["dtype"] = torch.float32
-    return auto_model_class(task).from_pretrained(base_path, **kwargs)
+    with head_loaded_next(task):  # the adapter's saved head replaces the new one next
+        return auto_model_class(task).from_pretrained(base_path, **kwargs)
 
 
 def requantize_like_training(model, recipe) -> list[str]:

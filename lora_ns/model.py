@@ -16,8 +16,9 @@ their arguments:
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
@@ -205,6 +206,23 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     if recipe.task == "seq_cls":
         kwargs.update(label_kwargs(recipe))
     return kwargs
+
+
+@contextmanager
+def head_loaded_next(task: str) -> Iterator[None]:
+    """Around loading the base of a seq_cls adapter: hide transformers' LOAD REPORT ("classifier.weight |
+    MISSING ... newly initialized"), which is wrong here because the adapter's saved head is loaded next."""
+    if task != "seq_cls":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def auto_model_class(task: str):
