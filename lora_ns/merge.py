@@ -52,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
     from lora_ns.fileio import unwritable
-    from lora_ns.inference_model import ADAPTER_CONFIG, check_adapter_files, is_adapter_dir
+    from lora_ns.inference_model import ADAPTER_CONFIG, is_adapter_dir
 
     if not is_adapter_dir(adapter):
         raise UserError(Problem(str(adapter), "--adapter", f"no {ADAPTER_CONFIG} there",
@@ -66,16 +66,16 @@ def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
                                 "choose a new folder or pass --overwrite"))
     if why := unwritable(output):
         raise UserError(Problem(str(output), "--output", why, "choose a folder you can write to"))
-    check_adapter_files(adapter)
 
 
 def check_mergeable(adapter: Path) -> None:
-    from lora_ns.inference_model import ADAPTER_CONFIG, read_adapter_config
+    from lora_ns.inference_model import ADAPTER_CONFIG, check_adapter_files, read_adapter_config
 
     peft_type = str(read_adapter_config(adapter).get("peft_type", "")).upper()
     if peft_type not in MERGEABLE:
         raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be merged",
                                 "use the adapter folder directly with lora_ns.infer"))
+    check_adapter_files(adapter)
 
 
 # --- loading and merging -----------------------------------------------------------------------
