@@ -56,7 +56,9 @@ def fail(file: str, field: str, message: str, fix: str = "", line: int | None = 
 
 # Library log lines that are noise to every user, by logger name -> message prefix. bitsandbytes' CPU backend
 # warns at import (peft imports it) that an optional kernel package is missing, even when nothing is quantized.
-LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+# datasets' JSON builder logs a failed file before raising; lora_ns then names the bad line itself.
+LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+                 "datasets.packaged_modules.json.json": "Failed to load JSON from file"}
 
 
 def quiet_library_noise() -> None:

@@ -49,7 +49,8 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import IO
 
-from lora_ns.errors import fail, run_cli
+from lora_ns.errors import OneLineParser, fail, run_cli
+from lora_ns.fileio import unwritable
 
 PROG = "lora_ns.preprocess"
 KINDS = {".txt": "txt", ".csv": "csv", ".docx": "docx", ".zip": "zip"}
@@ -704,6 +705,8 @@ def _check_paths(raw_dir: Path, out_file: Path, overwrite: bool) -> None:
         raise fail(f"--out-file {out_file}", "", "is a directory", "pass a file path")
     if out_file.exists() and not overwrite:
         raise fail(f"--out-file {out_file}", "", "already exists", "pass --overwrite to replace it")
+    if why := unwritable(out_file):
+        raise fail(f"--out-file {out_file}", "", why, "choose a path you can write to")
 
 
 def _check_encodings(encodings: Sequence[str]) -> tuple[str, ...]:
@@ -836,7 +839,7 @@ def _default_workers() -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="Clean a folder of .txt/.csv/.docx/.zip files into one text corpus "
         "for continued pretraining (one sample per line, or JSON lines).")
     parser.add_argument("--raw-dir", default="data/raw", help="folder read recursively (default: %(default)s)")
@@ -862,11 +865,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = make_parser().parse_args(argv)
-    except SystemExit as exc:  # --help or a usage error: argparse already printed it
+    try:  # a usage error is one UserError line (OneLineParser); --help exits 0
+        return run_cli(PROG, lambda: _run(make_parser().parse_args(argv)))
+    except SystemExit as exc:
         return int(exc.code or 0)
-    return run_cli(PROG, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from conftest import REPO
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 COMMANDS = ("validate", "train", "merge", "infer", "evaluate", "preprocess")
+NOTE = re.compile(r"^lora_ns\.validate: (info|warning): ")
 LINE = re.compile(r"^lora_ns\.(?P<command>\w+): error: (?P<problem>.+ — \S.*)$")  # "... — <the fix>"
 
 
@@ -188,7 +189,7 @@ PY_TAG = "!!python/object/apply:os.system ['touch pwned']"
 
 TABLE: list[Case] = [
     # --- recipe files: YAML itself --------------------------------------------------------------------------
-    C("yaml_duplicate_key", "validate", NM, "peft.r", "r.yaml:6", "recipe",
+    C("yaml_duplicate_key", "validate", NM, "peft.r", "r.yaml:9", "recipe",
       {"r.yaml": recipe(extra="peft:\n  r: 8\n  r: 16\n")}),
     C("yaml_duplicate_section", "validate", NM, "training", "r.yaml:9", "recipe",
       {"r.yaml": recipe() + "training:\n  learning_rate: 0.1\n"}),
@@ -278,12 +279,12 @@ TABLE: list[Case] = [
        "data/p.jsonl": jsonl({"prompt": "q", "completion": "a"}, {"prompt": None, "completion": "a"})}),
     C("prompt_is_a_dict", "validate", V, "prompt", "data/p.jsonl:1", "data",
       {"r.yaml": pc_recipe("data/p.jsonl"), "data/p.jsonl": jsonl({"prompt": {"q": 1}, "completion": "a"})}),
-    C("jsonl_row_a_list", "validate", V, "JSON object", "data/p.jsonl:1", "data",
-      {"r.yaml": pc_recipe("data/p.jsonl"), "data/p.jsonl": "[1, 2]\n"}),
+    C("jsonl_row_not_object", "validate", V, "JSON object", "data/p.jsonl:2", "data",
+      {"r.yaml": pc_recipe("data/p.jsonl"), "data/p.jsonl": '{"prompt": "q", "completion": "a"}\n"just text"\n'}),
     C("jsonl_not_utf8", "validate", V, "UTF-8", "data/p.jsonl:2", "data",
       {"r.yaml": pc_recipe("data/p.jsonl"), "data/p.jsonl": b'{"prompt": "q", "completion": "a"}\n{"prompt": "\xff"}\n'}),
-    C("json_not_a_list", "validate", V, "list of objects", "data/p.json", "data",
-      {"r.yaml": pc_recipe("data/p.json"), "data/p.json": '{"prompt": "q", "completion": "a"}'}),
+    C("json_item_not_object", "validate", V, "row 2: expected a JSON object", "data/p.json", "data",
+      {"r.yaml": pc_recipe("data/p.json"), "data/p.json": '[{"prompt": "q", "completion": "a"}, 3]'}),
     C("json_truncated", "validate", V, "not valid JSON", "data/p.json", "data",
       {"r.yaml": pc_recipe("data/p.json"), "data/p.json": '[{"prompt": "q", "completion": "a"}'}),
     C("data_unknown_extension", "validate", V, "data_format", "data/p.xlsx", "data",
@@ -451,8 +452,9 @@ TABLE: list[Case] = [
     C("evaluate_bad_data_file", "evaluate",
       "adapter/recipe.yaml --adapter adapter --data-file data/bad.jsonl", "not valid JSON", "data/bad.jsonl:2",
       "data", {"data/bad.jsonl": '{"question": "q", "answer": "#### 1"}\n{"question": \n'}, adapter()),
-    C("evaluate_truncated_adapter", "evaluate", "adapter/recipe.yaml --adapter adapter --split train --limit 1",
-      "truncated", "adapter/adapter_model.safetensors", "checkpoint", setup=adapter("truncated")),
+    C("evaluate_truncated_adapter", "evaluate", "adapter/recipe.yaml --adapter adapter --data-file data/g.jsonl",
+      "truncated", "adapter/adapter_model.safetensors", "checkpoint",
+      {"data/g.jsonl": jsonl({"question": "1+1?", "answer": "#### 2"})}, adapter("truncated")),
     C("evaluate_recipe_override_typo", "evaluate", "adapter/recipe.yaml --adapter adapter dataset.pth=x",
       "dataset.pth", "adapter/recipe.yaml", "recipe", setup=adapter()),
     # --- preprocess ------------------------------------------------------------------------------------------------
@@ -543,7 +545,9 @@ def run_in_process(case: Case, work: Path, capsys, monkeypatch) -> tuple[int, st
 
 
 def check_one_line(case: Case, code: int, stderr: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # train prints validate's info/warning notes before it loads anything; an error found later follows them.
+    lines = [line for line in stderr.splitlines()
+             if line.strip() and not (case.command == "train" and NOTE.match(line))]
     assert code == 2, f"{case.name}: exit {code}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, f"{case.name}: a traceback was printed\n{stderr[-3000:]}"
     assert len(lines) == case.lines, f"{case.name}: expected {case.lines} line(s), got {len(lines)}:\n" + \
@@ -675,7 +679,7 @@ def test_full_disk_while_saving_is_one_line_naming_the_last_checkpoint(tmp_path,
         raise ValueError("a bug")
 
 
-def test_bitsandbytes_kernel_warning_is_hidden_and_nothing_else(capsys):
+def test_bitsandbytes_kernel_warning_is_hidden_and_nothing_else(caplog):
     import logging
 
     from lora_ns.errors import LIBRARY_NOISE, quiet_library_noise
@@ -686,5 +690,4 @@ def test_bitsandbytes_kernel_warning_is_hidden_and_nothing_else(capsys):
     logger = logging.getLogger(name)
     logger.warning(prefix + " from kernels-community: %s. Please make sure...", "no kernels")
     logger.warning("a real warning")
-    err = capsys.readouterr().err
-    assert prefix not in err and "a real warning" in err
+    assert prefix not in caplog.text and "a real warning" in caplog.text
