@@ -324,13 +324,13 @@ TABLE: list[Case] = [
     C("output_dir_parent_is_file", "validate", NM, "training.output_dir", "r.yaml", "filesystem",
       {"r.yaml": recipe(training="  output_dir: data/not_a_folder.txt/run\n")}),
     C("output_dir_unwritable", "validate", NM, "training.output_dir", "r.yaml", "filesystem",
-      {"r.yaml": recipe(training="  output_dir: /proc/lora_ns_run\n")}, needs="linux"),
+      {"r.yaml": recipe(training="  output_dir: /proc/sys/lora_ns_run\n")}, needs="linux"),
     C("train_output_dir_dot", "train", "r.yaml", "training.output_dir", "r.yaml", "filesystem",
       {"r.yaml": recipe(training="  output_dir: .\n"), "README.md": "mine\n"}),
     C("train_output_dir_parent_is_file", "train", "r.yaml", "training.output_dir", "r.yaml", "filesystem",
       {"r.yaml": recipe(training="  output_dir: data/not_a_folder.txt/run\n")}),
     C("train_output_dir_unwritable", "train", "r.yaml", "training.output_dir", "r.yaml", "filesystem",
-      {"r.yaml": recipe(training="  output_dir: /proc/lora_ns_run\n")}, needs="linux"),
+      {"r.yaml": recipe(training="  output_dir: /proc/sys/lora_ns_run\n")}, needs="linux"),
     # --- checkpoints ---------------------------------------------------------------------------------------------
     C("resume_truncated_weights", "validate", NM, "training.resume_from_checkpoint", "r.yaml", "checkpoint",
       {"r.yaml": recipe(training="  output_dir: out\n  resume_from_checkpoint: out/checkpoint-2\n")},
@@ -376,8 +376,8 @@ TABLE: list[Case] = [
       setup=adapter()),
     C("merge_output_is_adapter", "merge", "--adapter adapter --output adapter", "--output", "adapter",
       "filesystem", setup=adapter()),
-    C("merge_output_unwritable", "merge", "--adapter adapter --output /proc/lora_ns_merged", "--output",
-      "/proc/lora_ns_merged", "filesystem", setup=adapter(), needs="linux"),
+    C("merge_output_unwritable", "merge", "--adapter adapter --output /proc/sys/lora_ns_merged", "--output",
+      "/proc/sys/lora_ns_merged", "filesystem", setup=adapter(), needs="linux"),
     # --- infer ---------------------------------------------------------------------------------------------------
     C("infer_no_model", "infer", "--prompt hi", "--model", "<command line>", "command line"),
     C("infer_prompt_and_file", "infer", "--model adapter --prompt hi --input-file p.txt", "--input-file",
@@ -567,8 +567,8 @@ def skip_unless_possible(case: Case) -> None:
 
         if torch.cuda.is_available():
             pytest.skip("needs a machine without a GPU")
-    if case.needs == "linux" and not Path("/proc/self").is_dir():
-        pytest.skip("needs /proc (a folder nobody can create files in)")
+    if case.needs == "linux" and (not Path("/proc/sys").is_dir() or os.access("/proc/sys", os.W_OK)):
+        pytest.skip("needs a read-only /proc/sys (a folder nobody, root included, can create files in)")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.command}-{c.name}")
