@@ -2,10 +2,12 @@
 
 An output_dir is in one of three states:
 
-- empty or missing: a fresh run;
+- empty or missing: a fresh run (a folder holding anything else, e.g. ``output_dir: .`` in a project, is
+  refused unless ``training.overwrite_output_dir: true``: training would overwrite the user's files);
 - interrupted: ``checkpoint-<step>`` folders but no ``run_summary.json`` (killed, preempted, out of
   memory): with ``resume_from_checkpoint: auto`` (the default) the run continues from the newest
-  *complete* checkpoint, and Trainer restores the optimizer, scheduler and RNG state from it;
+  *complete* checkpoint (its trainer_state.json present and its weights/optimizer files whole; a damaged
+  newer one is skipped, and said so), and Trainer restores the optimizer, scheduler and RNG state from it;
 - finished: ``run_summary.json`` (written last by lora_ns.train): refused unless the recipe says
   ``training.overwrite_output_dir: true``, in which case it starts over: the old run's marker and
   checkpoints are removed first, so that if the new run is interrupted in turn, "auto" resumes it
