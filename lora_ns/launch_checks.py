@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from lora_ns.config import Recipe, parse_yaml
+from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError
+from lora_ns.yaml_reader import parse_yaml
 
 
 @dataclass(frozen=True)
