@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_ns.errors import Problem, UserError
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
+from lora_ns.yaml_reader import MAX_YAML_BYTES, _key_lines, parse_yaml, read_yaml  # noqa: F401 (re-exported)
 
 Task = Literal["causal_lm", "seq_cls", "cpt"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
@@ -117,40 +118,7 @@ PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_
                 "revision", "inference_mode"}
 
 
-# --- YAML reading -------------------------------------------------------------------------------
-
-def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
-    """Map dotted key path -> 1-based line number, from a composed YAML node."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path = f"{prefix}{key.value}"
-            lines[path] = key.start_mark.line + 1
-            lines.update(_key_lines(value, path + "."))
-    return lines
-
-
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a recipe file into a dict plus key-path line numbers; bad YAML is a one-line error."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(Problem(source, "", "recipe file not found", "check the path (recipes live in recipes/)"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(Problem(source, "", f"cannot read recipe: {err}", "save it as UTF-8 text"))
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text)) if data else {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(Problem(source, "", f"invalid YAML: {reason}", "fix the indentation/quoting there", line))
-    if not isinstance(data, dict):
-        raise UserError(Problem(source, "", "a recipe must be a mapping of sections",
-                                "start from recipes/template.yaml"))
-    return data, lines
+# YAML reading lives in lora_ns.yaml_reader (shared with accelerate configs).
 
 
 # --- overrides ----------------------------------------------------------------------------------

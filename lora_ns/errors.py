@@ -46,11 +46,32 @@ def fail(file: str, field: str, message: str, fix: str = "", line: int | None = 
     return UserError(Problem(file, field, message, fix, line))
 
 
+# Library log lines that are noise to every user, by logger name -> message prefix. bitsandbytes' CPU backend
+# warns at import (peft imports it) that an optional kernel package is missing, even when nothing is quantized.
+# datasets' JSON builder logs a failed file before raising; lora_ns then names the bad line itself.
+LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+                 "datasets.packaged_modules.json.json": "Failed to load JSON from file"}
+
+
+def quiet_library_noise() -> None:
+    """Drop the LIBRARY_NOISE records (a filter on their own loggers, so nothing else is hidden)."""
+    import logging
+
+    for name, prefix in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "lora_ns_noise", False) for f in logger.filters):
+            noise = logging.Filter()
+            noise.filter = lambda record, prefix=prefix: not str(record.msg).startswith(prefix)  # type: ignore
+            noise.lora_ns_noise = True  # type: ignore[attr-defined]
+            logger.addFilter(noise)
+
+
 def run_cli(prog: str, main: Callable[[], int]) -> int:
     """Run an entry point; print user errors as one line each and return exit code 2."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
+    quiet_library_noise()
     try:
         return main()
     except UserError as err:

@@ -28,15 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
 
 PROG = "lora_ns.evaluate"
 MATH_FORMATTERS = {"gsm8k", "metamath"}
 METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
 
+# Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
+LEGACY_FLAGS = {"--adapter_path": "--adapter", "--model_path": "--model"}
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.evaluate",
+    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.evaluate",
                                      description="Evaluate an adapter, merged or base model on a recipe's eval split.",
         epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2")
     parser.add_argument("recipe", help="the recipe the model was trained with (e.g. OUT_DIR/recipe.yaml)")
@@ -206,8 +209,10 @@ def default_output_dir(model: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(Problem("<command line>", "--limit", "must be at least 1", "use 1 or more"))
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserError(Problem("<command line>", flag, "must be at least 1", "use 1 or more"))
     from lora_ns.infer import guard_output_file, write_json_atomic, write_jsonl_atomic
     from lora_ns.config import load_recipe
 

@@ -37,3 +37,22 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator[Any]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_output(path) as fh:
         fh.write(text)
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why files cannot be created at `path` (a folder or a file to be), or None; writes nothing.
+
+    Checked before anything slow runs, so a read-only disk, a missing permission or a parent that is a
+    file is one line at the start instead of a traceback after the work is done."""
+    target = Path(path).absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != target and not existing.is_dir():
+        return f"{existing} is a file, so {target} cannot be created under it"
+    folder = existing if existing.is_dir() else existing.parent
+    # access(2) answers for permissions and for read-only file systems (EROFS) without writing anything,
+    # so even a folder's modification time stays as it was.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder} (read-only, or no permission)"
+    return None

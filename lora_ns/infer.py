@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
-from lora_ns.fileio import write_text_atomic
+from lora_ns.fileio import unwritable, write_text_atomic
 
 PROG = "lora_ns.infer"
 PromptInput = str | list[dict[str, str]]
@@ -27,6 +28,10 @@ def guard_output_file(path: str | Path, overwrite: bool, flag: str = "--output-f
     """Refuse to replace an existing file unless asked (checked before any model is loaded)."""
     if Path(path).exists() and not overwrite:
         raise UserError(Problem(str(path), flag, "already exists", "choose another path or pass --overwrite"))
+    if Path(path).is_dir():
+        raise UserError(Problem(str(path), flag, "is a folder", "give a file path"))
+    if why := unwritable(path):
+        raise UserError(Problem(str(path), flag, why, "choose a path you can write to"))
 
 
 
@@ -46,9 +51,15 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise UserError(Problem(str(path), "--input-file", "file not found", "check the path"))
-    lines = file.read_text(encoding="utf-8-sig").splitlines()
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(Problem(str(path), "--input-file", f"cannot read it ({err})", "save it as UTF-8 text"))
     if file.suffix not in (".jsonl", ".json"):
-        return [{"prompt": line} for line in lines if line.strip()]
+        rows = [{"prompt": line} for line in lines if line.strip()]
+        if not rows:
+            raise UserError(Problem(str(path), "--input-file", "no prompts in the file", "add one prompt a line"))
+        return rows
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -162,9 +173,11 @@ def pair_of(row: dict[str, Any]) -> tuple[str, str | None]:
 
 
 # --- command line ------------------------------------------------------------------------------
+# Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
+LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input_text": "--prompt", "--config": "--recipe"}
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.infer", description="Run a base, adapter or merged "
+    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.infer", description="Run a base, adapter or merged "
                                      "model on one prompt or a file of prompts.")
     parser.add_argument("--model", required=True, help="training output dir (adapter), merged dir, folder, hub id "
                         "or builtin:<name>")
@@ -190,6 +203,13 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(Problem("<command line>", "--" + flag.replace("_", "-"), "must be at least 1", "use 1 or more"))
+    if not args.greedy and not args.temperature > 0:
+        raise UserError(Problem("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
+                                "use e.g. 0.7, or --greedy for deterministic output"))
+    if not 0 < args.top_p <= 1:
+        raise UserError(Problem("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9"))
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError(Problem("<command line>", "--prompt", "is empty", "give the text to answer"))
     if args.output_file:
         guard_output_file(args.output_file, args.overwrite)
 

@@ -55,8 +55,33 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    with open(Path(adapter_dir) / ADAPTER_CONFIG, encoding="utf-8") as f:
-        return json.load(f)
+    """adapter_config.json as a dict; a file that is not a JSON object naming its peft_type is one line."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(Problem(str(path), "", f"not a readable adapter config ({str(err).splitlines()[0][:120]})",
+                                "re-save the adapter, or point at the training output_dir that holds it"))
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise UserError(Problem(str(path), "peft_type", "missing: not a peft adapter config",
+                                "re-save the adapter, or point at the training output_dir that holds it"))
+    return config
+
+
+def check_adapter_files(adapter_dir: str | Path) -> None:
+    """The adapter's weights are whole safetensors (never pickles, which can run code when loaded)."""
+    from lora_ns.checkpoints import safetensors_defect
+
+    folder = Path(adapter_dir)
+    read_adapter_config(folder)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise UserError(Problem(str(weights), "", "not found" + (" (only a pickle adapter_model.bin, which lora_ns "
+                                "does not load)" if pickled else ""), "re-save the adapter as safetensors "
+                                "(save_pretrained), or point at a complete training output_dir"))
+    if why := safetensors_defect(weights):
+        raise UserError(Problem(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter again"))
 
 
 def saved_recipe(folder: str | Path) -> Recipe | None:
@@ -153,7 +178,7 @@ def load_for_inference(path: str, base: str | None = None, recipe: Recipe | None
 def _load(path: str, base: str | None, recipe: Recipe | None, dtype: str | None) -> LoadedModel:
     import torch
 
-    from lora_ns.model import auto_model_class
+    from lora_ns.model import auto_model_class, head_loaded_next
 
     local = Path(path)
     recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
@@ -162,9 +187,11 @@ def _load(path: str, base: str | None, recipe: Recipe | None, dtype: str | None)
     if is_adapter_dir(local):
         from peft import PeftModel
 
+        check_adapter_files(local)
         base_path = adapter_base(local, base, recipe)
         kwargs = _adapter_kwargs(recipe, dtype)
-        model = auto_model_class(task).from_pretrained(base_path, **kwargs)
+        with head_loaded_next(task):
+            model = auto_model_class(task).from_pretrained(base_path, **kwargs)
         model = PeftModel.from_pretrained(model, str(local))
         tokenizer_path, kind = (str(local) if (local / "tokenizer_config.json").is_file() else base_path), "adapter"
         quantized = "quantization_config" in kwargs

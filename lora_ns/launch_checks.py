@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from lora_ns.config import Recipe, _key_lines
+from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError
+from lora_ns.yaml_reader import parse_yaml
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,7 @@ def _read_mapping(source: str) -> tuple[dict[str, Any], dict[str, int]]:
         raise UserError(Problem(source, "", f"cannot read accelerate config: {err}", "save it as UTF-8 text"))
     is_json = source.endswith(".json")
     try:
-        raw = json.loads(text) if is_json else yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text)) if isinstance(raw, dict) and not is_json else {}
+        raw, lines = (json.loads(text), {}) if is_json else parse_yaml(text, source)
     except json.JSONDecodeError as err:
         raise UserError(Problem(source, "", f"invalid JSON: {err.msg}", "fix the syntax there", err.lineno))
     except yaml.YAMLError as err:

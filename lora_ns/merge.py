@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
 
 PROG = "lora_ns.merge"
@@ -34,9 +35,11 @@ PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.",
 MERGEABLE = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
+# Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
+LEGACY_FLAGS = {"--adapter_path": "--adapter", "--output_path": "--output", "--base_model": "--base"}
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.merge",
+    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.merge",
                                      description="Merge a trained adapter into its base model and save it.")
     parser.add_argument("--adapter", required=True, help="training output dir (holds adapter_config.json)")
     parser.add_argument("--output", required=True, help="folder for the merged model")
@@ -51,6 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
 # --- checks ------------------------------------------------------------------------------------
 
 def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
+    from lora_ns.fileio import unwritable
     from lora_ns.inference_model import ADAPTER_CONFIG, is_adapter_dir
 
     if not is_adapter_dir(adapter):
@@ -63,15 +67,18 @@ def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UserError(Problem(str(output), "--output", "folder exists and is not empty",
                                 "choose a new folder or pass --overwrite"))
+    if why := unwritable(output):
+        raise UserError(Problem(str(output), "--output", why, "choose a folder you can write to"))
 
 
 def check_mergeable(adapter: Path) -> None:
-    from lora_ns.inference_model import ADAPTER_CONFIG, read_adapter_config
+    from lora_ns.inference_model import ADAPTER_CONFIG, check_adapter_files, read_adapter_config
 
     peft_type = str(read_adapter_config(adapter).get("peft_type", "")).upper()
     if peft_type not in MERGEABLE:
         raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be merged",
                                 "use the adapter folder directly with lora_ns.infer"))
+    check_adapter_files(adapter)
 
 
 # --- loading and merging -----------------------------------------------------------------------
@@ -96,7 +103,7 @@ def load_full_precision(base_path: str, task: str, recipe):
     """The base in fp32, never quantized; seq_cls head sized and labelled as in training."""
     import torch
 
-    from lora_ns.model import auto_model_class
+    from lora_ns.model import auto_model_class, head_loaded_next
 
     kwargs: dict[str, Any] = {}
     if recipe is not None:
@@ -104,7 +111,8 @@ def load_full_precision(base_path: str, task: str, recipe):
 
         kwargs = {k: v for k, v in model_kwargs(recipe).items() if k not in ("quantization_config", "device_map")}
     kwargs["dtype"] = torch.float32
-    return auto_model_class(task).from_pretrained(base_path, **kwargs)
+    with head_loaded_next(task):  # the adapter's saved head replaces the new one next
+        return auto_model_class(task).from_pretrained(base_path, **kwargs)
 
 
 def requantize_like_training(model, recipe) -> list[str]:

@@ -16,8 +16,9 @@ their arguments:
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
@@ -82,6 +83,68 @@ def quantization_config(recipe: Recipe):
                               bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load unpickles them: they can run code
+_TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt", ".jinja2")
+_SAMPLE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+
+
+def model_folder_problem(recipe: Recipe) -> Problem | None:
+    """A local model folder lora_ns will not load: weights only as pickles, or custom code (auto_map)
+    without model.trust_remote_code (never run by default), or a config.json that is not JSON."""
+    import json
+
+    folder, field = Path(resolve_model_path(recipe.model.name_or_path)), "model.name_or_path"
+    if not folder.is_dir():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return recipe.problem(field, f"{folder} has no config.json", "point it at a saved model folder")
+    except (OSError, ValueError) as err:
+        return recipe.problem(field, f"{folder}/config.json is not valid JSON ({err})", "re-save the model")
+    if isinstance(config, dict) and config.get("auto_map") and not recipe.model.trust_remote_code:
+        return recipe.problem(field, f"{folder} needs its own Python code (auto_map in config.json)",
+                              "set model.trust_remote_code: true only if you trust that code")
+    files = [f.name for f in folder.iterdir()]
+    if not any(f.endswith(".safetensors") for f in files) and any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        return recipe.problem(field, f"{folder} holds only pickle weights (e.g. pytorch_model.bin), which can run "
+                              "code when loaded", "convert them to safetensors (model.save_pretrained) first")
+    return None
+
+
+def chat_template_text(recipe: Recipe) -> str:
+    """model.chat_template: the file it names, or the template itself; a path that does not exist is an error
+    (it would otherwise become the template text)."""
+    value, field = recipe.model.chat_template or "", "model.chat_template"
+    path = Path(value)
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(recipe.problem(field, f"cannot read {value} ({err})", "save it as UTF-8 text"))
+    looks_like_path = value.endswith(_TEMPLATE_FILE_SUFFIXES) or ("/" in value or "\\" in value)
+    if looks_like_path and "{%" not in value and "{{" not in value:
+        raise UserError(recipe.problem(field, f"template file {value} not found",
+                                       "check the path (relative to where you run the command)"))
+    return value
+
+
+def checked_chat_template(recipe: Recipe, tokenizer) -> str:
+    """The recipe's template, rendered once on a two-turn sample in transformers' sandboxed Jinja, so a
+    broken or unsafe template is one line now, not a traceback mid-training."""
+    text = chat_template_text(recipe)
+    try:
+        tokenizer.apply_chat_template(_SAMPLE_CHAT, chat_template=text, tokenize=False)
+    except Exception as err:  # jinja2 TemplateSyntaxError / SecurityError / UndefinedError, or raise_exception()
+        line = getattr(err, "lineno", None)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(recipe.problem("model.chat_template", f"the template fails to render "
+                                       f"({type(err).__name__}{f' at template line {line}' if line else ''}: "
+                                       f"{reason})", "fix the Jinja template (see the tokenizer docs on chat "
+                                       "templates)")) from None
+    return text
+
+
 def load_tokenizer(recipe: Recipe):
     """The tokenizer, with a pad token (the eos token when it has none) and a chat template if the recipe gives one."""
     from transformers import AutoTokenizer
@@ -91,9 +154,9 @@ def load_tokenizer(recipe: Recipe):
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if m.chat_template and not tokenizer.chat_template:
-        template = Path(m.chat_template)
-        tokenizer.chat_template = template.read_text(encoding="utf-8") if template.is_file() else m.chat_template
+    if m.chat_template:  # checked even when the tokenizer has its own (then the recipe's is not used)
+        template = checked_chat_template(recipe, tokenizer)
+        tokenizer.chat_template = tokenizer.chat_template or template
     return tokenizer
 
 
@@ -133,6 +196,7 @@ def label_kwargs(recipe: Recipe) -> dict[str, Any]:
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     m = recipe.model
     kwargs: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code,
+                              "use_safetensors": True,  # never unpickle weights
                               "dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
     quant = quantization_config(recipe)
     if quant is not None:
@@ -144,6 +208,23 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     return kwargs
 
 
+@contextmanager
+def head_loaded_next(task: str) -> Iterator[None]:
+    """Around loading the base of a seq_cls adapter: hide transformers' LOAD REPORT ("classifier.weight |
+    MISSING ... newly initialized"), which is wrong here because the adapter's saved head is loaded next."""
+    if task != "seq_cls":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def auto_model_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -152,7 +233,7 @@ def auto_model_class(task: str):
 
 def load_model(recipe: Recipe, tokenizer=None):
     """The base model, ready for peft (k-bit preparation applied when quantized)."""
-    problem = attention_problem(recipe)
+    problem = attention_problem(recipe) or model_folder_problem(recipe)
     if problem is not None:
         raise UserError(problem)
     path = resolve_model_path(recipe.model.name_or_path)

@@ -26,10 +26,10 @@ SKIPPED = "model checks skipped"
 
 def check_model(recipe: Recipe) -> list[Problem]:
     """Problems (errors, warnings, one info line with parameter counts) found without model weights."""
-    from lora_ns.model import attention_problem
+    from lora_ns.model import attention_problem, model_folder_problem
 
     problems = [p for p in (attention_problem(recipe), bitsandbytes_problem(recipe)) if p is not None]
-    if (missing := missing_folder(recipe)) is not None:
+    if (missing := missing_folder(recipe) or model_folder_problem(recipe)) is not None:
         return problems + [missing]
     config, why = load_config(recipe)
     if config is None:

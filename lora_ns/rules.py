@@ -155,11 +155,11 @@ def resume_checkpoint_exists(r: Recipe) -> Iterator[Problem]:
 
 
 def output_dir_usable(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.checkpoints import is_finished
+    from lora_ns.checkpoints import is_finished, output_dir_problem
 
     out = Path(r.output_dir)
-    if out.exists() and not out.is_dir():
-        yield r.problem("training.output_dir", f"{out} is a file, not a folder", "choose another output_dir")
+    if problem := output_dir_problem(r):
+        yield problem
     elif is_finished(out) and not r.training.get("overwrite_output_dir"):
         yield r.problem("training.output_dir", f"{out} already holds a finished run: training will refuse it",
                         "choose another output_dir, or set training.overwrite_output_dir: true", "warning")

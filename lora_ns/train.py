@@ -225,14 +225,15 @@ def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
 
 def run_training(recipe: Recipe) -> tuple[Any, dict[str, Any]]:
     """Train and save a validated recipe; return the trainer (its model is the trained one) and the summary."""
-    from lora_ns.checkpoints import guard_output_dir, resume_target
+    from lora_ns.checkpoints import disk_errors, guard_output_dir, resume_target
 
     started = time.time()
     guard_output_dir(recipe)
     trainer, tokenizer, (trainable, total) = prepare(recipe)
-    result = trainer.train(resume_from_checkpoint=resume_target(recipe))
-    summary = run_summary(recipe, trainer, result, trainable, total, started)
-    save_run(recipe, trainer, tokenizer, summary)
+    with disk_errors(recipe):
+        result = trainer.train(resume_from_checkpoint=resume_target(recipe))
+        summary = run_summary(recipe, trainer, result, trainable, total, started)
+        save_run(recipe, trainer, tokenizer, summary)
     if trainer.is_world_process_zero():
         loss = summary["first_loss"], summary["last_loss"]
         what = "model" if recipe.peft.method == "full" else "adapter"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ns.config import apply_overrides, load_recipe, parse_overrides, parse_recipe
+from lora_ns.config import MAX_YAML_BYTES, apply_overrides, load_recipe, parse_overrides, parse_recipe, parse_yaml
 from lora_ns.errors import UserError
 
 BASE = {
@@ -99,6 +99,28 @@ def test_invalid_yaml_is_one_line_with_line_number(tmp_path):
         load_recipe(path)
     message = str(err.value)
     assert "invalid YAML" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a: 1\nb:\n  c: 2\n  c: 3\n", "b.c: appears twice (lines 3 and 4)"),
+    ("a: &x [1]\nb: !!python/object/apply:os.system ['true']\n", "invalid YAML"),  # SafeLoader: no code
+    ("a: &x [*x]\n", "recursive YAML alias"),
+    ("x" * (MAX_YAML_BYTES + 1), "KB"),
+])
+def test_one_yaml_reader_refuses_what_yaml_would_take_silently_or_slowly(text, words):
+    with pytest.raises(UserError) as err:
+        parse_yaml(text, "f.yaml")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_alias_expansion_bound_counts_shared_nodes_once_per_use():
+    """Aliases are fine until their expansion would exceed MAX_YAML_NODES: 10 levels of 10 copies is 10**10."""
+    ok = "a: &a [1, 2]\nb: [*a, *a, *a]\n"
+    assert parse_yaml(ok, "f.yaml")[0]["b"] == [[1, 2]] * 3
+    bomb = "l0: &l0 [0,0,0,0,0,0,0,0,0,0]\n" + "".join(
+        f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
+    with pytest.raises(UserError, match="aliases expand to over"):
+        parse_yaml(bomb, "f.yaml")
 
 
 def test_saved_recipe_round_trips(tmp_path):

@@ -362,7 +362,7 @@ def test_check_dataset_errors_and_warnings(tmp_path):
     assert (warning.file, warning.line, warning.field) == (str(data), 2, "answer") and "2 of 3" in warning.message
     assert "'answer'" in warning.message
     missing = check_dataset(recipe({"path": str(data), "formatter": "metamath"}))
-    assert {(p.field, p.line) for p in missing if p.is_error} == {("query", 1), ("response", 1)}
+    assert {(p.field, p.line) for p in missing if p.is_error} == {("query, response", 1)}  # one line, one mistake
 
 
 def test_check_dataset_offline_hub_dataset_is_a_warning():

@@ -129,6 +129,24 @@ def test_seq_cls_prints_label_names_and_probabilities(classifier_dir, capsys):
     assert lines[0] == max(probs, key=lambda k: float(probs[k]))
 
 
+def test_seq_cls_adapter_loads_without_the_newly_initialized_head_report(classifier_dir):
+    """transformers reports the base's classifier as MISSING ... newly initialized; the adapter's saved head is
+    loaded right after, so the report is wrong here and must not reach the user (a fresh process: transformers'
+    log handler is bound to the real stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "lora_ns.infer", "--model", str(classifier_dir), "--prompt", "hi"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOAD REPORT" not in result.stderr and "MISSING" not in result.stderr, result.stderr[-2000:]
+    assert "gemm_4bit_forward" not in result.stderr
+
+
 def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     code = run_cli("lora_ns.infer", lambda: main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"]))
     err = capsys.readouterr().err.strip()

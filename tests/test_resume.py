@@ -60,7 +60,7 @@ def recipe(output_dir: Path, **training) -> object:
 def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"")
+    (folder / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # empty but whole
     if complete:
         (folder / COMPLETE_MARKER).write_text("{}")
     return folder

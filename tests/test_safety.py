@@ -43,6 +43,19 @@ def test_remote_code_is_off_unless_the_recipe_sets_it():
     assert model_kwargs(trusting)["trust_remote_code"] is True
 
 
+def test_weights_are_never_unpickled(tmp_path):
+    """from_pretrained gets use_safetensors=True, and a folder with only pickle weights is refused before it."""
+    from lora_ns.model import model_folder_problem, model_kwargs
+
+    assert model_kwargs(parse_recipe(BASE))["use_safetensors"] is True
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never read")
+    problem = model_folder_problem(parse_recipe({**BASE, "model": {"name_or_path": str(tmp_path)}}))
+    assert problem is not None and "pickle" in problem.message
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert model_folder_problem(parse_recipe({**BASE, "model": {"name_or_path": str(tmp_path)}})) is None
+
+
 def test_no_code_path_turns_remote_code_on_by_itself():
     """No `trust_remote_code=True`, `{"trust_remote_code": True}` or `trust_remote_code: bool = True` in lora_ns."""
     found = []

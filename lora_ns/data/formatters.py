@@ -33,7 +33,7 @@ class RowError(ValueError):
 
     def __init__(self, field: str, message: str, fix: str = ""):
         super().__init__(f"{field}: {message}")
-        self.field, self.message, self.fix = field, message, fix
+        self.field, self.message, self.fix = field, message, fix or "fix or drop that row"
 
 
 @dataclass(frozen=True)
@@ -84,23 +84,28 @@ def text_value(row: Row, name: str, required: bool = True) -> str | None:
             raise RowError(name, "missing value", "fill it in or drop the row")
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise RowError(name, f"expected text, got {type(value).__name__}")
+        raise RowError(name, f"expected text, got {type(value).__name__}",
+                       "write the value as a string, or map another column with dataset.columns")
     return value if isinstance(value, str) else str(value)
 
 
 def check_messages(value: Any, name: str) -> list[dict[str, str]]:
     """A list of {role, content} chat messages with at least one assistant turn (else nothing is trained)."""
     if not isinstance(value, list) or not value:
-        raise RowError(name, "expected a non-empty list of {role, content} messages")
+        raise RowError(name, "expected a non-empty list of {role, content} messages",
+                       'write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
     messages = []
     for i, message in enumerate(value, 1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowError(name, f"message {i} needs 'role' and 'content'")
+            raise RowError(name, f"message {i} needs 'role' and 'content'",
+                           'write each message as {"role": "user", "content": "..."}')
         role, content = message["role"], message["content"]
         if role not in ROLES:
             raise RowError(name, f"message {i} has unknown role {role!r}", f"use one of: {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise RowError(name, f"message {i} content must be text, got {type(content).__name__}")
+            got = "null" if content is None else type(content).__name__
+            raise RowError(name, f"message {i} ({role}) content must be text, got {got}",
+                           'write the text as "content": "...", or drop the message or the row')
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(name, "no assistant message, so nothing to train on", "drop the row or add the reply")

@@ -146,6 +146,8 @@ def _tokenizer(recipe: Recipe):
         from lora_ns.model import load_tokenizer
 
         return load_tokenizer(recipe), ""
+    except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
+        raise
     except Exception as err:  # a broken or partial download: report it, don't fail validation
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         return None, f"tokenizer '{name}' could not be loaded ({reason})"

@@ -135,6 +135,7 @@ def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], wher
         problems.append(Problem(where.file, f"dataset.columns.{key}", f"formatter '{fmt.name}' has no field '{key}'",
                                 f"its fields: {', '.join(fmt.all_fields)}"))
     found: dict[str, str] = {}
+    missing: list[str] = []
     have = ", ".join(columns) or "none"
     for name in fmt.all_fields:
         if name in mapping:
@@ -149,10 +150,24 @@ def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], wher
         if column is not None:
             found[name] = column
         elif name in fmt.fields:
-            problems.append(Problem(where.file, name, f"column missing (columns: {have})",
-                                    f"map it: dataset.columns: {{{name}: <column>}}, or pick another formatter",
-                                    where.line))
+            missing.append(name)
+    if missing:  # one line for all of them: they are one mistake (wrong formatter, mapping or data_format)
+        fix = misread_hint(columns) or \
+            f"map it: dataset.columns: {{{missing[0]}: <column>}}, or pick another formatter"
+        what = "column missing" if len(missing) == 1 else "columns missing"
+        problems.append(Problem(where.file, ", ".join(missing), f"{what} (columns: {have})", fix, where.line))
     return found, problems
+
+
+def misread_hint(columns: list[str]) -> str | None:
+    """Column names that show the file was read in the wrong format (e.g. data_format: csv on JSON lines)."""
+    if any(c.lstrip().startswith(("{", "[", '"')) for c in columns):
+        return "the file looks like JSON lines read as CSV: set dataset.data_format: json"
+    if len(columns) == 1 and "\t" in columns[0]:
+        return "the file looks tab-separated: set dataset.data_format: tsv"
+    if len(columns) == 1 and "," in columns[0]:
+        return "the file looks comma-separated: set dataset.data_format: csv"
+    return None
 
 
 class RowConverter:

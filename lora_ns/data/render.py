@@ -36,10 +36,16 @@ def kind_of(example: dict[str, Any]) -> str:
 def template_problem(template: str) -> str | None:
     """Why a ``dataset.prompt_template`` cannot be used, or None."""
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
         return f"not a valid format string ({err}); write literal braces as {{{{ and }}}}"
-    unknown = sorted({n.split(".")[0].split("[")[0] for n in names} - set(TEMPLATE_FIELDS))
+    allowed = ", ".join("{" + n + "}" for n in TEMPLATE_FIELDS)
+    for name, spec, conv in fields:  # plain names only: {prompt.__class__} would print Python internals
+        if conv or "{" in (spec or "") or not name.isidentifier():
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            return f"placeholder {shown} is not a plain name; use only {allowed}"
+    names = [name for name, _, _ in fields]
+    unknown = sorted(set(names) - set(TEMPLATE_FIELDS))
     if unknown:
         return f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; use {{prompt}} (and {{system}})"
     if "prompt" not in names:

@@ -217,8 +217,9 @@ def _read_jsonl(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise data_error(file, f"not valid JSON: {err.msg} (column {err.colno})",
-                                 "fix or remove that line (one JSON object per line)", number)
+                fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text" if number == 1 \
+                    and not line.startswith(("{", "[")) else "fix or remove that line (one JSON object per line)"
+                raise data_error(file, f"not valid JSON: {err.msg} (column {err.colno})", fix, number)
             if not isinstance(row, dict):
                 raise data_error(file, f"expected a JSON object, got {type(row).__name__}",
                                  "write one {\"column\": value, ...} object per line", number)
@@ -244,29 +245,30 @@ def _read_delimited(file: str, tsv: bool) -> Iterator[tuple[int | None, dict[str
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with _open(file) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(text)
+        reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(text, strict=True)
+        start = 1  # strict: an unclosed quote is an error at its line (not the rest of the file as one field)
         try:
             header = next(reader, None)
             if not header or not any(h.strip() for h in header):
                 return
-            duplicated = sorted({h for h in header if header.count(h) > 1})
-            if duplicated:
+            if duplicated := sorted({h for h in header if header.count(h) > 1}):
                 raise data_error(file, f"duplicate column name(s) in the header: {', '.join(duplicated)}",
                                  "give every column a distinct name", 1)
             start = reader.line_num + 1
             for record in reader:
                 if record:
                     if len(record) != len(header):
-                        fix = "a tab inside a text field splits it: remove it" if tsv else \
-                            "quote fields that contain commas or newlines"
-                        raise data_error(file, f"row has {len(record)} fields but the header has {len(header)}",
-                                         fix, start)
+                        raise data_error(file, f"row has {len(record)} fields but the header has {len(header)}", "a tab "
+                                         "inside a field splits it" if tsv else "quote fields with commas", start)
                     yield start, dict(zip(header, record))
                 start = reader.line_num + 1
         except UnicodeDecodeError:
             raise data_error(file, "not UTF-8 text", "re-save the file as UTF-8", reader.line_num + 1)
         except csv.Error as err:
-            raise data_error(file, f"malformed {'TSV' if tsv else 'CSV'}: {err}", "fix that row", reader.line_num)
+            unclosed = "unexpected end of data" in str(err)  # named at the line the quote opened on
+            raise data_error(file, "a quoted field opens on this line and never closes" if unclosed else f"malformed "
+                             f"{'TSV' if tsv else 'CSV'}: {err}", 'close the quote; a quote inside a field is written ""',
+                             start if unclosed else reader.line_num)
 
 
 def _read_text(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:

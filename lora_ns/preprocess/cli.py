@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lora_ns.command_line import CommandParser
 from lora_ns.errors import fail, run_cli
+from lora_ns.fileio import unwritable
 from lora_ns.preprocess.pipeline import (PROG, PreprocessReport, discover, parents_removed_on_error,
                                          plan_tasks, process, split_by_size)
 from lora_ns.preprocess.readers import CHUNK_BYTES, DEFAULT_ENCODINGS, NO_DOCX, UNITS, Options
@@ -61,6 +63,8 @@ def _check_paths(raw_dir: Path, out_file: Path, overwrite: bool) -> None:
         raise fail(f"--out-file {out_file}", "", "is a directory", "pass a file path")
     if out_file.exists() and not overwrite:
         raise fail(f"--out-file {out_file}", "", "already exists", "pass --overwrite to replace it")
+    if why := unwritable(out_file):
+        raise fail(f"--out-file {out_file}", "", why, "choose a path you can write to")
 
 
 def _check_encodings(encodings: Sequence[str]) -> tuple[str, ...]:
@@ -104,7 +108,7 @@ def _default_workers() -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=PROG, description="Clean a folder of .txt/.csv/.docx/.zip files into one text corpus "
         "for continued pretraining (one sample per line, or JSON lines).")
     parser.add_argument("--raw-dir", default="data/raw",
@@ -135,11 +139,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = make_parser().parse_args(argv)
-    except SystemExit as exc:  # --help or a usage error: argparse already printed it
+    try:  # a usage error is one UserError line (CommandParser); --help exits 0
+        return run_cli(PROG, lambda: _run(make_parser().parse_args(argv)))
+    except SystemExit as exc:
         return int(exc.code or 0)
-    return run_cli(PROG, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
