@@ -83,7 +83,12 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         "fp16": dtype == torch.float16,
     }
     if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.training.keys():
-        defaults["activation_checkpointing"] = gradient_checkpointing(recipe)  # the new name of the option
+        from transformers import TrainingArguments
+
+        # transformers renamed the option (gradient_ -> activation_checkpointing) during 5.x: use this version's
+        name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
+            else "gradient_checkpointing"
+        defaults[name] = gradient_checkpointing(recipe)
     if recipe.dataset.val_split is None:
         defaults["eval_strategy"] = "no"
     if recipe.task != "seq_cls":
