@@ -1,4 +1,4 @@
-"""Cross-field rules (lora_ns.rules): each fires on its own mistake, names the field and says how to fix it,
+"""Cross-field rules (lora_ns.validate.rules): each fires on its own mistake, names the field and says how to fix it,
 and stays quiet on a good recipe and on every shipped recipe."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_ns import rules
+from lora_ns.validate import rules
 from lora_ns.config import load_recipe, parse_recipe
 
 from conftest import REPO
