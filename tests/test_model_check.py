@@ -140,15 +140,18 @@ def test_shipped_recipes_apply_to_a_builtin_model_of_their_family(path, tiny_lla
     assert 0 < trainable <= total and (trainable == total) == (recipe.peft.method == "full")
 
 
-@pytest.mark.parametrize("peft, words", [
-    ({"method": "prompt_tuning", "prompt_tuning_init": "TEXT"}, "prompt_tuning_init_text"),
-    ({"method": "adalora", "total_step": 10, "tinit": 8, "tfinal": 5}, "budgeting phase"),
+@pytest.mark.parametrize("peft, field, words", [
+    ({"method": "prompt_tuning", "prompt_tuning_init": "TEXT"}, "peft.prompt_tuning_init", "prompt_tuning_init_text"),
+    ({"method": "adalora", "total_step": 10, "tinit": 8, "tfinal": 5}, "peft.tfinal", "budgeting phase"),
+    ({"method": "lora", "r": 0}, "peft.r", "positive"),
+    ({"method": "lora", "lora_dropout": 1.5}, "peft.lora_dropout", "1.5"),
 ])
-def test_peft_config_values_peft_rejects_are_one_error(peft, words, tiny_llama):
+def test_peft_config_values_peft_rejects_are_one_error_naming_the_field(peft, field, words, tiny_llama):
     from lora_ns.validate.model import check_model
 
     (error,) = errors(check_model(recipe_for(**peft)))
-    assert error.field == "peft" and words in error.message and "\n" not in str(error)
+    assert error.field == field and words in error.message and "\n" not in str(error)
+    assert error.fix == f"fix {field} (see the method's peft config docs)"
 
 
 def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
