@@ -33,7 +33,8 @@ def _annotation(kind: object) -> str:
 
 
 def _init_fields(cls) -> dict[str, str]:
-    return {f.name: _annotation(f.type) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    fields = dataclasses.fields(cls)
+    return {f.name: _annotation(f.type) for f in fields if f.init and not f.name.startswith("_")}
 
 
 @functools.cache

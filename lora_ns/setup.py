@@ -122,7 +122,8 @@ def field_for(message: str, given: dict[str, Any]) -> str | None:
     return valued[0] if len(valued) == 1 else None
 
 
-def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Exception, docs: str) -> Problem:
+def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Exception,
+                    docs: str) -> Problem:
     """One line for a library's ValueError, naming the field when the message lets us."""
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
     key = field_for(reason, given)
@@ -188,8 +189,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     """What the arguments object accepts but the Trainer then fails on (or silently does nothing with)."""
     problems = []
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {args.num_train_epochs} "
-                                       "with no max_steps: the run would train 0 steps",
+        problems.append(recipe.problem("training.num_train_epochs",
+                                       f"num_train_epochs {args.num_train_epochs} with no max_steps: "
+                                       "the run would train 0 steps",
                                        "set training.num_train_epochs > 0 (or training.max_steps)"))
     problems += report_to_problems(recipe, args.report_to or [])
     return problems
@@ -214,4 +216,5 @@ def peft_config_problem(recipe: Recipe) -> None:
     try:
         peft_config(recipe)
     except (ValueError, TypeError) as err:
-        raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, "the method's peft config docs"))
+        docs = "the method's peft config docs"
+        raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, docs))

@@ -132,7 +132,8 @@ def test_shipped_recipes_apply_to_a_builtin_model_of_their_family(path, tiny_lla
     from lora_ns.validate.model import check_model
 
     recipe = load_recipe(path)
-    family = "bert" if recipe.task == "seq_cls" else "qwen2" if "qwen" in recipe.model.name_or_path.lower() else "llama"
+    qwen = "qwen" in recipe.model.name_or_path.lower()
+    family = "bert" if recipe.task == "seq_cls" else "qwen2" if qwen else "llama"
     recipe = load_recipe(path, [f"model.name_or_path=builtin:tiny-{family}"])
     problems = check_model(recipe)
     assert not errors(problems) and not [p for p in problems if p.severity == "warning"], problems
@@ -141,7 +142,8 @@ def test_shipped_recipes_apply_to_a_builtin_model_of_their_family(path, tiny_lla
 
 
 @pytest.mark.parametrize("peft, field, words", [
-    ({"method": "prompt_tuning", "prompt_tuning_init": "TEXT"}, "peft.prompt_tuning_init", "prompt_tuning_init_text"),
+    ({"method": "prompt_tuning", "prompt_tuning_init": "TEXT"}, "peft.prompt_tuning_init",
+     "prompt_tuning_init_text"),
     ({"method": "adalora", "total_step": 10, "tinit": 8, "tfinal": 5}, "peft.tfinal", "budgeting phase"),
     ({"method": "lora", "r": 0}, "peft.r", "positive"),
     ({"method": "lora", "lora_dropout": 1.5}, "peft.lora_dropout", "1.5"),

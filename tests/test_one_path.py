@@ -38,10 +38,11 @@ SEQ_CLS = {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "nu
 EVAL_ON = {"dataset": {"val_split": 0.25}, "training": {"eval_strategy": "steps", "eval_steps": 1}}
 
 # (id, change merged into GOOD, field the one error line must name)
+BATCH, ACCUM = "per_device_train_batch_size", "gradient_accumulation_steps"
 REJECTED = [
-    ("batch_size_0", {"training": {"per_device_train_batch_size": 0}}, "training.per_device_train_batch_size"),
+    ("batch_size_0", {"training": {BATCH: 0}}, f"training.{BATCH}"),
     ("eval_batch_size_0", {"training": {"per_device_eval_batch_size": 0}}, "training.per_device_eval_batch_size"),
-    ("grad_accum_0", {"training": {"gradient_accumulation_steps": 0}}, "training.gradient_accumulation_steps"),
+    ("grad_accum_0", {"training": {ACCUM: 0}}, f"training.{ACCUM}"),
     ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),
     ("max_length_negative", {"training": {"max_length": -1}}, "training.max_length"),
     ("save_steps_0", {"training": {"save_steps": 0}}, "training.save_steps"),
@@ -50,8 +51,9 @@ REJECTED = [
     ("warmup_ratio_gone", {"training": {"warmup_ratio": 1.5}}, "training.warmup_ratio"),
     ("warmup_steps_negative", {"training": {"warmup_steps": -1}}, "training.warmup_steps"),
     ("logging_steps_0", {"training": {"logging_steps": 0}}, "training.logging_steps"),
-    ("eval_steps_0", {**EVAL_ON, "training": {**EVAL_ON["training"], "eval_steps": 0}}, "training.eval_steps"),
-    ("unknown_scheduler", {"training": {"lr_scheduler_type": "cosine_restarts_x"}}, "training.lr_scheduler_type"),
+    ("eval_steps_0", {**EVAL_ON, "training": {**EVAL_ON["training"], "eval_steps": 0}},
+     "training.eval_steps"),
+    ("unknown_scheduler", {"training": {"lr_scheduler_type": "cosine_x"}}, "training.lr_scheduler_type"),
     ("unknown_optim", {"training": {"optim": "adamw_fancy"}}, "training.optim"),
     ("lora_alpha_negative", {"peft": {"lora_alpha": -8}}, "peft.lora_alpha"),
     ("lora_alpha_0", {"peft": {"lora_alpha": 0}}, "peft.lora_alpha"),
@@ -59,7 +61,8 @@ REJECTED = [
     ("dropout_1.5", {"peft": {"lora_dropout": 1.5}}, "peft.lora_dropout"),
     ("target_list_names_nothing", {"peft": {"target_modules": ["q_projection"]}}, "peft.target_modules"),
     ("target_regex_matches_nothing", {"peft": {"target_modules": "nothing_here.*"}}, "peft.target_modules"),
-    ("duplicate_labels", {**SEQ_CLS, "model": {**SEQ_CLS["model"], "labels": ["pos", "pos"]}}, "model.labels"),
+    ("duplicate_labels", {**SEQ_CLS, "model": {**SEQ_CLS["model"], "labels": ["pos", "pos"]}},
+     "model.labels"),
 ]
 if importlib.util.find_spec("wandb") is None:
     REJECTED.append(("report_to_missing_logger", {"training": {"report_to": "wandb"}}, "training.report_to"))
@@ -99,7 +102,8 @@ def write(tmp_path: Path, name: str, change: dict) -> Path:
 
 
 @pytest.mark.parametrize("name,change,field", REJECTED, ids=[c[0] for c in REJECTED])
-def test_validate_rejects_what_train_would_fail_on(name, change, field, tmp_path, capsys, tiny_llama, tiny_bert):
+def test_validate_rejects_what_train_would_fail_on(name, change, field, tmp_path, capsys, tiny_llama,
+                                                  tiny_bert):
     path = write(tmp_path, name, change)
     assert run_cli("lora_ns.validate", lambda: validate_main([str(path), "--no-data"])) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -86,7 +86,8 @@ def training_values_in_range(r: Recipe) -> Iterator[Problem]:
     t = r.training
     for key in AT_LEAST_ONE:
         if (v := _number(t.get(key))) is not None and v < 1:
-            yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1", f"set training.{key}: 1")
+            yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
+                            f"set training.{key}: 1")
     if (lr := _number(t.get("learning_rate"))) is not None and lr < 0:
         yield r.problem("training.learning_rate", f"learning_rate {t['learning_rate']} is negative",
                         "use a positive rate such as 2e-4")
