@@ -11,13 +11,13 @@ arguments and peft config: validate is train's set-up stopped before the weights
 
 from lora_ns.setup import Checks, check_recipe_file
 
-__all__ = ["Checks", "check_recipe_file", "main"]
+__all__ = ["Checks", "check_recipe_file", "main", "make_parser"]
 
 
 def __getattr__(name: str):
-    """`main` (the command line, for `lora-ns validate`) is imported only when asked for."""
-    if name == "main":
-        from lora_ns.validate.__main__ import main
+    """The command line (`main`, `make_parser`, for `lora-ns validate`) is imported only when asked for."""
+    if name in ("main", "make_parser"):
+        from lora_ns.validate import __main__ as command
 
-        return main
+        return getattr(command, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
