@@ -17,22 +17,23 @@ of that class, passed as is. lora_ns fills in only what peft cannot know from th
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
-
-_PEFT_CLASS = {"lora": "LoraConfig", "qlora": "LoraConfig", "adalora": "AdaLoraConfig", "ia3": "IA3Config",
-               "prefix_tuning": "PrefixTuningConfig", "prompt_tuning": "PromptTuningConfig"}
 # Classification heads that must be trained and saved with the adapter (peft adds them for SEQ_CLS).
 SEQ_CLS_HEADS = ["classifier", "score"]
 DEFAULT_VIRTUAL_TOKENS = 20
 
 
 def peft_options(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's peft fields plus the defaults lora_ns derives from the rest of the recipe."""
+    """The recipe's peft fields plus the defaults lora_ns derives from the rest of the recipe.
+
+    A deep copy: peft extends lists it is given in place (SEQ_CLS adds the heads to ``modules_to_save``),
+    which would otherwise change the recipe, and the saved recipe.yaml with it."""
     method = recipe.peft.method
-    options: dict[str, Any] = recipe.peft.options
+    options: dict[str, Any] = copy.deepcopy(recipe.peft.options)
     if method in ("lora", "qlora", "adalora"):
         options.setdefault("target_modules", "all-linear")
     if method in ("prefix_tuning", "prompt_tuning"):
@@ -51,10 +52,10 @@ def peft_config(recipe: Recipe):
     """A peft config object, or None for full fine-tuning."""
     if recipe.peft.method == "full":
         return None
-    import peft
+    from lora_ns.hf_fields import peft_config_class
 
     task_type = "SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM"
-    return getattr(peft, _PEFT_CLASS[recipe.peft.method])(task_type=task_type, **peft_options(recipe))
+    return peft_config_class(recipe.peft.method)(task_type=task_type, **peft_options(recipe))
 
 
 def count_parameters(model) -> tuple[int, int]:

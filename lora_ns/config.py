@@ -260,7 +260,7 @@ def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int])
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
-    """Validate a raw recipe dict into a `Recipe` (schema only; see `lora_ns.rules` for cross-field rules)."""
+    """Validate a raw recipe dict into a `Recipe` (schema only; see `lora_ns.validate.rules` for cross-field rules)."""
     lines = lines or {}
     if "task" in data and data["task"] not in ("causal_lm", "seq_cls", "cpt"):
         raise UserError(Problem(source, "task", f"got {data['task']!r}",

@@ -1,92 +1,53 @@
-"""Field names and type annotations of Hugging Face config dataclasses, read without importing them.
+"""Field names and type annotations of the Hugging Face config dataclasses a recipe's sections feed.
 
-Importing transformers' `TrainingArguments`, TRL's `SFTConfig` or peft's `LoraConfig` takes ~6 s on a
-small machine (they pull in torch, bitsandbytes and inductor). Checking a recipe's keys should not,
-so `validate` reads the dataclass fields from the installed source with `ast`, following base classes
-across modules. The real classes are still built at train time, which checks the values again.
+Read from the real classes with `dataclasses.fields`: TRL's `SFTConfig` (causal_lm, cpt),
+transformers' `TrainingArguments` (seq_cls), and the peft config class of the recipe's method (peft's
+public `PEFT_TYPE_TO_CONFIG_MAPPING`). Each is imported only when a recipe needs it, since the imports
+take seconds (set-up builds the same objects anyway).
 """
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import functools
-import importlib.util
-from pathlib import Path
 
-# What a recipe's `training:` section is checked against, per task.
-TRAINING_ARGS_CLASS = {
-    "causal_lm": ("trl.trainer.sft_config", "SFTConfig"),
-    "cpt": ("trl.trainer.sft_config", "SFTConfig"),
-    "seq_cls": ("transformers.training_args", "TrainingArguments"),
-}
-
-# peft method name -> (module, class) of its config dataclass.
-PEFT_CONFIG_CLASS = {
-    "lora": ("peft.tuners.lora.config", "LoraConfig"),
-    "qlora": ("peft.tuners.lora.config", "LoraConfig"),
-    "adalora": ("peft.tuners.adalora.config", "AdaLoraConfig"),
-    "ia3": ("peft.tuners.ia3.config", "IA3Config"),
-    "prefix_tuning": ("peft.tuners.prefix_tuning.config", "PrefixTuningConfig"),
-    "prompt_tuning": ("peft.tuners.prompt_tuning.config", "PromptTuningConfig"),
-}
+# peft method name -> peft's PeftType name.
+PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
+              "prefix_tuning": "PREFIX_TUNING", "prompt_tuning": "PROMPT_TUNING"}
 
 
-def _module_path(module: str) -> Path | None:
-    """Locate a module's source file without importing its parent packages."""
-    top, *rest = module.split(".")
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    base = Path(list(spec.submodule_search_locations)[0]).joinpath(*rest)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+def peft_config_class(method: str):
+    """The peft config class of a method (LoraConfig for lora and qlora, ...)."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[PEFT_TYPES[method]]]
+
+
+def _annotation(kind: object) -> str:
+    """A field's type as source-like text (`int | None`, `Optional[str]`), whatever form it is stored in."""
+    if isinstance(kind, str):
+        return kind
+    if isinstance(kind, type):
+        return kind.__name__
+    return str(kind).replace("typing.", "")
+
+
+def _init_fields(cls) -> dict[str, str]:
+    fields = dataclasses.fields(cls)
+    return {f.name: _annotation(f.type) for f in fields if f.init and not f.name.startswith("_")}
 
 
 @functools.cache
-def _parse(module: str) -> ast.Module | None:
-    path = _module_path(module)
-    return ast.parse(path.read_text(encoding="utf-8")) if path else None
+def training_fields(task: str) -> dict[str, str]:
+    """Map field name -> annotation of the training arguments class of a task, plus lora_ns's own keys."""
+    from lora_ns.setup import training_arguments_class
 
-
-def _resolve_import(module: str, tree: ast.Module, name: str) -> str | None:
-    """The module a name was imported from (``from x.y import name``), relative imports resolved."""
-    for node in ast.walk(tree):  # walk: lazy packages import under `if TYPE_CHECKING:`
-        if isinstance(node, ast.ImportFrom) and any(a.name == name for a in node.names):
-            if node.level == 0:
-                return node.module
-            parts = module.split(".")
-            is_package = _module_path(module).name == "__init__.py"
-            parent = parts[: len(parts) - node.level + (1 if is_package else 0)]
-            return ".".join(parent + ([node.module] if node.module else []))
-    return None
+    return {**_init_fields(training_arguments_class(task)), **LORA_NS_TRAINING_FIELDS}
 
 
 @functools.cache
-def dataclass_fields(module: str, cls: str) -> dict[str, str]:
-    """Map field name -> annotation source for `cls` in `module` and its base classes."""
-    tree = _parse(module)
-    if tree is None:
-        return {}
-    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
-    if node is None:
-        origin = _resolve_import(module, tree, cls)
-        return dataclass_fields(origin, cls) if origin else {}
-    fields: dict[str, str] = {}
-    for base in node.bases:
-        if isinstance(base, ast.Name):
-            origin = module if any(
-                isinstance(n, ast.ClassDef) and n.name == base.id for n in tree.body
-            ) else _resolve_import(module, tree, base.id)
-            if origin:
-                fields.update(dataclass_fields(origin, base.id))
-    for stmt in node.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            annotation = ast.unparse(stmt.annotation)
-            if not annotation.startswith("ClassVar") and not stmt.target.id.startswith("_"):
-                fields[stmt.target.id] = annotation
-    return fields
+def peft_fields(method: str) -> dict[str, str]:
+    return _init_fields(peft_config_class(method)) if method in PEFT_TYPES else {}
 
 
 # Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
@@ -95,15 +56,7 @@ LORA_NS_TRAINING_FIELDS = {
 }
 
 
-def training_fields(task: str) -> dict[str, str]:
-    return {**dataclass_fields(*TRAINING_ARGS_CLASS[task]), **LORA_NS_TRAINING_FIELDS}
-
-
-def peft_fields(method: str) -> dict[str, str]:
-    return dataclass_fields(*PEFT_CONFIG_CLASS[method]) if method in PEFT_CONFIG_CLASS else {}
-
-
-_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None),
+_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "NoneType": type(None),
            "list": list, "dict": dict, "Optional": None}
 
 

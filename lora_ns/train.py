@@ -40,7 +40,6 @@ marks a finished run, see `lora_ns.checkpoints`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -49,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.checkpoints import FINISHED_MARKER
-from lora_ns.config import Recipe
-from lora_ns.errors import UserError, run_cli
+from lora_ns.config import Recipe, load_recipe
+from lora_ns.errors import run_cli
 from lora_ns.fileio import write_text_atomic
+from lora_ns.setup import Checks, print_notes, setup
 
 PROG = "lora_ns.train"
 # Training keys that hold credentials: never written to the saved recipe.
@@ -64,58 +64,6 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Overrides: key.sub=value or --key.sub value, e.g. training.max_steps=10 --peft.r 8")
     parser.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
     return parser
-
-
-def training_defaults(recipe: Recipe) -> dict[str, Any]:
-    """What lora_ns sets when the recipe's training section doesn't (see the module docstring)."""
-    import torch
-
-    from lora_ns.model import gradient_checkpointing, torch_dtype
-
-    dtype = torch_dtype(recipe.model.dtype)
-    defaults: dict[str, Any] = {
-        "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
-        "logging_steps": 10,
-        "save_strategy": "steps",
-        "save_total_limit": 2,
-        "use_cpu": not torch.cuda.is_available(),
-        "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16,
-    }
-    if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.training.keys():
-        from transformers import TrainingArguments
-
-        # transformers renamed the option (gradient_ -> activation_checkpointing) during 5.x: use this version's
-        name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
-            else "gradient_checkpointing"
-        defaults[name] = gradient_checkpointing(recipe)
-    if recipe.dataset.val_split is None:
-        defaults["eval_strategy"] = "no"
-    if recipe.task != "seq_cls":
-        from lora_ns.data import sft_defaults
-
-        defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
-        if recipe.model.attn_implementation.startswith("flash_attention"):
-            defaults.update(packing=True, packing_strategy="bfd")
-    return defaults
-
-
-def training_arguments(recipe: Recipe) -> Any:
-    """SFTConfig (causal_lm, cpt) or TrainingArguments (seq_cls) from the recipe's training section."""
-    from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS
-
-    args = {k: v for k, v in recipe.training.items()
-            if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
-    args = {**training_defaults(recipe), **args, "output_dir": recipe.output_dir}
-    if recipe.task == "seq_cls":
-        from transformers import TrainingArguments as config_class
-    else:
-        from trl import SFTConfig as config_class
-    try:
-        return config_class(**args)
-    except ValueError as err:  # the HF classes check combinations of values in __post_init__
-        raise UserError(recipe.problem("training", str(err).strip().splitlines()[0],
-                                       "fix the training section (see the HF TrainingArguments docs)"))
 
 
 def classification_eval(num_labels: int):
@@ -206,7 +154,7 @@ def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> Non
     write_text_atomic(out / FINISHED_MARKER, json.dumps(summary, indent=2))  # last: marks a finished run
 
 
-def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
+def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
     from transformers import set_seed
 
@@ -214,7 +162,6 @@ def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
     from lora_ns.data import build_datasets
     from lora_ns.model import load_model, load_tokenizer
 
-    args = training_arguments(recipe)
     set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
     tokenizer = load_tokenizer(recipe)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
@@ -228,13 +175,15 @@ def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
     return trainer, tokenizer, (trainable, total)
 
 
-def run_training(recipe: Recipe) -> tuple[Any, dict[str, Any]]:
-    """Train and save a validated recipe; return the trainer (its model is the trained one) and the summary."""
-    from lora_ns.checkpoints import disk_errors, guard_output_dir, resume_target
+def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[str, Any]]:
+    """Set up (the same checks as validate), then load the weights, train and save; return the trainer
+    (its model is the trained one) and the summary."""
+    from lora_ns.checkpoints import disk_errors, resume_target
 
     started = time.time()
-    guard_output_dir(recipe)
-    trainer, tokenizer, (trainable, total) = prepare(recipe)
+    ready = setup(recipe, dry_run=False, checks=checks)
+    print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
+    trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
     with disk_errors(recipe):
         result = trainer.train(resume_from_checkpoint=resume_target(recipe))
         summary = run_summary(recipe, trainer, result, trainable, total, started)
@@ -247,9 +196,9 @@ def run_training(recipe: Recipe) -> tuple[Any, dict[str, Any]]:
     return trainer, summary
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Train a validated recipe; return the run summary (also written to run_summary.json)."""
-    return run_training(recipe)[1]
+def train(recipe: Recipe, checks: Checks = Checks()) -> dict[str, Any]:
+    """Train a recipe (set-up checks first); return the run summary (also written to run_summary.json)."""
+    return run_training(recipe, checks)[1]
 
 
 def _fmt(value: float | None) -> str:
@@ -258,10 +207,7 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, args.overrides = make_parser().parse_known_args(argv)
-    from lora_ns.validate import check_recipe_file
-
-    recipe = check_recipe_file(args.recipe, args.overrides, for_training=True)
-    train(recipe)
+    train(load_recipe(args.recipe, args.overrides))
     return 0
 
 

@@ -1,5 +1,5 @@
 """accelerate_configs/: every file is read by accelerate's own loader and turned into the plugin
-`accelerate launch` would build from it; `lora_ns.launch_checks` catches the known-bad recipe x config
+`accelerate launch` would build from it; `lora_ns.validate.launch` catches the known-bad recipe x config
 combinations, and the configs' own mistakes, with the field to fix."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ns import launch_checks
+from lora_ns.validate import launch as launch_checks
 from lora_ns.config import parse_recipe
-from lora_ns.launch_checks import check_launch, read_launch_config
+from lora_ns.validate.launch import check_launch, read_launch_config
 
 from conftest import REPO
 

@@ -13,7 +13,7 @@ from lora_ns.config import parse_recipe
 from lora_ns.data import (
     FORMATTERS, build_datasets, encode_pairs, formatted_examples, load_raw, padding_stats, prompt_text, sft_defaults,
 )
-from lora_ns.data.inspect import check_dataset
+from lora_ns.validate.data import check_dataset
 from lora_ns.data.sources import SAMPLES_DIR
 from lora_ns.errors import UserError
 

@@ -12,7 +12,7 @@ import yaml
 
 from lora_ns.config import parse_recipe
 from lora_ns.data import build_datasets, encode_pairs, formatted_examples, load_raw
-from lora_ns.data.inspect import check_dataset
+from lora_ns.validate.data import check_dataset
 from lora_ns.errors import UserError, run_cli
 
 from conftest import REPO

@@ -62,7 +62,7 @@ def test_quantization_config_follows_recipe():
 def test_missing_bitsandbytes_is_one_line_at_validate(monkeypatch):
     import importlib.util
 
-    from lora_ns import model_check
+    from lora_ns.validate import model as model_check
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -72,7 +72,7 @@ def test_missing_bitsandbytes_is_one_line_at_validate(monkeypatch):
 
 
 def test_bitsandbytes_without_backend_is_one_line_at_validate(monkeypatch):
-    from lora_ns import model_check
+    from lora_ns.validate import model as model_check
 
     assert model_check.bitsandbytes_problem(quantized_recipe("unused", FOUR_BIT)) is None  # it runs here
 

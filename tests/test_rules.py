@@ -1,4 +1,4 @@
-"""Cross-field rules (lora_ns.rules): each fires on its own mistake, names the field and says how to fix it,
+"""Cross-field rules (lora_ns.validate.rules): each fires on its own mistake, names the field and says how to fix it,
 and stays quiet on a good recipe and on every shipped recipe."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_ns import rules
+from lora_ns.validate import rules
 from lora_ns.config import load_recipe, parse_recipe
 
 from conftest import REPO
@@ -54,6 +54,19 @@ CASES = [
     (rules.local_model_paths_exist, {"model": {"name_or_path": "./models/nowhere"}}, "model.name_or_path", "error"),
     (rules.local_model_paths_exist, {"model": {"tokenizer_name_or_path": "/nowhere/tokenizer"}},
      "model.tokenizer_name_or_path", "error"),
+    (rules.seq_cls_needs_labels, {"task": "seq_cls", "model": {**BERT, "labels": ["pos", "pos"]},
+                                  "dataset": PAIRS}, "model.labels", "error"),
+    (rules.training_values_in_range, {"training": {"per_device_train_batch_size": 0}},
+     "training.per_device_train_batch_size", "error"),
+    (rules.training_values_in_range, {"training": {"gradient_accumulation_steps": 0}},
+     "training.gradient_accumulation_steps", "error"),
+    (rules.training_values_in_range, {"training": {"learning_rate": -1e-4}}, "training.learning_rate",
+     "error"),
+    (rules.training_values_in_range, {"training": {"max_length": 0}}, "training.max_length", "error"),
+    (rules.training_values_in_range, {"training": {"save_steps": 0}}, "training.save_steps", "error"),
+    (rules.training_values_in_range, {"training": {"eval_strategy": "steps", "eval_steps": 0}},
+     "training.eval_steps", "error"),
+    (rules.peft_values_in_range, {"peft": {"method": "lora", "lora_alpha": -8}}, "peft.lora_alpha", "error"),
     (rules.checkpoints_are_saved, {"training": {"save_total_limit": 2, "save_strategy": "no"}},
      "training.save_total_limit", "warning"),
     (rules.checkpoints_are_saved, {"training": {"save_steps": 5, "save_strategy": "no"}}, "training.save_steps",

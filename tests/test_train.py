@@ -29,7 +29,7 @@ def recipe_dict(out, formatter: str = "gsm8k", path: str = "sample:gsm8k", **tra
 
 
 def test_lora_ns_defaults_and_recipe_values_win(tmp_path):
-    from lora_ns.train import training_arguments
+    from lora_ns.setup import training_arguments
 
     args = training_arguments(parse_recipe(recipe_dict(tmp_path, report_to="tensorboard")))
     assert args.save_strategy == "steps" and args.save_total_limit == 2  # resumable by default
@@ -44,7 +44,7 @@ def test_lora_ns_defaults_and_recipe_values_win(tmp_path):
 
 
 def test_packing_defaults_on_with_flash_attention_only(tmp_path):
-    from lora_ns.train import training_arguments
+    from lora_ns.setup import training_arguments
 
     flash = recipe_dict(tmp_path)
     flash["model"]["attn_implementation"] = "flash_attention_2"
@@ -55,7 +55,7 @@ def test_packing_defaults_on_with_flash_attention_only(tmp_path):
 
 
 def test_chat_rows_default_to_assistant_only_loss(tmp_path):
-    from lora_ns.train import training_arguments
+    from lora_ns.setup import training_arguments
 
     chat = recipe_dict(tmp_path, formatter="code_feedback", path="sample:code_feedback")
     assert training_arguments(parse_recipe(chat)).assistant_only_loss is True
@@ -65,9 +65,11 @@ def test_chat_rows_default_to_assistant_only_loss(tmp_path):
 
 def labelled_share(recipe: dict) -> float:
     """Share of real (non-pad) tokens that carry a label in the first collated training batch."""
+    from lora_ns.setup import setup
     from lora_ns.train import prepare
 
-    trainer, _, _ = prepare(parse_recipe(recipe))
+    recipe = parse_recipe(recipe)
+    trainer, _, _ = prepare(recipe, setup(recipe, dry_run=False).args)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     real = batch["attention_mask"].bool()
     return float((batch["labels"][real] != -100).float().mean())

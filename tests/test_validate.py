@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ns.validate import main as validate_main
+from lora_ns.validate.__main__ import main as validate_main
 
 from conftest import REPO
 

@@ -8,7 +8,7 @@ Public API (heavy libraries are imported only when these run):
   for evaluation (``split=recipe.dataset.val_split`` gives exactly the evaluation rows).
 - `encode_pairs(dataset, tokenizer, max_length, label_names)`: tokenized seq_cls rows.
 - `FORMATTERS` / `get_formatter(name)`; `render`, `prompt_text`, `sft_defaults` (lora_ns.data.render);
-  `padding_stats` (lora_ns.data.stats); `check_dataset` (lora_ns.data.inspect, used by validate).
+  `padding_stats` (lora_ns.data.stats); `check_dataset` (lora_ns.validate.data).
 """
 
 from lora_ns.data.classification import encode_pairs, label_id

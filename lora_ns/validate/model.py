@@ -188,10 +188,10 @@ def parameter_count(recipe: Recipe, model) -> Problem:
     try:
         peft_config(recipe)  # the recipe's own values, as peft checks them (e.g. TEXT init without its text)
         model = apply_peft(model, check)
-    except (ValueError, TypeError, KeyError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return recipe.problem("peft", f"peft cannot apply this config to {type(model).__name__}: {reason}",
-                              "fix the peft section (see the method's peft config docs)")
+    except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
+        from lora_ns.setup import library_problem
+
+        return library_problem(recipe, "peft", recipe.peft.options, err, "the method's peft config docs")
     for name, param in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's fixed rank; moving it to meta re-wraps it as trainable
             param.requires_grad_(False)

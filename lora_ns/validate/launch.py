@@ -82,7 +82,7 @@ def _suggest(word: str, options: set[str]) -> str:
     return f"did you mean '{close[0]}'?" if close else "see accelerate_configs/README.md for the keys accelerate knows"
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "accelerate_configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "accelerate_configs"
 
 
 def resolve_config_path(name: str | Path) -> Path:

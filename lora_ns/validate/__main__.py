@@ -1,19 +1,20 @@
 """``python -m lora_ns.validate RECIPE.yaml [overrides]`` or ``--all [DIR]``: check recipes before training.
 
-Checks the schema (unknown keys with the closest valid one, types), then the cross-field rules in
-`lora_ns.rules`. Needs no model weights and no network. Prints one line per problem; exits 0 when
-every recipe is clean (warnings allowed), 2 otherwise.
+Checks the schema (unknown keys with the closest valid one, types), then runs train's own set-up
+(`lora_ns.setup`) in dry-run: the rules, the real training arguments and peft config, the model on the
+meta device, a data sample through the tokenizer. Needs no model weights and no network. Prints one
+line per problem; exits 0 when every recipe is clean (warnings allowed), 2 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from lora_ns.config import Recipe, load_recipe
+from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.setup import Checks, check_recipe_file
 
 PROG = "lora_ns.validate"
 RECIPES_DIR = Path("recipes")
@@ -29,54 +30,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accelerate-config", metavar="YAML",
                         help="also check the recipe against this accelerate config (DeepSpeed/FSDP combinations)")
     return parser
-
-
-@dataclass(frozen=True)
-class Checks:
-    """Which of the slower checks to run beside the schema and the cross-field rules."""
-
-    data: bool = True
-    model: bool = True
-    accelerate_config: str | None = None
-
-
-def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
-    """Checks that read the data sample, the model config, or the accelerate config."""
-    problems: list[Problem] = []
-    if checks.data:
-        from lora_ns.data.inspect import check_dataset
-
-        problems += check_dataset(recipe)
-    if checks.model:
-        from lora_ns.model_check import check_model
-
-        problems += check_model(recipe)
-    if checks.accelerate_config:
-        from lora_ns.launch_checks import check_launch
-
-        problems += check_launch(recipe, checks.accelerate_config)
-    return problems
-
-
-def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_training: bool = False,
-                      checks: Checks = Checks()) -> Recipe:
-    """Load and check one recipe; raise `UserError` with every error; print warnings; return the recipe."""
-    from lora_ns.rules import check_rules
-
-    recipe = load_recipe(path, overrides)
-    if for_training:
-        from lora_ns.checkpoints import guard_output_dir
-
-        guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
-    problems = check_rules(recipe, for_training)
-    if not any(p.is_error for p in problems):
-        problems += deep_problems(recipe, checks)
-    errors = [p for p in problems if p.is_error]
-    if errors:
-        raise UserError(errors)
-    for note in problems:  # warnings, and "info" lines such as dataset length stats
-        print(f"{PROG}: {note.severity}: {note}", file=sys.stderr)
-    return recipe
 
 
 def describe(recipe: Recipe) -> str:

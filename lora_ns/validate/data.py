@@ -41,7 +41,7 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
     """Errors, warnings and info lines from a sample of the recipe's data (see the module docstring)."""
     cfg = recipe.dataset
     if cfg.formatter not in FORMATTERS:
-        return []  # lora_ns.rules reports it
+        return []  # lora_ns.validate.rules reports it
     problems: list[Problem] = []
     if cfg.prompt_template is not None and (why := template_problem(cfg.prompt_template)):
         problems.append(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
@@ -73,7 +73,7 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
     """The first rows with their locations; None when a Hub dataset cannot be reached."""
     if not isinstance(src, HubSource):
         return list(islice(iter_rows(src), SAMPLE_ROWS))
-    from lora_ns.model_check import hub_reachable
+    from lora_ns.validate.model import hub_reachable
 
     if not hub_reachable():  # fail in seconds, not after huggingface_hub's ~25 s of retries
         return None

@@ -1,7 +1,11 @@
 """Cross-field rules: each a small named function from a Recipe to the problems it finds.
 
-They run after the schema check and need no model weights. Add a rule by writing a function and
-listing it in RULES; every message says how to fix the recipe.
+They run after the schema check and need no model weights, inside train's set-up (`lora_ns.setup`),
+which then builds the real SFTConfig / TrainingArguments and peft config: what those objects check
+themselves (at most one of bf16 and fp16, scheduler and optimizer names, negative warmup_steps,
+logging_steps 0, ...) is not repeated here. These rules cover what the libraries accept and then fail
+on mid-run, or silently train nothing with. Add a rule by writing a function and listing it in RULES;
+every message says how to fix the recipe.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def seq_cls_needs_labels(r: Recipe) -> Iterator[Problem]:
     if m.num_labels and m.labels and m.num_labels != len(m.labels):
         yield r.problem("model.labels", f"{len(m.labels)} names for num_labels={m.num_labels}",
                         "give one name per class")
+    if m.labels and len(set(m.labels)) != len(m.labels):
+        twice = sorted({name for name in m.labels if m.labels.count(name) > 1})
+        yield r.problem("model.labels", f"{', '.join(twice)} named twice (label ids map names one to one)",
+                        "give each class its own name")
 
 
 def seq_cls_head_saved(r: Recipe) -> Iterator[Problem]:
@@ -63,6 +71,42 @@ def streaming_needs_max_steps(r: Recipe) -> Iterator[Problem]:
     if r.dataset.streaming and int(r.training.get("max_steps", -1)) <= 0:
         yield r.problem("training.max_steps", "a streamed dataset has no length, so epochs are undefined",
                         "set training.max_steps")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
+AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+
+
+def training_values_in_range(r: Recipe) -> Iterator[Problem]:
+    """Values SFTConfig / TrainingArguments accept but training crashes on (or learns nothing from)."""
+    t = r.training
+    for key in AT_LEAST_ONE:
+        if (v := _number(t.get(key))) is not None and v < 1:
+            yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
+                            f"set training.{key}: 1")
+    if (lr := _number(t.get("learning_rate"))) is not None and lr < 0:
+        yield r.problem("training.learning_rate", f"learning_rate {t['learning_rate']} is negative",
+                        "use a positive rate such as 2e-4")
+    if r.task != "seq_cls" and (n := _number(t.get("max_length"))) is not None and n < 1:
+        yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
+                        "set training.max_length (e.g. 1024), or null for no truncation")
+    for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
+        on = str(t.get(strategy, "steps" if key == "save_steps" else "no")) == "steps"
+        if on and (v := _number(t.get(key))) is not None and v <= 0:
+            yield r.problem(f"training.{key}", f"{key} {t[key]} with {strategy} 'steps' never fires",
+                            f"set training.{key} > 0 (a step count, or a fraction < 1 of the run)")
+
+
+def peft_values_in_range(r: Recipe) -> Iterator[Problem]:
+    """LoRA's scale is lora_alpha / r: peft accepts any alpha, but 0 trains nothing and < 0 is no scale."""
+    alpha = _number(r.peft.options.get("lora_alpha"))
+    if r.peft.method in ("lora", "qlora", "adalora") and alpha is not None and alpha <= 0:
+        yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
+                        "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
 
 
 def val_fraction_in_range(r: Recipe) -> Iterator[Problem]:
@@ -188,7 +232,8 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 RULES: list[Rule] = [
     qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
-    eval_needs_val_split, streaming_needs_max_steps, val_fraction_in_range,
+    eval_needs_val_split, streaming_needs_max_steps, training_values_in_range, peft_values_in_range,
+    val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
     no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
     checkpoints_are_saved,

@@ -1,0 +1,136 @@
+"""One path: validate runs train's own set-up (`lora_ns.setup`), so validate and train agree.
+
+Each REJECTED recipe is one that used to pass validate and then crash train after the model loaded (or
+"finish" 0 steps): validate must now refuse it with exit 2 and one line naming the file, the field and
+a fix. Each ACCEPTED variant passes validate and then trains one step: nothing that validate lets
+through fails in train's set-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_ns.config import load_recipe
+from lora_ns.errors import run_cli
+from lora_ns.validate.__main__ import main as validate_main
+
+from conftest import REPO
+
+GOOD = {
+    "task": "causal_lm",
+    "model": {"name_or_path": "builtin:tiny-llama", "dtype": "fp32"},
+    "peft": {"method": "lora", "r": 4, "lora_alpha": 8},
+    "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", "max_samples": 16},
+    "training": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 128, "report_to": "none",
+                 "logging_steps": 1},
+}
+SEQ_CLS = {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "num_labels": 2},
+           "dataset": {"path": "sample:glue_mrpc", "formatter": "glue_mrpc", "max_samples": 16},
+           "training": {"max_length": None}}
+EVAL_ON = {"dataset": {"val_split": 0.25}, "training": {"eval_strategy": "steps", "eval_steps": 1}}
+
+# (id, change merged into GOOD, field the one error line must name)
+BATCH, ACCUM = "per_device_train_batch_size", "gradient_accumulation_steps"
+REJECTED = [
+    ("batch_size_0", {"training": {BATCH: 0}}, f"training.{BATCH}"),
+    ("eval_batch_size_0", {"training": {"per_device_eval_batch_size": 0}}, "training.per_device_eval_batch_size"),
+    ("grad_accum_0", {"training": {ACCUM: 0}}, f"training.{ACCUM}"),
+    ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),
+    ("max_length_negative", {"training": {"max_length": -1}}, "training.max_length"),
+    ("save_steps_0", {"training": {"save_steps": 0}}, "training.save_steps"),
+    ("zero_epochs", {"training": {"max_steps": -1, "num_train_epochs": 0}}, "training.num_train_epochs"),
+    ("bf16_and_fp16", {"training": {"bf16": True, "fp16": True}}, "training.fp16"),
+    ("warmup_ratio_gone", {"training": {"warmup_ratio": 1.5}}, "training.warmup_ratio"),
+    ("warmup_steps_negative", {"training": {"warmup_steps": -1}}, "training.warmup_steps"),
+    ("logging_steps_0", {"training": {"logging_steps": 0}}, "training.logging_steps"),
+    ("eval_steps_0", {**EVAL_ON, "training": {**EVAL_ON["training"], "eval_steps": 0}},
+     "training.eval_steps"),
+    ("unknown_scheduler", {"training": {"lr_scheduler_type": "cosine_x"}}, "training.lr_scheduler_type"),
+    ("unknown_optim", {"training": {"optim": "adamw_fancy"}}, "training.optim"),
+    ("lora_alpha_negative", {"peft": {"lora_alpha": -8}}, "peft.lora_alpha"),
+    ("lora_alpha_0", {"peft": {"lora_alpha": 0}}, "peft.lora_alpha"),
+    ("r_0", {"peft": {"r": 0}}, "peft.r"),
+    ("dropout_1.5", {"peft": {"lora_dropout": 1.5}}, "peft.lora_dropout"),
+    ("target_list_names_nothing", {"peft": {"target_modules": ["q_projection"]}}, "peft.target_modules"),
+    ("target_regex_matches_nothing", {"peft": {"target_modules": "nothing_here.*"}}, "peft.target_modules"),
+    ("duplicate_labels", {**SEQ_CLS, "model": {**SEQ_CLS["model"], "labels": ["pos", "pos"]}},
+     "model.labels"),
+]
+if importlib.util.find_spec("wandb") is None:
+    REJECTED.append(("report_to_missing_logger", {"training": {"report_to": "wandb"}}, "training.report_to"))
+
+# (id, change merged into GOOD): all must validate and then train one step.
+ACCEPTED = [
+    ("lora", {}),
+    ("ia3", {"peft": {"method": "ia3"}}),
+    ("adalora", {"peft": {"method": "adalora", "init_r": 4, "target_r": 2, "lora_alpha": 8}}),
+    ("prompt_tuning", {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4}}),
+    ("full", {"peft": {"method": "full"}}),
+    ("eval_on", EVAL_ON),
+    ("packing", {"training": {"packing": True}}),
+    ("seq_cls", {**SEQ_CLS, "peft": {"method": "lora", "r": 4, "lora_alpha": 8,
+                                     "modules_to_save": ["classifier"]}}),
+    ("cpt", {"task": "cpt", "dataset": {"path": "sample:text", "formatter": "text", "max_samples": None}}),
+]
+
+
+def merged(change: dict) -> dict:
+    """GOOD with `change` merged in, section by section; a None value removes the key, and a peft
+    section naming its method replaces GOOD's."""
+    data = copy.deepcopy(GOOD)
+    for key, value in change.items():
+        if isinstance(value, dict) and not (key == "peft" and "method" in value):
+            value = {k: v for k, v in {**data.get(key, {}), **value}.items() if v is not None}
+        data[key] = value
+    return data
+
+
+def write(tmp_path: Path, name: str, change: dict) -> Path:
+    data = merged(change)
+    data["training"]["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name,change,field", REJECTED, ids=[c[0] for c in REJECTED])
+def test_validate_rejects_what_train_would_fail_on(name, change, field, tmp_path, capsys, tiny_llama,
+                                                  tiny_bert):
+    path = write(tmp_path, name, change)
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(path), "--no-data"])) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines  # one problem, one line, no traceback
+    head, _, fix = lines[0].partition(" — ")
+    assert head.startswith(f"lora_ns.validate: error: {path}:") and f" {field}: " in head, lines[0]
+    assert fix.strip(), lines[0]  # says how to fix it
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("name,change", ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_what_validate_accepts_trains(name, change, tmp_path, capsys, tiny_llama, tiny_bert):
+    from lora_ns.train import train
+
+    path = write(tmp_path, name, change)
+    assert validate_main([str(path)]) == 0, capsys.readouterr().err
+    assert "error" not in capsys.readouterr().err
+    summary = train(load_recipe(path))
+    assert summary["steps"] == 1
+    out = tmp_path / "out"
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 1
+    saved = load_recipe(out / "recipe.yaml")
+    assert saved.peft.options == load_recipe(path).peft.options  # what was given, not what peft appended
+
+
+def test_train_does_not_import_the_validate_command():
+    """validate imports train's set-up, never the other way round."""
+    code = "import sys, lora_ns.train; assert 'lora_ns.validate.__main__' not in sys.modules, 'imported'"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
