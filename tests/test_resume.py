@@ -1,5 +1,6 @@
-"""Resuming: a run killed with SIGKILL mid-way and started again ends with the same adapter as a run that
-was never interrupted; the checkpoint helpers pick the right folder; save_total_limit is honoured."""
+"""Resuming: a run killed with SIGKILL mid-way and started again trains only the remaining steps and ends
+with the same adapter as a run that was never interrupted; the checkpoint helpers pick the right folder;
+save_total_limit is honoured."""
 
 from __future__ import annotations
 
