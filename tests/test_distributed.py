@@ -155,9 +155,8 @@ def test_data_is_split_between_ranks(ddp_run):
 
 
 def test_loss_goes_down(ddp_run):
-    losses = [e["loss"] for e in ddp_run["state"]["log_history"] if "loss" in e]
     """The same global batch every step: lr 0 would log the same loss each step (up to float rounding in the
-    reduction, ~1e-6); 4 steps at lr 1e-2 take ~0.5 nats off, so 0.1 is a real margin."""
+    reduction, ~1e-6); 4 steps at lr 1e-2 take ~0.3 nats off (6.95 -> 6.66), so 0.1 is a real margin."""
     losses = [e["loss"] for e in ddp_run["state"]["log_history"] if "loss" in e]
     assert len(losses) == STEPS
     assert losses[-1] < losses[0] - 0.1, losses
