@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LORA_NS_CACHE", tempfile.mkdtemp(prefix="lora_ns_test_cache_"))
+# Every cache the tests read or write lives in one folder made for this session and removed after it:
+# nothing lands in ~/.cache, and neither a user's Hugging Face caches (hub models, datasets) nor their
+# LORA_NS_CACHE can change what the tests run. Assigned, not setdefault. Subprocesses inherit it, so
+# the builtin tiny models are built once per session and shared by every test.
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="lora_ns_tests_"))
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+os.environ["HF_HOME"] = str(_SESSION_CACHE / "hf")
+os.environ["HF_HUB_CACHE"] = str(_SESSION_CACHE / "hf" / "hub")
+os.environ["HF_DATASETS_CACHE"] = str(_SESSION_CACHE / "hf" / "datasets")
+os.environ["LORA_NS_CACHE"] = str(_SESSION_CACHE / "lora_ns")
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +19,10 @@ import pytest
 
 from conftest import REPO
 
-WORLD_SIZE, BATCH, STEPS, SAMPLES = 2, 2, 4, 16
+# SAMPLES = WORLD_SIZE x BATCH: every step trains on the same global batch (its rows split between the ranks),
+# so the logged losses, averaged over the ranks, are comparable from step to step.
+WORLD_SIZE, BATCH, STEPS = 2, 2, 4
+SAMPLES = WORLD_SIZE * BATCH
 
 RECIPE = f"""\
 task: causal_lm
@@ -91,10 +94,8 @@ if _LOG and _OUT and "RANK" in os.environ:  # only the ranks, not the launcher
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A rendezvous port taken by another process between the launcher choosing it and binding it.
+PORT_TAKEN = re.compile(r"EADDRINUSE|address already in use|another process is utilizing it", re.I)
 
 
 def read_trace(log: Path, rank: int) -> list[dict]:
@@ -102,10 +103,8 @@ def read_trace(log: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, tiny_llama):
-    """One 2-rank run; the tests below each check one property of it."""
-    tmp = tmp_path_factory.mktemp("ddp")
+def launch(tmp: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """examples/train_multi_gpu.sh on a fresh folder: (output dir, trace log, the finished process)."""
     (tmp / "hooks").mkdir()
     (tmp / "hooks" / "sitecustomize.py").write_text(TRACER, encoding="utf-8")
     recipe = tmp / "ddp.yaml"
@@ -113,13 +112,25 @@ def ddp_run(tmp_path_factory, tiny_llama):
     out, log = tmp / "out", tmp / "trace"
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(tmp / "hooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE), "MAIN_PROCESS_PORT": str(free_port()),
+           "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE),
+           "MAIN_PROCESS_PORT": "0",  # accelerate picks a free port itself, right before it starts the ranks
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "HF_DATASETS_CACHE": str(tmp / "hf_datasets_cache"),  # fresh: rank 0 must really tokenize
            "LORA_NS_TRACE_LOG": str(log), "LORA_NS_TRACE_OUT": str(out)}
     result = subprocess.run(["bash", str(REPO / "examples" / "train_multi_gpu.sh"), str(recipe),
                              f"training.output_dir={out}"], cwd=tmp, env=env, capture_output=True, text=True,
                             timeout=540)
+    return out, log, result
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_llama):
+    """One 2-rank run; the tests below each check one property of it."""
+    for attempt in range(3):  # a new attempt only when the rendezvous port was taken under us
+        tmp = tmp_path_factory.mktemp("ddp")
+        out, log, result = launch(tmp)
+        if result.returncode == 0 or not PORT_TAKEN.search(result.stderr):
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     checkpoint = out / f"checkpoint-{STEPS}"
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
@@ -144,9 +155,11 @@ def test_data_is_split_between_ranks(ddp_run):
 
 
 def test_loss_goes_down(ddp_run):
+    """The same global batch every step: lr 0 would log the same loss each step (up to float rounding in the
+    reduction, ~1e-6); 4 steps at lr 1e-2 take ~0.3 nats off (6.95 -> 6.66), so 0.1 is a real margin."""
     losses = [e["loss"] for e in ddp_run["state"]["log_history"] if "loss" in e]
     assert len(losses) == STEPS
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 def test_only_rank_zero_writes(ddp_run):

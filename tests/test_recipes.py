@@ -4,6 +4,7 @@ data swapped for the offline tiny model and the bundled sample in the same schem
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def offline_overrides(path: Path, out: Path) -> list[str]:
                  "dataset.name=null", "dataset.revision=null", "dataset.streaming=false",
                  "model.dtype=fp32", "training.bf16=false", "training.fp16=false",
                  "training.max_steps=2", "training.per_device_train_batch_size=2",
-                 "training.gradient_accumulation_steps=1", "training.report_to=none",
+                 "training.gradient_accumulation_steps=1", "training.report_to=none", "training.logging_steps=1",
+                 "training.logging_nan_inf_filter=false",  # log a NaN loss as NaN (HF's default logs it as 0.0)
                  f"training.output_dir={out}"]
     if recipe.quantization.load_in_4bit:
         overrides.append("quantization.bnb_4bit_compute_dtype=fp32")
@@ -43,9 +45,15 @@ def test_recipe_trains_offline(path, tmp_path):
     recipe = check_recipe_file(path, offline_overrides(path, out), for_training=True)
     summary = train(recipe)
     assert summary["steps"] == 2
+    # Both steps logged a finite loss (a NaN/inf from a bad dtype, scale or learning rate fails here).
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+    assert math.isfinite(summary["train_loss"]), summary
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
     saved = load_recipe(out / "recipe.yaml")
     assert saved.peft.method == recipe.peft.method and saved.dataset.formatter == recipe.dataset.formatter
     weights = ["adapter_model.safetensors"] if recipe.peft.method != "full" else ["model.safetensors"]
+    from safetensors.torch import load_file
+
     for name in weights:
-        assert (out / name).is_file()
+        assert all(t.isfinite().all() for t in load_file(str(out / name)).values()), f"{name}: NaN/inf weights"

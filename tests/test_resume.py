@@ -1,8 +1,10 @@
-"""Resuming: a run killed with SIGKILL mid-way and started again ends with the same adapter as a run that
-was never interrupted; the checkpoint helpers pick the right folder; save_total_limit is honoured."""
+"""Resuming: a run killed with SIGKILL mid-way and started again trains only the remaining steps and ends
+with the same adapter as a run that was never interrupted; the checkpoint helpers pick the right folder;
+save_total_limit is honoured."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,8 +119,47 @@ def test_finished_run_is_kept_unless_overwrite(tmp_path):
 
 # --- the real thing: SIGKILL, resume, compare ---------------------------------------------------------
 
-def start(recipe_path: Path, out: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_ns.train", str(recipe_path), f"training.output_dir={out}"],
+# `python -m lora_ns.train` with one test-only TrainerCallback added (lora_ns itself is untouched):
+# "hold" writes the step of the first checkpoint to a marker file once it is saved, then sleeps until
+# killed, so the run cannot race past the kill however busy the machine; "record" appends every step the
+# process itself trains, so the test sees whether a resumed run trained only the remaining steps.
+WRAPPER = """\
+import os, sys, time
+from transformers import TrainerCallback
+import lora_ns.train as train
+from lora_ns.errors import run_cli
+
+MODE, FILE = sys.argv.pop(1), sys.argv.pop(1)
+
+class Probe(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if MODE == "record":
+            with open(FILE, "a", encoding="utf-8") as f:
+                f.write(f"{state.global_step}\\n")
+
+    def on_save(self, args, state, control, **kwargs):
+        if MODE == "hold":
+            with open(FILE + ".tmp", "w", encoding="utf-8") as f:
+                f.write(str(state.global_step))
+            os.replace(FILE + ".tmp", FILE)
+            time.sleep(3600)
+
+build = train.build_trainer
+
+def build_trainer(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+    trainer.add_callback(Probe())
+    return trainer
+
+train.build_trainer = build_trainer
+sys.exit(run_cli(train.PROG, lambda: train.main(sys.argv[1:])))
+"""
+
+
+def start(recipe_path: Path, out: Path, env: dict, probe: tuple[str, Path] | None = None) -> subprocess.Popen:
+    """lora_ns.train on the recipe; with `probe` (mode, file), through WRAPPER."""
+    command = ["-m", "lora_ns.train"] if probe is None else ["-c", WRAPPER, probe[0], str(probe[1])]
+    return subprocess.Popen([sys.executable, *command, str(recipe_path), f"training.output_dir={out}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -129,15 +170,20 @@ def finish(proc: subprocess.Popen, what: str) -> str:
     return stderr
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 300) -> None:
+def kill_when_held(proc: subprocess.Popen, marker: Path, timeout: float = 300) -> int:
+    """Wait (generously) until the run holds after its first checkpoint, SIGKILL it; the checkpoint's step."""
     deadline = time.monotonic() + timeout
-    while last_checkpoint(out) is None:
-        assert proc.poll() is None, "the run ended before it wrote a checkpoint:\n" + proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it wrote a checkpoint:\n" + proc.communicate()[1][-3000:])
+        if time.monotonic() > deadline:
+            os.kill(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint within {timeout} s")
+        time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    return int(marker.read_text(encoding="utf-8"))
 
 
 def adapter(folder: Path) -> dict:
@@ -154,24 +200,30 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_llama):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"), "CUDA_VISIBLE_DEVICES": ""}
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    held, trained = tmp_path / "held", tmp_path / "trained_steps"
 
     straight = start(recipe_path, reference, env)  # runs alongside the one that gets killed
-    victim = start(recipe_path, interrupted, env)
-    kill_after_first_checkpoint(victim, interrupted)
-    assert not (interrupted / FINISHED_MARKER).exists()
+    killed_at = kill_when_held(start(recipe_path, interrupted, env, ("hold", held)), held)
+    assert killed_at == SAVE_EVERY and not (interrupted / FINISHED_MARKER).exists()
     resume_from = last_checkpoint(interrupted)
-    assert int(resume_from.rsplit("-", 1)[1]) < STEPS, "the run was not killed mid-way"
+    assert resume_from == str(interrupted / f"checkpoint-{killed_at}")
 
-    resumed_log = finish(start(recipe_path, interrupted, env), "the resumed run")
+    resumed_log = finish(start(recipe_path, interrupted, env, ("record", trained)), "the resumed run")
     finish(straight, "the uninterrupted run")
     assert f"resuming from {resume_from}" in resumed_log
+    # The resumed process trained only the remaining steps, continuing the step count (a run that said
+    # "resuming" but started over from step 0 would reach the same weights with the same seed).
+    steps = [int(line) for line in trained.read_text(encoding="utf-8").split()]
+    assert steps == list(range(killed_at + 1, STEPS + 1)), steps
+    history = json.loads((interrupted / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, STEPS + 1))  # one log per step, no repeats
 
     want, got = adapter(reference), adapter(interrupted)
     assert want.keys() == got.keys() and want
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
-    trained = adapter(reference)
-    assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n), "lora_B never left zero"
+    trained_weights = adapter(reference)
+    assert any(t.abs().sum() > 0 for n, t in trained_weights.items() if "lora_B" in n), "lora_B never left zero"
 
     for out in (reference, interrupted):  # save_total_limit: only the newest KEEP checkpoints survive
         kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
