@@ -9,8 +9,8 @@ import pytest
 from lora_ns.answers import answers_match, canonical_number, extract_answer, same_answer
 
 # A GSM8K train solution: "the final answer is" names an intermediate quantity before "#### 120".
-GSM8K_ROW = ("Since there are 8 pints in a gallon, the final answer is 15 gallons * 8 pints / gallon = 120 pints\n"
-             "#### 120")
+GSM8K_ROW = ("Since there are 8 pints in a gallon, "
+             "the final answer is 15 gallons * 8 pints / gallon = 120 pints\n#### 120")
 # MetaMathQA's MATH-derived rows end "The answer is: <LaTeX>".
 METAMATH_HALF = ("The probability is $\\frac{3}{6}$, which simplifies to $\\frac{1}{2}$.\n"
                  "The answer is: \\frac{1}{2}")
