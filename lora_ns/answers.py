@@ -1,8 +1,10 @@
 """Final-answer extraction and comparison for math datasets (GSM8K, MetaMathQA incl. its MATH rows).
 
 Which answer: GSM8K's ``####`` wins (its solutions say "the final answer is 15 gallons * 8 pints /
-gallon = 120 pints" before "#### 120"); otherwise the LAST marker ("The answer is", "answer:",
-``\\boxed{...}``), as a model states its answer at the end; otherwise the last number in the text.
+gallon = 120 pints" before "#### 120"), its first one (``####`` ends a solution: a model that runs
+on into a made-up next question has answered before it); otherwise the LAST marker ("The answer
+is", "answer:", ``\\boxed{...}``), as a model states its answer at the end; otherwise the last
+number in the text.
 After a marker the answer runs to the end of its line or sentence, and after its last "=" (so
 "= 120 pints" gives 120); a ``\\boxed{}`` holds exactly its brace-balanced content.
 
@@ -31,7 +33,7 @@ from functools import lru_cache
 _NUMBER = re.compile(
     r"(?P<sign>(?<![\w.)])[-\u2212])?[$€£¥]?"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-_GSM8K_MARKER = re.compile(r"####")
+_GSM8K_MARKER = re.compile("####")
 _MARKERS = re.compile(r"the (?:final )?answer is:?|\banswer:|\\boxed\{", re.IGNORECASE)
 # Signs that an answer is a LaTeX expression for math-verify rather than one number; a plain "3/4".
 _LATEX = re.compile(r"\\[a-zA-Z]|\^|\{|^[(\[].*,.*[)\]]$")  # commands, powers, groups, (1, 2) / [0, 1)
@@ -105,8 +107,7 @@ def extract_answer(text: str | None) -> str | None:
     """The final answer in a model output or reference solution (see the module docstring); None if none."""
     if not text:
         return None
-    gsm8k = list(_GSM8K_MARKER.finditer(text))
-    marker = gsm8k[-1] if gsm8k else next(reversed(list(_MARKERS.finditer(text))), None)
+    marker = _GSM8K_MARKER.search(text) or next(reversed(list(_MARKERS.finditer(text))), None)
     if marker:
         rest = text[marker.end():]
         span = _braced(rest, 0) if marker.group().endswith("{") else _statement(rest)

@@ -32,6 +32,7 @@ METAMATH_THIRD = "So two of the six outcomes work: $\\frac{2}{6}$.\nThe answer i
     ("5-3=2", "2"),
     ("first 10, then 20, finally 30", "30"),      # "10, 20" are not one number with a thousands comma
     ("#### 18\nQuestion: Tom has 99 cats", "18"),  # the marker wins over a later number
+    ("#### 18\n\nQuestion: Tom has 99 cats. How many?\nAnswer: 99 cats.\n#### 99", "18"),  # a run-on
     ("The final answer is \\boxed{-12}", "-12"),
     ("half of it: .5 cups", "0.5"),
     ("The answer is 0.00", "0"),
