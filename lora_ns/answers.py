@@ -1,22 +1,46 @@
-"""Final-answer extraction for math datasets (GSM8K, MetaMath).
+"""Final-answer extraction and comparison for math datasets (GSM8K, MetaMathQA incl. its MATH rows).
 
-The answer is the first number after a marker (``####``, "The answer is", ``\\boxed{``), else the
-last number in the text. Numbers are returned in a canonical form so that equal values compare
-equal as strings: thousands commas and currency signs dropped, negatives and decimals kept,
-trailing zeros removed ("1,080" -> "1080", "$1,234.50" -> "1234.5", "-3.0" -> "-3").
+Which answer: GSM8K's ``####`` wins (its solutions say "the final answer is 15 gallons * 8 pints /
+gallon = 120 pints" before "#### 120"), its first one (``####`` ends a solution: a model that runs
+on into a made-up next question has answered before it); otherwise the LAST marker ("The answer
+is", "answer:", ``\\boxed{...}``), as a model states its answer at the end; otherwise the last
+number in the text.
+After a marker the answer runs to the end of its line or sentence, and after its last "=" (so
+"= 120 pints" gives 120); a ``\\boxed{}`` holds exactly its brace-balanced content.
+
+What comes back: a plain number in canonical form, so equal values are equal strings (thousands
+commas and currency signs dropped, trailing zeros removed: "1,080" -> "1080", "$1,234.50" ->
+"1234.5", "-3.0" -> "-3"); or, when the answer is an expression (MATH's ``\\frac{1}{2}``,
+``\\sqrt{5}``, "1/2"), its LaTeX text.
+
+Comparison (`answers_match`): two numbers compare as strings (fast, exact); anything else goes to
+Hugging Face's math-verify (sympy), so ``\\frac{1}{2}`` == ``0.5`` == ``\\dfrac{1}{2}`` and
+``\\frac{1}{2}`` != ``\\frac{1}{3}``. math-verify bounds each parse/compare with ``signal.alarm``,
+which only the main thread may use; elsewhere its timeout is off and only expressions of at most
+`MAX_EXPRESSION_CHARS` go to sympy (longer ones compare as text), so a stray huge expression
+cannot hang an evaluation.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 
 # A minus counts only when it is not the operator of "5-3"; commas only in thousands groups,
 # so "1,2,3" is three numbers, not 123.
 _NUMBER = re.compile(
     r"(?P<sign>(?<![\w.)])[-\u2212])?[$€£¥]?"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-_MARKERS = re.compile(r"####|the (?:final )?answer is|\\boxed\{", re.IGNORECASE)
+_GSM8K_MARKER = re.compile("####")
+_MARKERS = re.compile(r"the (?:final )?answer is:?|\banswer:|\\boxed\{", re.IGNORECASE)
+# Signs that an answer is a LaTeX expression for math-verify rather than one number; a plain "3/4".
+_LATEX = re.compile(r"\\[a-zA-Z]|\^|\{|^[(\[].*,.*[)\]]$")  # commands, powers, groups, (1, 2) / [0, 1)
+_FRACTION = re.compile(r"(?<![\w.])-?\d+\s*/\s*\d+(?![\w.])")
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
+MAX_EXPRESSION_CHARS = 200
+TIMEOUT_SECONDS = 5
 
 
 def canonical_number(text: str) -> str | None:
@@ -43,20 +67,88 @@ def _numbers(text: str) -> list[str]:
     return found
 
 
+def _braced(text: str, start: int) -> str:
+    """The content of the brace group opened just before `start` (to the end of `text` if unclosed)."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return text[start:]
+
+
+def _statement(text: str) -> str:
+    """What follows "The answer is" / "####": to the end of its sentence or line, after its last '='."""
+    text = text.strip()
+    if text.startswith("$") and "$" in text[1:]:
+        text = text[1:text.index("$", 1)]  # "$\frac{1}{2}$." -> the math part
+    boxed = re.search(r"\\boxed\{", text)
+    if boxed:
+        text = _braced(text, boxed.end())
+    else:
+        end = _SENTENCE_END.search(text)
+        text = text[:end.start()] if end else text
+    return text.rsplit("=", 1)[-1]
+
+
+def _answer(span: str) -> str | None:
+    """A canonical number, or the expression's LaTeX; None when `span` holds neither."""
+    span = span.strip().strip("$").strip().rstrip(".,;").strip()
+    if _LATEX.search(span):
+        return span
+    fraction = _FRACTION.search(span)
+    if fraction:
+        return fraction.group().replace(" ", "")
+    numbers = _numbers(span)
+    return numbers[0] if numbers else None
+
+
 def extract_answer(text: str | None) -> str | None:
-    """The final numeric answer in a model output or reference solution, canonical; None if there is none."""
+    """The final answer in a model output or reference solution (see the module docstring); None if none."""
     if not text:
         return None
-    marker = _MARKERS.search(text)
+    marker = _GSM8K_MARKER.search(text) or next(reversed(list(_MARKERS.finditer(text))), None)
     if marker:
-        after = _numbers(text[marker.end():])
-        if after:
-            return after[0]
+        rest = text[marker.end():]
+        span = _braced(rest, 0) if marker.group().endswith("{") else _statement(rest)
+        found = _answer(span)
+        if found is not None:
+            return found
     numbers = _numbers(text)
     return numbers[-1] if numbers else None
 
 
+@lru_cache(maxsize=4096)
+def _parsed(answer: str, timeout: int | None) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse(f"${answer}$", parsing_timeout=timeout))
+
+
+def _equivalent(prediction: str, reference: str) -> bool:
+    """math-verify's verdict, the reference as gold (its check is not symmetric)."""
+    if max(len(prediction), len(reference)) > MAX_EXPRESSION_CHARS:
+        return prediction == reference
+    from math_verify import verify
+
+    timeout = TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+    gold, pred = _parsed(reference, timeout), _parsed(prediction, timeout)
+    if not gold or not pred:
+        return prediction == reference
+    return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
+
+
+def answers_match(prediction: str | None, reference: str | None) -> bool:
+    """Whether two extracted answers are equal: exact for numbers, by math-verify for expressions."""
+    if prediction is None or reference is None:
+        return False
+    if prediction == reference:
+        return True
+    if canonical_number(prediction) is not None and canonical_number(reference) is not None:
+        return False  # two different canonical numbers: no need for sympy
+    return _equivalent(prediction, reference)
+
+
 def same_answer(prediction: str | None, reference: str | None) -> bool:
-    """True when both texts have a final number and the numbers are equal."""
-    a, b = extract_answer(prediction), extract_answer(reference)
-    return a is not None and a == b
+    """True when both texts have a final answer and the answers are equal."""
+    return answers_match(extract_answer(prediction), extract_answer(reference))

@@ -142,13 +142,13 @@ def generate_answers(loaded, recipe, examples, args) -> list[dict[str, Any]]:
 
 def score_math(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Fill in the extracted answers of each row; exact-match accuracy over them."""
-    from lora_ns.answers import extract_answer
+    from lora_ns.answers import answers_match, extract_answer
     from lora_ns.metrics import exact_match
 
     for row in rows:
         row["reference_answer"] = extract_answer(row["reference"])
         row["predicted_answer"] = extract_answer(row["prediction"])
-        row["correct"] = row["predicted_answer"] is not None and row["predicted_answer"] == row["reference_answer"]
+        row["correct"] = answers_match(row["predicted_answer"], row["reference_answer"])
     return {"exact_match": exact_match([r["predicted_answer"] for r in rows], [r["reference_answer"] for r in rows]),
             "answer_found": sum(r["predicted_answer"] is not None for r in rows) / len(rows)}
 

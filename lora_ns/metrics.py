@@ -2,7 +2,8 @@
 
 - classification: scikit-learn (accuracy, F1, precision, recall; binary average for 2 classes,
   macro otherwise);
-- exact match: scikit-learn's accuracy over canonical answer strings (see `lora_ns.answers`);
+- exact match: the share of extracted answers equal to the reference's (`lora_ns.answers`: canonical
+  numbers compare as strings, LaTeX expressions through Hugging Face's math-verify);
 - BLEU: sacrebleu's corpus BLEU, with its ``zh`` tokenizer when the references contain CJK text,
   so Chinese is scored per character;
 - ROUGE-L: rouge-score's F-measure, with a tokenizer that keeps CJK characters (rouge-score's
@@ -40,14 +41,13 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int], nu
 
 
 def exact_match(predictions: Sequence[str | None], references: Sequence[str | None]) -> float:
-    """Share of predictions equal to their reference; a missing (None) answer never matches."""
-    from sklearn.metrics import accuracy_score
+    """Share of predictions equal to their reference (`lora_ns.answers.answers_match`: numbers exactly,
+    LaTeX expressions by math-verify); a missing (None) answer never matches."""
+    from lora_ns.answers import answers_match
 
     if not references:
         return 0.0
-    preds = ["\0no-answer" if p is None else str(p) for p in predictions]
-    refs = ["\0no-reference" if r is None else str(r) for r in references]
-    return float(accuracy_score(refs, preds))
+    return sum(answers_match(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 def has_cjk(texts: Sequence[str]) -> bool:
