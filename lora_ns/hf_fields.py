@@ -18,6 +18,11 @@ TRAINING_ARGS_CLASS = {
     "causal_lm": ("trl.trainer.sft_config", "SFTConfig"),
     "cpt": ("trl.trainer.sft_config", "SFTConfig"),
     "seq_cls": ("transformers.training_args", "TrainingArguments"),
+    # preference/RL tasks (lora_ns.preference.TASKS holds the same table with the trainers)
+    "dpo": ("trl.trainer.dpo_config", "DPOConfig"),
+    "orpo": ("trl.experimental.orpo.orpo_config", "ORPOConfig"),
+    "kto": ("trl.trainer.kto_config", "KTOConfig"),
+    "grpo": ("trl.trainer.grpo_config", "GRPOConfig"),
 }
 
 # peft method name -> (module, class) of its config dataclass.
@@ -95,8 +100,13 @@ LORA_NS_TRAINING_FIELDS = {
 }
 
 
+# Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.rewards).
+TASK_TRAINING_FIELDS = {"grpo": {"reward_funcs": "list"}}
+
+
 def training_fields(task: str) -> dict[str, str]:
-    return {**dataclass_fields(*TRAINING_ARGS_CLASS[task]), **LORA_NS_TRAINING_FIELDS}
+    return {**dataclass_fields(*TRAINING_ARGS_CLASS[task]), **LORA_NS_TRAINING_FIELDS,
+            **TASK_TRAINING_FIELDS.get(task, {})}
 
 
 def peft_fields(method: str) -> dict[str, str]:

@@ -83,8 +83,9 @@ def formatter_fits_task(r: Recipe) -> Iterator[Problem]:
     from lora_ns.data.formatters import FORMATTERS
 
     kind = FORMATTERS[r.dataset.formatter].kind if r.dataset.formatter in FORMATTERS else None
-    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "causal_lm": ("prompt_completion", "messages", "text")}[r.task]
-    if kind and kind not in wanted:
+    wanted = {"seq_cls": ("pair",), "cpt": ("text",),
+              "causal_lm": ("prompt_completion", "messages", "text")}.get(r.task)
+    if kind and wanted and kind not in wanted:  # preference tasks: lora_ns.preference.check_preference_recipe
         yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {kind} rows, "
                         f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
 

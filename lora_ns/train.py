@@ -54,6 +54,7 @@ from lora_ns.errors import UserError, run_cli
 from lora_ns.fileio import write_text_atomic
 
 PROG = "lora_ns.train"
+PREFERENCE_TASKS = ("dpo", "orpo", "kto", "grpo")  # trained by lora_ns.preference
 # Training keys that hold credentials: never written to the saved recipe.
 SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}
 
@@ -86,7 +87,11 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults["activation_checkpointing"] = gradient_checkpointing(recipe)  # the new name of the option
     if recipe.dataset.val_split is None:
         defaults["eval_strategy"] = "no"
-    if recipe.task != "seq_cls":
+    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: lora_ns.preference
+        from lora_ns.preference import training_defaults as preference_defaults
+
+        defaults.update(preference_defaults(recipe))
+    elif recipe.task != "seq_cls":
         from lora_ns.data import sft_defaults
 
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
@@ -97,12 +102,16 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
 
 def training_arguments(recipe: Recipe) -> Any:
     """SFTConfig (causal_lm, cpt) or TrainingArguments (seq_cls) from the recipe's training section."""
-    from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS
+    from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS, TASK_TRAINING_FIELDS
 
-    args = {k: v for k, v in recipe.training.items()
-            if k not in LORA_NS_TRAINING_FIELDS and k != "resume_from_checkpoint"}
+    ours = {*LORA_NS_TRAINING_FIELDS, *TASK_TRAINING_FIELDS.get(recipe.task, {}), "resume_from_checkpoint"}
+    args = {k: v for k, v in recipe.training.items() if k not in ours}
     args = {**training_defaults(recipe), **args, "output_dir": recipe.output_dir}
-    if recipe.task == "seq_cls":
+    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: TRL's own config class
+        from lora_ns.preference import config_class as preference_config
+
+        config_class = preference_config(recipe.task)
+    elif recipe.task == "seq_cls":
         from transformers import TrainingArguments as config_class
     else:
         from trl import SFTConfig as config_class
@@ -129,6 +138,10 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
     from lora_ns.adapters import training_callbacks
 
     callbacks = training_callbacks(recipe)
+    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: lora_ns.preference
+        from lora_ns.preference import build_trainer as preference_trainer
+
+        return preference_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
     if recipe.task == "seq_cls":
         from transformers import DataCollatorWithPadding, Trainer
 
@@ -218,6 +231,8 @@ def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
     with args.main_process_first(desc="build and tokenize the datasets"):
+        if recipe.task in PREFERENCE_TASKS:  # preference rows: lora_ns.data.preference
+            from lora_ns.data.preference import build_preference_datasets as build_datasets
         train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
         trainer = build_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset)
     return trainer, tokenizer, (trainable, total)
