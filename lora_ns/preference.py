@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem
+from lora_ns.errors import Problem, UserError
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,10 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                   processing_class=tokenizer, callbacks=callbacks)
     if recipe.task == "grpo":
-        from lora_ns.rewards import resolve_rewards
+        from lora_ns.rewards import reward_problems, resolve_rewards
 
+        if problems := reward_problems(recipe):
+            raise UserError(problems)
         kwargs["reward_funcs"] = resolve_rewards(recipe.training.get("reward_funcs"))[0]
     if spec.reference and not _is_peft(model):
         import copy
@@ -132,8 +134,7 @@ def _grpo_problems(recipe: Recipe) -> list[Problem]:
     generation_batch = int(_number(recipe, "generation_batch_size", None) or batch * steps)
     if generation_batch % n:
         problems.append(recipe.problem(
-            "training.num_generations", f"{n} does not divide the generation batch ({generation_batch} = "
-            f"per_device_train_batch_size x steps_per_generation, per process)",
+            "training.num_generations", f"{n} does not divide the generation batch ({generation_batch} completions)",
             "make per_device_train_batch_size (or generation_batch_size) a multiple of num_generations"))
     completion = _number(recipe, "max_completion_length", 256)
     limit = _number(recipe, "vllm_max_model_length", None) if t.get("use_vllm") else None
