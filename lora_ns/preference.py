@@ -5,9 +5,10 @@ config class (`TASKS`), so the names are TRL's (``beta``, ``max_length``, ``num_
 lora_ns adds ``training.reward_funcs`` for grpo (`lora_ns.rewards`).
 
 Defaults:
-- No separate reference model when an adapter is trained: TRL scores the reference with the
-  adapter switched off (dpo, kto; grpo with ``beta > 0``). A full fine-tune gets a frozen copy of
-  the starting model (ORPO needs none; grpo needs none at TRL's default ``beta: 0``).
+- No second model when an adapter is trained: TRL keeps a frozen copy of the starting adapter
+  (``ref``, saved beside the trained one) in the same model and scores the reference with it (dpo,
+  kto). A full fine-tune gets a frozen copy of the starting model. ORPO needs no reference; GRPO
+  none at TRL's default ``beta: 0``.
 - The data comes through the preference formatters (`lora_ns.data.preference`), rendered in TRL's
   conversational format when the tokenizer has a chat template.
 
