@@ -20,7 +20,7 @@ from lora_ns.errors import Problem, UserError
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import MAX_YAML_BYTES, _key_lines, parse_yaml, read_yaml  # noqa: F401 (re-exported)
 
-Task = Literal["causal_lm", "seq_cls", "cpt"]
+Task = Literal["causal_lm", "seq_cls", "cpt", "dpo", "orpo", "kto", "grpo"]  # preference/RL: lora_ns.preference
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 PeftMethod = Literal["lora", "qlora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full"]
 
@@ -262,9 +262,9 @@ def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int])
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
     """Validate a raw recipe dict into a `Recipe` (schema only; see `lora_ns.validate.rules` for cross-field rules)."""
     lines = lines or {}
-    if "task" in data and data["task"] not in ("causal_lm", "seq_cls", "cpt"):
+    if "task" in data and data["task"] not in Task.__args__:
         raise UserError(Problem(source, "task", f"got {data['task']!r}",
-                                "use causal_lm, seq_cls or cpt", lines.get("task")))
+                                f"use one of: {', '.join(Task.__args__)}", lines.get("task")))
     problems = _check_keys(data, source, lines) + _check_training_types(data, source, lines)
     recipe = None
     try:

@@ -42,13 +42,17 @@ def training_fields(task: str) -> dict[str, str]:
     """Map field name -> annotation of the training arguments class of a task, plus lora_ns's own keys."""
     from lora_ns.setup import training_arguments_class
 
-    return {**_init_fields(training_arguments_class(task)), **LORA_NS_TRAINING_FIELDS}
+    return {**_init_fields(training_arguments_class(task)), **LORA_NS_TRAINING_FIELDS,
+            **TASK_TRAINING_FIELDS.get(task, {})}
 
 
 @functools.cache
 def peft_fields(method: str) -> dict[str, str]:
     return _init_fields(peft_config_class(method)) if method in PEFT_TYPES else {}
 
+
+# Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.rewards).
+TASK_TRAINING_FIELDS = {"grpo": {"reward_funcs": "list"}}
 
 # Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
 LORA_NS_TRAINING_FIELDS = {

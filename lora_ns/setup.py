@@ -26,6 +26,7 @@ from typing import Any
 
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.errors import Problem, UserError
+from lora_ns.preference import PREFERENCE_TASKS  # light: TRL is imported lazily
 
 # Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
 LORA_NS_TRAINING_KEYS = {"overwrite_output_dir", "resume_from_checkpoint"}
@@ -160,7 +161,11 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults[name] = gradient_checkpointing(recipe)
     if recipe.dataset.val_split is None:
         defaults["eval_strategy"] = "no"
-    if recipe.task != "seq_cls":
+    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: lora_ns.preference
+        from lora_ns.preference import training_defaults as preference_defaults
+
+        defaults.update(preference_defaults(recipe))
+    elif recipe.task != "seq_cls":
         from lora_ns.data import sft_defaults
 
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
@@ -170,7 +175,12 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
 
 
 def training_arguments_class(task: str):
-    """SFTConfig (causal_lm, cpt) or TrainingArguments (seq_cls): only the one the task needs is imported."""
+    """SFTConfig (causal_lm, cpt), TrainingArguments (seq_cls) or TRL's DPOConfig, ... (preference tasks):
+    only the one the task needs is imported."""
+    if task in PREFERENCE_TASKS:
+        from lora_ns.preference import config_class
+
+        return config_class(task)
     if task == "seq_cls":
         from transformers import TrainingArguments
 
@@ -182,7 +192,10 @@ def training_arguments_class(task: str):
 
 def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
-    given = {k: v for k, v in recipe.training.items() if k not in LORA_NS_TRAINING_KEYS}
+    from lora_ns.hf_fields import TASK_TRAINING_FIELDS
+
+    ours = LORA_NS_TRAINING_KEYS | set(TASK_TRAINING_FIELDS.get(recipe.task, {}))
+    given = {k: v for k, v in recipe.training.items() if k not in ours}
     args = {**training_defaults(recipe), **given, "output_dir": recipe.output_dir}
     try:
         return training_arguments_class(recipe.task)(**args)

@@ -50,6 +50,7 @@ from typing import Any
 from lora_ns.checkpoints import FINISHED_MARKER
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.errors import run_cli
+from lora_ns.preference import PREFERENCE_TASKS  # light: TRL is imported lazily
 from lora_ns.fileio import write_text_atomic
 from lora_ns.setup import Checks, print_notes, setup
 
@@ -82,6 +83,10 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
     from lora_ns.adapters import training_callbacks
 
     callbacks = training_callbacks(recipe)
+    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: lora_ns.preference
+        from lora_ns.preference import build_trainer as preference_trainer
+
+        return preference_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
     if recipe.task == "seq_cls":
         from transformers import DataCollatorWithPadding, Trainer
 
@@ -170,6 +175,8 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
     with args.main_process_first(desc="build and tokenize the datasets"):
+        if recipe.task in PREFERENCE_TASKS:  # preference rows: lora_ns.data.preference
+            from lora_ns.data.preference import build_preference_datasets as build_datasets
         train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
         trainer = build_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset)
     return trainer, tokenizer, (trainable, total)

@@ -133,7 +133,8 @@ def test_every_formatter_has_a_kind_and_required_fields():
     assert {"glue_mrpc", "gsm8k", "metamath", "code_feedback", "alpaca", "alpaca_zh", "messages", "sharegpt",
             "prompt_completion", "text", "pair"} <= set(FORMATTERS)
     for f in FORMATTERS.values():
-        assert f.kind in ("prompt_completion", "messages", "text", "pair") and f.fields
+        assert f.kind in ("prompt_completion", "messages", "text", "pair",
+                          "preference", "unpaired", "prompt_only") and f.fields  # last 3: lora_ns.data.preference
 
 
 # --- file layouts -------------------------------------------------------------------------------------------

@@ -32,7 +32,10 @@ def offline_overrides(path: Path, out: Path) -> list[str]:
         overrides.append("quantization.bnb_4bit_compute_dtype=fp32")
     if recipe.dataset.val_split is not None:
         overrides += ["dataset.val_split=0.25", "training.eval_steps=1", "training.save_steps=1"]
-    if recipe.task != "seq_cls":
+    if recipe.task == "grpo":  # GRPOConfig has no max_length; keep the sampled completions short
+        overrides += ["training.max_completion_length=16", "training.generation_batch_size=4",
+                      "training.num_generations=2"]
+    elif recipe.task != "seq_cls":
         overrides.append("training.max_length=128")
     return overrides
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 Row = dict[str, Any]
-KINDS = ("prompt_completion", "messages", "text", "pair")
+KINDS = ("prompt_completion", "messages", "text", "pair",
+         "preference", "unpaired", "prompt_only")  # preference/RL kinds: lora_ns.data.preference
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -209,3 +210,7 @@ def glue_mrpc(row: Row) -> Row:
     """GLUE MRPC, from the HF schema or the original TSV (``Quality``, ``#1 String``, ``#2 String``)."""
     return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2"),
             "label": _binary_label(row.get("label"))}
+
+
+# Preference and RL formatters (dpo/orpo/kto/grpo) register themselves here.
+from lora_ns.data import preference as _preference  # noqa: E402,F401

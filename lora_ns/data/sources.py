@@ -31,7 +31,7 @@ BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parque
 SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                "test": ("test", "testing")}
 # Other names for bundled samples: ``sample:text`` is the plain-text (continued pretraining) corpus.
-SAMPLE_ALIASES = {"text": "cpt_text"}
+SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}  # gsm8k_prompt: GRPO reads the GSM8K sample
 PEEK_ROWS = 200
 _CSV_FIELD_LIMIT = 1 << 26
 

@@ -184,6 +184,8 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     from lora_ns.data.stats import SFT_DEFAULT_MAX_LENGTH, length_summary, unpacked_padding
 
     fmt = FORMATTERS[recipe.dataset.formatter]
+    if fmt.kind in ("preference", "unpaired", "prompt_only"):  # not SFT rows (lora_ns.data.preference)
+        return []
     where = examples[0].where.file
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:

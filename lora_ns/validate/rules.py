@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
+from lora_ns.preference import check_preference_recipe
 
 Rule = Callable[[Recipe], Iterator[Problem]]
 ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3")
@@ -127,8 +128,9 @@ def formatter_fits_task(r: Recipe) -> Iterator[Problem]:
     from lora_ns.data.formatters import FORMATTERS
 
     kind = FORMATTERS[r.dataset.formatter].kind if r.dataset.formatter in FORMATTERS else None
-    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "causal_lm": ("prompt_completion", "messages", "text")}[r.task]
-    if kind and kind not in wanted:
+    wanted = {"seq_cls": ("pair",), "cpt": ("text",),
+              "causal_lm": ("prompt_completion", "messages", "text")}.get(r.task)
+    if kind and wanted and kind not in wanted:  # preference tasks: lora_ns.preference.check_preference_recipe
         yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {kind} rows, "
                         f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
 
@@ -236,7 +238,7 @@ RULES: list[Rule] = [
     val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
     no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
-    checkpoints_are_saved,
+    checkpoints_are_saved, check_preference_recipe,
 ]
 
 

@@ -1,0 +1,197 @@
+"""Formatters and rendering for the preference and RL tasks (dpo, orpo, kto, grpo; see `lora_ns.preference`).
+
+Canonical examples, one shape per kind (``prompt`` is always the conversation before the answer):
+
+- ``preference`` (dpo, orpo): {"prompt": [messages], "chosen": str, "rejected": str}
+- ``unpaired`` (kto): {"prompt": [messages], "completion": str, "label": bool}
+- ``prompt_only`` (grpo): {"prompt": [messages], "answer": str | None}; ``answer`` is the reference
+  the reward functions receive (TRL passes every dataset column to them as a keyword).
+
+Layouts read: TRL's ``prompt``/``chosen``/``rejected`` (strings or message lists, the prompt may be
+implicit in the two conversations), UltraFeedback (``chosen``/``rejected`` full conversations sharing
+the prompt), HH-RLHF (two "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts split at the last
+assistant turn), KTO's ``prompt``/``completion``/``label``, and prompt-only rows for GRPO.
+
+`render_preference` turns an example into TRL's conversational form when the tokenizer has a chat
+template (and the recipe sets no ``prompt_template``), else into plain text with the prompt template.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lora_ns.config import Recipe
+from lora_ns.data.formatters import ROLES, Row, RowError, formatter, text_value
+
+PREFERENCE_KINDS = ("preference", "unpaired", "prompt_only")
+Messages = list[dict[str, str]]
+
+
+# --- value checks -----------------------------------------------------------------------------------
+
+def _messages(value: Any, name: str) -> Messages:
+    """A string (one user turn) or a list of {role, content} messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(name, "empty text", "fill it in or drop the row")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RowError(name, "expected text or a non-empty list of {role, content} messages")
+    out = []
+    for i, m in enumerate(value, 1):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RowError(name, f"message {i} needs a 'role' ({', '.join(ROLES)}) and text 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _reply(value: Any, name: str) -> str:
+    """A completion: text, or a list whose last message is the assistant's reply. Empty is an error."""
+    if isinstance(value, list):
+        turns = _messages(value, name)
+        if turns[-1]["role"] != "assistant":
+            raise RowError(name, "the last message is not an assistant reply", "end it with the assistant turn")
+        value = turns[-1]["content"]
+    text = text_value({name: value}, name)
+    if not text.strip():
+        raise RowError(name, "empty completion, so there is nothing to prefer", "fill it in or drop the row")
+    return text
+
+
+def _split_last_reply(conversation: Any, name: str) -> tuple[Messages, str]:
+    """(messages before the last assistant turn, that turn's text)."""
+    turns = _messages(conversation, name)
+    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise RowError(name, "no assistant reply after a prompt", "give the conversation ending in the reply")
+    return turns[:last], _reply(turns[last:last + 1], name)
+
+
+def _pair(prompt: Messages, chosen: str, rejected: str) -> Row:
+    if chosen.strip() == rejected.strip():
+        raise RowError("rejected", "is the same as 'chosen', so there is no preference to learn",
+                       "drop the row or fix the pair")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# --- formatters ------------------------------------------------------------------------------------
+
+@formatter("preference", "preference", ("chosen", "rejected"), optional=("prompt",))
+def preference(row: Row) -> Row:
+    """TRL's preference rows: explicit ``prompt``, or an implicit one shared by two conversations."""
+    if row.get("prompt") is not None:
+        return _pair(_messages(row["prompt"], "prompt"), _reply(row.get("chosen"), "chosen"),
+                     _reply(row.get("rejected"), "rejected"))
+    return ultrafeedback(row)
+
+
+@formatter("ultrafeedback", "preference", ("chosen", "rejected"))
+def ultrafeedback(row: Row) -> Row:
+    """``chosen``/``rejected`` are whole conversations that share everything but the last reply."""
+    for name in ("chosen", "rejected"):
+        if row.get(name) is None:
+            raise RowError(name, "missing value", "fill it in or drop the row")
+    prompt, chosen = _split_last_reply(row["chosen"], "chosen")
+    other, rejected = _split_last_reply(row["rejected"], "rejected")
+    if other != prompt:
+        raise RowError("rejected", "its conversation before the last reply differs from 'chosen'",
+                       "both must share the prompt turns")
+    return _pair(prompt, chosen, rejected)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def _hh_turns(text: Any, name: str) -> Messages:
+    value = text_value({name: text}, name)
+    parts = _HH_TURN.split("\n\n" + value.lstrip("\n"))
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError(name, "not an HH-RLHF transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+@formatter("hh_rlhf", "preference", ("chosen", "rejected"))
+def hh_rlhf(row: Row) -> Row:
+    """Anthropic HH-RLHF: two transcripts sharing the dialogue up to the last "Assistant:" turn."""
+    for name in ("chosen", "rejected"):
+        if row.get(name) is None:
+            raise RowError(name, "missing value", "fill it in or drop the row")
+    return ultrafeedback({"chosen": _hh_turns(row["chosen"], "chosen"),
+                          "rejected": _hh_turns(row["rejected"], "rejected")})
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "good", "desirable"}, {"false", "0", "no", "bad", "undesirable"}
+
+
+@formatter("kto", "unpaired", ("prompt", "completion", "label"))
+def kto(row: Row) -> Row:
+    """KTO's unpaired rows: one completion and whether it is desirable (true/false, 1/0)."""
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in _TRUE | _FALSE:
+        label = label.strip().lower() in _TRUE
+    elif isinstance(label, (int, float)) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise RowError("label", f"expected true or false, got {label!r}", "true = a desirable completion")
+    return {"prompt": _messages(row.get("prompt"), "prompt"), "completion": _reply(row.get("completion"),
+                                                                                  "completion"), "label": label}
+
+
+@formatter("prompt_only", "prompt_only", ("prompt",), optional=("answer",))
+def prompt_only(row: Row) -> Row:
+    """GRPO prompts; ``answer`` (optional) is the reference the rewards compare against."""
+    return {"prompt": _messages(row.get("prompt"), "prompt"), "answer": text_value(row, "answer", required=False)}
+
+
+@formatter("gsm8k_prompt", "prompt_only", ("question", "answer"))
+def gsm8k_prompt(row: Row) -> Row:
+    """GSM8K for GRPO: the question is the prompt, the worked answer (ending ``#### N``) the reference."""
+    return {"prompt": _messages(text_value(row, "question"), "question"), "answer": text_value(row, "answer")}
+
+
+# --- rendering for TRL -------------------------------------------------------------------------------
+
+def render_preference(example: Row, recipe: Recipe, tokenizer=None) -> Row:
+    """One canonical example -> one row of TRL's preference/unpaired/prompt-only format."""
+    from lora_ns.data.render import _with_system, format_prompt, require_chat_template, uses_chat_template
+
+    replies = [k for k in ("chosen", "rejected", "completion") if k in example]
+    rest = {k: v for k, v in example.items() if k not in ("prompt", *replies)}
+    if uses_chat_template(recipe, tokenizer):
+        prompt = _with_system(list(example["prompt"]), recipe.dataset.system_prompt)
+        return {"prompt": prompt, **{k: [{"role": "assistant", "content": example[k]}] for k in replies}, **rest}
+    if len(example["prompt"]) != 1 or example["prompt"][0]["role"] != "user":
+        require_chat_template(recipe, tokenizer)  # a multi-turn prompt needs the chat template
+        raise RowError("prompt", "a multi-turn prompt needs a chat template; unset dataset.prompt_template")
+    return {"prompt": format_prompt(example["prompt"][0]["content"], recipe),
+            **{k: example[k] for k in replies}, **rest}
+
+
+def build_preference_datasets(recipe: Recipe, tokenizer=None):
+    """(train, eval or None) in TRL's format: `lora_ns.data.loading` reads and locates rows, we render."""
+    from lora_ns.data import loading
+    from lora_ns.errors import UserError
+
+    cfg = recipe.dataset
+    loading.check_template(recipe)
+
+    def convert(raw, src):
+        conv, columns = loading.converter(raw, src, recipe, tokenizer)
+
+        def one(row, index):
+            example = conv.located(row, index)
+            try:
+                return render_preference(example, recipe, tokenizer)
+            except loading.RowError as err:
+                raise UserError(conv.problem(index, err)) from None
+        return raw.map(one, with_indices=True, remove_columns=columns)
+
+    raw, src = loading.load(cfg)
+    train, evaluation = convert(loading._limit(raw, cfg.max_samples), src), None
+    if isinstance(cfg.val_split, float):
+        train, evaluation = loading._hold_out(train, recipe)
+    elif isinstance(cfg.val_split, str):
+        evaluation = convert(*loading.load(cfg, cfg.val_split, "dataset.val_split"))
+    return train, evaluation

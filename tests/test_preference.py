@@ -1,0 +1,229 @@
+"""Preference and RL tasks (dpo, orpo, kto, grpo): formatters, file/line errors, rewards, recipe checks,
+and real training on the tiny offline Llama: DPO raises the chosen-minus-rejected margin on its rows,
+GRPO raises a reward the model can learn in a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_ns.config import parse_recipe
+from lora_ns.data.formatters import FORMATTERS, RowError
+from lora_ns.errors import UserError
+from lora_ns.preference import check_preference_recipe
+from lora_ns.rewards import answer_format, gsm8k_exact_match, resolve_rewards
+
+SAMPLE = {"dpo": ("preference", "preference"), "orpo": ("ultrafeedback", "ultrafeedback"),
+          "kto": ("kto", "kto"), "grpo": ("gsm8k", "gsm8k_prompt")}
+
+
+def recipe_for(task: str, out: Path | str = "out", data: str | None = None, formatter: str | None = None,
+               peft: dict | None = None, **training):
+    sample, fmt = SAMPLE[task]
+    return parse_recipe({
+        "task": task, "model": {"name_or_path": "builtin:tiny-llama", "dtype": "fp32"},
+        "peft": peft or {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                         "target_modules": "all-linear"},
+        "dataset": {"path": data or f"sample:{sample}", "formatter": formatter or fmt},
+        "training": {"output_dir": str(out), "report_to": "none", "save_strategy": "no", "logging_steps": 1,
+                     "seed": 0, **training}})
+
+
+# --- formatters -------------------------------------------------------------------------------------
+
+def test_layouts_share_one_canonical_pair():
+    user = {"role": "user", "content": "2+2?"}
+    want = {"prompt": [user], "chosen": "4", "rejected": "5"}
+    assert FORMATTERS["preference"]({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) == want
+    conv = {"chosen": [user, {"role": "assistant", "content": "4"}],
+            "rejected": [user, {"role": "assistant", "content": "5"}]}
+    assert FORMATTERS["ultrafeedback"](conv) == want
+    assert FORMATTERS["preference"](conv) == want  # implicit prompt
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 4",
+          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 5"}
+    split = FORMATTERS["hh_rlhf"](hh)
+    assert split["prompt"][-1] == user and len(split["prompt"]) == 3
+    assert (split["chosen"], split["rejected"]) == ("4", "5")
+    assert FORMATTERS["kto"]({"prompt": "2+2?", "completion": "4", "label": "true"})["label"] is True
+    assert FORMATTERS["gsm8k_prompt"]({"question": "1+1?", "answer": "#### 2"})["answer"] == "#### 2"
+
+
+@pytest.mark.parametrize("row, field, words", [
+    ({"prompt": "q", "chosen": "a"}, "rejected", "missing"),
+    ({"prompt": "q", "chosen": "same", "rejected": " same"}, "rejected", "same as 'chosen'"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "chosen", "empty completion"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+     "rejected", "differs from 'chosen'"),
+])
+def test_bad_pairs_name_the_field(row, field, words):
+    with pytest.raises(RowError) as err:
+        FORMATTERS["preference"](row)
+    assert err.value.field == field and words in err.value.message
+
+
+def test_bad_rows_are_file_line_errors(tmp_path, tiny_llama):
+    from lora_ns.data.preference import build_preference_datasets
+    from lora_ns.model import load_tokenizer
+
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    rows = [good, good, {"prompt": "q", "chosen": "a"}, good]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_for("dpo", tmp_path / "out", data=str(path))
+    with pytest.raises(UserError) as err:
+        build_preference_datasets(recipe, load_tokenizer(recipe))
+    (problem,) = err.value.problems
+    assert (problem.file, problem.line, problem.field) == (str(path), 3, "rejected")
+    assert "\n" not in str(problem)
+
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text(json.dumps({"prompt": "q", "completion": "a", "label": "maybe"}) + "\n")
+    with pytest.raises(UserError) as err:
+        build_preference_datasets(recipe_for("kto", data=str(kto)), load_tokenizer(recipe))
+    assert err.value.problems[0].line == 1 and "expected true or false" in err.value.problems[0].message
+
+
+def test_validate_reports_a_bad_row_with_its_line(tmp_path, capsys):
+    from lora_ns.validate import main
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" +
+                    json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"task: dpo\nmodel: {{name_or_path: builtin:tiny-llama}}\n"
+                      f"dataset: {{path: {path}, formatter: preference}}\n")
+    assert main([str(recipe), "--no-model"]) == 2
+    assert f"{path}:2: rejected: is the same as 'chosen'" in capsys.readouterr().err
+
+
+# --- rewards and recipe checks -------------------------------------------------------------------------
+
+def test_builtin_rewards():
+    completions = ["so 3 + 4 = 7\n#### 7", "#### 8", "the answer is 7", [{"role": "assistant", "content": "#### 7"}]]
+    assert gsm8k_exact_match(completions, answer=["... #### 7"] * 4) == [1.0, 0.0, 1.0, 1.0]
+    assert answer_format(completions) == [1.0, 1.0, 0.0, 1.0]
+
+
+def length_penalty(prompts, completions, **kwargs):
+    """A user reward named by dotted path in the tests below (this module is importable)."""
+    return [-len(c) / 100 for c in completions]
+
+
+def not_a_reward(text):
+    return 0.0
+
+
+def test_user_rewards_are_checked_before_training():
+    funcs, reasons = resolve_rewards(["gsm8k", "test_preference:length_penalty"])
+    assert funcs == [gsm8k_exact_match, length_penalty] and reasons == []
+    _, reasons = resolve_rewards(["no_such_pkg.rewards:f", "test_preference:missing",
+                                  "test_preference:not_a_reward", "lenght"])
+    assert [r.split(" ")[0] for r in reasons] == ["cannot", "module", "'test_preference:not_a_reward'", "unknown"]
+    assert "fn(prompts, completions, **kwargs)" in reasons[2]
+    assert all("\n" not in r for r in reasons)
+
+
+@pytest.mark.parametrize("task, training, field, words", [
+    ("grpo", {"num_generations": 3, "per_device_train_batch_size": 8, "reward_funcs": ["gsm8k"]},
+     "training.num_generations", "does not divide"),
+    ("grpo", {"num_generations": 1, "reward_funcs": ["gsm8k"]}, "training.num_generations", "2 or more"),
+    ("grpo", {"reward_funcs": ["nope.nope:f"]}, "training.reward_funcs", "cannot import"),
+    ("dpo", {"beta": 0}, "training.beta", "out of range"),
+    ("orpo", {"max_length": 256, "max_completion_length": 256}, "training.max_completion_length", "no room"),
+])
+def test_recipe_checks(task, training, field, words):
+    (problem,) = check_preference_recipe(recipe_for(task, **training))
+    assert problem.field == field and words in f"{problem.message} {problem.fix}"
+
+
+def test_formatter_must_fit_the_task():
+    (problem,) = check_preference_recipe(recipe_for("dpo", formatter="gsm8k"))
+    assert problem.field == "dataset.formatter" and "hh_rlhf" in problem.fix
+    assert check_preference_recipe(recipe_for("kto")) == []
+
+
+def test_reward_funcs_only_for_grpo():
+    with pytest.raises(UserError) as err:
+        recipe_for("dpo", reward_funcs=["gsm8k"])
+    assert err.value.problems[0].field == "training.reward_funcs"
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["orpo", "kto"])
+def test_task_trains_and_saves_an_adapter(task, tmp_path):
+    from lora_ns.train import train
+
+    summary = train(recipe_for(task, tmp_path / "out", max_steps=2, per_device_train_batch_size=4,
+                               max_length=128))
+    assert summary["steps"] == 2 and summary["last_loss"] is not None
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def reply_logprob(model, tokenizer, prompt: list[dict], reply: str) -> float:
+    """Summed log-probability of the reply tokens after the chat-templated prompt."""
+    import torch
+
+    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
+                                         return_dict=False)
+    assert full[:len(head)] == head
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    targets = ids[0, 1:]
+    return logprobs[len(head) - 1:].gather(-1, targets[len(head) - 1:, None]).sum().item()
+
+
+def test_dpo_raises_the_preference_margin(tmp_path):
+    """The adapter starts as a no-op (LoRA B = 0), so adapter-off is the model before training."""
+    from lora_ns.train import run_training
+
+    recipe = recipe_for("dpo", tmp_path / "out", max_steps=16, per_device_train_batch_size=4,
+                        learning_rate=1e-2, lr_scheduler_type="constant", beta=0.1, max_length=128)
+    trainer, _ = run_training(recipe)
+    model, tokenizer = trainer.model.eval(), trainer.processing_class
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "lora_ns/samples/preference.jsonl")
+            .read_text().splitlines()]
+
+    def margins() -> list[float]:
+        return [reply_logprob(model, tokenizer, [{"role": "user", "content": r["prompt"]}], r["chosen"])
+                - reply_logprob(model, tokenizer, [{"role": "user", "content": r["prompt"]}], r["rejected"])
+                for r in rows]
+    after = margins()
+    with model.disable_adapter():
+        before = margins()
+    gains = [a - b for a, b in zip(after, before)]
+    print("mean gain", sum(gains) / len(gains))
+    # DPO's loss on a row is -log sigmoid(beta * gain): log 2 = 0.69 at gain 0, 0.60 at a gain of 2 nats
+    # (beta 0.1). Demand that mean gain on the training rows; sequence log-probs here are ~ -100 to -250 nats,
+    # so 2 nats is far above fp32 rounding (~1e-5 relative).
+    assert sum(gains) / len(gains) > 2.0, gains
+    assert sum(g > 0 for g in gains) >= 0.8 * len(gains), gains
+
+
+def even_tokens(prompts, completions, completion_ids, **kwargs):
+    """Fraction of completion tokens with an even id: half the vocabulary, so every group has a spread."""
+    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def test_grpo_raises_the_mean_reward(tmp_path):
+    """A full fine-tune: on a random model, "more even ids" is learned through the output rows of the
+    sampled tokens, which LoRA on all-linear (lm_head excluded) does not train; one-token-ish completions
+    give each token its own reward, so a few steps suffice."""
+    from lora_ns.train import run_training
+
+    recipe = recipe_for("grpo", tmp_path / "out", peft={"method": "full"}, max_steps=10,
+                        per_device_train_batch_size=16, num_generations=8, max_completion_length=2,
+                        learning_rate=5e-2, lr_scheduler_type="constant",
+                        reward_funcs=["test_preference:even_tokens"])
+    trainer, _ = run_training(recipe)
+    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    assert len(rewards) == 10
+    # Each step's mean is over 32 tokens of p = 0.5 at the start: standard error 0.09 per step, 0.05 over
+    # three steps. A rise of 0.25 (first three steps -> last three) is five standard errors.
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last - first > 0.25, rewards
