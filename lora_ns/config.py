@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lora_ns.errors import Problem, UserError
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
 
-Task = Literal["causal_lm", "seq_cls", "cpt"]
+Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain"]  # pretrain: lora_ns.pretrain
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 PeftMethod = Literal["lora", "qlora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full"]
 
@@ -40,6 +40,7 @@ class ModelConfig(_Section):
     num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
     chat_template: str | None = Field(default=None, description="Jinja template or path, used when the tokenizer has none")
+    config: str | None = Field(default=None, description="pretrain: architecture preset, config folder or hub id")
 
 
 class QuantizationConfig(_Section):
@@ -294,9 +295,12 @@ def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int])
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
     """Validate a raw recipe dict into a `Recipe` (schema only; see `lora_ns.rules` for cross-field rules)."""
     lines = lines or {}
-    if "task" in data and data["task"] not in ("causal_lm", "seq_cls", "cpt"):
+    if "task" in data and data["task"] not in ("causal_lm", "seq_cls", "cpt", "pretrain"):
         raise UserError(Problem(source, "task", f"got {data['task']!r}",
-                                "use causal_lm, seq_cls or cpt", lines.get("task")))
+                                "use causal_lm, seq_cls, cpt or pretrain", lines.get("task")))
+    model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
+    if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:
+        model["name_or_path"] = str(model.get("config") or "")
     problems = _check_keys(data, source, lines) + _check_training_types(data, source, lines)
     recipe = None
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 TRAINING_ARGS_CLASS = {
     "causal_lm": ("trl.trainer.sft_config", "SFTConfig"),
     "cpt": ("trl.trainer.sft_config", "SFTConfig"),
+    "pretrain": ("trl.trainer.sft_config", "SFTConfig"),
     "seq_cls": ("transformers.training_args", "TrainingArguments"),
 }
 

@@ -83,7 +83,8 @@ def formatter_fits_task(r: Recipe) -> Iterator[Problem]:
     from lora_ns.data.formatters import FORMATTERS
 
     kind = FORMATTERS[r.dataset.formatter].kind if r.dataset.formatter in FORMATTERS else None
-    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "causal_lm": ("prompt_completion", "messages", "text")}[r.task]
+    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "pretrain": ("text",),
+              "causal_lm": ("prompt_completion", "messages", "text")}[r.task]
     if kind and kind not in wanted:
         yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {kind} rows, "
                         f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
@@ -186,12 +187,18 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
                         "so an interrupted run cannot resume", "set training.save_strategy: steps", "warning")
 
 
+def pretrain_rules(r: Recipe) -> Iterator[Problem]:  # pretrain hook
+    from lora_ns.pretrain import check_pretrain
+
+    yield from check_pretrain(r)
+
+
 RULES: list[Rule] = [
     qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
     eval_needs_val_split, streaming_needs_max_steps, val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
     no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
-    checkpoints_are_saved,
+    checkpoints_are_saved, pretrain_rules,
 ]
 
 

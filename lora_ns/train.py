@@ -218,6 +218,8 @@ def prepare(recipe: Recipe) -> tuple[Any, Any, tuple[int, int]]:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
     with args.main_process_first(desc="build and tokenize the datasets"):
+        if recipe.task == "pretrain":  # pretrain hook: tokenized, packed, cached shards
+            from lora_ns.pretrain import pretrain_datasets as build_datasets  # noqa: F811
         train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
         trainer = build_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset)
     return trainer, tokenizer, (trainable, total)
