@@ -32,6 +32,8 @@ def offline_overrides(path: Path, out: Path) -> list[str]:
         overrides += ["dataset.val_split=0.25", "training.eval_steps=1", "training.save_steps=1"]
     if recipe.task != "seq_cls":
         overrides.append("training.max_length=128")
+    if recipe.task == "pretrain":  # the tiny architecture and its tokenizer, not GPT-2's
+        overrides += ["model.config=tiny", "model.tokenizer_name_or_path=builtin:tiny-llama"]
     return overrides
 
 
