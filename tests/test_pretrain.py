@@ -75,10 +75,12 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
                          f"training.resume_from_checkpoint={first / f'checkpoint-{STEPS}'}")
     said = capsys.readouterr()
     assert "pretrain data reused" in said.out and cache.stat().st_mtime_ns == built_at, said.out
-    assert summary2["steps"] == MORE_STEPS
+    assert summary2["steps"] == MORE_STEPS and "resuming from" in said.err
+    # A run from step 0 would have saved checkpoint-30 on its way (save_steps); the resumed one starts past it.
+    assert sorted(p.name for p in second.glob("checkpoint-*")) == [f"checkpoint-{MORE_STEPS}"]
     logged = losses(second)
-    assert min(s for s in logged if s > STEPS) == STEPS + 1  # the new run's first step is 31, not 1
-    assert logged[STEPS + 1] < summary["first_loss"] - 1.0  # it starts from the trained weights
+    assert {s: logged[s] for s in range(1, STEPS + 1)} == losses(first)  # the history came with the checkpoint
+    assert logged[STEPS + 1] < summary["first_loss"] - 1.0  # and so did the trained weights
 
     # The pretrained folder is a base model any recipe can name: a LoRA adapter on top of it.
     lora = {"task": "cpt", "model": {"name_or_path": str(second), "dtype": "fp32"},
@@ -115,17 +117,48 @@ def test_describe_pretrain_counts_parameters_and_tokens():
     assert f"{per_step * STEPS:,} tokens in {STEPS} steps" in lines[2]
 
 
-def test_cache_key_follows_max_length_and_tokenizer():
-    from lora_ns.pretrain import cache_key, pretrain_tokenizer
+def test_pack_joins_documents_with_eos_into_full_rows():
+    from lora_ns.pretrain import pack, pretrain_tokenizer
+
+    tokenizer = pretrain_tokenizer(parse_recipe(pretrain_data(Path("out")), "p.yaml"))
+    docs = ["The Purchaser shall pay.", "Interest accrues.", "Governed by the laws of Scotland."]
+    ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    flat = [t for doc in ids for t in (*doc, tokenizer.eos_token_id)]
+    rows = pack({"text": docs}, tokenizer, 5)["input_ids"]
+    assert rows == [flat[i:i + 5] for i in range(0, len(flat) // 5 * 5, 5)]  # the short tail is dropped
+
+
+def test_vocab_grows_to_fit_the_tokenizer():
+    from lora_ns.pretrain import VOCAB_MULTIPLE, architecture, pretrain_tokenizer
 
     recipe = parse_recipe(pretrain_data(Path("out")), "p.yaml")
     tokenizer = pretrain_tokenizer(recipe)
+    assert architecture(recipe, tokenizer).vocab_size == 1024  # the preset's, the tiny tokenizer fits
+    tokenizer.add_tokens(["<|one_more|>"])
+    grown = architecture(recipe, tokenizer)
+    assert grown.vocab_size >= len(tokenizer) and grown.vocab_size % VOCAB_MULTIPLE == 0
+    assert grown.eos_token_id == tokenizer.eos_token_id
+
+
+def test_cache_key_follows_corpus_max_length_and_tokenizer(tmp_path):
+    from lora_ns.pretrain import cache_key, pretrain_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\nanother one\n", encoding="utf-8")
+    data = pretrain_data(Path("out"))
+    data["dataset"]["path"] = str(corpus)
+    recipe = parse_recipe(data, "p.yaml")
+    tokenizer = pretrain_tokenizer(recipe)
     key = cache_key(recipe, tokenizer)
     assert cache_key(recipe, tokenizer) == key
-    longer = parse_recipe(pretrain_data(Path("out"), max_length=128), "p.yaml")
+    data["training"]["max_length"] = 128
+    longer = parse_recipe(data, "p.yaml")
     assert cache_key(longer, tokenizer) != key
+    corpus.write_text("one document\nanother one, edited\n", encoding="utf-8")
+    edited = cache_key(recipe, tokenizer)
+    assert edited != key
     tokenizer.add_tokens(["<|another_token|>"])  # a different vocabulary tokenizes differently
-    assert cache_key(recipe, tokenizer) != key
+    assert cache_key(recipe, tokenizer) != edited
 
 
 def test_tiktoken_encoding_offline_is_one_line(tmp_path, monkeypatch):
