@@ -40,7 +40,7 @@ class ModelConfig(_Section):
     num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
     chat_template: str | None = Field(default=None, description="Jinja template or path, used when the tokenizer has none")
-    config: str | None = Field(default=None, description="pretrain: architecture preset, config folder or hub id")
+    config: str | None = Field(default=None, description="pretrain: architecture preset, folder or hub id")
 
 
 class QuantizationConfig(_Section):

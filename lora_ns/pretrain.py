@@ -1,33 +1,31 @@
 """``task: pretrain``: train a causal LM from random weights on a text corpus tokenized once.
 
-The recipe names an architecture, not weights: ``model.config`` is a preset below, a local folder
-holding config.json, or a hub id whose config.json is read (``Qwen/Qwen2.5-0.5B``). The tokenizer
-(``model.tokenizer_name_or_path``) is a hub/local/builtin tokenizer or a tiktoken encoding name
-(``cl100k_base``), converted by transformers' tiktoken integration. The model is built with
-``AutoModelForCausalLM.from_config`` (the architecture's own ``_init_weights``) and trained in full.
+``model.config`` names the architecture (a preset below, a folder with config.json, or a hub id);
+``model.tokenizer_name_or_path`` a hub/local/builtin tokenizer or a tiktoken encoding (``cl100k_base``).
+``AutoModelForCausalLM.from_config`` initialises the weights the architecture's own way; all of them train.
 
-Data: the recipe's text rows (`lora_ns.data.build_datasets`, formatter ``text``: a file of one
-document per line as `lora_ns.preprocess` writes, or any cpt source) are tokenized with
-``map(batched=True)``, joined with EOS between documents and cut into ``training.max_length`` rows
-(the tail of each batch of documents that does not fill a row is dropped, as transformers'
-run_clm does). The rows are saved with ``save_to_disk`` in ``$LORA_NS_CACHE/pretrain_data/<key>``,
-the key hashing the corpus files (paths, sizes, mtimes), the dataset section, the tokenizer and
-max_length, so a second run and every DDP rank reuse them (train builds them inside
-``main_process_first``). A streamed corpus is packed on the fly instead (nothing to cache).
-Training is TRL's SFTTrainer on the pre-tokenized rows (it skips its own tokenization); its
-collator labels every token, EOS included, even where pad == eos.
+Data: the recipe's text rows (`lora_ns.data.build_datasets`, formatter ``text``: `lora_ns.preprocess`
+output or any cpt source) are tokenized with ``map(batched=True)``, joined with EOS between documents
+and cut into ``training.max_length`` rows (each batch's tail that fills no row is dropped, as in
+transformers' run_clm), then saved with ``save_to_disk`` under ``$LORA_NS_CACHE/pretrain_data/<key>``;
+the key hashes the corpus files (paths, sizes, mtimes), the dataset section, the tokenizer and
+max_length, so later runs and every rank reuse it (train builds it inside ``main_process_first``).
+A streamed corpus is packed on the fly. TRL's SFTTrainer takes the rows as they are (``input_ids``:
+no tokenization of its own); its collator labels every token, EOS included even where pad == eos.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lora_ns.builtin_models import cache_dir, resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError
 
@@ -54,7 +52,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                       tie_word_embeddings=True)),
 }
 TIKTOKEN_ENCODINGS = ("r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base", "o200k_harmony")
-VOCAB_MULTIPLE = 64  # a grown vocab is rounded up to this: matmul-friendly shapes (GPT-2's 50257 -> 50304 trick)
+VOCAB_MULTIPLE = 64  # a grown vocab is rounded up to this: matmul-friendly (GPT-2's 50257 -> 50304 trick)
 
 
 # --- architecture and tokenizer -------------------------------------------------------------------
@@ -83,9 +81,8 @@ def architecture(recipe: Recipe, tokenizer=None):
     if tokenizer is not None:
         if len(tokenizer) > config.vocab_size:
             config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        config.eos_token_id = tokenizer.eos_token_id
-        config.bos_token_id = tokenizer.bos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
+        for kind in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            setattr(config, kind, getattr(tokenizer, kind))
     return config
 
 
@@ -103,27 +100,26 @@ def tiktoken_tokenizer(recipe: Recipe, name: str):
     """A tiktoken encoding as a transformers fast tokenizer (converted once into the lora_ns cache)."""
     from transformers import PreTrainedTokenizerFast
 
-    from lora_ns.builtin_models import cache_dir
-
     folder = cache_dir() / "tokenizers" / name
     if not (folder / "tokenizer.json").is_file():
         field = "model.tokenizer_name_or_path"
         try:
             import tiktoken
         except ImportError:
-            raise UserError(recipe.problem(field, f"{name} is a tiktoken encoding and tiktoken is not installed",
+            raise UserError(recipe.problem(field, f"{name} is a tiktoken encoding, tiktoken is not installed",
                                            "pip install tiktoken blobfile"))
         try:
             encoding = tiktoken.get_encoding(name)
         except Exception as err:  # offline: tiktoken downloads its BPE file on first use
-            raise UserError(recipe.problem(field, f"tiktoken cannot get the {name} BPE file ({type(err).__name__}: "
-                                           "it is downloaded on first use)", "run once with network access "
-                                           "(cached in TIKTOKEN_CACHE_DIR), or name a tokenizer folder"))
+            why = f"tiktoken cannot get the {name} BPE file ({type(err).__name__}; downloaded on first use)"
+            raise UserError(recipe.problem(field, why, "run once with network access (cached in "
+                                           "TIKTOKEN_CACHE_DIR), or name a tokenizer folder"))
         from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
         convert_tiktoken_to_fast(encoding, str(folder))
     eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=eos, pad_token=eos)
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=eos,
+                                   pad_token=eos)
 
 
 def pretrain_tokenizer(recipe: Recipe):
@@ -132,8 +128,6 @@ def pretrain_tokenizer(recipe: Recipe):
     if name in TIKTOKEN_ENCODINGS:
         return tiktoken_tokenizer(recipe, name)
     from transformers import AutoTokenizer
-
-    from lora_ns.builtin_models import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), revision=recipe.model.revision,
                                               trust_remote_code=recipe.model.trust_remote_code)
@@ -154,7 +148,8 @@ def init_model(recipe: Recipe, tokenizer):
     problem = attention_problem(recipe)
     if problem is not None:
         raise UserError(problem)
-    return AutoModelForCausalLM.from_config(architecture(recipe, tokenizer), dtype=torch_dtype(recipe.model.dtype),
+    config = architecture(recipe, tokenizer)
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(recipe.model.dtype),
                                             attn_implementation=recipe.model.attn_implementation)
 
 
@@ -168,8 +163,7 @@ def pack(batch: dict[str, list], tokenizer, length: int) -> dict[str, list]:
     """Tokenize a batch of documents, join them with EOS between, cut into rows of `length` tokens."""
     flat: list[int] = []
     for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-        flat.extend(ids)
-        flat.append(tokenizer.eos_token_id)
+        flat.extend([*ids, tokenizer.eos_token_id])
     rows = [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]
     return {"input_ids": rows}
 
@@ -203,9 +197,8 @@ def cache_key(recipe: Recipe, tokenizer) -> str:
 def _packed(dataset, tokenizer, length: int):
     import datasets
 
-    columns = dataset.column_names
     kwargs = {"desc": "Tokenizing and packing"} if isinstance(dataset, datasets.Dataset) else {}
-    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=columns,
+    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names,
                        fn_kwargs={"tokenizer": tokenizer, "length": length}, **kwargs)
 
 
@@ -234,16 +227,13 @@ def _build(recipe: Recipe, tokenizer, target: Path) -> None:
 
 
 def pretrain_datasets(recipe: Recipe, tokenizer):
-    """(train, validation or None) rows of ``input_ids``, each ``max_length`` long; built once, then reused."""
+    """(train, validation or None): rows of ``max_length`` token ids, built once and then reused."""
     if recipe.dataset.streaming:
         from lora_ns.data import build_datasets
 
-        train, evaluation = build_datasets(recipe, tokenizer)
-        length = max_length(recipe)
-        return _packed(train, tokenizer, length), None if evaluation is None else _packed(evaluation, tokenizer, length)
+        splits = build_datasets(recipe, tokenizer)
+        return tuple(None if s is None else _packed(s, tokenizer, max_length(recipe)) for s in splits)
     import datasets
-
-    from lora_ns.builtin_models import cache_dir
 
     target = cache_dir() / "pretrain_data" / cache_key(recipe, tokenizer)
     built = not (target / "counts.json").is_file()
@@ -266,13 +256,13 @@ def check_pretrain(r: Recipe) -> Iterator[Problem]:
             yield r.problem("model.config", "only used by task: pretrain", "remove it, or set task: pretrain")
         return
     if not r.model.config:
-        yield r.problem("model.config", "pretrain needs an architecture",
-                        f"set model.config to a preset ({', '.join(PRESETS)}) or a folder/hub id with config.json")
+        yield r.problem("model.config", "pretrain needs an architecture", f"set model.config to a preset "
+                        f"({', '.join(PRESETS)}) or a folder/hub id with config.json")
     if not r.model.tokenizer_name_or_path:
-        yield r.problem("model.tokenizer_name_or_path", "pretrain needs a tokenizer",
-                        "name one (hub id, folder, builtin:tiny-llama) or a tiktoken encoding such as cl100k_base")
+        yield r.problem("model.tokenizer_name_or_path", "pretrain needs a tokenizer", "name one (hub id, "
+                        "folder, builtin:tiny-llama) or a tiktoken encoding such as cl100k_base")
     if r.peft.method != "full":
-        yield r.problem("peft.method", f"{r.peft.method} adapts pretrained weights; pretraining trains all of them",
+        yield r.problem("peft.method", f"{r.peft.method} adapts pretrained weights; pretraining trains all",
                         "set peft.method: full")
     if not r.training.get("max_length"):
         yield r.problem("training.max_length", "pretrain packs documents into rows of max_length tokens",
@@ -284,27 +274,24 @@ def check_pretrain(r: Recipe) -> Iterator[Problem]:
 
 def processes() -> int:
     """Processes a launch will use: WORLD_SIZE under a launcher, else the visible GPUs, else 1."""
-    if os.environ.get("WORLD_SIZE"):
-        return int(os.environ["WORLD_SIZE"])
     import torch
 
-    return max(torch.cuda.device_count(), 1)
+    return int(os.environ.get("WORLD_SIZE") or max(torch.cuda.device_count(), 1))
 
 
 def describe_pretrain(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Lines for validate: parameters, tokens per optimizer step and for the whole run."""
-    t = recipe.training
+    t, tokenizer, note = recipe.training, None, ""
     try:
         tokenizer = pretrain_tokenizer(recipe)
-        note = ""
     except (UserError, OSError, ValueError) as err:
-        tokenizer, note = None, f" (the config's vocab: tokenizer not loaded: {str(err).splitlines()[0][:120]})"
+        note = f" (the config's vocab: tokenizer not loaded: {str(err).splitlines()[0][:100]})"
     params = parameter_count(architecture(recipe, tokenizer))
-    world = world_size or processes()
-    batch, accumulation = int(t.get("per_device_train_batch_size", 8)), int(t.get("gradient_accumulation_steps", 1))
-    per_step = batch * accumulation * max_length(recipe) * world
-    steps = int(t["max_steps"])
+    sizes = {"batch": int(t.get("per_device_train_batch_size", 8)),  # TrainingArguments' default
+             "accumulation": int(t.get("gradient_accumulation_steps", 1)), "max_length": max_length(recipe),
+             "processes": world_size or processes()}
+    per_step, steps = math.prod(sizes.values()), int(t["max_steps"])
     return [f"pretrain: {params:,} parameters from {recipe.model.config}{note}",
-            f"pretrain: {per_step:,} tokens per optimizer step ({batch} batch × {accumulation} accumulation × "
-            f"{max_length(recipe)} max_length × {world} processes)",
+            f"pretrain: {per_step:,} tokens per optimizer step ("
+            + " × ".join(f"{v} {k}" for k, v in sizes.items()) + ")",
             f"pretrain: {per_step * steps:,} tokens in {steps:,} steps"]

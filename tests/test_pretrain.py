@@ -24,7 +24,8 @@ def pretrain_data(out: Path, **training) -> dict:
         "dataset": {"path": "sample:cpt_text", "formatter": "text", "val_split": 0.1},
         "training": {"output_dir": str(out), "max_steps": STEPS, "per_device_train_batch_size": BATCH,
                      "learning_rate": 1e-2, "lr_scheduler_type": "constant", "logging_steps": 1,
-                     "max_length": MAX_LENGTH, "save_steps": STEPS, "seed": 0, "report_to": "none", **training},
+                     "max_length": MAX_LENGTH, "save_steps": STEPS, "seed": 0, "report_to": "none",
+                     **training},
     }
 
 
@@ -61,7 +62,8 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
     assert summary["steps"] == STEPS and summary["first_loss"] > math.log(1024) - 0.5, summary
     assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
     saved = json.loads((first / "config.json").read_text())
-    assert saved["model_type"] == "qwen2" and saved["hidden_size"] == 64 and (first / "model.safetensors").is_file()
+    assert saved["model_type"] == "qwen2" and saved["hidden_size"] == 64
+    assert (first / "model.safetensors").is_file()
     from lora_ns.builtin_models import cache_dir
     from lora_ns.config import load_recipe
     from lora_ns.pretrain import cache_key, pretrain_tokenizer
@@ -71,15 +73,16 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
     built_at = cache.stat().st_mtime_ns
 
     # A second invocation with more steps continues from the first run's checkpoint, on the cached shards.
-    summary2 = train_cli(second, recipe_file, f"training.output_dir={second}", f"training.max_steps={MORE_STEPS}",
+    summary2 = train_cli(second, recipe_file, f"training.output_dir={second}",
+                         f"training.max_steps={MORE_STEPS}",
                          f"training.resume_from_checkpoint={first / f'checkpoint-{STEPS}'}")
     said = capsys.readouterr()
     assert "pretrain data reused" in said.out and cache.stat().st_mtime_ns == built_at, said.out
     assert summary2["steps"] == MORE_STEPS and "resuming from" in said.err
-    # A run from step 0 would have saved checkpoint-30 on its way (save_steps); the resumed one starts past it.
+    # A run from step 0 would save checkpoint-30 on its way (save_steps); the resumed one starts past it.
     assert sorted(p.name for p in second.glob("checkpoint-*")) == [f"checkpoint-{MORE_STEPS}"]
     logged = losses(second)
-    assert {s: logged[s] for s in range(1, STEPS + 1)} == losses(first)  # the history came with the checkpoint
+    assert {s: logged[s] for s in range(1, STEPS + 1)} == losses(first)  # history came with the checkpoint
     assert logged[STEPS + 1] < summary["first_loss"] - 1.0  # and so did the trained weights
 
     # The pretrained folder is a base model any recipe can name: a LoRA adapter on top of it.
@@ -87,7 +90,8 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
             "peft": {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
             "dataset": {"path": "sample:cpt_text", "formatter": "text"},
             "training": {"output_dir": str(tuned), "max_steps": 3, "per_device_train_batch_size": BATCH,
-                         "max_length": MAX_LENGTH, "logging_steps": 1, "report_to": "none", "save_strategy": "no"}}
+                         "max_length": MAX_LENGTH, "logging_steps": 1, "report_to": "none",
+                         "save_strategy": "no"}}
     summary3 = train_cli(tuned, write(tmp_path / "lora.yaml", lora))
     assert json.loads((tuned / "adapter_config.json").read_text())["base_model_name_or_path"] == str(second)
     assert summary3["first_loss"] < summary["first_loss"] - 1.0  # LoRA starts from the pretrained weights
@@ -102,7 +106,8 @@ def test_pretrain_rules_name_the_fix():
     problems = {p.field: p for p in check_rules(parse_recipe(bad, "p.yaml")) if p.is_error}
     assert "set peft.method: full" in problems["peft.method"].fix
     assert "training.max_length" in problems
-    other = {"model": {"name_or_path": "builtin:tiny-llama", "config": "tiny"}, "dataset": {"path": "sample:gsm8k"}}
+    other = {"model": {"name_or_path": "builtin:tiny-llama", "config": "tiny"},
+             "dataset": {"path": "sample:gsm8k"}}
     assert any(p.field == "model.config" for p in check_rules(parse_recipe(other, "o.yaml")))
 
 
@@ -170,4 +175,5 @@ def test_tiktoken_encoding_offline_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         pretrain_tokenizer(parse_recipe(data, "p.yaml"))
     (problem,) = err.value.problems
-    assert problem.field == "model.tokenizer_name_or_path" and "tiktoken" in str(problem) and "\n" not in str(problem)
+    assert problem.field == "model.tokenizer_name_or_path" and "tiktoken" in str(problem)
+    assert "\n" not in str(problem)
