@@ -20,7 +20,7 @@ from lora_ns.errors import Problem, UserError
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import MAX_YAML_BYTES, _key_lines, parse_yaml, read_yaml  # noqa: F401 (re-exported)
 
-Task = Literal["causal_lm", "seq_cls", "cpt", "dpo", "orpo", "kto", "grpo"]  # preference/RL: lora_ns.preference
+Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]  # pretrain: lora_ns.pretrain; preference/RL: lora_ns.preference
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 PeftMethod = Literal["lora", "qlora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full"]
 
@@ -41,6 +41,7 @@ class ModelConfig(_Section):
     num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
     chat_template: str | None = Field(default=None, description="Jinja template or path, used when the tokenizer has none")
+    config: str | None = Field(default=None, description="pretrain: architecture preset, folder or hub id")
 
 
 class QuantizationConfig(_Section):
@@ -265,6 +266,9 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str
     if "task" in data and data["task"] not in Task.__args__:
         raise UserError(Problem(source, "task", f"got {data['task']!r}",
                                 f"use one of: {', '.join(Task.__args__)}", lines.get("task")))
+    model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
+    if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:
+        model["name_or_path"] = str(model.get("config") or "")
     problems = _check_keys(data, source, lines) + _check_training_types(data, source, lines)
     recipe = None
     try:

@@ -150,6 +150,10 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     m = recipe.model
+    if recipe.task == "pretrain":  # pretrain hook: tiktoken names, EOS required
+        from lora_ns.pretrain import pretrain_tokenizer
+
+        return pretrain_tokenizer(recipe)
     path = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -233,6 +237,10 @@ def auto_model_class(task: str):
 
 def load_model(recipe: Recipe, tokenizer=None):
     """The base model, ready for peft (k-bit preparation applied when quantized)."""
+    if recipe.task == "pretrain":  # pretrain hook: random init from the architecture config
+        from lora_ns.pretrain import init_model
+
+        return init_model(recipe, tokenizer)
     problem = attention_problem(recipe) or model_folder_problem(recipe)
     if problem is not None:
         raise UserError(problem)

@@ -71,6 +71,7 @@ CASES = [
      "training.save_total_limit", "warning"),
     (rules.checkpoints_are_saved, {"training": {"save_steps": 5, "save_strategy": "no"}}, "training.save_steps",
      "warning"),
+    (rules.pretrain_rules, {"model": {"config": "tiny"}}, "model.config", "error"),  # more: test_pretrain
 ]
 
 

@@ -128,7 +128,7 @@ def formatter_fits_task(r: Recipe) -> Iterator[Problem]:
     from lora_ns.data.formatters import FORMATTERS
 
     kind = FORMATTERS[r.dataset.formatter].kind if r.dataset.formatter in FORMATTERS else None
-    wanted = {"seq_cls": ("pair",), "cpt": ("text",),
+    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "pretrain": ("text",),
               "causal_lm": ("prompt_completion", "messages", "text")}.get(r.task)
     if kind and wanted and kind not in wanted:  # preference tasks: lora_ns.preference.check_preference_recipe
         yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {kind} rows, "
@@ -232,13 +232,19 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
                         "so an interrupted run cannot resume", "set training.save_strategy: steps", "warning")
 
 
+def pretrain_rules(r: Recipe) -> Iterator[Problem]:  # pretrain hook
+    from lora_ns.pretrain import check_pretrain
+
+    yield from check_pretrain(r)
+
+
 RULES: list[Rule] = [
     qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
     eval_needs_val_split, streaming_needs_max_steps, training_values_in_range, peft_values_in_range,
     val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
     no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
-    checkpoints_are_saved, check_preference_recipe,
+    checkpoints_are_saved, check_preference_recipe, pretrain_rules,
 ]
 
 
