@@ -94,7 +94,7 @@ def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
         from lora_ns.validate.data import check_dataset
 
         problems += check_dataset(recipe)
-    if checks.model:
+    if checks.model and recipe.task != "pretrain":  # pretrain has no weights to check: lora_ns.pretrain
         from lora_ns.validate.model import check_model
 
         problems += check_model(recipe)

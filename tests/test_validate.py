@@ -105,3 +105,22 @@ def test_missing_recipe_file(tmp_path, capsys):
 def test_overrides_fix_a_recipe_before_validation(tmp_path, capsys):
     path = _write(tmp_path, "qlora", {"peft": {"method": "qlora"}})
     assert validate_main([str(path), "--no-data", "--no-model", "quantization.load_in_4bit=true"]) == 0
+
+
+def test_gpu_memory_prints_the_estimate_and_warns_when_it_does_not_fit(capsys):
+    from lora_ns.validate.__main__ import main
+
+    assert main([str(REPO / "recipes" / "quickstart.yaml"), "--no-data", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr()
+    assert "per-GPU memory estimate" in out.out and "total" in out.out and "warning: memory" not in out.err
+    assert main([str(REPO / "recipes" / "quickstart.yaml"), "--no-data", "--gpu-memory", "1MiB"]) == 0
+    assert "warning: memory: needs ~" in capsys.readouterr().err  # a warning, not an error: exit 0
+
+
+def test_pretrain_recipe_reports_parameters_and_token_budget(capsys):
+    from lora_ns.validate.__main__ import main
+
+    recipe = REPO / "recipes" / "pretrain_124m.yaml"
+    assert main([str(recipe), "--no-data", "model.tokenizer_name_or_path=builtin:tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808 parameters" in out and "tokens per optimizer step" in out and "tokens in 5,000 steps" in out

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.setup import Checks, check_recipe_file
@@ -21,7 +22,7 @@ RECIPES_DIR = Path("recipes")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.validate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m lora_ns.validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="?", help="recipe YAML to check")
     parser.add_argument("--all", nargs="?", const=str(RECIPES_DIR), metavar="DIR",
                         help="check every *.yaml in DIR (default: recipes/)")
@@ -29,7 +30,60 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="skip loading the model config (meta device)")
     parser.add_argument("--accelerate-config", metavar="YAML",
                         help="also check the recipe against this accelerate config (DeepSpeed/FSDP combinations)")
+    parser.add_argument("--gpu-memory", metavar="SIZE", type=memory_size,
+                        help="print the per-GPU memory estimate and warn when it is over 90%% of SIZE (24GiB, 80GB)")
     return parser
+
+
+def memory_size(text: str) -> int:
+    """'24GiB', '80GB', '24g' or a plain number of bytes -> bytes."""
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+             "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+    number = text.strip().lower().rstrip("bigkmt ")
+    unit = text.strip().lower()[len(number):].strip()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size (e.g. 24GiB, 80GB)")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a memory size must be positive")
+    return int(value)
+
+
+def visible_gpu_memory() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def memory_report(recipe: Recipe, accelerate_config: str | None, gpu_bytes: int | None) -> list[str]:
+    """The per-GPU estimate (lora_ns.memory) for this launch, and a warning line when it will not fit."""
+    from lora_ns.memory import estimate_for_recipe
+
+    processes, strategy = 1, None
+    if accelerate_config:
+        from lora_ns.validate.launch import read_launch_config
+
+        cfg = read_launch_config(accelerate_config)
+        processes = int(cfg.data.get("num_processes") or 1)
+        strategy = "zero3" if cfg.zero3 else "fsdp2" if cfg.is_fsdp else "zero2" if cfg.kind == "DEEPSPEED" \
+            else "ddp" if processes > 1 else None
+    found = estimate_for_recipe(recipe, num_processes=processes, strategy=strategy)
+    lines = found.lines()
+    warning = found.verdict(gpu_bytes) if gpu_bytes else None
+    return lines + ([f"{PROG}: warning: memory: {warning}"] if warning else [])
+
+
+def describe_more(recipe: Recipe, args: argparse.Namespace) -> list[str]:
+    """What validate prints under the OK line: pretraining's token budget, the memory estimate."""
+    lines: list[str] = []
+    if recipe.task == "pretrain":
+        from lora_ns.pretrain import describe_pretrain
+
+        lines += describe_pretrain(recipe)
+    elif not args.no_model and (args.gpu_memory or visible_gpu_memory()):
+        lines += memory_report(recipe, args.accelerate_config, args.gpu_memory or visible_gpu_memory())
+    return lines
 
 
 def describe(recipe: Recipe) -> str:
@@ -38,7 +92,7 @@ def describe(recipe: Recipe) -> str:
            f"data {recipe.dataset.path} ({recipe.dataset.formatter})"
 
 
-def validate_paths(paths: list[Path], overrides: list[str], checks: Checks) -> int:
+def validate_paths(paths: list[Path], overrides: list[str], checks: Checks, args: argparse.Namespace) -> int:
     failed = 0
     for path in paths:
         try:
@@ -49,6 +103,9 @@ def validate_paths(paths: list[Path], overrides: list[str], checks: Checks) -> i
                 print(f"{PROG}: error: {problem}", file=sys.stderr)
             continue
         print(f"OK {path}: {describe(recipe)}")
+        for line in describe_more(recipe, args):
+            warning = line.startswith(PROG)
+            print(line if warning else f"  {line}", file=sys.stderr if warning else sys.stdout)
     return 2 if failed else 0
 
 
@@ -60,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
         if not paths:
             raise UserError(Problem(str(folder), "", "no recipe files found", "pass a folder holding *.yaml recipes"))
-        return validate_paths(paths, args.overrides or [], checks)
+        return validate_paths(paths, args.overrides or [], checks, args)
     if not args.recipe:
         raise UserError(Problem("<command line>", "", "no recipe given", "pass a recipe path, or --all"))
-    return validate_paths([Path(args.recipe)], args.overrides or [], checks)
+    return validate_paths([Path(args.recipe)], args.overrides or [], checks, args)
 
 
 if __name__ == "__main__":
