@@ -69,7 +69,7 @@ def recipe_overrides(data: Path, seed: int, limit: int | None, out: str) -> list
 def lora_ns_run(data: Path, seed: int, limit: int | None, out: str) -> dict:
     """lora_ns's own path: the recipe + overrides, checked and trained as `python -m lora_ns.train` does."""
     from lora_ns.train import run_training
-    from lora_ns.validate import check_recipe_file
+    from lora_ns.setup import check_recipe_file
 
     overrides = recipe_overrides(data, seed, limit, out)
     recipe = check_recipe_file(REPO / "recipes" / "glue_mrpc.yaml", overrides, for_training=True)
@@ -95,12 +95,12 @@ def check_init(data: Path, seed: int) -> int:
     """How many parameters (head and LoRA included) differ at the start between the two sides; 0 expected."""
     import torch
 
+    from lora_ns.setup import check_recipe_file, training_arguments
     from lora_ns.train import prepare
-    from lora_ns.validate import check_recipe_file
 
     with tempfile.TemporaryDirectory(prefix="quality_mrpc_") as tmp:
         recipe = check_recipe_file(REPO / "recipes" / "glue_mrpc.yaml", recipe_overrides(data, seed, 64, tmp))
-        theirs = dict(prepare(recipe)[0].model.named_parameters())
+        theirs = dict(prepare(recipe, training_arguments(recipe))[0].model.named_parameters())
     ours = dict(plain_model(seed)[0].named_parameters())
     trainable = ({k for k, p in theirs.items() if p.requires_grad}
                  == {k for k, p in ours.items() if p.requires_grad})

@@ -337,7 +337,7 @@ def test_padding_stats_on_real_lengths_never_packs_past_max_length():
 def test_check_dataset_reads_only_a_sample(tmp_path, tiny_llama):
     """validate stays quick on any data size because it reads the first SAMPLE_ROWS rows only: a file with
     that many good rows and then a broken one checks clean, and says how many rows it sampled."""
-    from lora_ns.data.inspect import SAMPLE_ROWS
+    from lora_ns.validate.data import SAMPLE_ROWS
 
     data = tmp_path / "big.jsonl"
     good = "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(SAMPLE_ROWS))

@@ -101,7 +101,7 @@ def test_pretrain_rules_name_the_fix():
     bad = pretrain_data(Path("out"))
     bad["peft"] = {"method": "lora"}
     del bad["training"]["max_length"]
-    from lora_ns.rules import check_rules
+    from lora_ns.validate.rules import check_rules
 
     problems = {p.field: p for p in check_rules(parse_recipe(bad, "p.yaml")) if p.is_error}
     assert "set peft.method: full" in problems["peft.method"].fix

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_ns.config import load_recipe
-from lora_ns.validate import check_recipe_file
+from lora_ns.setup import check_recipe_file
 
 from conftest import REPO
 
