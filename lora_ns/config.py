@@ -40,7 +40,8 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
-    chat_template: str | None = Field(default=None, description="Jinja template or path, used when the tokenizer has none")
+    chat_template: str | None = Field(default=None, description="chatml (or a TRL training template name), a .jinja path, or the template text; "
+                                      "replaces the tokenizer's own")
     config: str | None = Field(default=None, description="pretrain: architecture preset, folder or hub id")
 
 

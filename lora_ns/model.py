@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import contextmanager
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -112,11 +113,31 @@ def model_folder_problem(recipe: Recipe) -> Problem | None:
     return None
 
 
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def named_template(name: str) -> Path | None:
+    """A training-ready template by name: ours (``chatml``) or one TRL ships (``qwen2_5``, ``llama3``, ...:
+    trl/chat_templates/<name>_training.jinja), with {% generation %} markers for assistant-only loss."""
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        return None
+    ours = TEMPLATES_DIR / f"{name}.jinja"
+    if ours.is_file():
+        return ours
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    theirs = Path(list(spec.submodule_search_locations)[0]) / "chat_templates" / f"{name}_training.jinja"
+    return theirs if theirs.is_file() else None
+
+
 def chat_template_text(recipe: Recipe) -> str:
-    """model.chat_template: the file it names, or the template itself; a path that does not exist is an error
-    (it would otherwise become the template text)."""
+    """model.chat_template: a shipped template's name, the file it names, or the template itself; a path
+    that does not exist is an error (it would otherwise become the template text)."""
     value, field = recipe.model.chat_template or "", "model.chat_template"
-    path = Path(value)
+    path = named_template(value) or Path(value)
     if path.is_file():
         try:
             return path.read_text(encoding="utf-8")
@@ -158,9 +179,10 @@ def load_tokenizer(recipe: Recipe):
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if m.chat_template:  # checked even when the tokenizer has its own (then the recipe's is not used)
-        template = checked_chat_template(recipe, tokenizer)
-        tokenizer.chat_template = tokenizer.chat_template or template
+    if m.chat_template:  # the recipe's template replaces the tokenizer's own
+        tokenizer.chat_template = checked_chat_template(recipe, tokenizer)
+        if named_template(m.chat_template) == TEMPLATES_DIR / "chatml.jinja" and "<|im_end|>" in tokenizer.get_vocab():
+            tokenizer.eos_token = "<|im_end|>"  # ChatML's end of turn: what training teaches and generation stops on
     return tokenizer
 
 

@@ -193,6 +193,10 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     if fmt.kind == "messages" and not has_chat_template(tokenizer):
         return [recipe.problem("dataset.formatter", f"formatter '{fmt.name}' gives chat messages but the tokenizer "
                                "has no chat template", "set model.chat_template, or use a chat model")]
+    if fmt.kind == "messages" and recipe.training.get("assistant_only_loss", True):
+        problems = assistant_mask_problems(recipe, tokenizer)
+        if problems:
+            return problems
     rows = [render(s.example, recipe, tokenizer) for s in examples if fmt.kind != "text" or s.example["text"].strip()]
     lengths = token_lengths(rows, tokenizer)
     if not lengths:
@@ -217,3 +221,18 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
         notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would be "
                              "padding; training.packing: true (bfd) removes it", severity="info"))
     return notes
+
+
+def assistant_mask_problems(recipe: Recipe, tokenizer) -> list[Problem]:
+    """assistant_only_loss needs {% generation %} markers; TRL swaps in a marked template for the families
+    it knows and fails at train time for the others, so say it here, with the way through."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        return [recipe.problem("model.chat_template", "the tokenizer's chat template cannot mark assistant turns "
+                               "for training.assistant_only_loss (no {% generation %} markers, and TRL has no "
+                               "patched version of it)", "set model.chat_template: chatml (for ChatML models) "
+                               "or another training template, or training.assistant_only_loss: false")]
+    return []

@@ -1,0 +1,64 @@
+"""Named training templates (model.chat_template: chatml): the loss mask marks exactly the assistant replies,
+validate refuses a template TRL cannot mark, and a chat recipe trains with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from lora_ns.config import load_recipe
+from lora_ns.errors import UserError
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "It is 6."}]
+PLAIN_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chat_recipe(tmp_path, *overrides: str):
+    return load_recipe(REPO / "recipes" / "code_feedback.yaml", [
+        "model.name_or_path=builtin:tiny-llama", "model.dtype=fp32", "quantization.load_in_4bit=false",
+        "peft.method=lora", "dataset.path=sample:code_feedback", "training.bf16=false",
+        f"training.output_dir={tmp_path / 'out'}", *overrides])
+
+
+def test_chatml_marks_exactly_the_assistant_replies_and_their_end_of_turn(tiny_llama, tmp_path):
+    from lora_ns.model import load_tokenizer
+
+    tokenizer = load_tokenizer(chat_recipe(tmp_path, "model.chat_template=chatml"))
+    enc = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tokenizer.decode(marked) == "4<|im_end|>It is 6.<|im_end|>"
+    assert tokenizer.eos_token == "<|im_end|>"  # what training teaches is what generation stops on
+    # prefix-preserving: the first turns render the same whatever follows
+    first = tokenizer.apply_chat_template(CHAT[:3], tokenize=False)
+    assert tokenizer.apply_chat_template(CHAT, tokenize=False).startswith(first)
+
+
+def test_validate_refuses_a_template_that_cannot_mark_assistant_turns(tiny_llama, tmp_path):
+    from lora_ns.setup import setup
+
+    recipe = chat_recipe(tmp_path, f"model.chat_template={PLAIN_CHATML}")
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    assert "model.chat_template" in str(err.value) and "chatml" in str(err.value)
+    setup(chat_recipe(tmp_path, f"model.chat_template={PLAIN_CHATML}", "training.assistant_only_loss=false"),
+          dry_run=True)  # the documented way out: train on every token
+
+
+def test_a_multi_turn_recipe_trains_with_the_named_template(tiny_llama, tmp_path):
+    import math
+
+    from lora_ns.train import train
+
+    summary = train(chat_recipe(tmp_path, "model.chat_template=chatml", "training.max_steps=2",
+                                "training.logging_steps=1", "training.save_strategy=no"))
+    assert summary["steps"] == 2 and math.isfinite(summary["last_loss"])
+
+
+def test_an_unknown_template_name_is_not_mistaken_for_template_text(tmp_path):
+    from lora_ns.model import chat_template_text
+
+    with pytest.raises(UserError, match="not found"):
+        chat_template_text(chat_recipe(tmp_path, "model.chat_template=templates/missing.jinja"))
