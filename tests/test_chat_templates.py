@@ -62,3 +62,21 @@ def test_an_unknown_template_name_is_not_mistaken_for_template_text(tmp_path):
 
     with pytest.raises(UserError, match="not found"):
         chat_template_text(chat_recipe(tmp_path, "model.chat_template=templates/missing.jinja"))
+
+
+def test_show_sample_marks_exactly_the_completion_on_the_bundled_sample(tiny_llama, tmp_path):
+    from lora_ns.data import formatted_examples
+    from lora_ns.validate.sample import marked_text, training_rows
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"training.output_dir={tmp_path / 'out'}"])
+    rows = training_rows(recipe, 3)
+    first_rows = load_recipe(REPO / "recipes" / "quickstart.yaml", ["dataset.val_split=null"])
+    expected = list(formatted_examples(first_rows, limit=3))  # the sample's first rows, as shown
+    assert len(rows) == 3
+    for row, example in zip(rows, expected):
+        tokenizer = row["tokenizer"]
+        loss_text = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+        # the completion and its end of turn (so the model learns to stop), nothing of the prompt
+        assert loss_text.strip() == example["completion"].strip() + "<|im_end|>"
+        assert example["prompt"] not in loss_text
+        assert marked_text(row, colour=False).count("[[") == 1

@@ -30,6 +30,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="skip loading the model config (meta device)")
     parser.add_argument("--accelerate-config", metavar="YAML",
                         help="also check the recipe against this accelerate config (DeepSpeed/FSDP combinations)")
+    parser.add_argument("--show-sample", nargs="?", type=int, const=3, metavar="N",
+                        help="print N (default 3) training examples as train sees them, loss tokens marked")
     parser.add_argument("--gpu-memory", metavar="SIZE", type=memory_size,
                         help="print the per-GPU memory estimate and warn when it is over 90%% of SIZE (24GiB, 80GB)")
     return parser
@@ -83,6 +85,10 @@ def describe_more(recipe: Recipe, args: argparse.Namespace) -> list[str]:
         lines += describe_pretrain(recipe)
     elif not args.no_model and (args.gpu_memory or visible_gpu_memory()):
         lines += memory_report(recipe, args.accelerate_config, args.gpu_memory or visible_gpu_memory())
+    if args.show_sample:
+        from lora_ns.validate.sample import show_sample
+
+        lines += show_sample(recipe, args.show_sample)
     return lines
 
 

@@ -1,0 +1,72 @@
+"""``validate --show-sample N``: the first N training examples exactly as train will see them.
+
+The rows come from `build_datasets` (train's own formatter and renderer) and go through TRL's own
+``SFTTrainer._prepare_dataset`` (tokenization, assistant/completion masks, labels, truncation), called on
+a stand-in that holds only what that method reads, so no model is needed. Tokens that carry loss are
+shown [[in double brackets]] (in green on a terminal), with the share of loss tokens per example:
+training on the prompt, on padding, or never on EOS shows up here before a GPU hour is spent.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+from lora_ns.config import Recipe
+
+SFT_TASKS = ("causal_lm", "cpt")
+
+
+def training_rows(recipe: Recipe, count: int) -> list[dict]:
+    """input_ids and labels (-100: no loss) of the first `count` training rows, as SFTTrainer builds them."""
+    from trl import SFTTrainer
+    from trl.chat_template_utils import get_training_chat_template
+
+    from lora_ns.data import build_datasets
+    from lora_ns.model import load_tokenizer
+    from lora_ns.setup import training_arguments
+
+    few = recipe.model_copy(deep=True)
+    few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
+    args = training_arguments(recipe)
+    tokenizer = load_tokenizer(recipe)
+    train, _ = build_datasets(few, tokenizer)
+    template = get_training_chat_template(tokenizer) if args.assistant_only_loss else None
+    stand_in = SimpleNamespace(_tokenizer=tokenizer, chat_template=template,
+                               completion_only_loss=args.completion_only_loss is not False)
+    prepared = SFTTrainer._prepare_dataset(stand_in, train, tokenizer, args, False, None, "sample")
+    return [{"input_ids": row["input_ids"], "labels": row["labels"], "tokenizer": tokenizer} for row in prepared]
+
+
+def marked_text(row: dict, colour: bool) -> str:
+    """The example's text with the loss-carrying runs of tokens marked."""
+    tokenizer, out, run, in_loss = row["tokenizer"], [], [], False
+    start, end = ("\033[32m", "\033[0m") if colour else ("[[", "]]")
+
+    def flush() -> None:
+        if run:
+            text = tokenizer.decode(run)
+            out.append(f"{start}{text}{end}" if in_loss else text)
+            run.clear()
+
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if (label != -100) != in_loss:
+            flush()
+            in_loss = label != -100
+        run.append(token)
+    flush()
+    return "".join(out)
+
+
+def show_sample(recipe: Recipe, count: int) -> list[str]:
+    if recipe.task not in SFT_TASKS:
+        return [f"--show-sample: task {recipe.task} is not trained by SFTTrainer; nothing to show"]
+    colour = sys.stdout.isatty()
+    lines = []
+    for i, row in enumerate(training_rows(recipe, count), 1):
+        loss = sum(label != -100 for label in row["labels"])
+        lines.append(f"--- example {i}: {len(row['input_ids'])} tokens, {loss} with loss "
+                     f"({100 * loss / max(len(row['input_ids']), 1):.0f}%); loss tokens "
+                     f"{'in green' if colour else 'in [[ ]]'}")
+        lines.append(marked_text(row, colour))
+    return lines
