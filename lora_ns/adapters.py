@@ -49,9 +49,15 @@ def peft_options(recipe: Recipe) -> dict[str, Any]:
 
 
 def peft_config(recipe: Recipe):
-    """A peft config object, or None for full fine-tuning."""
+    """A peft config object, or None for full fine-tuning; with ``peft.init_from``, that adapter's own."""
     if recipe.peft.method == "full":
         return None
+    if recipe.peft.init_from:
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(recipe.peft.init_from)
+        config.inference_mode = False
+        return config
     from lora_ns.hf_fields import peft_config_class
 
     task_type = "SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM"
@@ -68,12 +74,16 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def apply_peft(model, recipe: Recipe):
-    """Wrap the model with the recipe's adapter (unchanged for full fine-tuning)."""
+    """Wrap the model with the recipe's adapter (unchanged for full fine-tuning), or load ``peft.init_from``
+    trainable: a new run that starts from an earlier adapter (resume instead continues the same run)."""
     config = peft_config(recipe)
     if config is None:
         return model
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
+    on_meta = next(model.parameters()).is_meta  # validate's weightless model: the shapes are enough
+    if recipe.peft.init_from and not on_meta:  # train on from an earlier adapter's weights
+        return PeftModel.from_pretrained(model, recipe.peft.init_from, is_trainable=True)
     return get_peft_model(model, config)
 
 

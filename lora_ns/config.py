@@ -61,6 +61,8 @@ class PeftSection(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     method: PeftMethod = "lora"
+    init_from: str | None = Field(default=None, description="adapter folder to continue training from "
+                                  "(its own config is used; distinct from resuming a run)")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -162,7 +164,7 @@ def _known_keys(section: str, data: dict[str, Any]) -> set[str]:
     if section == "training":
         return set(training_fields(data.get("task", "causal_lm")))
     if section == "peft":
-        return {"method", *peft_fields((data.get("peft") or {}).get("method", "lora"))} - PEFT_MANAGED
+        return {"method", "init_from", *peft_fields((data.get("peft") or {}).get("method", "lora"))} - PEFT_MANAGED
     return set(SECTIONS[section].model_fields)
 
 

@@ -38,6 +38,7 @@ CASES = [
                                 "peft": {"method": "lora", "modules_to_save": ["pooler"]}},
      "peft.modules_to_save", "error"),
     (rules.eval_needs_val_split, {"training": {"eval_strategy": "steps"}}, "training.eval_strategy", "error"),
+    (rules.eval_needs_val_split, {"training": {"eval_on_start": True}}, "training.eval_on_start", "error"),
     (rules.streaming_needs_max_steps, {"dataset": {"streaming": True}, "training": {"max_steps": -1}},
      "training.max_steps", "error"),
     (rules.val_fraction_in_range, {"dataset": {"val_split": 1.5}}, "dataset.val_split", "error"),

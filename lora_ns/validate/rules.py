@@ -66,6 +66,9 @@ def eval_needs_val_split(r: Recipe) -> Iterator[Problem]:
     if strategy != "no" and r.dataset.val_split is None:
         yield r.problem("training.eval_strategy", f"eval_strategy '{strategy}' but no validation data",
                         "set dataset.val_split (a split name or a fraction like 0.1)")
+    if r.training.get("eval_on_start") and r.dataset.val_split is None:
+        yield r.problem("training.eval_on_start", "eval_on_start but no validation data",
+                        "set dataset.val_split, or training.eval_on_start: false")
 
 
 def streaming_needs_max_steps(r: Recipe) -> Iterator[Problem]:
@@ -223,6 +226,39 @@ def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
             yield r.problem(f"model.{field}", f"{value} not found", "check the path, or use a hub id")
 
 
+def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
+    """peft.init_from names an adapter folder of the same method; its own config wins over other peft keys."""
+    path = r.peft.init_from
+    if not path:
+        return
+    import json
+
+    from lora_ns.hf_fields import PEFT_TYPES
+
+    config_file = Path(path).expanduser() / "adapter_config.json"
+    if r.peft.method == "full":
+        yield r.problem("peft.init_from", "full fine-tuning has no adapter to start from",
+                        "name the merged model in model.name_or_path instead")
+        return
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        why = "not found" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__})"
+        yield r.problem("peft.init_from", f"{config_file} {why}", "point it at an adapter folder (a training output_dir)")
+        return
+    kind, wanted = str(saved.get("peft_type", "")).upper(), PEFT_TYPES[r.peft.method]
+    if kind != wanted:
+        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is {r.peft.method}",
+                        f"set peft.method to the adapter's method, or start a fresh {r.peft.method} adapter")
+    if r.peft.options:
+        yield r.problem("peft.init_from", f"the adapter's own config is used; ignoring {', '.join(sorted(r.peft.options))}",
+                        "remove those keys", "warning")
+    base = str(saved.get("base_model_name_or_path") or "")
+    if base and Path(base).name != Path(r.model.name_or_path).name and not r.model.name_or_path.startswith("builtin:"):
+        yield r.problem("peft.init_from", f"the adapter was trained on {base}, this recipe loads {r.model.name_or_path}",
+                        "use the adapter's base model (shapes must match)", "warning")
+
+
 def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
     """Checkpoint settings next to save_strategy "no" save nothing, so the run cannot be resumed."""
     t = r.training
@@ -244,7 +280,7 @@ RULES: list[Rule] = [
     val_fraction_in_range,
     formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
     no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
-    checkpoints_are_saved, check_preference_recipe, pretrain_rules,
+    checkpoints_are_saved, init_adapter_fits, check_preference_recipe, pretrain_rules,
 ]
 
 
