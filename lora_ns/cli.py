@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from lora_ns import __version__
+from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
 
 PROG = "lora-ns"
@@ -31,16 +32,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other user error, instead of usage + error
-        raise UserError(Problem("<command line>", "", message, f"run '{PROG} --help'"))
+# The script names of the toolkit lora_ns descends from (validate_config.py, inference.py, merge_adapter.py).
+LEGACY_COMMANDS = {"validate_config": "validate", "inference": "infer", "merge_adapter": "merge"}
 
 
 def make_parser() -> argparse.ArgumentParser:
     """The top-level parser: used for ``--help`` and ``--version``; commands parse their own arguments."""
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
-    parser = _Parser(
+    parser = CommandParser(
         prog=PROG, usage=f"{PROG} [-h] [-V] COMMAND [ARGS ...]", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Parameter-efficient fine-tuning recipes on the Hugging Face stack.",
         epilog=f"commands:\n{listing}\n\n"
@@ -93,6 +93,7 @@ def dispatch(argv: list[str]) -> int:
                                     f"run '{PROG} --help'; commands: {', '.join(COMMANDS)}"))
         argv = [args.command, *args.args]
     name, rest = argv[0], argv[1:]
+    name = LEGACY_COMMANDS.get(name.removesuffix(".py"), name)
     if name not in COMMANDS:
         raise _unknown_command(name)
     return run_command(name, rest)

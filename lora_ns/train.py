@@ -48,10 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.checkpoints import FINISHED_MARKER
+from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, load_recipe
-from lora_ns.errors import run_cli
-from lora_ns.preference import PREFERENCE_TASKS  # light: TRL is imported lazily
+from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import write_text_atomic
+from lora_ns.preference import PREFERENCE_TASKS  # light: TRL is imported lazily
 from lora_ns.setup import Checks, print_notes, setup
 
 PROG = "lora_ns.train"
@@ -59,12 +60,33 @@ PROG = "lora_ns.train"
 SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}
 
 
+# Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
+HF_SCRIPT_FLAGS = {"--output-dir": "training.output_dir", "--model-name-or-path": "model.name_or_path",
+                   "--dataset-name": "dataset.path"}
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m lora_ns.train", description="Fine-tune a model as a recipe describes.",
-        epilog="Overrides: key.sub=value or --key.sub value, e.g. training.max_steps=10 --peft.r 8")
-    parser.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+        epilog="Overrides: key.sub=value or --key.sub value, e.g. training.max_steps=10 --peft.r 8",
+        aliases={"--config": "--recipe"})
+    parser.add_argument("recipe", nargs="?", help="path to a recipe YAML (see recipes/)")
+    parser.add_argument("--recipe", dest="recipe_flag", help=argparse.SUPPRESS)  # --config: older scripts' name
+    for flag, key in HF_SCRIPT_FLAGS.items():
+        parser.add_argument(flag, help=f"same as {key}=VALUE")
     return parser
+
+
+def recipe_and_overrides(argv: list[str] | None) -> tuple[str, list[str]]:
+    args, overrides = make_parser().parse_known_args(argv)
+    recipe = args.recipe_flag or args.recipe
+    if args.recipe_flag and args.recipe:  # with --config, a bare key=value is an override, not the recipe
+        overrides = [args.recipe, *overrides]
+    if not recipe:
+        raise UserError(Problem("<command line>", "recipe", "no recipe given", "pass a recipe path (see recipes/)"))
+    flags = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, key in HF_SCRIPT_FLAGS.items()
+             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    return recipe, flags + overrides
 
 
 def classification_eval(num_labels: int):
@@ -215,8 +237,8 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, args.overrides = make_parser().parse_known_args(argv)
-    train(load_recipe(args.recipe, args.overrides))
+    recipe, overrides = recipe_and_overrides(argv)
+    train(load_recipe(recipe, overrides))
     return 0
 
 

@@ -32,3 +32,23 @@ def test_a_bad_flag_is_one_user_error_not_usage_text():
     with pytest.raises(UserError) as err:
         parser().parse_args(["--max-new-tokens", "many"])
     assert len(err.value.problems) == 1 and "--help" in str(err.value.problems[0])
+
+
+def test_train_takes_the_hf_script_flags_as_overrides():
+    from lora_ns.train import recipe_and_overrides
+
+    recipe, overrides = recipe_and_overrides(["--config", "r.yaml", "--output_dir", "o", "--model_name_or_path=m",
+                                              "training.max_steps=3", "--peft.r", "4"])
+    assert recipe == "r.yaml"
+    assert overrides == ["training.output_dir=o", "model.name_or_path=m", "training.max_steps=3", "--peft.r", "4"]
+
+
+def test_legacy_script_names_and_flags_reach_our_commands(monkeypatch):
+    from lora_ns import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_command", lambda name, args: seen.update(name=name, args=args) or 0)
+    cli.main(["merge_adapter", "--adapter_path", "a", "--output_path", "b"])
+    assert seen == {"name": "merge", "args": ["--adapter_path", "a", "--output_path", "b"]}
+    cli.main(["validate_config", "--all"])
+    assert seen["name"] == "validate"
