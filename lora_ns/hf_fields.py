@@ -3,13 +3,19 @@
 Read from the real classes with `dataclasses.fields`: TRL's `SFTConfig` (causal_lm, cpt),
 transformers' `TrainingArguments` (seq_cls), and the peft config class of the recipe's method (peft's
 public `PEFT_TYPE_TO_CONFIG_MAPPING`). Each is imported only when a recipe needs it, since the imports
-take seconds (set-up builds the same objects anyway).
+take seconds. What was read is kept in ``$LORA_NS_CACHE/fields-<versions>.json``, keyed by the installed
+versions of trl, transformers and peft (read from package metadata, no import), so checking a recipe's
+keys (``validate --no-model --no-data``) needs no heavy import after the first run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
 
 # peft method name -> peft's PeftType name.
 PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
@@ -37,18 +43,54 @@ def _init_fields(cls) -> dict[str, str]:
     return {f.name: _annotation(f.type) for f in fields if f.init and not f.name.startswith("_")}
 
 
+def _cache_file() -> Path:
+    from lora_ns.builtin_models import cache_dir
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "none"
+
+    tag = "-".join(f"{name}{installed(name)}" for name in ("trl", "transformers", "peft"))
+    return cache_dir() / f"fields-{tag}.json"
+
+
+def _cached(key: str, read: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """`read()`, remembered on disk per library versions (a broken or unwritable cache is only slower)."""
+    path = _cache_file()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = read()
+        try:
+            from lora_ns.fileio import write_text_atomic
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(known, sort_keys=True))
+        except OSError:
+            pass
+    return known[key]
+
+
 @functools.cache
 def training_fields(task: str) -> dict[str, str]:
     """Map field name -> annotation of the training arguments class of a task, plus lora_ns's own keys."""
-    from lora_ns.setup import training_arguments_class
+    def read() -> dict[str, str]:
+        from lora_ns.setup import training_arguments_class
 
-    return {**_init_fields(training_arguments_class(task)), **LORA_NS_TRAINING_FIELDS,
-            **TASK_TRAINING_FIELDS.get(task, {})}
+        return _init_fields(training_arguments_class(task))
+
+    return {**_cached(f"training:{task}", read), **LORA_NS_TRAINING_FIELDS, **TASK_TRAINING_FIELDS.get(task, {})}
 
 
 @functools.cache
 def peft_fields(method: str) -> dict[str, str]:
-    return _init_fields(peft_config_class(method)) if method in PEFT_TYPES else {}
+    if method not in PEFT_TYPES:
+        return {}
+    return _cached(f"peft:{PEFT_TYPES[method]}", lambda: _init_fields(peft_config_class(method)))
 
 
 # Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.rewards).

@@ -124,3 +124,15 @@ def test_pretrain_recipe_reports_parameters_and_token_budget(capsys):
     assert main([str(recipe), "--no-data", "model.tokenizer_name_or_path=builtin:tiny-llama"]) == 0
     out = capsys.readouterr().out
     assert "124,439,808 parameters" in out and "tokens per optimizer step" in out and "tokens in 5,000 steps" in out
+
+
+def test_schema_and_rules_only_import_no_heavy_library(tmp_path):
+    """validate --no-model --no-data reads the HF field names from the versioned cache after the first run."""
+    code = ("import sys, runpy; sys.argv = ['v', 'recipes/gsm8k.yaml', '--no-model', '--no-data']\n"
+            "try:\n    runpy.run_module('lora_ns.validate', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
+    first = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and again.returncode == 0, again.stderr[-800:]
+    assert again.stdout.strip().splitlines()[-1] == "[]"

@@ -11,6 +11,7 @@ every message says how to fix the recipe.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -291,16 +292,20 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
     wants_fp16 = r.training.get("fp16") or r.model.dtype == "fp16"
     if not (wants_bf16 or wants_fp16):
         return
-    import torch
+    if not for_training and not Path("/proc/driver/nvidia/version").exists() and "torch" not in sys.modules:
+        cuda = False  # no NVIDIA driver: skip importing torch (seconds) just to hear that from it
+    else:
+        import torch
 
+        cuda = torch.cuda.is_available()
     severity = "error" if for_training else "warning"
-    if wants_fp16 and r.training.get("fp16") and not torch.cuda.is_available():
+    if wants_fp16 and r.training.get("fp16") and not cuda:
         yield r.problem("training.fp16", "fp16 mixed precision needs a CUDA GPU and none is visible",
                         "set training.fp16: false (or train on a GPU machine)", severity)
-    if wants_bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if wants_bf16 and cuda and not torch.cuda.is_bf16_supported():
         yield r.problem("training.bf16", "this GPU does not support bf16",
                         "use fp16 (training.fp16: true, model.dtype: fp16)", severity)
-    if wants_bf16 and r.training.get("bf16") and not torch.cuda.is_available() and not for_training:
+    if wants_bf16 and r.training.get("bf16") and not cuda and not for_training:
         yield r.problem("training.bf16", "no CUDA GPU here: bf16 will run on the CPU (slow)",
                         "fine if this recipe is meant for a GPU machine", "warning")
 
