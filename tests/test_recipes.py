@@ -37,6 +37,8 @@ def offline_overrides(path: Path, out: Path) -> list[str]:
                       "training.num_generations=2"]
     elif recipe.task != "seq_cls":
         overrides.append("training.max_length=128")
+    if "max_completion_length" in recipe.training and recipe.task != "grpo":  # orpo: must stay below max_length
+        overrides.append("training.max_completion_length=64")
     if recipe.task == "pretrain":  # the tiny architecture and its tokenizer, not GPT-2's
         overrides += ["model.config=tiny", "model.tokenizer_name_or_path=builtin:tiny-llama"]
     return overrides
