@@ -60,7 +60,7 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
     problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: schema and rules only
-        return Setup(recipe, None, problems)
+        return Setup(recipe, None, problems + _raise_errors(deep_problems(recipe, checks)))  # (and the launch)
     args = training_arguments(recipe)
     problems += _raise_errors(list(run_problems(recipe, args)))
     if recipe.peft.method != "full":
