@@ -40,7 +40,7 @@ def answer(adapter_dir: str, question: str) -> str:
     """Generate with the saved adapter, prompts rendered as in training (lora_ns.infer when installed)."""
     try:
         from lora_ns.inference_model import load_for_inference
-        from lora_ns.infer import generate
+        from lora_ns.generation import generate
     except ImportError:  # plain transformers + peft do the same for a chat-template model
         from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer

@@ -51,7 +51,7 @@ def load_pair(tuned: str, base: str | None):
 
 
 def answer_both(models, prompts: list[Any], args: argparse.Namespace, progress: bool = True) -> list[dict[str, Any]]:
-    from lora_ns.infer import generate
+    from lora_ns.generation import generate
 
     base, tuned = models
     options = dict(recipe=tuned.recipe, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
@@ -79,7 +79,8 @@ def interactive(models, args: argparse.Namespace, lines: Iterable[str], out: Tex
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from lora_ns.infer import guard_output_file, prompt_of, read_inputs, write_json_atomic
+    from lora_ns.fileio import guard_output_file, write_json_atomic
+    from lora_ns.generation import prompt_of, read_inputs
 
     if args.output:
         if args.interactive:

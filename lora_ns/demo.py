@@ -58,7 +58,7 @@ def history_messages(history: list[Any]) -> list[dict[str, str]]:
 
 def build_app(gr, loaded, args: argparse.Namespace):
     """A gr.ChatInterface for causal models, a gr.Interface classifier for seq_cls ones."""
-    from lora_ns.infer import classify, generate
+    from lora_ns.generation import classify, generate
 
     title = f"lora_ns — {args.adapter}"
     if loaded.task == "seq_cls":

@@ -116,7 +116,7 @@ def split_reference(example: dict[str, Any]) -> tuple[Any, str]:
 
 def score_classification(loaded, examples, args) -> tuple[dict[str, float], list[dict[str, Any]]]:
     from lora_ns.data import label_id
-    from lora_ns.infer import classify
+    from lora_ns.generation import classify
     from lora_ns.metrics import classification_metrics
 
     names, count = loaded.recipe.model.labels if loaded.recipe else None, loaded.model.config.num_labels
@@ -131,7 +131,7 @@ def score_classification(loaded, examples, args) -> tuple[dict[str, float], list
 
 
 def generate_answers(loaded, recipe, examples, args) -> list[dict[str, Any]]:
-    from lora_ns.infer import generate
+    from lora_ns.generation import generate
 
     prompts, references = zip(*(split_reference(e) for e in examples))
     outputs = generate(loaded, list(prompts), recipe=recipe, max_new_tokens=args.max_new_tokens, greedy=True,
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(Problem("<command line>", flag, "must be at least 1", "use 1 or more"))
-    from lora_ns.infer import guard_output_file, write_json_atomic, write_jsonl_atomic
+    from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
     from lora_ns.config import load_recipe
 
     model_path = args.adapter or args.model

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from lora_ns.errors import Problem, UserError
 
 
 def _umask() -> int:
@@ -56,3 +59,23 @@ def unwritable(path: str | Path) -> str | None:
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"cannot write in {folder} (read-only, or no permission)"
     return None
+
+
+def guard_output_file(path: str | Path, overwrite: bool, flag: str = "--output-file") -> None:
+    """Refuse to replace an existing file unless asked (checked before any model is loaded)."""
+    if Path(path).exists() and not overwrite:
+        raise UserError(Problem(str(path), flag, "already exists", "choose another path or pass --overwrite"))
+    if Path(path).is_dir():
+        raise UserError(Problem(str(path), flag, "is a folder", "give a file path"))
+    if why := unwritable(path):
+        raise UserError(Problem(str(path), flag, why, "choose a path you can write to"))
+
+
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")

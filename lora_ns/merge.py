@@ -195,7 +195,7 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     from transformers import AutoTokenizer
 
     from lora_ns.inference_model import MERGE_INFO, RECIPE_FILE, adapter_base, detect_task, saved_recipe
-    from lora_ns.infer import write_json_atomic
+    from lora_ns.fileio import write_json_atomic
     from lora_ns.model import torch_dtype
 
     adapter, target = Path(adapter_dir), Path(output)

@@ -27,7 +27,7 @@ def tuned(tmp_path_factory, tiny_llama) -> Path:
 
 
 def test_questions_file_to_json(tuned, tmp_path, capsys):
-    from lora_ns.infer import generate
+    from lora_ns.generation import generate
     from lora_ns.inference_model import load_for_inference
 
     questions = tmp_path / "q.txt"

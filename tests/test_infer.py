@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lora_ns.errors import UserError, run_cli
-from lora_ns.infer import generate, main, read_inputs
+from lora_ns.generation import generate, read_inputs
+from lora_ns.infer import main
 from lora_ns.inference_model import load_for_inference, render_prompt
 
 from conftest import QUICKSTART, make_adapter
