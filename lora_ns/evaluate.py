@@ -62,11 +62,13 @@ def make_parser() -> argparse.ArgumentParser:
 # --- the examples ------------------------------------------------------------------------------
 
 def eval_kind(recipe) -> str:
-    """classification | math | generation | perplexity."""
+    """classification | preference | math | generation | perplexity."""
     from lora_ns.data import get_formatter
 
     if recipe.task == "seq_cls":
         return "classification"
+    if get_formatter(recipe.dataset.formatter).kind == "preference":
+        return "preference"
     if recipe.task == "cpt" or get_formatter(recipe.dataset.formatter).kind == "text":
         return "perplexity"
     return "math" if recipe.dataset.formatter in MATH_FORMATTERS else "generation"
@@ -178,12 +180,27 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
     return float(loss)
 
 
+def score_preference(loaded, recipe, examples) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Preference accuracy (chosen more likely than rejected) and the mean margin in nats, on held-out pairs."""
+    from lora_ns.generation import reply_logprob
+
+    rows = []
+    for example in examples:
+        margin = (reply_logprob(loaded, example["prompt"], example["chosen"], recipe)
+                  - reply_logprob(loaded, example["prompt"], example["rejected"], recipe))
+        rows.append({"row": example.get("row"), "prompt": example["prompt"], "margin": margin, "correct": margin > 0})
+    return {"preference_accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "mean_margin": sum(r["margin"] for r in rows) / len(rows)}, rows
+
+
 def run_evaluation(loaded, recipe, examples, args) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from lora_ns.metrics import generation_metrics, perplexity
 
     kind = eval_kind(recipe)
     if kind == "classification":
         metrics, rows = score_classification(loaded, examples, args)
+    elif kind == "preference":
+        metrics, rows = score_preference(loaded, recipe, examples)
     elif kind == "perplexity":
         rows = [{"row": e.get("row"), "text": e["text"]} for e in examples]
         metrics = {}

@@ -145,3 +145,26 @@ def pair_of(row: dict[str, Any]) -> tuple[str, str | None]:
 
 
 # --- command line ------------------------------------------------------------------------------
+
+
+def reply_logprob(loaded, prompt: PromptInput, reply: str, recipe=None) -> float:
+    """log p(reply | prompt), summed over the reply's tokens, as DPO-style training scores it: a chat
+    prompt with the reply as the assistant turn (its end-of-turn token included), plain text otherwise."""
+    import torch
+
+    from lora_ns.inference_model import render_prompt
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if isinstance(prompt, list) and tokenizer.chat_template:
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True,
+                                             return_dict=False)
+    else:
+        rendered = render_prompt(tokenizer, prompt, recipe)
+        head = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+        full = head + tokenizer(reply, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([full], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    picked = logprobs.gather(-1, ids[0, 1:, None])[:, 0]
+    return float(picked[len(head) - 1:].sum())

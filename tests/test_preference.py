@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
+from lora_ns.generation import reply_logprob
 from lora_ns.preference import check_preference_recipe
 from lora_ns.rewards import answer_format, gsm8k_exact_match, resolve_rewards
 
@@ -163,21 +165,6 @@ def test_task_trains_and_saves_an_adapter(task, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def reply_logprob(model, tokenizer, prompt: list[dict], reply: str) -> float:
-    """Summed log-probability of the reply tokens after the chat-templated prompt."""
-    import torch
-
-    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
-                                         return_dict=False)
-    assert full[:len(head)] == head
-    ids = torch.tensor([full])
-    with torch.no_grad():
-        logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    targets = ids[0, 1:]
-    return logprobs[len(head) - 1:].gather(-1, targets[len(head) - 1:, None]).sum().item()
-
-
 def test_dpo_raises_the_preference_margin(tmp_path):
     """The adapter starts as a no-op (LoRA B = 0), so adapter-off is the model before training."""
     from lora_ns.train import run_training
@@ -189,9 +176,11 @@ def test_dpo_raises_the_preference_margin(tmp_path):
     rows = [json.loads(line) for line in (Path(__file__).parents[1] / "lora_ns/samples/preference.jsonl")
             .read_text().splitlines()]
 
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer)
+
     def margins() -> list[float]:
-        return [reply_logprob(model, tokenizer, [{"role": "user", "content": r["prompt"]}], r["chosen"])
-                - reply_logprob(model, tokenizer, [{"role": "user", "content": r["prompt"]}], r["rejected"])
+        return [reply_logprob(loaded, [{"role": "user", "content": r["prompt"]}], r["chosen"])
+                - reply_logprob(loaded, [{"role": "user", "content": r["prompt"]}], r["rejected"])
                 for r in rows]
     after = margins()
     with model.disable_adapter():
@@ -203,6 +192,18 @@ def test_dpo_raises_the_preference_margin(tmp_path):
     # so 2 nats is far above fp32 rounding (~1e-5 relative).
     assert sum(gains) / len(gains) > 2.0, gains
     assert sum(g > 0 for g in gains) >= 0.8 * len(gains), gains
+
+    # lora_ns.evaluate scores the saved adapter the same way: preference accuracy and mean margin
+    from lora_ns.evaluate import main as evaluate
+
+    sample = Path(__file__).parents[1] / "lora_ns/samples/preference.jsonl"
+    assert evaluate([str(tmp_path / "out" / "recipe.yaml"), "--adapter", str(tmp_path / "out"),
+                     "--data-file", str(sample), "--output-dir", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["kind"] == "preference" and metrics["num_examples"] == len(rows)
+    assert metrics["preference_accuracy"] == sum(m > 0 for m in after) / len(after)
+    # same model and tokens, reloaded from disk: equal up to fp32 rounding of ~100-nat sums (1e-5 relative)
+    assert abs(metrics["mean_margin"] - sum(after) / len(after)) < 1e-3 * max(1.0, abs(sum(after) / len(after)))
 
 
 def even_tokens(prompts, completions, completion_ids, **kwargs):
