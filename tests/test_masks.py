@@ -191,7 +191,11 @@ def test_packed_samples_do_not_attend_to_each_other(request, tok, tmp_path, arch
             alone = net(input_ids=batch["input_ids"][:, a:b]).logits[0]
             worst_packed = max(worst_packed, (packed[a:b] - alone).abs().max().item())
             worst_naive = max(worst_naive, (naive[a:b] - alone).abs().max().item())
-    assert worst_packed < 1e-5
+    # Packed and alone run the same fp32 math on differently shaped tensors, so only the reduction order
+    # differs: <= K * eps relative per dot product (K <= 128, the tiny model's widest layer), compounded over
+    # 2 layers x 4 matmuls in series: 8 * 128 * eps ~ 1.2e-4 of the logits' scale, on any CPU.
+    scale = max(1.0, float(naive.abs().max()))
+    assert worst_packed < 8 * 128 * torch.finfo(torch.float32).eps * scale
     assert worst_naive > 1e-3  # the comparison can see leakage when there is some
 
 
