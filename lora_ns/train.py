@@ -84,8 +84,8 @@ def recipe_and_overrides(argv: list[str] | None) -> tuple[str, list[str]]:
         overrides = [args.recipe, *overrides]
     if not recipe:
         raise UserError(Problem("<command line>", "recipe", "no recipe given", "pass a recipe path (see recipes/)"))
-    flags = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, key in HF_SCRIPT_FLAGS.items()
-             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in HF_SCRIPT_FLAGS.items()}
+    flags = [f"{key}={value}" for key, value in given.items() if value is not None]
     return recipe, flags + overrides
 
 

@@ -83,8 +83,8 @@ def describe_more(recipe: Recipe, args: argparse.Namespace) -> list[str]:
         from lora_ns.pretrain import describe_pretrain
 
         lines += describe_pretrain(recipe)
-    elif not args.no_model and (args.gpu_memory or visible_gpu_memory()):
-        lines += memory_report(recipe, args.accelerate_config, args.gpu_memory or visible_gpu_memory())
+    elif not args.no_model and (gpu_bytes := args.gpu_memory or visible_gpu_memory()):
+        lines += memory_report(recipe, args.accelerate_config, gpu_bytes)
     if args.show_sample:
         from lora_ns.validate.sample import show_sample
 
