@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -193,6 +194,8 @@ def resolve_model_path(name_or_path: str) -> str:
     target = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)
+    if name == "smollm2-135m":  # the one slow build: say so, it happens once per cache folder
+        print(f"lora_ns: converting SmolLM2-135M from GGUF into {target} (once; about a minute)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

@@ -9,14 +9,13 @@ The command's exit code is passed through.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
 from typing import Sequence
 
 from lora_ns import __version__
 from lora_ns.command_line import CommandParser
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import Problem, UserError, run_cli, suggest
 
 PROG = "lora-ns"
 
@@ -52,9 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _unknown_command(word: str) -> UserError:
-    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(COMMANDS)}"
-    return UserError(Problem("<command line>", word, "unknown command", hint))
+    return UserError(Problem("<command line>", word, "unknown command", suggest(word, COMMANDS, "use one of")))
 
 
 def _exit_code(exc: SystemExit) -> int:

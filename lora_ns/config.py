@@ -9,14 +9,13 @@ and raises one `UserError` listing every problem with its field path and YAML li
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem, UserError, suggest
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import MAX_YAML_BYTES, _key_lines, parse_yaml, read_yaml  # noqa: F401 (re-exported)
 
@@ -188,19 +187,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> N
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _suggest(word: str, options: set[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
-    close = close or sorted(o for o in options if word.startswith(o) or o.startswith(word))[:1]
-    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(options)[:12])}"
-
-
 def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> list[Problem]:
     """Unknown keys anywhere in the recipe, each with the closest valid key."""
     problems = []
     top = {"task", *SECTIONS, "training"}
     for key in data:
         if key not in top:
-            problems.append(Problem(source, key, "unknown section", _suggest(key, top), lines.get(key)))
+            problems.append(Problem(source, key, "unknown section", suggest(key, top), lines.get(key)))
     for section in (*SECTIONS, "training"):
         body = data.get(section)
         if body is None:
@@ -222,7 +215,7 @@ def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> lis
             else:
                 method = body.get("method", "lora") if section == "peft" else None
                 msg = f"unknown field for peft method '{method}'" if method else "unknown field"
-                fix = _suggest(key, known)
+                fix = suggest(key, known)
             problems.append(Problem(source, path, msg, fix, lines.get(path)))
     return problems
 

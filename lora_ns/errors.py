@@ -7,6 +7,7 @@ print its problems without a traceback (see `run_cli`).
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -39,6 +40,14 @@ class UserError(Exception):
     def __init__(self, problems: Problem | Sequence[Problem]):
         self.problems = [problems] if isinstance(problems, Problem) else list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def suggest(word: str, options, what: str = "valid keys") -> str:
+    """'did you mean X?' for the closest option (a typo, or a prefix), else the first few options."""
+    options = sorted(options) if isinstance(options, (set, frozenset)) else list(options)  # sets: stable order
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    close = close or [o for o in options if word.startswith(o) or o.startswith(word)][:1]
+    return f"did you mean '{close[0]}'?" if close else f"{what}: {', '.join(options[:12])}"
 
 
 def fail(file: str, field: str, message: str, fix: str = "", line: int | None = None) -> UserError:

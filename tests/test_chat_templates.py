@@ -80,3 +80,27 @@ def test_show_sample_marks_exactly_the_completion_on_the_bundled_sample(tiny_lla
         assert loss_text.strip() == example["completion"].strip() + "<|im_end|>"
         assert example["prompt"] not in loss_text
         assert marked_text(row, colour=False).count("[[") == 1
+
+
+def test_a_base_trained_with_chatml_saves_a_generation_config_that_stops_at_end_of_turn(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lora_ns.config import PeftSection
+    from lora_ns.train import train
+
+    base = tmp_path / "base"  # a base model whose own eos is not ChatML's end of turn
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(base)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
+    recipe = chat_recipe(tmp_path, f"model.name_or_path={base}", "model.chat_template=chatml",
+                         "training.max_steps=1", "training.save_strategy=no")
+    recipe.peft = PeftSection(method="full")  # a full model saves its generation config (TRL aligns its eos)
+    train(recipe)
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in (saved if isinstance(saved, list) else [saved])
