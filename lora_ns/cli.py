@@ -40,10 +40,11 @@ def make_parser() -> argparse.ArgumentParser:
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
     parser = CommandParser(
-        prog=PROG, usage=f"{PROG} [-h] [-V] COMMAND [ARGS ...]", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, usage=f"{PROG} [-h] [-V] COMMAND [ARGS ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Parameter-efficient fine-tuning recipes on the Hugging Face stack.",
         epilog=f"commands:\n{listing}\n\n"
-               f"Run '{PROG} COMMAND --help' for a command's options (same as 'python -m lora_ns.COMMAND --help').")
+               f"Run '{PROG} COMMAND --help' for a command's options ('python -m lora_ns.COMMAND --help').")
     parser.add_argument("command", nargs="?", metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
@@ -51,7 +52,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _unknown_command(word: str) -> UserError:
-    return UserError(Problem("<command line>", word, "unknown command", suggest(word, COMMANDS, "use one of")))
+    return UserError(Problem("<command line>", word, "unknown command",
+                             suggest(word, COMMANDS, "use one of")))
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -65,7 +67,7 @@ def _exit_code(exc: SystemExit) -> int:
 
 
 def run_command(name: str, args: list[str]) -> int:
-    """Import ``lora_ns.<name>`` and run its ``main(args)``; errors print as ``lora-ns <name>: error: ...``."""
+    """Import ``lora_ns.<name>`` and run its ``main(args)``; errors print as ``lora-ns <name>: error:``."""
     try:
         module = importlib.import_module(f"lora_ns.{name}")
     except ModuleNotFoundError as err:

@@ -19,7 +19,8 @@ from lora_ns.errors import Problem, UserError, suggest
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import MAX_YAML_BYTES, _key_lines, parse_yaml, read_yaml  # noqa: F401 (re-exported)
 
-Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]  # pretrain: lora_ns.pretrain; preference/RL: lora_ns.preference
+# pretrain: lora_ns.pretrain; dpo/orpo/kto/grpo: lora_ns.preference
+Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 PeftMethod = Literal["lora", "qlora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full"]
 
@@ -31,7 +32,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which model to load, and how."""
 
-    name_or_path: str = Field(description="hub id, local folder, or builtin:<name> (see lora_ns.builtin_models)")
+    name_or_path: str = Field(description="hub id, local folder, or builtin:<name> (lora_ns.builtin_models)")
     revision: str | None = None
     tokenizer_name_or_path: str | None = None
     dtype: DType = "auto"
@@ -39,8 +40,8 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
-    chat_template: str | None = Field(default=None, description="chatml (or a TRL training template name), a .jinja path, or the template text; "
-                                      "replaces the tokenizer's own")
+    chat_template: str | None = Field(default=None, description="chatml (or a TRL training template name), a "
+                                      ".jinja path, or the template text; replaces the tokenizer's own")
     config: str | None = Field(default=None, description="pretrain: architecture preset, folder or hub id")
 
 
@@ -80,7 +81,7 @@ class DatasetConfig(_Section):
     columns: dict[str, str] = Field(default_factory=dict, description="formatter field -> column in the data")
     prompt_template: str | None = None
     system_prompt: str | None = None
-    val_split: str | float | None = Field(default=None, description="split name, or a fraction held out of train")
+    val_split: str | float | None = Field(default=None, description="split name, or a held-out fraction")
     streaming: bool = False
     max_samples: int | None = Field(default=None, ge=1)
     seed: int = 42
@@ -163,7 +164,8 @@ def _known_keys(section: str, data: dict[str, Any]) -> set[str]:
     if section == "training":
         return set(training_fields(data.get("task", "causal_lm")))
     if section == "peft":
-        return {"method", "init_from", *peft_fields((data.get("peft") or {}).get("method", "lora"))} - PEFT_MANAGED
+        method = (data.get("peft") or {}).get("method", "lora")
+        return {"method", "init_from", *peft_fields(method)} - PEFT_MANAGED
     return set(SECTIONS[section].model_fields)
 
 
@@ -209,8 +211,9 @@ def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> lis
             path = f"{section}.{key}"
             if section == "peft" and key in PEFT_MANAGED:
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"
-            elif section == "training" and data.get("task") == "seq_cls" and key in training_fields("causal_lm"):
-                msg = "only applies to causal LM tasks (TRL SFTConfig); seq_cls uses transformers' TrainingArguments"
+            elif section == "training" and data.get("task") == "seq_cls" \
+                    and key in training_fields("causal_lm"):
+                msg = "only applies to causal LM tasks (TRL SFTConfig); seq_cls uses TrainingArguments"
                 fix = f"remove training.{key}"
             else:
                 method = body.get("method", "lora") if section == "peft" else None
@@ -256,8 +259,9 @@ def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int])
     return problems
 
 
-def parse_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[str, int] | None = None) -> Recipe:
-    """Validate a raw recipe dict into a `Recipe` (schema only; see `lora_ns.validate.rules` for cross-field rules)."""
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
+                 lines: dict[str, int] | None = None) -> Recipe:
+    """Validate a raw recipe dict into a `Recipe` (schema only; cross-field rules: lora_ns.validate.rules)."""
     lines = lines or {}
     if "task" in data and data["task"] not in Task.__args__:
         raise UserError(Problem(source, "task", f"got {data['task']!r}",

@@ -44,7 +44,7 @@ class UserError(Exception):
 
 def suggest(word: str, options, what: str = "valid keys") -> str:
     """'did you mean X?' for the closest option (a typo, or a prefix), else the first few options."""
-    options = sorted(options) if isinstance(options, (set, frozenset)) else list(options)  # sets: stable order
+    options = sorted(options) if isinstance(options, (set, frozenset)) else list(options)  # stable order
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     close = close or [o for o in options if word.startswith(o) or o.startswith(word)][:1]
     return f"did you mean '{close[0]}'?" if close else f"{what}: {', '.join(options[:12])}"
@@ -56,7 +56,7 @@ def fail(file: str, field: str, message: str, fix: str = "", line: int | None = 
 
 
 # Library log lines that are noise to every user, by logger name -> message prefix. bitsandbytes' CPU backend
-# warns at import (peft imports it) that an optional kernel package is missing, even when nothing is quantized.
+# warns at import (peft imports it) that an optional kernel package is missing, even with nothing quantized.
 # datasets' JSON builder logs a failed file before raising; lora_ns then names the bad line itself.
 LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
                  "datasets.packaged_modules.json.json": "Failed to load JSON from file"}
@@ -70,7 +70,7 @@ def quiet_library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(getattr(f, "lora_ns_noise", False) for f in logger.filters):
             noise = logging.Filter()
-            noise.filter = lambda record, prefix=prefix: not str(record.msg).startswith(prefix)  # type: ignore
+            noise.filter = lambda rec, prefix=prefix: not str(rec.msg).startswith(prefix)  # type: ignore
             noise.lora_ns_noise = True  # type: ignore[attr-defined]
             logger.addFilter(noise)
 

@@ -83,7 +83,8 @@ def training_fields(task: str) -> dict[str, str]:
 
         return _init_fields(training_arguments_class(task))
 
-    return {**_cached(f"training:{task}", read), **LORA_NS_TRAINING_FIELDS, **TASK_TRAINING_FIELDS.get(task, {})}
+    ours = {**LORA_NS_TRAINING_FIELDS, **TASK_TRAINING_FIELDS.get(task, {})}
+    return {**_cached(f"training:{task}", read), **ours}
 
 
 @functools.cache

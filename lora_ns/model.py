@@ -28,7 +28,7 @@ from lora_ns.errors import Problem, UserError
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # attn_implementation -> (importable module, pip package)
 FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
-                  "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from the flash-attention repo)")}
+                  "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention)")}
 
 
 def torch_dtype(name: str):
@@ -50,8 +50,8 @@ def attention_problem(recipe: Recipe) -> Problem | None:
     module, package = FLASH_PACKAGES[wanted]
     if importlib.util.find_spec(module) is not None:
         return None
-    return recipe.problem("model.attn_implementation", f"{wanted} needs the {package} package, which is not installed",
-                          f"pip install {package.split()[0]} (CUDA only), or set model.attn_implementation: sdpa")
+    return recipe.problem("model.attn_implementation", f"{wanted} needs {package} (not installed)",
+                          f"pip install {package.split()[0]} (CUDA only), or use attn_implementation: sdpa")
 
 
 def gradient_checkpointing(recipe: Recipe) -> bool:
@@ -108,8 +108,8 @@ def model_folder_problem(recipe: Recipe) -> Problem | None:
                               "set model.trust_remote_code: true only if you trust that code")
     files = [f.name for f in folder.iterdir()]
     if not any(f.endswith(".safetensors") for f in files) and any(f.endswith(PICKLE_SUFFIXES) for f in files):
-        return recipe.problem(field, f"{folder} holds only pickle weights (e.g. pytorch_model.bin), which can run "
-                              "code when loaded", "convert them to safetensors (model.save_pretrained) first")
+        return recipe.problem(field, f"{folder} holds only pickle weights (e.g. pytorch_model.bin), which "
+                              "can run code when loaded", "convert them to safetensors (save_pretrained)")
     return None
 
 
@@ -156,7 +156,7 @@ def checked_chat_template(recipe: Recipe, tokenizer) -> str:
     text = chat_template_text(recipe)
     try:
         tokenizer.apply_chat_template(_SAMPLE_CHAT, chat_template=text, tokenize=False)
-    except Exception as err:  # jinja2 TemplateSyntaxError / SecurityError / UndefinedError, or raise_exception()
+    except Exception as err:  # jinja2 TemplateSyntaxError/SecurityError/UndefinedError, or raise_exception()
         line = getattr(err, "lineno", None)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise UserError(recipe.problem("model.chat_template", f"the template fails to render "
@@ -167,7 +167,7 @@ def checked_chat_template(recipe: Recipe, tokenizer) -> str:
 
 
 def load_tokenizer(recipe: Recipe):
-    """The tokenizer, with a pad token (the eos token when it has none) and a chat template if the recipe gives one."""
+    """The tokenizer, with a pad token (eos when it has none) and the recipe's chat template if any."""
     from transformers import AutoTokenizer
 
     m = recipe.model
@@ -176,13 +176,15 @@ def load_tokenizer(recipe: Recipe):
 
         return pretrain_tokenizer(recipe)
     path = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision,
+                                              trust_remote_code=m.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if m.chat_template:  # the recipe's template replaces the tokenizer's own
         tokenizer.chat_template = checked_chat_template(recipe, tokenizer)
-        if named_template(m.chat_template) == TEMPLATES_DIR / "chatml.jinja" and "<|im_end|>" in tokenizer.get_vocab():
-            tokenizer.eos_token = "<|im_end|>"  # ChatML's end of turn: what training teaches and generation stops on
+        chatml = named_template(m.chat_template) == TEMPLATES_DIR / "chatml.jinja"
+        if chatml and "<|im_end|>" in tokenizer.get_vocab():
+            tokenizer.eos_token = "<|im_end|>"  # ChatML's end of turn: trained on, and where generation stops
     return tokenizer
 
 
@@ -275,5 +277,6 @@ def load_model(recipe: Recipe, tokenizer=None):
     if recipe.quantized and not sharded_training():
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing(recipe))
+        checkpointing = gradient_checkpointing(recipe)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     return model

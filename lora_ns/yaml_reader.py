@@ -102,7 +102,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
             raise _too_big(source, size)
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(Problem(source, "", "recipe file not found", "check the path (recipes live in recipes/)"))
+        raise UserError(Problem(source, "", "recipe file not found", "check the path (see recipes/)"))
     except IsADirectoryError:
         raise UserError(Problem(source, "", "is a folder, not a recipe file", "pass the recipe's .yaml file"))
     except (OSError, UnicodeDecodeError) as err:
