@@ -22,6 +22,8 @@ from typing import Any
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
+from lora_ns.hf_fields import peft_config_class
+
 # Classification heads that must be trained and saved with the adapter (peft adds them for SEQ_CLS).
 SEQ_CLS_HEADS = ["classifier", "score"]
 DEFAULT_VIRTUAL_TOKENS = 20
@@ -60,8 +62,6 @@ def peft_config(recipe: Recipe):
         config = PeftConfig.from_pretrained(recipe.peft.init_from)
         config.inference_mode = False
         return config
-    from lora_ns.hf_fields import peft_config_class
-
     task_type = "SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM"
     return peft_config_class(recipe.peft.method)(task_type=task_type, **peft_options(recipe))
 

@@ -16,14 +16,17 @@ their arguments:
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager
+import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError
+from lora_ns.pretrain import init_model, pretrain_tokenizer
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # attn_implementation -> (importable module, pip package)
@@ -92,8 +95,6 @@ _SAMPLE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "conten
 def model_folder_problem(recipe: Recipe) -> Problem | None:
     """A local model folder lora_ns will not load: weights only as pickles, or custom code (auto_map)
     without model.trust_remote_code (never run by default), or a config.json that is not JSON."""
-    import json
-
     folder, field = Path(resolve_model_path(recipe.model.name_or_path)), "model.name_or_path"
     if not folder.is_dir():
         return None
@@ -124,8 +125,6 @@ def named_template(name: str) -> Path | None:
     ours = TEMPLATES_DIR / f"{name}.jinja"
     if ours.is_file():
         return ours
-    import importlib.util
-
     spec = importlib.util.find_spec("trl")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -172,8 +171,6 @@ def load_tokenizer(recipe: Recipe):
 
     m = recipe.model
     if recipe.task == "pretrain":  # pretrain hook: tiktoken names, EOS required
-        from lora_ns.pretrain import pretrain_tokenizer
-
         return pretrain_tokenizer(recipe)
     path = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision,
@@ -190,8 +187,6 @@ def load_tokenizer(recipe: Recipe):
 
 def sharded_training() -> bool:
     """DeepSpeed ZeRO-3 or FSDP: they place (and shard) the weights themselves."""
-    import os
-
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -262,8 +257,6 @@ def auto_model_class(task: str):
 def load_model(recipe: Recipe, tokenizer=None):
     """The base model, ready for peft (k-bit preparation applied when quantized)."""
     if recipe.task == "pretrain":  # pretrain hook: random init from the architecture config
-        from lora_ns.pretrain import init_model
-
         return init_model(recipe, tokenizer)
     problem = attention_problem(recipe) or model_folder_problem(recipe)
     if problem is not None:
