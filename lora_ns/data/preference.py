@@ -11,9 +11,7 @@ Layouts read: TRL's ``prompt``/``chosen``/``rejected`` (strings or message lists
 implicit in the two conversations), UltraFeedback (``chosen``/``rejected`` full conversations sharing
 the prompt), HH-RLHF (two "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts split at the last
 assistant turn), KTO's ``prompt``/``completion``/``label``, and prompt-only rows for GRPO.
-
-`render_preference` turns an example into TRL's conversational form when the tokenizer has a chat
-template (and the recipe sets no ``prompt_template``), else into plain text with the prompt template.
+Rendering for TRL: `lora_ns.data.render.render`.
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lora_ns.config import Recipe
 from lora_ns.data.formatters import ROLES, Row, RowError, formatter, text_value
+from lora_ns.data.render import split_last_reply
 
 PREFERENCE_KINDS = ("preference", "unpaired", "prompt_only")
 Messages = list[dict[str, str]]
@@ -61,11 +59,10 @@ def _reply(value: Any, name: str) -> str:
 
 def _split_last_reply(conversation: Any, name: str) -> tuple[Messages, str]:
     """(messages before the last assistant turn, that turn's text)."""
-    turns = _messages(conversation, name)
-    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0:
+    prompt, reply = split_last_reply(_messages(conversation, name))
+    if reply is None or not prompt:
         raise RowError(name, "no assistant reply after a prompt", "give the conversation ending in the reply")
-    return turns[:last], _reply(turns[last:last + 1], name)
+    return prompt, _reply(reply, name)
 
 
 def _pair(prompt: Messages, chosen: str, rejected: str) -> Row:
@@ -149,49 +146,3 @@ def prompt_only(row: Row) -> Row:
 def gsm8k_prompt(row: Row) -> Row:
     """GSM8K for GRPO: the question is the prompt, the worked answer (ending ``#### N``) the reference."""
     return {"prompt": _messages(text_value(row, "question"), "question"), "answer": text_value(row, "answer")}
-
-
-# --- rendering for TRL -------------------------------------------------------------------------------
-
-def render_preference(example: Row, recipe: Recipe, tokenizer=None) -> Row:
-    """One canonical example -> one row of TRL's preference/unpaired/prompt-only format."""
-    from lora_ns.data.render import _with_system, format_prompt, require_chat_template, uses_chat_template
-
-    replies = [k for k in ("chosen", "rejected", "completion") if k in example]
-    rest = {k: v for k, v in example.items() if k not in ("prompt", *replies)}
-    if uses_chat_template(recipe, tokenizer):
-        prompt = _with_system(list(example["prompt"]), recipe.dataset.system_prompt)
-        return {"prompt": prompt, **{k: [{"role": "assistant", "content": example[k]}] for k in replies}, **rest}
-    if len(example["prompt"]) != 1 or example["prompt"][0]["role"] != "user":
-        require_chat_template(recipe, tokenizer)  # a multi-turn prompt needs the chat template
-        raise RowError("prompt", "a multi-turn prompt needs a chat template; unset dataset.prompt_template")
-    return {"prompt": format_prompt(example["prompt"][0]["content"], recipe),
-            **{k: example[k] for k in replies}, **rest}
-
-
-def build_preference_datasets(recipe: Recipe, tokenizer=None):
-    """(train, eval or None) in TRL's format: `lora_ns.data.loading` reads and locates rows, we render."""
-    from lora_ns.data import loading
-    from lora_ns.errors import UserError
-
-    cfg = recipe.dataset
-    loading.check_template(recipe)
-
-    def convert(raw, src):
-        conv, columns = loading.converter(raw, src, recipe, tokenizer)
-
-        def one(row, index):
-            example = conv.located(row, index)
-            try:
-                return render_preference(example, recipe, tokenizer)
-            except loading.RowError as err:
-                raise UserError(conv.problem(index, err)) from None
-        return raw.map(one, with_indices=True, remove_columns=columns)
-
-    raw, src = loading.load(cfg)
-    train, evaluation = convert(loading._limit(raw, cfg.max_samples), src), None
-    if isinstance(cfg.val_split, float):
-        train, evaluation = loading._hold_out(train, recipe)
-    elif isinstance(cfg.val_split, str):
-        evaluation = convert(*loading.load(cfg, cfg.val_split, "dataset.val_split"))
-    return train, evaluation

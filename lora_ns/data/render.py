@@ -8,6 +8,8 @@
 - messages: ``[system?] + messages``; with ``assistant_only_loss=True`` TRL trains on every assistant
   turn (content and its end-of-turn token) and nothing else.
 - text (cpt): unchanged; every token is trained. pair (seq_cls): unchanged (see `encode_pairs`).
+- preference, unpaired, prompt-only (dpo, orpo, kto, grpo): TRL's conversational form with a chat
+  template (and no ``prompt_template``), else the prompt template's plain text.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import string
 from typing import Any
 
 from lora_ns.config import Recipe
+from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -85,8 +88,31 @@ def format_prompt(prompt: str, recipe: Recipe) -> str:
     return text
 
 
+def split_last_reply(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
+    """(the conversation before its last assistant turn, that turn's text); (all of it, None) without one.
+    What generation starts from and what it is compared against (evaluate, infer, preference pairs)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    return (list(messages), None) if last is None else (list(messages[:last]), messages[last]["content"])
+
+
+def _render_preference(example: dict[str, Any], recipe: Recipe, tokenizer) -> dict[str, Any]:
+    """A preference / unpaired / prompt-only example (its prompt is a message list) in TRL's format."""
+    replies = [k for k in ("chosen", "rejected", "completion") if k in example]
+    rest = {k: v for k, v in example.items() if k not in ("prompt", *replies)}
+    if uses_chat_template(recipe, tokenizer):
+        prompt = _with_system(list(example["prompt"]), recipe.dataset.system_prompt)
+        return {"prompt": prompt, **{k: [{"role": "assistant", "content": example[k]}] for k in replies}, **rest}
+    if len(example["prompt"]) != 1 or example["prompt"][0]["role"] != "user":
+        require_chat_template(recipe, tokenizer)  # a multi-turn prompt needs the chat template
+        raise RowError("prompt", "a multi-turn prompt needs a chat template; unset dataset.prompt_template")
+    return {"prompt": format_prompt(example["prompt"][0]["content"], recipe),
+            **{k: example[k] for k in replies}, **rest}
+
+
 def render(example: dict[str, Any], recipe: Recipe, tokenizer=None) -> dict[str, Any]:
-    """One canonical example -> one row for TRL's SFTTrainer (pairs and text pass through)."""
+    """One canonical example -> one row for TRL's trainers (pairs and text pass through)."""
+    if isinstance(example.get("prompt"), list):  # preference kinds (lora_ns.data.preference)
+        return _render_preference(example, recipe, tokenizer)
     kind = kind_of(example)
     if kind == "prompt_completion":
         if uses_chat_template(recipe, tokenizer):
@@ -113,9 +139,7 @@ def prompt_text(example: dict[str, Any], recipe: Recipe, tokenizer) -> str:
     if kind == "prompt_completion":
         history = render(example, recipe, tokenizer)["prompt"]
     elif kind == "messages":
-        messages = render(example, recipe, tokenizer)["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        history = messages[:last]
+        history = split_last_reply(render(example, recipe, tokenizer)["messages"])[0]
     else:
         raise ValueError(f"{kind} examples have no prompt")
     return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
@@ -127,8 +151,6 @@ def sft_defaults(recipe: Recipe) -> dict[str, Any]:
     Chat messages train on assistant turns only; prompt/completion rows on the completion only
     (TRL's default, stated explicitly); text on everything.
     """
-    from lora_ns.data.formatters import FORMATTERS
-
     kind = FORMATTERS[recipe.dataset.formatter].kind
     if kind == "messages":
         return {"assistant_only_loss": True}

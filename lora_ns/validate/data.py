@@ -1,7 +1,7 @@
 """Dataset checks for `validate`: read a small sample, report what would break or waste a training run.
 
 `check_dataset(recipe)` reads the first rows (`SAMPLE_ROWS`) of the training data -- local files
-with plain Python (`lora_ns.data.sources`), Hub datasets streamed -- and of a validation file when
+with `lora_ns.data.sources`' line-aware reader, Hub datasets streamed -- and of a validation file when
 ``dataset.val_split`` names one, then returns:
 
 - errors: unreadable/empty files, malformed rows, missing columns, rows the formatter rejects,
@@ -20,14 +20,14 @@ from typing import Any, NamedTuple
 
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import (
-    HubSource, RowConverter, Source, column_map, first_location, is_data_path, source_for,
-)
+from lora_ns.data.loading import HubSource, RowConverter, Source, column_map, first_location, is_data_path, source_for
+from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import TEMPLATE_EXAMPLE, has_chat_template, render, template_problem, uses_chat_template
-from lora_ns.data.sources import Location, iter_rows, looks_local
+from lora_ns.data.sources import Location, first_rows, located_rows, looks_local
 from lora_ns.errors import Problem, UserError
 
 SAMPLE_ROWS = 200
+SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default
 MAX_ROW_ERRORS = 5
 
 
@@ -72,7 +72,8 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
 def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
     """The first rows with their locations; None when a Hub dataset cannot be reached."""
     if not isinstance(src, HubSource):
-        return list(islice(iter_rows(src), SAMPLE_ROWS))
+        first_rows(src)  # an empty file is an error, wherever it is in the glob
+        return list(islice(located_rows(src), SAMPLE_ROWS))
     from lora_ns.validate.model import hub_reachable
 
     if not hub_reachable():  # fail in seconds, not after huggingface_hub's ~25 s of retries
@@ -101,8 +102,7 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
         try:
             examples.append(Sampled(where, row, conv.canonical(row)))
         except RowError as err:
-            message = err.message if where.line else f"row {where.row}: {err.message}"
-            bad.append(Problem(where.file, found.get(err.field, err.field), message, err.fix, where.line))
+            bad.append(conv.problem(err, where))
     if len(bad) > MAX_ROW_ERRORS:
         more = len(bad) - MAX_ROW_ERRORS
         bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field, f"... and {more} more rows like these")]
@@ -181,10 +181,10 @@ def token_lengths(rows: list[dict[str, Any]], tokenizer) -> list[int]:
 
 
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
-    from lora_ns.data.stats import SFT_DEFAULT_MAX_LENGTH, length_summary, unpacked_padding
+    import numpy as np
 
     fmt = FORMATTERS[recipe.dataset.formatter]
-    if fmt.kind in ("preference", "unpaired", "prompt_only"):  # not SFT rows (lora_ns.data.preference)
+    if fmt.kind in PREFERENCE_KINDS:  # not SFT rows
         return []
     where = examples[0].where.file
     tokenizer, why = _tokenizer(recipe)
@@ -207,20 +207,26 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     else:
         limit = int(recipe.training.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
         limit_name = "training.max_length"
-    s = length_summary(lengths, limit)
     chat = fmt.kind == "messages" or (fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer))
     style = "chat template" if chat else "plain text"
-    over = f"; {s['over']} exceed {limit_name}={limit} and will be truncated" if limit else ""
-    notes = [Problem(where, "dataset", f"{s['count']} rows sampled ({style}): tokens per example p50 {s['p50']}, "
-                     f"p95 {s['p95']}, max {s['max']}{over}", severity="info")]
+    over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" if limit else ""
+    p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
+    notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example p50 {p50}, "
+                     f"p95 {p95}, max {max(lengths)}{over}", severity="info")]
     batch = int(recipe.training.get("per_device_train_batch_size") or 8)
     if recipe.task != "seq_cls" and not recipe.training.get("packing") and len(lengths) > 1:
         sizes = [min(n, limit) for n in lengths]
-        padded = unpacked_padding(sizes, batch)
+        padded = padding(sizes, batch)
         share = padded / (padded + sum(sizes))
         notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would be "
                              "padding; training.packing: true (bfd) removes it", severity="info"))
     return notes
+
+
+def padding(sizes: list[int], batch_size: int) -> int:
+    """Pad tokens when consecutive batches of `batch_size` rows are each padded to their longest row."""
+    return sum(len(chunk) * max(chunk) - sum(chunk)
+               for chunk in (sizes[i:i + batch_size] for i in range(0, len(sizes), batch_size)))
 
 
 def assistant_mask_problems(recipe: Recipe, tokenizer) -> list[Problem]:
