@@ -122,8 +122,8 @@ def _prompt_completion(name: str, prompt: str, completion: str, doc: str) -> Non
 
 
 _prompt_completion("prompt_completion", "prompt", "completion", "Single-turn rows as they are.")
-_prompt_completion("gsm8k", "question", "answer",
-                   "The whole worked answer (ending ``#### N``) is the completion; extracting N is evaluation's job.")
+_prompt_completion("gsm8k", "question", "answer", "The whole worked answer (ending ``#### N``) is the "
+                   "completion; extracting N is evaluation's job.")
 _prompt_completion("metamath", "query", "response",
                    "MetaMathQA; ``type`` and ``original_question`` stay in the row's metadata.")
 
@@ -139,7 +139,7 @@ def messages(row: Row) -> Row:
     return {"messages": check_messages(row.get("messages"), "messages")}
 
 
-FORMATTERS["code_feedback"] = Formatter("code_feedback", "messages", ("messages",), messages)  # multi-turn chats
+FORMATTERS["code_feedback"] = Formatter("code_feedback", "messages", ("messages",), messages)  # multi-turn
 
 
 @formatter("sharegpt", "messages", ("conversations",))
@@ -168,7 +168,8 @@ def alpaca(row: Row) -> Row:
     return {"prompt": prompt, "completion": text_value(row, "output")}
 
 
-FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "output"), alpaca, ("input",))
+FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "output"), alpaca,
+                                    ("input",))
 
 
 @formatter("pair", "pair", ("sentence1", "label"), optional=("sentence2",),
@@ -178,8 +179,8 @@ def pair(row: Row) -> Row:
     label = row.get("label")
     if label is None or (isinstance(label, str) and not label.strip()):
         raise RowError("label", "missing label")
-    return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2", required=False),
-            "label": label}
+    return {"sentence1": text_value(row, "sentence1"),
+            "sentence2": text_value(row, "sentence2", required=False), "label": label}
 
 
 @formatter("glue_mrpc", "pair", ("sentence1", "sentence2", "label"),
@@ -192,6 +193,7 @@ def glue_mrpc(row: Row) -> Row:
         raise RowError("label", "missing label")
     value = label.strip() if isinstance(label, str) else label
     if value not in (("0", "1") if isinstance(value, str) else (0, 1)):
-        raise RowError("label", f"unknown label {label!r}", "MRPC labels are 0 (not equivalent) or 1 (equivalent)")
+        raise RowError("label", f"unknown label {label!r}",
+                       "MRPC labels are 0 (not equivalent) or 1 (equivalent)")
     return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2"),
             "label": int(value)}

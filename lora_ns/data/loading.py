@@ -1,20 +1,11 @@
 """Load raw rows (Hub, local files, bundled samples), format them, and render them for the trainers.
 
-- `load_raw(cfg, split)`: the raw rows as a `datasets.Dataset` (an `IterableDataset` when
-  ``dataset.streaming``), read by `datasets`' own builders; when one fails, the row it choked on is
-  found and reported as file:line (`lora_ns.data.sources`).
-- `build_datasets(recipe, tokenizer)`: (train, eval or None) rendered for TRL's trainers (or, for
-  pairs, ready for `encode_pairs`). Every row goes through its formatter; a row it cannot use is an
-  error naming file, line and column, never a silent drop. (Blank rows of a *text* dataset, e.g.
-  the empty lines between paragraphs of a .txt file, are not examples and are skipped.)
-- `formatted_examples(recipe, split, limit)`: the canonical, *un-rendered* examples plus their row's
-  other columns, for evaluation; with ``split=recipe.dataset.val_split`` exactly the rows
-  `build_datasets` evaluates on.
-
-Validation data: ``dataset.val_split`` is a fraction held out of the training rows (the same rows
-every time, from ``dataset.seed``), a split name (Hub datasets, or a local folder holding
-``train.*``/``validation.*`` files), or a path to a file/glob of its own. ``max_samples`` caps the
-training rows, before any fraction is held out.
+`datasets`' builders read the rows; a row they or a formatter reject is reported as file:line
+(`lora_ns.data.sources`), never dropped. Blank rows of a *text* dataset (the empty lines between
+paragraphs of a .txt file) are not examples and are skipped. ``dataset.val_split`` is a fraction held
+out of the training rows (the same rows every time, from ``dataset.seed``), a split name (Hub datasets,
+or a local folder of ``train.*``/``validation.*`` files), or a file/glob of its own; ``max_samples``
+caps the training rows before any fraction is held out.
 """
 
 from __future__ import annotations
@@ -26,8 +17,8 @@ from lora_ns.config import DatasetConfig, Recipe
 from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
-    EXTENSIONS, SAMPLE_PREFIX, LocalSource, Location, diagnose, first_rows, local_source, locate, located_rows,
-    looks_local,
+    EXTENSIONS, SAMPLE_PREFIX, LocalSource, Location, diagnose, first_rows, local_source, locate,
+    located_rows, looks_local,
 )
 from lora_ns.errors import Problem, UserError, fail
 
@@ -68,8 +59,8 @@ def _load_local(src: LocalSource, streaming: bool):
 
     header = first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
     try:
-        data = datasets.load_dataset(src.builder, data_files=list(src.files), split="train", streaming=streaming,
-                                     **src.builder_kwargs(header))
+        data = datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
+                                     streaming=streaming, **src.builder_kwargs(header))
         if streaming:
             next(iter(data), None)  # parse the first block now, so its malformed row is reported here
     except Exception as err:
@@ -97,7 +88,7 @@ def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.pat
 
 
 def load_raw(cfg: DatasetConfig, split: str | None = None):
-    """A `datasets.Dataset` (or `IterableDataset` when streaming) of raw rows of `split` (default: training)."""
+    """A `Dataset` (an `IterableDataset` when streaming) of the raw rows of `split` (default: training)."""
     return load(cfg, split)[0]
 
 
@@ -115,14 +106,16 @@ def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], wher
         tuple[dict[str, str], list[Problem]]:
     """formatter field -> column: ``dataset.columns`` first, then the field's own name, then its aliases."""
     problems = [Problem(where.file, f"dataset.columns.{key}", f"formatter '{fmt.name}' has no field '{key}'",
-                        f"its fields: {', '.join(fmt.all_fields)}") for key in sorted(set(mapping) - set(fmt.all_fields))]
+                        f"its fields: {', '.join(fmt.all_fields)}")
+                for key in sorted(set(mapping) - set(fmt.all_fields))]
     found: dict[str, str] = {}
     missing: list[str] = []
     have = ", ".join(columns) or "none"
     for name in fmt.all_fields:
         if name in mapping and mapping[name] not in columns:
-            problems.append(Problem(where.file, f"dataset.columns.{name}", f"column '{mapping[name]}' not found "
-                                    f"(columns: {have})", "map the field to one of those columns", where.line))
+            problems.append(Problem(where.file, f"dataset.columns.{name}",
+                                    f"column '{mapping[name]}' not found (columns: {have})",
+                                    "map the field to one of those columns", where.line))
             continue
         candidates = (mapping[name],) if name in mapping else (name, *fmt.aliases.get(name, ()))
         column = next((c for c in candidates if c in columns), None)
@@ -131,7 +124,8 @@ def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], wher
         elif name in fmt.fields:
             missing.append(name)
     if missing:  # one line for all of them: they are one mistake (wrong formatter, mapping or data_format)
-        fix = misread_hint(columns) or f"map it: dataset.columns: {{{missing[0]}: <column>}}, or pick another formatter"
+        fix = misread_hint(columns) or \
+            f"map it: dataset.columns: {{{missing[0]}: <column>}}, or pick another formatter"
         what = "column missing" if len(missing) == 1 else "columns missing"
         problems.append(Problem(where.file, ", ".join(missing), f"{what} (columns: {have})", fix, where.line))
     return found, problems
@@ -149,7 +143,7 @@ def misread_hint(columns: list[str]) -> str | None:
 
 
 class RowConverter:
-    """raw row -> canonical example (-> rendered row); a `RowError` becomes a `UserError` at the row's file:line."""
+    """raw row -> canonical example (-> rendered row); a `RowError` becomes a `UserError` at its file:line."""
 
     def __init__(self, fmt: Formatter, columns: dict[str, str], src: Source, recipe: Recipe, tokenizer=None):
         self.fmt, self.columns, self.src, self.recipe, self.tokenizer = fmt, columns, src, recipe, tokenizer
@@ -180,25 +174,29 @@ class RowConverter:
         return self.located(row, index, rendered=True)
 
 
-def converter(raw, src: Source, recipe: Recipe, tokenizer=None) -> tuple[RowConverter, list[str]]:
-    """The row converter for a loaded split, after checking its columns against the formatter."""
+def columns_of(raw) -> list[str]:
+    """Column names; an `IterableDataset` may not know them (`column_names` is None), so peek at a row."""
+    return list(raw.column_names if raw.column_names is not None else next(iter(raw), None) or [])
+
+
+def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -> RowConverter:
+    """The row converter for a split with these columns, after checking them against the formatter."""
     name = recipe.dataset.formatter
     if name not in FORMATTERS:
         raise UserError(recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
                                        f"use one of: {', '.join(sorted(FORMATTERS))}"))
-    # an IterableDataset may not know its columns (column_names is None): peek at a row
-    columns = list(raw.column_names if raw.column_names is not None else next(iter(raw), None) or [])
     found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, first_location(src))
     if problems:
         raise UserError(problems)
-    return RowConverter(FORMATTERS[name], found, src, recipe, tokenizer), columns
+    return RowConverter(FORMATTERS[name], found, src, recipe, tokenizer)
 
 
 def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     import datasets
 
-    conv, columns = converter(raw, src, recipe, tokenizer)
+    columns = columns_of(raw)
     desc = {"desc": "Formatting rows"} if isinstance(raw, datasets.Dataset) else {}
+    conv = converter(columns, src, recipe, tokenizer)
     return raw.map(conv, with_indices=True, remove_columns=columns, **desc)
 
 
@@ -207,7 +205,9 @@ def _limit(raw, max_samples: int | None):
 
     if not max_samples:
         return raw
-    return raw.select(range(min(max_samples, len(raw)))) if isinstance(raw, datasets.Dataset) else raw.take(max_samples)
+    if isinstance(raw, datasets.Dataset):
+        return raw.select(range(min(max_samples, len(raw))))
+    return raw.take(max_samples)
 
 
 def held_out(index: int, fraction: float, seed: int) -> bool:
@@ -216,7 +216,7 @@ def held_out(index: int, fraction: float, seed: int) -> bool:
 
 
 def _hold_out(data, recipe: Recipe):
-    """(train, eval) with ``val_split`` as a fraction: `Dataset.train_test_split`, or a hash when streaming."""
+    """(train, eval) for a fractional ``val_split``: `Dataset.train_test_split`, or a hash when streaming."""
     import datasets
 
     fraction, seed = recipe.dataset.val_split, recipe.dataset.seed
@@ -226,8 +226,8 @@ def _hold_out(data, recipe: Recipe):
     try:
         parts = data.train_test_split(test_size=fraction, seed=seed)
     except ValueError as err:
-        raise UserError(recipe.problem("dataset.val_split", f"cannot hold out {fraction} of {len(data)} rows: "
-                                       f"{_first_line(err)}", "use a larger fraction, or more data"))
+        raise UserError(recipe.problem("dataset.val_split", f"cannot hold out {fraction} of {len(data)} "
+                                       f"rows: {_first_line(err)}", "use a larger fraction, or more data"))
     return parts["train"], parts["test"]
 
 
@@ -256,31 +256,28 @@ def build_datasets(recipe: Recipe, tokenizer=None):
     return train, evaluation
 
 
-def formatted_examples(recipe: Recipe, split: str | float | None = None, limit: int | None = None) -> Iterator[dict]:
+def _number(_: dict[str, Any], index: int) -> dict[str, int]:
+    return {"__row__": index}
+
+
+def formatted_examples(recipe: Recipe, split: str | float | None = None,
+                       limit: int | None = None) -> Iterator[dict]:
     """Canonical, un-rendered examples for evaluation, each with its raw row's other columns.
 
-    `split`: None -> the training rows `build_datasets` trains on; ``recipe.dataset.val_split`` (a
-    fraction, a split name or a file path) -> exactly the rows it evaluates on, in the same order;
-    any other split name or path -> all its rows. Each item is the formatter's output
-    (``prompt``/``completion``, ``messages``, ``text`` or ``sentence1``/``sentence2``/``label``, labels
-    as written) plus ``metadata`` (the row's columns the formatter did not read, e.g. MetaMath's
-    ``type``) and ``row`` (1-based position in the loaded split). Render a prompt the way training
-    did with `lora_ns.data.render.prompt_text`.
+    `split`: None -> the training rows `build_datasets` trains on; ``recipe.dataset.val_split`` -> exactly
+    the rows it evaluates on, in the same order; any other split name or path -> all its rows. Each item
+    is the formatter's output plus ``metadata`` (the columns the formatter did not read, e.g. MetaMath's
+    ``type``) and ``row`` (1-based position in the loaded split); `prompt_text` renders its prompt.
     """
-    import datasets
-
     cfg = recipe.dataset
     own = split is None or (isinstance(cfg.val_split, float) and split == cfg.val_split)
     raw, src = load(cfg) if own else load(cfg, str(split), "dataset.val_split")
     raw = _limit(raw, cfg.max_samples) if own else raw
-    fraction, test = own and isinstance(cfg.val_split, float), split is not None
-    conv, _ = converter(raw, src, recipe)
+    conv = converter(columns_of(raw), src, recipe)
     rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(raw)
-    if fraction and isinstance(raw, datasets.Dataset):  # the same split as build_datasets, on row numbers
-        part = _hold_out(raw.add_column("__row__", list(range(len(raw)))), recipe)[test]
-        rows = ((row.pop("__row__"), row) for row in part)
-    elif fraction:
-        rows = ((i, row) for i, row in rows if held_out(i, cfg.val_split, cfg.seed) == test)
+    if own and isinstance(cfg.val_split, float):  # the same hold-out as build_datasets, on numbered rows
+        numbered = raw.map(_number, with_indices=True)
+        rows = ((row.pop("__row__"), row) for row in _hold_out(numbered, recipe)[split is not None])
     count = 0
     for index, row in rows:
         example = conv.located(row, index)
@@ -311,7 +308,8 @@ def label_id(label: Any, label_names: Sequence[str] | None = None, num_labels: i
         raise RowError("label", f"unknown label {label!r}", "use a class id (0, 1, ...) or a class name")
     if label < 0 or (count and label >= count):
         valid = f"0..{count - 1}" if count else "0 or more"
-        raise RowError("label", f"label {label} is out of range ({valid})", "fix the label or model.num_labels")
+        raise RowError("label", f"label {label} is out of range ({valid})",
+                       "fix the label or model.num_labels")
     return label
 
 
@@ -341,13 +339,15 @@ def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequen
                 if not isinstance(text, str):
                     raise RowError("sentence1", "missing text", "fill it in or drop the row")
                 if paired and not isinstance(second, str):
-                    raise RowError("sentence2", "missing in a sentence-pair dataset", "fill it in or drop the row")
+                    raise RowError("sentence2", "missing in a sentence-pair dataset",
+                                   "fill it in or drop the row")
                 if not paired and second is not None:
-                    raise RowError("sentence2", "set here but not in row 1", "give every row a sentence2, or none")
+                    raise RowError("sentence2", "set here but not in row 1",
+                                   "give every row a sentence2, or none")
             except RowError as err:
                 raise fail(source, err.field, f"row {i + 1}: {err.message}", err.fix) from None
         limit = max_length or tokenizer.model_max_length
-        return {**tokenizer(batch["sentence1"], seconds if paired else None, truncation=True, max_length=limit),
-                "labels": labels}
+        pairs = seconds if paired else None
+        return {**tokenizer(batch["sentence1"], pairs, truncation=True, max_length=limit), "labels": labels}
 
     return dataset.map(encode, batched=True, with_indices=True, remove_columns=columns)

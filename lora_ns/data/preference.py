@@ -1,4 +1,4 @@
-"""Formatters and rendering for the preference and RL tasks (dpo, orpo, kto, grpo; see `lora_ns.preference`).
+"""Formatters for the preference and RL tasks (dpo, orpo, kto, grpo; see `lora_ns.preference`).
 
 Canonical examples, one shape per kind (``prompt`` is always the conversation before the answer):
 
@@ -49,7 +49,8 @@ def _reply(value: Any, name: str) -> str:
     if isinstance(value, list):
         turns = _messages(value, name)
         if turns[-1]["role"] != "assistant":
-            raise RowError(name, "the last message is not an assistant reply", "end it with the assistant turn")
+            raise RowError(name, "the last message is not an assistant reply",
+                           "end it with the assistant turn")
         value = turns[-1]["content"]
     text = text_value({name: value}, name)
     if not text.strip():
@@ -132,14 +133,15 @@ def kto(row: Row) -> Row:
         label = bool(label)
     if not isinstance(label, bool):
         raise RowError("label", f"expected true or false, got {label!r}", "true = a desirable completion")
-    return {"prompt": _messages(row.get("prompt"), "prompt"), "completion": _reply(row.get("completion"),
-                                                                                  "completion"), "label": label}
+    return {"prompt": _messages(row.get("prompt"), "prompt"),
+            "completion": _reply(row.get("completion"), "completion"), "label": label}
 
 
 @formatter("prompt_only", "prompt_only", ("prompt",), optional=("answer",))
 def prompt_only(row: Row) -> Row:
     """GRPO prompts; ``answer`` (optional) is the reference the rewards compare against."""
-    return {"prompt": _messages(row.get("prompt"), "prompt"), "answer": text_value(row, "answer", required=False)}
+    return {"prompt": _messages(row.get("prompt"), "prompt"),
+            "answer": text_value(row, "answer", required=False)}
 
 
 @formatter("gsm8k_prompt", "prompt_only", ("question", "answer"))

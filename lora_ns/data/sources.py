@@ -65,7 +65,8 @@ class LocalSource(NamedTuple):
         """Arguments for ``datasets.load_dataset(self.builder, ...)`` so it reads what `rows` reads."""
         if self.builder == "csv":
             tsv = {"sep": "\t", "quoting": csv.QUOTE_NONE} if self.formats[0] == "tsv" else {}
-            return {"encoding": "utf-8-sig", "na_filter": False, "converters": dict.fromkeys(header, str), **tsv}
+            return {"encoding": "utf-8-sig", "na_filter": False, "converters": dict.fromkeys(header, str),
+                    **tsv}
         return {"encoding": "utf-8-sig"} if self.builder == "text" else {}
 
 
@@ -79,7 +80,8 @@ def resolve_sample(path: str) -> str:
     found = sorted(p for p in SAMPLES_DIR.glob(f"{glob.escape(name)}.*") if p.suffix in EXTENSIONS)
     if not found:
         names = sorted({p.stem for p in SAMPLES_DIR.iterdir() if p.suffix in EXTENSIONS})
-        raise fail(path, "dataset.path", f"no bundled sample named '{name}'", f"use one of: {', '.join(names)}")
+        raise fail(path, "dataset.path", f"no bundled sample named '{name}'",
+                   f"use one of: {', '.join(names)}")
     return str(found[0])
 
 
@@ -109,8 +111,8 @@ def find_files(path: str, split: str | None = None, field: str = "dataset.path")
     glob, the only one)."""
     resolved = os.path.expanduser(resolve_sample(path))
     if split is not None and not os.path.isdir(resolved):
-        raise fail(path, field, f"'{split}' is not a split of a local file", "give the validation data its own "
-                   "file (dataset.val_split: path/to/val.jsonl) or a fraction (dataset.val_split: 0.1)")
+        raise fail(path, field, f"'{split}' is not a split of a local file", "give the validation data its "
+                   "own file (dataset.val_split: path/to/val.jsonl) or a fraction (dataset.val_split: 0.1)")
     if any(c in resolved for c in "*?["):
         files = sorted(f for f in glob.glob(resolved, recursive=True)
                        if os.path.isfile(f) and _extension(f) in EXTENSIONS)
@@ -173,17 +175,17 @@ def _line_rows(f: IO[bytes], file: str, fmt: str) -> Iterator[tuple[int | None, 
         try:
             text = raw.decode("utf-8").lstrip("\ufeff" if number == 1 else "")
         except UnicodeDecodeError as err:
-            raise fail(file, "", f"not UTF-8 text (byte {err.start + 1} of the line)", "re-save the file as UTF-8",
-                       number)
+            raise fail(file, "", f"not UTF-8 text (byte {err.start + 1} of the line)",
+                       "re-save the file as UTF-8", number)
         if fmt == "text":
             yield number, {"text": text.rstrip("\r\n")}
         elif text.strip():
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
-                fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text" if number == 1 \
-                    and not text.lstrip().startswith(("{", "[")) else \
-                    "fix or remove that line (one JSON object per line)"
+                fix = "fix or remove that line (one JSON object per line)"
+                if number == 1 and not text.lstrip().startswith(("{", "[")):
+                    fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text"
                 raise fail(file, "", f"not valid JSON: {err.msg} (column {err.colno})", fix, number)
             if not isinstance(row, dict):
                 raise fail(file, "", f"expected a JSON object, got {type(row).__name__}",
@@ -195,12 +197,14 @@ def _json_rows(f: IO[bytes], file: str) -> Iterator[tuple[int | None, dict[str, 
     try:
         data = json.loads(f.read().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise fail(file, "", f"not valid JSON: {getattr(err, 'msg', err)}", "fix the file", getattr(err, "lineno", None))
+        raise fail(file, "", f"not valid JSON: {getattr(err, 'msg', err)}", "fix the file",
+                   getattr(err, "lineno", None))
     if not isinstance(data, list):
         raise fail(file, "", "a .json file must hold a list of objects", "or write JSON lines (.jsonl)")
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise fail(file, "", f"row {i}: expected a JSON object, got {type(row).__name__}", "fix that item")
+            raise fail(file, "", f"row {i}: expected a JSON object, got {type(row).__name__}",
+                       "fix that item")
         yield None, row
 
 
@@ -208,7 +212,8 @@ def _delimited_rows(f: IO[bytes], file: str, tsv: bool) -> Iterator[tuple[int | 
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
     text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
     # strict: an unclosed quote is an error at the line it opened on, not the rest of the file as one field
-    reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(text, strict=True)
+    reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else \
+        csv.reader(text, strict=True)
     start = 1
     try:
         header = next(reader, [])
@@ -227,8 +232,9 @@ def _delimited_rows(f: IO[bytes], file: str, tsv: bool) -> Iterator[tuple[int | 
         raise fail(file, "", "not UTF-8 text", "re-save the file as UTF-8", reader.line_num + 1)
     except csv.Error as err:
         unclosed = "unexpected end of data" in str(err)
-        raise fail(file, "", "a quoted field opens on this line and never closes" if unclosed else
-                   f"malformed {'TSV' if tsv else 'CSV'}: {err}", 'close the quote; a quote inside a field is written ""',
+        message = "a quoted field opens on this line and never closes" if unclosed else \
+            f"malformed {'TSV' if tsv else 'CSV'}: {err}"
+        raise fail(file, "", message, 'close the quote; a quote inside a field is written ""',
                    start if unclosed else reader.line_num)
 
 
@@ -240,14 +246,17 @@ def rows(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
         try:
             batches = pq.ParquetFile(file).iter_batches(batch_size=256)
         except Exception as err:  # pyarrow raises several types for a corrupt file
-            raise fail(file, "", f"not a readable Parquet file: {str(err).splitlines()[0]}", "re-export the file")
+            raise fail(file, "", f"not a readable Parquet file: {str(err).splitlines()[0]}",
+                       "re-export the file")
         yield from ((None, row) for batch in batches for row in batch.to_pylist())
         return
     with _open(file) as f:
         if fmt == "json":
             yield from _json_rows(f, file)
+        elif fmt in ("csv", "tsv"):
+            yield from _delimited_rows(f, file, fmt == "tsv")
         else:
-            yield from _delimited_rows(f, file, fmt == "tsv") if fmt in ("csv", "tsv") else _line_rows(f, file, fmt)
+            yield from _line_rows(f, file, fmt)
 
 
 def located_rows(source: LocalSource) -> Iterator[tuple[Location, dict[str, Any]]]:
@@ -264,7 +273,8 @@ def first_rows(source: LocalSource) -> list[str]:
     for file, fmt in zip(source.files, source.formats):
         peeked = list(islice(rows(file, fmt), PEEK_ROWS))
         if not peeked:
-            raise fail(file, "", "no rows: the file is empty", "add data, or remove the file from dataset.path")
+            raise fail(file, "", "no rows: the file is empty",
+                       "add data, or remove the file from dataset.path")
         columns.update(dict.fromkeys(peeked[0][1]))
     return list(columns)
 

@@ -20,9 +20,11 @@ from typing import Any, NamedTuple
 
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import HubSource, RowConverter, Source, column_map, first_location, is_data_path, source_for
+from lora_ns.data.loading import HubSource, Source, converter, is_data_path, source_for
 from lora_ns.data.preference import PREFERENCE_KINDS
-from lora_ns.data.render import TEMPLATE_EXAMPLE, has_chat_template, render, template_problem, uses_chat_template
+from lora_ns.data.render import (
+    TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
+)
 from lora_ns.data.sources import Location, first_rows, located_rows, looks_local
 from lora_ns.errors import Problem, UserError
 
@@ -81,7 +83,8 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
     try:
         import datasets
 
-        stream = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision, streaming=True)
+        stream = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                       streaming=True)
         return [(Location(src.path, None, i + 1), row) for i, row in enumerate(stream.take(SAMPLE_ROWS))]
     except Exception:  # offline, unknown id, gated: all mean "cannot check here"
         return None
@@ -90,13 +93,11 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
 def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str, Any]]]) -> \
         tuple[list[Sampled], dict[str, str], list[Problem]]:
     """The sampled rows with their canonical examples, the field -> column map, and the problems
-    (missing columns, rows the formatter rejects)."""
-    fmt = FORMATTERS[recipe.dataset.formatter]
-    columns = list(dict.fromkeys(k for _, row in sampled for k in row))
-    found, problems = column_map(fmt, recipe.dataset.columns, columns, first_location(src))
-    if problems:
-        return [], found, problems
-    conv = RowConverter(fmt, found, src, recipe)
+    (missing columns, rows the formatter rejects: the first `MAX_ROW_ERRORS` of them)."""
+    try:
+        conv = converter(list(dict.fromkeys(k for _, row in sampled for k in row)), src, recipe)
+    except UserError as err:
+        return [], {}, err.problems
     examples, bad = [], []
     for where, row in sampled:
         try:
@@ -105,8 +106,9 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
             bad.append(conv.problem(err, where))
     if len(bad) > MAX_ROW_ERRORS:
         more = len(bad) - MAX_ROW_ERRORS
-        bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field, f"... and {more} more rows like these")]
-    return examples, found, bad
+        bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field,
+                                              f"... and {more} more rows like these")]
+    return examples, conv.columns, bad
 
 
 def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, str]) -> list[Problem]:
@@ -190,14 +192,17 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
-    if fmt.kind == "messages" and not has_chat_template(tokenizer):
-        return [recipe.problem("dataset.formatter", f"formatter '{fmt.name}' gives chat messages but the tokenizer "
-                               "has no chat template", "set model.chat_template, or use a chat model")]
-    if fmt.kind == "messages" and recipe.training.get("assistant_only_loss", True):
-        problems = assistant_mask_problems(recipe, tokenizer)
+    if fmt.kind == "messages":
+        try:
+            require_chat_template(recipe, tokenizer)
+        except UserError as err:
+            return err.problems
+        problems = assistant_mask_problems(recipe, tokenizer) if \
+            recipe.training.get("assistant_only_loss", True) else []
         if problems:
             return problems
-    rows = [render(s.example, recipe, tokenizer) for s in examples if fmt.kind != "text" or s.example["text"].strip()]
+    rows = [render(s.example, recipe, tokenizer) for s in examples
+            if fmt.kind != "text" or s.example["text"].strip()]
     lengths = token_lengths(rows, tokenizer)
     if not lengths:
         return []
@@ -207,19 +212,20 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     else:
         limit = int(recipe.training.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
         limit_name = "training.max_length"
-    chat = fmt.kind == "messages" or (fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer))
-    style = "chat template" if chat else "plain text"
-    over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" if limit else ""
+    chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
+    style = "chat template" if chat or fmt.kind == "messages" else "plain text"
+    over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
+        if limit else ""
     p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
-    notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example p50 {p50}, "
-                     f"p95 {p95}, max {max(lengths)}{over}", severity="info")]
+    notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
+                     f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
     batch = int(recipe.training.get("per_device_train_batch_size") or 8)
     if recipe.task != "seq_cls" and not recipe.training.get("packing") and len(lengths) > 1:
         sizes = [min(n, limit) for n in lengths]
         padded = padding(sizes, batch)
         share = padded / (padded + sum(sizes))
-        notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would be "
-                             "padding; training.packing: true (bfd) removes it", severity="info"))
+        notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
+                             "be padding; training.packing: true (bfd) removes it", severity="info"))
     return notes
 
 
@@ -237,8 +243,9 @@ def assistant_mask_problems(recipe: Recipe, tokenizer) -> list[Problem]:
     try:
         get_training_chat_template(tokenizer)
     except ValueError:
-        return [recipe.problem("model.chat_template", "the tokenizer's chat template cannot mark assistant turns "
-                               "for training.assistant_only_loss (no {% generation %} markers, and TRL has no "
-                               "patched version of it)", "set model.chat_template: chatml (for ChatML models) "
-                               "or another training template, or training.assistant_only_loss: false")]
+        return [recipe.problem("model.chat_template", "the tokenizer's chat template cannot mark assistant "
+                               "turns for training.assistant_only_loss (no {% generation %} markers, and TRL "
+                               "has no patched version of it)", "set model.chat_template: chatml (for ChatML "
+                               "models) or another training template, or "
+                               "training.assistant_only_loss: false")]
     return []

@@ -35,7 +35,8 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     stand_in = SimpleNamespace(_tokenizer=tokenizer, chat_template=template,
                                completion_only_loss=args.completion_only_loss is not False)
     prepared = SFTTrainer._prepare_dataset(stand_in, train, tokenizer, args, False, None, "sample")
-    return [{"input_ids": row["input_ids"], "labels": row["labels"], "tokenizer": tokenizer} for row in prepared]
+    return [{"input_ids": row["input_ids"], "labels": row["labels"], "tokenizer": tokenizer}
+            for row in prepared]
 
 
 def marked_text(row: dict, colour: bool) -> str:
