@@ -11,47 +11,20 @@ caps the training rows before any fraction is held out.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 from lora_ns.config import DatasetConfig, Recipe
 from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
-    EXTENSIONS, SAMPLE_PREFIX, LocalSource, Location, diagnose, first_rows, local_source, locate,
-    located_rows, looks_local,
+    LocalSource, Location, Source, diagnose, first_location, first_rows, locate, source_for,
 )
 from lora_ns.errors import Problem, UserError, fail
-
-
-class HubSource(NamedTuple):
-    path: str
-    name: str | None
-    split: str
-    revision: str | None
-
-
-Source = LocalSource | HubSource
 
 
 def _first_line(err: BaseException) -> str:
     cause = err.__cause__ or err
     return (str(cause).strip() or type(cause).__name__).splitlines()[0][:300]
-
-
-def is_data_path(value: str) -> bool:
-    """A ``val_split`` that names files rather than a split."""
-    return value.startswith(SAMPLE_PREFIX) or any(c in value for c in "/\\*?") or \
-        any(value.lower().endswith((ext, ext + ".gz")) for ext in EXTENSIONS)
-
-
-def source_for(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path") -> Source:
-    """Where one split's rows come from; `split` None means the training split (``cfg.split``)."""
-    if split is not None and is_data_path(split):
-        return local_source(split, None, cfg.data_format, field)
-    if looks_local(cfg.path):
-        wanted = split if split is not None else (None if cfg.split == "train" else cfg.split)
-        return local_source(cfg.path, wanted, cfg.data_format, field)
-    return HubSource(cfg.path, cfg.name, split or cfg.split, cfg.revision)
 
 
 def _load_local(src: LocalSource, streaming: bool):
@@ -93,14 +66,6 @@ def load_raw(cfg: DatasetConfig, split: str | None = None):
 
 
 # --- formatting rows --------------------------------------------------------------------------------
-
-def first_location(src: Source) -> Location:
-    """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
-    if isinstance(src, HubSource):
-        return Location(src.path, None, 1)
-    where = next(located_rows(src))[0]
-    return where._replace(line=1) if src.builder == "csv" else where
-
 
 def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], where: Location) -> \
         tuple[dict[str, str], list[Problem]]:

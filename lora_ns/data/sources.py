@@ -1,11 +1,12 @@
-"""Local data files: which files a ``dataset.path`` names, and a plain reader that can say where a row is.
+"""Where a split's rows come from (a Hub dataset, or local files: file, glob, folder, ``sample:<name>``),
+and a plain reader of local files that can say where a row is.
 
-`datasets`' own builders (json, csv, parquet, text) load the data. The reader here is for what they
-cannot do: name a row by ``file:line`` -- a malformed one after a builder failed, one a formatter
-rejects, the first rows `validate` samples -- and check CSV/TSV in full, since pandas fills a short row
-with None and accepts a stray quote. Rules shared with the builders: JSON lines and CSV/TSV skip blank
-lines, CSV/TSV cells stay text ("NA" too), TSV has no quoting (GLUE's files hold unbalanced ``"``), a
-text file is one row per line, blank lines included, and a UTF-8 BOM is ignored.
+`datasets`' builders (json, csv, parquet, text) load the data. This reader does what they cannot:
+name a row by ``file:line`` -- a malformed one a builder choked on, one a formatter rejects, the first
+rows `validate` samples -- and check CSV/TSV in full, since pandas fills a short row with None and
+takes a stray quote. Rules shared with the builders: JSON lines and CSV/TSV skip blank lines, CSV/TSV
+cells stay text ("NA" too), TSV has no quoting (GLUE's files hold unbalanced ``"``), a text file is
+one row per line, blank lines included, and a UTF-8 BOM is ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Iterator, NamedTuple
 
+from lora_ns.config import DatasetConfig
 from lora_ns.errors import fail
 
 SAMPLE_PREFIX = "sample:"
@@ -153,6 +155,32 @@ def file_format(file: str, data_format: str | None = None) -> str:
     return fmt
 
 
+class HubSource(NamedTuple):
+    path: str
+    name: str | None
+    split: str
+    revision: str | None
+
+
+Source = LocalSource | HubSource
+
+
+def is_data_path(value: str) -> bool:
+    """A ``val_split`` that names files rather than a split."""
+    return value.startswith(SAMPLE_PREFIX) or any(c in value for c in "/\\*?") or \
+        any(value.lower().endswith((ext, ext + ".gz")) for ext in EXTENSIONS)
+
+
+def source_for(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path") -> Source:
+    """Where one split's rows come from; `split` None means the training split (``cfg.split``)."""
+    if split is not None and is_data_path(split):
+        return local_source(split, None, cfg.data_format, field)
+    if looks_local(cfg.path):
+        wanted = split if split is not None else (None if cfg.split == "train" else cfg.split)
+        return local_source(cfg.path, wanted, cfg.data_format, field)
+    return HubSource(cfg.path, cfg.name, split or cfg.split, cfg.revision)
+
+
 def local_source(path: str, split: str | None = None, data_format: str | None = None,
                  field: str = "dataset.path") -> LocalSource:
     files = find_files(path, split, field)
@@ -277,6 +305,14 @@ def first_rows(source: LocalSource) -> list[str]:
                        "add data, or remove the file from dataset.path")
         columns.update(dict.fromkeys(peeked[0][1]))
     return list(columns)
+
+
+def first_location(src: Source) -> Location:
+    """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
+    if isinstance(src, HubSource):
+        return Location(src.path, None, 1)
+    where = next(located_rows(src))[0]
+    return where._replace(line=1) if src.builder == "csv" else where
 
 
 def locate(source: LocalSource, index: int) -> Location:

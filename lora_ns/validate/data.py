@@ -20,12 +20,14 @@ from typing import Any, NamedTuple
 
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import HubSource, Source, converter, is_data_path, source_for
+from lora_ns.data.loading import converter
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import (
     TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
 )
-from lora_ns.data.sources import Location, first_rows, located_rows, looks_local
+from lora_ns.data.sources import (
+    HubSource, Location, Source, first_rows, is_data_path, located_rows, looks_local, source_for,
+)
 from lora_ns.errors import Problem, UserError
 
 SAMPLE_ROWS = 200
