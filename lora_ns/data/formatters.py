@@ -88,8 +88,9 @@ def text_value(row: Row, name: str, required: bool = True) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def check_messages(value: Any, name: str) -> list[dict[str, str]]:
-    """A list of {role, content} chat messages with at least one assistant turn (else nothing is trained)."""
+def check_messages(value: Any, name: str, needs_reply: bool = True) -> list[dict[str, str]]:
+    """A list of {role, content} chat messages; for training chats, with at least one assistant turn (else
+    nothing is trained)."""
     if not isinstance(value, list) or not value:
         raise RowError(name, "expected a non-empty list of {role, content} messages",
                        'write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
@@ -106,7 +107,7 @@ def check_messages(value: Any, name: str) -> list[dict[str, str]]:
             raise RowError(name, f"message {i} ({role}) content must be text, got {got}",
                            'write the text as "content": "...", or drop the message or the row')
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if needs_reply and not any(m["role"] == "assistant" for m in messages):
         raise RowError(name, "no assistant message, so nothing to train on", "drop the row or add the reply")
     return messages
 

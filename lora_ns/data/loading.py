@@ -31,6 +31,8 @@ def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
     header = first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
+    if src.builder == "csv" and not streaming:
+        diagnose(src)  # pandas fills a short row with None and takes a stray quote: check every row first
     try:
         data = datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
                                      streaming=streaming, **src.builder_kwargs(header))
@@ -40,8 +42,6 @@ def _load_local(src: LocalSource, streaming: bool):
         diagnose(src)  # raises the precise file:line error when a row is malformed
         raise fail(src.name, "dataset.path", f"could not load: {_first_line(err)}",
                    "check the format (dataset.data_format)")
-    if src.builder == "csv" and not streaming:
-        diagnose(src)  # pandas fills a short row with None and takes a stray quote: check every row
     return data
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lora_ns.data.formatters import ROLES, Row, RowError, formatter, text_value
+from lora_ns.data.formatters import Row, RowError, check_messages, formatter, text_value
 from lora_ns.data.render import split_last_reply
 
 PREFERENCE_KINDS = ("preference", "unpaired", "prompt_only")
@@ -34,14 +34,7 @@ def _messages(value: Any, name: str) -> Messages:
         if not value.strip():
             raise RowError(name, "empty text", "fill it in or drop the row")
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise RowError(name, "expected text or a non-empty list of {role, content} messages")
-    out = []
-    for i, m in enumerate(value, 1):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise RowError(name, f"message {i} needs a 'role' ({', '.join(ROLES)}) and text 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return check_messages(value, name, needs_reply=False)
 
 
 def _reply(value: Any, name: str) -> str:

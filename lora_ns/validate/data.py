@@ -18,6 +18,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.data.loading import converter
@@ -29,6 +30,8 @@ from lora_ns.data.sources import (
     HubSource, Location, Source, first_rows, is_data_path, located_rows, looks_local, source_for,
 )
 from lora_ns.errors import Problem, UserError
+from lora_ns.model import load_tokenizer
+from lora_ns.validate.model import hub_reachable
 
 SAMPLE_ROWS = 200
 SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default
@@ -78,8 +81,6 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
     if not isinstance(src, HubSource):
         first_rows(src)  # an empty file is an error, wherever it is in the glob
         return list(islice(located_rows(src), SAMPLE_ROWS))
-    from lora_ns.validate.model import hub_reachable
-
     if not hub_reachable():  # fail in seconds, not after huggingface_hub's ~25 s of retries
         return None
     try:
@@ -140,15 +141,11 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
 
 def _tokenizer(recipe: Recipe):
     """The recipe's tokenizer when it loads without a download, else (None, why)."""
-    from lora_ns.builtin_models import is_builtin
-
     m = recipe.model
     name = m.tokenizer_name_or_path or m.name_or_path
     if not (is_builtin(name) or Path(name).is_dir() or _in_hf_cache(name, m.revision)):
         return None, f"tokenizer '{name}' is neither local nor in the HF cache"
     try:
-        from lora_ns.model import load_tokenizer
-
         return load_tokenizer(recipe), ""
     except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
         raise

@@ -13,6 +13,9 @@ import sys
 from types import SimpleNamespace
 
 from lora_ns.config import Recipe
+from lora_ns.data import build_datasets
+from lora_ns.model import load_tokenizer
+from lora_ns.setup import training_arguments
 
 SFT_TASKS = ("causal_lm", "cpt")
 
@@ -21,10 +24,6 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     """input_ids and labels (-100: no loss) of the first `count` training rows, as SFTTrainer builds them."""
     from trl import SFTTrainer
     from trl.chat_template_utils import get_training_chat_template
-
-    from lora_ns.data import build_datasets
-    from lora_ns.model import load_tokenizer
-    from lora_ns.setup import training_arguments
 
     few = recipe.model_copy(deep=True)
     few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
