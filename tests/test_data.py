@@ -11,6 +11,7 @@ import pytest
 from lora_ns.config import parse_recipe
 from lora_ns.data import (
     FORMATTERS, build_datasets, encode_pairs, formatted_examples, load_raw, prompt_text, sft_defaults,
+    split_last_reply,
 )
 from lora_ns.validate.data import check_dataset, padding
 from lora_ns.data.sources import SAMPLES_DIR
@@ -273,6 +274,13 @@ def test_without_a_chat_template_the_default_template_is_used(llama_tok):
     assert isinstance(row["prompt"], str) and row["prompt"].startswith("### Instruction:\n")
     with pytest.raises(UserError, match="no chat template"):
         build_datasets(recipe({"path": "sample:sharegpt", "formatter": "sharegpt"}), plain)
+
+
+def test_split_last_reply_is_the_conversation_before_the_last_assistant_turn():
+    user, first, again, last = ({"role": r, "content": c} for r, c in
+                                (("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")))
+    assert split_last_reply([user, first, again, last]) == ([user, first, again], "a2")
+    assert split_last_reply([user]) == ([user], None)
 
 
 def test_sft_defaults_follow_the_formatter_kind():
