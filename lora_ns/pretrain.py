@@ -176,8 +176,7 @@ def _tokenizer_hash(tokenizer) -> str:
 
 def _files(recipe: Recipe) -> list[list[Any]]:
     """(path, size, mtime) of every local file behind the train and validation data; [] for a hub dataset."""
-    from lora_ns.data.loading import source_for
-    from lora_ns.data.sources import LocalSource
+    from lora_ns.data.sources import LocalSource, source_for
 
     cfg = recipe.dataset
     sources = [source_for(cfg)]

@@ -197,9 +197,7 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
     with args.main_process_first(desc="build and tokenize the datasets"):
-        if recipe.task in PREFERENCE_TASKS:  # preference rows: lora_ns.data.preference
-            from lora_ns.data.preference import build_preference_datasets as build_datasets
-        elif recipe.task == "pretrain":  # pretrain hook: tokenized, packed, cached shards
+        if recipe.task == "pretrain":  # pretrain hook: tokenized, packed, cached shards
             from lora_ns.pretrain import pretrain_datasets as build_datasets
         train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
         trainer = build_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset)

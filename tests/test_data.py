@@ -10,9 +10,10 @@ import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.data import (
-    FORMATTERS, build_datasets, encode_pairs, formatted_examples, load_raw, padding_stats, prompt_text, sft_defaults,
+    FORMATTERS, build_datasets, encode_pairs, formatted_examples, load_raw, prompt_text, sft_defaults,
+    split_last_reply,
 )
-from lora_ns.validate.data import check_dataset
+from lora_ns.validate.data import check_dataset, padding
 from lora_ns.data.sources import SAMPLES_DIR
 from lora_ns.errors import UserError
 
@@ -275,6 +276,13 @@ def test_without_a_chat_template_the_default_template_is_used(llama_tok):
         build_datasets(recipe({"path": "sample:sharegpt", "formatter": "sharegpt"}), plain)
 
 
+def test_split_last_reply_is_the_conversation_before_the_last_assistant_turn():
+    user, first, again, last = ({"role": r, "content": c} for r, c in
+                                (("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")))
+    assert split_last_reply([user, first, again, last]) == ([user, first, again], "a2")
+    assert split_last_reply([user]) == ([user], None)
+
+
 def test_sft_defaults_follow_the_formatter_kind():
     assert sft_defaults(recipe({"path": "sample:code_feedback", "formatter": "code_feedback"})) == \
         {"assistant_only_loss": True}
@@ -311,25 +319,9 @@ def test_encode_pairs_on_the_msr_sample(tiny_bert):
 
 # --- padding statistics -----------------------------------------------------------------------------------
 
-def test_padding_stats_counts_padding_with_and_without_packing():
-    stats = padding_stats([10, 2, 2, 2], batch_size=2, max_length=16)
-    # batches (10, 2) and (2, 2): 8 pad tokens; BFD fits all four rows into one 16-token sequence.
-    assert stats["padded_tokens_unpacked"] == 8 and stats["tokens"] == 16
-    assert stats["padding_fraction_unpacked"] == pytest.approx(8 / 24)
-    assert (stats["packed_rows"], stats["batches_packed"], stats["batches_unpacked"]) == (1, 1, 2)
-    assert stats["padded_tokens_packed"] == 0
-    long = padding_stats([40, 3], batch_size=1, max_length=16)
-    assert long["tokens"] == 19 and long["padded_tokens_unpacked"] == 0 and long["packed_rows"] == 2
-
-
-def test_padding_stats_on_real_lengths_never_packs_past_max_length():
-    import random
-
-    rng = random.Random(0)
-    lengths = [rng.randint(5, 300) for _ in range(200)]
-    stats = padding_stats(lengths, batch_size=8, max_length=512)
-    assert stats["packed_rows"] * 512 >= stats["tokens"] > (stats["packed_rows"] - 1) * 512 * 0.5
-    assert stats["padding_fraction_unpacked"] > 0.2
+def test_padding_counts_the_pad_tokens_of_unpacked_batches():
+    # batches (10, 2) and (2, 2): 8 pad tokens; one row per batch pads nothing; (3, 5, 5): 2 to reach 5.
+    assert padding([10, 2, 2, 2], 2) == 8 and padding([40, 3], 1) == 0 and padding([3, 5, 5], 3) == 2
 
 
 # --- validate's data check ---------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def test_malformed_line_past_the_precheck_is_located_after_the_loader_fails(tmp_
     data.write_text("".join(rows), encoding="utf-8")
     text = one_problem(lambda: load_raw(recipe(data).dataset))
     assert text.startswith(f"{data}:240: not valid JSON")
+    streamed = one_problem(lambda: build_datasets(recipe(data, streaming=True)))  # in the first block read
+    assert streamed.startswith(f"{data}:240: not valid JSON")
 
 
 def test_missing_column_names_the_field_and_file(tmp_path):

@@ -67,7 +67,7 @@ def test_bad_pairs_name_the_field(row, field, words):
 
 
 def test_bad_rows_are_file_line_errors(tmp_path, tiny_llama):
-    from lora_ns.data.preference import build_preference_datasets
+    from lora_ns.data import build_datasets
     from lora_ns.model import load_tokenizer
 
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}
@@ -76,7 +76,7 @@ def test_bad_rows_are_file_line_errors(tmp_path, tiny_llama):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = recipe_for("dpo", tmp_path / "out", data=str(path))
     with pytest.raises(UserError) as err:
-        build_preference_datasets(recipe, load_tokenizer(recipe))
+        build_datasets(recipe, load_tokenizer(recipe))
     (problem,) = err.value.problems
     assert (problem.file, problem.line, problem.field) == (str(path), 3, "rejected")
     assert "\n" not in str(problem)
@@ -84,7 +84,7 @@ def test_bad_rows_are_file_line_errors(tmp_path, tiny_llama):
     kto = tmp_path / "kto.jsonl"
     kto.write_text(json.dumps({"prompt": "q", "completion": "a", "label": "maybe"}) + "\n")
     with pytest.raises(UserError) as err:
-        build_preference_datasets(recipe_for("kto", data=str(kto)), load_tokenizer(recipe))
+        build_datasets(recipe_for("kto", data=str(kto)), load_tokenizer(recipe))
     assert err.value.problems[0].line == 1 and "expected true or false" in err.value.problems[0].message
 
 

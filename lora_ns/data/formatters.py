@@ -55,8 +55,6 @@ class Formatter:
 
 
 FORMATTERS: dict[str, Formatter] = {}
-
-
 FormatFn = Callable[[Row], Row]
 
 
@@ -90,8 +88,9 @@ def text_value(row: Row, name: str, required: bool = True) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def check_messages(value: Any, name: str) -> list[dict[str, str]]:
-    """A list of {role, content} chat messages with at least one assistant turn (else nothing is trained)."""
+def check_messages(value: Any, name: str, needs_reply: bool = True) -> list[dict[str, str]]:
+    """A list of {role, content} chat messages; for training chats, with at least one assistant turn (else
+    nothing is trained)."""
     if not isinstance(value, list) or not value:
         raise RowError(name, "expected a non-empty list of {role, content} messages",
                        'write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
@@ -108,16 +107,26 @@ def check_messages(value: Any, name: str) -> list[dict[str, str]]:
             raise RowError(name, f"message {i} ({role}) content must be text, got {got}",
                            'write the text as "content": "...", or drop the message or the row')
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if needs_reply and not any(m["role"] == "assistant" for m in messages):
         raise RowError(name, "no assistant message, so nothing to train on", "drop the row or add the reply")
     return messages
 
 
 # --- generic formatters -----------------------------------------------------------------------------
 
-@formatter("prompt_completion", "prompt_completion", ("prompt", "completion"))
-def prompt_completion(row: Row) -> Row:
-    return {"prompt": text_value(row, "prompt"), "completion": text_value(row, "completion")}
+def _prompt_completion(name: str, prompt: str, completion: str, doc: str) -> None:
+    """Register a formatter whose two fields are the prompt and the completion, text kept byte for byte."""
+    def fn(row: Row) -> Row:
+        return {"prompt": text_value(row, prompt), "completion": text_value(row, completion)}
+    fn.__doc__ = doc
+    formatter(name, "prompt_completion", (prompt, completion))(fn)
+
+
+_prompt_completion("prompt_completion", "prompt", "completion", "Single-turn rows as they are.")
+_prompt_completion("gsm8k", "question", "answer", "The whole worked answer (ending ``#### N``) is the "
+                   "completion; extracting N is evaluation's job.")
+_prompt_completion("metamath", "query", "response",
+                   "MetaMathQA; ``type`` and ``original_question`` stay in the row's metadata.")
 
 
 @formatter("text", "text", ("text",))
@@ -127,7 +136,11 @@ def text(row: Row) -> Row:
 
 @formatter("messages", "messages", ("messages",))
 def messages(row: Row) -> Row:
+    """Chat rows; loss on every assistant turn (see `lora_ns.data.render.sft_defaults`)."""
     return {"messages": check_messages(row.get("messages"), "messages")}
+
+
+FORMATTERS["code_feedback"] = Formatter("code_feedback", "messages", ("messages",), messages)  # multi-turn
 
 
 @formatter("sharegpt", "messages", ("conversations",))
@@ -148,37 +161,6 @@ def sharegpt(row: Row) -> Row:
     return {"messages": check_messages(converted, "conversations")}
 
 
-@formatter("pair", "pair", ("sentence1", "label"), optional=("sentence2",),
-           aliases={"sentence1": ("sentence", "text"), "label": ("labels",)})
-def pair(row: Row) -> Row:
-    """Sentence (or sentence pair) classification; the label stays as written (int or class name)."""
-    label = row.get("label")
-    if label is None or (isinstance(label, str) and not label.strip()):
-        raise RowError("label", "missing label")
-    return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2", required=False),
-            "label": label}
-
-
-# --- dataset-specific formatters ---------------------------------------------------------------------
-
-@formatter("gsm8k", "prompt_completion", ("question", "answer"))
-def gsm8k(row: Row) -> Row:
-    """The whole worked answer (ending ``#### N``) is the completion; extracting N is evaluation's job."""
-    return {"prompt": text_value(row, "question"), "completion": text_value(row, "answer")}
-
-
-@formatter("metamath", "prompt_completion", ("query", "response"))
-def metamath(row: Row) -> Row:
-    """MetaMathQA; ``type`` and ``original_question`` stay in the row's metadata."""
-    return {"prompt": text_value(row, "query"), "completion": text_value(row, "response")}
-
-
-@formatter("code_feedback", "messages", ("messages",))
-def code_feedback(row: Row) -> Row:
-    """Code-Feedback multi-turn chats; loss on every assistant turn (see `lora_ns.data.render.sft_defaults`)."""
-    return {"messages": check_messages(row.get("messages"), "messages")}
-
-
 @formatter("alpaca", "prompt_completion", ("instruction", "output"), optional=("input",))
 def alpaca(row: Row) -> Row:
     """Instruction, then the input (when there is one) after a blank line. Text is kept byte for byte."""
@@ -187,30 +169,32 @@ def alpaca(row: Row) -> Row:
     return {"prompt": prompt, "completion": text_value(row, "output")}
 
 
-FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "output"), alpaca, ("input",))
+FORMATTERS["alpaca_zh"] = Formatter("alpaca_zh", "prompt_completion", ("instruction", "output"), alpaca,
+                                    ("input",))
 
 
-def _binary_label(value: Any) -> int:
-    if value is None:
+@formatter("pair", "pair", ("sentence1", "label"), optional=("sentence2",),
+           aliases={"sentence1": ("sentence", "text"), "label": ("labels",)})
+def pair(row: Row) -> Row:
+    """Sentence (or sentence pair) classification; the label stays as written (int or class name)."""
+    label = row.get("label")
+    if label is None or (isinstance(label, str) and not label.strip()):
         raise RowError("label", "missing label")
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int) and value in (0, 1):
-        return value
-    if isinstance(value, float) and value in (0.0, 1.0):
-        return int(value)
-    if isinstance(value, str) and value.strip() in ("0", "1"):
-        return int(value.strip())
-    raise RowError("label", f"unknown label {value!r}", "MRPC labels are 0 (not equivalent) or 1 (equivalent)")
+    return {"sentence1": text_value(row, "sentence1"),
+            "sentence2": text_value(row, "sentence2", required=False), "label": label}
 
 
 @formatter("glue_mrpc", "pair", ("sentence1", "sentence2", "label"),
            aliases={"sentence1": ("#1 String",), "sentence2": ("#2 String",), "label": ("Quality",)})
 def glue_mrpc(row: Row) -> Row:
-    """GLUE MRPC, from the HF schema or the original TSV (``Quality``, ``#1 String``, ``#2 String``)."""
+    """GLUE MRPC, from the HF schema or the original TSV (``Quality``, ``#1 String``, ``#2 String``);
+    labels are 0 / 1 (as a bool, int, float or digit string)."""
+    label = row.get("label")
+    if label is None:
+        raise RowError("label", "missing label")
+    value = label.strip() if isinstance(label, str) else label
+    if value not in (("0", "1") if isinstance(value, str) else (0, 1)):
+        raise RowError("label", f"unknown label {label!r}",
+                       "MRPC labels are 0 (not equivalent) or 1 (equivalent)")
     return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2"),
-            "label": _binary_label(row.get("label"))}
-
-
-# Preference and RL formatters (dpo/orpo/kto/grpo) register themselves here.
-from lora_ns.data import preference as _preference  # noqa: E402,F401
+            "label": int(value)}

@@ -1,152 +1,89 @@
 """Load raw rows (Hub, local files, bundled samples), format them, and render them for the trainers.
 
-- `load_raw(cfg, split)`: the raw rows as a `datasets.Dataset` (an `IterableDataset` when
-  ``dataset.streaming``). Local files go through the HF builders (JSON lines / JSON list, CSV, TSV
-  without quoting, Parquet, text), after `sources.precheck` has turned an empty file or a malformed
-  row into a one-line error; a row the HF loader still rejects is located and reported as file:line.
-- `build_datasets(recipe, tokenizer)`: (train, eval or None) rendered for TRL's SFTTrainer (or, for
-  pairs, ready for `encode_pairs`). Every row goes through its formatter; a row it cannot use is an
-  error naming file, line and column, never a silent drop. (Blank rows of a *text* dataset, e.g.
-  the empty lines between paragraphs of a .txt file, are not examples and are skipped.)
-- `formatted_examples(recipe, split, limit)`: the canonical, *un-rendered* examples plus their row's
-  other columns, for evaluation; with ``split=recipe.dataset.val_split`` exactly the rows
-  `build_datasets` evaluates on.
-
-Validation data: ``dataset.val_split`` is a fraction held out of the training rows (the same rows
-every time, from ``dataset.seed``), a split name (Hub datasets, or a local folder holding
-``train.*``/``validation.*`` files), or a path to a file/glob of its own. ``max_samples`` caps the
-training rows, before any fraction is held out.
+`datasets`' builders read the rows; a row they or a formatter reject is reported as file:line
+(`lora_ns.data.sources`), never dropped. Blank rows of a *text* dataset (the empty lines between
+paragraphs of a .txt file) are not examples and are skipped. ``dataset.val_split`` is a fraction held
+out of the training rows (the same rows every time, from ``dataset.seed``), a split name (Hub datasets,
+or a local folder of ``train.*``/``validation.*`` files), or a file/glob of its own; ``max_samples``
+caps the training rows before any fraction is held out.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from lora_ns.config import DatasetConfig, Recipe
 from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
-    EXTENSIONS, SAMPLE_PREFIX, LocalSource, Location, data_error, find_bad_row, header, iter_rows,
-    local_source, locate, looks_local, precheck, resolve_sample,
+    LocalSource, Location, Source, diagnose, first_location, first_rows, locate, source_for,
 )
-from lora_ns.errors import Problem, UserError
-
-resolve_data_path = resolve_sample  # older name, kept for callers
-
-
-@dataclass(frozen=True)
-class HubSource:
-    path: str
-    name: str | None
-    split: str
-    revision: str | None
-
-
-Source = LocalSource | HubSource
+from lora_ns.errors import Problem, UserError, fail
 
 
 def _first_line(err: BaseException) -> str:
     cause = err.__cause__ or err
-    text = str(cause).strip() or type(cause).__name__
-    return text.splitlines()[0][:300]
-
-
-def is_data_path(value: str) -> bool:
-    """A ``val_split`` that names files rather than a split."""
-    return value.startswith(SAMPLE_PREFIX) or any(c in value for c in "/\\*?") or \
-        any(value.lower().endswith(ext) or value.lower().endswith(ext + ".gz") for ext in EXTENSIONS)
-
-
-def source_for(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path") -> Source:
-    """Where one split's rows come from; `split` None means the training split (``cfg.split``)."""
-    if split is not None and is_data_path(split):
-        return local_source(split, None, cfg.data_format, field)
-    if looks_local(cfg.path):
-        wanted = split if split is not None else (None if cfg.split == "train" else cfg.split)
-        return local_source(cfg.path, wanted, cfg.data_format, field)
-    return HubSource(cfg.path, cfg.name, split or cfg.split, cfg.revision)
+    return (str(cause).strip() or type(cause).__name__).splitlines()[0][:300]
 
 
 def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
-    precheck(src, full=not streaming)
-    kwargs = src.builder_kwargs(header(src) if src.builder == "csv" else [])
+    header = first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
+    if src.builder == "csv" and not streaming:
+        diagnose(src)  # pandas fills a short row with None and takes a stray quote: check every row first
     try:
-        return datasets.load_dataset(src.builder, data_files=list(src.files), split="train", streaming=streaming,
-                                     **kwargs)
-    except UserError:
-        raise
+        data = datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
+                                     streaming=streaming, **src.builder_kwargs(header))
+        if streaming:
+            next(iter(data), None)  # parse the first block now, so its malformed row is reported here
     except Exception as err:
-        find_bad_row(src)  # raises the precise file:line error when a row is malformed
-        raise data_error(src.name, f"could not load: {_first_line(err)}", "check the format (dataset.data_format)",
-                         field="dataset.path")
-
-
-def _load_hub(src: HubSource, streaming: bool):
-    import datasets
-
-    try:
-        return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision, streaming=streaming)
-    except Exception as err:
-        raise data_error(src.path, f"cannot load from the Hub: {_first_line(err)}",
-                         "check the id, dataset.name and the split; offline, it must be in the HF cache",
-                         field="dataset.path")
+        diagnose(src)  # raises the precise file:line error when a row is malformed
+        raise fail(src.name, "dataset.path", f"could not load: {_first_line(err)}",
+                   "check the format (dataset.data_format)")
+    return data
 
 
 def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path"):
     """(raw rows, their source) for one split."""
+    import datasets
+
     src = source_for(cfg, split, field)
     if isinstance(src, LocalSource):
         return _load_local(src, cfg.streaming), src
-    return _load_hub(src, cfg.streaming), src
+    try:
+        return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                     streaming=cfg.streaming), src
+    except Exception as err:
+        raise fail(src.path, "dataset.path", f"cannot load from the Hub: {_first_line(err)}",
+                   "check the id, dataset.name and the split; offline, it must be in the HF cache")
 
 
 def load_raw(cfg: DatasetConfig, split: str | None = None):
-    """A `datasets.Dataset` (or `IterableDataset` when streaming) of raw rows of `split` (default: training)."""
+    """A `Dataset` (an `IterableDataset` when streaming) of the raw rows of `split` (default: training)."""
     return load(cfg, split)[0]
 
 
 # --- formatting rows --------------------------------------------------------------------------------
 
-def get_columns(dataset) -> list[str]:
-    """Column names; an `IterableDataset` may not know them (`column_names` is None), so peek at a row."""
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    first = next(iter(dataset), None)
-    return list(first) if first else []
-
-
-def first_location(src: Source) -> Location:
-    if isinstance(src, HubSource):
-        return Location(src.path, None, 1)
-    if src.builder == "csv":
-        return Location(src.files[0], 1, 0)  # the header line
-    return next(iter(iter_rows(src, limit_per_file=1)))[0]
-
-
 def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], where: Location) -> \
         tuple[dict[str, str], list[Problem]]:
     """formatter field -> column: ``dataset.columns`` first, then the field's own name, then its aliases."""
-    problems = []
-    for key in sorted(set(mapping) - set(fmt.all_fields)):
-        problems.append(Problem(where.file, f"dataset.columns.{key}", f"formatter '{fmt.name}' has no field '{key}'",
-                                f"its fields: {', '.join(fmt.all_fields)}"))
+    problems = [Problem(where.file, f"dataset.columns.{key}", f"formatter '{fmt.name}' has no field '{key}'",
+                        f"its fields: {', '.join(fmt.all_fields)}")
+                for key in sorted(set(mapping) - set(fmt.all_fields))]
     found: dict[str, str] = {}
     missing: list[str] = []
     have = ", ".join(columns) or "none"
     for name in fmt.all_fields:
-        if name in mapping:
-            if mapping[name] in columns:
-                found[name] = mapping[name]
-            else:
-                problems.append(Problem(where.file, f"dataset.columns.{name}",
-                                        f"column '{mapping[name]}' not found (columns: {have})",
-                                        "map the field to one of those columns", where.line))
+        if name in mapping and mapping[name] not in columns:
+            problems.append(Problem(where.file, f"dataset.columns.{name}",
+                                    f"column '{mapping[name]}' not found (columns: {have})",
+                                    "map the field to one of those columns", where.line))
             continue
-        column = next((c for c in (name, *fmt.aliases.get(name, ())) if c in columns), None)
+        candidates = (mapping[name],) if name in mapping else (name, *fmt.aliases.get(name, ()))
+        column = next((c for c in candidates if c in columns), None)
         if column is not None:
             found[name] = column
         elif name in fmt.fields:
@@ -171,69 +108,61 @@ def misread_hint(columns: list[str]) -> str | None:
 
 
 class RowConverter:
-    """raw row -> canonical example (-> rendered row); a `RowError` becomes a `UserError` at the row's file:line."""
+    """raw row -> canonical example (-> rendered row); a `RowError` becomes a `UserError` at its file:line."""
 
     def __init__(self, fmt: Formatter, columns: dict[str, str], src: Source, recipe: Recipe, tokenizer=None):
         self.fmt, self.columns, self.src, self.recipe, self.tokenizer = fmt, columns, src, recipe, tokenizer
-        m = recipe.model
-        self.check_labels = recipe.task == "seq_cls" and fmt.kind == "pair"
-        self.label_names, self.num_labels = m.labels, m.num_labels
 
     def canonical(self, row: dict[str, Any]) -> dict[str, Any]:
         example = self.fmt({name: row.get(column) for name, column in self.columns.items()})
-        if self.check_labels:
-            from lora_ns.data.classification import label_id
-
-            label_id(example["label"], self.label_names, self.num_labels)
+        if self.recipe.task == "seq_cls" and self.fmt.kind == "pair":
+            label_id(example["label"], self.recipe.model.labels, self.recipe.model.num_labels)
         return example
 
     def metadata(self, row: dict[str, Any]) -> dict[str, Any]:
-        used = set(self.columns.values())
-        return {k: v for k, v in row.items() if k not in used}
+        return {k: v for k, v in row.items() if k not in set(self.columns.values())}
 
-    def problem(self, index: int, err: RowError) -> Problem:
-        if isinstance(self.src, LocalSource):
-            where = locate(self.src, index)
-        else:
-            where = Location(self.src.path, None, index + 1)
+    def problem(self, err: RowError, where: Location) -> Problem:
         message = err.message if where.line else f"row {where.row}: {err.message}"
         return Problem(where.file, self.columns.get(err.field, err.field), message, err.fix, where.line)
 
-    def located(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+    def located(self, row: dict[str, Any], index: int, rendered: bool = False) -> dict[str, Any]:
         try:
-            return self.canonical(row)
+            example = self.canonical(row)
+            return render(example, self.recipe, self.tokenizer) if rendered else example
         except RowError as err:
-            raise UserError(self.problem(index, err)) from None
+            where = locate(self.src, index) if isinstance(self.src, LocalSource) else \
+                Location(self.src.path, None, index + 1)
+            raise UserError(self.problem(err, where)) from None
 
     def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        return render(self.located(row, index), self.recipe, self.tokenizer)
+        return self.located(row, index, rendered=True)
 
 
-def formatter_for(recipe: Recipe) -> Formatter:
+def columns_of(raw) -> list[str]:
+    """Column names; an `IterableDataset` may not know them (`column_names` is None), so peek at a row."""
+    return list(raw.column_names if raw.column_names is not None else next(iter(raw), None) or [])
+
+
+def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -> RowConverter:
+    """The row converter for a split with these columns, after checking them against the formatter."""
     name = recipe.dataset.formatter
     if name not in FORMATTERS:
         raise UserError(recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
                                        f"use one of: {', '.join(sorted(FORMATTERS))}"))
-    return FORMATTERS[name]
-
-
-def converter(raw, src: Source, recipe: Recipe, tokenizer=None) -> tuple[RowConverter, list[str]]:
-    """The row converter for a loaded split, after checking its columns against the formatter."""
-    fmt = formatter_for(recipe)
-    columns = get_columns(raw)
-    found, problems = column_map(fmt, recipe.dataset.columns, columns, first_location(src))
+    found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, first_location(src))
     if problems:
         raise UserError(problems)
-    return RowConverter(fmt, found, src, recipe, tokenizer), columns
+    return RowConverter(FORMATTERS[name], found, src, recipe, tokenizer)
 
 
 def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     import datasets
 
-    conv, columns = converter(raw, src, recipe, tokenizer)
-    if isinstance(raw, datasets.Dataset):
-        return raw.map(conv, with_indices=True, remove_columns=columns, desc="Formatting rows")
-    return raw.map(conv, with_indices=True, remove_columns=columns)
+    columns = columns_of(raw)
+    desc = {"desc": "Formatting rows"} if isinstance(raw, datasets.Dataset) else {}
+    conv = converter(columns, src, recipe, tokenizer)
+    return raw.map(conv, with_indices=True, remove_columns=columns, **desc)
 
 
 def _limit(raw, max_samples: int | None):
@@ -251,96 +180,71 @@ def held_out(index: int, fraction: float, seed: int) -> bool:
     return zlib.crc32(f"{seed}:{index}".encode()) < fraction * 2 ** 32
 
 
-def _split_indices(n: int, recipe: Recipe) -> dict[str, list[int]]:
-    """The train/test row indices `Dataset.train_test_split` picks for `n` rows (it depends on n and the seed only)."""
-    import datasets
-
-    cfg = recipe.dataset
-    try:
-        parts = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=cfg.val_split,
-                                                                                  seed=cfg.seed)
-    except ValueError as err:
-        raise UserError(recipe.problem("dataset.val_split", f"cannot hold out {cfg.val_split} of {n} rows: "
-                                       f"{_first_line(err)}", "use a larger fraction, or more data"))
-    return {"train": parts["train"]["i"], "test": parts["test"]["i"]}
-
-
 def _hold_out(data, recipe: Recipe):
-    """(train, eval) with ``val_split`` as a fraction."""
+    """(train, eval) for a fractional ``val_split``: `Dataset.train_test_split`, or a hash when streaming."""
     import datasets
 
     fraction, seed = recipe.dataset.val_split, recipe.dataset.seed
-    if isinstance(data, datasets.Dataset):
-        parts = _split_indices(len(data), recipe)
-        return data.select(parts["train"]), data.select(parts["test"])
-    return (data.filter(lambda _, i: not held_out(i, fraction, seed), with_indices=True),
-            data.filter(lambda _, i: held_out(i, fraction, seed), with_indices=True))
-
-
-def _drop_blank_text(data):
-    return data.filter(lambda row: bool(row["text"].strip())) if data is not None else None
+    if not isinstance(data, datasets.Dataset):
+        return (data.filter(lambda _, i: not held_out(i, fraction, seed), with_indices=True),
+                data.filter(lambda _, i: held_out(i, fraction, seed), with_indices=True))
+    try:
+        parts = data.train_test_split(test_size=fraction, seed=seed)
+    except ValueError as err:
+        raise UserError(recipe.problem("dataset.val_split", f"cannot hold out {fraction} of {len(data)} "
+                                       f"rows: {_first_line(err)}", "use a larger fraction, or more data"))
+    return parts["train"], parts["test"]
 
 
 def check_template(recipe: Recipe) -> None:
     template = recipe.dataset.prompt_template
-    why = template_problem(template) if template is not None else None
-    if why:
+    if template is not None and (why := template_problem(template)):
         raise UserError(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
 
 
 def build_datasets(recipe: Recipe, tokenizer=None):
-    """(train, eval or None): formatted and rendered rows for SFTTrainer (pairs: for `encode_pairs`)."""
+    """(train, eval or None): formatted and rendered rows for TRL's trainers (pairs: for `encode_pairs`)."""
     cfg = recipe.dataset
-    fmt = formatter_for(recipe)
     check_template(recipe)
-    if fmt.kind == "messages" and tokenizer is not None:
+    kind = FORMATTERS[cfg.formatter].kind if cfg.formatter in FORMATTERS else None
+    if kind == "messages" and tokenizer is not None:
         require_chat_template(recipe, tokenizer)
     raw, src = load(cfg)
-    train = _convert(_limit(raw, cfg.max_samples), src, recipe, tokenizer)
-    evaluation = None
+    train, evaluation = _convert(_limit(raw, cfg.max_samples), src, recipe, tokenizer), None
     if isinstance(cfg.val_split, float):
         train, evaluation = _hold_out(train, recipe)
     elif isinstance(cfg.val_split, str):
-        eval_raw, eval_src = load(cfg, cfg.val_split, "dataset.val_split")
-        evaluation = _convert(eval_raw, eval_src, recipe, tokenizer)
-    if fmt.kind == "text":
-        train, evaluation = _drop_blank_text(train), _drop_blank_text(evaluation)
+        evaluation = _convert(*load(cfg, cfg.val_split, "dataset.val_split"), recipe, tokenizer)
+    if kind == "text":
+        train, evaluation = (None if d is None else d.filter(lambda row: bool(row["text"].strip()))
+                             for d in (train, evaluation))
     return train, evaluation
 
 
-def formatted_examples(recipe: Recipe, split: str | float | None = None, limit: int | None = None) -> Iterator[dict]:
+def _number(_: dict[str, Any], index: int) -> dict[str, int]:
+    return {"__row__": index}
+
+
+def formatted_examples(recipe: Recipe, split: str | float | None = None,
+                       limit: int | None = None) -> Iterator[dict]:
     """Canonical, un-rendered examples for evaluation, each with its raw row's other columns.
 
-    `split`: None -> the training rows `build_datasets` trains on; ``recipe.dataset.val_split`` (a
-    fraction, a split name or a file path) -> exactly the rows it evaluates on, in the same order;
-    any other split name or path -> all its rows. Each item is the formatter's output
-    (``prompt``/``completion``, ``messages``, ``text`` or ``sentence1``/``sentence2``/``label``, labels
-    as written) plus ``metadata`` (the row's columns the formatter did not read, e.g. MetaMath's
-    ``type``) and ``row`` (1-based position in the loaded split). Render a prompt the way training
-    did with `lora_ns.data.render.prompt_text`.
+    `split`: None -> the training rows `build_datasets` trains on; ``recipe.dataset.val_split`` -> exactly
+    the rows it evaluates on, in the same order; any other split name or path -> all its rows. Each item
+    is the formatter's output plus ``metadata`` (the columns the formatter did not read, e.g. MetaMath's
+    ``type``) and ``row`` (1-based position in the loaded split); `prompt_text` renders its prompt.
     """
-    import datasets
-
     cfg = recipe.dataset
-    fraction = isinstance(cfg.val_split, float)
-    if split is None or (fraction and split == cfg.val_split):
-        raw, src = load(cfg)
-        raw = _limit(raw, cfg.max_samples)
-        part = ("test" if split is not None else "train") if fraction else None
-    else:
-        raw, src = load(cfg, str(split), "dataset.val_split")
-        part = None
-    conv, _ = converter(raw, src, recipe)
-    if part and isinstance(raw, datasets.Dataset):
-        indices = _split_indices(len(raw), recipe)[part]
-        rows = zip(indices, raw.select(indices))
-    else:
-        rows = enumerate(raw)
-    streamed_part = part if not isinstance(raw, datasets.Dataset) else None
+    own = split is None or (isinstance(cfg.val_split, float) and split == cfg.val_split)
+    raw, src = load(cfg) if own else load(cfg, str(split), "dataset.val_split")
+    raw = _limit(raw, cfg.max_samples) if own else raw
+    conv = converter(columns_of(raw), src, recipe)
+    rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(raw)
+    if own and isinstance(cfg.val_split, float):  # the same hold-out as build_datasets, on numbered rows
+        numbered = raw.map(_number, with_indices=True)
+        rows = ((row.pop("__row__"), row) for row in _hold_out(numbered, recipe)[split is not None])
     count = 0
     for index, row in rows:
-        if streamed_part and held_out(index, cfg.val_split, cfg.seed) != (streamed_part == "test"):
-            continue
         example = conv.located(row, index)
         if conv.fmt.kind == "text" and not example["text"].strip():
             continue
@@ -348,3 +252,67 @@ def formatted_examples(recipe: Recipe, split: str | float | None = None, limit: 
         count += 1
         if limit is not None and count >= limit:
             return
+
+
+# --- sequence classification ------------------------------------------------------------------------
+
+def label_id(label: Any, label_names: Sequence[str] | None = None, num_labels: int | None = None) -> int:
+    """A label (id, class name, or digit string) -> its id; `RowError` when it names no class."""
+    names = list(label_names or [])
+    count = len(names) or num_labels
+    if isinstance(label, str):
+        if label.strip() in names:
+            return names.index(label.strip())
+        if not label.strip().lstrip("-").isdigit():
+            hint = f"use one of: {', '.join(names)}" if names else "list the class names in model.labels"
+            raise RowError("label", f"unknown label {label!r}", hint)
+        label = int(label.strip())
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise RowError("label", f"unknown label {label!r}", "use a class id (0, 1, ...) or a class name")
+    if label < 0 or (count and label >= count):
+        valid = f"0..{count - 1}" if count else "0 or more"
+        raise RowError("label", f"label {label} is out of range ({valid})",
+                       "fix the label or model.num_labels")
+    return label
+
+
+def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequence[str] | None,
+                 source: str = "<dataset>"):
+    """Tokenize sentence / sentence-pair rows (what the pair formatters give) and map labels to ids, for
+    transformers' `Trainer` with `DataCollatorWithPadding` (``Dataset`` or ``IterableDataset``).
+
+    Whether rows are pairs is decided by the first row's ``sentence2`` (None: single sentences); a
+    later row that disagrees is an error. `source` names the data in error messages (e.g.
+    ``recipe.dataset.path``); rows are numbered from 1 in the order of `dataset`.
+    """
+    first = next(iter(dataset), None) or {}
+    columns = list(dataset.column_names) if dataset.column_names is not None else list(first)
+    missing = [c for c in ("sentence1", "label") if c not in columns]
+    if missing:
+        raise fail(source, missing[0], f"column missing (have: {', '.join(columns) or 'none'})",
+                   "build the dataset with a pair formatter (e.g. glue_mrpc)")
+    paired = first.get("sentence2") is not None
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        labels = []
+        seconds = batch.get("sentence2") or [None] * len(indices)
+        for i, text, second, label in zip(indices, batch["sentence1"], seconds, batch["label"]):
+            try:
+                labels.append(label_id(label, label_names))
+                if not isinstance(text, str):
+                    raise RowError("sentence1", "missing text", "fill it in or drop the row")
+                if paired and not isinstance(second, str):
+                    raise RowError("sentence2", "missing in a sentence-pair dataset",
+                                   "fill it in or drop the row")
+                if not paired and second is not None:
+                    raise RowError("sentence2", "set here but not in row 1",
+                                   "give every row a sentence2, or none")
+            except RowError as err:
+                raise fail(source, err.field, f"row {i + 1}: {err.message}", err.fix) from None
+        limit = max_length or tokenizer.model_max_length
+        pairs = seconds if paired else None
+        return {**tokenizer(batch["sentence1"], pairs, truncation=True, max_length=limit), "labels": labels}
+
+    return dataset.map(encode, batched=True, with_indices=True, remove_columns=columns)

@@ -1,4 +1,4 @@
-"""Formatters and rendering for the preference and RL tasks (dpo, orpo, kto, grpo; see `lora_ns.preference`).
+"""Formatters for the preference and RL tasks (dpo, orpo, kto, grpo; see `lora_ns.preference`).
 
 Canonical examples, one shape per kind (``prompt`` is always the conversation before the answer):
 
@@ -11,9 +11,7 @@ Layouts read: TRL's ``prompt``/``chosen``/``rejected`` (strings or message lists
 implicit in the two conversations), UltraFeedback (``chosen``/``rejected`` full conversations sharing
 the prompt), HH-RLHF (two "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts split at the last
 assistant turn), KTO's ``prompt``/``completion``/``label``, and prompt-only rows for GRPO.
-
-`render_preference` turns an example into TRL's conversational form when the tokenizer has a chat
-template (and the recipe sets no ``prompt_template``), else into plain text with the prompt template.
+Rendering for TRL: `lora_ns.data.render.render`.
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lora_ns.config import Recipe
-from lora_ns.data.formatters import ROLES, Row, RowError, formatter, text_value
+from lora_ns.data.formatters import Row, RowError, check_messages, formatter, text_value
+from lora_ns.data.render import split_last_reply
 
 PREFERENCE_KINDS = ("preference", "unpaired", "prompt_only")
 Messages = list[dict[str, str]]
@@ -36,14 +34,7 @@ def _messages(value: Any, name: str) -> Messages:
         if not value.strip():
             raise RowError(name, "empty text", "fill it in or drop the row")
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise RowError(name, "expected text or a non-empty list of {role, content} messages")
-    out = []
-    for i, m in enumerate(value, 1):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise RowError(name, f"message {i} needs a 'role' ({', '.join(ROLES)}) and text 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return check_messages(value, name, needs_reply=False)
 
 
 def _reply(value: Any, name: str) -> str:
@@ -51,7 +42,8 @@ def _reply(value: Any, name: str) -> str:
     if isinstance(value, list):
         turns = _messages(value, name)
         if turns[-1]["role"] != "assistant":
-            raise RowError(name, "the last message is not an assistant reply", "end it with the assistant turn")
+            raise RowError(name, "the last message is not an assistant reply",
+                           "end it with the assistant turn")
         value = turns[-1]["content"]
     text = text_value({name: value}, name)
     if not text.strip():
@@ -61,11 +53,10 @@ def _reply(value: Any, name: str) -> str:
 
 def _split_last_reply(conversation: Any, name: str) -> tuple[Messages, str]:
     """(messages before the last assistant turn, that turn's text)."""
-    turns = _messages(conversation, name)
-    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0:
+    prompt, reply = split_last_reply(_messages(conversation, name))
+    if reply is None or not prompt:
         raise RowError(name, "no assistant reply after a prompt", "give the conversation ending in the reply")
-    return turns[:last], _reply(turns[last:last + 1], name)
+    return prompt, _reply(reply, name)
 
 
 def _pair(prompt: Messages, chosen: str, rejected: str) -> Row:
@@ -135,63 +126,18 @@ def kto(row: Row) -> Row:
         label = bool(label)
     if not isinstance(label, bool):
         raise RowError("label", f"expected true or false, got {label!r}", "true = a desirable completion")
-    return {"prompt": _messages(row.get("prompt"), "prompt"), "completion": _reply(row.get("completion"),
-                                                                                  "completion"), "label": label}
+    return {"prompt": _messages(row.get("prompt"), "prompt"),
+            "completion": _reply(row.get("completion"), "completion"), "label": label}
 
 
 @formatter("prompt_only", "prompt_only", ("prompt",), optional=("answer",))
 def prompt_only(row: Row) -> Row:
     """GRPO prompts; ``answer`` (optional) is the reference the rewards compare against."""
-    return {"prompt": _messages(row.get("prompt"), "prompt"), "answer": text_value(row, "answer", required=False)}
+    return {"prompt": _messages(row.get("prompt"), "prompt"),
+            "answer": text_value(row, "answer", required=False)}
 
 
 @formatter("gsm8k_prompt", "prompt_only", ("question", "answer"))
 def gsm8k_prompt(row: Row) -> Row:
     """GSM8K for GRPO: the question is the prompt, the worked answer (ending ``#### N``) the reference."""
     return {"prompt": _messages(text_value(row, "question"), "question"), "answer": text_value(row, "answer")}
-
-
-# --- rendering for TRL -------------------------------------------------------------------------------
-
-def render_preference(example: Row, recipe: Recipe, tokenizer=None) -> Row:
-    """One canonical example -> one row of TRL's preference/unpaired/prompt-only format."""
-    from lora_ns.data.render import _with_system, format_prompt, require_chat_template, uses_chat_template
-
-    replies = [k for k in ("chosen", "rejected", "completion") if k in example]
-    rest = {k: v for k, v in example.items() if k not in ("prompt", *replies)}
-    if uses_chat_template(recipe, tokenizer):
-        prompt = _with_system(list(example["prompt"]), recipe.dataset.system_prompt)
-        return {"prompt": prompt, **{k: [{"role": "assistant", "content": example[k]}] for k in replies}, **rest}
-    if len(example["prompt"]) != 1 or example["prompt"][0]["role"] != "user":
-        require_chat_template(recipe, tokenizer)  # a multi-turn prompt needs the chat template
-        raise RowError("prompt", "a multi-turn prompt needs a chat template; unset dataset.prompt_template")
-    return {"prompt": format_prompt(example["prompt"][0]["content"], recipe),
-            **{k: example[k] for k in replies}, **rest}
-
-
-def build_preference_datasets(recipe: Recipe, tokenizer=None):
-    """(train, eval or None) in TRL's format: `lora_ns.data.loading` reads and locates rows, we render."""
-    from lora_ns.data import loading
-    from lora_ns.errors import UserError
-
-    cfg = recipe.dataset
-    loading.check_template(recipe)
-
-    def convert(raw, src):
-        conv, columns = loading.converter(raw, src, recipe, tokenizer)
-
-        def one(row, index):
-            example = conv.located(row, index)
-            try:
-                return render_preference(example, recipe, tokenizer)
-            except loading.RowError as err:
-                raise UserError(conv.problem(index, err)) from None
-        return raw.map(one, with_indices=True, remove_columns=columns)
-
-    raw, src = loading.load(cfg)
-    train, evaluation = convert(loading._limit(raw, cfg.max_samples), src), None
-    if isinstance(cfg.val_split, float):
-        train, evaluation = loading._hold_out(train, recipe)
-    elif isinstance(cfg.val_split, str):
-        evaluation = convert(*loading.load(cfg, cfg.val_split, "dataset.val_split"))
-    return train, evaluation

@@ -1,4 +1,4 @@
-"""Render canonical examples into the rows TRL's SFTTrainer takes, and say which loss masks they need.
+"""Render canonical examples into the rows TRL's trainers take, and say which loss masks they need.
 
 - prompt/completion: *conversational* when the tokenizer has a chat template and the recipe sets no
   ``dataset.prompt_template`` -- ``prompt=[system?, user]``, ``completion=[assistant]`` -- so TRL
@@ -8,6 +8,8 @@
 - messages: ``[system?] + messages``; with ``assistant_only_loss=True`` TRL trains on every assistant
   turn (content and its end-of-turn token) and nothing else.
 - text (cpt): unchanged; every token is trained. pair (seq_cls): unchanged (see `encode_pairs`).
+- preference, unpaired, prompt-only (dpo, orpo, kto, grpo): TRL's conversational form with a chat
+  template (and no ``prompt_template``), else the prompt template's plain text.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import string
 from typing import Any
 
 from lora_ns.config import Recipe
+from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -23,20 +26,11 @@ TEMPLATE_FIELDS = ("prompt", "system")
 TEMPLATE_EXAMPLE = "e.g. \"### Question:\\n{prompt}\\n### Answer:\\n\""
 
 
-def kind_of(example: dict[str, Any]) -> str:
-    if "messages" in example:
-        return "messages"
-    if "prompt" in example:
-        return "prompt_completion"
-    if "sentence1" in example:
-        return "pair"
-    return "text"
-
-
 def template_problem(template: str) -> str | None:
     """Why a ``dataset.prompt_template`` cannot be used, or None."""
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as err:
         return f"not a valid format string ({err}); write literal braces as {{{{ and }}}}"
     allowed = ", ".join("{" + n + "}" for n in TEMPLATE_FIELDS)
@@ -47,7 +41,8 @@ def template_problem(template: str) -> str | None:
     names = [name for name, _, _ in fields]
     unknown = sorted(set(names) - set(TEMPLATE_FIELDS))
     if unknown:
-        return f"unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; use {{prompt}} (and {{system}})"
+        shown = ", ".join("{" + n + "}" for n in unknown)
+        return f"unknown placeholder(s) {shown}; use {{prompt}} (and {{system}})"
     if "prompt" not in names:
         return "has no {prompt} placeholder, so the question would never reach the model"
     return None
@@ -65,8 +60,9 @@ def uses_chat_template(recipe: Recipe, tokenizer) -> bool:
 def require_chat_template(recipe: Recipe, tokenizer) -> None:
     if not has_chat_template(tokenizer):
         raise UserError(recipe.problem(
-            "dataset.formatter", f"formatter '{recipe.dataset.formatter}' gives chat messages but the tokenizer "
-            "has no chat template", "set model.chat_template (a Jinja template or a file), or use a chat model"))
+            "dataset.formatter", f"formatter '{recipe.dataset.formatter}' gives chat messages but the "
+            "tokenizer has no chat template",
+            "set model.chat_template (a Jinja template or a file), or use a chat model"))
 
 
 def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
@@ -85,39 +81,44 @@ def format_prompt(prompt: str, recipe: Recipe) -> str:
     return text
 
 
+def split_last_reply(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
+    """(the conversation before its last assistant turn, that turn's text); (all of it, None) without one.
+    What generation starts from and what it is compared against (evaluate, infer, preference pairs)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    return (list(messages), None) if last is None else (list(messages[:last]), messages[last]["content"])
+
+
 def render(example: dict[str, Any], recipe: Recipe, tokenizer=None) -> dict[str, Any]:
-    """One canonical example -> one row for TRL's SFTTrainer (pairs and text pass through)."""
-    kind = kind_of(example)
-    if kind == "prompt_completion":
-        if uses_chat_template(recipe, tokenizer):
-            user = [{"role": "user", "content": example["prompt"]}]
-            return {"prompt": _with_system(user, recipe.dataset.system_prompt),
-                    "completion": [{"role": "assistant", "content": example["completion"]}]}
-        return {"prompt": format_prompt(example["prompt"], recipe), "completion": example["completion"]}
-    if kind == "messages":
-        return {"messages": _with_system(list(example["messages"]), recipe.dataset.system_prompt)}
-    if kind == "pair":
-        return {"sentence1": example["sentence1"], "sentence2": example.get("sentence2"), "label": example["label"]}
-    return {"text": example["text"]}
+    """One canonical example -> one row for TRL's trainers (pairs and text pass through unchanged)."""
+    system = recipe.dataset.system_prompt
+    if "messages" in example:
+        return {"messages": _with_system(list(example["messages"]), system)}
+    if "prompt" not in example:
+        return dict(example)
+    prompt, replies = example["prompt"], [k for k in ("completion", "chosen", "rejected") if k in example]
+    if uses_chat_template(recipe, tokenizer):
+        turns = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return {**example, "prompt": _with_system(turns, system),
+                **{k: [{"role": "assistant", "content": example[k]}] for k in replies}}
+    if isinstance(prompt, list):  # preference kinds: a message list, plain text only for one user turn
+        if len(prompt) != 1 or prompt[0]["role"] != "user":
+            require_chat_template(recipe, tokenizer)
+            raise RowError("prompt", "a multi-turn prompt needs a chat template; "
+                           "unset dataset.prompt_template")
+        prompt = prompt[0]["content"]
+    return {**example, "prompt": format_prompt(prompt, recipe)}
 
 
 def prompt_text(example: dict[str, Any], recipe: Recipe, tokenizer) -> str:
-    """The exact text the model sees before it should answer, rendered as in training (for generation).
-
-    Prompt/completion rows: the chat-templated user turn plus the assistant header, or the prompt
-    template. Messages: the conversation up to (not including) its last assistant turn.
-    """
-    kind = kind_of(example)
-    if kind == "prompt_completion" and not uses_chat_template(recipe, tokenizer):
-        return format_prompt(example["prompt"], recipe)
-    if kind == "prompt_completion":
-        history = render(example, recipe, tokenizer)["prompt"]
-    elif kind == "messages":
-        messages = render(example, recipe, tokenizer)["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        history = messages[:last]
-    else:
-        raise ValueError(f"{kind} examples have no prompt")
+    """The exact text the model sees before it should answer, rendered as in training (for generation):
+    the prompt (chat-templated, with the assistant header, or through the prompt template), or a
+    conversation up to (not including) its last assistant turn."""
+    if "messages" not in example and "prompt" not in example:
+        raise ValueError("text and pair examples have no prompt")
+    rendered = render(example, recipe, tokenizer)
+    history = split_last_reply(rendered["messages"])[0] if "messages" in rendered else rendered["prompt"]
+    if isinstance(history, str):
+        return history
     return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
 
 
@@ -127,11 +128,6 @@ def sft_defaults(recipe: Recipe) -> dict[str, Any]:
     Chat messages train on assistant turns only; prompt/completion rows on the completion only
     (TRL's default, stated explicitly); text on everything.
     """
-    from lora_ns.data.formatters import FORMATTERS
-
     kind = FORMATTERS[recipe.dataset.formatter].kind
-    if kind == "messages":
-        return {"assistant_only_loss": True}
-    if kind == "prompt_completion":
-        return {"completion_only_loss": True}
-    return {}
+    masks = {"messages": {"assistant_only_loss": True}, "prompt_completion": {"completion_only_loss": True}}
+    return masks.get(kind, {})

@@ -1,11 +1,12 @@
-"""Local data files: find them (file, glob, folder, ``sample:<name>``) and read their rows with line numbers.
+"""Where a split's rows come from (a Hub dataset, or local files: file, glob, folder, ``sample:<name>``),
+and a plain reader of local files that can say where a row is.
 
-The Hugging Face builders load the data for training (Arrow cache, streaming). This module reads the
-same rows, in the same order, with plain Python: `validate` checks a sample in well under a second,
-and a row the HF loader or a formatter rejects is reported as ``file:line`` on one line. Rules it
-shares with the HF builders: JSON lines skip blank lines; CSV/TSV skip blank lines and read every
-cell as text; TSV has no quoting at all (GLUE's files hold unbalanced ``"``); a text file is one row
-per line, blank lines included; a UTF-8 BOM is ignored everywhere.
+`datasets`' builders (json, csv, parquet, text) load the data. This reader does what they cannot:
+name a row by ``file:line`` -- a malformed one a builder choked on, one a formatter rejects, the first
+rows `validate` samples -- and check CSV/TSV in full, since pandas fills a short row with None and
+takes a stray quote. Rules shared with the builders: JSON lines and CSV/TSV skip blank lines, CSV/TSV
+cells stay text ("NA" too), TSV has no quoting (GLUE's files hold unbalanced ``"``), a text file is
+one row per line, blank lines included, and a UTF-8 BOM is ignored.
 """
 
 from __future__ import annotations
@@ -16,29 +17,27 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, NamedTuple
 
-from lora_ns.errors import Problem, UserError
+from lora_ns.config import DatasetConfig
+from lora_ns.errors import fail
 
 SAMPLE_PREFIX = "sample:"
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".txt": "text"}
-# Which HF builder reads each format, and how (every CSV/TSV cell stays text, "NA" included).
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet", "text": "text"}
 SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                "test": ("test", "testing")}
-# Other names for bundled samples: ``sample:text`` is the plain-text (continued pretraining) corpus.
-SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}  # gsm8k_prompt: GRPO reads the GSM8K sample
+# ``sample:text`` is the continued-pretraining corpus; GRPO's gsm8k_prompt formatter reads the GSM8K sample.
+SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}
 PEEK_ROWS = 200
-_CSV_FIELD_LIMIT = 1 << 26
 
 
-@dataclass(frozen=True)
-class Location:
-    """Where a row came from: the file, its line when known (JSON lines, CSV, text), its 1-based row number."""
+class Location(NamedTuple):
+    """Where a row came from: its file, its line when the format has lines, its 1-based row in the file."""
 
     file: str
     line: int | None
@@ -49,9 +48,8 @@ class Location:
         return f"line {self.line}" if self.line else f"row {self.row}"
 
 
-@dataclass(frozen=True)
-class LocalSource:
-    """The files behind one split of a local dataset, all in one format family."""
+class LocalSource(NamedTuple):
+    """The files behind one split of a local dataset, all read by one builder."""
 
     path: str
     files: tuple[str, ...]
@@ -66,38 +64,26 @@ class LocalSource:
         return self.files[0] if len(self.files) == 1 else self.path
 
     def builder_kwargs(self, header: list[str]) -> dict[str, Any]:
-        """Arguments for ``datasets.load_dataset(self.builder, ...)`` so it reads what `iter_rows` reads."""
-        if self.formats[0] in ("csv", "tsv"):
-            kwargs: dict[str, Any] = {"encoding": "utf-8-sig", "na_filter": False,
-                                      "converters": {name: str for name in header}}
-            if self.formats[0] == "tsv":
-                kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
-            return kwargs
-        if self.formats[0] == "text":
-            return {"encoding": "utf-8-sig"}
-        return {}
-
-
-def data_error(file: str, message: str, fix: str = "", line: int | None = None, field: str = "") -> UserError:
-    return UserError(Problem(file, field, message, fix, line))
+        """Arguments for ``datasets.load_dataset(self.builder, ...)`` so it reads what `rows` reads."""
+        if self.builder == "csv":
+            tsv = {"sep": "\t", "quoting": csv.QUOTE_NONE} if self.formats[0] == "tsv" else {}
+            return {"encoding": "utf-8-sig", "na_filter": False, "converters": dict.fromkeys(header, str),
+                    **tsv}
+        return {"encoding": "utf-8-sig"} if self.builder == "text" else {}
 
 
 # --- finding the files ------------------------------------------------------------------------------
-
-def sample_names() -> list[str]:
-    return sorted({p.stem for p in SAMPLES_DIR.iterdir() if p.suffix in EXTENSIONS})
-
 
 def resolve_sample(path: str) -> str:
     """``sample:gsm8k`` -> the bundled file's path; other paths unchanged."""
     if not path.startswith(SAMPLE_PREFIX):
         return path
-    name = path[len(SAMPLE_PREFIX):]
-    name = SAMPLE_ALIASES.get(name, name)
+    name = SAMPLE_ALIASES.get(path[len(SAMPLE_PREFIX):], path[len(SAMPLE_PREFIX):])
     found = sorted(p for p in SAMPLES_DIR.glob(f"{glob.escape(name)}.*") if p.suffix in EXTENSIONS)
     if not found:
-        raise data_error(path, f"no bundled sample named '{name}'", f"use one of: {', '.join(sample_names())}",
-                         field="dataset.path")
+        names = sorted({p.stem for p in SAMPLES_DIR.iterdir() if p.suffix in EXTENSIONS})
+        raise fail(path, "dataset.path", f"no bundled sample named '{name}'",
+                   f"use one of: {', '.join(names)}")
     return str(found[0])
 
 
@@ -105,24 +91,20 @@ def looks_local(path: str) -> bool:
     """True for sample:, existing paths, globs and anything shaped like a file path (not ``owner/name``)."""
     if path.startswith(SAMPLE_PREFIX) or os.path.exists(os.path.expanduser(path)):
         return True
-    if any(c in path for c in "*?[") or path.startswith((".", "/", "~")) or "\\" in path:
+    if any(c in path for c in "*?[\\") or path.startswith((".", "/", "~")):
         return True
     return _extension(path) in EXTENSIONS or path.count("/") >= 2
 
 
 def _extension(path: str) -> str:
-    suffixes = Path(path).suffixes
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return suffixes[-1].lower() if suffixes else ""
+    suffixes = [s for s in Path(path).suffixes if s != ".gz"][-1:]
+    return suffixes[0].lower() if suffixes else ""
 
 
 def _split_of(file: Path) -> str | None:
     stem = file.name.split(".")[0].lower()
-    for split, names in SPLIT_NAMES.items():
-        if any(stem == n or stem.startswith((n + "-", n + "_")) for n in names):
-            return split
-    return None
+    return next((split for split, names in SPLIT_NAMES.items()
+                 if any(stem == n or stem.startswith((n + "-", n + "_")) for n in names)), None)
 
 
 def find_files(path: str, split: str | None = None, field: str = "dataset.path") -> list[str]:
@@ -131,36 +113,31 @@ def find_files(path: str, split: str | None = None, field: str = "dataset.path")
     glob, the only one)."""
     resolved = os.path.expanduser(resolve_sample(path))
     if split is not None and not os.path.isdir(resolved):
-        raise data_error(path, f"'{split}' is not a split of a local file",
-                         "give the validation data its own file (dataset.val_split: path/to/val.jsonl) "
-                         "or a fraction (dataset.val_split: 0.1)", field=field)
+        raise fail(path, field, f"'{split}' is not a split of a local file", "give the validation data its "
+                   "own file (dataset.val_split: path/to/val.jsonl) or a fraction (dataset.val_split: 0.1)")
     if any(c in resolved for c in "*?["):
         files = sorted(f for f in glob.glob(resolved, recursive=True)
                        if os.path.isfile(f) and _extension(f) in EXTENSIONS)
         if not files:
-            raise data_error(path, "no data files match this pattern", "check the glob (e.g. data/*.jsonl)",
-                             field=field)
+            raise fail(path, field, "no data files match this pattern", "check the glob (e.g. data/*.jsonl)")
         return files
     target = Path(resolved)
     if target.is_file():
         return [str(target)]
     if not target.is_dir():
-        raise data_error(path, "file not found", "check the path (relative paths start from where you run)",
-                         field=field)
+        raise fail(path, field, "file not found", "check the path (relative paths start from where you run)")
     files = sorted(p for p in target.rglob("*") if p.is_file() and _extension(str(p)) in EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(target).parts))
     if not files:
-        raise data_error(path, "folder holds no data files", f"add {', '.join(EXTENSIONS)} files", field=field)
+        raise fail(path, field, "folder holds no data files", f"add {', '.join(EXTENSIONS)} files")
     by_split = {f: _split_of(f) for f in files}
-    if not any(by_split.values()):
-        if split in (None, "train"):
-            return [str(f) for f in files]
-        raise data_error(path, f"folder has no files for split '{split}'",
-                         f"name them {split}.jsonl (or {split}-*.jsonl), or point at a file", field=field)
-    wanted = [str(f) for f, s in by_split.items() if s == (split or "train")]
+    want = split or "train"
+    if not any(by_split.values()) and want == "train":
+        return [str(f) for f in files]
+    wanted = [str(f) for f, s in by_split.items() if s == want]
     if not wanted:
-        raise data_error(path, f"folder has no files for split '{split or 'train'}'",
-                         f"name them {split or 'train'}.jsonl (or {split or 'train'}-*.jsonl)", field=field)
+        raise fail(path, field, f"folder has no files for split '{want}'",
+                   f"name them {want}.jsonl (or {want}-*.jsonl), or point at a file")
     return wanted
 
 
@@ -169,182 +146,184 @@ def file_format(file: str, data_format: str | None = None) -> str:
     a list is JSON, anything else JSON lines."""
     fmt = data_format or EXTENSIONS.get(_extension(file))
     if fmt is None:
-        raise data_error(file, f"unknown data file type '{_extension(file) or Path(file).name}'",
-                         "use .jsonl/.json/.csv/.tsv/.parquet/.txt, or set dataset.data_format", field="dataset.path")
+        raise fail(file, "dataset.path", f"unknown data file type '{_extension(file) or Path(file).name}'",
+                   "use .jsonl/.json/.csv/.tsv/.parquet/.txt, or set dataset.data_format")
     if fmt in ("json", "jsonl"):
-        return "json" if _first_char(file) == "[" else "jsonl"
+        with _open(file) as f:
+            start = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+        return "json" if start.startswith("[") else "jsonl"
     return fmt
 
 
-def _first_char(file: str) -> str:
-    with _open(file) as f:
-        chunk = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-    return chunk[:1]
+class HubSource(NamedTuple):
+    path: str
+    name: str | None
+    split: str
+    revision: str | None
+
+
+Source = LocalSource | HubSource
+
+
+def is_data_path(value: str) -> bool:
+    """A ``val_split`` that names files rather than a split."""
+    return value.startswith(SAMPLE_PREFIX) or any(c in value for c in "/\\*?") or \
+        any(value.lower().endswith((ext, ext + ".gz")) for ext in EXTENSIONS)
+
+
+def source_for(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path") -> Source:
+    """Where one split's rows come from; `split` None means the training split (``cfg.split``)."""
+    if split is not None and is_data_path(split):
+        return local_source(split, None, cfg.data_format, field)
+    if looks_local(cfg.path):
+        wanted = split if split is not None else (None if cfg.split == "train" else cfg.split)
+        return local_source(cfg.path, wanted, cfg.data_format, field)
+    return HubSource(cfg.path, cfg.name, split or cfg.split, cfg.revision)
 
 
 def local_source(path: str, split: str | None = None, data_format: str | None = None,
                  field: str = "dataset.path") -> LocalSource:
     files = find_files(path, split, field)
     formats = tuple(file_format(f, data_format) for f in files)
-    builders = {BUILDERS[f] for f in formats}
-    if len(builders) > 1 or ({"csv", "tsv"} <= set(formats)):
-        raise data_error(path, f"mixes file types ({', '.join(sorted(set(formats)))})",
-                         "keep one format per dataset, or narrow the glob", field=field)
+    if len({BUILDERS[f] for f in formats}) > 1 or {"csv", "tsv"} <= set(formats):
+        raise fail(path, field, f"mixes file types ({', '.join(sorted(set(formats)))})",
+                   "keep one format per dataset, or narrow the glob")
     return LocalSource(path, tuple(files), formats)
 
 
-# --- reading rows -----------------------------------------------------------------------------------
+# --- reading rows with their lines -------------------------------------------------------------------
 
 def _open(file: str) -> IO[bytes]:
     return gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb")
 
 
-def _decode(raw: bytes, file: str, line: int) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise data_error(file, f"not UTF-8 text (byte {err.start + 1} of the line)", "re-save the file as UTF-8",
-                         line)
-    return text.lstrip("\ufeff") if line == 1 else text
-
-
-def _read_jsonl(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    with _open(file) as f:
-        for number, raw in enumerate(f, 1):
-            line = _decode(raw, file, number).strip()
-            if not line:
-                continue
+def _line_rows(f: IO[bytes], file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """JSON lines (blank lines skipped) or text (one row per line)."""
+    for number, raw in enumerate(f, 1):
+        try:
+            text = raw.decode("utf-8").lstrip("\ufeff" if number == 1 else "")
+        except UnicodeDecodeError as err:
+            raise fail(file, "", f"not UTF-8 text (byte {err.start + 1} of the line)",
+                       "re-save the file as UTF-8", number)
+        if fmt == "text":
+            yield number, {"text": text.rstrip("\r\n")}
+        elif text.strip():
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as err:
-                fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text" if number == 1 \
-                    and not line.startswith(("{", "[")) else "fix or remove that line (one JSON object per line)"
-                raise data_error(file, f"not valid JSON: {err.msg} (column {err.colno})", fix, number)
+                fix = "fix or remove that line (one JSON object per line)"
+                if number == 1 and not text.lstrip().startswith(("{", "[")):
+                    fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text"
+                raise fail(file, "", f"not valid JSON: {err.msg} (column {err.colno})", fix, number)
             if not isinstance(row, dict):
-                raise data_error(file, f"expected a JSON object, got {type(row).__name__}",
-                                 "write one {\"column\": value, ...} object per line", number)
+                raise fail(file, "", f"expected a JSON object, got {type(row).__name__}",
+                           "write one {\"column\": value, ...} object per line", number)
             yield number, row
 
 
-def _read_json(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    with _open(file) as f:
-        try:
-            data = json.loads(f.read().decode("utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            line = getattr(err, "lineno", None)
-            raise data_error(file, f"not valid JSON: {getattr(err, 'msg', err)}", "fix the file", line)
+def _json_rows(f: IO[bytes], file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    try:
+        data = json.loads(f.read().decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise fail(file, "", f"not valid JSON: {getattr(err, 'msg', err)}", "fix the file",
+                   getattr(err, "lineno", None))
     if not isinstance(data, list):
-        raise data_error(file, "a .json file must hold a list of objects", "or write JSON lines (.jsonl)")
+        raise fail(file, "", "a .json file must hold a list of objects", "or write JSON lines (.jsonl)")
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise data_error(file, f"row {i}: expected a JSON object, got {type(row).__name__}", "fix that item")
+            raise fail(file, "", f"row {i}: expected a JSON object, got {type(row).__name__}",
+                       "fix that item")
         yield None, row
 
 
-def _read_delimited(file: str, tsv: bool) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    with _open(file) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(text, strict=True)
-        start = 1  # strict: an unclosed quote is an error at its line (not the rest of the file as one field)
-        try:
-            header = next(reader, None)
-            if not header or not any(h.strip() for h in header):
-                return
-            if duplicated := sorted({h for h in header if header.count(h) > 1}):
-                raise data_error(file, f"duplicate column name(s) in the header: {', '.join(duplicated)}",
-                                 "give every column a distinct name", 1)
-            start = reader.line_num + 1
-            for record in reader:
-                if record:
-                    if len(record) != len(header):
-                        raise data_error(file, f"row has {len(record)} fields but the header has {len(header)}", "a tab "
-                                         "inside a field splits it" if tsv else "quote fields with commas", start)
-                    yield start, dict(zip(header, record))
-                start = reader.line_num + 1
-        except UnicodeDecodeError:
-            raise data_error(file, "not UTF-8 text", "re-save the file as UTF-8", reader.line_num + 1)
-        except csv.Error as err:
-            unclosed = "unexpected end of data" in str(err)  # named at the line the quote opened on
-            raise data_error(file, "a quoted field opens on this line and never closes" if unclosed else f"malformed "
-                             f"{'TSV' if tsv else 'CSV'}: {err}", 'close the quote; a quote inside a field is written ""',
-                             start if unclosed else reader.line_num)
-
-
-def _read_text(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    with _open(file) as f:
-        for number, raw in enumerate(f, 1):
-            yield number, {"text": _decode(raw, file, number).rstrip("\r\n")}
-
-
-def _read_parquet(file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
+def _delimited_rows(f: IO[bytes], file: str, tsv: bool) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    # strict: an unclosed quote is an error at the line it opened on, not the rest of the file as one field
+    reader = csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else \
+        csv.reader(text, strict=True)
+    start = 1
     try:
-        reader = pq.ParquetFile(file)
-    except Exception as err:  # pyarrow raises several types for a corrupt file
-        raise data_error(file, f"not a readable Parquet file: {str(err).splitlines()[0]}", "re-export the file")
-    for batch in reader.iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            yield None, row
+        header = next(reader, [])
+        if duplicated := sorted({h for h in header if header.count(h) > 1}):
+            raise fail(file, "", f"duplicate column name(s) in the header: {', '.join(duplicated)}",
+                       "give every column a distinct name", 1)
+        start = reader.line_num + 1
+        for record in reader if any(h.strip() for h in header) else ():
+            if record and len(record) != len(header):
+                raise fail(file, "", f"row has {len(record)} fields but the header has {len(header)}",
+                           "a tab inside a field splits it" if tsv else "quote fields with commas", start)
+            if record:
+                yield start, dict(zip(header, record))
+            start = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise fail(file, "", "not UTF-8 text", "re-save the file as UTF-8", reader.line_num + 1)
+    except csv.Error as err:
+        unclosed = "unexpected end of data" in str(err)
+        message = "a quoted field opens on this line and never closes" if unclosed else \
+            f"malformed {'TSV' if tsv else 'CSV'}: {err}"
+        raise fail(file, "", message, 'close the quote; a quote inside a field is written ""',
+                   start if unclosed else reader.line_num)
 
 
-def read_file(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+def rows(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
     """(line or None, row) for each row of one file; malformed content raises a one-line `UserError`."""
-    if fmt == "jsonl":
-        return _read_jsonl(file)
-    if fmt == "json":
-        return _read_json(file)
-    if fmt in ("csv", "tsv"):
-        return _read_delimited(file, tsv=fmt == "tsv")
-    if fmt == "text":
-        return _read_text(file)
-    return _read_parquet(file)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(file).iter_batches(batch_size=256)
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise fail(file, "", f"not a readable Parquet file: {str(err).splitlines()[0]}",
+                       "re-export the file")
+        yield from ((None, row) for batch in batches for row in batch.to_pylist())
+        return
+    with _open(file) as f:
+        if fmt == "json":
+            yield from _json_rows(f, file)
+        elif fmt in ("csv", "tsv"):
+            yield from _delimited_rows(f, file, fmt == "tsv")
+        else:
+            yield from _line_rows(f, file, fmt)
 
 
-def iter_rows(source: LocalSource, limit_per_file: int | None = None) -> Iterator[tuple[Location, dict[str, Any]]]:
-    """Rows of every file in order with their `Location`; a file without rows is an error."""
+def located_rows(source: LocalSource) -> Iterator[tuple[Location, dict[str, Any]]]:
+    """Every row of every file, in the order the builders load them, with its `Location`."""
     for file, fmt in zip(source.files, source.formats):
-        count = 0
-        for line, row in read_file(file, fmt):
-            count += 1
-            yield Location(file, line, count), row
-            if limit_per_file and count >= limit_per_file:
-                break
-        if count == 0:
-            raise data_error(file, "no rows: the file is empty", "add data, or remove the file from dataset.path")
+        for number, (line, row) in enumerate(rows(file, fmt), 1):
+            yield Location(file, line, number), row
 
 
-def header(source: LocalSource) -> list[str]:
-    """Column names of a CSV/TSV source (union over its files, first-seen order)."""
-    names: list[str] = []
+def first_rows(source: LocalSource) -> list[str]:
+    """Read the first `PEEK_ROWS` rows of every file, so that an empty file or a malformed row there (pyarrow
+    takes invalid UTF-8) is a one-line error before a builder runs; return the columns of the first rows."""
+    columns: dict[str, None] = {}
     for file, fmt in zip(source.files, source.formats):
-        with _open(file) as raw:
-            first = raw.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
-        for name in first.split("\t") if fmt == "tsv" else next(csv.reader([first]), []):
-            if name not in names:
-                names.append(name)
-    return names
+        peeked = list(islice(rows(file, fmt), PEEK_ROWS))
+        if not peeked:
+            raise fail(file, "", "no rows: the file is empty",
+                       "add data, or remove the file from dataset.path")
+        columns.update(dict.fromkeys(peeked[0][1]))
+    return list(columns)
 
 
-def precheck(source: LocalSource, full: bool) -> None:
-    """Read the first rows of every file (and, when `full`, every row of CSV/TSV files, whose short rows
-    pandas would silently fill with ""): empty files and malformed rows become one-line errors."""
-    for _ in iter_rows(source, limit_per_file=PEEK_ROWS):
-        pass
-    if full and source.builder == "csv":
-        find_bad_row(source)
+def first_location(src: Source) -> Location:
+    """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
+    if isinstance(src, HubSource):
+        return Location(src.path, None, 1)
+    where = next(located_rows(src))[0]
+    return where._replace(line=1) if src.builder == "csv" else where
 
 
 def locate(source: LocalSource, index: int) -> Location:
-    """The `Location` of the row at 0-based `index` of the loaded source (as the HF builders order rows)."""
-    for i, (where, _) in enumerate(iter_rows(source)):
+    """The `Location` of the row at 0-based `index` of the loaded source."""
+    for i, (where, _) in enumerate(located_rows(source)):
         if i == index:
             return where
     return Location(source.name, None, index + 1)
 
 
-def find_bad_row(source: LocalSource) -> None:
-    """Read every row (slow path, after the HF loader failed) so a malformed one raises its own error."""
-    for _ in iter_rows(source):
+def diagnose(source: LocalSource) -> None:
+    """Read every row, so that a malformed one raises its own file:line error (after a builder failed)."""
+    for _ in located_rows(source):
         pass

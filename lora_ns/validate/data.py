@@ -1,7 +1,7 @@
 """Dataset checks for `validate`: read a small sample, report what would break or waste a training run.
 
 `check_dataset(recipe)` reads the first rows (`SAMPLE_ROWS`) of the training data -- local files
-with plain Python (`lora_ns.data.sources`), Hub datasets streamed -- and of a validation file when
+with `lora_ns.data.sources`' line-aware reader, Hub datasets streamed -- and of a validation file when
 ``dataset.val_split`` names one, then returns:
 
 - errors: unreadable/empty files, malformed rows, missing columns, rows the formatter rejects,
@@ -18,16 +18,23 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import (
-    HubSource, RowConverter, Source, column_map, first_location, is_data_path, source_for,
+from lora_ns.data.loading import converter
+from lora_ns.data.preference import PREFERENCE_KINDS
+from lora_ns.data.render import (
+    TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
 )
-from lora_ns.data.render import TEMPLATE_EXAMPLE, has_chat_template, render, template_problem, uses_chat_template
-from lora_ns.data.sources import Location, iter_rows, looks_local
+from lora_ns.data.sources import (
+    HubSource, Location, Source, first_rows, is_data_path, located_rows, looks_local, source_for,
+)
 from lora_ns.errors import Problem, UserError
+from lora_ns.model import load_tokenizer
+from lora_ns.validate.model import hub_reachable
 
 SAMPLE_ROWS = 200
+SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default
 MAX_ROW_ERRORS = 5
 
 
@@ -72,15 +79,15 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
 def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
     """The first rows with their locations; None when a Hub dataset cannot be reached."""
     if not isinstance(src, HubSource):
-        return list(islice(iter_rows(src), SAMPLE_ROWS))
-    from lora_ns.validate.model import hub_reachable
-
+        first_rows(src)  # an empty file is an error, wherever it is in the glob
+        return list(islice(located_rows(src), SAMPLE_ROWS))
     if not hub_reachable():  # fail in seconds, not after huggingface_hub's ~25 s of retries
         return None
     try:
         import datasets
 
-        stream = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision, streaming=True)
+        stream = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                       streaming=True)
         return [(Location(src.path, None, i + 1), row) for i, row in enumerate(stream.take(SAMPLE_ROWS))]
     except Exception:  # offline, unknown id, gated: all mean "cannot check here"
         return None
@@ -89,24 +96,22 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
 def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str, Any]]]) -> \
         tuple[list[Sampled], dict[str, str], list[Problem]]:
     """The sampled rows with their canonical examples, the field -> column map, and the problems
-    (missing columns, rows the formatter rejects)."""
-    fmt = FORMATTERS[recipe.dataset.formatter]
-    columns = list(dict.fromkeys(k for _, row in sampled for k in row))
-    found, problems = column_map(fmt, recipe.dataset.columns, columns, first_location(src))
-    if problems:
-        return [], found, problems
-    conv = RowConverter(fmt, found, src, recipe)
+    (missing columns, rows the formatter rejects: the first `MAX_ROW_ERRORS` of them)."""
+    try:
+        conv = converter(list(dict.fromkeys(k for _, row in sampled for k in row)), src, recipe)
+    except UserError as err:
+        return [], {}, err.problems
     examples, bad = [], []
     for where, row in sampled:
         try:
             examples.append(Sampled(where, row, conv.canonical(row)))
         except RowError as err:
-            message = err.message if where.line else f"row {where.row}: {err.message}"
-            bad.append(Problem(where.file, found.get(err.field, err.field), message, err.fix, where.line))
+            bad.append(conv.problem(err, where))
     if len(bad) > MAX_ROW_ERRORS:
         more = len(bad) - MAX_ROW_ERRORS
-        bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field, f"... and {more} more rows like these")]
-    return examples, found, bad
+        bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field,
+                                              f"... and {more} more rows like these")]
+    return examples, conv.columns, bad
 
 
 def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, str]) -> list[Problem]:
@@ -136,15 +141,11 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
 
 def _tokenizer(recipe: Recipe):
     """The recipe's tokenizer when it loads without a download, else (None, why)."""
-    from lora_ns.builtin_models import is_builtin
-
     m = recipe.model
     name = m.tokenizer_name_or_path or m.name_or_path
     if not (is_builtin(name) or Path(name).is_dir() or _in_hf_cache(name, m.revision)):
         return None, f"tokenizer '{name}' is neither local nor in the HF cache"
     try:
-        from lora_ns.model import load_tokenizer
-
         return load_tokenizer(recipe), ""
     except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
         raise
@@ -181,23 +182,26 @@ def token_lengths(rows: list[dict[str, Any]], tokenizer) -> list[int]:
 
 
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
-    from lora_ns.data.stats import SFT_DEFAULT_MAX_LENGTH, length_summary, unpacked_padding
+    import numpy as np
 
     fmt = FORMATTERS[recipe.dataset.formatter]
-    if fmt.kind in ("preference", "unpaired", "prompt_only"):  # not SFT rows (lora_ns.data.preference)
+    if fmt.kind in PREFERENCE_KINDS:  # not SFT rows
         return []
     where = examples[0].where.file
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
-    if fmt.kind == "messages" and not has_chat_template(tokenizer):
-        return [recipe.problem("dataset.formatter", f"formatter '{fmt.name}' gives chat messages but the tokenizer "
-                               "has no chat template", "set model.chat_template, or use a chat model")]
-    if fmt.kind == "messages" and recipe.training.get("assistant_only_loss", True):
-        problems = assistant_mask_problems(recipe, tokenizer)
+    if fmt.kind == "messages":
+        try:
+            require_chat_template(recipe, tokenizer)
+        except UserError as err:
+            return err.problems
+        problems = assistant_mask_problems(recipe, tokenizer) if \
+            recipe.training.get("assistant_only_loss", True) else []
         if problems:
             return problems
-    rows = [render(s.example, recipe, tokenizer) for s in examples if fmt.kind != "text" or s.example["text"].strip()]
+    rows = [render(s.example, recipe, tokenizer) for s in examples
+            if fmt.kind != "text" or s.example["text"].strip()]
     lengths = token_lengths(rows, tokenizer)
     if not lengths:
         return []
@@ -207,20 +211,27 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     else:
         limit = int(recipe.training.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
         limit_name = "training.max_length"
-    s = length_summary(lengths, limit)
-    chat = fmt.kind == "messages" or (fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer))
-    style = "chat template" if chat else "plain text"
-    over = f"; {s['over']} exceed {limit_name}={limit} and will be truncated" if limit else ""
-    notes = [Problem(where, "dataset", f"{s['count']} rows sampled ({style}): tokens per example p50 {s['p50']}, "
-                     f"p95 {s['p95']}, max {s['max']}{over}", severity="info")]
+    chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
+    style = "chat template" if chat or fmt.kind == "messages" else "plain text"
+    over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
+        if limit else ""
+    p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
+    notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
+                     f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
     batch = int(recipe.training.get("per_device_train_batch_size") or 8)
     if recipe.task != "seq_cls" and not recipe.training.get("packing") and len(lengths) > 1:
         sizes = [min(n, limit) for n in lengths]
-        padded = unpacked_padding(sizes, batch)
+        padded = padding(sizes, batch)
         share = padded / (padded + sum(sizes))
-        notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would be "
-                             "padding; training.packing: true (bfd) removes it", severity="info"))
+        notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
+                             "be padding; training.packing: true (bfd) removes it", severity="info"))
     return notes
+
+
+def padding(sizes: list[int], batch_size: int) -> int:
+    """Pad tokens when consecutive batches of `batch_size` rows are each padded to their longest row."""
+    return sum(len(chunk) * max(chunk) - sum(chunk)
+               for chunk in (sizes[i:i + batch_size] for i in range(0, len(sizes), batch_size)))
 
 
 def assistant_mask_problems(recipe: Recipe, tokenizer) -> list[Problem]:
@@ -231,8 +242,9 @@ def assistant_mask_problems(recipe: Recipe, tokenizer) -> list[Problem]:
     try:
         get_training_chat_template(tokenizer)
     except ValueError:
-        return [recipe.problem("model.chat_template", "the tokenizer's chat template cannot mark assistant turns "
-                               "for training.assistant_only_loss (no {% generation %} markers, and TRL has no "
-                               "patched version of it)", "set model.chat_template: chatml (for ChatML models) "
-                               "or another training template, or training.assistant_only_loss: false")]
+        return [recipe.problem("model.chat_template", "the tokenizer's chat template cannot mark assistant "
+                               "turns for training.assistant_only_loss (no {% generation %} markers, and TRL "
+                               "has no patched version of it)", "set model.chat_template: chatml (for ChatML "
+                               "models) or another training template, or "
+                               "training.assistant_only_loss: false")]
     return []

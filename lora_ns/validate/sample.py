@@ -13,6 +13,9 @@ import sys
 from types import SimpleNamespace
 
 from lora_ns.config import Recipe
+from lora_ns.data import build_datasets
+from lora_ns.model import load_tokenizer
+from lora_ns.setup import training_arguments
 
 SFT_TASKS = ("causal_lm", "cpt")
 
@@ -21,10 +24,6 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     """input_ids and labels (-100: no loss) of the first `count` training rows, as SFTTrainer builds them."""
     from trl import SFTTrainer
     from trl.chat_template_utils import get_training_chat_template
-
-    from lora_ns.data import build_datasets
-    from lora_ns.model import load_tokenizer
-    from lora_ns.setup import training_arguments
 
     few = recipe.model_copy(deep=True)
     few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
@@ -35,7 +34,8 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     stand_in = SimpleNamespace(_tokenizer=tokenizer, chat_template=template,
                                completion_only_loss=args.completion_only_loss is not False)
     prepared = SFTTrainer._prepare_dataset(stand_in, train, tokenizer, args, False, None, "sample")
-    return [{"input_ids": row["input_ids"], "labels": row["labels"], "tokenizer": tokenizer} for row in prepared]
+    return [{"input_ids": row["input_ids"], "labels": row["labels"], "tokenizer": tokenizer}
+            for row in prepared]
 
 
 def marked_text(row: dict, colour: bool) -> str:
