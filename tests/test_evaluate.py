@@ -10,8 +10,8 @@ import pytest
 
 from lora_ns.answers import extract_answer
 from lora_ns.errors import run_cli
-from lora_ns.evaluate import main, score_math
-from lora_ns.metrics import classification_metrics, exact_match, generation_metrics
+from lora_ns.evaluate import main
+from lora_ns.metrics import classification_metrics, exact_match, generation_metrics, math_metrics
 
 from conftest import QUICKSTART, make_adapter
 
@@ -73,9 +73,9 @@ def test_a_perfect_math_prediction_set_scores_one():
     rows = [{"prediction": "The answer is: 1,080", "reference": "so 1080 in all\n#### 1080"},
             {"prediction": "#### -3", "reference": "#### -3"},
             {"prediction": "It costs $1,234.50", "reference": "#### 1234.5"}]
-    assert score_math(rows)["exact_match"] == 1.0
+    assert math_metrics(rows)["exact_match"] == 1.0
     rows[1]["prediction"] = "#### 3"
-    assert score_math(rows)["exact_match"] == pytest.approx(2 / 3)
+    assert math_metrics(rows)["exact_match"] == pytest.approx(2 / 3)
 
 
 def test_generation_metrics_and_perplexity(gsm_adapter, tmp_path):
