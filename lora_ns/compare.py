@@ -1,9 +1,8 @@
 """``python -m lora_ns.compare --tuned OUT_DIR [--base MODEL]``: the same prompts through both, side by side.
 
-``--questions-file`` (txt or jsonl, as `lora_ns.infer` reads) writes a JSON list of {prompt, base,
-tuned}; ``--interactive`` answers one prompt a line from stdin until EOF. Both models get the prompt
-rendered with the tuned model's recipe (chat template, system prompt) when it has one. Greedy unless
-``--sample``.
+``--questions-file`` (txt or jsonl, as `lora_ns.infer` reads) writes a JSON list of {prompt, base, tuned};
+``--interactive`` answers one prompt a line from stdin until EOF. Both models get the prompt rendered with
+the tuned model's recipe (chat template, system prompt) when it has one. Greedy unless ``--sample``.
 """
 
 from __future__ import annotations
@@ -22,27 +21,27 @@ PROG = "lora_ns.compare"
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_ns.compare",
-                                     description="Answer the same prompts with a base and a fine-tuned model.")
+                                     description="Answer the same prompts with a base and a tuned model.")
     parser.add_argument("--tuned", required=True, help="training output dir (adapter) or merged dir")
     parser.add_argument("--base", help="base model (default: the tuned adapter's base)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--questions-file", help=".txt (one prompt a line) or .jsonl with a 'prompt' field")
-    mode.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line, until EOF")
+    mode.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line")
     parser.add_argument("--output", help="--questions-file mode: write the JSON here (default: print it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sample", action="store_true", help="sample (with --temperature/--top-p) instead of greedy")
+    parser.add_argument("--sample", action="store_true", help="sample (--temperature, --top-p), not greedy")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def answer_both(models, prompts: list[Any], args: argparse.Namespace, progress: bool = True) -> list[dict[str, Any]]:
-    base, tuned = models
-    options = dict(recipe=tuned.recipe, max_new_tokens=args.max_new_tokens, greedy=not args.sample, seed=args.seed,
-                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, progress=progress)
+def answer_both(base, tuned, prompts: list[Any], args: argparse.Namespace, progress: bool = True) -> list:
+    options = dict(recipe=tuned.recipe, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
+                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                   progress=progress, seed=args.seed)
     base_out, tuned_out = generate(base, prompts, **options), generate(tuned, prompts, **options)
     return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_out, tuned_out)]
 
@@ -62,15 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if tuned.task == "seq_cls":
         raise UserError(Problem(args.tuned, "--tuned", "compare is for generative models",
                                 "use lora_ns.evaluate for classifiers"))
-    models = load(args.base or adapter_base(args.tuned, None, tuned.recipe)), tuned
+    base = load(args.base or adapter_base(args.tuned, None, tuned.recipe))
     if rows is None:
         if sys.stdin.isatty():
             print("type a prompt and press Enter (Ctrl-D to quit)")
         for prompt in (line.rstrip("\n") for line in sys.stdin if line.strip()):
-            row = answer_both(models, [prompt], args, progress=False)[0]
+            row = answer_both(base, tuned, [prompt], args, progress=False)[0]
             print(f">>> {prompt}\n[base]  {row['base']}\n[tuned] {row['tuned']}\n", flush=True)
         return 0
-    results = answer_both(models, [prompt_of(r) for r in rows], args)
+    results = answer_both(base, tuned, [prompt_of(r) for r in rows], args)
     if args.output:
         write_json_atomic(args.output, results)
         print(f"wrote {len(results)} comparisons to {args.output}", file=sys.stderr)

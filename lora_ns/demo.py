@@ -1,8 +1,8 @@
 """``python -m lora_ns.demo --adapter OUT_DIR``: chat with a trained model in the browser (gradio).
 
-gradio is an optional extra (``pip install 'lora_ns[demo]'``); without it this says so in one line
-before loading anything. The model is loaded as `lora_ns.infer` loads it; a seq_cls model gets a
-classifier page (label and class probabilities) instead of a chat.
+gradio is an optional extra (``pip install 'lora_ns[demo]'``); without it this says so in one line before
+loading anything. The model is loaded as `lora_ns.infer` loads it; a seq_cls model gets a classifier page
+(label and class probabilities) instead of a chat.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 to share on the LAN)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the LAN too)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask gradio for a public share link")
     return parser
 
 
 def history_messages(history: list[Any]) -> list[dict[str, str]]:
-    """Chat history as role/content messages, from gradio's "messages" format or its older (user, bot) pairs;
-    files and components, which a text model cannot read, are skipped."""
+    """Chat history as role/content messages, from gradio's "messages" format or its older (user, bot)
+    pairs; files and components, which a text model cannot read, are skipped."""
     messages: list[dict[str, str]] = []
     for item in history or []:
         if not isinstance(item, dict):
-            messages += [{"role": "user", "content": str(item[0])}, {"role": "assistant", "content": str(item[1] or "")}]
+            messages += [{"role": "user", "content": str(item[0])},
+                         {"role": "assistant", "content": str(item[1] or "")}]
         elif isinstance(item.get("content"), str):
             messages.append({"role": item["role"], "content": item["content"]})
     return messages
@@ -51,14 +52,15 @@ def build_app(gr, loaded, args: argparse.Namespace):
         def predict(text: str, pair: str) -> dict[str, float]:
             return classify(loaded, [(text, pair or None)], progress=False)[0]["probabilities"]
 
-        return gr.Interface(predict, [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2 (optional)")],
-                            gr.Label(label="prediction"), title=title)
+        boxes = [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2 (optional)")]
+        return gr.Interface(predict, boxes, gr.Label(label="prediction"), title=title)
     # Without a chat format (no template, or training used a prompt_template) each turn stands alone.
-    chat = bool(loaded.tokenizer.chat_template) and not (loaded.recipe and loaded.recipe.dataset.prompt_template)
+    recipe = loaded.recipe
+    chat = bool(loaded.tokenizer.chat_template) and not (recipe and recipe.dataset.prompt_template)
 
     def respond(message: str, history: list[Any]) -> str:
-        conversation: Any = [*history_messages(history), {"role": "user", "content": message}] if chat else message
-        return generate(loaded, [conversation], max_new_tokens=args.max_new_tokens, greedy=args.temperature <= 0,
+        turn = [*history_messages(history), {"role": "user", "content": message}] if chat else message
+        return generate(loaded, [turn], max_new_tokens=args.max_new_tokens, greedy=args.temperature <= 0,
                         temperature=args.temperature, top_p=args.top_p, batch_size=1, progress=False)[0]
 
     return gr.ChatInterface(respond, title=title)
@@ -69,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before the model: a missing extra should fail in a second, not after loading
         import gradio as gr
     except ImportError:
-        raise UserError(Problem("<command line>", "", "gradio is not installed",
-                                "install the demo extra: pip install 'lora_ns[demo]' (or: pip install gradio)"))
+        raise UserError(Problem("<command line>", "", "gradio is not installed", "install the demo extra: "
+                                "pip install 'lora_ns[demo]' (or: pip install gradio)"))
     if not Path(args.adapter).exists() and not args.adapter.startswith("builtin:"):
         raise UserError(Problem(args.adapter, "--adapter", "not found", "pass a training output_dir"))
     loaded = load(args.adapter, base=args.base)
-    print(f"{PROG}: serving {loaded.kind} model {args.adapter} on http://{args.host}:{args.port}", file=sys.stderr)
+    print(f"{PROG}: serving {loaded.kind} model {args.adapter} on http://{args.host}:{args.port}",
+          file=sys.stderr)
     build_app(gr, loaded, args).launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

@@ -1,18 +1,15 @@
 """``python -m lora_ns.evaluate RECIPE.yaml --adapter OUT_DIR``: score a model on the recipe's eval split.
 
-What is measured follows the data (`lora_ns.metrics` computes each score):
+What is measured follows the data (`lora_ns.metrics`): seq_cls: accuracy, F1, precision, recall; math
+formatters (gsm8k, metamath): exact match of the final answer of a greedy generation; other generative
+data: BLEU and ROUGE-L (per character for Chinese) plus perplexity; cpt: perplexity; preference pairs:
+preference accuracy and mean margin. ``--metric`` adds any Hugging Face `evaluate` metric on the same
+predictions and references (a local metric script or folder works offline).
 
-- seq_cls: accuracy, F1, precision, recall of the predicted class;
-- math formatters (gsm8k, metamath): greedy generation, final answer extracted, exact match;
-- other generative data: greedy generation scored with BLEU and ROUGE-L (per character for Chinese),
-  plus perplexity; cpt (plain text): perplexity; preference pairs: preference accuracy and margin.
-- ``--metric NAME_OR_PATH``: any Hugging Face `evaluate` metric as well (a local script or folder works
-  offline), on the same predictions and references.
-
-Perplexity is exp of TRL's eval loss (SFTTrainer.evaluate on the examples rendered as in training, so it
-matches the training log's eval_loss). The eval split is ``dataset.val_split``, read with
-`lora_ns.data.formatted_examples`: exactly the rows training evaluated on; ``--split`` or ``--data-file``
-evaluate elsewhere. Writes metrics.json and predictions.jsonl to ``--output-dir`` (default ``MODEL_DIR/eval/``).
+Perplexity is exp of TRL's eval loss (SFTTrainer.evaluate on the examples rendered as in training), so it
+matches the training log's eval_loss. The eval split is ``dataset.val_split`` read with
+`lora_ns.data.formatted_examples` (exactly the rows training evaluated on), or ``--split``/``--data-file``.
+metrics.json and predictions.jsonl go to ``--output-dir`` (default ``MODEL_DIR/eval/``).
 """
 
 from __future__ import annotations
@@ -31,7 +28,8 @@ from lora_ns.data import formatted_examples, get_formatter, label_id, render, sf
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import classify, generate, load, prompt_of, reply_logprob
-from lora_ns.metrics import classification_metrics, generation_metrics, library_metric, math_metrics, perplexity
+from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
+                             perplexity)
 
 PROG = "lora_ns.evaluate"
 MATH_FORMATTERS = {"gsm8k", "metamath"}
@@ -51,12 +49,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="base model for --adapter (default: the one in adapter_config.json)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--split", help="evaluate on this split of the recipe's dataset instead of val_split")
-    data.add_argument("--data-file", help="evaluate on every row of this file (formatted by the recipe's formatter)")
+    data.add_argument("--data-file", help="every row of this file (read by the recipe's formatter)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--metric", action="append", default=[], metavar="NAME_OR_PATH",
-                        help="also report this Hugging Face `evaluate` metric (a local script or folder works "
-                        "offline); repeatable")
-    parser.add_argument("--output-dir", help="where metrics.json and predictions.jsonl go (default: MODEL_DIR/eval)")
+                        help="also report this Hugging Face evaluate metric (repeatable)")
+    parser.add_argument("--output-dir", help="for metrics.json, predictions.jsonl (default: MODEL_DIR/eval)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -67,26 +64,27 @@ def make_parser() -> argparse.ArgumentParser:
 def eval_kind(recipe) -> str:
     """classification | preference | math | generation | perplexity."""
     kind = get_formatter(recipe.dataset.formatter).kind
-    if recipe.task == "seq_cls" or kind == "preference":
-        return "classification" if recipe.task == "seq_cls" else "preference"
+    if recipe.task == "seq_cls":
+        return "classification"
+    if kind == "preference":
+        return "preference"
     if recipe.task == "cpt" or kind == "text":
         return "perplexity"
     return "math" if recipe.dataset.formatter in MATH_FORMATTERS else "generation"
 
 
 def eval_examples(recipe, split: str | None, data_file: str | None, limit: int | None) -> tuple[list, str]:
-    """Canonical (un-rendered) eval examples and where they come from: with val_split, the rows training saw."""
+    """Canonical (un-rendered) eval examples and where they come from."""
     cfg = recipe.dataset
     if data_file and not Path(data_file).exists():
         raise UserError(Problem(data_file, "--data-file", "file not found", "check the path"))
     if not (data_file or split or cfg.val_split is not None):
         raise UserError(recipe.problem("dataset.val_split", "the recipe has no eval split",
                                        "set dataset.val_split, or pass --split NAME or --data-file FILE"))
-    target, where = data_file or split or cfg.val_split, data_file or (split and f"split {split}")
-    if not where:
-        held_out = isinstance(cfg.val_split, float)
-        where = f"{cfg.val_split} held out of {cfg.path} (seed {cfg.seed})" if held_out else f"val_split {target}"
-    examples = list(formatted_examples(recipe, target, limit))
+    where = data_file or (f"split {split}" if split else f"val_split {cfg.val_split}")
+    if not (data_file or split) and isinstance(cfg.val_split, float):
+        where = f"{cfg.val_split} held out of {cfg.path} (seed {cfg.seed})"
+    examples = list(formatted_examples(recipe, data_file or split or cfg.val_split, limit))
     if not examples:
         raise UserError(Problem(where, "", "no eval examples", "check the split / file"))
     return examples, where
@@ -104,8 +102,8 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
     keep = ("max_length", "assistant_only_loss", "completion_only_loss", "dataset_text_field")
     options = {**sft_defaults(recipe), **{k: v for k, v in recipe.training.items() if k in keep}}
     with tempfile.TemporaryDirectory(prefix="lora_ns_eval_") as tmp:
-        config = SFTConfig(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none", bf16=False,
-                           fp16=False, disable_tqdm=not progress,
+        config = SFTConfig(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                           bf16=False, fp16=False, disable_tqdm=not progress,
                            dataloader_pin_memory=torch.cuda.is_available(), **options)
         # SFTTrainer insists on a train set; one row keeps its tokenizing cheap (it is never trained on).
         trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=rendered.select([0]),
@@ -117,33 +115,34 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
 
 def run_evaluation(loaded, recipe, examples, args) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """(kind, metrics, one row per example with what was predicted)."""
-    kind, progress = eval_kind(recipe), not args.no_progress
+    kind, progress, count = eval_kind(recipe), not args.no_progress, loaded.model.config.num_labels
     if kind == "classification":
-        names = recipe.model.labels
-        results = classify(loaded, [(e["sentence1"], e.get("sentence2")) for e in examples],
-                           batch_size=args.batch_size, progress=progress)
+        pairs = [(e["sentence1"], e.get("sentence2")) for e in examples]
+        results = classify(loaded, pairs, batch_size=args.batch_size, progress=progress)
         rows = [{"row": e.get("row"), "sentence1": e["sentence1"], "sentence2": e.get("sentence2"),
-                 "label": label_id(e["label"], names, loaded.model.config.num_labels), "predicted": r["label_id"],
-                 "predicted_label": r["label"], "probabilities": r["probabilities"]} for e, r in zip(examples, results)]
-        metrics = classification_metrics([r["predicted"] for r in rows], [r["label"] for r in rows],
-                                          loaded.model.config.num_labels)
-    elif kind == "preference":
-        rows = [{"row": e.get("row"), "prompt": e["prompt"], "margin": reply_logprob(loaded, e["prompt"], e["chosen"],
-                 recipe) - reply_logprob(loaded, e["prompt"], e["rejected"], recipe)} for e in examples]
-        rows = [{**r, "correct": r["margin"] > 0} for r in rows]
+                 "label": label_id(e["label"], recipe.model.labels, count), "predicted": r["label_id"],
+                 "predicted_label": r["label"], "probabilities": r["probabilities"]}
+                for e, r in zip(examples, results)]
+        metrics = classification_metrics([r["predicted"] for r in rows], [r["label"] for r in rows], count)
+    elif kind == "preference":  # margin: log p(chosen) - log p(rejected) in nats, on held-out pairs
+        margins = [reply_logprob(loaded, e["prompt"], e["chosen"], recipe)
+                   - reply_logprob(loaded, e["prompt"], e["rejected"], recipe) for e in examples]
+        rows = [{"row": e.get("row"), "prompt": e["prompt"], "margin": m, "correct": m > 0}
+                for e, m in zip(examples, margins)]
         metrics = {"preference_accuracy": sum(r["correct"] for r in rows) / len(rows),
                    "mean_margin": sum(r["margin"] for r in rows) / len(rows)}
     elif kind == "perplexity":
         rows, metrics = [{"row": e.get("row"), "text": e["text"]} for e in examples], {}
     else:
         prompts = [prompt_of(e) for e in examples]
-        references = [e["completion"] if "completion" in e else e["messages"][-1]["content"]
-                      if e["messages"][-1]["role"] == "assistant" else "" for e in examples]
+        # the reference: the completion, or the (last) assistant turn prompt_of left out
+        refs = [e.get("completion") or ([{"content": ""}] + e.get("messages", [])[len(p):])[-1]["content"]
+                for e, p in zip(examples, prompts)]
         outputs = generate(loaded, prompts, recipe=recipe, max_new_tokens=args.max_new_tokens, greedy=True,
                            batch_size=args.batch_size, progress=progress)
         rows = [{"row": e.get("row"), "prompt": p, "reference": r, "prediction": o}
-                for e, p, r, o in zip(examples, prompts, references, outputs)]
-        metrics = math_metrics(rows) if kind == "math" else generation_metrics(outputs, references)
+                for e, p, r, o in zip(examples, prompts, refs, outputs)]
+        metrics = math_metrics(rows) if kind == "math" else generation_metrics(outputs, refs)
     if kind in ("generation", "perplexity"):
         loss = mean_eval_loss(loaded, recipe, examples, args.batch_size, progress=progress)
         metrics.update({"eval_loss": loss, "perplexity": perplexity(loss)})
@@ -158,27 +157,29 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(Problem("<command line>", flag, "must be at least 1", "use 1 or more"))
     model_path = args.adapter or args.model
     if args.adapter and not Path(args.adapter).is_dir():
-        raise UserError(Problem(args.adapter, "--adapter", "folder not found", "point it at a training output_dir"))
-    out = Path(args.output_dir or (Path(model_path) / "eval" if Path(model_path).is_dir()
-                                   else Path("outputs", "eval", re.sub(r"[^\w.-]+", "_", model_path))))
+        raise UserError(Problem(args.adapter, "--adapter", "folder not found", "point it at an output_dir"))
+    named = Path("outputs", "eval", re.sub(r"[^\w.-]+", "_", model_path))
+    out = Path(args.output_dir or (Path(model_path) / "eval" if Path(model_path).is_dir() else named))
     for name in (METRICS_FILE, PREDICTIONS_FILE):
         guard_output_file(out / name, args.overwrite, "--output-dir")
     recipe = load_recipe(args.recipe, overrides)  # schema only: training-time rules don't apply here
     if args.metric and eval_kind(recipe) in ("preference", "perplexity"):
-        raise UserError(Problem("<command line>", "--metric", f"{eval_kind(recipe)} evaluation makes no predictions "
-                                "to score", "drop --metric for this recipe"))
+        raise UserError(Problem("<command line>", "--metric", f"{eval_kind(recipe)} evaluation has no "
+                                "predictions to score", "drop --metric for this recipe"))
     library = [library_metric(name) for name in args.metric]  # before the model: a bad name fails fast
     examples, where = eval_examples(recipe, args.split, args.data_file, args.limit)
 
     started = time.time()
     loaded = load(model_path, base=args.base, recipe=recipe)
     kind, metrics, rows = run_evaluation(loaded, recipe, examples, args)
-    pairs = ("predicted", "label") if kind == "classification" else ("prediction", "reference")
-    for metric in library:
-        scores = metric.compute(predictions=[r[pairs[0]] for r in rows], references=[r[pairs[1]] for r in rows])
-        metrics.update({f"{metric.name}/{k}": v for k, v in (scores or {}).items()})
-    metrics = {"kind": kind, **metrics, "num_examples": len(rows), "model": model_path, "model_kind": loaded.kind,
-               "data": where, "recipe": args.recipe, "seconds": round(time.time() - started, 1)}
+    predicted, reference = ("predicted", "label") if kind == "classification" else ("prediction", "reference")
+    for metric in library:  # beside ours, on the same predictions and references
+        scores = metric.compute(predictions=[r[predicted] for r in rows],
+                                references=[r[reference] for r in rows])
+        metrics.update({f"{metric.name}/{key}": value for key, value in (scores or {}).items()})
+    metrics = {"kind": kind, **metrics, "num_examples": len(rows), "model": model_path,
+               "model_kind": loaded.kind, "data": where, "recipe": args.recipe,
+               "seconds": round(time.time() - started, 1)}
     write_jsonl_atomic(out / PREDICTIONS_FILE, rows)
     write_json_atomic(out / METRICS_FILE, metrics)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")

@@ -25,14 +25,14 @@ LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input
 
 def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.infer",
-                           description="Run a base, adapter or merged model on one prompt or a file of prompts.")
+                           description="Run a base, adapter or merged model on a prompt or a file of them.")
     parser.add_argument("--model", required=True,
                         help="training output dir (adapter), merged dir, folder, hub id or builtin:<name>")
     parser.add_argument("--base", help="base model for an adapter (default: the one in adapter_config.json)")
-    parser.add_argument("--recipe", help="recipe whose prompt rendering to use (default: the model dir's recipe.yaml)")
+    parser.add_argument("--recipe", help="render prompts as this recipe does (default: its recipe.yaml)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
-    source.add_argument("--input-file", help=".txt (one prompt a line) or .jsonl with a 'prompt' or 'messages' field")
+    source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
     parser.add_argument("--output-file", help="write results here as JSON lines (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -41,7 +41,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature/top-p)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="load dtype (default: the saved one)")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: as saved")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         for row, result in zip(rows, results):
             print(json.dumps({**row, **result}, ensure_ascii=False))
     elif "probabilities" in results[0]:
-        print(results[0]["label"] + "".join(f"\n  {name}: {p:.4f}" for name, p in results[0]["probabilities"].items()))
+        probabilities = results[0]["probabilities"].items()
+        print(results[0]["label"] + "".join(f"\n  {name}: {p:.4f}" for name, p in probabilities))
     else:
         print(results[0]["output"])
     return 0

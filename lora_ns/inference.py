@@ -1,11 +1,9 @@
 """One loader for a training output (adapter dir), a merged dir or a base model, and what runs on it.
 
-`load` gives what infer, evaluate, compare and demo use: an adapter dir's base is loaded the way
-training loaded it (the saved ``recipe.yaml``: dtype, 4-bit for QLoRA, seq_cls labels), then peft
-applies the adapter; anything else is ``from_pretrained`` in its saved dtype. Weights are only ever
-read from safetensors and remote code only runs when the recipe trusts it. Prompts are rendered as
-training rendered them (`lora_ns.data.render.prompt_text`), generated in left-padded batches or
-classified with every class probability.
+An adapter dir's base is loaded the way training loaded it (its saved ``recipe.yaml``: dtype, 4-bit
+for QLoRA, seq_cls labels), then peft applies the adapter; anything else is ``from_pretrained`` in its
+saved dtype. Weights are only read from safetensors; remote code runs only when the recipe trusts it.
+Prompts are rendered as training rendered them (`lora_ns.data.render.prompt_text`).
 """
 
 from __future__ import annotations
@@ -36,19 +34,15 @@ class Prompt(NamedTuple):
 
 @dataclass
 class Loaded:
-    model: Any
+    model: Any  # in eval mode; .device is where inputs go
     tokenizer: Any
     task: str  # causal_lm | seq_cls | cpt
     kind: str  # adapter | merged | base
     path: str
     recipe: Recipe | None = None
 
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
 
-
-# --- what a folder holds ----------------------------------------------------------------------
+# --- what a folder holds ----------------------------------------------------------------------------
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
@@ -59,24 +53,24 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(Problem(str(path), "", f"not a readable adapter config ({str(err).splitlines()[0][:120]})",
-                                RESAVE))
+        reason = str(err).splitlines()[0][:120]
+        raise UserError(Problem(str(path), "", f"not a readable adapter config ({reason})", RESAVE))
     if not isinstance(config, dict) or not config.get("peft_type"):
         raise UserError(Problem(str(path), "peft_type", "missing: not a peft adapter config", RESAVE))
     return config
 
 
-def check_adapter(folder: str | Path) -> dict[str, Any]:
-    """The adapter's config, once its weights are known to be whole safetensors (a pickle can run code)."""
-    config, weights = read_adapter_config(folder), Path(folder) / "adapter_model.safetensors"
+def check_adapter(folder: str | Path) -> None:
+    """The adapter's weights are whole safetensors (a pickle can run code when loaded)."""
+    read_adapter_config(folder)
+    weights = Path(folder) / "adapter_model.safetensors"
     if not weights.is_file():
-        pickled = (Path(folder) / "adapter_model.bin").is_file()
-        raise UserError(Problem(str(weights), "", "not found" + (" (only a pickle adapter_model.bin, which "
-                                "lora_ns does not load)" if pickled else ""), "re-save the adapter as safetensors "
+        pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
+        found = "not found" + pickle * weights.with_suffix(".bin").is_file()
+        raise UserError(Problem(str(weights), "", found, "re-save the adapter as safetensors "
                                 "(save_pretrained), or point at a complete training output_dir"))
     if why := safetensors_defect(weights):
-        raise UserError(Problem(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter again"))
-    return config
+        raise UserError(Problem(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter"))
 
 
 def saved_recipe(folder: str | Path) -> Recipe | None:
@@ -86,9 +80,11 @@ def saved_recipe(folder: str | Path) -> Recipe | None:
 
 
 def adapter_base(folder: str | Path, base: str | None = None, recipe: Recipe | None = None) -> str:
-    """`base`, else the adapter's recorded base; a builtin's cache folder that is gone is rebuilt from the recipe."""
+    """`base`, else the base the adapter names; a builtin's cache folder that is gone is rebuilt from the
+    recipe's ``builtin:`` name."""
     named = base or read_adapter_config(folder).get("base_model_name_or_path")
-    if not base and (not named or (os.path.isabs(named) and not Path(named).exists())) and recipe is not None:
+    gone = not named or (os.path.isabs(named) and not Path(named).exists())
+    if not base and gone and recipe is not None:
         named = recipe.model.name_or_path
     if not named:
         raise UserError(Problem(str(Path(folder) / ADAPTER_CONFIG), "base_model_name_or_path",
@@ -103,14 +99,14 @@ def detect_task(path: str | Path, recipe: Recipe | None = None) -> str:
         return "seq_cls" if read_adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm"
     from transformers import AutoConfig
 
-    architectures = AutoConfig.from_pretrained(resolve_model_path(str(path))).architectures or []
-    return "seq_cls" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+    names = AutoConfig.from_pretrained(resolve_model_path(str(path))).architectures or []
+    return "seq_cls" if any(n.endswith("ForSequenceClassification") for n in names) else "causal_lm"
 
 
-# --- loading ----------------------------------------------------------------------------------
+# --- loading ----------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_code: bool = False):
-    """The tokenizer saved with the model: a pad token as in training, right padding only for classifiers."""
+    """The tokenizer saved with the model: a pad token as in training; left padding to generate."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -123,7 +119,7 @@ def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_cod
 
 
 def base_kwargs(recipe: Recipe | None, dtype: str | None, quantized: bool = True) -> dict[str, Any]:
-    """from_pretrained arguments: as training loaded the model (lora_ns.model), `dtype` overriding."""
+    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), `dtype` overriding."""
     kwargs = model_kwargs(recipe) if recipe is not None else {"use_safetensors": True}
     if not quantized:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
@@ -133,8 +129,8 @@ def base_kwargs(recipe: Recipe | None, dtype: str | None, quantized: bool = True
 
 
 def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
-    """transformers' model class for `task`; a model that cannot be read (missing, pickle-only weights, custom
-    code without trust_remote_code) is one line naming `flag`."""
+    """The task's model class from `path`; one that cannot be read (missing, only pickle weights, custom code
+    without trust_remote_code) is one line naming `flag`."""
     try:
         with head_loaded_next(task):  # an adapter's saved seq_cls head replaces the new one next
             return auto_model_class(task).from_pretrained(path, **kwargs)
@@ -144,25 +140,26 @@ def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
                                 "(offline, only local folders and builtin: models load)")) from None
 
 
-def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype: str | None = None) -> Loaded:
-    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if there is one."""
+def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype: str | None = None
+         ) -> Loaded:
+    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any."""
     import torch
 
     local = Path(path)
     if not local.exists() and path.startswith((os.sep, ".", "~")):
-        raise UserError(Problem(path, "--model", "model folder not found", "check the path (a training output_dir?)"))
+        raise UserError(Problem(path, "--model", "model folder not found", "check the path (an output_dir?)"))
     recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
     task, trust = detect_task(path, recipe), bool(recipe and recipe.model.trust_remote_code)
     if is_adapter_dir(local):
         from peft import PeftModel
 
         check_adapter(local)
-        base_path, kwargs = adapter_base(local, base, recipe), base_kwargs(recipe, dtype)
+        base_path, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe, dtype), "adapter"
         model = PeftModel.from_pretrained(from_pretrained(base_path, task, **kwargs), str(local))
         tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base_path
-        kind = "adapter"
     else:
-        tokenizer_path, kwargs = resolve_model_path(path), {**base_kwargs(None, dtype), "trust_remote_code": trust}
+        tokenizer_path = resolve_model_path(path)
+        kwargs = {**base_kwargs(None, dtype), "trust_remote_code": trust}
         model = from_pretrained(tokenizer_path, task, **kwargs)
         kind = "merged" if (local / MERGE_INFO).is_file() else "base"
     tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
@@ -173,7 +170,7 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype
     return Loaded(model.eval(), tokenizer, task, kind, path, recipe)
 
 
-# --- inputs -----------------------------------------------------------------------------------
+# --- inputs -----------------------------------------------------------------------------------------
 
 def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a .txt (one prompt a line) or .jsonl file ("prompt", "messages", "text" or "sentence1")."""
@@ -184,23 +181,25 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
         lines = file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(Problem(where, "--input-file", f"cannot read it ({err})", "save it as UTF-8 text"))
-    if file.suffix not in (".jsonl", ".json"):
-        rows = [{"prompt": line} for line in lines if line.strip()]
-        if not rows:
-            raise UserError(Problem(where, "--input-file", "no prompts in the file", "add one prompt a line"))
-        return rows
-    rows = []
+    jsonl, rows = file.suffix in (".jsonl", ".json"), []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            rows.append({"prompt": line})
+            continue
         try:
-            row = json.loads(line) if line.strip() else None
+            row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(Problem(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line", number))
-        if row is not None and not (isinstance(row, dict) and {"prompt", "messages", "text", "sentence1"} & set(row)):
+            raise UserError(Problem(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line",
+                                    number))
+        if not isinstance(row, dict) or not {"prompt", "messages", "text", "sentence1"} & set(row):
             raise UserError(Problem(where, "prompt", "row has no prompt",
                                     'give each line a "prompt" (or "messages") field', number))
-        rows += [row] if row is not None else []
+        rows.append(row)
     if not rows:
-        raise UserError(Problem(where, "", "no prompts in the file", "add one prompt a line"))
+        raise UserError(Problem(where, "" if jsonl else "--input-file", "no prompts in the file",
+                                "add one prompt a line"))
     return rows
 
 
@@ -219,8 +218,8 @@ def pair_of(row: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) -> Prompt:
-    """A prompt (or messages ending on a user turn) as the text the model continues: with a recipe exactly as
-    training rendered it, else with the chat template when the tokenizer has one."""
+    """A prompt (or messages ending on a user turn) as the text the model continues: with a recipe as
+    training rendered it, else through the chat template when the tokenizer has one."""
     listed = isinstance(prompt, list)
     if recipe is None:
         chat = listed or bool(tokenizer.chat_template)
@@ -231,8 +230,8 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
                                 "give plain prompts, or set model.chat_template in the recipe"))
     if recipe is not None and (chat or recipe.task != "cpt"):
         # prompt_text renders up to the last assistant turn: an empty one stands for the reply to come
-        example = {"messages": [*prompt, {"role": "assistant", "content": ""}]} if listed else {
-            "prompt": prompt, "completion": ""}
+        reply = {"role": "assistant", "content": ""}
+        example = {"messages": [*prompt, reply]} if listed else {"prompt": prompt, "completion": ""}
         return Prompt(prompt_text(example, recipe, tokenizer), not chat)
     if not chat:
         return Prompt(prompt, True)
@@ -240,7 +239,7 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
     return Prompt(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False)
 
 
-# --- running the model ------------------------------------------------------------------------
+# --- running the model ------------------------------------------------------------------------------
 
 def _batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
@@ -253,8 +252,8 @@ def generation_config(loaded, max_new_tokens: int, greedy: bool, temperature: fl
     eos = sorted({e for e in [*eos, loaded.tokenizer.eos_token_id] if e is not None}) or None
     sample = not greedy and temperature > 0
     config.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=loaded.tokenizer.pad_token_id,
-                  eos_token_id=eos, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                  top_k=config.top_k if sample else None)
+                  eos_token_id=eos, temperature=temperature if sample else None,
+                  top_p=top_p if sample else None, top_k=config.top_k if sample else None)
     return config
 
 
@@ -276,9 +275,9 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     outputs = [""] * len(encoded)
     for batch in tqdm(_batches(order, batch_size), desc="generating", unit="batch", disable=not progress):
-        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(loaded.device)
+        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         with torch.no_grad():
-            out = loaded.model.generate(**inputs, generation_config=config)
+            out = loaded.model.generate(**inputs.to(loaded.model.device), generation_config=config)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text.strip()
@@ -299,9 +298,9 @@ def classify(loaded, inputs: Sequence[str | tuple[str, str | None]], *, batch_si
                       disable=not progress):
         first, second = [pairs[i][0] for i in batch], [pairs[i][1] for i in batch]
         enc = loaded.tokenizer(first, second if None not in second else None, padding=True, truncation=True,
-                               return_tensors="pt").to(loaded.device)
+                               return_tensors="pt")
         with torch.no_grad():
-            probs = torch.softmax(loaded.model(**enc).logits.float(), dim=-1)
+            probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
             results.append({"label": names[best], "label_id": best,
@@ -316,14 +315,14 @@ def reply_logprob(loaded, prompt: PromptInput, reply: str, recipe=None) -> float
 
     tokenizer, model = loaded.tokenizer, loaded.model
     if isinstance(prompt, list) and tokenizer.chat_template:
-        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True,
-                                             return_dict=False)
+        options = {"tokenize": True, "return_dict": False}
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **options)
+        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], **options)
     else:
         rendered = render_prompt(tokenizer, prompt, recipe)
         head = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
         full = head + tokenizer(reply, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([full], device=next(model.parameters()).device)
+    ids = torch.tensor([full], device=model.device)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
     return float(logprobs.gather(-1, ids[0, 1:, None])[len(head) - 1:].sum())

@@ -1,16 +1,11 @@
 """``python -m lora_ns.merge --adapter OUT_DIR --output MERGED_DIR``: fold an adapter into its base model.
 
-peft's ``merge_and_unload`` adds the adapter's deltas to the base loaded in fp32; the result is saved
-(safetensors + tokenizer + recipe.yaml) in the base checkpoint's dtype, or ``--dtype``.
-
-A QLoRA adapter was trained against the base's 4-bit weights, not the originals. Unless
-``--no-requantize`` the base is loaded as training loaded it (the recipe's BitsAndBytesConfig, so
-transformers picks the same layers) and dequantized with transformers' public ``model.dequantize()``,
-so the merged model computes what the trained one did.
-
-The merged model's logits are compared with base+adapter on a few probe prompts; the largest
-difference is printed and kept in merge_info.json. The folder is filled under a temporary name
-beside the target and renamed at the end: a crash leaves nothing.
+peft's ``merge_and_unload`` adds the deltas to the base loaded in fp32; the result is saved (safetensors,
+tokenizer, recipe.yaml) in the base checkpoint's dtype, or ``--dtype``. A QLoRA adapter was trained on
+the base's 4-bit weights: unless ``--no-requantize`` the base is loaded as training loaded it (so
+transformers quantizes the same layers) and turned back to fp32 by transformers' ``model.dequantize()``.
+The largest logit difference between merged and base+adapter on a few probe prompts is printed and kept
+in merge_info.json. The folder is filled under a temporary name and renamed: a crash leaves nothing.
 """
 
 from __future__ import annotations
@@ -26,13 +21,13 @@ from typing import Any, Callable
 from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import unwritable, write_json_atomic
-from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs, check_adapter,
-                               detect_task, from_pretrained, is_adapter_dir, read_adapter_config,
-                               saved_recipe)
+from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
+                               check_adapter, detect_task, from_pretrained, is_adapter_dir,
+                               read_adapter_config, saved_recipe)
 
 PROG = "lora_ns.merge"
-PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.",
-                 "Question: Ben has 33 stickers and gives away 27. How many are left? Answer:", "请用中文回答这个问题。"]
+PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文回答这个问题。",
+                 "Question: Ben has 33 stickers and gives away 27. How many are left? Answer:"]
 MERGEABLE = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
@@ -57,46 +52,37 @@ def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
         return UserError(Problem(str(path), flag, message, fix))
 
     if not is_adapter_dir(adapter):
-        raise bad(adapter, "--adapter", f"no {ADAPTER_CONFIG} there", "point --adapter at a training output_dir")
+        raise bad(adapter, "--adapter", f"no {ADAPTER_CONFIG} there", "point it at a training output_dir")
     if output.resolve() == adapter.resolve():
         raise bad(output, "--output", "is the adapter folder")
     if output.exists() and not output.is_dir():
         raise bad(output, "--output", "exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise bad(output, "--output", "folder exists and is not empty", "choose a new folder or pass --overwrite")
+        raise bad(output, "--output", "folder exists and is not empty", "choose another or pass --overwrite")
     if why := unwritable(output):
         raise bad(output, "--output", why, "choose a folder you can write to")
 
 
-def output_dtype(base_path: str, requested: str | None, recipe) -> str:
-    """--dtype, else the dtype the base checkpoint was saved in, else the recipe's, else fp32."""
-    from transformers import AutoConfig
-
-    trust = bool(recipe and recipe.model.trust_remote_code)
-    saved = None if requested else getattr(AutoConfig.from_pretrained(base_path, trust_remote_code=trust), "dtype", None)
-    recipe_dtype = recipe.model.dtype if recipe is not None and recipe.model.dtype != "auto" else None
-    return requested or DTYPE_NAMES.get(str(saved).removeprefix("torch.")) or recipe_dtype or "fp32"
-
-
 def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any, int]:
-    """The base in fp32 and how many layers went through the 4-bit round trip (the recipe's 4-bit load, then
-    transformers' dequantize), so the merge adds the deltas to the weights the adapter was trained on."""
+    """The base in fp32, and how many of its layers went through the 4-bit round trip."""
     import torch
 
-    quantized = requantize and recipe is not None and recipe.quantization.load_in_4bit
-    model = from_pretrained(base_path, task, "--base", **base_kwargs(recipe, None if quantized else "fp32", quantized))
-    if not quantized:
+    four_bit = requantize and recipe is not None and recipe.quantization.load_in_4bit
+    kwargs = base_kwargs(recipe, None if four_bit else "fp32", quantized=four_bit)
+    model = from_pretrained(base_path, task, "--base", **kwargs)
+    if not four_bit:
         return model, 0
     rounded = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     return model.dequantize(dtype=torch.float32).float().cpu(), rounded
 
 
 def probe_logits(model, tokenizer) -> list:
-    """Logits of the model on the probe prompts, one prompt at a time (no padding), in fp32."""
+    """Logits on the probe prompts, one prompt at a time (no padding), in fp32."""
     import torch
 
     with torch.no_grad():
-        return [model(**tokenizer(p, return_tensors="pt").to(model.device)).logits.float().cpu() for p in PROBE_PROMPTS]
+        return [model(**tokenizer(p, return_tensors="pt").to(model.device)).logits.float().cpu()
+                for p in PROBE_PROMPTS]
 
 
 def max_difference(a: list, b: list) -> float:
@@ -127,7 +113,7 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
           requantize: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from lora_ns.model import torch_dtype
 
@@ -135,21 +121,25 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     check_paths(adapter, target, overwrite)
     peft_type = str(read_adapter_config(adapter)["peft_type"]).upper()
     if peft_type not in MERGEABLE:
-        raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be merged",
-                                "use the adapter folder directly with lora_ns.infer"))
+        raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be "
+                                "merged", "use the adapter folder directly with lora_ns.infer"))
     check_adapter(adapter)
     recipe = saved_recipe(adapter)
     task, base_path = detect_task(adapter, recipe), adapter_base(adapter, base, recipe)
     model, rounded = load_base(base_path, task, recipe, requantize)
-    save_dtype = output_dtype(base_path, dtype, recipe)
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter) if (adapter / "tokenizer_config.json").is_file()
-                                              else base_path)
+    trust = bool(recipe and recipe.model.trust_remote_code)
+    saved = str(AutoConfig.from_pretrained(base_path, trust_remote_code=trust).dtype).removeprefix("torch.")
+    recipe_dtype = recipe.model.dtype if recipe is not None and recipe.model.dtype != "auto" else None
+    save_dtype = dtype or DTYPE_NAMES.get(saved) or recipe_dtype or "fp32"  # given, saved, trained, fp32
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base_path)
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     reference = probe_logits(model, tokenizer)
     merged = model.merge_and_unload()
     diff_fp32 = max_difference(probe_logits(merged, tokenizer), reference)
     merged = merged.to(torch_dtype(save_dtype))
-    diff_saved = diff_fp32 if save_dtype == "fp32" else max_difference(probe_logits(merged, tokenizer), reference)
+    diff_saved = diff_fp32 if save_dtype == "fp32" else max_difference(probe_logits(merged, tokenizer),
+                                                                        reference)
     info = {"adapter": str(adapter), "base": base_path, "task": task, "dtype": save_dtype,
             "requantized": bool(rounded), "requantized_layers": rounded,
             "max_logit_diff_fp32": diff_fp32, "max_logit_diff_saved": diff_saved}
@@ -168,12 +158,14 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     check_paths(Path(args.adapter), Path(args.output), args.overwrite)  # before any model loads
-    info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype, requantize=not args.no_requantize,
-                 overwrite=args.overwrite)
+    info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype,
+                 requantize=not args.no_requantize, overwrite=args.overwrite)
     if info["requantized"]:
         print(f"requantized {info['requantized_layers']} layers through the 4-bit round trip before merging")
-    print(f"max |logit difference| merged vs base+adapter: {info['max_logit_diff_fp32']:.3g} (fp32)"
-          + ("" if info["dtype"] == "fp32" else f", {info['max_logit_diff_saved']:.3g} as saved in {info['dtype']}"))
+    diff = f"{info['max_logit_diff_fp32']:.3g} (fp32)"
+    if info["dtype"] != "fp32":
+        diff += f", {info['max_logit_diff_saved']:.3g} as saved in {info['dtype']}"
+    print(f"max |logit difference| merged vs base+adapter: {diff}")
     print(f"merged model ({info['dtype']}) saved to {args.output}")
     return 0
 

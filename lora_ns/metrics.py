@@ -22,14 +22,16 @@ _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _ROUGE_TOKEN = re.compile(f"[{_CJK}]|[^\\W_]+", re.UNICODE)
 
 
-def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:
+def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int
+                           ) -> dict[str, float]:
     """Accuracy, F1, precision and recall: binary (positive class 1) for 2 labels, macro-averaged otherwise
     (over every class, also ones absent from this sample)."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     preds, refs = [int(p) for p in predictions], [int(y) for y in labels]
-    kwargs: dict[str, Any] = {"average": "binary"} if num_labels == 2 else {"average": "macro",
-                                                                             "labels": list(range(num_labels))}
+    kwargs: dict[str, Any] = {"average": "binary"}
+    if num_labels != 2:
+        kwargs = {"average": "macro", "labels": list(range(num_labels))}
     precision, recall, f1, _ = precision_recall_fscore_support(refs, preds, zero_division=0, **kwargs)
     return {"accuracy": float(accuracy_score(refs, preds)), "f1": float(f1),
             "precision": float(precision), "recall": float(recall)}
@@ -48,8 +50,9 @@ def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
         row["reference_answer"] = extract_answer(row["reference"])
         row["predicted_answer"] = extract_answer(row["prediction"])
         row["correct"] = answers_match(row["predicted_answer"], row["reference_answer"])
-    return {"exact_match": exact_match([r["predicted_answer"] for r in rows], [r["reference_answer"] for r in rows]),
-            "answer_found": sum(r["predicted_answer"] is not None for r in rows) / len(rows)}
+    predicted = [r["predicted_answer"] for r in rows]
+    return {"exact_match": exact_match(predicted, [r["reference_answer"] for r in rows]),
+            "answer_found": sum(p is not None for p in predicted) / len(rows)}
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -59,7 +62,8 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not references:
         return 0.0
     tokenize = "zh" if any(re.search(f"[{_CJK}]", r or "") for r in references) else "13a"
-    score = sacrebleu.corpus_bleu([p or "" for p in predictions], [[r or "" for r in references]], tokenize=tokenize)
+    score = sacrebleu.corpus_bleu([p or "" for p in predictions], [[r or "" for r in references]],
+                                  tokenize=tokenize)
     return min(float(score.score) / 100.0, 1.0)  # float rounding can give 100.0000001
 
 
@@ -77,7 +81,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not references:
         return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharAwareTokenizer())
-    scores = [scorer.score(ref or "", pred or "")["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    scores = [scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return float(sum(scores) / len(scores))
 
 
@@ -103,4 +107,4 @@ def library_metric(name: str):
     except Exception as err:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ... by cause
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(Problem(name, "--metric", f"cannot load this evaluate metric ({reason})",
-                                "give a local metric script or folder (a .py defining an evaluate.Metric)")) from None
+                                "give a local metric script or folder (an evaluate.Metric)")) from None
