@@ -124,3 +124,42 @@ def test_a_recipe_without_eval_data_is_a_one_line_error(gsm_adapter, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "dataset.val_split" in err[-1] and "--data-file" in err[-1]
     assert not (tmp_path / "e").exists()
+
+
+AGREEMENT_METRIC = '''
+import datasets
+import evaluate
+
+
+class Agreement(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="share of equal pairs", citation="", inputs_description="",
+                                   features=datasets.Features({"predictions": datasets.Value("int64"),
+                                                               "references": datasets.Value("int64")}))
+
+    def _compute(self, predictions, references):
+        return {"share": sum(p == r for p, r in zip(predictions, references)) / len(references), "n": len(references)}
+'''
+
+
+def test_an_evaluate_metric_from_a_local_script_is_reported_beside_ours(classifier, tmp_path):
+    """`--metric PATH` loads a Hugging Face `evaluate` metric offline and scores the same predictions."""
+    script = tmp_path / "agreement.py"
+    script.write_text(AGREEMENT_METRIC, encoding="utf-8")
+    out = tmp_path / "cls"
+    assert main([str(classifier / "recipe.yaml"), "--adapter", str(classifier), "--output-dir", str(out),
+                 "--metric", str(script), "--no-progress"]) == 0
+    metrics, rows = read_results(out)
+    assert metrics["agreement/n"] == len(rows) == 6
+    # the same predictions and references as ours: the share of agreement is our accuracy, exactly
+    assert metrics["agreement/share"] == metrics["accuracy"] < 1  # < 1: a swapped pair would score 1
+    assert metrics["accuracy"] == sum(r["predicted"] == r["label"] for r in rows) / len(rows)
+
+
+def test_a_metric_that_cannot_load_is_one_line_before_the_model(gsm_adapter, tmp_path, capsys):
+    bad = tmp_path / "no_such_metric.py"
+    code = run_cli("lora_ns.evaluate", lambda: main([str(gsm_adapter / "recipe.yaml"), "--adapter", str(gsm_adapter),
+                                                     "--output-dir", str(tmp_path / "e"), "--metric", str(bad)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--metric" in err[0] and str(bad) in err[0]
+    assert not (tmp_path / "e").exists()
