@@ -8,7 +8,6 @@ Prompts are rendered as training rendered them (`lora_ns.data.render.prompt_text
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -245,18 +244,6 @@ def _batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def generation_config(loaded, max_new_tokens: int, greedy: bool, temperature: float, top_p: float):
-    """A copy of the model's GenerationConfig with our options; it stops at the tokenizer's eos too."""
-    config = copy.deepcopy(loaded.model.generation_config)
-    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    eos = sorted({e for e in [*eos, loaded.tokenizer.eos_token_id] if e is not None}) or None
-    sample = not greedy and temperature > 0
-    config.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=loaded.tokenizer.pad_token_id,
-                  eos_token_id=eos, temperature=temperature if sample else None,
-                  top_p=top_p if sample else None, top_k=config.top_k if sample else None)
-    return config
-
-
 def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tokens: int = 256,
              greedy: bool = True, temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8,
              progress: bool = True, seed: int | None = None) -> list[str]:
@@ -271,13 +258,19 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     tokenizer.padding_side = "left"
     rendered = [render_prompt(tokenizer, p, recipe) for p in prompts]
     encoded = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in rendered]
-    config = generation_config(loaded, max_new_tokens, greedy, temperature, top_p)
+    eos = loaded.model.generation_config.eos_token_id  # stop at the model's eos and at the tokenizer's
+    eos = {e for e in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if e is not None}
+    sample = not greedy and temperature > 0  # greedy: no sampling options (the model's own would warn)
+    options = {"temperature": temperature, "top_p": top_p} if sample else dict.fromkeys(
+        ["temperature", "top_p", "top_k"])
+    options.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=sorted(eos) or None)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     outputs = [""] * len(encoded)
     for batch in tqdm(_batches(order, batch_size), desc="generating", unit="batch", disable=not progress):
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         with torch.no_grad():
-            out = loaded.model.generate(**inputs.to(loaded.model.device), generation_config=config)
+            out = loaded.model.generate(**inputs.to(loaded.model.device), **options)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text.strip()

@@ -431,6 +431,8 @@ TABLE: list[Case] = [
       "adapter/adapter_model.safetensors", "security", setup=adapter("pickle_only")),
     C("infer_bad_recipe", "infer", "--model adapter --recipe r.yaml --prompt hi", "peft.r", "r.yaml",
       "recipe", {"r.yaml": recipe(extra="peft:\n  r: 8\n  r: 16\n")}, adapter()),
+    C("infer_pickle_only_model", "infer", "--model ./model --prompt hi", "model.safetensors", "./model", "security",
+      setup=model_folder("pytorch_model.bin")),
     # --- evaluate --------------------------------------------------------------------------------------------------
     C("evaluate_no_recipe", "evaluate", "--adapter adapter", "required", "<command line>", "command line",
       setup=adapter()),
