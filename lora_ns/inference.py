@@ -127,16 +127,21 @@ def base_kwargs(recipe: Recipe | None, dtype: str | None, quantized: bool = True
     return kwargs
 
 
+def cannot_load(path: str, flag: str, err: Exception) -> UserError:
+    """What transformers raises for a model it cannot read (missing, unreachable, only pickle weights, no
+    tokenizer it can build), as one line."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return UserError(Problem(path, flag, f"cannot load the model: {reason}", "check the path or hub id "
+                             "(offline, only local folders and builtin: models load)"))
+
+
 def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
-    """The task's model class from `path`; one that cannot be read (missing, only pickle weights, custom code
-    without trust_remote_code) is one line naming `flag`."""
+    """The task's model class from `path`; one that cannot be read is one line naming `flag`."""
     try:
         with head_loaded_next(task):  # an adapter's saved seq_cls head replaces the new one next
             return auto_model_class(task).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise UserError(Problem(path, flag, f"cannot load the model: {reason}", "check the path or hub id "
-                                "(offline, only local folders and builtin: models load)")) from None
+        raise cannot_load(path, flag, err) from None
 
 
 def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype: str | None = None
@@ -148,20 +153,24 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype
     if not local.exists() and path.startswith((os.sep, ".", "~")):
         raise UserError(Problem(path, "--model", "model folder not found", "check the path (an output_dir?)"))
     recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
-    task, trust = detect_task(path, recipe), bool(recipe and recipe.model.trust_remote_code)
-    if is_adapter_dir(local):
-        from peft import PeftModel
+    trust = bool(recipe and recipe.model.trust_remote_code)
+    try:
+        task = detect_task(path, recipe)
+        if is_adapter_dir(local):
+            from peft import PeftModel
 
-        check_adapter(local)
-        base_path, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe, dtype), "adapter"
-        model = PeftModel.from_pretrained(from_pretrained(base_path, task, **kwargs), str(local))
-        tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base_path
-    else:
-        tokenizer_path = resolve_model_path(path)
-        kwargs = {**base_kwargs(None, dtype), "trust_remote_code": trust}
-        model = from_pretrained(tokenizer_path, task, **kwargs)
-        kind = "merged" if (local / MERGE_INFO).is_file() else "base"
-    tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
+            check_adapter(local)
+            base_path, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe, dtype), "adapter"
+            model = PeftModel.from_pretrained(from_pretrained(base_path, task, **kwargs), str(local))
+            tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base_path
+        else:
+            tokenizer_path = resolve_model_path(path)
+            kwargs = {**base_kwargs(None, dtype), "trust_remote_code": trust}
+            model = from_pretrained(tokenizer_path, task, **kwargs)
+            kind = "merged" if (local / MERGE_INFO).is_file() else "base"
+        tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
+    except (OSError, ValueError) as err:
+        raise cannot_load(path, "--model", err) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if torch.cuda.is_available() and "quantization_config" not in kwargs:
