@@ -39,8 +39,7 @@ def sample_question(recipe) -> dict[str, str]:
 def answer(adapter_dir: str, question: str) -> str:
     """Generate with the saved adapter, prompts rendered as in training (lora_ns.infer when installed)."""
     try:
-        from lora_ns.inference_model import load_for_inference
-        from lora_ns.generation import generate
+        from lora_ns.inference import generate, load
     except ImportError:  # plain transformers + peft do the same for a chat-template model
         from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer
@@ -51,7 +50,7 @@ def answer(adapter_dir: str, question: str) -> str:
                                             return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    loaded = load_for_inference(adapter_dir)
+    loaded = load(adapter_dir)
     return generate(loaded, [question], max_new_tokens=64, greedy=True, progress=False)[0]
 
 

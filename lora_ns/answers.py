@@ -1,24 +1,14 @@
 """Final-answer extraction and comparison for math datasets (GSM8K, MetaMathQA incl. its MATH rows).
 
-Which answer: GSM8K's ``####`` wins (its solutions say "the final answer is 15 gallons * 8 pints /
-gallon = 120 pints" before "#### 120"), its first one (``####`` ends a solution: a model that runs
-on into a made-up next question has answered before it); otherwise the LAST marker ("The answer
-is", "answer:", ``\\boxed{...}``), as a model states its answer at the end; otherwise the last
-number in the text.
-After a marker the answer runs to the end of its line or sentence, and after its last "=" (so
-"= 120 pints" gives 120); a ``\\boxed{}`` holds exactly its brace-balanced content.
-
-What comes back: a plain number in canonical form, so equal values are equal strings (thousands
-commas and currency signs dropped, trailing zeros removed: "1,080" -> "1080", "$1,234.50" ->
-"1234.5", "-3.0" -> "-3"); or, when the answer is an expression (MATH's ``\\frac{1}{2}``,
-``\\sqrt{5}``, "1/2"), its LaTeX text.
-
-Comparison (`answers_match`): two numbers compare as strings (fast, exact); anything else goes to
-Hugging Face's math-verify (sympy), so ``\\frac{1}{2}`` == ``0.5`` == ``\\dfrac{1}{2}`` and
-``\\frac{1}{2}`` != ``\\frac{1}{3}``. math-verify bounds each parse/compare with ``signal.alarm``,
-which only the main thread may use; elsewhere its timeout is off and only expressions of at most
-`MAX_EXPRESSION_CHARS` go to sympy (longer ones compare as text), so a stray huge expression
-cannot hang an evaluation.
+Which answer: GSM8K's first ``####`` (its solutions say "the final answer is 15 gallons * 8 pints /
+gallon = 120 pints" before "#### 120", and a model running on into a made-up next question has answered
+before it); else the LAST marker ("The answer is", "answer:", ``\\boxed{}``); else the last number. After
+a marker the answer runs to the end of its sentence, after its last "="; a box holds its balanced braces.
+A number comes back canonical ("1,080" -> "1080", "$1,234.50" -> "1234.5", "-3.0" -> "-3"), an
+expression (``\\frac{1}{2}``, "1/2") as its LaTeX. `answers_match`: numbers compare as strings, anything
+else through Hugging Face's math-verify (``\\frac{1}{2}`` == ``0.5``). math-verify's timeout uses
+``signal.alarm`` (main thread only); elsewhere only expressions of at most `MAX_EXPRESSION_CHARS` go to
+sympy (longer ones compare as text), so a huge expression cannot hang an evaluation.
 """
 
 from __future__ import annotations
@@ -52,19 +42,12 @@ def canonical_number(text: str) -> str | None:
         return None
     if not value.is_finite():
         return None
-    if value == 0:
-        return "0"
-    return format(value.normalize(), "f")
+    return "0" if value == 0 else format(value.normalize(), "f")
 
 
 def _numbers(text: str) -> list[str]:
-    found = []
-    for match in _NUMBER.finditer(text):
-        sign = "-" if match.group("sign") else ""
-        number = canonical_number(sign + match.group("digits"))
-        if number is not None:
-            found.append(number)
-    return found
+    found = (canonical_number("-" * bool(m["sign"]) + m["digits"]) for m in _NUMBER.finditer(text))
+    return [number for number in found if number is not None]
 
 
 def _braced(text: str, start: int) -> str:

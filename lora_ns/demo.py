@@ -1,9 +1,8 @@
 """``python -m lora_ns.demo --adapter OUT_DIR``: chat with a trained model in the browser (gradio).
 
-gradio is an optional extra (``pip install 'lora_ns[demo]'``); without it this command says so in one
-line and exits 2 before loading anything. The model is loaded the way `lora_ns.infer` loads it (an
-adapter dir, a merged dir or a base model) and prompts are rendered as in training. A seq_cls model
-gets a classifier page instead of a chat: it shows the label and the class probabilities.
+gradio is an optional extra (``pip install 'lora_ns[demo]'``); without it this says so in one line before
+loading anything. The model is loaded as `lora_ns.infer` loads it; a seq_cls model gets a classifier page
+(label and class probabilities) instead of a chat.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.inference import classify, generate, load
 
 PROG = "lora_ns.demo"
-INSTALL_HINT = "install the demo extra: pip install 'lora_ns[demo]' (or: pip install gradio)"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -27,55 +26,41 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 to share on the LAN)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the LAN too)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask gradio for a public share link")
     return parser
 
 
-def import_gradio():
-    """gradio, or a one-line `UserError` saying how to install it."""
-    try:
-        import gradio
-    except ImportError:
-        raise UserError(Problem("<command line>", "", "gradio is not installed", INSTALL_HINT))
-    return gradio
-
-
 def history_messages(history: list[Any]) -> list[dict[str, str]]:
-    """Chat history as role/content messages, from gradio's "messages" format or its older (user, bot) pairs."""
+    """Chat history as role/content messages, from gradio's "messages" format or its older (user, bot)
+    pairs; files and components, which a text model cannot read, are skipped."""
     messages: list[dict[str, str]] = []
     for item in history or []:
-        if isinstance(item, dict):
-            content = item.get("content")
-            if isinstance(content, str):  # skip files/components, which a text model cannot read
-                messages.append({"role": item["role"], "content": content})
-        else:
-            user, bot = item
-            messages += [{"role": "user", "content": str(user)}, {"role": "assistant", "content": str(bot or "")}]
+        if not isinstance(item, dict):
+            messages += [{"role": "user", "content": str(item[0])},
+                         {"role": "assistant", "content": str(item[1] or "")}]
+        elif isinstance(item.get("content"), str):
+            messages.append({"role": item["role"], "content": item["content"]})
     return messages
 
 
 def build_app(gr, loaded, args: argparse.Namespace):
     """A gr.ChatInterface for causal models, a gr.Interface classifier for seq_cls ones."""
-    from lora_ns.generation import classify, generate
-
     title = f"lora_ns — {args.adapter}"
     if loaded.task == "seq_cls":
         def predict(text: str, pair: str) -> dict[str, float]:
-            result = classify(loaded, [(text, pair or None)], progress=False)[0]
-            return result["probabilities"]
+            return classify(loaded, [(text, pair or None)], progress=False)[0]["probabilities"]
 
-        return gr.Interface(predict, [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2 (optional)")],
-                            gr.Label(label="prediction"), title=title)
-
+        boxes = [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2 (optional)")]
+        return gr.Interface(predict, boxes, gr.Label(label="prediction"), title=title)
+    # Without a chat format (no template, or training used a prompt_template) each turn stands alone.
     recipe = loaded.recipe
     chat = bool(loaded.tokenizer.chat_template) and not (recipe and recipe.dataset.prompt_template)
 
     def respond(message: str, history: list[Any]) -> str:
-        # Without a chat format (no template, or training used a prompt_template) each turn stands alone.
-        conversation: Any = [*history_messages(history), {"role": "user", "content": message}] if chat else message
-        return generate(loaded, [conversation], max_new_tokens=args.max_new_tokens, greedy=args.temperature <= 0,
+        turn = [*history_messages(history), {"role": "user", "content": message}] if chat else message
+        return generate(loaded, [turn], max_new_tokens=args.max_new_tokens, greedy=args.temperature <= 0,
                         temperature=args.temperature, top_p=args.top_p, batch_size=1, progress=False)[0]
 
     return gr.ChatInterface(respond, title=title)
@@ -83,13 +68,16 @@ def build_app(gr, loaded, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    gr = import_gradio()  # before the model: a missing extra should fail in a second, not after loading
+    try:  # before the model: a missing extra should fail in a second, not after loading
+        import gradio as gr
+    except ImportError:
+        raise UserError(Problem("<command line>", "", "gradio is not installed", "install the demo extra: "
+                                "pip install 'lora_ns[demo]' (or: pip install gradio)"))
     if not Path(args.adapter).exists() and not args.adapter.startswith("builtin:"):
         raise UserError(Problem(args.adapter, "--adapter", "not found", "pass a training output_dir"))
-    from lora_ns.inference_model import load_for_inference
-
-    loaded = load_for_inference(args.adapter, base=args.base)
-    print(f"{PROG}: serving {loaded.kind} model {args.adapter} on http://{args.host}:{args.port}", file=sys.stderr)
+    loaded = load(args.adapter, base=args.base)
+    print(f"{PROG}: serving {loaded.kind} model {args.adapter} on http://{args.host}:{args.port}",
+          file=sys.stderr)
     build_app(gr, loaded, args).launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

@@ -1,9 +1,8 @@
 """``python -m lora_ns.infer --model PATH (--prompt TEXT | --input-file FILE)``: run a model on prompts.
 
 `--model` is a base model (hub id, folder, ``builtin:<name>``), a training output (adapter dir) or a
-merged dir. Causal models generate (``model.generate``, left-padded batches); seq_cls models print
-the predicted label and every class probability. Prompts are rendered as training rendered them
-(see `lora_ns.inference_model`); `lora_ns.generation` does the work, shared with evaluate and compare.
+merged dir (`lora_ns.inference.load`). Causal models generate; seq_cls models print the predicted
+label and every class probability. Prompts are rendered as training rendered them.
 """
 
 from __future__ import annotations
@@ -11,30 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from lora_ns.command_line import CommandParser
+from lora_ns.config import load_recipe
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import guard_output_file, write_jsonl_atomic
-from lora_ns.generation import classify, generate, pair_of, prompt_of, read_inputs
+from lora_ns.inference import classify, generate, load, pair_of, prompt_of, read_inputs
 
 PROG = "lora_ns.infer"
-
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
 LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input_text": "--prompt",
                 "--config": "--recipe"}
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.infer", description="Run a base, adapter or merged "
-                                     "model on one prompt or a file of prompts.")
-    parser.add_argument("--model", required=True, help="training output dir (adapter), merged dir, folder, hub id "
-                        "or builtin:<name>")
+    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.infer",
+                           description="Run a base, adapter or merged model on a prompt or a file of them.")
+    parser.add_argument("--model", required=True,
+                        help="training output dir (adapter), merged dir, folder, hub id or builtin:<name>")
     parser.add_argument("--base", help="base model for an adapter (default: the one in adapter_config.json)")
-    parser.add_argument("--recipe", help="recipe whose prompt rendering to use (default: the model dir's recipe.yaml)")
+    parser.add_argument("--recipe", help="render prompts as this recipe does (default: its recipe.yaml)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
-    source.add_argument("--input-file", help=".txt (one prompt a line) or .jsonl with a 'prompt' or 'messages' field")
+    source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
     parser.add_argument("--output-file", help="write results here as JSON lines (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -43,49 +41,35 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature/top-p)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="load dtype (default: the saved one)")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: as saved")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise UserError(Problem("<command line>", "--" + flag.replace("_", "-"), "must be at least 1", "use 1 or more"))
+def check_args(args: argparse.Namespace) -> None:
+    def bad(flag: str, message: str, fix: str) -> UserError:
+        return UserError(Problem("<command line>", flag, message, fix))
+
+    for flag in ("--batch-size", "--max-new-tokens"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            raise bad(flag, "must be at least 1", "use 1 or more")
     if not args.greedy and not args.temperature > 0:
-        raise UserError(Problem("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
-                                "use e.g. 0.7, or --greedy for deterministic output"))
+        raise bad("--temperature", f"must be above 0, got {args.temperature}",
+                  "use e.g. 0.7, or --greedy for deterministic output")
     if not 0 < args.top_p <= 1:
-        raise UserError(Problem("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9"))
+        raise bad("--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9")
     if args.prompt is not None and not args.prompt.strip():
-        raise UserError(Problem("<command line>", "--prompt", "is empty", "give the text to answer"))
+        raise bad("--prompt", "is empty", "give the text to answer")
     if args.output_file:
         guard_output_file(args.output_file, args.overwrite)
 
 
-def _print_result(row: dict[str, Any], result: dict[str, Any], single: bool) -> None:
-    if not single:
-        print(json.dumps({**row, **result}, ensure_ascii=False))
-    elif "probabilities" in result:
-        print(result["label"])
-        for name, p in result["probabilities"].items():
-            print(f"  {name}: {p:.4f}")
-    else:
-        print(result["output"])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    _check_args(args)
+    check_args(args)
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_inputs(args.input_file)
-    from lora_ns.inference_model import load_for_inference
-
-    recipe = None
-    if args.recipe:
-        from lora_ns.config import load_recipe
-
-        recipe = load_recipe(args.recipe)
-    loaded = load_for_inference(args.model, base=args.base, recipe=recipe, dtype=args.dtype)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    loaded = load(args.model, base=args.base, recipe=recipe, dtype=args.dtype)
     progress = not args.no_progress and args.prompt is None
     if loaded.task == "seq_cls":
         results = classify(loaded, [pair_of(r) for r in rows], batch_size=args.batch_size, progress=progress)
@@ -97,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_file:
         write_jsonl_atomic(args.output_file, [{**r, **res} for r, res in zip(rows, results)])
         print(f"wrote {len(results)} results to {args.output_file}", file=sys.stderr)
-    else:
+    elif args.prompt is None:
         for row, result in zip(rows, results):
-            _print_result(row, result, single=args.prompt is not None)
+            print(json.dumps({**row, **result}, ensure_ascii=False))
+    elif "probabilities" in results[0]:
+        probabilities = results[0]["probabilities"].items()
+        print(results[0]["label"] + "".join(f"\n  {name}: {p:.4f}" for name, p in probabilities))
+    else:
+        print(results[0]["output"])
     return 0
 
 

@@ -1,18 +1,11 @@
 """``python -m lora_ns.merge --adapter OUT_DIR --output MERGED_DIR``: fold an adapter into its base model.
 
-The base is loaded unquantized in fp32 (peft never merges into a 4-bit model here), the adapter is
-applied and ``merge_and_unload`` adds the deltas; the result is saved (safetensors + tokenizer) in
-the base's own dtype, or ``--dtype``.
-
-QLoRA adapters were trained against nf4/fp4-rounded base weights, not the originals. Unless
-``--no-requantize``, every layer that bitsandbytes quantized during training (the same selection
-transformers makes: nn.Linear layers except the output head, tied and skipped modules) goes through
-bitsandbytes' quantize_4bit -> dequantize_4bit round trip first, so the merged model computes what
-the trained one did.
-
-Before writing, the logits of the merged model are compared with the unmerged base+adapter on a few
-probe prompts and the largest difference is reported (and kept in merge_info.json). The folder is
-written beside the target under a temporary name and renamed at the end: a crash leaves nothing.
+peft's ``merge_and_unload`` adds the deltas to the base loaded in fp32; the result is saved (safetensors,
+tokenizer, recipe.yaml) in the base checkpoint's dtype, or ``--dtype``. A QLoRA adapter was trained on
+the base's 4-bit weights: unless ``--no-requantize`` the base is loaded as training loaded it (so
+transformers quantizes the same layers) and turned back to fp32 by transformers' ``model.dequantize()``.
+The largest logit difference between merged and base+adapter on a few probe prompts is printed and kept
+in merge_info.json. The folder is filled under a temporary name and renamed: a crash leaves nothing.
 """
 
 from __future__ import annotations
@@ -27,20 +20,23 @@ from typing import Any, Callable
 
 from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.fileio import unwritable, write_json_atomic
+from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
+                               check_adapter, detect_task, from_pretrained, is_adapter_dir,
+                               read_adapter_config, saved_recipe)
 
 PROG = "lora_ns.merge"
-PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.",
-                 "Question: Ben has 33 stickers and gives away 27. How many are left? Answer:",
-                 "请用中文回答这个问题。"]
+PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文回答这个问题。",
+                 "Question: Ben has 33 stickers and gives away 27. How many are left? Answer:"]
 MERGEABLE = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
 LEGACY_FLAGS = {"--adapter_path": "--adapter", "--output_path": "--output", "--base_model": "--base"}
 
+
 def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.merge",
-                                     description="Merge a trained adapter into its base model and save it.")
+                           description="Merge a trained adapter into its base model and save it.")
     parser.add_argument("--adapter", required=True, help="training output dir (holds adapter_config.json)")
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
@@ -51,122 +47,47 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- checks ------------------------------------------------------------------------------------
-
 def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
-    from lora_ns.fileio import unwritable
-    from lora_ns.inference_model import ADAPTER_CONFIG, is_adapter_dir
+    def bad(path: Path, flag: str, message: str, fix: str = "choose a new folder") -> UserError:
+        return UserError(Problem(str(path), flag, message, fix))
 
     if not is_adapter_dir(adapter):
-        raise UserError(Problem(str(adapter), "--adapter", f"no {ADAPTER_CONFIG} there",
-                                "point --adapter at a training output_dir"))
+        raise bad(adapter, "--adapter", f"no {ADAPTER_CONFIG} there", "point it at a training output_dir")
     if output.resolve() == adapter.resolve():
-        raise UserError(Problem(str(output), "--output", "is the adapter folder", "choose a new folder"))
+        raise bad(output, "--output", "is the adapter folder")
     if output.exists() and not output.is_dir():
-        raise UserError(Problem(str(output), "--output", "exists and is not a folder", "choose a new folder"))
+        raise bad(output, "--output", "exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(Problem(str(output), "--output", "folder exists and is not empty",
-                                "choose a new folder or pass --overwrite"))
+        raise bad(output, "--output", "folder exists and is not empty", "choose another or pass --overwrite")
     if why := unwritable(output):
-        raise UserError(Problem(str(output), "--output", why, "choose a folder you can write to"))
+        raise bad(output, "--output", why, "choose a folder you can write to")
 
 
-def check_mergeable(adapter: Path) -> None:
-    from lora_ns.inference_model import ADAPTER_CONFIG, check_adapter_files, read_adapter_config
-
-    peft_type = str(read_adapter_config(adapter).get("peft_type", "")).upper()
-    if peft_type not in MERGEABLE:
-        raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be merged",
-                                "use the adapter folder directly with lora_ns.infer"))
-    check_adapter_files(adapter)
-
-
-# --- loading and merging -----------------------------------------------------------------------
-
-def output_dtype(base_path: str, requested: str | None, recipe) -> str:
-    """--dtype, else the dtype the base checkpoint was saved in, else the recipe's, else fp32."""
-    if requested:
-        return requested
-    from transformers import AutoConfig
-
-    trust = bool(recipe and recipe.model.trust_remote_code)
-    saved = getattr(AutoConfig.from_pretrained(base_path, trust_remote_code=trust), "dtype", None)
-    name = _DTYPE_NAMES.get(str(saved).removeprefix("torch.")) if saved is not None else None
-    if name:
-        return name
-    if recipe is not None and recipe.model.dtype != "auto":
-        return recipe.model.dtype
-    return "fp32"
-
-
-def load_full_precision(base_path: str, task: str, recipe):
-    """The base in fp32, never quantized; seq_cls head sized and labelled as in training."""
+def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any, int]:
+    """The base in fp32, and how many of its layers went through the 4-bit round trip."""
     import torch
 
-    from lora_ns.model import auto_model_class, head_loaded_next
-
-    kwargs: dict[str, Any] = {}
-    if recipe is not None:
-        from lora_ns.model import model_kwargs
-
-        kwargs = {k: v for k, v in model_kwargs(recipe).items() if k not in ("quantization_config", "device_map")}
-    kwargs["dtype"] = torch.float32
-    with head_loaded_next(task):  # the adapter's saved head replaces the new one next
-        return auto_model_class(task).from_pretrained(base_path, **kwargs)
-
-
-def requantize_like_training(model, recipe) -> list[str]:
-    """Round-trip the weights bitsandbytes quantized in training through quantize_4bit/dequantize_4bit.
-
-    Returns the names of the layers changed. The selection and options are the ones transformers'
-    bnb quantizer uses when loading a model with the recipe's BitsAndBytesConfig.
-    """
-    import bitsandbytes.functional as bnbf
-    import torch
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    from lora_ns.model import quantization_config, torch_dtype
-
-    bnb = quantization_config(recipe)
-    skip = HfQuantizer.get_modules_to_not_convert(model, bnb.llm_int8_skip_modules,
-                                                  getattr(model, "_keep_in_fp32_modules", None))
-    load_dtype = torch_dtype(recipe.model.dtype)  # the dtype the weights had when bitsandbytes quantized them
-    changed = []
-    for name, module in model.named_modules():
-        if not should_convert_module(name, skip) or not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):
-            continue
-        weight = module.weight.data
-        as_linear = weight.T if isinstance(module, Conv1D) else weight  # transformers transposes Conv1D first
-        packed, state = bnbf.quantize_4bit(as_linear.to(load_dtype).contiguous(), blocksize=None,
-                                           compress_statistics=bnb.bnb_4bit_use_double_quant,
-                                           quant_type=bnb.bnb_4bit_quant_type,
-                                           quant_storage=bnb.bnb_4bit_quant_storage)
-        rounded = bnbf.dequantize_4bit(packed, state).to(weight.dtype)
-        module.weight.data = (rounded.T if isinstance(module, Conv1D) else rounded).contiguous()
-        changed.append(name)
-    return changed
+    four_bit = requantize and recipe is not None and recipe.quantization.load_in_4bit
+    kwargs = base_kwargs(recipe, None if four_bit else "fp32", quantized=four_bit)
+    model = from_pretrained(base_path, task, "--base", **kwargs)
+    if not four_bit:
+        return model, 0
+    rounded = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return model.dequantize(dtype=torch.float32).float().cpu(), rounded
 
 
 def probe_logits(model, tokenizer) -> list:
-    """Logits of the model on the probe prompts, one prompt at a time (no padding), in fp32."""
+    """Logits on the probe prompts, one prompt at a time (no padding), in fp32."""
     import torch
 
-    device = next(model.parameters()).device
-    out = []
     with torch.no_grad():
-        for prompt in PROBE_PROMPTS:
-            enc = tokenizer(prompt, return_tensors="pt").to(device)
-            out.append(model(**enc).logits.float().cpu())
-    return out
+        return [model(**tokenizer(p, return_tensors="pt").to(model.device)).logits.float().cpu()
+                for p in PROBE_PROMPTS]
 
 
 def max_difference(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
-
-# --- writing -----------------------------------------------------------------------------------
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary folder beside `target`, then rename it into place (replacing an old target)."""
@@ -192,40 +113,35 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
           requantize: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from lora_ns.inference_model import MERGE_INFO, RECIPE_FILE, adapter_base, detect_task, saved_recipe
-    from lora_ns.fileio import write_json_atomic
     from lora_ns.model import torch_dtype
 
     adapter, target = Path(adapter_dir), Path(output)
     check_paths(adapter, target, overwrite)
-    check_mergeable(adapter)
+    peft_type = str(read_adapter_config(adapter)["peft_type"]).upper()
+    if peft_type not in MERGEABLE:
+        raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be "
+                                "merged", "use the adapter folder directly with lora_ns.infer"))
+    check_adapter(adapter)
     recipe = saved_recipe(adapter)
-    task = detect_task(adapter, recipe)
-    base_path = adapter_base(adapter, base, recipe)
-    try:
-        save_dtype = output_dtype(base_path, dtype, recipe)
-        model = load_full_precision(base_path, task, recipe)
-    except OSError as err:  # from_pretrained: missing, unreachable or incomplete base model
-        raise UserError(Problem(base_path, "--base", f"cannot load the base model: {str(err).strip()[:200]}",
-                                "pass --base with a local folder, hub id or builtin: name"))
-    rounded: list[str] = []
-    four_bit = recipe is not None and recipe.quantization.load_in_4bit
-    if four_bit and requantize:
-        rounded = requantize_like_training(model, recipe)
+    task, base_path = detect_task(adapter, recipe), adapter_base(adapter, base, recipe)
+    model, rounded = load_base(base_path, task, recipe, requantize)
+    trust = bool(recipe and recipe.model.trust_remote_code)
+    saved = str(AutoConfig.from_pretrained(base_path, trust_remote_code=trust).dtype).removeprefix("torch.")
+    recipe_dtype = recipe.model.dtype if recipe is not None and recipe.model.dtype != "auto" else None
+    save_dtype = dtype or DTYPE_NAMES.get(saved) or recipe_dtype or "fp32"  # given, saved, trained, fp32
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base_path)
-    model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
     reference = probe_logits(model, tokenizer)
     merged = model.merge_and_unload()
     diff_fp32 = max_difference(probe_logits(merged, tokenizer), reference)
     merged = merged.to(torch_dtype(save_dtype))
-    diff_saved = diff_fp32 if save_dtype == "fp32" else max_difference(probe_logits(merged, tokenizer), reference)
-
+    diff_saved = diff_fp32 if save_dtype == "fp32" else max_difference(probe_logits(merged, tokenizer),
+                                                                        reference)
     info = {"adapter": str(adapter), "base": base_path, "task": task, "dtype": save_dtype,
-            "requantized": bool(rounded), "requantized_layers": len(rounded),
+            "requantized": bool(rounded), "requantized_layers": rounded,
             "max_logit_diff_fp32": diff_fp32, "max_logit_diff_saved": diff_saved}
 
     def write(folder: Path) -> None:
@@ -242,12 +158,14 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     check_paths(Path(args.adapter), Path(args.output), args.overwrite)  # before any model loads
-    info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype, requantize=not args.no_requantize,
-                 overwrite=args.overwrite)
+    info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype,
+                 requantize=not args.no_requantize, overwrite=args.overwrite)
     if info["requantized"]:
         print(f"requantized {info['requantized_layers']} layers through the 4-bit round trip before merging")
-    print(f"max |logit difference| merged vs base+adapter: {info['max_logit_diff_fp32']:.3g} (fp32)"
-          + ("" if info["dtype"] == "fp32" else f", {info['max_logit_diff_saved']:.3g} as saved in {info['dtype']}"))
+    diff = f"{info['max_logit_diff_fp32']:.3g} (fp32)"
+    if info["dtype"] != "fp32":
+        diff += f", {info['max_logit_diff_saved']:.3g} as saved in {info['dtype']}"
+    print(f"max |logit difference| merged vs base+adapter: {diff}")
     print(f"merged model ({info['dtype']}) saved to {args.output}")
     return 0
 

@@ -431,6 +431,10 @@ TABLE: list[Case] = [
       "adapter/adapter_model.safetensors", "security", setup=adapter("pickle_only")),
     C("infer_bad_recipe", "infer", "--model adapter --recipe r.yaml --prompt hi", "peft.r", "r.yaml",
       "recipe", {"r.yaml": recipe(extra="peft:\n  r: 8\n  r: 16\n")}, adapter()),
+    C("infer_pickle_only_model", "infer", "--model ./model --prompt hi", "model.safetensors", "./model", "security",
+      setup=model_folder("pytorch_model.bin")),
+    C("infer_hub_id_offline", "infer", "--model someone/no-such-model --prompt hi", "cannot load the model",
+      "someone/no-such-model", "filesystem"),
     # --- evaluate --------------------------------------------------------------------------------------------------
     C("evaluate_no_recipe", "evaluate", "--adapter adapter", "required", "<command line>", "command line",
       setup=adapter()),

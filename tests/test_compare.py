@@ -27,8 +27,7 @@ def tuned(tmp_path_factory, tiny_llama) -> Path:
 
 
 def test_questions_file_to_json(tuned, tmp_path, capsys):
-    from lora_ns.generation import generate
-    from lora_ns.inference_model import load_for_inference
+    from lora_ns.inference import generate, load
 
     questions = tmp_path / "q.txt"
     questions.write_text("\n".join(QUESTIONS) + "\n")
@@ -38,8 +37,8 @@ def test_questions_file_to_json(tuned, tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["prompt"] for r in rows] == QUESTIONS and all(set(r) == {"prompt", "base", "tuned"} for r in rows)
 
-    adapter = load_for_inference(str(tuned))
-    base = load_for_inference("builtin:tiny-llama")
+    adapter = load(str(tuned))
+    base = load("builtin:tiny-llama")
     options = dict(recipe=adapter.recipe, max_new_tokens=8, progress=False)
     assert [r["tuned"] for r in rows] == generate(adapter, QUESTIONS, **options)
     assert [r["base"] for r in rows] == generate(base, QUESTIONS, **options)

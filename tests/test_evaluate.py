@@ -10,8 +10,8 @@ import pytest
 
 from lora_ns.answers import extract_answer
 from lora_ns.errors import run_cli
-from lora_ns.evaluate import main, score_math
-from lora_ns.metrics import classification_metrics, exact_match, generation_metrics
+from lora_ns.evaluate import main
+from lora_ns.metrics import classification_metrics, exact_match, generation_metrics, math_metrics
 
 from conftest import QUICKSTART, make_adapter
 
@@ -73,9 +73,9 @@ def test_a_perfect_math_prediction_set_scores_one():
     rows = [{"prediction": "The answer is: 1,080", "reference": "so 1080 in all\n#### 1080"},
             {"prediction": "#### -3", "reference": "#### -3"},
             {"prediction": "It costs $1,234.50", "reference": "#### 1234.5"}]
-    assert score_math(rows)["exact_match"] == 1.0
+    assert math_metrics(rows)["exact_match"] == 1.0
     rows[1]["prediction"] = "#### 3"
-    assert score_math(rows)["exact_match"] == pytest.approx(2 / 3)
+    assert math_metrics(rows)["exact_match"] == pytest.approx(2 / 3)
 
 
 def test_generation_metrics_and_perplexity(gsm_adapter, tmp_path):
@@ -123,4 +123,43 @@ def test_a_recipe_without_eval_data_is_a_one_line_error(gsm_adapter, tmp_path, c
                                                      "--output-dir", str(tmp_path / "e"), "dataset.val_split=null"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "dataset.val_split" in err[-1] and "--data-file" in err[-1]
+    assert not (tmp_path / "e").exists()
+
+
+AGREEMENT_METRIC = '''
+import datasets
+import evaluate
+
+
+class Agreement(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="share of equal pairs", citation="", inputs_description="",
+                                   features=datasets.Features({"predictions": datasets.Value("int64"),
+                                                               "references": datasets.Value("int64")}))
+
+    def _compute(self, predictions, references):
+        return {"share": sum(p == r for p, r in zip(predictions, references)) / len(references), "n": len(references)}
+'''
+
+
+def test_an_evaluate_metric_from_a_local_script_is_reported_beside_ours(classifier, tmp_path):
+    """`--metric PATH` loads a Hugging Face `evaluate` metric offline and scores the same predictions."""
+    script = tmp_path / "agreement.py"
+    script.write_text(AGREEMENT_METRIC, encoding="utf-8")
+    out = tmp_path / "cls"
+    assert main([str(classifier / "recipe.yaml"), "--adapter", str(classifier), "--output-dir", str(out),
+                 "--metric", str(script), "--no-progress"]) == 0
+    metrics, rows = read_results(out)
+    assert metrics["agreement/n"] == len(rows) == 6
+    # the same predictions and references as ours: the share of agreement is our accuracy, exactly
+    assert metrics["agreement/share"] == metrics["accuracy"] < 1  # < 1: a swapped pair would score 1
+    assert metrics["accuracy"] == sum(r["predicted"] == r["label"] for r in rows) / len(rows)
+
+
+def test_a_metric_that_cannot_load_is_one_line_before_the_model(gsm_adapter, tmp_path, capsys):
+    bad = tmp_path / "no_such_metric.py"
+    code = run_cli("lora_ns.evaluate", lambda: main([str(gsm_adapter / "recipe.yaml"), "--adapter", str(gsm_adapter),
+                                                     "--output-dir", str(tmp_path / "e"), "--metric", str(bad)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--metric" in err[0] and str(bad) in err[0]
     assert not (tmp_path / "e").exists()

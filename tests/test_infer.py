@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from lora_ns.errors import UserError, run_cli
-from lora_ns.generation import generate, read_inputs
+from lora_ns.inference import generate, load, read_inputs, render_prompt
 from lora_ns.infer import main
-from lora_ns.inference_model import load_for_inference, render_prompt
 
 from conftest import QUICKSTART, make_adapter
 
@@ -29,7 +28,7 @@ def adapter_dir(tmp_path_factory, tiny_llama) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(adapter_dir):
-    return load_for_inference(str(adapter_dir))
+    return load(str(adapter_dir))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def test_detects_adapter_and_base(loaded, tiny_llama):
 
     assert loaded.kind == "adapter" and isinstance(loaded.model, PeftModel) and loaded.task == "causal_lm"
     assert loaded.recipe is not None and loaded.tokenizer.padding_side == "left"
-    base = load_for_inference("builtin:tiny-llama")
+    base = load("builtin:tiny-llama")
     assert base.kind == "base" and not isinstance(base.model, PeftModel) and base.recipe is None
 
 

@@ -104,9 +104,9 @@ def test_qlora_merge_requantizes_like_training(qlora_dir, tmp_path):
     import bitsandbytes.functional as bnbf
     from safetensors.torch import load_file
 
-    from lora_ns.inference_model import load_for_inference
+    from lora_ns.inference import load
 
-    quantized = load_for_inference(str(qlora_dir))  # 4-bit base + adapter, as trained
+    quantized = load(str(qlora_dir))  # 4-bit base + adapter, as trained
     assert quantized.model.get_base_model().is_loaded_in_4bit
     trained = logits(quantized.model, quantized.tokenizer)
 
@@ -193,7 +193,7 @@ def test_a_crash_while_saving_leaves_nothing_behind(lora_dir, tmp_path, monkeypa
 def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_bert):
     from transformers import AutoModelForSequenceClassification
 
-    from lora_ns.inference_model import load_for_inference
+    from lora_ns.inference import load
 
     recipe_file = tmp_path / "cls.yaml"
     recipe_file.write_text(
@@ -202,13 +202,13 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
         "dataset: {path: 'sample:glue_mrpc', formatter: glue_mrpc}\n", encoding="utf-8")
     adapter = make_adapter(tmp_path / "adapter", [], recipe_file)
     with torch.no_grad():  # a trained head differs from the base's random one
-        adapter_model = load_for_inference(str(adapter)).model
+        adapter_model = load(str(adapter)).model
         adapter_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
     adapter_model.save_pretrained(adapter)
 
     merge(str(adapter), str(tmp_path / "merged"))
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
-    loaded = load_for_inference(str(adapter))
+    loaded = load(str(adapter))
     batch = loaded.tokenizer(["a fine day", "the budget passed"], padding=True, return_tensors="pt")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
-from lora_ns.generation import reply_logprob
+from lora_ns.inference import reply_logprob
 from lora_ns.preference import check_preference_recipe
 from lora_ns.rewards import answer_format, gsm8k_exact_match, resolve_rewards
 

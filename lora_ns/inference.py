@@ -1,0 +1,330 @@
+"""One loader for a training output (adapter dir), a merged dir or a base model, and what runs on it.
+
+An adapter dir's base is loaded the way training loaded it (its saved ``recipe.yaml``: dtype, 4-bit
+for QLoRA, seq_cls labels), then peft applies the adapter; anything else is ``from_pretrained`` in its
+saved dtype. Weights are only read from safetensors; remote code runs only when the recipe trusts it.
+Prompts are rendered as training rendered them (`lora_ns.data.render.prompt_text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from lora_ns.builtin_models import resolve_model_path
+from lora_ns.checkpoints import safetensors_defect
+from lora_ns.config import Recipe, load_recipe
+from lora_ns.data.render import prompt_text, uses_chat_template
+from lora_ns.errors import Problem, UserError
+from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs, torch_dtype
+
+ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
+RESAVE = "re-save the adapter, or point at the training output_dir that holds it"
+PromptInput = str | list[dict[str, str]]
+
+
+class Prompt(NamedTuple):
+    text: str
+    add_special_tokens: bool  # not for chat text: the template carries its own special tokens
+
+
+@dataclass
+class Loaded:
+    model: Any  # in eval mode; .device is where inputs go
+    tokenizer: Any
+    task: str  # causal_lm | seq_cls | cpt
+    kind: str  # adapter | merged | base
+    path: str
+    recipe: Recipe | None = None
+
+
+# --- what a folder holds ----------------------------------------------------------------------------
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = str(err).splitlines()[0][:120]
+        raise UserError(Problem(str(path), "", f"not a readable adapter config ({reason})", RESAVE))
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise UserError(Problem(str(path), "peft_type", "missing: not a peft adapter config", RESAVE))
+    return config
+
+
+def check_adapter(folder: str | Path) -> None:
+    """The adapter's weights are whole safetensors (a pickle can run code when loaded)."""
+    read_adapter_config(folder)
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
+        found = "not found" + pickle * weights.with_suffix(".bin").is_file()
+        raise UserError(Problem(str(weights), "", found, "re-save the adapter as safetensors "
+                                "(save_pretrained), or point at a complete training output_dir"))
+    if why := safetensors_defect(weights):
+        raise UserError(Problem(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter"))
+
+
+def saved_recipe(folder: str | Path) -> Recipe | None:
+    """The resolved recipe training (or merge) saved beside the weights, if any."""
+    path = Path(folder) / RECIPE_FILE
+    return load_recipe(path) if path.is_file() else None
+
+
+def adapter_base(folder: str | Path, base: str | None = None, recipe: Recipe | None = None) -> str:
+    """`base`, else the base the adapter names; a builtin's cache folder that is gone is rebuilt from the
+    recipe's ``builtin:`` name."""
+    named = base or read_adapter_config(folder).get("base_model_name_or_path")
+    gone = not named or (os.path.isabs(named) and not Path(named).exists())
+    if not base and gone and recipe is not None:
+        named = recipe.model.name_or_path
+    if not named:
+        raise UserError(Problem(str(Path(folder) / ADAPTER_CONFIG), "base_model_name_or_path",
+                                "the adapter does not name its base model", "pass --base MODEL"))
+    return resolve_model_path(named)
+
+
+def detect_task(path: str | Path, recipe: Recipe | None = None) -> str:
+    if recipe is not None:
+        return recipe.task
+    if is_adapter_dir(path):
+        return "seq_cls" if read_adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm"
+    from transformers import AutoConfig
+
+    names = AutoConfig.from_pretrained(resolve_model_path(str(path))).architectures or []
+    return "seq_cls" if any(n.endswith("ForSequenceClassification") for n in names) else "causal_lm"
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_code: bool = False):
+    """The tokenizer saved with the model: a pad token as in training; left padding to generate."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template_text(recipe)
+    tokenizer.padding_side = "right" if task == "seq_cls" else "left"
+    return tokenizer
+
+
+def base_kwargs(recipe: Recipe | None, dtype: str | None, quantized: bool = True) -> dict[str, Any]:
+    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), `dtype` overriding."""
+    kwargs = model_kwargs(recipe) if recipe is not None else {"use_safetensors": True}
+    if not quantized:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    if dtype or recipe is None:
+        kwargs["dtype"] = torch_dtype(dtype) if dtype and dtype != "auto" else "auto"
+    return kwargs
+
+
+def cannot_load(path: str, flag: str, err: Exception) -> UserError:
+    """What transformers raises for a model it cannot read (missing, unreachable, only pickle weights, no
+    tokenizer it can build), as one line."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return UserError(Problem(path, flag, f"cannot load the model: {reason}", "check the path or hub id "
+                             "(offline, only local folders and builtin: models load)"))
+
+
+def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
+    """The task's model class from `path`; one that cannot be read is one line naming `flag`."""
+    try:
+        with head_loaded_next(task):  # an adapter's saved seq_cls head replaces the new one next
+            return auto_model_class(task).from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise cannot_load(path, flag, err) from None
+
+
+def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype: str | None = None
+         ) -> Loaded:
+    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any."""
+    import torch
+
+    local = Path(path)
+    if not local.exists() and path.startswith((os.sep, ".", "~")):
+        raise UserError(Problem(path, "--model", "model folder not found", "check the path (an output_dir?)"))
+    recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
+    trust = bool(recipe and recipe.model.trust_remote_code)
+    try:
+        task = detect_task(path, recipe)
+        if is_adapter_dir(local):
+            from peft import PeftModel
+
+            check_adapter(local)
+            base_path, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe, dtype), "adapter"
+            model = PeftModel.from_pretrained(from_pretrained(base_path, task, **kwargs), str(local))
+            tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base_path
+        else:
+            tokenizer_path = resolve_model_path(path)
+            kwargs = {**base_kwargs(None, dtype), "trust_remote_code": trust}
+            model = from_pretrained(tokenizer_path, task, **kwargs)
+            kind = "merged" if (local / MERGE_INFO).is_file() else "base"
+        tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
+    except (OSError, ValueError) as err:
+        raise cannot_load(path, "--model", err) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available() and "quantization_config" not in kwargs:
+        model.to("cuda")
+    return Loaded(model.eval(), tokenizer, task, kind, path, recipe)
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+def read_inputs(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .txt (one prompt a line) or .jsonl file ("prompt", "messages", "text" or "sentence1")."""
+    file, where = Path(path), str(path)
+    if not file.is_file():
+        raise UserError(Problem(where, "--input-file", "file not found", "check the path"))
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(Problem(where, "--input-file", f"cannot read it ({err})", "save it as UTF-8 text"))
+    jsonl, rows = file.suffix in (".jsonl", ".json"), []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            rows.append({"prompt": line})
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(Problem(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line",
+                                    number))
+        if not isinstance(row, dict) or not {"prompt", "messages", "text", "sentence1"} & set(row):
+            raise UserError(Problem(where, "prompt", "row has no prompt",
+                                    'give each line a "prompt" (or "messages") field', number))
+        rows.append(row)
+    if not rows:
+        raise UserError(Problem(where, "" if jsonl else "--input-file", "no prompts in the file",
+                                "add one prompt a line"))
+    return rows
+
+
+def prompt_of(row: dict[str, Any]) -> PromptInput:
+    """What a row asks: its messages without trailing assistant turns (a reference answer), or its text."""
+    if "messages" in row and "prompt" not in row:
+        messages = list(row["messages"])
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return messages
+    return row.get("prompt", row.get("text", row.get("sentence1", "")))
+
+
+def pair_of(row: dict[str, Any]) -> tuple[str, str | None]:
+    return (row["sentence1"], row.get("sentence2")) if "sentence1" in row else (str(prompt_of(row)), None)
+
+
+def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) -> Prompt:
+    """A prompt (or messages ending on a user turn) as the text the model continues: with a recipe as
+    training rendered it, else through the chat template when the tokenizer has one."""
+    listed = isinstance(prompt, list)
+    if recipe is None:
+        chat = listed or bool(tokenizer.chat_template)
+    else:
+        chat = listed or (recipe.task != "cpt" and uses_chat_template(recipe, tokenizer))
+    if chat and not tokenizer.chat_template:
+        raise UserError(Problem("<prompt>", "messages", "the model's tokenizer has no chat template",
+                                "give plain prompts, or set model.chat_template in the recipe"))
+    if recipe is not None and (chat or recipe.task != "cpt"):
+        # prompt_text renders up to the last assistant turn: an empty one stands for the reply to come
+        reply = {"role": "assistant", "content": ""}
+        example = {"messages": [*prompt, reply]} if listed else {"prompt": prompt, "completion": ""}
+        return Prompt(prompt_text(example, recipe, tokenizer), not chat)
+    if not chat:
+        return Prompt(prompt, True)
+    messages = prompt if listed else [{"role": "user", "content": prompt}]
+    return Prompt(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False)
+
+
+# --- running the model ------------------------------------------------------------------------------
+
+def _batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tokens: int = 256,
+             greedy: bool = True, temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8,
+             progress: bool = True, seed: int | None = None) -> list[str]:
+    """Completions for `prompts` (rendered with `recipe`, default the model's own), in input order."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    if seed is not None:
+        set_seed(seed)
+    tokenizer, recipe = loaded.tokenizer, recipe or loaded.recipe
+    tokenizer.padding_side = "left"
+    rendered = [render_prompt(tokenizer, p, recipe) for p in prompts]
+    encoded = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in rendered]
+    eos = loaded.model.generation_config.eos_token_id  # stop at the model's eos and at the tokenizer's
+    eos = {e for e in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if e is not None}
+    sample = not greedy and temperature > 0  # greedy: no sampling options (the model's own would warn)
+    options = {"temperature": temperature, "top_p": top_p} if sample else dict.fromkeys(
+        ["temperature", "top_p", "top_k"])
+    options.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=sorted(eos) or None)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    outputs = [""] * len(encoded)
+    for batch in tqdm(_batches(order, batch_size), desc="generating", unit="batch", disable=not progress):
+        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs.to(loaded.model.device), **options)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            outputs[i] = text.strip()
+    return outputs
+
+
+def classify(loaded, inputs: Sequence[str | tuple[str, str | None]], *, batch_size: int = 16,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """For each text (or sentence pair): {"label", "label_id", "probabilities": {label name: p}}."""
+    import torch
+    from tqdm.auto import tqdm
+
+    id2label = loaded.model.config.id2label or {}
+    names = [str(id2label.get(i, f"LABEL_{i}")) for i in range(loaded.model.config.num_labels)]
+    pairs = [x if isinstance(x, tuple) else (x, None) for x in inputs]
+    results: list[dict[str, Any]] = []
+    for batch in tqdm(_batches(list(range(len(pairs))), batch_size), desc="classifying", unit="batch",
+                      disable=not progress):
+        first, second = [pairs[i][0] for i in batch], [pairs[i][1] for i in batch]
+        enc = loaded.tokenizer(first, second if None not in second else None, padding=True, truncation=True,
+                               return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            results.append({"label": names[best], "label_id": best,
+                            "probabilities": {name: round(p, 6) for name, p in zip(names, row)}})
+    return results
+
+
+def reply_logprob(loaded, prompt: PromptInput, reply: str, recipe=None) -> float:
+    """log p(reply | prompt) summed over the reply's tokens, as DPO-style training scores it: a chat prompt
+    with the reply as the assistant turn (its end-of-turn token included), plain text otherwise."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if isinstance(prompt, list) and tokenizer.chat_template:
+        options = {"tokenize": True, "return_dict": False}
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **options)
+        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], **options)
+    else:
+        rendered = render_prompt(tokenizer, prompt, recipe)
+        head = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+        full = head + tokenizer(reply, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([full], device=model.device)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    return float(logprobs.gather(-1, ids[0, 1:, None])[len(head) - 1:].sum())
