@@ -109,6 +109,16 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """Add the adapter's eos (e.g. ChatML's <|im_end|> when trained with that template) to the eos ids the
+    saved generation config stops on, so plain transformers `generate` stops where training taught."""
+    config, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
+    known = [] if config is None else config.eos_token_id
+    known = known if isinstance(known, list) else [known]
+    if config is not None and eos is not None and eos not in known:
+        config.eos_token_id = [e for e in (*known, eos) if e is not None]
+
+
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
           requantize: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
@@ -136,6 +146,7 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     reference = probe_logits(model, tokenizer)
     merged = model.merge_and_unload()
+    stop_at_end_of_turn(merged, tokenizer)
     diff_fp32 = max_difference(probe_logits(merged, tokenizer), reference)
     merged = merged.to(torch_dtype(save_dtype))
     diff_saved = diff_fp32 if save_dtype == "fp32" else max_difference(probe_logits(merged, tokenizer),

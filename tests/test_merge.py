@@ -231,3 +231,20 @@ def test_rejects_what_cannot_be_merged(tmp_path, capsys, config, message):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UserError):
         merge(str(adapter), str(tmp_path / "o"))
+
+
+def test_merged_model_stops_at_the_end_of_turn_it_was_trained_with(tiny_llama, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    base = tmp_path / "base"  # a base whose own eos is not ChatML's end of turn
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(base)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
+    adapter = make_adapter(tmp_path / "adapter", [f"model.name_or_path={base}", "model.chat_template=chatml"])
+    merge(str(adapter), str(tmp_path / "merged"))
+    saved = GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (saved if isinstance(saved, list) else [saved])
