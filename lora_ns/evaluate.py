@@ -29,7 +29,7 @@ from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import classify, generate, load, prompt_of, reply_logprob
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
-                             perplexity)
+                             optional, perplexity)
 
 PROG = "lora_ns.evaluate"
 MATH_FORMATTERS = {"gsm8k", "metamath"}
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(Problem("<command line>", "--metric", f"{eval_kind(recipe)} evaluation has no "
                                 "predictions to score", "drop --metric for this recipe"))
     library = [library_metric(name) for name in args.metric]  # before the model: a bad name fails fast
+    if eval_kind(recipe) == "generation":  # BLEU/ROUGE are the `metrics` extra: check before the model
+        optional("sacrebleu"), optional("rouge_score.rouge_scorer")
     examples, where = eval_examples(recipe, args.split, args.data_file, args.limit)
 
     started = time.time()

@@ -55,10 +55,20 @@ def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
             "answer_found": sum(p is not None for p in predicted) / len(rows)}
 
 
+def optional(module: str):
+    """Import a module of the `metrics` extra, or say in one line how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(Problem("<metrics>", "", f"BLEU/ROUGE need {module.split('.')[0]}, not installed",
+                                "pip install 'lora_ns[metrics]'")) from None
+
+
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU in [0, 1]; Chinese/Japanese/Korean references are tokenized per character."""
-    import sacrebleu
-
+    sacrebleu = optional("sacrebleu")
     if not references:
         return 0.0
     tokenize = "zh" if any(re.search(f"[{_CJK}]", r or "") for r in references) else "13a"
@@ -76,8 +86,7 @@ class CharAwareTokenizer:
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure in [0, 1] (per character for CJK text)."""
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = optional("rouge_score.rouge_scorer")
     if not references:
         return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharAwareTokenizer())

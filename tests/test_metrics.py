@@ -53,3 +53,13 @@ def test_english_rouge_is_word_level_and_case_insensitive():
 def test_perplexity_is_exp_of_mean_loss():
     assert perplexity(math.log(10.0)) == pytest.approx(10.0)
     assert perplexity(1e6) == math.inf
+
+
+def test_bleu_without_the_metrics_extra_says_what_to_install(monkeypatch):
+    import sys
+
+    from lora_ns.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # `import sacrebleu` now fails as if not installed
+    with pytest.raises(UserError, match=r"pip install 'lora_ns\[metrics\]'"):
+        bleu(["a"], ["a"])
