@@ -91,9 +91,20 @@ def test_train_quickstart_script_runs_under_accelerate(tmp_path):
 
 # --- the gradio demo (gradio itself is an optional extra, not installed for the tests) ------------
 
+def load_demo():
+    """examples/chat_demo.py as a module (it is an example script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chat_demo", REPO / "examples" / "chat_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_demo_without_gradio_says_how_to_install_it(monkeypatch, capsys):
-    from lora_ns import demo
     from lora_ns.errors import run_cli
+
+    demo = load_demo()
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` raise ImportError
     assert run_cli(demo.PROG, lambda: demo.main(["--adapter", "outputs/none"])) == 2
@@ -103,7 +114,7 @@ def test_demo_without_gradio_says_how_to_install_it(monkeypatch, capsys):
 
 def test_demo_serves_a_chat_on_the_adapter(quick_start, monkeypatch):
     """With a stand-in gradio, the demo builds a ChatInterface whose function answers with the adapter."""
-    from lora_ns import demo
+    demo = load_demo()
 
     proc, out = quick_start
     assert proc.returncode == 0

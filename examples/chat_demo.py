@@ -1,4 +1,4 @@
-"""``python -m lora_ns.demo --adapter OUT_DIR``: chat with a trained model in the browser (gradio).
+"""``python examples/chat_demo.py --adapter OUT_DIR``: chat with a trained model in the browser (gradio).
 
 gradio is an optional extra (``pip install 'lora_ns[demo]'``); without it this says so in one line before
 loading anything. The model is loaded as `lora_ns.infer` loads it; a seq_cls model gets a classifier page
@@ -15,11 +15,11 @@ from typing import Any
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.inference import classify, generate, load
 
-PROG = "lora_ns.demo"
+PROG = "chat_demo"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python examples/chat_demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, metavar="DIR",
                         help="a training output dir (adapter), a merged dir, or a base model")
     parser.add_argument("--base", help="base model for the adapter (default: the one in adapter_config.json)")
