@@ -20,7 +20,8 @@ from lora_ns.memory import estimate_for_recipe
 from lora_ns.pretrain import describe_pretrain
 from lora_ns.setup import Checks, check_recipe_file
 from lora_ns.validate.launch import read_launch_config
-from lora_ns.validate.sample import show_sample
+from lora_ns.validate.data import SAMPLE_ROWS
+from lora_ns.validate.sample import SFT_TASKS, show_sample, training_rows
 
 PROG = "lora_ns.validate"
 
@@ -57,9 +58,19 @@ def memory_report(recipe: Recipe, args: argparse.Namespace, gpu_bytes: int) -> l
     """The per-GPU estimate (lora_ns.memory) for this launch, and a warning line when it will not fit."""
     cfg = read_launch_config(args.accelerate_config) if args.accelerate_config else None
     processes = int(cfg.data.get("num_processes") or 1) if cfg else 1
-    found = estimate_for_recipe(recipe, num_processes=processes, strategy=cfg.strategy if cfg else None)
+    found = estimate_for_recipe(recipe, processes, cfg.strategy if cfg else None, sampled_lengths(recipe, args))
     warning = found.verdict(gpu_bytes)
     return found.lines() + ([f"{PROG}: warning: memory: {warning}"] if warning else [])
+
+
+def sampled_lengths(recipe: Recipe, args: argparse.Namespace) -> list[int]:
+    """Tokens per row of the data sample as train tokenizes them (SFT tasks; [] without a sample)."""
+    if args.no_data or recipe.task not in SFT_TASKS:
+        return []
+    try:
+        return [len(row["input_ids"]) for row in training_rows(recipe, SAMPLE_ROWS)]
+    except UserError:  # e.g. a Hub dataset out of reach: the data checks said so already
+        return []
 
 
 def visible_gpu_memory() -> int | None:
