@@ -74,14 +74,16 @@ print(json.dumps({"step_peak": status("VmHWM") - before, "lengths": [len(e["inpu
 
 def bench_recipe(model: str, batch: int, max_length: int) -> dict:
     return {"model": {"name_or_path": model, "dtype": "fp32", "attn_implementation": "sdpa"},
-            "peft": {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+            "peft": {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                     "target_modules": "all-linear"},
             "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"},
-            "training": {"per_device_train_batch_size": batch, "max_length": max_length, "output_dir": "unused"}}
+            "training": {"per_device_train_batch_size": batch, "max_length": max_length,
+                         "output_dir": "unused"}}
 
 
 def measure(data: dict, rows: int, batch: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "MALLOC_TRIM_THRESHOLD_": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     out = subprocess.run([sys.executable, "-c", _STEPS, json.dumps(data), str(rows), str(batch)], env=env,
                          capture_output=True, text=True)
     if out.returncode:

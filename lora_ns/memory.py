@@ -142,7 +142,7 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
              checkpointing: bool = False, strategy: str | None = None, num_processes: int = 1,
              task: str = "causal_lm", num_labels: int = 2, seq_from: str = "") -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
-    `seq`: the tokens per row of the longest batch (see `batch_length`); `seq_from` says where it came from."""
+    `seq`: tokens per row of the longest batch (see `batch_length`); `seq_from`: where that came from."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
     settings, c, q = dict(locals()), torch_dtype(weights_dtype).itemsize, shape.quantizable

@@ -34,11 +34,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-data", action="store_true", help="skip reading a sample of the dataset")
     parser.add_argument("--no-model", action="store_true", help="skip loading the model config (meta device)")
     parser.add_argument("--accelerate-config", metavar="YAML",
-                        help="also check the recipe against this accelerate config (DeepSpeed/FSDP combinations)")
+                        help="also check the recipe against this accelerate config (DeepSpeed/FSDP)")
     parser.add_argument("--show-sample", nargs="?", type=int, const=3, metavar="N",
                         help="print N (default 3) training examples as train sees them, loss tokens marked")
     parser.add_argument("--gpu-memory", metavar="SIZE", type=memory_size,
-                        help="print the per-GPU memory estimate and warn when it is over 90%% of SIZE (24GiB, 80GB)")
+                        help="print the per-GPU memory estimate; warn over 90%% of SIZE (24GiB, 80GB)")
     return parser
 
 
@@ -58,7 +58,8 @@ def memory_report(recipe: Recipe, args: argparse.Namespace, gpu_bytes: int) -> l
     """The per-GPU estimate (lora_ns.memory) for this launch, and a warning line when it will not fit."""
     cfg = read_launch_config(args.accelerate_config) if args.accelerate_config else None
     processes = int(cfg.data.get("num_processes") or 1) if cfg else 1
-    found = estimate_for_recipe(recipe, processes, cfg.strategy if cfg else None, sampled_lengths(recipe, args))
+    strategy = cfg.strategy if cfg else None
+    found = estimate_for_recipe(recipe, processes, strategy, sampled_lengths(recipe, args))
     warning = found.verdict(gpu_bytes)
     return found.lines() + ([f"{PROG}: warning: memory: {warning}"] if warning else [])
 
@@ -82,8 +83,8 @@ def visible_gpu_memory() -> int | None:
 def describe_more(recipe: Recipe, args: argparse.Namespace) -> list[str]:
     """What validate prints under the OK line: pretraining's token budget, the memory estimate, a sample."""
     lines = describe_pretrain(recipe) if recipe.task == "pretrain" else []
-    if recipe.task != "pretrain" and not args.no_model and (gpu_bytes := args.gpu_memory or visible_gpu_memory()):
-        lines += memory_report(recipe, args, gpu_bytes)
+    if recipe.task != "pretrain" and not args.no_model and (gpu := args.gpu_memory or visible_gpu_memory()):
+        lines += memory_report(recipe, args, gpu)
     return lines + (show_sample(recipe, args.show_sample) if args.show_sample else [])
 
 
@@ -98,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
     checks = Checks(data=not args.no_data, model=not args.no_model, accelerate_config=args.accelerate_config)
     folder = Path(args.all) if args.all else None
-    paths = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")) if folder else [Path(args.recipe or "")]
+    paths = sorted(folder.glob("*.y*ml")) if folder else [Path(args.recipe or "")]
     if folder and not paths:
-        raise UserError(Problem(str(folder), "", "no recipe files found", "pass a folder holding *.yaml recipes"))
+        raise UserError(Problem(str(folder), "", "no recipe files found",
+                                "pass a folder holding *.yaml recipes"))
     if not (folder or args.recipe):
         raise UserError(Problem("<command line>", "", "no recipe given", "pass a recipe path, or --all"))
     failed = 0

@@ -1,10 +1,10 @@
-"""``validate --accelerate-config``: the accelerate config on its own, then recipe settings that clash with it.
+"""``validate --accelerate-config``: the accelerate config, then recipe settings that clash with it.
 
-accelerate's own loader (`load_config_from_file`) reads the file, so what `accelerate launch` rejects is
-rejected here the same way. The keys inside ``deepspeed_config`` / ``fsdp_config`` are then checked
-against `accelerate launch`'s own options: accelerate copies them onto its arguments without looking, so
-a misspelled one is silently ignored there. Each launch rule (a function of recipe and config) reports a
-combination known to crash, or to save a useless adapter; warnings depend on this machine (GPU count).
+accelerate's own loader reads the file, so what `accelerate launch` rejects is rejected here the same way.
+Keys inside ``deepspeed_config`` / ``fsdp_config`` are checked against `accelerate launch`'s options:
+accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there. Each
+launch rule reports a combination known to crash or to save a useless adapter; warnings depend on this
+machine (GPU count).
 """
 
 from __future__ import annotations
@@ -30,42 +30,30 @@ NESTED_SECTIONS = {"deepspeed_config": ("", ("zero", "offload_", "deepspeed_", "
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """accelerate's ClusterConfig as a dict (enums as their values), and the YAML line of each key."""
+    """accelerate's ClusterConfig as a dict (enums as their values), with the YAML line of each key."""
 
     path: str
     data: dict[str, Any]
     lines: dict[str, int]
+    kind: str  # distributed_type: NO, MULTI_GPU, DEEPSPEED, FSDP, ...
+    ds: dict[str, Any]  # deepspeed_config
+    fsdp: dict[str, Any]  # fsdp_config
+    mixed_precision: str | None
 
     def problem(self, key: str, message: str, fix: str = "", severity: str = "error") -> Problem:
         return Problem(self.path, key, message, fix, self.lines.get(key), severity)
-
-    @property
-    def kind(self) -> str:
-        return str(self.data.get("distributed_type", "NO"))
-
-    @property
-    def ds(self) -> dict[str, Any]:
-        return self.data.get("deepspeed_config") or {}
-
-    @property
-    def fsdp(self) -> dict[str, Any]:
-        return self.data.get("fsdp_config") or {}
 
     @property
     def zero3(self) -> bool:
         return self.kind == "DEEPSPEED" and str(self.ds.get("zero_stage", 2)) == "3"
 
     @property
-    def mixed_precision(self) -> str | None:
-        value = self.data.get("mixed_precision")
-        return None if value is None else str(value).lower()
-
-    @property
     def strategy(self) -> str | None:
-        """The sharding lora_ns.memory estimates for: zero3, fsdp2, zero2, ddp or None (one process)."""
+        """The sharding lora_ns.memory estimates: zero3, fsdp2, zero2, ddp, or None for one process."""
         if self.zero3 or self.kind == "FSDP":
             return "zero3" if self.zero3 else "fsdp2"
-        return "zero2" if self.kind == "DEEPSPEED" else "ddp" if int(self.data.get("num_processes") or 1) > 1 else None
+        processes = int(self.data.get("num_processes") or 1)
+        return "zero2" if self.kind == "DEEPSPEED" else "ddp" if processes > 1 else None
 
 
 def _flag(value: Any) -> bool:
@@ -81,41 +69,46 @@ def resolve_config_path(name: str | Path) -> Path:
 
 def read_launch_config(path: str | Path) -> LaunchConfig:
     """Load an accelerate config with accelerate's own loader; any failure is a one-line `UserError`.
-    We parse it too (JSON is YAML) only for the key lines and the raw keys accelerate's errors are about."""
+    We parse it too (JSON is YAML) for the key lines and the raw keys accelerate's errors are about."""
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
-    source = str(resolve_config_path(path))
+    source, start = str(resolve_config_path(path)), "start from one in accelerate_configs/"
     try:
         raw, lines = parse_yaml(Path(source).read_text(encoding="utf-8"), source)
     except FileNotFoundError:
         shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-        raise UserError(Problem(source, "", "accelerate config not found", f"pick one from accelerate_configs/ "
-                                f"({shipped})"))
+        raise UserError(Problem(source, "", "accelerate config not found",
+                                f"pick one from accelerate_configs/ ({shipped})"))
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(Problem(source, "", f"cannot read accelerate config: {err}", "save it as UTF-8 text"))
     if not isinstance(raw, dict):
-        raise UserError(Problem(source, "", "an accelerate config must be a mapping of keys",
-                                "start from one in accelerate_configs/"))
+        raise UserError(Problem(source, "", "an accelerate config must be a mapping of keys", start))
     try:
         loaded = load_config_from_file(source)
     except ValueError as err:
-        raise UserError(_loader_problems(source, raw, lines, str(err), set(ClusterConfig.__dataclass_fields__)))
+        known = set(ClusterConfig.__dataclass_fields__)
+        raise UserError(_loader_problems(source, raw, lines, str(err), known))
     except (TypeError, KeyError, AttributeError) as err:
-        raise UserError(Problem(source, "", f"accelerate cannot read it: {err}", "start from one in accelerate_configs/"))
-    return LaunchConfig(source, {k: getattr(v, "value", v) for k, v in vars(loaded).items()}, lines)
+        raise UserError(Problem(source, "", f"accelerate cannot read it: {err}", start))
+    data = {k: getattr(v, "value", v) for k, v in vars(loaded).items()}
+    precision = None if data.get("mixed_precision") is None else str(data["mixed_precision"]).lower()
+    return LaunchConfig(source, data, lines, str(data.get("distributed_type", "NO")),
+                        data.get("deepspeed_config") or {}, data.get("fsdp_config") or {}, precision)
 
 
-def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str, known: set[str]) -> list[Problem]:
+def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str,
+                     known: set[str]) -> list[Problem]:
     """accelerate's ValueError, as problems that name the key."""
     first = message.splitlines()[0]
     if "unknown keys" in message:
         extra = [k for k in raw if k not in known and k not in ("fp16", "dynamo_backend")]  # both converted
-        return [Problem(source, k, "unknown key (accelerate refuses the file)", _suggest(k, known), lines.get(k))
-                for k in extra] or [Problem(source, "", first)]
+        return [Problem(source, k, "unknown key (accelerate refuses the file)", _suggest(k, known),
+                        lines.get(k)) for k in extra] or [Problem(source, "", first)]
     if "distributed_type" in message or "DistributedType" in message:
         from accelerate.utils import DistributedType
 
-        return [Problem(source, "distributed_type", first, f"use one of: {', '.join(t.value for t in DistributedType)}",
+        kinds = ", ".join(t.value for t in DistributedType)
+        return [Problem(source, "distributed_type", first, f"use one of: {kinds}",
                         lines.get("distributed_type"))]
     return [Problem(source, "", first, "start from one in accelerate_configs/")]
 
@@ -145,7 +138,8 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
     options, allowed = launch_options(), allowed_values(cfg)
     precision = options["mixed_precision"].choices
     if cfg.mixed_precision is not None and cfg.mixed_precision not in precision:
-        yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}", f"use one of: {', '.join(precision)}")
+        yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}",
+                          f"use one of: {', '.join(precision)}")
     for section, (prefix, families) in NESTED_SECTIONS.items():
         known = {name for name in options if name.startswith(families)}
         for key, value in (cfg.data.get(section) or {}).items():
@@ -159,7 +153,8 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
             elif name in FSDP1_ONLY and str(cfg.fsdp.get("fsdp_version", 1)) == "2":
                 yield cfg.problem(path, "obsolete in FSDP2: accelerate drops it",
                                   "remove it (FSDP2 always uses the original parameters)", "warning")
-    if str(cfg.ds.get("offload_param_device", "none")) != "none" and cfg.kind == "DEEPSPEED" and not cfg.zero3:
+    offload = str(cfg.ds.get("offload_param_device", "none")) != "none"
+    if cfg.kind == "DEEPSPEED" and offload and not cfg.zero3:
         yield cfg.problem("deepspeed_config.offload_param_device", "parameter offload needs ZeRO stage 3",
                           "set zero_stage: 3, or offload_param_device: none")
     if cfg.kind == "FSDP" and str(cfg.fsdp.get("fsdp_version", 1)) == "1":
@@ -188,39 +183,42 @@ def eight_bit_not_shardable(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
 
 
 def quant_storage_matches_dtype(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
-    """ZeRO-3/FSDP flatten all parameters into one buffer per dtype: packed 4-bit weights must be stored in the
-    same dtype as the rest of the model, or sharding fails (QLoRA + FSDP/ZeRO-3 recipe in the PEFT docs)."""
+    """ZeRO-3/FSDP flatten all parameters into one buffer per dtype: packed 4-bit weights must be stored
+    in the dtype of the rest of the model, or sharding fails (QLoRA + FSDP/ZeRO-3 recipe in the PEFT docs)."""
     if not (r.quantization.load_in_4bit and (cfg.zero3 or cfg.kind == "FSDP")):
         return
     storage, dtype, how = r.quantization.bnb_4bit_quant_storage, training_dtype(r, cfg), cfg.strategy
     if dtype is None:
-        yield r.problem("model.dtype", f"4-bit + {how}: the training dtype must be fixed to match the quant storage",
-                        "set model.dtype: bf16 and quantization.bnb_4bit_quant_storage: bf16")
+        yield r.problem("model.dtype", f"4-bit + {how}: the training dtype must be fixed to match the quant "
+                        "storage", "set model.dtype: bf16 and quantization.bnb_4bit_quant_storage: bf16")
     elif storage != dtype:
-        yield r.problem("quantization.bnb_4bit_quant_storage", f"is {storage} but the model trains in {dtype}: "
-                        f"{how} cannot shard 4-bit weights stored in another dtype ({cfg.path})",
+        yield r.problem("quantization.bnb_4bit_quant_storage", f"is {storage} but the model trains in "
+                        f"{dtype}: {how} cannot shard 4-bit weights stored in another dtype ({cfg.path})",
                         f"set quantization.bnb_4bit_quant_storage: {dtype}")
 
 
 def zero3_flags(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
-    """QLoRA loads the 4-bit model straight into shards; the 16-bit gather is what saves the sharded adapter."""
+    """QLoRA loads the 4-bit model straight into shards; the 16-bit gather saves the sharded adapter."""
     if cfg.zero3 and r.quantization.load_in_4bit and not _flag(cfg.ds.get("zero3_init_flag", False)):
         yield cfg.problem("deepspeed_config.zero3_init_flag", "QLoRA with ZeRO-3 needs zero3_init_flag: true "
                           "(the 4-bit model is loaded straight into shards)", "set zero3_init_flag: true "
                           "(see accelerate_configs/deepspeed_zero3_qlora.yaml)")
     if cfg.zero3 and not _flag(cfg.ds.get("zero3_save_16bit_model", False)):
-        yield cfg.problem("deepspeed_config.zero3_save_16bit_model", "without it ZeRO-3 cannot gather the sharded "
-                          "weights, so the saved adapter would be empty", "set zero3_save_16bit_model: true")
+        yield cfg.problem("deepspeed_config.zero3_save_16bit_model", "without it ZeRO-3 cannot gather the "
+                          "sharded weights, so the saved adapter would be empty",
+                          "set zero3_save_16bit_model: true")
 
 
 def deepspeed_values_match(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     """Values set in both places must agree, or the HF DeepSpeed integration stops at start-up."""
-    pairs = (("gradient_accumulation_steps", "gradient_accumulation_steps", 1), ("gradient_clipping", "max_grad_norm", 1.0))
+    pairs = (("gradient_accumulation_steps", "gradient_accumulation_steps", 1),
+             ("gradient_clipping", "max_grad_norm", 1.0))
     for ds_key, recipe_key, default in pairs if cfg.kind == "DEEPSPEED" else ():
         value, wanted = cfg.ds.get(ds_key), r.training.get(recipe_key, default)
         if value not in (None, "auto") and float(value) != float(wanted):
             yield r.problem(f"training.{recipe_key}", f"is {wanted} but {cfg.path} sets {ds_key}: {value}",
-                            f"make them agree, or remove {ds_key} from the accelerate config (it then follows the recipe)")
+                            f"make them agree, or remove {ds_key} from the accelerate config "
+                            "(it then follows the recipe)")
 
 
 def fsdp_checkpointing(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
@@ -265,9 +263,9 @@ def mixed_precision_agrees(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
                         "or drop the flag from the recipe")
     elif ours not in ("off", theirs):
         field = f"training.{ours}" if ours in r.training else "model.dtype"
-        yield r.problem(field, f"the recipe trains in {ours} but {cfg.path} says mixed_precision: {theirs} "
-                        "(the recipe would win silently)", f"set mixed_precision: {ours} in the accelerate config, "
-                        "or change the recipe")
+        yield r.problem(field, f"the recipe trains in {ours} but {cfg.path} says mixed_precision: "
+                        f"{theirs} (the recipe would win silently)",
+                        f"set mixed_precision: {ours} in the accelerate config, or change the recipe")
 
 
 def visible_gpus(cfg: LaunchConfig) -> int:
@@ -287,16 +285,18 @@ def machine_fits(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     total, machines = int(cfg.data.get("num_processes") or 1), max(int(cfg.data.get("num_machines") or 1), 1)
     per_machine = total // machines if total > 0 else 0
     if not _flag(cfg.data.get("use_cpu", False)) and per_machine > (gpus := visible_gpus(cfg)):
-        yield cfg.problem("num_processes", f"{per_machine} processes per machine but this machine sees {gpus} "
-                          f"GPU{'s' if gpus != 1 else ''}", "pass --num_processes <GPUs> to accelerate launch "
-                          "(fine if the config is for another machine)", "warning")
+        yield cfg.problem("num_processes", f"{per_machine} processes per machine but this machine sees "
+                          f"{gpus} GPU{'s' if gpus != 1 else ''}",
+                          "pass --num_processes <GPUs> to accelerate launch (fine if the config is for "
+                          "another machine)", "warning")
     if cfg.kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         yield cfg.problem("distributed_type", "deepspeed is not installed here",
                           "pip install deepspeed on the training machine", "warning")
 
 
 LAUNCH_RULES: list[LaunchRule] = [eight_bit_not_shardable, quant_storage_matches_dtype, zero3_flags,
-                                  deepspeed_values_match, fsdp_checkpointing, mixed_precision_agrees, machine_fits]
+                                  deepspeed_values_match, fsdp_checkpointing, mixed_precision_agrees,
+                                  machine_fits]
 
 
 def check_launch(recipe: Recipe, accelerate_config_path: str) -> list[Problem]:

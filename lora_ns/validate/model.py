@@ -39,9 +39,9 @@ def check_model(recipe: Recipe) -> list[Problem]:
         return problems + [missing]
     config, why = load_config(recipe)
     if config is None:
-        return problems + [recipe.problem("model.name_or_path", f"model config not reachable ({why}); {SKIPPED}",
-                                          "run validate where the Hub (or the model folder) is reachable",
-                                          severity="warning")]
+        return problems + [recipe.problem("model.name_or_path", f"model config not reachable ({why}); "
+                                          f"{SKIPPED}", "run validate where the Hub (or the model folder) is "
+                                          "reachable", severity="warning")]
     try:
         from accelerate import init_empty_weights
 
@@ -50,8 +50,8 @@ def check_model(recipe: Recipe) -> list[Problem]:
                 config, trust_remote_code=recipe.model.trust_remote_code, attn_implementation="eager")
     except Exception as err:  # an architecture transformers can't build from its config alone
         return problems + [recipe.problem("model.name_or_path", f"model not built on the meta device "
-                                          f"({_first_line(err)}); {SKIPPED}",
-                                          "training will tell; or check the model's config", severity="warning")]
+                                          f"({_first_line(err)}); {SKIPPED}", "training will tell; or check "
+                                          "the model's config", severity="warning")]
     return problems + (target_module_problems(recipe, model) or [parameter_count(recipe, model)])
 
 
@@ -132,7 +132,8 @@ def target_module_problems(recipe: Recipe, model) -> list[Problem]:
             linears = {n.rsplit(".", 1)[-1]: None for n, module in model.named_modules()
                        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"}
             problems.append(recipe.problem(f"peft.{key}", f"no module named {', '.join(missing)} in "
-                                           f"{type(model).__name__}", f"linear layers there: {', '.join(linears)}"))
+                                           f"{type(model).__name__}",
+                                           f"linear layers there: {', '.join(linears)}"))
     return problems
 
 

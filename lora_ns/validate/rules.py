@@ -30,7 +30,8 @@ Rule = Callable[[Recipe], Iterator[Problem]]
 def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
     q = r.quantization
     if r.peft.method == "qlora" and not q.load_in_4bit:
-        yield r.problem("peft.method", "qlora needs a 4-bit base model", "set quantization.load_in_4bit: true")
+        yield r.problem("peft.method", "qlora needs a 4-bit base model",
+                        "set quantization.load_in_4bit: true")
     if q.load_in_4bit and q.load_in_8bit:
         yield r.problem("quantization.load_in_8bit", "4-bit and 8-bit are both set", "choose one of them")
     if r.quantized and r.peft.method == "full":
@@ -41,7 +42,8 @@ def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
 def seq_cls_labels_and_head(r: Recipe) -> Iterator[Problem]:
     m, saved = r.model, r.peft.options.get("modules_to_save")
     if r.task == "seq_cls" and not (m.num_labels or m.labels):
-        yield r.problem("model.num_labels", "seq_cls needs the number of classes", "set model.num_labels (e.g. 2)")
+        yield r.problem("model.num_labels", "seq_cls needs the number of classes",
+                        "set model.num_labels (e.g. 2)")
     if m.num_labels and m.labels and m.num_labels != len(m.labels):
         yield r.problem("model.labels", f"{len(m.labels)} names for num_labels={m.num_labels}",
                         "give one name per class")
@@ -79,13 +81,15 @@ AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gr
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
-    """Values SFTConfig / TrainingArguments / LoraConfig accept but training crashes on (or learns nothing from)."""
+    """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from)."""
     t = r.training
     for key in AT_LEAST_ONE:
         if (v := _number(t.get(key))) is not None and v < 1:
-            yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1", f"set training.{key}: 1")
+            yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
+                            f"set training.{key}: 1")
     if (lr := _number(t.get("learning_rate"))) is not None and lr < 0:
-        yield r.problem("training.learning_rate", f"learning_rate {lr} is negative", "use a positive rate such as 2e-4")
+        yield r.problem("training.learning_rate", f"learning_rate {lr} is negative",
+                        "use a positive rate such as 2e-4")
     if r.task != "seq_cls" and (n := _number(t.get("max_length"))) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
@@ -94,7 +98,7 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
         if on and (v := _number(t.get(key))) is not None and v <= 0:
             yield r.problem(f"training.{key}", f"{key} {t[key]} with {strategy} 'steps' never fires",
                             f"set training.{key} > 0 (a step count, or a fraction < 1 of the run)")
-    # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it for other methods)
+    # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
     if (alpha := _number(r.peft.options.get("lora_alpha"))) is not None and alpha <= 0:
         yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
                         "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
@@ -131,13 +135,14 @@ def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
 # --- safety and reliability -----------------------------------------------------------------------
 
 SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
-# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque string of letters and digits.
+# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque run of letters and digits.
 _SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
 _OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
 
 
 def looks_like_secret(value: Any) -> bool:
-    return isinstance(value, str) and bool(_SECRET_SHAPES.match(value.strip()) or _OPAQUE.match(value.strip()))
+    text = value.strip() if isinstance(value, str) else ""
+    return bool(_SECRET_SHAPES.match(text) or _OPAQUE.match(text))
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
@@ -156,7 +161,7 @@ def no_secrets_in_recipe(r: Recipe) -> Iterator[Problem]:
         if path == "training.hub_token" and value:
             yield r.problem(path, "a hub token in a recipe is copied into the output dir and logs",
                             "export HF_TOKEN instead (huggingface_hub reads it from the environment)")
-        elif any(word in path.rsplit(".", 1)[-1].lower() for word in SECRET_KEY_WORDS) and looks_like_secret(value):
+        elif any(w in path.rsplit(".", 1)[-1].lower() for w in SECRET_KEY_WORDS) and looks_like_secret(value):
             yield r.problem(path, "this looks like a secret token (value not shown)",
                             "export HF_TOKEN instead and remove it from the recipe")
 
@@ -171,7 +176,8 @@ def output_dir_usable(r: Recipe) -> Iterator[Problem]:
         yield problem
     elif is_finished(r.output_dir) and not r.training.get("overwrite_output_dir"):
         yield r.problem("training.output_dir", f"{r.output_dir} already holds a finished run: training will "
-                        "refuse it", "choose another output_dir, or set training.overwrite_output_dir: true", "warning")
+                        "refuse it", "choose another output_dir, or set training.overwrite_output_dir: true",
+                        "warning")
 
 
 def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
@@ -187,11 +193,13 @@ def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
         saved = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         why = "not found" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__})"
-        yield r.problem("peft.init_from", f"{config_file} {why}", "point it at an adapter folder (a training output_dir)")
+        yield r.problem("peft.init_from", f"{config_file} {why}",
+                        "point it at an adapter folder (a training output_dir)")
         return
     kind, method, model = str(saved.get("peft_type", "")).upper(), r.peft.method, r.model.name_or_path
     if kind != PEFT_TYPES[method]:
-        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is {method}",
+        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
+                        f"{method}",
                         f"set peft.method to the adapter's method, or start a fresh {method} adapter")
     if r.peft.options:
         yield r.problem("peft.init_from", "the adapter's own config is used; ignoring "
@@ -211,8 +219,9 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, seq_cls_labels_and_head, data_splits, values_in_range, names_resolve, local_model_paths_exist,
-    no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, checkpoints_are_saved, init_adapter_fits,
+    quantization_fits_method, seq_cls_labels_and_head, data_splits, values_in_range, names_resolve,
+    local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
+    checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
 ]
 
