@@ -14,8 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lora_ns.config import Recipe, _suggest
-from lora_ns.errors import Problem, UserError
+from lora_ns.config import Recipe
+from lora_ns.errors import Problem, UserError, suggest
 from lora_ns.model import gradient_checkpointing
 from lora_ns.yaml_reader import parse_yaml
 
@@ -102,7 +102,7 @@ def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str
     first = message.splitlines()[0]
     if "unknown keys" in message:
         extra = [k for k in raw if k not in known and k not in ("fp16", "dynamo_backend")]  # both converted
-        return [Problem(source, k, "unknown key (accelerate refuses the file)", _suggest(k, known),
+        return [Problem(source, k, "unknown key (accelerate refuses the file)", suggest(k, known),
                         lines.get(k)) for k in extra] or [Problem(source, "", first)]
     if "distributed_type" in message or "DistributedType" in message:
         from accelerate.utils import DistributedType
@@ -147,7 +147,7 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
             choices = options[name].choices or allowed.get(name) if name in known else None
             if name not in known:
                 yield cfg.problem(path, "unknown key (accelerate launch would silently ignore it)",
-                                  _suggest(name, known))
+                                  suggest(name, known))
             elif choices and str(value) not in choices:
                 yield cfg.problem(path, f"got {value!r}", f"use one of: {', '.join(choices)}")
             elif name in FSDP1_ONLY and str(cfg.fsdp.get("fsdp_version", 1)) == "2":
