@@ -103,14 +103,14 @@ def test_step_peak_matches_measurement(checkpointing):
 
 
 def test_variable_length_rows_are_estimated_at_the_longest_row_not_max_length():
-    """Rows of 32..191 tokens under max_length 512, in batches padded to their longest row (as the collator
-    pads): the peak batch is 191 tokens long. Same band and reasoning as above; padding adds a bool
-    attention mask (8 x 191 x 191 bytes, < 1 MB). Assuming max_length for every row (what the estimate
-    did before) is ~2.7x too much, far outside the band, so this fails if the length is not the real one."""
+    """Rows of 32..181 tokens under max_length 512, in batches padded to their longest row (as the collator
+    pads): the peak batch is 181 tokens long. Same band and reasoning as above; padding adds a bool
+    attention mask (8 x 181 x 181 bytes, < 1 MB). Assuming max_length for every row (what the estimate
+    did before) is ~2.8x too much, far outside the band, so this fails if the length is not the real one."""
     from lora_ns.config import parse_recipe
     from lora_ns.memory import batch_length
 
-    lengths = [32 + (37 * i) % 160 for i in range(3 * BATCH)]  # 3 batches, deterministic, longest 191
+    lengths = [32 + (37 * i) % 160 for i in range(3 * BATCH)]  # 3 batches, deterministic, longest 181
     recipe = parse_recipe({"model": {"name_or_path": "builtin:tiny-qwen2"},
                            "dataset": {"path": "sample:gsm8k"},
                            "training": {"max_length": 512, "per_device_train_batch_size": BATCH}}, "r.yaml")
