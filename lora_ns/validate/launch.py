@@ -239,30 +239,22 @@ def fsdp_checkpointing(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
                             f"set training.{name}: {{use_reentrant: false}}")
 
 
-def trainer_precision(r: Recipe) -> str | None:
-    """What lora_ns.train sets on the Trainer: "bf16"/"fp16" (then the launcher's mixed_precision is ignored),
-    "off" when the recipe turns both off explicitly (then the launcher's value is used), None when it
-    depends on the machine (dtype auto) or the recipe leaves it to the launcher (fp32 weights)."""
-    t, dtype = r.training, r.model.dtype
-    flags = {name: t.get(name, None if dtype == "auto" else dtype == name) for name in ("fp16", "bf16")}
-    on = [name for name, value in flags.items() if value]
-    if on:
-        return on[0]
-    return "off" if ("bf16" in t or "fp16" in t) and None not in flags.values() else None
-
-
 def mixed_precision_agrees(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
-    """transformers takes the Trainer's bf16/fp16 flags over the launcher's mixed_precision without a word."""
-    ours, theirs = trainer_precision(r), cfg.mixed_precision
-    if ours is None or theirs is None:
+    """transformers takes the Trainer's bf16/fp16 flags over the launcher's mixed_precision without a word.
+    lora_ns.train sets them from the recipe's flags, else from model.dtype; with dtype auto the machine
+    decides, and fp32 weights leave mixed precision to the launcher: nothing to compare then."""
+    t, dtype, theirs = r.training, r.model.dtype, cfg.mixed_precision
+    flags = {name: t.get(name, None if dtype == "auto" else dtype == name) for name in ("fp16", "bf16")}
+    ours = next((name for name, value in flags.items() if value), None)
+    if theirs is None:
         return
-    if ours == "off" and theirs != "no":
-        field = "training.bf16" if "bf16" in r.training else "training.fp16"
+    if not ours and ("bf16" in t or "fp16" in t) and None not in flags.values() and theirs != "no":
+        field = "training.bf16" if "bf16" in t else "training.fp16"
         yield r.problem(field, f"the recipe turns mixed precision off but {cfg.path} says mixed_precision: "
                         f"{theirs}, which then applies", "set mixed_precision: no in the accelerate config, "
                         "or drop the flag from the recipe")
-    elif ours not in ("off", theirs):
-        field = f"training.{ours}" if ours in r.training else "model.dtype"
+    elif ours and ours != theirs:
+        field = f"training.{ours}" if ours in t else "model.dtype"
         yield r.problem(field, f"the recipe trains in {ours} but {cfg.path} says mixed_precision: "
                         f"{theirs} (the recipe would win silently)",
                         f"set mixed_precision: {ours} in the accelerate config, or change the recipe")
