@@ -7,7 +7,9 @@
 - LoRA adapters are fp32 (peft's autocast_adapter_dtype): fp32 grads, two fp32 AdamW moments, 16 bytes
   per param. Full fine-tuning keeps params, grads and moments in the load dtype (no fp32 master copy).
 - activations: what autograd saves per layer per token (`_layer_bytes`); with checkpointing, each
-  layer's input plus the one layer being recomputed.
+  layer's input plus the one layer being recomputed. Tokens are batch x the length batches really have
+  (`batch_length`): the collator pads a batch to its longest row, not to max_length, so the peak batch is
+  as long as the longest row (capped at max_length); packing fills every row to max_length.
 - logits: the loss upcasts batch x seq x vocab to fp32; log_softmax's backward holds its fp32 output and
   the fp32 gradient in and out: 12 bytes per logit at the peak.
 ZeRO-2 shards grads and optimizer state over the processes, ZeRO-3/FSDP2 the weights too. `total`
@@ -16,13 +18,19 @@ compares with torch.cuda.max_memory_allocated; `verdict` adds the CUDA context.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
+
+from lora_ns.builtin_models import resolve_model_path
+from lora_ns.config import Recipe
+from lora_ns.data.stats import SFT_DEFAULT_MAX_LENGTH
+from lora_ns.errors import UserError
+from lora_ns.model import gradient_checkpointing, torch_dtype
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
 STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,9 @@ class MemoryEstimate:
 
     def lines(self) -> list[str]:
         s = self.settings
+        seq_from = f" ({s['seq_from']})" if s["seq_from"] else ""
         head = (f"per-GPU memory estimate ({s['strategy'] or 'ddp'} over {s['num_processes']}; batch "
-                f"{s['batch']} x {s['seq']} tokens, {s['quant'] or s['weights_dtype']} weights, "
+                f"{s['batch']} x {s['seq']} tokens{seq_from}, {s['quant'] or s['weights_dtype']} weights, "
                 f"gradient checkpointing {'on' if s['checkpointing'] else 'off'})")
         rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
                 ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
@@ -131,11 +140,12 @@ def _layer_bytes(shape: Shape, c: int, lora_r: int, dropout: bool) -> float:
 def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16", quant: str | None = None,
              method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
              checkpointing: bool = False, strategy: str | None = None, num_processes: int = 1,
-             task: str = "causal_lm", num_labels: int = 2) -> MemoryEstimate:
-    """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU)."""
+             task: str = "causal_lm", num_labels: int = 2, seq_from: str = "") -> MemoryEstimate:
+    """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
+    `seq`: tokens per row of the longest batch (see `batch_length`); `seq_from`: where that came from."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
-    settings, c, q = dict(locals()), _BYTES[weights_dtype], shape.quantizable
+    settings, c, q = dict(locals()), torch_dtype(weights_dtype).itemsize, shape.quantizable
     kbit_prep = quant is not None and strategy not in ("zero3", "fsdp2")
     packed = {None: q * c, "nf4": q / 2 + q / 64 * 4, "nf4-dq": q / 2 + q / 64 + q / 64 / 256 * 4,
               "int8": q + shape.linear_out_rows * 4}[quant]
@@ -171,13 +181,25 @@ def estimate_for_config(config, **settings) -> MemoryEstimate:
     return estimate(shape=shape_from_config(config), **settings)
 
 
-def estimate_for_recipe(recipe, num_processes: int = 1, strategy: str | None = None) -> MemoryEstimate:
-    """The estimate for a lora_ns Recipe, with lora_ns's own defaults (checkpointing, dtype "auto" = bf16)."""
-    from transformers import AutoConfig
+def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, str]:
+    """Tokens per row of the longest batch, and where that figure comes from. Packing fills rows to
+    max_length; otherwise the collator pads each batch to its longest row, so the peak batch is as long as
+    the longest tokenized row (capped at max_length), rounded up to pad_to_multiple_of."""
+    t = recipe.training
+    limit = int(t.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
+    if t.get("packing") or not row_lengths:
+        return limit, "packed to max_length" if t.get("packing") else "max_length: no data sample"
+    capped = ", capped at max_length" if max(row_lengths) > limit else ""
+    multiple = int(t.get("pad_to_multiple_of") or 1)
+    seq = math.ceil(min(max(row_lengths), limit) / multiple) * multiple
+    return seq, f"the longest of {len(row_lengths)} sampled rows{capped}"
 
-    from lora_ns.builtin_models import resolve_model_path
-    from lora_ns.errors import UserError
-    from lora_ns.model import gradient_checkpointing  # lora_ns's default: on for quantized models
+
+def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | None = None,
+                        row_lengths: Sequence[int] = ()) -> MemoryEstimate:
+    """The estimate for a lora_ns Recipe, with lora_ns's own defaults (checkpointing, dtype "auto" = bf16);
+    `row_lengths`: tokens per row of a data sample, as training tokenizes them (see `batch_length`)."""
+    from transformers import AutoConfig
 
     m, t, qz = recipe.model, recipe.training, recipe.quantization
     try:
@@ -189,8 +211,9 @@ def estimate_for_recipe(recipe, num_processes: int = 1, strategy: str | None = N
     quant = ("nf4-dq" if qz.bnb_4bit_use_double_quant else "nf4") if qz.load_in_4bit else None
     quant = "int8" if qz.load_in_8bit else quant
     options, method = recipe.peft.options, recipe.peft.method
+    seq, seq_from = batch_length(recipe, row_lengths)
     return estimate_for_config(
-        config, batch=int(t.get("per_device_train_batch_size", 8)), seq=int(t.get("max_length") or 1024),
+        config, batch=int(t.get("per_device_train_batch_size", 8)), seq=seq, seq_from=seq_from,
         weights_dtype="bf16" if m.dtype == "auto" else m.dtype, quant=quant,
         method="full" if method == "full" else "lora", lora_r=int(options.get("r", 8)),
         lora_dropout=float(options.get("lora_dropout", 0.0)) > 0, optim=str(t.get("optim", "adamw_torch")),

@@ -40,7 +40,7 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-cfg, batch, seq = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cfg, batch, lengths = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 checkpointing = sys.argv[4] == "1"
 torch.manual_seed(0)
 config = Qwen2Config(**cfg)
@@ -51,28 +51,36 @@ if checkpointing:
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                          task_type="CAUSAL_LM"))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.randint(0, config.vocab_size, (batch, seq))
+rows = [torch.randint(1, config.vocab_size, (n,)) for n in lengths]
 model.train()
 
-def step():
-    model(input_ids=ids, labels=ids).loss.backward()
+def step(chunk):  # padded to the chunk's longest row, as the collator pads a batch
+    longest = max(len(r) for r in chunk)
+    ids = torch.stack([torch.cat([r, r.new_zeros(longest - len(r))]) for r in chunk])
+    mask = torch.stack([torch.arange(longest) < len(r) for r in chunk]).long()
+    padded = not bool(mask.all())
+    labels = ids.masked_fill(mask == 0, -100)
+    model(input_ids=ids, attention_mask=mask if padded else None, labels=labels).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-step()
+batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+step(batches[0])
 gc.collect()
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-step()
+for chunk in batches:
+    step(chunk)
 print(json.dumps({"step_peak": status("VmHWM") - before}))
 """
 
 
-def measured_step_peak(checkpointing: bool) -> int:
+def measured_step_peak(checkpointing: bool, lengths: list[int] = [SEQ] * BATCH) -> int:
+    """The highest step peak over batches of BATCH rows of these lengths (after a warm-up on the first)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
            "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, "-c", _STEP, json.dumps(CONFIG), str(BATCH), str(SEQ),
+    out = subprocess.run([sys.executable, "-c", _STEP, json.dumps(CONFIG), str(BATCH), json.dumps(lengths),
                           "1" if checkpointing else "0"], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["step_peak"]
 
@@ -82,8 +90,8 @@ def tiny_estimate(**settings):
 
     from lora_ns.memory import estimate_for_config
 
-    return estimate_for_config(Qwen2Config(**CONFIG), batch=BATCH, seq=SEQ, weights_dtype="fp32", lora_r=16,
-                               **settings)
+    return estimate_for_config(Qwen2Config(**CONFIG), **{"batch": BATCH, "seq": SEQ, **settings},
+                               weights_dtype="fp32", lora_r=16)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -92,6 +100,42 @@ def test_step_peak_matches_measurement(checkpointing):
     predicted = est.activations + est.logits + est.gradients  # a step adds these to weights + optimizer
     measured = measured_step_peak(checkpointing)
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured, est.lines())
+
+
+def test_variable_length_rows_are_estimated_at_the_longest_row_not_max_length():
+    """Rows of 32..181 tokens under max_length 512, in batches padded to their longest row (as the collator
+    pads): the peak batch is 181 tokens long. Same band and reasoning as above; padding adds a bool
+    attention mask (8 x 181 x 181 bytes, < 1 MB). Assuming max_length for every row (what the estimate
+    did before) is ~2.8x too much, far outside the band, so this fails if the length is not the real one."""
+    from lora_ns.config import parse_recipe
+    from lora_ns.memory import batch_length
+
+    lengths = [32 + (37 * i) % 160 for i in range(3 * BATCH)]  # 3 batches, deterministic, longest 181
+    recipe = parse_recipe({"model": {"name_or_path": "builtin:tiny-qwen2"},
+                           "dataset": {"path": "sample:gsm8k"},
+                           "training": {"max_length": 512, "per_device_train_batch_size": BATCH}}, "r.yaml")
+    seq, seq_from = batch_length(recipe, lengths)
+    assert (seq, seq_from) == (max(lengths), f"the longest of {len(lengths)} sampled rows")
+    measured = measured_step_peak(False, lengths)
+    for estimate, fits in ((tiny_estimate(seq=seq), True), (tiny_estimate(seq=512), False)):
+        predicted = estimate.activations + estimate.logits + estimate.gradients
+        assert (abs(predicted - measured) <= TOLERANCE * measured) is fits, (predicted, measured, seq)
+
+
+def test_batch_length_follows_packing_padding_multiple_and_the_cap():
+    from lora_ns.config import parse_recipe
+    from lora_ns.memory import batch_length
+
+    def recipe(**training):
+        return parse_recipe({"model": {"name_or_path": "builtin:tiny-qwen2"},
+                             "dataset": {"path": "sample:gsm8k"},
+                             "training": {"max_length": 256, **training}}, "r.yaml")
+
+    assert batch_length(recipe(), [10, 100]) == (100, "the longest of 2 sampled rows")
+    assert batch_length(recipe(pad_to_multiple_of=64), [10, 100]) == (128, "the longest of 2 sampled rows")
+    assert batch_length(recipe(), [10, 900]) == (256, "the longest of 2 sampled rows, capped at max_length")
+    assert batch_length(recipe(packing=True), [10, 100]) == (256, "packed to max_length")
+    assert batch_length(recipe(), []) == (256, "max_length: no data sample")
 
 
 def test_weights_and_lora_state_are_exact_counts():
@@ -151,4 +195,7 @@ def test_estimate_for_recipe_reads_the_recipe(tmp_path):
     est = estimate_for_recipe(load_recipe(path), num_processes=2, strategy="zero2")
     assert est.settings["checkpointing"] is True  # lora_ns turns it on for quantized models
     assert (est.settings["batch"], est.settings["seq"], est.settings["quant"]) == (2, 64, "nf4-dq")
-    assert est.lines()[0].startswith("per-GPU memory estimate (zero2 over 2; batch 2 x 64 tokens")
+    assert est.lines()[0].startswith("per-GPU memory estimate (zero2 over 2; batch 2 x 64 tokens "
+                                     "(max_length: no data sample)")
+    sampled = estimate_for_recipe(load_recipe(path), row_lengths=[20, 30])
+    assert sampled.settings["seq"] == 30 and "(the longest of 2 sampled rows)" in sampled.lines()[0]

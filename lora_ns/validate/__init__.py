@@ -1,13 +1,7 @@
-"""Recipe checks behind ``python -m lora_ns.validate`` (the command line is in ``__main__``).
-
-- `rules`: our own cross-field rules, only what the libraries do not check themselves;
-- `model`: the model config and the model on the meta device, with the peft config applied;
-- `data`: a sample of rows through training's formatter, renderer and tokenizer;
-- `launch`: the recipe against an accelerate config (DeepSpeed / FSDP combinations).
-
-They run inside train's own set-up (`lora_ns.setup.setup`), which builds the real training
-arguments and peft config: validate is train's set-up stopped before the weights.
-"""
+"""Recipe checks behind ``python -m lora_ns.validate`` (the command line is in ``__main__``): `rules` (our own
+cross-field rules), `model` (config and meta-device model with the peft config), `data` (a row sample through
+training's tokenization), `launch` (the recipe against an accelerate config). They run inside train's own
+set-up (`lora_ns.setup.setup`): validate is train's set-up stopped before the weights."""
 
 from lora_ns.setup import Checks, check_recipe_file
 
@@ -15,7 +9,8 @@ __all__ = ["Checks", "check_recipe_file", "main", "make_parser"]
 
 
 def __getattr__(name: str):
-    """The command line (`main`, `make_parser`, for `lora-ns validate`) is imported only when asked for."""
+    """`main` / `make_parser` (for `lora-ns validate`), imported only when asked for: importing ``__main__``
+    here would make ``python -m lora_ns.validate`` find it already in sys.modules (runpy warns)."""
     if name in ("main", "make_parser"):
         from lora_ns.validate import __main__ as command
 

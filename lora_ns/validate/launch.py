@@ -1,75 +1,59 @@
-"""Launch checks for ``validate --accelerate-config``: recipe settings that clash with DDP/DeepSpeed/FSDP.
+"""``validate --accelerate-config``: the accelerate config, then recipe settings that clash with it.
 
-The accelerate config is read with accelerate's own loader (`load_config_from_file`), so a file
-`accelerate launch` would reject is rejected here the same way. Beyond that loader, the keys inside
-``deepspeed_config`` / ``fsdp_config`` are checked against `accelerate launch`'s own options: accelerate
-copies them onto its arguments without looking, so a misspelled one is silently ignored there.
-
-Then each rule (a small function of the recipe and the config) reports a combination known to fail
-or to do something other than what the user asked for. Errors are combinations that crash or save
-a useless adapter; warnings depend on the machine the check runs on (GPU count).
+accelerate's own loader reads the file, so what `accelerate launch` rejects is rejected here the same way.
+Keys inside ``deepspeed_config`` / ``fsdp_config`` are checked against `accelerate launch`'s options:
+accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there. Each
+launch rule reports a combination known to crash or to save a useless adapter; warnings depend on this
+machine (GPU count).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem, UserError, suggest
+from lora_ns.model import gradient_checkpointing
 from lora_ns.yaml_reader import parse_yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "accelerate_configs"
+FSDP1_ONLY = ("fsdp_use_orig_params", "fsdp_sync_module_states", "fsdp_backward_prefetch",
+              "fsdp_forward_prefetch", "fsdp_sharding_strategy")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+# accelerate copies these sections' keys onto `accelerate launch` options: (prefix it adds, option families).
+NESTED_SECTIONS = {"deepspeed_config": ("", ("zero", "offload_", "deepspeed_", "gradient_")),
+                   "fsdp_config": ("fsdp_", ("fsdp_",))}
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """An accelerate config file as accelerate reads it, plus its YAML line numbers for messages."""
+    """accelerate's ClusterConfig as a dict (enums as their values), with the YAML line of each key."""
 
     path: str
-    data: dict[str, Any]  # accelerate's ClusterConfig, as a dict (enums as their string values)
-    lines: dict[str, int] = field(default_factory=dict)
+    data: dict[str, Any]
+    lines: dict[str, int]
+    kind: str  # distributed_type: NO, MULTI_GPU, DEEPSPEED, FSDP, ...
+    ds: dict[str, Any]  # deepspeed_config
+    fsdp: dict[str, Any]  # fsdp_config
+    mixed_precision: str | None
 
     def problem(self, key: str, message: str, fix: str = "", severity: str = "error") -> Problem:
         return Problem(self.path, key, message, fix, self.lines.get(key), severity)
 
     @property
-    def kind(self) -> str:
-        return str(self.data.get("distributed_type", "NO"))
-
-    @property
-    def ds(self) -> dict[str, Any]:
-        return self.data.get("deepspeed_config") or {}
-
-    @property
-    def fsdp(self) -> dict[str, Any]:
-        return self.data.get("fsdp_config") or {}
-
-    @property
-    def zero_stage(self) -> int | None:
-        return int(self.ds.get("zero_stage", 2)) if self.kind == "DEEPSPEED" else None
-
-    @property
     def zero3(self) -> bool:
-        return self.zero_stage == 3
+        return self.kind == "DEEPSPEED" and str(self.ds.get("zero_stage", 2)) == "3"
 
     @property
-    def is_fsdp(self) -> bool:
-        return self.kind == "FSDP"
-
-    @property
-    def shards_params(self) -> bool:
-        """ZeRO-3 and FSDP split every weight across ranks (ZeRO-2 and DDP keep a full copy per GPU)."""
-        return self.zero3 or self.is_fsdp
-
-    @property
-    def mixed_precision(self) -> str | None:
-        value = self.data.get("mixed_precision")
-        return None if value is None else str(value).lower()
+    def strategy(self) -> str | None:
+        """The sharding lora_ns.memory estimates: zero3, fsdp2, zero2, ddp, or None for one process."""
+        if self.zero3 or self.kind == "FSDP":
+            return "zero3" if self.zero3 else "fsdp2"
+        processes = int(self.data.get("num_processes") or 1)
+        return "zero2" if self.kind == "DEEPSPEED" else "ddp" if processes > 1 else None
 
 
 def _flag(value: Any) -> bool:
@@ -77,81 +61,56 @@ def _flag(value: Any) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
 
 
-def _suggest(word: str, options: set[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else "see accelerate_configs/README.md for the keys accelerate knows"
-
-
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "accelerate_configs"
-
-
 def resolve_config_path(name: str | Path) -> Path:
     """A path as given, or the name of a shipped config (``fsdp2`` -> accelerate_configs/fsdp2.yaml)."""
-    path = Path(name)
-    shipped = CONFIGS_DIR / f"{path.stem}.yaml"
-    if not path.exists() and path.parent == Path(".") and shipped.is_file():
-        return shipped
-    return path
-
-
-def _read_mapping(source: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """The file's raw mapping and the YAML line of each key; unreadable or malformed files are a `UserError`."""
-    try:
-        text = Path(source).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(Problem(source, "", "accelerate config not found",
-                                f"pick one from accelerate_configs/ ({', '.join(shipped_configs())})"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(Problem(source, "", f"cannot read accelerate config: {err}", "save it as UTF-8 text"))
-    is_json = source.endswith(".json")
-    try:
-        raw, lines = (json.loads(text), {}) if is_json else parse_yaml(text, source)
-    except json.JSONDecodeError as err:
-        raise UserError(Problem(source, "", f"invalid JSON: {err.msg}", "fix the syntax there", err.lineno))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(Problem(source, "", f"invalid YAML: {reason}", "fix the indentation/quoting there",
-                                mark.line + 1 if mark else None))
-    if not isinstance(raw, dict):
-        raise UserError(Problem(source, "", "an accelerate config must be a mapping of keys",
-                                "start from one in accelerate_configs/"))
-    return raw, lines
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    path, shipped = Path(name), CONFIGS_DIR / f"{Path(name).stem}.yaml"
+    return shipped if not path.exists() and path.parent == Path(".") and shipped.is_file() else path
 
 
 def read_launch_config(path: str | Path) -> LaunchConfig:
-    """Load an accelerate config with accelerate's own loader; any failure is a one-line `UserError`."""
+    """Load an accelerate config with accelerate's own loader; any failure is a one-line `UserError`.
+    We parse it too (JSON is YAML) for the key lines and the raw keys accelerate's errors are about."""
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
-    source = str(resolve_config_path(path))
-    raw, lines = _read_mapping(source)
+    source, start = str(resolve_config_path(path)), "start from one in accelerate_configs/"
+    try:
+        raw, lines = parse_yaml(Path(source).read_text(encoding="utf-8"), source)
+    except FileNotFoundError:
+        shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+        raise UserError(Problem(source, "", "accelerate config not found",
+                                f"pick one from accelerate_configs/ ({shipped})"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(Problem(source, "", f"cannot read accelerate config: {err}", "save it as UTF-8 text"))
+    if not isinstance(raw, dict):
+        raise UserError(Problem(source, "", "an accelerate config must be a mapping of keys", start))
     try:
         loaded = load_config_from_file(source)
     except ValueError as err:
-        raise UserError(_loader_problems(source, raw, lines, str(err), set(ClusterConfig.__dataclass_fields__)))
+        known = set(ClusterConfig.__dataclass_fields__)
+        raise UserError(_loader_problems(source, raw, lines, str(err), known))
     except (TypeError, KeyError, AttributeError) as err:
-        raise UserError(Problem(source, "", f"accelerate cannot read it: {err}",
-                                "start from one in accelerate_configs/"))
+        raise UserError(Problem(source, "", f"accelerate cannot read it: {err}", start))
     data = {k: getattr(v, "value", v) for k, v in vars(loaded).items()}
-    return LaunchConfig(source, data, lines)
+    precision = None if data.get("mixed_precision") is None else str(data["mixed_precision"]).lower()
+    return LaunchConfig(source, data, lines, str(data.get("distributed_type", "NO")),
+                        data.get("deepspeed_config") or {}, data.get("fsdp_config") or {}, precision)
 
 
-def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str, known: set[str]) -> list[Problem]:
-    """Turn accelerate's ValueError into problems that name the key."""
+def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str,
+                     known: set[str]) -> list[Problem]:
+    """accelerate's ValueError, as problems that name the key."""
+    first = message.splitlines()[0]
     if "unknown keys" in message:
         extra = [k for k in raw if k not in known and k not in ("fp16", "dynamo_backend")]  # both converted
-        return [Problem(source, k, "unknown key (accelerate refuses the file)", _suggest(k, known), lines.get(k))
-                for k in extra] or [Problem(source, "", message.splitlines()[0])]
+        return [Problem(source, k, "unknown key (accelerate refuses the file)", suggest(k, known),
+                        lines.get(k)) for k in extra] or [Problem(source, "", first)]
     if "distributed_type" in message or "DistributedType" in message:
         from accelerate.utils import DistributedType
 
-        return [Problem(source, "distributed_type", message.splitlines()[0],
-                        f"use one of: {', '.join(t.value for t in DistributedType)}", lines.get("distributed_type"))]
-    return [Problem(source, "", message.splitlines()[0], "start from one in accelerate_configs/")]
+        kinds = ", ".join(t.value for t in DistributedType)
+        return [Problem(source, "distributed_type", first, f"use one of: {kinds}",
+                        lines.get("distributed_type"))]
+    return [Problem(source, "", first, "start from one in accelerate_configs/")]
 
 
 # --- the config file on its own ---------------------------------------------------------------------
@@ -164,66 +123,43 @@ def launch_options() -> dict[str, Any]:
     return {a.dest: a for a in launch_command_parser()._actions}
 
 
-FSDP1_ONLY = ("fsdp_use_orig_params", "fsdp_sync_module_states", "fsdp_backward_prefetch", "fsdp_forward_prefetch",
-              "fsdp_sharding_strategy")
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+def allowed_values(cfg: LaunchConfig) -> dict[str, tuple[str, ...]]:
+    """Nested values accelerate passes on unchecked (its launch options have no choices for them)."""
+    from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE
+
+    two = str(cfg.fsdp.get("fsdp_version", 1)) == "2"
+    return {"zero_stage": ("0", "1", "2", "3"), "offload_optimizer_device": OFFLOAD_DEVICES,
+            "offload_param_device": OFFLOAD_DEVICES, "fsdp_auto_wrap_policy": tuple(FSDP_AUTO_WRAP_POLICY),
+            "fsdp_state_dict_type": tuple(FSDP2_STATE_DICT_TYPE if two else FSDP_STATE_DICT_TYPE)}
 
 
-# accelerate copies these sections' keys onto `accelerate launch` options: (prefix it adds, option names).
-NESTED_SECTIONS = {"deepspeed_config": ("", ("zero", "offload_", "deepspeed_", "gradient_")),
-                   "fsdp_config": ("fsdp_", ("fsdp_",))}
-
-
-def nested_key_problems(cfg: LaunchConfig) -> Iterator[Problem]:
-    """Keys under deepspeed_config / fsdp_config that accelerate launch would silently ignore."""
-    options = launch_options()
+def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
+    """Keys and values accelerate launch would silently ignore, or reject only once every node has started."""
+    options, allowed = launch_options(), allowed_values(cfg)
+    precision = options["mixed_precision"].choices
+    if cfg.mixed_precision is not None and cfg.mixed_precision not in precision:
+        yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}",
+                          f"use one of: {', '.join(precision)}")
     for section, (prefix, families) in NESTED_SECTIONS.items():
         known = {name for name in options if name.startswith(families)}
         for key, value in (cfg.data.get(section) or {}).items():
             name, path = (key if key.startswith(prefix) else prefix + key), f"{section}.{key}"
+            choices = options[name].choices or allowed.get(name) if name in known else None
             if name not in known:
                 yield cfg.problem(path, "unknown key (accelerate launch would silently ignore it)",
-                                  _suggest(name, known))
-            elif options[name].choices and str(value) not in options[name].choices:
-                yield cfg.problem(path, f"got {value!r}", f"use one of: {', '.join(options[name].choices)}")
-
-
-def value_problems(cfg: LaunchConfig) -> Iterator[Problem]:
-    """Values accelerate only rejects once the job has started on every node."""
-    from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE
-
-    precision = launch_options()["mixed_precision"].choices
-    if cfg.mixed_precision is not None and cfg.mixed_precision not in precision:
-        yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}", f"use one of: {', '.join(precision)}")
-    if cfg.kind == "DEEPSPEED":
-        if str(cfg.ds.get("zero_stage", 2)) not in ("0", "1", "2", "3"):
-            yield cfg.problem("deepspeed_config.zero_stage", f"got {cfg.ds['zero_stage']!r}", "use 0, 1, 2 or 3")
-        for key in ("offload_optimizer_device", "offload_param_device"):
-            if key in cfg.ds and str(cfg.ds[key]).lower() not in OFFLOAD_DEVICES:
-                yield cfg.problem(f"deepspeed_config.{key}", f"got {cfg.ds[key]!r}",
-                                  f"use one of: {', '.join(OFFLOAD_DEVICES)}")
-        if "offload_param_device" in cfg.ds and str(cfg.ds["offload_param_device"]) != "none" and not cfg.zero3:
-            yield cfg.problem("deepspeed_config.offload_param_device", "parameter offload needs ZeRO stage 3",
-                              "set zero_stage: 3, or offload_param_device: none")
-    if cfg.is_fsdp:
-        version = str(cfg.fsdp.get("fsdp_version", 1))
-        policy = cfg.fsdp.get("fsdp_auto_wrap_policy")
-        if policy is not None and policy not in FSDP_AUTO_WRAP_POLICY:
-            yield cfg.problem("fsdp_config.fsdp_auto_wrap_policy", f"got {policy!r}",
-                              f"use one of: {', '.join(FSDP_AUTO_WRAP_POLICY)}")
-        kinds = FSDP2_STATE_DICT_TYPE if version == "2" else FSDP_STATE_DICT_TYPE
-        state = cfg.fsdp.get("fsdp_state_dict_type")
-        if state is not None and state not in kinds:
-            yield cfg.problem("fsdp_config.fsdp_state_dict_type", f"got {state!r} for FSDP{version}",
-                              f"use one of: {', '.join(kinds)}")
-        if version == "2":
-            for key in FSDP1_ONLY:
-                if key in cfg.fsdp:
-                    yield cfg.problem(f"fsdp_config.{key}", "obsolete in FSDP2: accelerate drops it",
-                                      "remove it (FSDP2 always uses the original parameters)", "warning")
-        elif version == "1":
-            yield cfg.problem("fsdp_config.fsdp_version", "FSDP1 is deprecated in accelerate 1.x",
-                              "set fsdp_version: 2 (see accelerate_configs/fsdp2.yaml)", "warning")
+                                  suggest(name, known))
+            elif choices and str(value) not in choices:
+                yield cfg.problem(path, f"got {value!r}", f"use one of: {', '.join(choices)}")
+            elif name in FSDP1_ONLY and str(cfg.fsdp.get("fsdp_version", 1)) == "2":
+                yield cfg.problem(path, "obsolete in FSDP2: accelerate drops it",
+                                  "remove it (FSDP2 always uses the original parameters)", "warning")
+    offload = str(cfg.ds.get("offload_param_device", "none")) != "none"
+    if cfg.kind == "DEEPSPEED" and offload and not cfg.zero3:
+        yield cfg.problem("deepspeed_config.offload_param_device", "parameter offload needs ZeRO stage 3",
+                          "set zero_stage: 3, or offload_param_device: none")
+    if cfg.kind == "FSDP" and str(cfg.fsdp.get("fsdp_version", 1)) == "1":
+        yield cfg.problem("fsdp_config.fsdp_version", "FSDP1 is deprecated in accelerate 1.x",
+                          "set fsdp_version: 2 (see accelerate_configs/fsdp2.yaml)", "warning")
 
 
 # --- the recipe with the config -----------------------------------------------------------------------
@@ -235,11 +171,8 @@ def training_dtype(r: Recipe, cfg: LaunchConfig) -> str | None:
     """The dtype the weights train in: the recipe's model.dtype, else its/the config's mixed precision."""
     if r.model.dtype != "auto":
         return r.model.dtype
-    if r.training.get("bf16"):
-        return "bf16"
-    if r.training.get("fp16"):
-        return "fp16"
-    return cfg.mixed_precision if cfg.mixed_precision in ("bf16", "fp16") else None
+    flag = "bf16" if r.training.get("bf16") else "fp16" if r.training.get("fp16") else None
+    return flag or (cfg.mixed_precision if cfg.mixed_precision in ("bf16", "fp16") else None)
 
 
 def eight_bit_not_shardable(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
@@ -250,46 +183,39 @@ def eight_bit_not_shardable(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
 
 
 def quant_storage_matches_dtype(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
-    """ZeRO-3/FSDP flatten all parameters into one buffer per dtype: packed 4-bit weights must be stored in the
-    same dtype as the rest of the model, or sharding fails (QLoRA + FSDP/ZeRO-3 recipe in the PEFT docs)."""
-    if not (r.quantization.load_in_4bit and cfg.shards_params):
+    """ZeRO-3/FSDP flatten all parameters into one buffer per dtype: packed 4-bit weights must be stored
+    in the dtype of the rest of the model, or sharding fails (QLoRA + FSDP/ZeRO-3 recipe in the PEFT docs)."""
+    if not (r.quantization.load_in_4bit and (cfg.zero3 or cfg.kind == "FSDP")):
         return
-    storage, dtype = r.quantization.bnb_4bit_quant_storage, training_dtype(r, cfg)
-    how = "ZeRO-3" if cfg.zero3 else "FSDP"
+    storage, dtype, how = r.quantization.bnb_4bit_quant_storage, training_dtype(r, cfg), cfg.strategy
     if dtype is None:
-        yield r.problem("model.dtype", f"4-bit + {how}: the training dtype must be fixed to match the quant storage",
-                        "set model.dtype: bf16 and quantization.bnb_4bit_quant_storage: bf16")
+        yield r.problem("model.dtype", f"4-bit + {how}: the training dtype must be fixed to match the quant "
+                        "storage", "set model.dtype: bf16 and quantization.bnb_4bit_quant_storage: bf16")
     elif storage != dtype:
-        yield r.problem("quantization.bnb_4bit_quant_storage", f"is {storage} but the model trains in {dtype}: "
-                        f"{how} cannot shard 4-bit weights stored in another dtype ({cfg.path})",
+        yield r.problem("quantization.bnb_4bit_quant_storage", f"is {storage} but the model trains in "
+                        f"{dtype}: {how} cannot shard 4-bit weights stored in another dtype ({cfg.path})",
                         f"set quantization.bnb_4bit_quant_storage: {dtype}")
 
 
-def zero3_qlora_init_flag(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
+def zero3_flags(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
+    """QLoRA loads the 4-bit model straight into shards; the 16-bit gather saves the sharded adapter."""
     if cfg.zero3 and r.quantization.load_in_4bit and not _flag(cfg.ds.get("zero3_init_flag", False)):
         yield cfg.problem("deepspeed_config.zero3_init_flag", "QLoRA with ZeRO-3 needs zero3_init_flag: true "
                           "(the 4-bit model is loaded straight into shards)", "set zero3_init_flag: true "
                           "(see accelerate_configs/deepspeed_zero3_qlora.yaml)")
-
-
-def zero3_saves_adapter(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     if cfg.zero3 and not _flag(cfg.ds.get("zero3_save_16bit_model", False)):
-        yield cfg.problem("deepspeed_config.zero3_save_16bit_model", "without it ZeRO-3 cannot gather the sharded "
-                          "weights, so the saved adapter would be empty", "set zero3_save_16bit_model: true")
+        yield cfg.problem("deepspeed_config.zero3_save_16bit_model", "without it ZeRO-3 cannot gather the "
+                          "sharded weights, so the saved adapter would be empty",
+                          "set zero3_save_16bit_model: true")
 
 
 def deepspeed_values_match(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     """Values set in both places must agree, or the HF DeepSpeed integration stops at start-up."""
-    if cfg.kind != "DEEPSPEED":
-        return
     pairs = (("gradient_accumulation_steps", "gradient_accumulation_steps", 1),
              ("gradient_clipping", "max_grad_norm", 1.0))
-    for ds_key, recipe_key, default in pairs:
-        value = cfg.ds.get(ds_key)
-        if value in (None, "auto"):
-            continue
-        wanted = r.training.get(recipe_key, default)
-        if float(value) != float(wanted):
+    for ds_key, recipe_key, default in pairs if cfg.kind == "DEEPSPEED" else ():
+        value, wanted = cfg.ds.get(ds_key), r.training.get(recipe_key, default)
+        if value not in (None, "auto") and float(value) != float(wanted):
             yield r.problem(f"training.{recipe_key}", f"is {wanted} but {cfg.path} sets {ds_key}: {value}",
                             f"make them agree, or remove {ds_key} from the accelerate config "
                             "(it then follows the recipe)")
@@ -298,9 +224,7 @@ def deepspeed_values_match(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
 def fsdp_checkpointing(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     """Reentrant checkpointing re-runs forward inside backward, where FSDP's hooks do not expect it.
     transformers 5 defaults to use_reentrant: false, so only an explicit true is a problem."""
-    from lora_ns.model import gradient_checkpointing  # the recipe's choice, or lora_ns's default for it
-
-    if not (cfg.is_fsdp and gradient_checkpointing(r)):
+    if not (cfg.kind == "FSDP" and gradient_checkpointing(r)):  # the recipe's choice, or lora_ns's default
         return
     t = r.training
     field = f"training.{'activation' if 'activation_checkpointing' in t else 'gradient'}_checkpointing"
@@ -315,33 +239,25 @@ def fsdp_checkpointing(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
                             f"set training.{name}: {{use_reentrant: false}}")
 
 
-def trainer_precision(r: Recipe) -> str | None:
-    """What lora_ns.train sets on the Trainer: "bf16"/"fp16" (then the launcher's mixed_precision is ignored),
-    "off" when the recipe turns both off explicitly (then the launcher's value is used), None when it
-    depends on the machine (dtype auto) or the recipe leaves it to the launcher (fp32 weights)."""
-    t, dtype = r.training, r.model.dtype
-    flags = {name: t.get(name, None if dtype == "auto" else dtype == name) for name in ("fp16", "bf16")}
-    on = [name for name, value in flags.items() if value]
-    if on:
-        return on[0]
-    return "off" if ("bf16" in t or "fp16" in t) and None not in flags.values() else None
-
-
 def mixed_precision_agrees(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
-    """transformers takes the Trainer's bf16/fp16 flags over the launcher's mixed_precision without a word."""
-    ours, theirs = trainer_precision(r), cfg.mixed_precision
-    if ours is None or theirs is None:
+    """transformers takes the Trainer's bf16/fp16 flags over the launcher's mixed_precision without a word.
+    lora_ns.train sets them from the recipe's flags, else from model.dtype; with dtype auto the machine
+    decides, and fp32 weights leave mixed precision to the launcher: nothing to compare then."""
+    t, dtype, theirs = r.training, r.model.dtype, cfg.mixed_precision
+    flags = {name: t.get(name, None if dtype == "auto" else dtype == name) for name in ("fp16", "bf16")}
+    ours = next((name for name, value in flags.items() if value), None)
+    if theirs is None:
         return
-    if ours == "off" and theirs != "no":
-        field = "training.bf16" if "bf16" in r.training else "training.fp16"
+    if not ours and ("bf16" in t or "fp16" in t) and None not in flags.values() and theirs != "no":
+        field = "training.bf16" if "bf16" in t else "training.fp16"
         yield r.problem(field, f"the recipe turns mixed precision off but {cfg.path} says mixed_precision: "
                         f"{theirs}, which then applies", "set mixed_precision: no in the accelerate config, "
                         "or drop the flag from the recipe")
-    elif ours not in ("off", theirs):
-        field = f"training.{ours}" if ours in r.training else "model.dtype"
-        yield r.problem(field, f"the recipe trains in {ours} but {cfg.path} says mixed_precision: {theirs} "
-                        "(the recipe would win silently)", f"set mixed_precision: {ours} in the accelerate config, "
-                        "or change the recipe")
+    elif ours and ours != theirs:
+        field = f"training.{ours}" if ours in t else "model.dtype"
+        yield r.problem(field, f"the recipe trains in {ours} but {cfg.path} says mixed_precision: "
+                        f"{theirs} (the recipe would win silently)",
+                        f"set mixed_precision: {ours} in the accelerate config, or change the recipe")
 
 
 def visible_gpus(cfg: LaunchConfig) -> int:
@@ -354,32 +270,25 @@ def visible_gpus(cfg: LaunchConfig) -> int:
     return count
 
 
-def processes_fit_gpus(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
-    """A warning: the config may well be meant for another machine than the one validating it."""
-    if _flag(cfg.data.get("use_cpu", False)):
-        return
-    total, machines = int(cfg.data.get("num_processes") or 1), max(int(cfg.data.get("num_machines") or 1), 1)
-    per_machine = total // machines if total > 0 else 0
-    gpus = visible_gpus(cfg)
-    if per_machine > gpus:
-        seen = f"this machine sees {gpus} GPU{'s' if gpus != 1 else ''}"
-        yield cfg.problem("num_processes", f"{per_machine} processes per machine but {seen}",
-                          "pass --num_processes <GPUs> to accelerate launch (fine if the config is for another "
-                          "machine)", "warning")
-
-
-def deepspeed_installed(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
+def machine_fits(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
+    """Warnings only: the config may well be meant for another machine than the one validating it."""
     import importlib.util
 
+    total, machines = int(cfg.data.get("num_processes") or 1), max(int(cfg.data.get("num_machines") or 1), 1)
+    per_machine = total // machines if total > 0 else 0
+    if not _flag(cfg.data.get("use_cpu", False)) and per_machine > (gpus := visible_gpus(cfg)):
+        yield cfg.problem("num_processes", f"{per_machine} processes per machine but this machine sees "
+                          f"{gpus} GPU{'s' if gpus != 1 else ''}",
+                          "pass --num_processes <GPUs> to accelerate launch (fine if the config is for "
+                          "another machine)", "warning")
     if cfg.kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         yield cfg.problem("distributed_type", "deepspeed is not installed here",
                           "pip install deepspeed on the training machine", "warning")
 
 
-LAUNCH_RULES: list[LaunchRule] = [
-    eight_bit_not_shardable, quant_storage_matches_dtype, zero3_qlora_init_flag, zero3_saves_adapter,
-    deepspeed_values_match, fsdp_checkpointing, mixed_precision_agrees, processes_fit_gpus, deepspeed_installed,
-]
+LAUNCH_RULES: list[LaunchRule] = [eight_bit_not_shardable, quant_storage_matches_dtype, zero3_flags,
+                                  deepspeed_values_match, fsdp_checkpointing, mixed_precision_agrees,
+                                  machine_fits]
 
 
 def check_launch(recipe: Recipe, accelerate_config_path: str) -> list[Problem]:
@@ -388,7 +297,7 @@ def check_launch(recipe: Recipe, accelerate_config_path: str) -> list[Problem]:
         cfg = read_launch_config(accelerate_config_path)
     except UserError as err:
         return err.problems
-    problems = list(nested_key_problems(cfg)) + list(value_problems(cfg))
+    problems = list(config_problems(cfg))
     if any(p.is_error for p in problems):
         return problems
     return problems + [p for rule in LAUNCH_RULES for p in rule(recipe, cfg)]

@@ -1,48 +1,49 @@
-"""Cross-field rules: each a small named function from a Recipe to the problems it finds.
+"""Cross-field rules: each a small named function from a Recipe to the problems it finds, listed in RULES.
 
-They run after the schema check and need no model weights, inside train's set-up (`lora_ns.setup`),
-which then builds the real SFTConfig / TrainingArguments and peft config: what those objects check
-themselves (at most one of bf16 and fp16, scheduler and optimizer names, negative warmup_steps,
-logging_steps 0, ...) is not repeated here. These rules cover what the libraries accept and then fail
-on mid-run, or silently train nothing with. Add a rule by writing a function and listing it in RULES;
-every message says how to fix the recipe.
+They run after the schema check, without weights, inside train's set-up (`lora_ns.setup`), which then
+builds the real SFTConfig / TrainingArguments and peft config: what those check themselves (bf16 with
+fp16, scheduler names, ...) is not repeated. These rules cover what the libraries accept, then fail on
+mid-run or silently train nothing with; every message says how to fix the recipe.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lora_ns.adapters import SEQ_CLS_HEADS
+from lora_ns.builtin_models import BUILDERS, PREFIX
+from lora_ns.checkpoints import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe
+from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem
+from lora_ns.hf_fields import PEFT_TYPES, peft_fields
 from lora_ns.preference import check_preference_recipe
+from lora_ns.pretrain import check_pretrain
 
 Rule = Callable[[Recipe], Iterator[Problem]]
-ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3")
 
 
-def qlora_needs_4bit(r: Recipe) -> Iterator[Problem]:
-    if r.peft.method == "qlora" and not r.quantization.load_in_4bit:
-        yield r.problem("peft.method", "qlora needs a 4-bit base model", "set quantization.load_in_4bit: true")
-
-
-def one_quantization(r: Recipe) -> Iterator[Problem]:
-    if r.quantization.load_in_4bit and r.quantization.load_in_8bit:
+def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
+    q = r.quantization
+    if r.peft.method == "qlora" and not q.load_in_4bit:
+        yield r.problem("peft.method", "qlora needs a 4-bit base model",
+                        "set quantization.load_in_4bit: true")
+    if q.load_in_4bit and q.load_in_8bit:
         yield r.problem("quantization.load_in_8bit", "4-bit and 8-bit are both set", "choose one of them")
-
-
-def quantized_needs_adapter(r: Recipe) -> Iterator[Problem]:
     if r.quantized and r.peft.method == "full":
         yield r.problem("peft.method", "a quantized model cannot be fully fine-tuned",
                         "use peft.method: qlora (or lora), or turn quantization off")
 
 
-def seq_cls_needs_labels(r: Recipe) -> Iterator[Problem]:
-    m = r.model
+def seq_cls_labels_and_head(r: Recipe) -> Iterator[Problem]:
+    m, saved = r.model, r.peft.options.get("modules_to_save")
     if r.task == "seq_cls" and not (m.num_labels or m.labels):
-        yield r.problem("model.num_labels", "seq_cls needs the number of classes", "set model.num_labels (e.g. 2)")
+        yield r.problem("model.num_labels", "seq_cls needs the number of classes",
+                        "set model.num_labels (e.g. 2)")
     if m.num_labels and m.labels and m.num_labels != len(m.labels):
         yield r.problem("model.labels", f"{len(m.labels)} names for num_labels={m.num_labels}",
                         "give one name per class")
@@ -50,29 +51,22 @@ def seq_cls_needs_labels(r: Recipe) -> Iterator[Problem]:
         twice = sorted({name for name in m.labels if m.labels.count(name) > 1})
         yield r.problem("model.labels", f"{', '.join(twice)} named twice (label ids map names one to one)",
                         "give each class its own name")
+    adapts_modules = "target_modules" in peft_fields(r.peft.method)  # lora/qlora/adalora/ia3
+    if r.task == "seq_cls" and adapts_modules and saved is not None and not set(saved) & set(SEQ_CLS_HEADS):
+        yield r.problem("peft.modules_to_save", "the classification head is not trained or saved",
+                        f"add the head to it, e.g. modules_to_save: [{', '.join(SEQ_CLS_HEADS)}]")
 
 
-def seq_cls_head_saved(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.adapters import SEQ_CLS_HEADS
-
-    saved = r.peft.options.get("modules_to_save")
-    if r.task == "seq_cls" and r.peft.method in ADAPTER_METHODS and saved is not None:
-        if not set(saved) & set(SEQ_CLS_HEADS):
-            yield r.problem("peft.modules_to_save", "the classification head is not trained or saved",
-                            f"add the head to it, e.g. modules_to_save: [{', '.join(SEQ_CLS_HEADS)}]")
-
-
-def eval_needs_val_split(r: Recipe) -> Iterator[Problem]:
-    strategy = str(r.training.get("eval_strategy", "no"))
-    if strategy != "no" and r.dataset.val_split is None:
+def data_splits(r: Recipe) -> Iterator[Problem]:
+    strategy, v = str(r.training.get("eval_strategy", "no")), r.dataset.val_split
+    if strategy != "no" and v is None:
         yield r.problem("training.eval_strategy", f"eval_strategy '{strategy}' but no validation data",
                         "set dataset.val_split (a split name or a fraction like 0.1)")
-    if r.training.get("eval_on_start") and r.dataset.val_split is None:
+    if r.training.get("eval_on_start") and v is None:
         yield r.problem("training.eval_on_start", "eval_on_start but no validation data",
                         "set dataset.val_split, or training.eval_on_start: false")
-
-
-def streaming_needs_max_steps(r: Recipe) -> Iterator[Problem]:
+    if isinstance(v, float) and not 0 < v < 1:
+        yield r.problem("dataset.val_split", f"fraction {v} is not between 0 and 1", "use e.g. 0.1")
     if r.dataset.streaming and int(r.training.get("max_steps", -1)) <= 0:
         yield r.problem("training.max_steps", "a streamed dataset has no length, so epochs are undefined",
                         "set training.max_steps")
@@ -86,15 +80,15 @@ def _number(value: Any) -> float | None:
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 
 
-def training_values_in_range(r: Recipe) -> Iterator[Problem]:
-    """Values SFTConfig / TrainingArguments accept but training crashes on (or learns nothing from)."""
+def values_in_range(r: Recipe) -> Iterator[Problem]:
+    """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from)."""
     t = r.training
     for key in AT_LEAST_ONE:
         if (v := _number(t.get(key))) is not None and v < 1:
             yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
                             f"set training.{key}: 1")
     if (lr := _number(t.get("learning_rate"))) is not None and lr < 0:
-        yield r.problem("training.learning_rate", f"learning_rate {t['learning_rate']} is negative",
+        yield r.problem("training.learning_rate", f"learning_rate {lr} is negative",
                         "use a positive rate such as 2e-4")
     if r.task != "seq_cls" and (n := _number(t.get("max_length"))) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
@@ -104,193 +98,139 @@ def training_values_in_range(r: Recipe) -> Iterator[Problem]:
         if on and (v := _number(t.get(key))) is not None and v <= 0:
             yield r.problem(f"training.{key}", f"{key} {t[key]} with {strategy} 'steps' never fires",
                             f"set training.{key} > 0 (a step count, or a fraction < 1 of the run)")
-
-
-def peft_values_in_range(r: Recipe) -> Iterator[Problem]:
-    """LoRA's scale is lora_alpha / r: peft accepts any alpha, but 0 trains nothing and < 0 is no scale."""
-    alpha = _number(r.peft.options.get("lora_alpha"))
-    if r.peft.method in ("lora", "qlora", "adalora") and alpha is not None and alpha <= 0:
+    # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
+    if (alpha := _number(r.peft.options.get("lora_alpha"))) is not None and alpha <= 0:
         yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
                         "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
 
 
-def val_fraction_in_range(r: Recipe) -> Iterator[Problem]:
-    v = r.dataset.val_split
-    if isinstance(v, float) and not 0 < v < 1:
-        yield r.problem("dataset.val_split", f"fraction {v} is not between 0 and 1", "use e.g. 0.1")
-
-
-def formatter_exists(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.data.formatters import FORMATTERS
-
-    if r.dataset.formatter not in FORMATTERS:
+def names_resolve(r: Recipe) -> Iterator[Problem]:
+    """The formatter and builtin model exist, and the formatter's rows fit the task."""
+    fmt, name = FORMATTERS.get(r.dataset.formatter), r.model.name_or_path
+    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "pretrain": ("text",),
+              "causal_lm": ("prompt_completion", "messages", "text")}.get(r.task)  # preference: its own check
+    if fmt is None:
         yield r.problem("dataset.formatter", f"unknown formatter '{r.dataset.formatter}'",
                         f"use one of: {', '.join(sorted(FORMATTERS))}")
-
-
-def formatter_fits_task(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.data.formatters import FORMATTERS
-
-    kind = FORMATTERS[r.dataset.formatter].kind if r.dataset.formatter in FORMATTERS else None
-    wanted = {"seq_cls": ("pair",), "cpt": ("text",), "pretrain": ("text",),
-              "causal_lm": ("prompt_completion", "messages", "text")}.get(r.task)
-    if kind and wanted and kind not in wanted:  # preference tasks: lora_ns.preference.check_preference_recipe
-        yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {kind} rows, "
+    elif wanted and fmt.kind not in wanted:
+        yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {fmt.kind} rows, "
                         f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
-
-
-def builtin_model_exists(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.builtin_models import BUILDERS, PREFIX
-
-    name = r.model.name_or_path
     if name.startswith(PREFIX) and name[len(PREFIX):] not in BUILDERS:
         yield r.problem("model.name_or_path", f"unknown builtin model '{name}'",
                         f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}")
-
-
-def remote_code_warning(r: Recipe) -> Iterator[Problem]:
     if r.model.trust_remote_code:
         yield r.problem("model.trust_remote_code", "the model's own Python code will run on this machine",
                         "keep it only for a model you trust", severity="warning")
 
 
+def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
+    """A model path that can only be local must exist: a hub lookup of it fails obscurely.
+    (Data paths are lora_ns.data's, which knows globs, folders and samples.)"""
+    for field in ("name_or_path", "tokenizer_name_or_path"):
+        value = getattr(r.model, field)
+        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            yield r.problem(f"model.{field}", f"{value} not found", "check the path, or use a hub id")
+
+
 # --- safety and reliability -----------------------------------------------------------------------
 
 SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
-# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque string of letters and digits.
+# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque run of letters and digits.
 _SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
 _OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
 
 
 def looks_like_secret(value: Any) -> bool:
-    return isinstance(value, str) and bool(_SECRET_SHAPES.match(value.strip()) or _OPAQUE.match(value.strip()))
+    text = value.strip() if isinstance(value, str) else ""
+    return bool(_SECRET_SHAPES.match(text) or _OPAQUE.match(text))
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """(dotted path, value) for every leaf of a nested recipe section."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _walk(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value, path)
+    """(dotted path, value) for every leaf of the recipe (list items under their list's path)."""
+    if isinstance(node, (dict, list)):
+        for key, value in node.items() if isinstance(node, dict) else ((None, v) for v in node):
+            yield from _walk(value, path if key is None else f"{path}.{key}" if path else str(key))
     else:
         yield path, node
 
 
 def no_secrets_in_recipe(r: Recipe) -> Iterator[Problem]:
     """Recipes are copied into the output dir, logs and model cards: tokens belong in the environment.
-
-    The value is never echoed, so the message itself cannot leak it.
-    """
-    sections = {"model": r.model.model_dump(), "quantization": r.quantization.model_dump(),
-                "peft": r.peft.options, "dataset": r.dataset.model_dump(), "training": r.training}
-    for section, body in sections.items():
-        for path, value in _walk(body, section):
-            key = path.rsplit(".", 1)[-1].lower()
-            if path == "training.hub_token" and value:
-                yield r.problem(path, "a hub token in a recipe is copied into the output dir and logs",
-                                "export HF_TOKEN instead (huggingface_hub reads it from the environment)")
-            elif any(word in key for word in SECRET_KEY_WORDS) and looks_like_secret(value):
-                yield r.problem(path, "this looks like a secret token (value not shown)",
-                                "export HF_TOKEN instead and remove it from the recipe")
+    The value is never echoed, so the message itself cannot leak it."""
+    for path, value in _walk(r.model_dump(), ""):
+        if path == "training.hub_token" and value:
+            yield r.problem(path, "a hub token in a recipe is copied into the output dir and logs",
+                            "export HF_TOKEN instead (huggingface_hub reads it from the environment)")
+        elif any(w in path.rsplit(".", 1)[-1].lower() for w in SECRET_KEY_WORDS) and looks_like_secret(value):
+            yield r.problem(path, "this looks like a secret token (value not shown)",
+                            "export HF_TOKEN instead and remove it from the recipe")
 
 
 def resume_checkpoint_exists(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.checkpoints import checkpoint_problem
-
-    problem = checkpoint_problem(r)
-    if problem:
+    if problem := checkpoint_problem(r):
         yield problem
 
 
 def output_dir_usable(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.checkpoints import is_finished, output_dir_problem
-
-    out = Path(r.output_dir)
     if problem := output_dir_problem(r):
         yield problem
-    elif is_finished(out) and not r.training.get("overwrite_output_dir"):
-        yield r.problem("training.output_dir", f"{out} already holds a finished run: training will refuse it",
-                        "choose another output_dir, or set training.overwrite_output_dir: true", "warning")
-
-
-_LOCAL_PREFIXES = ("/", "./", "../", "~")
-
-
-def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
-    """A model path that can only be local (not a hub id) must exist; the hub lookup would fail obscurely.
-    (Data paths are checked by lora_ns.data, which knows globs, folders and samples.)"""
-    for field in ("name_or_path", "tokenizer_name_or_path"):
-        value = getattr(r.model, field)
-        if value and value.startswith(_LOCAL_PREFIXES) and not Path(value).expanduser().exists():
-            yield r.problem(f"model.{field}", f"{value} not found", "check the path, or use a hub id")
+    elif is_finished(r.output_dir) and not r.training.get("overwrite_output_dir"):
+        yield r.problem("training.output_dir", f"{r.output_dir} already holds a finished run: training will "
+                        "refuse it", "choose another output_dir, or set training.overwrite_output_dir: true",
+                        "warning")
 
 
 def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
     """peft.init_from names an adapter folder of the same method; its own config wins over other peft keys."""
-    path = r.peft.init_from
-    if not path:
+    if not (path := r.peft.init_from):
         return
-    import json
-
-    from lora_ns.hf_fields import PEFT_TYPES
-
-    config_file = Path(path).expanduser() / "adapter_config.json"
     if r.peft.method == "full":
         yield r.problem("peft.init_from", "full fine-tuning has no adapter to start from",
                         "name the merged model in model.name_or_path instead")
         return
+    config_file = Path(path).expanduser() / "adapter_config.json"
     try:
         saved = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         why = "not found" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__})"
-        yield r.problem("peft.init_from", f"{config_file} {why}", "point it at an adapter folder (a training output_dir)")
+        yield r.problem("peft.init_from", f"{config_file} {why}",
+                        "point it at an adapter folder (a training output_dir)")
         return
-    kind, wanted = str(saved.get("peft_type", "")).upper(), PEFT_TYPES[r.peft.method]
-    if kind != wanted:
-        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is {r.peft.method}",
-                        f"set peft.method to the adapter's method, or start a fresh {r.peft.method} adapter")
+    kind, method, model = str(saved.get("peft_type", "")).upper(), r.peft.method, r.model.name_or_path
+    if kind != PEFT_TYPES[method]:
+        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
+                        f"{method}",
+                        f"set peft.method to the adapter's method, or start a fresh {method} adapter")
     if r.peft.options:
-        yield r.problem("peft.init_from", f"the adapter's own config is used; ignoring {', '.join(sorted(r.peft.options))}",
-                        "remove those keys", "warning")
+        yield r.problem("peft.init_from", "the adapter's own config is used; ignoring "
+                        f"{', '.join(sorted(r.peft.options))}", "remove those keys", "warning")
     base = str(saved.get("base_model_name_or_path") or "")
-    if base and Path(base).name != Path(r.model.name_or_path).name and not r.model.name_or_path.startswith("builtin:"):
-        yield r.problem("peft.init_from", f"the adapter was trained on {base}, this recipe loads {r.model.name_or_path}",
+    if base and Path(base).name != Path(model).name and not model.startswith(PREFIX):
+        yield r.problem("peft.init_from", f"the adapter was trained on {base}, this recipe loads {model}",
                         "use the adapter's base model (shapes must match)", "warning")
 
 
 def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
     """Checkpoint settings next to save_strategy "no" save nothing, so the run cannot be resumed."""
-    t = r.training
-    asked = [k for k in ("save_steps", "save_total_limit") if k in t]
-    if asked and str(t.get("save_strategy", "steps")) == "no":
+    asked = [k for k in ("save_steps", "save_total_limit") if k in r.training]
+    if asked and str(r.training.get("save_strategy", "steps")) == "no":
         yield r.problem(f"training.{asked[0]}", "no checkpoints are saved (save_strategy is 'no'), "
                         "so an interrupted run cannot resume", "set training.save_strategy: steps", "warning")
 
 
-def pretrain_rules(r: Recipe) -> Iterator[Problem]:  # pretrain hook
-    from lora_ns.pretrain import check_pretrain
-
-    yield from check_pretrain(r)
-
-
 RULES: list[Rule] = [
-    qlora_needs_4bit, one_quantization, quantized_needs_adapter, seq_cls_needs_labels, seq_cls_head_saved,
-    eval_needs_val_split, streaming_needs_max_steps, training_values_in_range, peft_values_in_range,
-    val_fraction_in_range,
-    formatter_exists, formatter_fits_task, builtin_model_exists, remote_code_warning,
-    no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, local_model_paths_exist,
-    checkpoints_are_saved, init_adapter_fits, check_preference_recipe, pretrain_rules,
+    quantization_fits_method, seq_cls_labels_and_head, data_splits, values_in_range, names_resolve,
+    local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
+    checkpoints_are_saved, init_adapter_fits,
+    check_preference_recipe, check_pretrain,
 ]
 
 
 def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
     """bf16/fp16 requested where the hardware can't: an error when training, a warning when only validating
     (a recipe is often checked on a laptop before it runs on a GPU machine)."""
-    wants_bf16 = r.training.get("bf16") or r.model.dtype == "bf16"
-    wants_fp16 = r.training.get("fp16") or r.model.dtype == "fp16"
-    if not (wants_bf16 or wants_fp16):
+    wants_bf16, fp16 = r.training.get("bf16") or r.model.dtype == "bf16", r.training.get("fp16")
+    if not (wants_bf16 or fp16 or r.model.dtype == "fp16"):
         return
     if not for_training and not Path("/proc/driver/nvidia/version").exists() and "torch" not in sys.modules:
         cuda = False  # no NVIDIA driver: skip importing torch (seconds) just to hear that from it
@@ -299,7 +239,7 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
 
         cuda = torch.cuda.is_available()
     severity = "error" if for_training else "warning"
-    if wants_fp16 and r.training.get("fp16") and not cuda:
+    if fp16 and not cuda:
         yield r.problem("training.fp16", "fp16 mixed precision needs a CUDA GPU and none is visible",
                         "set training.fp16: false (or train on a GPU machine)", severity)
     if wants_bf16 and cuda and not torch.cuda.is_bf16_supported():
@@ -311,5 +251,4 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
 
 
 def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
-    problems = [p for rule in RULES for p in rule(r)]
-    return problems + list(hardware_problems(r, for_training))
+    return [p for rule in RULES for p in rule(r)] + list(hardware_problems(r, for_training))
