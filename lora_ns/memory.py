@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
-from lora_ns.data.stats import SFT_DEFAULT_MAX_LENGTH
+from lora_ns.validate.data import SFT_DEFAULT_MAX_LENGTH
 from lora_ns.errors import UserError
 from lora_ns.model import gradient_checkpointing, torch_dtype
 
