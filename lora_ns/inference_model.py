@@ -70,7 +70,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 
 def check_adapter_files(adapter_dir: str | Path) -> None:
     """The adapter's weights are whole safetensors (never pickles, which can run code when loaded)."""
-    from lora_ns.checkpoints import safetensors_defect
+    from lora_ns.setup import safetensors_defect
 
     folder = Path(adapter_dir)
     read_adapter_config(folder)

@@ -197,7 +197,7 @@ def no_secrets_in_recipe(r: Recipe) -> Iterator[Problem]:
 
 
 def resume_checkpoint_exists(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.checkpoints import checkpoint_problem
+    from lora_ns.setup import checkpoint_problem
 
     problem = checkpoint_problem(r)
     if problem:
@@ -205,7 +205,7 @@ def resume_checkpoint_exists(r: Recipe) -> Iterator[Problem]:
 
 
 def output_dir_usable(r: Recipe) -> Iterator[Problem]:
-    from lora_ns.checkpoints import is_finished, output_dir_problem
+    from lora_ns.setup import is_finished, output_dir_problem
 
     out = Path(r.output_dir)
     if problem := output_dir_problem(r):
