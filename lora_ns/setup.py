@@ -1,17 +1,11 @@
-"""Train's set-up, shared with ``validate``: ONE path, so a recipe that passes validate does not fail later
-in train.
+"""Train's set-up, shared with ``validate``: ONE path, so a recipe that passes validate does not then fail.
 
-`setup(recipe, dry_run)` builds what training builds, short of the weights and the optimizer: our own
-cross-field rules (`lora_ns.validate.rules`), the real ``SFTConfig`` / ``TrainingArguments`` (their
-``__post_init__`` checks run; a ValueError is mapped to the recipe field it names), the peft config, the
-model on the meta device, a sample of rows through training's own formatter and tokenization, and the
-output dir. ``validate`` stops there (``dry_run=True``); ``train`` then loads the weights.
-
-An output_dir is empty (a fresh run; a folder of someone else's files is refused unless
-``training.overwrite_output_dir: true``), interrupted (``checkpoint-<step>`` folders, no ``run_summary.json``:
-``resume_from_checkpoint: auto`` continues from the newest *complete* checkpoint, a damaged newer one is
-skipped and said so), or finished (``run_summary.json``, written last: refused unless overwrite_output_dir,
-which removes the old marker and checkpoints first, so an interrupted new run resumes itself).
+`setup(recipe, dry_run)` builds what training builds short of the weights: our own rules
+(`lora_ns.validate.rules`), the real training arguments (their checks run; a ValueError is mapped to the field
+it names), the peft config, the model on the meta device, a sample of rows through training's formatter, and
+the output dir: empty (fresh; someone else's files are refused without ``overwrite_output_dir``), interrupted
+(``checkpoint-<step>`` folders: resumed from the newest complete one), or finished (``run_summary.json``:
+refused, or with ``overwrite_output_dir`` its marker and checkpoints are removed first).
 """
 
 from __future__ import annotations
@@ -50,20 +44,19 @@ class Checks:
 
 @dataclass
 class Setup:
-    recipe: Recipe
     args: Any  # the training arguments object (None for validate --no-model --no-data)
     notes: list[Problem] = field(default_factory=list)  # warnings and info lines
 
 
 def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     """Check and build everything training needs before the weights (see the module docstring)."""
-    from lora_ns.validate.rules import check_rules  # validate/__init__ imports this module: a cycle at the top
+    from lora_ns.validate.rules import check_rules  # validate/__init__ imports this module: a cycle
 
     if not dry_run:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
     problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
-        return Setup(recipe, None, problems + _raise_errors(deep_problems(recipe, checks)))
+        return Setup(None, problems + _raise_errors(deep_problems(recipe, checks)))
     args = training_arguments(recipe)
     problems += _raise_errors(run_problems(recipe, args))
     if recipe.peft.method != "full":
@@ -73,7 +66,7 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
             peft_config(recipe)  # peft's own checks run
         except (ValueError, TypeError) as err:
             raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs"))
-    return Setup(recipe, args, problems + _raise_errors(deep_problems(recipe, checks)))
+    return Setup(args, problems + _raise_errors(deep_problems(recipe, checks)))
 
 
 def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_training: bool = False,

@@ -1,32 +1,26 @@
-"""``accelerate launch -m lora_ns.train RECIPE.yaml [key.sub=value ...]``: train a recipe.
+"""``accelerate launch -m lora_ns.train RECIPE.yaml [key.sub=value ...]`` (or ``python -m``): train a recipe.
 
-Also ``python -m lora_ns.train`` for one process. The libraries do the work: TRL's SFTTrainer for causal_lm,
-cpt and pretrain, TRL's DPO/ORPO/KTO/GRPO trainers (`lora_ns.preference`), transformers' Trainer for seq_cls,
-peft for adapters (`lora_ns.adapters`), transformers + bitsandbytes for loading (`lora_ns.model`). This module
-wires the recipe into them and writes the run's record next to the adapter.
+The libraries do the work: TRL's SFTTrainer (causal_lm, cpt, pretrain) and DPO/ORPO/KTO/GRPO trainers
+(`lora_ns.preference`), transformers' Trainer (seq_cls), peft (`lora_ns.adapters`), transformers +
+bitsandbytes for loading (`lora_ns.model`). This module wires the recipe into them, resumes an interrupted
+run, and writes the run's record next to the weights. Defaults under ``training:`` (the recipe's keys win):
 
-Defaults lora_ns sets under the recipe's ``training:`` section (any key the recipe gives wins):
-
-- ``report_to``: "tensorboard" when tensorboard is importable, else "none". ``logging_steps``: 10.
-- ``save_strategy``: "steps" (every ``save_steps``, HF default 500) with ``save_total_limit: 2``, so an
-  interrupted run resumes from its last complete checkpoint (``resume_from_checkpoint: auto``).
-- ``gradient_checkpointing`` (transformers 5 calls it ``activation_checkpointing``; either name works): on
-  when the model is quantized, off otherwise (TRL's default is on; turn it on for large models).
-- ``use_cpu``: true when no CUDA GPU is visible. ``bf16`` / ``fp16`` follow ``model.dtype``.
-- ``eval_strategy``: "no" when the recipe has no validation data.
-- causal_lm: the loss is on the answer only (`lora_ns.data.sft_defaults`): prompt/completion rows get
-  ``completion_only_loss: true``; chat rows get ``assistant_only_loss: true``, which needs {% generation %}
-  markers in the chat template (TRL swaps in a marked template for known models). Set either to false to
-  train on every token. cpt text rows train on every token.
-- ``packing``: on (``packing_strategy: bfd``, padding-free) when ``model.attn_implementation`` is a
-  flash-attention kernel. Packing is mask-correct with sdpa too (tests/test_masks.py), but sdpa then attends
-  over the whole packed row, which costs more than the padding it saves on small models, so there it stays
-  off unless the recipe sets it (``validate`` prints the padding fraction packing would remove).
+- ``report_to``: "tensorboard" when it is installed, else "none"; ``logging_steps``: 10.
+- ``save_strategy: steps`` (HF's ``save_steps`` 500) with ``save_total_limit: 2``: an interrupted run
+  resumes from its last complete checkpoint (``resume_from_checkpoint: auto``).
+- ``gradient_checkpointing`` (or its transformers 5 name ``activation_checkpointing``): on when quantized.
+- ``use_cpu`` when no CUDA GPU is visible; ``bf16`` / ``fp16`` follow ``model.dtype``; ``eval_strategy:
+  no`` without validation data.
+- causal_lm: loss on the answer only (`lora_ns.data.sft_defaults`): ``completion_only_loss`` for
+  prompt/completion rows, ``assistant_only_loss`` for chat rows (needs {% generation %} markers; TRL swaps
+  in a marked template for known models); set it false to train on every token. cpt trains on every token.
+- ``packing`` (``bfd``, padding-free) with a flash-attention kernel only: with sdpa it is mask-correct too
+  (tests/test_masks.py) but attends over the whole packed row, which costs more than it saves on small models.
 - seq_cls: accuracy, F1, precision and recall at each evaluation (`lora_ns.metrics`).
 
-Distributed runs: datasets are built inside ``main_process_first`` (rank 0 fills the cache, the others reuse
-it), and only the main process writes recipe.yaml, versions.json, the tokenizer, the report
-(loss_curve.png, summary.txt) and run_summary.json (written last: it marks a finished run).
+Distributed: datasets are built inside ``main_process_first``; only the main process writes the tokenizer,
+recipe.yaml, versions.json, the report (loss_curve.png, summary.txt), then run_summary.json (the finished
+marker).
 """
 
 from __future__ import annotations
@@ -54,7 +48,6 @@ SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}  # training keys never
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
 HF_SCRIPT_FLAGS = {"--output-dir": "training.output_dir", "--model-name-or-path": "model.name_or_path",
                    "--dataset-name": "dataset.path"}
-CURVE_FILE, SUMMARY_FILE = "loss_curve.png", "summary.txt"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -276,8 +269,8 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
     curve = "not drawn: no loss was logged (set training.logging_steps below the number of steps)"
     if train or evals:
         try:
-            plot_loss_curve(train, evals, out / CURVE_FILE, f"loss — {out.name}")
-            curve = str(out / CURVE_FILE)
+            plot_loss_curve(train, evals, out / "loss_curve.png", f"loss — {out.name}")
+            curve = str(out / "loss_curve.png")
         except Exception as err:  # a plot is not worth losing a finished run over: the weights are saved
             curve = f"not drawn: {type(err).__name__}: {err}"
             print(f"{PROG}: warning: loss curve {curve}", file=sys.stderr)
@@ -286,21 +279,17 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
     minutes, seconds = divmod(float(summary.get("seconds", 0)), 60)
     rows = {"steps": summary.get("steps", "-"),
             "time": f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s",
-            "train loss": f"{_loss(summary.get('first_loss'))} -> {_loss(summary.get('last_loss'))} "
-                          "(first -> last logged)",
+            "train loss": " -> ".join("-" if summary.get(k) is None else f"{summary[k]:.4f}"
+                                      for k in ("first_loss", "last_loss")) + " (first -> last logged)",
             "eval loss": f"{evals[-1][1]:.4f} at step {evals[-1][0]}" if evals else "- (no evaluation ran)",
             "trainable params": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)" if total
             else "-",
             kind: out, "loss curve": curve}
     lines = [f"Training finished: {kind} saved to {out}", *(f"  {k + ':':<17} {v}" for k, v in rows.items()),
              "", "Next:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(out))]
-    with atomic_output(out / SUMMARY_FILE, "w") as fh:
+    with atomic_output(out / "summary.txt", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
