@@ -169,13 +169,10 @@ def training_arguments_class(task: str) -> type:
     """SFTConfig (causal_lm, cpt, pretrain), TrainingArguments (seq_cls) or TRL's DPOConfig, ..."""
     if task in PREFERENCE_TASKS:
         return config_class(task)
-    if task == "seq_cls":
-        from transformers import TrainingArguments
-
-        return TrainingArguments
+    from transformers import TrainingArguments
     from trl import SFTConfig
 
-    return SFTConfig
+    return TrainingArguments if task == "seq_cls" else SFTConfig
 
 
 def training_arguments(recipe: Recipe) -> Any:
