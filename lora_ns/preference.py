@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from lora_ns.answers import canonical_number, same_answer
 from lora_ns.config import Recipe
+from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem, UserError
 
 # task -> (TRL config class, TRL trainer class, the formatter kind it reads, what those rows must give)
@@ -146,8 +147,6 @@ def _number(recipe: Recipe, key: str, default: float | None) -> float | None:
 
 def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     """Cross-field checks for dpo/orpo/kto/grpo recipes: formatter kind, beta, num_generations, lengths."""
-    from lora_ns.data.formatters import FORMATTERS
-
     if recipe.task not in TASKS:
         return []
     problems, (_, _, kind, columns) = [], TASKS[recipe.task]

@@ -26,6 +26,9 @@ from typing import Any, Iterator
 
 from lora_ns.builtin_models import cache_dir, resolve_model_path
 from lora_ns.config import Recipe
+from lora_ns.data import build_datasets
+from lora_ns.data.loading import source_for
+from lora_ns.data.sources import LocalSource
 from lora_ns.errors import Problem, UserError
 
 # name -> (transformers config class, its arguments). Counts: `parameter_count` on the meta device,
@@ -122,7 +125,7 @@ def init_model(recipe: Recipe, tokenizer):
     """A randomly initialised model of the recipe's architecture (call `transformers.set_seed` first)."""
     from transformers import AutoModelForCausalLM
 
-    from lora_ns.model import attention_problem, torch_dtype  # model imports this module lazily: a cycle
+    from lora_ns.model import attention_problem, torch_dtype  # model imports this module: a cycle
 
     if (problem := attention_problem(recipe)) is not None:
         raise UserError(problem)
@@ -142,9 +145,6 @@ def pack(batch: dict[str, list], tokenizer, length: int) -> dict[str, list]:
 
 def cache_key(recipe: Recipe, tokenizer) -> str:
     """What the tokenized shards depend on: corpus files, the dataset section, tokenizer, max_length."""
-    from lora_ns.data.loading import source_for
-    from lora_ns.data.sources import LocalSource
-
     cfg = recipe.dataset
     sources = [source_for(cfg)] + ([source_for(cfg, cfg.val_split, "dataset.val_split")]
                                    if isinstance(cfg.val_split, str) else [])
@@ -169,8 +169,6 @@ def _packed(dataset, tokenizer, length: int):
 def pretrain_datasets(recipe: Recipe, tokenizer):
     """(train, validation or None): rows of ``max_length`` token ids, built once and then reused."""
     import datasets
-
-    from lora_ns.data import build_datasets
 
     length = int(recipe.training["max_length"])  # required for pretrain (see `check_pretrain`)
     if recipe.dataset.streaming:

@@ -20,9 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_ns.adapters import peft_config
 from lora_ns.config import Recipe, load_recipe
+from lora_ns.data import sft_defaults
 from lora_ns.errors import Problem, UserError
 from lora_ns.fileio import unwritable
+from lora_ns.hf_fields import TASK_TRAINING_FIELDS
+from lora_ns.model import gradient_checkpointing, torch_dtype
 from lora_ns.preference import PREFERENCE_TASKS, config_class
 
 # Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
@@ -60,8 +64,6 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     args = training_arguments(recipe)
     problems += _raise_errors(run_problems(recipe, args))
     if recipe.peft.method != "full":
-        from lora_ns.adapters import peft_config
-
         try:
             peft_config(recipe)  # peft's own checks run
         except (ValueError, TypeError) as err:
@@ -89,7 +91,8 @@ def _raise_errors(problems: list[Problem]) -> list[Problem]:
 
 
 def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
-    """Checks that read the data sample, the model config, or the accelerate config (lazy imports: torch)."""
+    """Checks that read the data sample, the model config, or the accelerate config (imported here: each
+    module of lora_ns.validate imports this one through the package's __init__)."""
     problems: list[Problem] = []
     if checks.data:
         from lora_ns.validate.data import check_dataset
@@ -138,8 +141,6 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
     import torch
     from transformers import TrainingArguments
 
-    from lora_ns.model import gradient_checkpointing, torch_dtype
-
     dtype = torch_dtype(recipe.model.dtype)
     defaults: dict[str, Any] = {
         "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
@@ -157,8 +158,6 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
     if recipe.task == "grpo":
         defaults["remove_unused_columns"] = False  # the reward functions read the reference column
     elif recipe.task not in PREFERENCE_TASKS and recipe.task != "seq_cls":
-        from lora_ns.data import sft_defaults
-
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
         if recipe.model.attn_implementation.startswith("flash_attention"):
             defaults.update(packing=True, packing_strategy="bfd")
@@ -177,8 +176,6 @@ def training_arguments_class(task: str) -> type:
 
 def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
-    from lora_ns.hf_fields import TASK_TRAINING_FIELDS
-
     ours = LORA_NS_TRAINING_KEYS | set(TASK_TRAINING_FIELDS.get(recipe.task, {}))
     given = {k: v for k, v in recipe.training.items() if k not in ours}
     try:

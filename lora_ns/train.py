@@ -35,11 +35,17 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
+from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, load_recipe
+from lora_ns.data import build_datasets, encode_pairs
+from lora_ns.data.preference import build_preference_datasets
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import atomic_output, write_text_atomic
+from lora_ns.metrics import classification_metrics
+from lora_ns.model import dtype_name, load_model, load_tokenizer
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
+from lora_ns.pretrain import pretrain_datasets
 from lora_ns.setup import (FINISHED_MARKER, Checks, checkpoint_problem, is_finished, last_checkpoint,
                            print_notes, say, setup, wanted_checkpoint)
 
@@ -78,8 +84,6 @@ def recipe_and_overrides(argv: list[str] | None) -> tuple[str, list[str]]:
 
 def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_dataset):
     """The task's trainer on an already peft-wrapped (or full) model."""
-    from lora_ns.adapters import training_callbacks
-
     kwargs = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                   processing_class=tokenizer, callbacks=training_callbacks(recipe))
     if recipe.task in PREFERENCE_TASKS:
@@ -89,9 +93,6 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
 
         return SFTTrainer(**kwargs)
     from transformers import DataCollatorWithPadding, Trainer
-
-    from lora_ns.data import encode_pairs
-    from lora_ns.metrics import classification_metrics
 
     length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
     train_dataset, eval_dataset = (
@@ -112,10 +113,6 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
     from transformers import set_seed
 
-    from lora_ns.adapters import apply_peft, count_parameters
-    from lora_ns.data import build_datasets
-    from lora_ns.model import load_model, load_tokenizer
-
     set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
     tokenizer = load_tokenizer(recipe)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
@@ -123,12 +120,10 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     if args.process_index == 0:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    build = (build_preference_datasets if recipe.task in PREFERENCE_TASKS
+             else pretrain_datasets if recipe.task == "pretrain" else build_datasets)
     with args.main_process_first(desc="build and tokenize the datasets"):
-        if recipe.task in PREFERENCE_TASKS:  # preference rows: lora_ns.data.preference
-            from lora_ns.data.preference import build_preference_datasets as build_datasets
-        elif recipe.task == "pretrain":  # tokenized, packed, cached shards
-            from lora_ns.pretrain import pretrain_datasets as build_datasets
-        trainer = build_trainer(recipe, args, model, tokenizer, *build_datasets(recipe, tokenizer))
+        trainer = build_trainer(recipe, args, model, tokenizer, *build(recipe, tokenizer))
     return trainer, tokenizer, (trainable, total)
 
 
@@ -194,8 +189,6 @@ def train(recipe: Recipe, checks: Checks = Checks()) -> dict[str, Any]:
 def saved_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, credentials removed, "auto" dtypes pinned to what this run used (so a
     later merge or evaluation reproduces the training precision, e.g. QLoRA's requantization)."""
-    from lora_ns.model import dtype_name
-
     clean = recipe.model_copy(deep=True)
     clean.training = {k: v for k, v in recipe.training.items() if k not in SECRET_KEYS}
     if clean.model.dtype == "auto":
