@@ -94,7 +94,7 @@ def peft_fields(method: str) -> dict[str, str]:
     return _cached(f"peft:{PEFT_TYPES[method]}", lambda: _init_fields(peft_config_class(method)))
 
 
-# Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.rewards).
+# Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.preference).
 TASK_TRAINING_FIELDS = {"grpo": {"reward_funcs": "list"}}
 
 # Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).

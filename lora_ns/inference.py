@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.checkpoints import safetensors_defect
+from lora_ns.setup import safetensors_defect
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, uses_chat_template
 from lora_ns.errors import Problem, UserError

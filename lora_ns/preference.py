@@ -1,170 +1,175 @@
 """Preference and RL tasks on TRL: ``task: dpo | orpo | kto | grpo``.
 
-Same model/quantization/peft sections as SFT; ``training:`` passes through to the task's own TRL
-config class (`TASKS`), so the names are TRL's (``beta``, ``max_length``, ``num_generations``, ...).
-lora_ns adds ``training.reward_funcs`` for grpo (`lora_ns.rewards`).
+Same model/quantization/peft sections as SFT; ``training:`` passes through to the task's own TRL config
+class (`TASKS`), so the names are TRL's (``beta``, ``max_length``, ``num_generations``, ...), and TRL's own
+``__post_init__`` checks run (e.g. the generation batch must hold whole groups of num_generations).
+When an adapter is trained there is no second model: TRL scores the reference with the adapter disabled
+(dpo, kto); a full fine-tune gets a frozen copy of the starting model. ORPO needs no reference, GRPO none
+at TRL's default ``beta: 0``. Rows come through the preference formatters (`lora_ns.data.preference`).
 
-Defaults:
-- No second model when an adapter is trained: TRL keeps a frozen copy of the starting adapter
-  (``ref``, saved beside the trained one) in the same model and scores the reference with it (dpo,
-  kto). A full fine-tune gets a frozen copy of the starting model. ORPO needs no reference; GRPO
-  none at TRL's default ``beta: 0``.
-- The data comes through the preference formatters (`lora_ns.data.preference`), rendered in TRL's
-  conversational format when the tokenizer has a chat template.
-
-`check_preference_recipe(recipe)` holds the cross-field checks `validate` runs for these tasks.
+GRPO rewards, named in ``training.reward_funcs``: a builtin (``gsm8k``, ``format``) or a dotted path
+``package.module:function`` to the user's own, with TRL's signature ``fn(prompts, completions, **kwargs)
+-> list[float]`` (``kwargs`` holds the dataset's other columns, here ``answer``, plus ``completion_ids`` and
+``trainer_state``). Every name is checked before training (importable, callable, takes those arguments),
+so a typo costs seconds, not a GPU hour.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any
+import inspect
+import re
+from typing import Any, Callable
 
+from lora_ns.answers import canonical_number, same_answer
 from lora_ns.config import Recipe
+from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem, UserError
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    config: tuple[str, str]  # (module, class) of the TRL config dataclass
-    trainer: tuple[str, str]
-    kind: str  # the formatter kind the task reads (lora_ns.data.preference)
-    reference: bool  # the loss compares against a reference model
-    columns: str  # for messages: what the rows must give
-
-
-TASKS: dict[str, TaskSpec] = {
-    "dpo": TaskSpec(("trl.trainer.dpo_config", "DPOConfig"), ("trl", "DPOTrainer"), "preference", True,
-                    "prompt/chosen/rejected"),
-    "orpo": TaskSpec(("trl.experimental.orpo.orpo_config", "ORPOConfig"), ("trl.experimental.orpo", "ORPOTrainer"),
-                     "preference", False, "prompt/chosen/rejected"),
-    "kto": TaskSpec(("trl.trainer.kto_config", "KTOConfig"), ("trl", "KTOTrainer"), "unpaired", True,
-                    "prompt/completion/label"),
-    "grpo": TaskSpec(("trl.trainer.grpo_config", "GRPOConfig"), ("trl", "GRPOTrainer"), "prompt_only", False,
-                     "prompt (and the reference answer)"),
+# task -> (TRL config class, TRL trainer class, the formatter kind it reads, what those rows must give)
+TASKS: dict[str, tuple[str, str, str, str]] = {
+    "dpo": ("trl:DPOConfig", "trl:DPOTrainer", "preference", "prompt/chosen/rejected"),
+    "orpo": ("trl.experimental.orpo:ORPOConfig", "trl.experimental.orpo:ORPOTrainer", "preference",
+             "prompt/chosen/rejected"),
+    "kto": ("trl:KTOConfig", "trl:KTOTrainer", "unpaired", "prompt/completion/label"),
+    "grpo": ("trl:GRPOConfig", "trl:GRPOTrainer", "prompt_only", "prompt (and the reference answer)"),
 }
 PREFERENCE_TASKS = tuple(TASKS)
+REFERENCE_TASKS = ("dpo", "kto")  # the loss compares against a reference model
+RewardFunc = Callable[..., list[float]]
+TRL_REWARD_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state")  # beside the data columns
+_ANSWER_LINE = re.compile(r"^\s*####\s*(\S+)\s*$", re.MULTILINE)
 
 
-def _load(where: tuple[str, str]) -> Any:
-    return getattr(importlib.import_module(where[0]), where[1])
+def _load(where: str) -> Any:
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def config_class(task: str) -> type:
-    return _load(TASKS[task].config)
+    return _load(TASKS[task][0])
 
 
-def training_defaults(recipe: Recipe) -> dict[str, Any]:
-    """Settings these tasks need beside lora_ns' general defaults (the recipe's own keys still win)."""
-    if recipe.task == "grpo":
-        return {"remove_unused_columns": False}  # the reward functions read the reference column
-    return {}
-
-
-def _is_peft(model) -> bool:
+def preference_trainer(recipe: Recipe, model, **kwargs):
+    """The task's TRL trainer on an already peft-wrapped (or full) model."""
     from peft import PeftModel
 
-    return isinstance(model, PeftModel)
-
-
-def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_dataset, callbacks):
-    """The task's TRL trainer on an already peft-wrapped (or full) model."""
-    spec = TASKS[recipe.task]
-    kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                                  processing_class=tokenizer, callbacks=callbacks)
     if recipe.task == "grpo":
-        from lora_ns.rewards import reward_problems, resolve_rewards
-
-        if problems := reward_problems(recipe):
-            raise UserError(problems)
-        kwargs["reward_funcs"] = resolve_rewards(recipe.training.get("reward_funcs"))[0]
-    if spec.reference and not _is_peft(model):
+        funcs, reasons = resolve_rewards(recipe.training.get("reward_funcs"))
+        if reasons:
+            raise UserError(reward_problems(recipe))
+        kwargs["reward_funcs"] = funcs
+    if recipe.task in REFERENCE_TASKS and not isinstance(model, PeftModel):
         import copy
 
         kwargs["ref_model"] = copy.deepcopy(model).eval()  # a full fine-tune: freeze the starting weights
-    return _load(spec.trainer)(**kwargs)
+    return _load(TASKS[recipe.task][1])(model=model, **kwargs)
 
 
-# --- validate ---------------------------------------------------------------------------------------
+# --- rewards --------------------------------------------------------------------------------------
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion, plain or conversational."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def gsm8k_exact_match(completions: list, answer: list[str | None], **kwargs: Any) -> list[float]:
+    """1.0 when the completion's final number equals the reference answer's (`lora_ns.answers`), else 0.0."""
+    return [float(same_answer(completion_text(c), ref)) for c, ref in zip(completions, answer)]
+
+
+def answer_format(completions: list, **kwargs: Any) -> list[float]:
+    """1.0 when the completion has a GSM8K answer line (``#### <number>``), else 0.0."""
+    def ok(text: str) -> bool:
+        return any(canonical_number(m.group(1)) is not None for m in _ANSWER_LINE.finditer(text))
+    return [float(ok(completion_text(c))) for c in completions]
+
+
+BUILTIN_REWARDS: dict[str, RewardFunc] = {"gsm8k": gsm8k_exact_match, "format": answer_format}
+
+
+def _reward(name: str, columns: tuple[str, ...]) -> RewardFunc:
+    """A builtin or ``pkg.mod:fn``, checked against the call GRPOTrainer makes; ValueError with why not."""
+    module_name, _, attr = name.partition(":")
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    if not module_name or not attr:
+        raise ValueError(f"unknown reward '{name}'; use {', '.join(BUILTIN_REWARDS)} or "
+                         "package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or the user's module failing at import
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        raise ValueError(f"cannot import '{module_name}' ({why})")
+    if (fn := getattr(module, attr, None)) is None:
+        raise ValueError(f"module '{module_name}' has no '{attr}'")
+    if not callable(fn):
+        raise ValueError(f"'{name}' is a {type(fn).__name__}, not a function")
+    try:
+        inspect.signature(fn).bind(**{k: None for k in (*TRL_REWARD_KWARGS, *columns)})
+    except TypeError as err:
+        raise ValueError(f"'{name}' cannot take TRL's reward arguments ({err}); define it as "
+                         "fn(prompts, completions, **kwargs)")
+    except ValueError:  # builtins without a signature: let TRL try
+        pass
+    return fn
+
+
+def resolve_rewards(names: Any, columns: tuple[str, ...] = ("answer",)) -> tuple[list[RewardFunc], list[str]]:
+    """(reward functions, one-line reasons for each name that cannot be used)."""
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not names:
+        return [], ["needs at least one reward, e.g. [gsm8k, format] or [mypkg.rewards:length_penalty]"]
+    funcs, reasons = [], []
+    for name in names:
+        try:
+            funcs.append(_reward(str(name), columns))
+        except ValueError as err:
+            reasons.append(str(err))
+    return funcs, reasons
+
+
+def reward_problems(recipe: Recipe) -> list[Problem]:
+    _, reasons = resolve_rewards(recipe.training.get("reward_funcs"))
+    return [recipe.problem("training.reward_funcs", why, "fix the name or the function") for why in reasons]
+
+
+# --- validate: what TRL does not check -------------------------------------------------------------
 
 def _number(recipe: Recipe, key: str, default: float | None) -> float | None:
-    value = recipe.training.get(key, default)
     try:
-        return None if value is None else float(value)
+        return None if (value := recipe.training.get(key, default)) is None else float(value)
     except (TypeError, ValueError):
         return None  # the type check in lora_ns.config reports it
 
 
-def _formatter_problems(recipe: Recipe) -> list[Problem]:
-    from lora_ns.data.formatters import FORMATTERS
-
-    spec, name = TASKS[recipe.task], recipe.dataset.formatter
-    fmt = FORMATTERS.get(name)
-    if fmt is None or fmt.kind == spec.kind:
-        return []
-    fits = sorted(n for n, f in FORMATTERS.items() if f.kind == spec.kind)
-    return [recipe.problem("dataset.formatter", f"task {recipe.task} needs {spec.columns} rows; formatter "
-                           f"'{name}' gives {fmt.kind} rows", f"use one of: {', '.join(fits)}")]
-
-
-def _beta_problems(recipe: Recipe) -> list[Problem]:
-    beta = _number(recipe, "beta", None)
-    if beta is None:
-        return []
-    low_ok = beta >= 0 if recipe.task == "grpo" else beta > 0
-    if not low_ok or beta > 10:
-        what = "0 (no KL term) to 10" if recipe.task == "grpo" else "above 0, at most 10"
-        return [recipe.problem("training.beta", f"{beta} is out of range ({what})",
-                               "typical: dpo/kto 0.1, orpo 0.1, grpo 0.0-0.04")]
-    return []
-
-
-def _grpo_problems(recipe: Recipe) -> list[Problem]:
-    from lora_ns.rewards import reward_problems
-
-    problems = reward_problems(recipe)
-    t = recipe.training
-    n = int(_number(recipe, "num_generations", 8) or 0)
-    if n < 2:
-        problems.append(recipe.problem("training.num_generations", f"is {n}; GRPO compares completions "
-                                       "of the same prompt", "set it to 2 or more"))
-        return problems
-    batch = int(_number(recipe, "per_device_train_batch_size", 8) or 1)
-    steps = int(_number(recipe, "steps_per_generation", None) or _number(recipe, "gradient_accumulation_steps", 1))
-    generation_batch = int(_number(recipe, "generation_batch_size", None) or batch * steps)
-    if generation_batch % n:
-        problems.append(recipe.problem(
-            "training.num_generations", f"{n} does not divide the generation batch ({generation_batch} completions)",
-            "make per_device_train_batch_size (or generation_batch_size) a multiple of num_generations"))
-    completion = _number(recipe, "max_completion_length", 256)
-    limit = _number(recipe, "vllm_max_model_length", None) if t.get("use_vllm") else None
-    if completion is not None and completion < 1:
-        problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
-    elif limit is not None and completion is not None and completion >= limit:
-        problems.append(recipe.problem("training.max_completion_length", f"{int(completion)} leaves no room "
-                                       f"for the prompt in vllm_max_model_length={int(limit)}",
-                                       "lower it or raise vllm_max_model_length"))
-    return problems
-
-
-def _length_problems(recipe: Recipe) -> list[Problem]:
-    """ORPO truncates prompt + completion to max_length: the completion share must leave room for a prompt."""
-    total = _number(recipe, "max_length", 1024)
-    completion = _number(recipe, "max_completion_length", None)
-    if recipe.task == "orpo" and total and completion and completion >= total:
-        return [recipe.problem("training.max_completion_length", f"{int(completion)} is not below "
-                               f"max_length={int(total)}, leaving no room for the prompt",
-                               "lower max_completion_length or raise max_length")]
-    if total is not None and total < 8:
-        return [recipe.problem("training.max_length", f"{int(total)} tokens cannot hold a prompt and a reply",
-                               "e.g. 1024")]
-    return []
-
-
 def check_preference_recipe(recipe: Recipe) -> list[Problem]:
-    """Cross-field checks for dpo/orpo/kto/grpo recipes (formatter kind, beta, generation sizes, lengths)."""
+    """Cross-field checks for dpo/orpo/kto/grpo recipes: formatter kind, beta, num_generations, lengths."""
     if recipe.task not in TASKS:
         return []
-    problems = _formatter_problems(recipe) + _beta_problems(recipe) + _length_problems(recipe)
-    return problems + (_grpo_problems(recipe) if recipe.task == "grpo" else [])
+    problems, (_, _, kind, columns) = [], TASKS[recipe.task]
+    name, grpo = recipe.dataset.formatter, recipe.task == "grpo"
+    if (fmt := FORMATTERS.get(name)) is not None and fmt.kind != kind:
+        fits = ", ".join(sorted(n for n, f in FORMATTERS.items() if f.kind == kind))
+        problems.append(recipe.problem("dataset.formatter", f"task {recipe.task} needs {columns} rows; "
+                                       f"formatter '{name}' gives {fmt.kind} rows", f"use one of: {fits}"))
+    if (beta := _number(recipe, "beta", None)) is not None and not (0 <= beta <= 10 and (grpo or beta > 0)):
+        what = "0 (no KL term) to 10" if grpo else "above 0, at most 10"
+        problems.append(recipe.problem("training.beta", f"{beta} is out of range ({what})",
+                                       "typical: dpo/kto 0.1, orpo 0.1, grpo 0.0-0.04"))
+    total, completion = _number(recipe, "max_length", 1024), _number(recipe, "max_completion_length", None)
+    if recipe.task == "orpo" and total and completion and completion >= total:  # ORPO truncates the pair
+        problems.append(recipe.problem("training.max_completion_length", f"{int(completion)} is not below "
+                                       f"max_length={int(total)}, leaving no room for the prompt",
+                                       "lower max_completion_length or raise max_length"))
+    elif total is not None and total < 8:
+        problems.append(recipe.problem("training.max_length", f"{int(total)} tokens cannot hold a prompt and "
+                                       "a reply", "e.g. 1024"))
+    if grpo and (n := int(_number(recipe, "num_generations", 8) or 0)) < 2:  # TRL's message names no field
+        problems.append(recipe.problem("training.num_generations", f"is {n}; GRPO compares completions "
+                                       "of the same prompt", "set it to 2 or more"))
+    if grpo and completion is not None and completion < 1:
+        problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
+    return problems + (reward_problems(recipe) if grpo else [])

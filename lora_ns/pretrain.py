@@ -4,14 +4,13 @@
 ``model.tokenizer_name_or_path`` a hub/local/builtin tokenizer or a tiktoken encoding (``cl100k_base``).
 ``AutoModelForCausalLM.from_config`` initialises the weights the architecture's own way; all of them train.
 
-Data: the recipe's text rows (`lora_ns.data.build_datasets`, formatter ``text``: `lora_ns.preprocess`
-output or any cpt source) are tokenized with ``map(batched=True)``, joined with EOS between documents
-and cut into ``training.max_length`` rows (each batch's tail that fills no row is dropped, as in
-transformers' run_clm), then saved with ``save_to_disk`` under ``$LORA_NS_CACHE/pretrain_data/<key>``;
-the key hashes the corpus files (paths, sizes, mtimes), the dataset section, the tokenizer and
-max_length, so later runs and every rank reuse it (train builds it inside ``main_process_first``).
-A streamed corpus is packed on the fly. TRL's SFTTrainer takes the rows as they are (``input_ids``:
-no tokenization of its own); its collator labels every token, EOS included even where pad == eos.
+Data: the recipe's text rows (`lora_ns.data.build_datasets`) are tokenized with ``map(batched=True)``, joined
+with EOS between documents and cut into ``training.max_length`` rows (each batch's tail that fills no row is
+dropped, as in transformers' run_clm), then saved with ``save_to_disk`` under
+``$LORA_NS_CACHE/pretrain_data/<key>``; the key hashes the corpus files (paths, sizes, mtimes), the dataset
+section, the tokenizer and max_length, so later runs and every rank reuse it (train builds it inside
+``main_process_first``). A streamed corpus is packed on the fly. SFTTrainer takes the ``input_ids`` rows as
+they are; its collator labels every token, EOS included even where pad == eos.
 """
 
 from __future__ import annotations
@@ -27,29 +26,28 @@ from typing import Any, Iterator
 
 from lora_ns.builtin_models import cache_dir, resolve_model_path
 from lora_ns.config import Recipe
+from lora_ns.data import build_datasets
+from lora_ns.data.sources import LocalSource, source_for
 from lora_ns.errors import Problem, UserError
 
 # name -> (transformers config class, its arguments). Counts: `parameter_count` on the meta device,
 # embeddings tied, with the preset's own vocab (a larger tokenizer grows it, see `architecture`).
+_QWEN3 = dict(vocab_size=151936, num_hidden_layers=28, head_dim=128, max_position_embeddings=32768,
+              rope_theta=1e6, tie_word_embeddings=True)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # 139,840 parameters: for tests, sized to the builtin tiny tokenizers (vocab 1024).
     "tiny": ("Qwen2Config", dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                                  tie_word_embeddings=True)),
-    # 124,439,808 parameters: GPT-2 small.
+    # 124,439,808 and 354,823,168 parameters: GPT-2 small and medium.
     "gpt2-124m": ("GPT2Config", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
-    # 354,823,168 parameters: GPT-2 medium.
     "gpt2-355m": ("GPT2Config", dict(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16)),
     # 596,049,920 parameters: the shapes of Qwen3-0.6B.
-    "qwen-600m": ("Qwen3Config", dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                                      head_dim=128, max_position_embeddings=32768, rope_theta=1e6,
-                                      tie_word_embeddings=True)),
+    "qwen-600m": ("Qwen3Config", dict(_QWEN3, hidden_size=1024, intermediate_size=3072,
+                                      num_attention_heads=16, num_key_value_heads=8)),
     # 1,202,352,640 parameters: Qwen3 layers at width 1536 (between Qwen3-0.6B and -1.7B).
-    "qwen-1.2b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=1536, intermediate_size=6144,
-                                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=4,
-                                      head_dim=128, max_position_embeddings=32768, rope_theta=1e6,
-                                      tie_word_embeddings=True)),
+    "qwen-1.2b": ("Qwen3Config", dict(_QWEN3, hidden_size=1536, intermediate_size=6144,
+                                      num_attention_heads=12, num_key_value_heads=4)),
 }
 TIKTOKEN_ENCODINGS = ("r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base", "o200k_harmony")
 VOCAB_MULTIPLE = 64  # a grown vocab is rounded up to this: matmul-friendly (GPT-2's 50257 -> 50304 trick)
@@ -57,27 +55,22 @@ VOCAB_MULTIPLE = 64  # a grown vocab is rounded up to this: matmul-friendly (GPT
 
 # --- architecture and tokenizer -------------------------------------------------------------------
 
-def base_config(recipe: Recipe):
-    """The transformers config `model.config` names (preset, folder with config.json, or hub id)."""
+def architecture(recipe: Recipe, tokenizer=None):
+    """The config `model.config` names, its vocab grown to fit the tokenizer, special tokens taken from it."""
     import transformers
 
     name = recipe.model.config or ""
     if name in PRESETS and not Path(name).is_dir():
-        cls, kwargs = PRESETS[name]
-        return getattr(transformers, cls)(**kwargs)
-    try:
-        return transformers.AutoConfig.from_pretrained(name, revision=recipe.model.revision,
-                                                       trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(recipe.problem("model.config", f"no architecture config '{name}': {why}",
-                                       f"use a preset ({', '.join(PRESETS)}), a folder with config.json, "
-                                       "or a hub id whose config is cached"))
-
-
-def architecture(recipe: Recipe, tokenizer=None):
-    """`base_config`, its vocab grown to fit the tokenizer, special token ids taken from the tokenizer."""
-    config = base_config(recipe)
+        config = getattr(transformers, PRESETS[name][0])(**PRESETS[name][1])
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(name, revision=recipe.model.revision,
+                                                             trust_remote_code=recipe.model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(recipe.problem("model.config", f"no architecture config '{name}': {why}",
+                                           f"use a preset ({', '.join(PRESETS)}), a folder with config.json, "
+                                           "or a hub id whose config is cached"))
     if tokenizer is not None:
         if len(tokenizer) > config.vocab_size:
             config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
@@ -86,67 +79,54 @@ def architecture(recipe: Recipe, tokenizer=None):
     return config
 
 
-def parameter_count(config) -> int:
-    """Parameters of the model `config` builds, counted on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-
-
-def tiktoken_tokenizer(recipe: Recipe, name: str):
-    """A tiktoken encoding as a transformers fast tokenizer (converted once into the lora_ns cache)."""
-    from transformers import PreTrainedTokenizerFast
-
-    folder = cache_dir() / "tokenizers" / name
-    if not (folder / "tokenizer.json").is_file():
-        field = "model.tokenizer_name_or_path"
-        try:
-            import tiktoken
-        except ImportError:
-            raise UserError(recipe.problem(field, f"{name} is a tiktoken encoding, tiktoken is not installed",
-                                           "pip install tiktoken blobfile"))
-        try:
-            encoding = tiktoken.get_encoding(name)
-        except Exception as err:  # offline: tiktoken downloads its BPE file on first use
-            why = f"tiktoken cannot get the {name} BPE file ({type(err).__name__}; downloaded on first use)"
-            raise UserError(recipe.problem(field, why, "run once with network access (cached in "
-                                           "TIKTOKEN_CACHE_DIR), or name a tokenizer folder"))
-        from transformers.integrations.tiktoken import convert_tiktoken_to_fast
-
-        convert_tiktoken_to_fast(encoding, str(folder))
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=eos,
-                                   pad_token=eos)
-
-
 def pretrain_tokenizer(recipe: Recipe):
-    """The recipe's tokenizer, with an EOS (the document separator) and a pad token."""
-    name = recipe.model.tokenizer_name_or_path or ""
-    if name in TIKTOKEN_ENCODINGS:
-        return tiktoken_tokenizer(recipe, name)
-    from transformers import AutoTokenizer
+    """The recipe's tokenizer with an EOS (the document separator) and a pad token; a tiktoken encoding is
+    converted once into the lora_ns cache."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    name, field = recipe.model.tokenizer_name_or_path or "", "model.tokenizer_name_or_path"
+    if name in TIKTOKEN_ENCODINGS:
+        folder = cache_dir() / "tokenizers" / name
+        if not (folder / "tokenizer.json").is_file():
+            _convert_tiktoken(recipe, name, folder)
+        eos = "<|endoftext|>"
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=eos,
+                                       pad_token=eos)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), revision=recipe.model.revision,
                                               trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.eos_token is None:
-        raise UserError(recipe.problem("model.tokenizer_name_or_path", f"tokenizer {name} has no EOS token, "
-                                       "needed between packed documents", "use a tokenizer that has one"))
+        raise UserError(recipe.problem(field, f"tokenizer {name} has no EOS token, needed between packed "
+                                       "documents", "use a tokenizer that has one"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _convert_tiktoken(recipe: Recipe, name: str, folder: Path) -> None:
+    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+
+    field = "model.tokenizer_name_or_path"
+    try:
+        import tiktoken
+    except ImportError:
+        raise UserError(recipe.problem(field, f"{name} is a tiktoken encoding, tiktoken is not installed",
+                                       "pip install tiktoken blobfile"))
+    try:
+        encoding = tiktoken.get_encoding(name)
+    except Exception as err:  # offline: tiktoken downloads its BPE file on first use
+        why = f"tiktoken cannot get the {name} BPE file ({type(err).__name__}; downloaded on first use)"
+        raise UserError(recipe.problem(field, why, "run once with network access (cached in "
+                                       "TIKTOKEN_CACHE_DIR), or name a tokenizer folder"))
+    convert_tiktoken_to_fast(encoding, str(folder))
 
 
 def init_model(recipe: Recipe, tokenizer):
     """A randomly initialised model of the recipe's architecture (call `transformers.set_seed` first)."""
     from transformers import AutoModelForCausalLM
 
-    from lora_ns.model import attention_problem, torch_dtype
+    from lora_ns.model import attention_problem, torch_dtype  # model imports this module: a cycle
 
-    problem = attention_problem(recipe)
-    if problem is not None:
+    if (problem := attention_problem(recipe)) is not None:
         raise UserError(problem)
     config = architecture(recipe, tokenizer)
     return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(recipe.model.dtype),
@@ -155,41 +135,25 @@ def init_model(recipe: Recipe, tokenizer):
 
 # --- data: tokenize once, pack, cache -------------------------------------------------------------
 
-def max_length(recipe: Recipe) -> int:
-    return int(recipe.training["max_length"])  # required for pretrain (see `check_pretrain`)
-
-
 def pack(batch: dict[str, list], tokenizer, length: int) -> dict[str, list]:
     """Tokenize a batch of documents, join them with EOS between, cut into rows of `length` tokens."""
-    flat: list[int] = []
-    for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-        flat.extend([*ids, tokenizer.eos_token_id])
-    rows = [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]
-    return {"input_ids": rows}
-
-
-def _tokenizer_hash(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
-
-
-def _files(recipe: Recipe) -> list[list[Any]]:
-    """(path, size, mtime) of every local file behind the train and validation data; [] for a hub dataset."""
-    from lora_ns.data.sources import LocalSource, source_for
-
-    cfg = recipe.dataset
-    sources = [source_for(cfg)]
-    if isinstance(cfg.val_split, str):
-        sources.append(source_for(cfg, cfg.val_split, "dataset.val_split"))
-    files = [f for s in sources if isinstance(s, LocalSource) for f in s.files]
-    return [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    flat = [t for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            for t in (*ids, tokenizer.eos_token_id)]
+    return {"input_ids": [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]}
 
 
 def cache_key(recipe: Recipe, tokenizer) -> str:
     """What the tokenized shards depend on: corpus files, the dataset section, tokenizer, max_length."""
-    parts = {"files": _files(recipe), "dataset": recipe.dataset.model_dump(mode="json"),
-             "tokenizer": _tokenizer_hash(tokenizer), "max_length": max_length(recipe), "version": 1}
+    cfg = recipe.dataset
+    sources = [source_for(cfg)] + ([source_for(cfg, cfg.val_split, "dataset.val_split")]
+                                   if isinstance(cfg.val_split, str) else [])
+    files = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+             for s in sources if isinstance(s, LocalSource) for f in s.files]  # [] for a hub dataset
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    parts = {"files": files, "dataset": cfg.model_dump(mode="json"), "version": 1,
+             "max_length": int(recipe.training["max_length"]),
+             "tokenizer": hashlib.sha256(f"{vocab}|{tokenizer.eos_token_id}".encode()).hexdigest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -201,43 +165,32 @@ def _packed(dataset, tokenizer, length: int):
                        fn_kwargs={"tokenizer": tokenizer, "length": length}, **kwargs)
 
 
-def _build(recipe: Recipe, tokenizer, target: Path) -> None:
-    """Tokenize, pack and save the splits into `target` (written in a temporary folder, then renamed)."""
-    from lora_ns.data import build_datasets
-
-    splits = dict(zip(("train", "validation"), build_datasets(recipe, tokenizer)))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        counts = {}
-        for name, split in splits.items():
-            if split is not None:
-                packed = _packed(split, tokenizer, max_length(recipe))
-                counts[name] = {"rows": len(packed), "tokens": len(packed) * max_length(recipe)}
-                packed.save_to_disk(str(tmp / name))
-        (tmp / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "counts.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def pretrain_datasets(recipe: Recipe, tokenizer):
     """(train, validation or None): rows of ``max_length`` token ids, built once and then reused."""
-    if recipe.dataset.streaming:
-        from lora_ns.data import build_datasets
-
-        splits = build_datasets(recipe, tokenizer)
-        return tuple(None if s is None else _packed(s, tokenizer, max_length(recipe)) for s in splits)
     import datasets
 
+    length = int(recipe.training["max_length"])  # required for pretrain (see `check_pretrain`)
+    if recipe.dataset.streaming:
+        splits = build_datasets(recipe, tokenizer)
+        return tuple(None if s is None else _packed(s, tokenizer, length) for s in splits)
     target = cache_dir() / "pretrain_data" / cache_key(recipe, tokenizer)
-    built = not (target / "counts.json").is_file()
-    if built:
-        _build(recipe, tokenizer, target)
+    if built := not (target / "counts.json").is_file():  # written in a temporary folder, then renamed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+        try:
+            counts = {}
+            for name, split in zip(("train", "validation"), build_datasets(recipe, tokenizer)):
+                if split is not None:
+                    (packed := _packed(split, tokenizer, length)).save_to_disk(str(tmp / name))
+                    counts[name] = {"rows": len(packed), "tokens": len(packed) * length}
+            (tmp / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first
+                if not (target / "counts.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     counts = json.loads((target / "counts.json").read_text(encoding="utf-8"))
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
         said = ", ".join(f"{name} {c['tokens']:,} tokens in {c['rows']:,} rows" for name, c in counts.items())
@@ -271,24 +224,24 @@ def check_pretrain(r: Recipe) -> Iterator[Problem]:
                         "set training.max_steps (tokens = steps × tokens per step, see validate)")
 
 
-def processes() -> int:
-    """Processes a launch will use: WORLD_SIZE under a launcher, else the visible GPUs, else 1."""
-    import torch
-
-    return int(os.environ.get("WORLD_SIZE") or max(torch.cuda.device_count(), 1))
-
-
 def describe_pretrain(recipe: Recipe, world_size: int | None = None) -> list[str]:
-    """Lines for validate: parameters, tokens per optimizer step and for the whole run."""
+    """Lines for validate: parameters (counted on the meta device), tokens per optimizer step and per run.
+    Processes: WORLD_SIZE under a launcher, else the visible GPUs, else 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     t, tokenizer, note = recipe.training, None, ""
     try:
         tokenizer = pretrain_tokenizer(recipe)
     except (UserError, OSError, ValueError) as err:
         note = f" (the config's vocab: tokenizer not loaded: {str(err).splitlines()[0][:100]})"
-    params = parameter_count(architecture(recipe, tokenizer))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture(recipe, tokenizer))
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    processes = world_size or int(os.environ.get("WORLD_SIZE") or max(torch.cuda.device_count(), 1))
     sizes = {"batch": int(t.get("per_device_train_batch_size", 8)),  # TrainingArguments' default
-             "accumulation": int(t.get("gradient_accumulation_steps", 1)), "max_length": max_length(recipe),
-             "processes": world_size or processes()}
+             "accumulation": int(t.get("gradient_accumulation_steps", 1)), "max_length": int(t["max_length"]),
+             "processes": processes}
     per_step, steps = math.prod(sizes.values()), int(t["max_steps"])
     return [f"pretrain: {params:,} parameters from {recipe.model.config}{note}",
             f"pretrain: {per_step:,} tokens per optimizer step ("

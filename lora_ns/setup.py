@@ -1,35 +1,40 @@
-"""Train's set-up, shared with ``validate``: ONE path, so a recipe that passes validate does not fail
-later in train.
+"""Train's set-up, shared with ``validate``: ONE path, so a recipe that passes validate does not then fail.
 
-`setup(recipe, dry_run)` builds what training builds, short of the weights and the optimizer:
-
-- our own cross-field rules (`lora_ns.validate.rules`: only what the libraries do not check);
-- the real ``SFTConfig`` / ``TrainingArguments`` (their ``__post_init__`` checks run; a ValueError is
-  mapped to the recipe field it names) and the run's step count (zero steps is an error), and the
-  loggers in ``report_to`` (each must be importable);
-- the peft config object, applied to the model built on the meta device (`lora_ns.validate.model`);
-- the tokenizer and chat template, and a sample of rows through the same formatter, renderer and
-  tokenization as training (`lora_ns.validate.data`);
-- the output dir (training refuses a finished run; validate warns).
-
-``validate`` calls it with ``dry_run=True`` and stops there; ``train`` calls it with ``dry_run=False``,
-then loads the weights. Errors raise `UserError` (one line each); warnings and info come back.
+`setup(recipe, dry_run)` builds what training builds short of the weights: our own rules
+(`lora_ns.validate.rules`), the real training arguments (their checks run; a ValueError is mapped to the field
+it names), the peft config, the model on the meta device, a sample of rows through training's formatter, and
+the output dir: empty (fresh; someone else's files are refused without ``overwrite_output_dir``), interrupted
+(``checkpoint-<step>`` folders: resumed from the newest complete one), or finished (``run_summary.json``:
+refused, or with ``overwrite_output_dir`` its marker and checkpoints are removed first).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_ns.adapters import peft_config
 from lora_ns.config import Recipe, load_recipe
+from lora_ns.data import sft_defaults
 from lora_ns.errors import Problem, UserError
-from lora_ns.preference import PREFERENCE_TASKS  # light: TRL is imported lazily
+from lora_ns.fileio import unwritable
+from lora_ns.hf_fields import TASK_TRAINING_FIELDS
+from lora_ns.model import gradient_checkpointing, torch_dtype
+from lora_ns.preference import PREFERENCE_TASKS, config_class
 
 # Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
 LORA_NS_TRAINING_KEYS = {"overwrite_output_dir", "resume_from_checkpoint"}
+FINISHED_MARKER = "run_summary.json"  # written last by lora_ns.train
+# Trainer writes weights, optimizer, scheduler and RNG state first and this file last: a checkpoint without it
+# was cut off mid-save.
+COMPLETE_MARKER = "trainer_state.json"
 
 
 @dataclass(frozen=True)
@@ -43,30 +48,27 @@ class Checks:
 
 @dataclass
 class Setup:
-    """What the set-up built: the training arguments, and the warnings / info lines it found."""
-
-    recipe: Recipe
-    args: Any
-    notes: list[Problem] = field(default_factory=list)
+    args: Any  # the training arguments object (None for validate --no-model --no-data)
+    notes: list[Problem] = field(default_factory=list)  # warnings and info lines
 
 
 def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     """Check and build everything training needs before the weights (see the module docstring)."""
-    from lora_ns.validate.rules import check_rules
+    from lora_ns.validate.rules import check_rules  # validate/__init__ imports this module: a cycle
 
     if not dry_run:
-        from lora_ns.checkpoints import guard_output_dir
-
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
     problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
-    if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: schema and rules only
-        return Setup(recipe, None, problems + _raise_errors(deep_problems(recipe, checks)))  # (and the launch)
+    if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
+        return Setup(None, problems + _raise_errors(deep_problems(recipe, checks)))
     args = training_arguments(recipe)
-    problems += _raise_errors(list(run_problems(recipe, args)))
+    problems += _raise_errors(run_problems(recipe, args))
     if recipe.peft.method != "full":
-        peft_config_problem(recipe)
-    problems += _raise_errors(deep_problems(recipe, checks))
-    return Setup(recipe, args, problems)
+        try:
+            peft_config(recipe)  # peft's own checks run
+        except (ValueError, TypeError) as err:
+            raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs"))
+    return Setup(args, problems + _raise_errors(deep_problems(recipe, checks)))
 
 
 def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_training: bool = False,
@@ -78,19 +80,19 @@ def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_
 
 
 def print_notes(notes: list[Problem], prog: str) -> None:
-    for note in notes:  # warnings, and "info" lines such as dataset length stats
+    for note in notes:
         print(f"{prog}: {note.severity}: {note}", file=sys.stderr)
 
 
 def _raise_errors(problems: list[Problem]) -> list[Problem]:
-    errors = [p for p in problems if p.is_error]
-    if errors:
+    if errors := [p for p in problems if p.is_error]:
         raise UserError(errors)
     return problems
 
 
 def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
-    """Checks that read the data sample, the model config, or the accelerate config."""
+    """Checks that read the data sample, the model config, or the accelerate config (imported here: each
+    module of lora_ns.validate imports this one through the package's __init__)."""
     problems: list[Problem] = []
     if checks.data:
         from lora_ns.validate.data import check_dataset
@@ -107,15 +109,12 @@ def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
     return problems
 
 
-# --- library errors, mapped to the recipe field they are about --------------------------------------
-
 def field_for(message: str, given: dict[str, Any]) -> str | None:
-    """The key of `given` a library's error message is about: named in it (the first one named), else
-    the only key whose value appears in it as a word. None when neither says."""
+    """The key of `given` a library's error message is about: named in it (the first one named), else the only
+    key whose value appears in it as a word. None when neither says."""
     words = re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?|\w+", message)
-    named = [k for k in given if k in words]
-    if named:
-        return min(named, key=lambda k: words.index(k))
+    if named := [k for k in given if k in words]:
+        return min(named, key=words.index)
 
     def appears(item: Any) -> bool:
         return str(item) in words or (isinstance(item, str) and len(item) >= 3 and item in message)
@@ -129,8 +128,7 @@ def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Ex
                     docs: str) -> Problem:
     """One line for a library's ValueError, naming the field when the message lets us."""
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    key = field_for(reason, given)
-    name = f"{section}.{key}" if key else section
+    name = f"{section}.{key}" if (key := field_for(reason, given)) else section
     return recipe.problem(name, reason, f"fix {name} (see {docs})")
 
 
@@ -141,66 +139,48 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
     import importlib.util
 
     import torch
-
-    from lora_ns.model import gradient_checkpointing, torch_dtype
+    from transformers import TrainingArguments
 
     dtype = torch_dtype(recipe.model.dtype)
     defaults: dict[str, Any] = {
         "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
-        "logging_steps": 10,
-        "save_strategy": "steps",
-        "save_total_limit": 2,
+        "logging_steps": 10, "save_strategy": "steps", "save_total_limit": 2,
         "use_cpu": not torch.cuda.is_available(),
-        "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16,
+        "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
     }
     if not {"gradient_checkpointing", "activation_checkpointing"} & recipe.training.keys():
-        from transformers import TrainingArguments
-
-        # transformers renamed the option (gradient_ -> activation_checkpointing) during 5.x: use this version's
+        # transformers renamed it (gradient_ -> activation_checkpointing) during 5.x: use this version's name
         name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
             else "gradient_checkpointing"
         defaults[name] = gradient_checkpointing(recipe)
     if recipe.dataset.val_split is None:
         defaults["eval_strategy"] = "no"
-    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: lora_ns.preference
-        from lora_ns.preference import training_defaults as preference_defaults
-
-        defaults.update(preference_defaults(recipe))
-    elif recipe.task != "seq_cls":
-        from lora_ns.data import sft_defaults
-
+    if recipe.task == "grpo":
+        defaults["remove_unused_columns"] = False  # the reward functions read the reference column
+    elif recipe.task not in PREFERENCE_TASKS and recipe.task != "seq_cls":
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
         if recipe.model.attn_implementation.startswith("flash_attention"):
             defaults.update(packing=True, packing_strategy="bfd")
     return defaults
 
 
-def training_arguments_class(task: str):
-    """SFTConfig (causal_lm, cpt), TrainingArguments (seq_cls) or TRL's DPOConfig, ... (preference tasks):
-    only the one the task needs is imported."""
+def training_arguments_class(task: str) -> type:
+    """SFTConfig (causal_lm, cpt, pretrain), TrainingArguments (seq_cls) or TRL's DPOConfig, ..."""
     if task in PREFERENCE_TASKS:
-        from lora_ns.preference import config_class
-
         return config_class(task)
-    if task == "seq_cls":
-        from transformers import TrainingArguments
-
-        return TrainingArguments
+    from transformers import TrainingArguments
     from trl import SFTConfig
 
-    return SFTConfig
+    return TrainingArguments if task == "seq_cls" else SFTConfig
 
 
 def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
-    from lora_ns.hf_fields import TASK_TRAINING_FIELDS
-
     ours = LORA_NS_TRAINING_KEYS | set(TASK_TRAINING_FIELDS.get(recipe.task, {}))
     given = {k: v for k, v in recipe.training.items() if k not in ours}
-    args = {**training_defaults(recipe), **given, "output_dir": recipe.output_dir}
     try:
-        return training_arguments_class(recipe.task)(**args)
+        return training_arguments_class(recipe.task)(**{**training_defaults(recipe), **given,
+                                                        "output_dir": recipe.output_dir})
     except ValueError as err:  # the HF classes check combinations of values in __post_init__
         raise UserError(library_problem(recipe, "training", given, err, "the HF TrainingArguments docs"))
 
@@ -209,32 +189,126 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     """What the arguments object accepts but the Trainer then fails on (or silently does nothing with)."""
     problems = []
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        problems.append(recipe.problem("training.num_train_epochs",
-                                       f"num_train_epochs {args.num_train_epochs} with no max_steps: "
-                                       "the run would train 0 steps",
+        epochs = args.num_train_epochs
+        problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
+                                       "max_steps: the run would train 0 steps",
                                        "set training.num_train_epochs > 0 (or training.max_steps)"))
-    problems += report_to_problems(recipe, args.report_to or [])
+    if loggers := [name for name in args.report_to or [] if name not in ("none", "all")]:
+        from transformers.integrations import get_available_reporting_integrations
+
+        available = set(get_available_reporting_integrations())  # else Trainer fails after the model loaded
+        problems += [recipe.problem("training.report_to", f"logger '{name}' is not installed",
+                                    f"pip install {name}, or set training.report_to: none")
+                     for name in loggers if name not in available]
     return problems
 
 
-def report_to_problems(recipe: Recipe, loggers: list[str]) -> list[Problem]:
-    """Each logger in report_to must be importable: the Trainer otherwise fails after the model loaded."""
-    if not [name for name in loggers if name not in ("none", "all")]:
-        return []
-    from transformers.integrations import get_available_reporting_integrations
+# --- output dir and checkpoints -------------------------------------------------------------------
 
-    available = set(get_available_reporting_integrations())
-    return [recipe.problem("training.report_to", f"logger '{name}' is not installed",
-                           f"pip install {name}, or set training.report_to: none")
-            for name in loggers if name not in ("none", "all") and name not in available]
+def is_finished(output_dir: str | Path) -> bool:
+    return (Path(output_dir) / FINISHED_MARKER).exists()
 
 
-def peft_config_problem(recipe: Recipe) -> None:
-    """Build the peft config object (its own checks run); raise a UserError naming the field."""
-    from lora_ns.adapters import peft_config
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-<step>`` folders, oldest step first (by number: 10 comes after 9)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def output_dir_problem(recipe: Recipe) -> Problem | None:
+    """An output_dir that cannot be written, or that holds someone else's files (unless the recipe sets
+    training.overwrite_output_dir: true); checked before anything loads, by validate and train alike."""
+    out, name = Path(recipe.output_dir), "training.output_dir"
+    if out.exists() and not out.is_dir():
+        return recipe.problem(name, f"{out} is a file, not a folder", "choose another output_dir")
+    if why := unwritable(out):
+        return recipe.problem(name, why, "choose an output_dir you can write to")
+    ours = not out.is_dir() or is_finished(out) or (out / "runs").is_dir() or checkpoints(out)
+    files = [] if ours else sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if files and not recipe.training.get("overwrite_output_dir"):
+        shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        return recipe.problem(name, f"{out} already holds files that are not a lora_ns run ({shown}); "
+                              "training would overwrite them",
+                              "choose a new or empty output_dir, or set training.overwrite_output_dir: true")
+    return None
+
+
+def guard_output_dir(recipe: Recipe) -> None:
+    """Refuse an unusable output_dir, or a finished run unless the recipe allows overwriting it."""
+    if problem := output_dir_problem(recipe):
+        raise UserError(problem)
+    out = Path(recipe.output_dir)
+    if not is_finished(out):
+        return
+    if not recipe.training.get("overwrite_output_dir"):
+        raise UserError(recipe.problem("training.output_dir", f"{out} already holds a finished run", "choose "
+                                       "another output_dir, or set training.overwrite_output_dir: true"))
+    if os.environ.get("RANK", "0") == "0":  # the other ranks see the result after the datasets barrier
+        say(f"overwriting the finished run in {out}")
+        for folder in checkpoints(out):
+            shutil.rmtree(folder)
+        (out / FINISHED_MARKER).unlink()
+
+
+def safetensors_defect(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (bad header, or data shorter/longer than it says), or None."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        peft_config(recipe)
-    except (ValueError, TypeError) as err:
-        docs = "the method's peft config docs"
-        raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, docs))
+        with safe_open(str(path), "numpy"):  # reads and checks the header only
+            return None
+    except (SafetensorError, OSError) as err:
+        why = str(err).splitlines()[0][:100]
+        return f"{path.name} is truncated or has no valid safetensors header ({why})"
+
+
+def checkpoint_defect(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from: no trainer_state.json, or a weights, optimizer or
+    scheduler file that is not whole. Reads headers and zip indexes only, never unpickles."""
+    try:
+        json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {COMPLETE_MARKER} (cut off mid-save)"
+    for file in sorted(folder.iterdir()):
+        if file.suffix == ".safetensors" and (why := safetensors_defect(file)):
+            return why
+        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):  # torch.save writes a zip
+            return f"{file.name} is truncated or not a torch file"
+    return None
+
+
+def last_checkpoint(output_dir: str | Path, quiet: bool = False) -> str | None:
+    """The newest checkpoint folder whose files are whole, or None; says which newer ones it skips and why."""
+    for folder in reversed(checkpoints(output_dir)):
+        if not (why := checkpoint_defect(folder)):
+            return str(folder)
+        if not quiet:
+            say(f"skipping {folder}: {why}")
+    return None
+
+
+def say(message: str) -> None:
+    """Print once per machine (every DDP rank runs the set-up)."""
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        print(f"lora_ns: {message}", file=sys.stderr)
+
+
+def wanted_checkpoint(recipe: Recipe) -> str | None:
+    """The recipe's resume_from_checkpoint as "auto" (the default), a path, or None (never resume)."""
+    wanted = recipe.training.get("resume_from_checkpoint", "auto")
+    if wanted is None or wanted is False or str(wanted).lower() in ("none", "no", "false"):
+        return None
+    return "auto" if wanted is True or str(wanted).lower() in ("auto", "true", "last") else str(wanted)
+
+
+def checkpoint_problem(recipe: Recipe) -> Problem | None:
+    """What is wrong with an explicit resume_from_checkpoint path, if anything (also a validate rule)."""
+    if (wanted := wanted_checkpoint(recipe)) in (None, "auto"):
+        return None
+    if not Path(wanted).is_dir():
+        return recipe.problem("training.resume_from_checkpoint", f"checkpoint {wanted} not found",
+                              "point it at a checkpoint-<step> folder, or use auto")
+    if why := checkpoint_defect(Path(wanted)):
+        return recipe.problem("training.resume_from_checkpoint", f"cannot resume from {wanted}: {why}",
+                              "point it at a complete checkpoint-<step> folder, or use auto")
+    return None

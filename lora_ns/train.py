@@ -1,65 +1,55 @@
-"""``accelerate launch -m lora_ns.train RECIPE.yaml [key.sub=value ...]``: train a recipe.
+"""``accelerate launch -m lora_ns.train RECIPE.yaml [key.sub=value ...]`` (or ``python -m``): train a recipe.
 
-Also ``python -m lora_ns.train`` for one process. The libraries do the work: TRL's SFTTrainer for
-causal_lm and cpt, transformers' Trainer for seq_cls, peft for adapters (`lora_ns.adapters`),
-transformers + bitsandbytes for loading (`lora_ns.model`). This module wires the recipe into them
-and writes the run's record next to the adapter.
+The libraries do the work: TRL's SFTTrainer (causal_lm, cpt, pretrain) and DPO/ORPO/KTO/GRPO trainers
+(`lora_ns.preference`), transformers' Trainer (seq_cls), peft (`lora_ns.adapters`), transformers +
+bitsandbytes for loading (`lora_ns.model`). This module wires the recipe into them, resumes an interrupted
+run, and writes the run's record next to the weights. Defaults under ``training:`` (the recipe's keys win):
 
-Defaults lora_ns sets under the recipe's ``training:`` section (any key the recipe gives wins):
-
-- ``report_to``: "tensorboard" when tensorboard is importable, else "none".
-- ``logging_steps``: 10.
-- ``save_strategy``: "steps" (every ``save_steps``, HF default 500) with ``save_total_limit: 2``,
-  so an interrupted run resumes from its last checkpoint (``resume_from_checkpoint: auto``).
-- ``gradient_checkpointing`` (transformers 5 calls it ``activation_checkpointing``; either name
-  works): on when the model is quantized, off otherwise (TRL's default is on; turn it on for
-  large models).
-- ``use_cpu``: true when no CUDA GPU is visible. ``bf16`` / ``fp16`` follow ``model.dtype``.
-- ``eval_strategy``: "no" when the recipe has no validation data.
-- causal_lm: the loss is on the answer only (`lora_ns.data.sft_defaults`): prompt/completion rows
-  get ``completion_only_loss: true``; chat rows (a formatter of kind "messages") get
-  ``assistant_only_loss: true``, which needs {% generation %} markers in the chat template (TRL
-  swaps in a marked template for known models). To train on every token instead, set
-  ``training.completion_only_loss: false`` or ``training.assistant_only_loss: false``. cpt text
-  rows train on every token.
-- ``packing``: on (``packing_strategy: bfd``, padding-free) for causal_lm and cpt when
-  ``model.attn_implementation`` is a flash-attention kernel, which runs the packed row as separate
-  sequences. Packing is mask-correct with sdpa too (transformers turns the restarting
-  ``position_ids`` into block-diagonal attention; tests/test_masks.py checks the logits), but sdpa
-  then attends over the whole packed row, which costs more than the padding it saves on small
-  models, so with sdpa/eager it stays off unless the recipe sets it. ``validate`` prints the padding
-  fraction packing would remove.
+- ``report_to``: "tensorboard" when it is installed, else "none"; ``logging_steps``: 10.
+- ``save_strategy: steps`` (HF's ``save_steps`` 500) with ``save_total_limit: 2``: an interrupted run
+  resumes from its last complete checkpoint (``resume_from_checkpoint: auto``).
+- ``gradient_checkpointing`` (or its transformers 5 name ``activation_checkpointing``): on when quantized.
+- ``use_cpu`` when no CUDA GPU is visible; ``bf16`` / ``fp16`` follow ``model.dtype``; ``eval_strategy:
+  no`` without validation data.
+- causal_lm: loss on the answer only (`lora_ns.data.sft_defaults`): ``completion_only_loss`` for
+  prompt/completion rows, ``assistant_only_loss`` for chat rows (needs {% generation %} markers; TRL swaps
+  in a marked template for known models); set it false to train on every token. cpt trains on every token.
+- ``packing`` (``bfd``, padding-free) with a flash-attention kernel only: with sdpa it is mask-correct too
+  (tests/test_masks.py) but attends over the whole packed row, which costs more than it saves on small models.
 - seq_cls: accuracy, F1, precision and recall at each evaluation (`lora_ns.metrics`).
 
-Distributed runs: datasets are built and tokenized inside ``main_process_first`` (rank 0 fills the
-cache, the others reuse it), quantized models load onto each rank's own GPU, and only the main
-process writes recipe.yaml, versions.json, the tokenizer and run_summary.json (written last: it
-marks a finished run, see `lora_ns.checkpoints`).
+Distributed: datasets are built inside ``main_process_first``; only the main process writes the tokenizer,
+recipe.yaml, versions.json, the report (loss_curve.png, summary.txt), then run_summary.json (the finished
+marker).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import math
+import shlex
 import sys
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from lora_ns.checkpoints import FINISHED_MARKER
+from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, load_recipe
+from lora_ns.data import build_datasets, encode_pairs
 from lora_ns.errors import Problem, UserError, run_cli
-from lora_ns.fileio import write_text_atomic
-from lora_ns.preference import PREFERENCE_TASKS  # light: TRL is imported lazily
-from lora_ns.setup import Checks, print_notes, setup
+from lora_ns.fileio import atomic_output, write_text_atomic
+from lora_ns.metrics import classification_metrics
+from lora_ns.model import dtype_name, load_model, load_tokenizer
+from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
+from lora_ns.pretrain import pretrain_datasets
+from lora_ns.setup import (FINISHED_MARKER, Checks, checkpoint_problem, is_finished, last_checkpoint,
+                           print_notes, say, setup, wanted_checkpoint)
 
 PROG = "lora_ns.train"
-# Training keys that hold credentials: never written to the saved recipe.
-SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}
-
-
+SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}  # training keys never written to the saved recipe
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
 HF_SCRIPT_FLAGS = {"--output-dir": "training.output_dir", "--model-name-or-path": "model.name_or_path",
                    "--dataset-name": "dataset.path"}
@@ -71,7 +61,7 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Overrides: key.sub=value or --key.sub value, e.g. training.max_steps=10 --peft.r 8",
         aliases={"--config": "--recipe"})
     parser.add_argument("recipe", nargs="?", help="path to a recipe YAML (see recipes/)")
-    parser.add_argument("--recipe", dest="recipe_flag", help=argparse.SUPPRESS)  # --config: older scripts' name
+    parser.add_argument("--recipe", dest="recipe_flag", help=argparse.SUPPRESS)  # --config: older scripts
     for flag, key in HF_SCRIPT_FLAGS.items():
         parser.add_argument(flag, help=f"same as {key}=VALUE")
     return parser
@@ -83,68 +73,120 @@ def recipe_and_overrides(argv: list[str] | None) -> tuple[str, list[str]]:
     if args.recipe_flag and args.recipe:  # with --config, a bare key=value is an override, not the recipe
         overrides = [args.recipe, *overrides]
     if not recipe:
-        raise UserError(Problem("<command line>", "recipe", "no recipe given", "pass a recipe path (see recipes/)"))
+        raise UserError(Problem("<command line>", "recipe", "no recipe given",
+                                "pass a recipe path (see recipes/)"))
     given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in HF_SCRIPT_FLAGS.items()}
-    flags = [f"{key}={value}" for key, value in given.items() if value is not None]
-    return recipe, flags + overrides
+    return recipe, [f"{key}={value}" for key, value in given.items() if value is not None] + overrides
 
 
-def classification_eval(num_labels: int):
-    """A Trainer ``compute_metrics`` reporting accuracy, F1, precision and recall."""
-    from lora_ns.metrics import classification_metrics
-
-    def compute_metrics(eval_pred) -> dict[str, float]:
-        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return classification_metrics(logits.argmax(-1), eval_pred.label_ids, num_labels)
-
-    return compute_metrics
-
+# --- the trainer ----------------------------------------------------------------------------------
 
 def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_dataset):
-    """SFTTrainer (causal_lm, cpt) or Trainer with padding and classification metrics (seq_cls)."""
-    from lora_ns.adapters import training_callbacks
+    """The task's trainer on an already peft-wrapped (or full) model."""
+    kwargs = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                  processing_class=tokenizer, callbacks=training_callbacks(recipe))
+    if recipe.task in PREFERENCE_TASKS:
+        return preference_trainer(recipe, **kwargs)
+    if recipe.task != "seq_cls":
+        from trl import SFTTrainer
 
-    callbacks = training_callbacks(recipe)
-    if recipe.task in PREFERENCE_TASKS:  # dpo/orpo/kto/grpo: lora_ns.preference
-        from lora_ns.preference import build_trainer as preference_trainer
+        return SFTTrainer(**kwargs)
+    from transformers import DataCollatorWithPadding, Trainer
 
-        return preference_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
-    if recipe.task == "seq_cls":
-        from transformers import DataCollatorWithPadding, Trainer
+    length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+    train_dataset, eval_dataset = (
+        None if d is None else encode_pairs(d, tokenizer, length, recipe.model.labels, recipe.dataset.path)
+        for d in (train_dataset, eval_dataset))
 
-        from lora_ns.data import encode_pairs
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        logits = eval_pred.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return classification_metrics(logits.argmax(-1), eval_pred.label_ids, model.config.num_labels)
 
-        max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-        train_dataset = encode_pairs(train_dataset, tokenizer, max_length, recipe.model.labels, recipe.dataset.path)
-        if eval_dataset is not None:
-            eval_dataset = encode_pairs(eval_dataset, tokenizer, max_length, recipe.model.labels, recipe.dataset.path)
-        metrics = classification_eval(model.config.num_labels) if eval_dataset is not None else None
-        return Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                       compute_metrics=metrics, callbacks=callbacks)
-    from trl import SFTTrainer
-
-    return SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      processing_class=tokenizer, callbacks=callbacks)
+    return Trainer(**{**kwargs, "train_dataset": train_dataset, "eval_dataset": eval_dataset},
+                   data_collator=DataCollatorWithPadding(tokenizer),
+                   compute_metrics=compute_metrics if eval_dataset is not None else None)
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
+    """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
+    from transformers import set_seed
 
-    found = {}
-    for name in ("lora_ns", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
+    set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
+    tokenizer = load_tokenizer(recipe)
+    model = apply_peft(load_model(recipe, tokenizer), recipe)
+    trainable, total = count_parameters(model)
+    if args.process_index == 0:
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
+    with args.main_process_first(desc="build and tokenize the datasets"):
+        trainer = build_trainer(recipe, args, model, tokenizer, *build(recipe, tokenizer))
+    return trainer, tokenizer, (trainable, total)
+
+
+def resume_target(recipe: Recipe) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` gets: for "auto" (the default) the newest complete
+    checkpoint of an interrupted run, None for a fresh run or one that overwrites a finished run; an explicit
+    path must be a complete checkpoint folder."""
+    if (wanted := wanted_checkpoint(recipe)) is None or (wanted == "auto" and is_finished(recipe.output_dir)):
+        return None
+    if wanted != "auto" and (problem := checkpoint_problem(recipe)):
+        raise UserError(problem)
+    if found := last_checkpoint(recipe.output_dir) if wanted == "auto" else wanted:
+        say(f"resuming from {found}")
     return found
 
 
-def saved_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, credentials removed, "auto" dtypes pinned to what this run used
-    (so a later merge or evaluation reproduces the training precision, e.g. QLoRA's requantization)."""
-    from lora_ns.model import dtype_name
+@contextmanager
+def disk_errors(recipe: Recipe) -> Iterator[None]:
+    """A full disk (or quota, or a folder made read-only) while saving is one line naming the complete
+    checkpoint a rerun resumes from (one cut off mid-save has no trainer_state.json and is skipped)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        full = "No space left" in str(err) or "write failed" in str(err)  # torch.save's own wording
+        if not full and not (isinstance(err, OSError) and err.errno in (
+                errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)):
+            raise
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        last = last_checkpoint(recipe.output_dir, quiet=True)
+        fix = ("free disk space (or fix the folder's permissions) and rerun: it resumes "
+               f"from {last}" if last else "free disk space and rerun")
+        raise UserError(recipe.problem("training.output_dir", f"saving to {recipe.output_dir} failed: {why}",
+                                       fix)) from None
 
+
+def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[str, Any]]:
+    """Set up (the same checks as validate), then load the weights, train and save; return the trainer (its
+    model is the trained one) and the run summary."""
+    started = time.time()
+    ready = setup(recipe, dry_run=False, checks=checks)
+    print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
+    trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
+    with disk_errors(recipe):
+        result = trainer.train(resume_from_checkpoint=resume_target(recipe))
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
+        summary = {"output_dir": recipe.output_dir, "task": recipe.task, "method": recipe.peft.method,
+                   "steps": trainer.state.global_step, "seconds": round(time.time() - started, 1),
+                   "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+                   "last_loss": losses[-1] if losses else None, "eval": evals[-1] if evals else None,
+                   "trainable_params": trainable, "total_params": total}
+        save_run(recipe, trainer, tokenizer, summary)
+    return trainer, summary
+
+
+def train(recipe: Recipe, checks: Checks = Checks()) -> dict[str, Any]:
+    """Train a recipe (set-up checks first); return the run summary (also written to run_summary.json)."""
+    return run_training(recipe, checks)[1]
+
+
+# --- the run's record -----------------------------------------------------------------------------
+
+def saved_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, credentials removed, "auto" dtypes pinned to what this run used (so a
+    later merge or evaluation reproduces the training precision, e.g. QLoRA's requantization)."""
     clean = recipe.model_copy(deep=True)
     clean.training = {k: v for k, v in recipe.training.items() if k not in SECRET_KEYS}
     if clean.model.dtype == "auto":
@@ -154,19 +196,10 @@ def saved_recipe(recipe: Recipe) -> str:
     return clean.to_yaml()
 
 
-def run_summary(recipe: Recipe, trainer, result, trainable: int, total: int, started: float) -> dict[str, Any]:
-    history = trainer.state.log_history
-    losses = [e["loss"] for e in history if "loss" in e]
-    evals = [e for e in history if any(k.startswith("eval_") for k in e)]
-    return {"output_dir": recipe.output_dir, "task": recipe.task, "method": recipe.peft.method,
-            "steps": trainer.state.global_step, "seconds": round(time.time() - started, 1),
-            "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "eval": evals[-1] if evals else None,
-            "trainable_params": trainable, "total_params": total}
-
-
 def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> None:
     """Adapter (or full model) as safetensors, trainer state, and the run record; run_summary.json last."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = Path(recipe.output_dir)
     trainer.save_model(str(out))
     trainer.save_state()
@@ -174,64 +207,80 @@ def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> Non
         return
     tokenizer.save_pretrained(str(out))
     write_text_atomic(out / "recipe.yaml", saved_recipe(recipe))
-    write_text_atomic(out / "versions.json", json.dumps(library_versions(), indent=2))
-    from lora_ns.report import write_report
-
+    versions = {}
+    for name in ("lora_ns", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
+        with suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    write_text_atomic(out / "versions.json", json.dumps(versions, indent=2))
     write_report(trainer.state.log_history, out, summary)
     write_text_atomic(out / FINISHED_MARKER, json.dumps(summary, indent=2))  # last: marks a finished run
 
 
-def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
-    """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
-    from transformers import set_seed
-
-    from lora_ns.adapters import apply_peft, count_parameters
-    from lora_ns.data import build_datasets
-    from lora_ns.model import load_model, load_tokenizer
-
-    set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
-    tokenizer = load_tokenizer(recipe)
-    model = apply_peft(load_model(recipe, tokenizer), recipe)
-    trainable, total = count_parameters(model)
-    if args.process_index == 0:
-        print(f"trainable params: {trainable:,} || all params: {total:,} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
-    with args.main_process_first(desc="build and tokenize the datasets"):
-        if recipe.task == "pretrain":  # pretrain hook: tokenized, packed, cached shards
-            from lora_ns.pretrain import pretrain_datasets as build_datasets
-        train_dataset, eval_dataset = build_datasets(recipe, tokenizer)
-        trainer = build_trainer(recipe, args, model, tokenizer, train_dataset, eval_dataset)
-    return trainer, tokenizer, (trainable, total)
+def loss_points(log_history: list[dict[str, Any]]) -> tuple[list, list]:
+    """(train, eval) lists of (step, loss) from a Trainer's ``state.log_history``."""
+    return tuple([(int(e.get("step", i)), float(e[key])) for i, e in enumerate(log_history) if key in e]
+                 for key in ("loss", "eval_loss"))
 
 
-def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[str, Any]]:
-    """Set up (the same checks as validate), then load the weights, train and save; return the trainer
-    (its model is the trained one) and the summary."""
-    from lora_ns.checkpoints import disk_errors, resume_target
+def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> None:
+    """Train and eval loss against the step, as a PNG. matplotlib's object API on the Agg canvas: pyplot's
+    global backend is never touched (no display needed, nothing changed for a caller using pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    started = time.time()
-    ready = setup(recipe, dry_run=False, checks=checks)
-    print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
-    trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
-    with disk_errors(recipe):
-        result = trainer.train(resume_from_checkpoint=resume_target(recipe))
-        summary = run_summary(recipe, trainer, result, trainable, total, started)
-        save_run(recipe, trainer, tokenizer, summary)
-    if trainer.is_world_process_zero():
-        loss = summary["first_loss"], summary["last_loss"]
-        what = "model" if recipe.peft.method == "full" else "adapter"
-        print(f"done: {summary['steps']} steps in {summary['seconds']} s, loss "
-              f"{_fmt(loss[0])} -> {_fmt(loss[1])}; {what} saved to {recipe.output_dir}")
-    return trainer, summary
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(xlabel="step", ylabel="loss", title=title)
+    for points, style, label in ((train, "-", "train loss"), (evals, "o-", "eval loss")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_output(path, "wb") as fh:
+        fig.savefig(fh, format="png")
 
 
-def train(recipe: Recipe, checks: Checks = Checks()) -> dict[str, Any]:
-    """Train a recipe (set-up checks first); return the run summary (also written to run_summary.json)."""
-    return run_training(recipe, checks)[1]
+def next_commands(output_dir: Path) -> list[tuple[str, str]]:
+    """(what, command) pairs for what to do with a finished run, with the real paths."""
+    out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(output_dir / "recipe.yaml"))
+    adapter = (output_dir / "adapter_config.json").is_file()
+    weights = "--adapter" if adapter else "--model"
+    steps = [("try it", f'python -m lora_ns.infer --model {out} --prompt "Your question here"'),
+             ("evaluate it", f"python -m lora_ns.evaluate {recipe} {weights} {out}")]
+    merged = shlex.quote(str(output_dir.parent / f"{output_dir.name}-merged"))
+    return steps + [("merge it", f"python -m lora_ns.merge --adapter {out} --output {merged}")] * adapter
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summary: dict[str, Any]) -> None:
+    """Write ``loss_curve.png`` and ``summary.txt`` (also printed: steps, time, losses, parameters, where the
+    weights are, the commands to run next) into `output_dir`, each atomically."""
+    out = Path(output_dir)
+    train, evals = loss_points(log_history)
+    curve = "not drawn: no loss was logged (set training.logging_steps below the number of steps)"
+    if train or evals:
+        try:
+            plot_loss_curve(train, evals, out / "loss_curve.png", f"loss — {out.name}")
+            curve = str(out / "loss_curve.png")
+        except Exception as err:  # a plot is not worth losing a finished run over: the weights are saved
+            curve = f"not drawn: {type(err).__name__}: {err}"
+            print(f"{PROG}: warning: loss curve {curve}", file=sys.stderr)
+    kind = "adapter" if (out / "adapter_config.json").is_file() else "model"
+    trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    minutes, seconds = divmod(float(summary.get("seconds", 0)), 60)
+    rows = {"steps": summary.get("steps", "-"),
+            "time": f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s",
+            "train loss": " -> ".join("-" if summary.get(k) is None else f"{summary[k]:.4f}"
+                                      for k in ("first_loss", "last_loss")) + " (first -> last logged)",
+            "eval loss": f"{evals[-1][1]:.4f} at step {evals[-1][0]}" if evals else "- (no evaluation ran)",
+            "trainable params": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)" if total
+            else "-",
+            kind: out, "loss curve": curve}
+    lines = [f"Training finished: {kind} saved to {out}", *(f"  {k + ':':<17} {v}" for k, v in rows.items()),
+             "", "Next:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(out))]
+    with atomic_output(out / "summary.txt", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

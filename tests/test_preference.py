@@ -14,8 +14,7 @@ from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
 from lora_ns.inference import reply_logprob
-from lora_ns.preference import check_preference_recipe
-from lora_ns.rewards import answer_format, gsm8k_exact_match, resolve_rewards
+from lora_ns.preference import answer_format, check_preference_recipe, gsm8k_exact_match, resolve_rewards
 
 SAMPLE = {"dpo": ("preference", "preference"), "orpo": ("ultrafeedback", "ultrafeedback"),
           "kto": ("kto", "kto"), "grpo": ("gsm8k", "gsm8k_prompt")}
@@ -128,9 +127,17 @@ def test_user_rewards_are_checked_before_training():
     assert all("\n" not in r for r in reasons)
 
 
+def test_trl_checks_the_generation_batch_naming_the_field():
+    from lora_ns.setup import training_arguments
+
+    with pytest.raises(UserError) as err:
+        training_arguments(recipe_for("grpo", num_generations=3, per_device_train_batch_size=8,
+                                      reward_funcs=["gsm8k"]))
+    (problem,) = err.value.problems
+    assert problem.field == "training.num_generations" and "divisible by num_generations" in problem.message
+
+
 @pytest.mark.parametrize("task, training, field, words", [
-    ("grpo", {"num_generations": 3, "per_device_train_batch_size": 8, "reward_funcs": ["gsm8k"]},
-     "training.num_generations", "does not divide"),
     ("grpo", {"num_generations": 1, "reward_funcs": ["gsm8k"]}, "training.num_generations", "2 or more"),
     ("grpo", {"reward_funcs": ["nope.nope:f"]}, "training.reward_funcs", "cannot import"),
     ("dpo", {"beta": 0}, "training.beta", "out of range"),

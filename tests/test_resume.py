@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_ns.checkpoints import (COMPLETE_MARKER, FINISHED_MARKER, guard_output_dir, last_checkpoint,
-                                 resume_target)
 from lora_ns.config import parse_recipe
 from lora_ns.errors import UserError
+from lora_ns.setup import COMPLETE_MARKER, FINISHED_MARKER, guard_output_dir, last_checkpoint
+from lora_ns.train import resume_target
 
 from conftest import REPO
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from lora_ns.adapters import SEQ_CLS_HEADS
 from lora_ns.builtin_models import BUILDERS, PREFIX
-from lora_ns.checkpoints import checkpoint_problem, is_finished, output_dir_problem
+from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem
