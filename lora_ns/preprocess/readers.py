@@ -2,7 +2,8 @@
 
 A reader yields output rows: ``{"data": bytes}`` holds records, and a ``{"note": json}`` row closes a
 unit of work (a decode attempt, an archive member, a task). The parent keeps or takes back the rows
-since the previous note, so no reader holds more than one block (~4 MiB) of text, however large its source.
+since the previous note, so no reader holds more than one block (~4 MiB) of text, however large its
+source.
 """
 
 from __future__ import annotations
@@ -70,12 +71,14 @@ class Rows:
         if not samples:
             return []
         if self.opts.fmt == "jsonl":  # same bytes as json.dumps({"text": s}, ensure_ascii=False), faster
-            return [{"data": ('{"text": ' + '}\n{"text": '.join(map(encode_basestring, samples)) + "}\n")
-                     .encode("utf-8"), "note": None}]
-        return [{"data": ("\n".join(samples) + "\n").encode("utf-8"), "note": None}]
+            text = '{"text": ' + '}\n{"text": '.join(map(encode_basestring, samples)) + "}\n"
+        else:
+            text = "\n".join(samples) + "\n"
+        return [{"data": text.encode("utf-8"), "note": None}]
 
     def end(self, kind: str, **note) -> dict:
-        """Close a unit: ``retry`` (take its rows back), ``member`` or ``task`` (keep them unless ``error``)."""
+        """Close a unit: ``retry`` (take its rows back), ``member`` or ``task`` (keep them unless
+        ``error``)."""
         note.update(kind=kind, short=self.short)
         self.short = 0
         return {"data": None, "note": json.dumps(note, ensure_ascii=False)}
@@ -168,13 +171,25 @@ def reason(err: BaseException) -> str:
 
 # --- readers: generators of rows that return the encoding they used, if any ------------------
 
-def read_task(path: str, rel: str, start: int, end: int, rows: Rows) -> Iterator[dict]:
-    """One task: a byte range of a .txt file (a small file is one range), or a whole file of another kind."""
-    ext = Path(path).suffix.lower()
-    if ext == ".zip":
-        return (yield from _read_zip(path, rel, rows))
-    if ext != ".txt" or (start == 0 and is_utf16(path)):  # UTF-16 is one task: cutting at b"\n" would split its characters
-        return (yield from _read_source(ext, partial(open, path, "rb"), rows))
+def generate(shards: list[list], opts: Options) -> Iterator[dict]:
+    """The `datasets` generator (runs in a worker): every task's rows, each task closed by a ``task``
+    row. A task is a byte range of a .txt file (a small file is one range) or a whole file of another
+    kind (or UTF-16, streamed). Never raises for a bad file: the failure goes into that row."""
+    for task in (task for shard in shards for task in shard):
+        rows, ext = Rows(opts), Path(task.path).suffix.lower()
+        try:
+            if ext == ".zip":
+                enc = yield from _read_zip(task.path, task.rel, rows)
+            elif ext != ".txt" or (task.start == 0 and is_utf16(task.path)):
+                enc = yield from _read_source(ext, partial(open, task.path, "rb"), rows)
+            else:
+                enc = yield from _read_range(task.path, task.start, task.end, rows)
+            yield rows.end("task", enc=enc, ignored=rows.ignored)
+        except Exception as err:
+            yield rows.end("task", error=reason(err))
+
+
+def _read_range(path: str, start: int, end: int, rows: Rows) -> Iterator[dict]:
     with open(path, "rb") as fh:
         fh.seek(start)
         data = fh.read(end - start)
@@ -183,7 +198,8 @@ def read_task(path: str, rel: str, start: int, end: int, rows: Rows) -> Iterator
     return (yield from _fallback(rows.opts.encodings, lambda codec: rows.text(data.decode(codec)), rows))
 
 
-def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterator[dict]], rows: Rows) -> Iterator[dict]:
+def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterable[dict]],
+              rows: Rows) -> Iterator[dict]:
     """Run `attempt(codec)` with each encoding until one decodes; a failed attempt's rows are taken back
     (a ``retry`` row). UTF-8 goes through utf-8-sig, so a leading BOM is dropped."""
     for name in encodings:
@@ -221,10 +237,12 @@ def _read_source(ext: str, open_raw: Callable[[], IO[bytes]], rows: Rows) -> Ite
         with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec) as stream:
             for block in text_blocks(stream, rows.opts.block_chars, rows.opts.unit):
                 yield from rows.text(block)
-    return (yield from _fallback(("utf-16",) if head[:2] in _UTF16_BOMS else rows.opts.encodings, attempt, rows))
+    utf16 = head[:2] in _UTF16_BOMS
+    return (yield from _fallback(("utf-16",) if utf16 else rows.opts.encodings, attempt, rows))
 
 
-def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows, batch_chars: int = 1 << 20) -> Iterator[dict]:
+def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows, batch_chars: int = 1 << 20
+              ) -> Iterator[dict]:
     """One document per row of the chosen column. Except with ``--unit file``, cells go in ~1 MB
     batches joined by blank lines: the same samples with far fewer calls per row."""
     def attempt(codec: str) -> Iterator[dict]:
