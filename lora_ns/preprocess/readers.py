@@ -62,9 +62,11 @@ class Rows:
 
     def __init__(self, opts: Options):
         self.opts, self.short, self.ignored = opts, 0, []
+        self.unit, self.keep = opts.unit, opts.fmt == "jsonl"  # samples_from_text's arguments
 
-    def text(self, text: str) -> list[dict]:
-        samples = samples_from_text(text, self.opts.unit, self.opts.fmt == "jsonl")
+    def data(self, samples: list[str]) -> list[dict]:
+        """Called as ``data(samples_from_text(text, ...))``: the text (often the only reference, as
+        the call's argument) is freed before the samples are joined, which keeps the peak memory low."""
         if self.opts.min_chars:
             kept = [s for s in samples if len(s) >= self.opts.min_chars]
             self.short, samples = self.short + len(samples) - len(kept), kept
@@ -195,7 +197,9 @@ def _read_range(path: str, start: int, end: int, rows: Rows) -> Iterator[dict]:
         data = fh.read(end - start)
     if start == 0 and b"\x00" in data[:8192]:
         raise SkipFile(BINARY)
-    return (yield from _fallback(rows.opts.encodings, lambda codec: rows.text(data.decode(codec)), rows))
+    def attempt(codec: str) -> list[dict]:
+        return rows.data(samples_from_text(data.decode(codec), rows.unit, rows.keep))
+    return (yield from _fallback(rows.opts.encodings, attempt, rows))
 
 
 def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterable[dict]],
@@ -227,7 +231,8 @@ def _read_source(ext: str, open_raw: Callable[[], IO[bytes]], rows: Rows) -> Ite
             document = docx.Document(io.BytesIO(data))
         except Exception as err:  # python-docx raises many types for a broken package
             raise SkipFile(f"corrupt or not a .docx ({type(err).__name__}: {err})") from None
-        return (yield from rows.text("\n\n".join(paragraph.text for paragraph in document.paragraphs)))
+        text = "\n\n".join(paragraph.text for paragraph in document.paragraphs)
+        return (yield from rows.data(samples_from_text(text, rows.unit, rows.keep)))
     with open_raw() as raw:
         head = raw.read(8192)
     if head[:2] not in _UTF16_BOMS and b"\x00" in head:
@@ -236,7 +241,7 @@ def _read_source(ext: str, open_raw: Callable[[], IO[bytes]], rows: Rows) -> Ite
     def attempt(codec: str) -> Iterator[dict]:
         with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec) as stream:
             for block in text_blocks(stream, rows.opts.block_chars, rows.opts.unit):
-                yield from rows.text(block)
+                yield from rows.data(samples_from_text(block, rows.unit, rows.keep))
     utf16 = head[:2] in _UTF16_BOMS
     return (yield from _fallback(("utf-16",) if utf16 else rows.opts.encodings, attempt, rows))
 
@@ -259,9 +264,9 @@ def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows, batch_chars: int = 
                         batch.append(row[col])
                         size += len(row[col])
                     if size >= batch_chars or rows.opts.unit == "file":  # file: each cell is one sample
-                        yield from rows.text("\n\n".join(batch))
+                        yield from rows.data(samples_from_text("\n\n".join(batch), rows.unit, rows.keep))
                         batch, size = [], 0
-                yield from rows.text("\n\n".join(batch))
+                yield from rows.data(samples_from_text("\n\n".join(batch), rows.unit, rows.keep))
             except StopIteration:
                 raise SkipFile("empty CSV (no header row)") from None
             except csv.Error as err:
