@@ -363,6 +363,17 @@ def test_module_runs_as_script_and_imports_nothing_heavy(corpus: Path, tmp_path:
     assert not set(loaded.stdout.split()) & heavy
 
 
+def test_default_worker_count_runs_a_small_corpus_in_process(corpus: Path, tmp_path: Path) -> None:
+    """Without --num-workers a corpus under BYTES_PER_WORKER runs in-process: `datasets` (whose pool costs
+    seconds to start) is never imported. Bigger corpora get one worker per BYTES_PER_WORKER."""
+    code = ("import sys; from lora_ns.preprocess import main; "
+            f"rc = main(['--raw-dir', {str(corpus)!r}, '--out-file', {str(tmp_path / 'o.txt')!r}, '--quiet']); "
+            "print(rc, 'datasets' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split()[-2:] == ["0", "False"], proc.stderr
+    assert (tmp_path / "o.txt").read_text(encoding="utf-8").splitlines() == EXPECTED
+
+
 def test_docx_needs_the_extra_with_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
     raw = tmp_path / "raw"
     docx_bytes = make_docx(tmp_path / "m.docx", ["member text"]).read_bytes()

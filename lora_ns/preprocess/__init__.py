@@ -7,19 +7,15 @@ Reads ``.txt``, ``.csv`` (one text column), ``.docx`` (needs ``pip install lora_
 hidden files and other extensions are ignored and counted. Each sample is one paragraph by default
 (``--unit file|paragraph|line``), whitespace normalized, written one per line (``--format txt``) or as
 ``{"text": ...}`` JSON lines. CJK-safe: joining the lines of a hard-wrapped paragraph adds no space
-between two CJK characters.
+between two CJK characters. Decoding tries UTF-8 (BOM tolerated), GB18030, Latin-1 per unit of work;
+a file that cannot be read is skipped with a reason in the report.
 
 * `readers`: the per-file readers and text normalization (what runs in a worker).
 * `pipeline`: tasks (a file, or a ~4 MiB range of a large .txt cut at a blank line) run by `datasets`
-  (``Dataset.from_generator(num_proc=...)``), then written in task order: the output is byte-identical
-  for any ``--num-workers`` and memory stays flat. A file that cannot be read is skipped with a reason
-  in the report. Decoding tries UTF-8 (BOM tolerated), GB18030, Latin-1 per unit of work.
-  The output appears atomically (`lora_ns.fileio.atomic_output`).
-* `cli`: flags and checks. A corpus too large for one machine (say 1 TB) is split by file with
-  ``--shard I/N`` (contiguous parts of about equal bytes, in path order): run shard I on machine I
-  over the same shared folder, then ``cat`` the N outputs in order, which gives the bytes one run
-  would give (with ``--dedup``, each shard dedups only within itself). Datatrove's executors could
-  schedule those N runs (Slurm); it is not needed for this.
+  workers, written in task order (byte-identical for any ``--num-workers``) through `lora_ns.fileio`.
+* `cli`: flags and checks. ``--shard I/N`` splits a corpus too large for one machine by file
+  (contiguous parts of about equal bytes, in path order); the N outputs, concatenated in order, are
+  what one run would write (with ``--dedup``, each shard dedups only within itself).
 """
 
 from lora_ns.preprocess.cli import FORMATS, main, make_parser, preprocess

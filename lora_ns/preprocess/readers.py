@@ -1,9 +1,9 @@
 """Readers for .txt/.csv/.docx/.zip and the text normalization: everything that runs inside a worker.
 
-A reader is a generator of output rows (see `Rows`): ``{"data": bytes}`` holds encoded records, and
-``{"note": json}`` ends a unit of work (a decode attempt to throw away, a zip member, a task). The
-parent writes data rows as they come and truncates back to the last mark when a unit failed, so no
-reader ever holds more than one block (~4 MiB) of text, however large its source is.
+A reader yields output rows: ``{"data": bytes}`` holds records, and a ``{"note": json}`` row closes a
+unit of work (a decode attempt, an archive member, a task). The parent keeps or takes back the rows
+since the previous note, so no reader holds more than one block (~4 MiB) of text, however large its
+source.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import IO
 
-KINDS = {".txt": "txt", ".csv": "csv", ".docx": "docx", ".zip": "zip"}
+KINDS = (".txt", ".csv", ".docx", ".zip")
 UNITS = ("paragraph", "file", "line")
 DEFAULT_ENCODINGS = ("utf-8", "gb18030", "latin-1")
 CHUNK_BYTES = 4 << 20  # nominal size of one range of a large .txt file, and of one streamed block
@@ -58,12 +58,15 @@ class Options:
 
 
 class Rows:
-    """Turns lists of samples into output rows: one blob of newline-terminated records per call."""
+    """One task's output rows: text becomes samples, then one blob of newline-terminated records."""
 
     def __init__(self, opts: Options):
-        self.opts, self.short = opts, 0
+        self.opts, self.short, self.ignored = opts, 0, []
+        self.unit, self.keep = opts.unit, opts.fmt == "jsonl"  # samples_from_text's arguments
 
     def data(self, samples: list[str]) -> list[dict]:
+        """Called as ``data(samples_from_text(text, ...))``: the text (often the only reference, as
+        the call's argument) is freed before the samples are joined, which keeps the peak memory low."""
         if self.opts.min_chars:
             kept = [s for s in samples if len(s) >= self.opts.min_chars]
             self.short, samples = self.short + len(samples) - len(kept), kept
@@ -76,21 +79,11 @@ class Rows:
         return [{"data": text.encode("utf-8"), "note": None}]
 
     def end(self, kind: str, **note) -> dict:
-        """Close a unit: ``retry`` (drop its rows), ``member`` or ``task`` (keep them unless ``error``)."""
+        """Close a unit: ``retry`` (take its rows back), ``member`` or ``task`` (keep them unless
+        ``error``)."""
         note.update(kind=kind, short=self.short)
         self.short = 0
         return {"data": None, "note": json.dumps(note, ensure_ascii=False)}
-
-
-# --- text normalization -------------------------------------------------------------------------
-
-def _clean(text: str) -> str:
-    """Unify line endings (CRLF and CR become LF); drop NULs and stray BOMs (concatenated files)."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if "\x00" in text or "\ufeff" in text:
-        text = text.replace("\x00", "").replace("\ufeff", "")
-    return text
 
 
 def samples_from_text(text: str, unit: str, keep_newlines: bool) -> list[str]:
@@ -101,7 +94,11 @@ def samples_from_text(text: str, unit: str, keep_newlines: bool) -> list[str]:
     characters is dropped (a hard-wrapped Chinese sentence must not gain spaces) and any other
     break becomes a space. Whole-block string and regex operations: this is the hot path.
     """
-    text = "\n".join([" ".join(line.split()) for line in _clean(text).split("\n")])
+    if "\r" in text:  # CRLF and CR become LF; NULs and stray BOMs (concatenated files) go
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\x00" in text or "\ufeff" in text:
+        text = text.replace("\x00", "").replace("\ufeff", "")
+    text = "\n".join([" ".join(line.split()) for line in text.split("\n")])
     if unit == "line":
         return [line for line in text.split("\n") if line]
     if unit == "file":
@@ -114,27 +111,22 @@ def samples_from_text(text: str, unit: str, keep_newlines: bool) -> list[str]:
     return [p for p in (piece.strip("\n") for piece in text.split("\n\n")) if p]
 
 
-def _last_break(text: str, unit: str, look_back: int = CUT_SLACK) -> int:
-    """Where to cut a streamed block: just after its last blank line (so no paragraph is split),
-    else after its last newline; 0 when there is no newline at all."""
-    last = i = text.rfind("\n")
-    if unit != "line":
-        while i > 0 and last - i < look_back:
-            j = text.rfind("\n", 0, i)
-            if text[j + 1:i].isspace() or j + 1 == i:
-                return i + 1
-            i = j
-    return last + 1
-
-
 def text_blocks(stream: IO[str], size: int, unit: str) -> Iterator[str]:
-    """Blocks of about `size` characters, each ending at a paragraph break (see `_last_break`)."""
+    """Blocks of about `size` characters, each cut just after its last blank line (so no paragraph is
+    split; looking back at most CUT_SLACK), else after its last newline, else not cut."""
     carry = ""
     while chunk := stream.read(size):
         block = carry + chunk
-        cut = _last_break(block, unit) or len(block)
-        carry = block[cut:]
-        yield block[:cut]
+        last = i = block.rfind("\n")
+        cut = last if last >= 0 else len(block) - 1  # no newline at all: the block is not cut
+        while unit != "line" and i > 0 and last - i < CUT_SLACK:
+            j = block.rfind("\n", 0, i)
+            if j + 1 == i or block[j + 1:i].isspace():
+                cut = i
+                break
+            i = j
+        carry = block[cut + 1:]
+        yield block[:cut + 1]
     if carry:
         yield carry
 
@@ -148,14 +140,12 @@ def find_cut(fh: IO[bytes], pos: int, size: int) -> int:
     for limit in (64 << 10, CUT_SLACK):
         fh.seek(pos)
         window = fh.read(limit)
-        match = _BLANK_LINE.search(window)
-        if match:
+        if match := _BLANK_LINE.search(window):
             return pos + match.end()
     if pos + len(window) >= size:
         return size
     for sep in (b"\n", b" ", b"\t"):
-        found = window.find(sep)
-        if found >= 0:
+        if (found := window.find(sep)) >= 0:
             return pos + found + 1
     step = 0
     while step < 3 and window[step] & 0xC0 == 0x80:  # step off UTF-8 continuation bytes
@@ -163,111 +153,9 @@ def find_cut(fh: IO[bytes], pos: int, size: int) -> int:
     return pos + step
 
 
-def is_utf16(path: str) -> bool:
+def is_utf16(path: str | Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(2) in _UTF16_BOMS
-
-
-# --- readers (generators of rows; each returns the encoding it used, if any) -----------------
-
-def _codec(name: str) -> str:
-    """The codec used for `name`: UTF-8 goes through utf-8-sig so a leading BOM is dropped."""
-    return "utf-8-sig" if codecs.lookup(name).name == "utf-8" else name
-
-
-def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterator[dict]],
-              rows: Rows) -> Iterator[dict]:
-    """Run `attempt(codec)` with each encoding until one decodes; a failed attempt's rows are
-    dropped (a ``retry`` row). Returns the encoding used."""
-    for name in encodings:
-        try:
-            yield from attempt(_codec(name))
-            return name
-        except UnicodeDecodeError:
-            yield rows.end("retry")
-    raise SkipFile(f"not valid text in {', '.join(encodings)} — re-save it as UTF-8")
-
-
-def read_txt(path: str, start: int, end: int, opts: Options, rows: Rows) -> Iterator[dict]:
-    """One byte range of a .txt file (a small file is one range), decoded in memory."""
-    with open(path, "rb") as fh:
-        if start == 0 and fh.read(2) in _UTF16_BOMS:
-            return (yield from read_text_stream(partial(open, path, "rb"), ("utf-16",), opts, rows))
-        fh.seek(start)
-        data = fh.read(end - start)
-    if start == 0 and b"\x00" in data[:8192]:
-        raise SkipFile(BINARY)
-    keep = opts.fmt == "jsonl"
-    return (yield from _fallback(opts.encodings, lambda codec: iter(
-        rows.data(samples_from_text(data.decode(codec), opts.unit, keep))), rows))
-
-
-def read_text_stream(open_raw: Callable[[], IO[bytes]], encodings: Iterable[str], opts: Options,
-                     rows: Rows) -> Iterator[dict]:
-    """Stream text in blocks cut at paragraph breaks. With ``--unit file`` each block is one sample."""
-    def attempt(codec: str) -> Iterator[dict]:
-        with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec) as stream:
-            for block in text_blocks(stream, opts.block_chars, opts.unit):
-                yield from rows.data(samples_from_text(block, opts.unit, opts.fmt == "jsonl"))
-    return (yield from _fallback(encodings, attempt, rows))
-
-
-def read_csv(open_raw: Callable[[], IO[bytes]], opts: Options, rows: Rows) -> Iterator[dict]:
-    """One document per row of the chosen column; a decode error restarts the file."""
-    def attempt(codec: str) -> Iterator[dict]:
-        with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec, newline="") as text:
-            reader = csv.reader(text)
-            try:
-                col = _csv_column(next(reader), opts.csv_column)
-                yield from _cells((row[col] for row in reader if col < len(row) and row[col]), opts, rows)
-            except StopIteration:
-                raise SkipFile("empty CSV (no header row)") from None
-            except csv.Error as err:
-                raise SkipFile(f"malformed CSV near line {reader.line_num}: {err}") from None
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    return (yield from _fallback(opts.encodings, attempt, rows))
-
-
-def _csv_column(header: list[str], wanted: str) -> int:
-    names = [h.strip() for h in header]
-    if wanted in names:
-        return names.index(wanted)
-    shown = ", ".join(repr(n) for n in names[:10]) + (", ..." if len(names) > 10 else "")
-    raise SkipFile(f"no column {wanted!r} (columns: {shown}) — pass --csv-column NAME")
-
-
-def _cells(cells: Iterable[str], opts: Options, rows: Rows, batch_chars: int = 1 << 20) -> Iterator[dict]:
-    """Each cell is a document. Except with ``--unit file``, cells go in ~1 MB batches joined by blank
-    lines, which gives the same samples with far fewer calls per row."""
-    keep = opts.fmt == "jsonl"
-    if opts.unit == "file":
-        for cell in cells:
-            yield from rows.data(samples_from_text(cell, "file", keep))
-        return
-    batch: list[str] = []
-    size = 0
-    for cell in cells:
-        batch.append(cell)
-        size += len(cell)
-        if size >= batch_chars:
-            yield from rows.data(samples_from_text("\n\n".join(batch), opts.unit, keep))
-            batch, size = [], 0
-    if batch:
-        yield from rows.data(samples_from_text("\n\n".join(batch), opts.unit, keep))
-
-
-def read_docx(raw: IO[bytes], opts: Options, rows: Rows) -> Iterator[dict]:
-    """Body paragraphs of a Word file, each a paragraph (tables, headers and notes are not read)."""
-    try:
-        import docx  # optional extra, and lxml is only needed when there is a .docx
-    except ImportError:
-        raise SkipFile(NO_DOCX) from None
-    try:
-        document = docx.Document(raw)
-    except Exception as err:  # python-docx raises many types for a broken package
-        raise SkipFile(f"corrupt or not a .docx ({type(err).__name__}: {err})") from None
-    text = "\n\n".join(paragraph.text for paragraph in document.paragraphs)
-    yield from rows.data(samples_from_text(text, opts.unit, opts.fmt == "jsonl"))
 
 
 def is_hidden(name: str) -> bool:
@@ -275,7 +163,119 @@ def is_hidden(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/") if part)
 
 
-def read_zip(path: str, rel: str, opts: Options, rows: Rows, ignored: list[str]) -> Iterator[dict]:
+def reason(err: BaseException) -> str:
+    if isinstance(err, SkipFile):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        return f"cannot read: {err.strerror}"
+    return f"{type(err).__name__}: {err}"
+
+
+# --- readers: generators of rows that return the encoding they used, if any ------------------
+
+def generate(shards: list[list], opts: Options) -> Iterator[dict]:
+    """The `datasets` generator (runs in a worker): every task's rows, each task closed by a ``task``
+    row. A task is a byte range of a .txt file (a small file is one range) or a whole file of another
+    kind (or UTF-16, streamed). Never raises for a bad file: the failure goes into that row."""
+    for task in (task for shard in shards for task in shard):
+        rows, ext = Rows(opts), Path(task.path).suffix.lower()
+        try:
+            if ext == ".zip":
+                enc = yield from _read_zip(task.path, task.rel, rows)
+            elif ext != ".txt" or (task.start == 0 and is_utf16(task.path)):
+                enc = yield from _read_source(ext, partial(open, task.path, "rb"), rows)
+            else:
+                enc = yield from _read_range(task.path, task.start, task.end, rows)
+            yield rows.end("task", enc=enc, ignored=rows.ignored)
+        except Exception as err:
+            yield rows.end("task", error=reason(err))
+
+
+def _read_range(path: str, start: int, end: int, rows: Rows) -> Iterator[dict]:
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start)
+    if start == 0 and b"\x00" in data[:8192]:
+        raise SkipFile(BINARY)
+    def attempt(codec: str) -> list[dict]:
+        return rows.data(samples_from_text(data.decode(codec), rows.unit, rows.keep))
+    return (yield from _fallback(rows.opts.encodings, attempt, rows))
+
+
+def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterable[dict]],
+              rows: Rows) -> Iterator[dict]:
+    """Run `attempt(codec)` with each encoding until one decodes; a failed attempt's rows are taken back
+    (a ``retry`` row). UTF-8 goes through utf-8-sig, so a leading BOM is dropped."""
+    for name in encodings:
+        try:
+            yield from attempt("utf-8-sig" if codecs.lookup(name).name == "utf-8" else name)
+            return name
+        except UnicodeDecodeError:
+            yield rows.end("retry")
+    raise SkipFile(f"not valid text in {', '.join(encodings)} — re-save it as UTF-8")
+
+
+def _read_source(ext: str, open_raw: Callable[[], IO[bytes]], rows: Rows) -> Iterator[dict]:
+    """A whole file or archive member, streamed in blocks cut at paragraph breaks (``--unit file``: one
+    sample per block); a .docx is read whole (body paragraphs only: no tables, headers or notes)."""
+    if ext == ".csv":
+        return (yield from _read_csv(open_raw, rows))
+    if ext == ".docx":
+        try:
+            import docx  # optional extra, and lxml is only needed when there is a .docx
+        except ImportError:
+            raise SkipFile(NO_DOCX) from None
+        with open_raw() as raw:
+            data = raw.read()
+        try:
+            document = docx.Document(io.BytesIO(data))
+        except Exception as err:  # python-docx raises many types for a broken package
+            raise SkipFile(f"corrupt or not a .docx ({type(err).__name__}: {err})") from None
+        text = "\n\n".join(paragraph.text for paragraph in document.paragraphs)
+        return (yield from rows.data(samples_from_text(text, rows.unit, rows.keep)))
+    with open_raw() as raw:
+        head = raw.read(8192)
+    if head[:2] not in _UTF16_BOMS and b"\x00" in head:
+        raise SkipFile(BINARY)
+
+    def attempt(codec: str) -> Iterator[dict]:
+        with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec) as stream:
+            for block in text_blocks(stream, rows.opts.block_chars, rows.opts.unit):
+                yield from rows.data(samples_from_text(block, rows.unit, rows.keep))
+    utf16 = head[:2] in _UTF16_BOMS
+    return (yield from _fallback(("utf-16",) if utf16 else rows.opts.encodings, attempt, rows))
+
+
+def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows, batch_chars: int = 1 << 20
+              ) -> Iterator[dict]:
+    """One document per row of the chosen column. Except with ``--unit file``, cells go in ~1 MB
+    batches joined by blank lines: the same samples with far fewer calls per row."""
+    def attempt(codec: str) -> Iterator[dict]:
+        with open_raw() as raw, io.TextIOWrapper(raw, encoding=codec, newline="") as text:
+            reader = csv.reader(text)
+            try:
+                names = [name.strip() for name in next(reader)]
+                if (wanted := rows.opts.csv_column) not in names:
+                    shown = ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+                    raise SkipFile(f"no column {wanted!r} (columns: {shown}) — pass --csv-column NAME")
+                col, batch, size = names.index(wanted), [], 0
+                for row in reader:
+                    if col < len(row) and row[col]:
+                        batch.append(row[col])
+                        size += len(row[col])
+                    if size >= batch_chars or rows.opts.unit == "file":  # file: each cell is one sample
+                        yield from rows.data(samples_from_text("\n\n".join(batch), rows.unit, rows.keep))
+                        batch, size = [], 0
+                yield from rows.data(samples_from_text("\n\n".join(batch), rows.unit, rows.keep))
+            except StopIteration:
+                raise SkipFile("empty CSV (no header row)") from None
+            except csv.Error as err:
+                raise SkipFile(f"malformed CSV near line {reader.line_num}: {err}") from None
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    return (yield from _fallback(rows.opts.encodings, attempt, rows))
+
+
+def _read_zip(path: str, rel: str, rows: Rows) -> Iterator[dict]:
     """Supported members in name order, read in memory (never extracted); each member ends with a
     ``member`` row, so a bad one is skipped, not the archive. Nested archives are not opened."""
     try:
@@ -287,34 +287,11 @@ def read_zip(path: str, rel: str, opts: Options, rows: Rows, ignored: list[str])
             ext = Path(info.filename).suffix.lower()
             if info.is_dir():
                 continue
-            if is_hidden(info.filename) or KINDS.get(ext) in (None, "zip"):
-                ignored.append("(hidden)" if is_hidden(info.filename) else ext or "(none)")
+            if is_hidden(info.filename) or ext not in KINDS or ext == ".zip":
+                rows.ignored.append("(hidden)" if is_hidden(info.filename) else ext or "(none)")
                 continue
             try:
-                enc = yield from _read_member(archive, info, KINDS[ext], opts, rows)
+                enc = yield from _read_source(ext, partial(archive.open, info), rows)
                 yield rows.end("member", rel=f"{rel}::{info.filename}", enc=enc)
             except Exception as err:
                 yield rows.end("member", rel=f"{rel}::{info.filename}", error=reason(err))
-
-
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, kind: str, opts: Options,
-                 rows: Rows) -> Iterator[dict]:
-    open_raw = partial(archive.open, info)
-    if kind == "csv":
-        return (yield from read_csv(open_raw, opts, rows))
-    if kind == "docx":
-        return (yield from read_docx(io.BytesIO(archive.read(info)), opts, rows))
-    with open_raw() as raw:
-        head = raw.read(8192)
-    if head[:2] not in _UTF16_BOMS and b"\x00" in head:
-        raise SkipFile(BINARY)
-    return (yield from read_text_stream(open_raw, ("utf-16",) if head[:2] in _UTF16_BOMS else opts.encodings,
-                                        opts, rows))
-
-
-def reason(err: BaseException) -> str:
-    if isinstance(err, SkipFile):
-        return str(err)
-    if isinstance(err, OSError) and err.strerror:
-        return f"cannot read: {err.strerror}"
-    return f"{type(err).__name__}: {err}"
