@@ -263,7 +263,8 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
             plot_loss_curve(train, evals, out / "loss_curve.png", f"loss — {out.name}")
             curve = str(out / "loss_curve.png")
         except Exception as err:  # a plot is not worth losing a finished run over: the weights are saved
-            curve = f"not drawn: {type(err).__name__}: {err}"
+            curve = ("not drawn: matplotlib is not installed (pip install 'lora_ns[plot]')"
+                     if isinstance(err, ImportError) else f"not drawn: {type(err).__name__}: {err}")
             print(f"{PROG}: warning: loss curve {curve}", file=sys.stderr)
     kind = "adapter" if (out / "adapter_config.json").is_file() else "model"
     trainable, total = summary.get("trainable_params"), summary.get("total_params")

@@ -271,3 +271,13 @@ def test_the_report_replaces_an_earlier_one(adapter_dir, capsys):
     train.write_report(HISTORY, adapter_dir, SUMMARY)
     assert (adapter_dir / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "old summary" not in (adapter_dir / "summary.txt").read_text(encoding="utf-8")
+
+
+def test_without_matplotlib_the_summary_says_how_to_get_the_curve(adapter_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` fails as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    train.write_report(HISTORY, adapter_dir, SUMMARY)
+    text = (adapter_dir / "summary.txt").read_text(encoding="utf-8")
+    assert "pip install 'lora_ns[plot]'" in text and not (adapter_dir / "loss_curve.png").exists()
+    assert "pip install 'lora_ns[plot]'" in capsys.readouterr().err
