@@ -64,7 +64,7 @@ def _sample_texts() -> list[str]:
             for v in value:
                 walk(v)
 
-    from lora_ns.data.sources import SAMPLES_DIR
+    from lora_ns.data.sources import SAMPLES_DIR  # here: data imports config -> hf_fields -> this module
 
     for path in sorted(SAMPLES_DIR.glob("*")):
         if path.suffix == ".jsonl":
@@ -212,21 +212,3 @@ def resolve_model_path(name_or_path: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lora_ns.builtin_models NAME...``: build (or find) builtin models and print their paths."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.builtin_models", description=main.__doc__)
-    parser.add_argument("names", nargs="*", default=["tiny-llama"], help=f"any of: {', '.join(BUILDERS)}")
-    args = parser.parse_args(argv)
-    for name in args.names:
-        print(resolve_model_path(PREFIX + name.removeprefix(PREFIX)))
-    return 0
-
-
-if __name__ == "__main__":
-    from lora_ns.errors import run_cli
-
-    raise SystemExit(run_cli("lora_ns.builtin_models", main))

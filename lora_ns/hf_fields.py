@@ -17,6 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
+from lora_ns.builtin_models import cache_dir
+from lora_ns.fileio import write_text_atomic
+
 # peft method name -> peft's PeftType name.
 PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
               "prefix_tuning": "PREFIX_TUNING", "prompt_tuning": "PROMPT_TUNING"}
@@ -44,8 +47,6 @@ def _init_fields(cls) -> dict[str, str]:
 
 
 def _cache_file() -> Path:
-    from lora_ns.builtin_models import cache_dir
-
     def installed(name: str) -> str:
         try:
             return version(name)
@@ -66,8 +67,6 @@ def _cached(key: str, read: Callable[[], dict[str, str]]) -> dict[str, str]:
     if key not in known:
         known[key] = read()
         try:
-            from lora_ns.fileio import write_text_atomic
-
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(known, sort_keys=True))
         except OSError:
@@ -79,7 +78,7 @@ def _cached(key: str, read: Callable[[], dict[str, str]]) -> dict[str, str]:
 def training_fields(task: str) -> dict[str, str]:
     """Map field name -> annotation of the training arguments class of a task, plus lora_ns's own keys."""
     def read() -> dict[str, str]:
-        from lora_ns.setup import training_arguments_class
+        from lora_ns.setup import training_arguments_class  # here: setup imports config, which imports us
 
         return _init_fields(training_arguments_class(task))
 
