@@ -90,7 +90,7 @@ class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         result["train_begin"] = time.time()
         result["params"] = sum(p.numel() for p in model.parameters()) if model is not None else None
-        result["args"] = {k: getattr(args, k, None) for k in ("packing", "packing_strategy", "padding_free",
+        result["args"] = {k: getattr(args, k, None) for k in ("packing", "packing_strategy", "padding_free", "train_sampling_strategy",
                           "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
                           "bf16", "max_length", "use_cpu")}
     def on_step_end(self, args, state, control, **kwargs):
