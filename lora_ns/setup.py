@@ -173,7 +173,7 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
         if recipe.model.attn_implementation.startswith("flash_attention"):
             defaults.update(packing=True, packing_strategy="bfd")
-        elif recipe.task != "pretrain" and not recipe.dataset.streaming and not recipe.training.get("packing"):
+        elif recipe.task != "pretrain" and not (recipe.dataset.streaming or recipe.training.get("packing")):
             defaults.update(sampler_defaults())  # sdpa/eager: batches of similar lengths, least padding
     return defaults
 

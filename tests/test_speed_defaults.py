@@ -14,7 +14,8 @@ from lora_ns.setup import training_arguments
 
 
 def recipe(out, model: dict | None = None, dataset: dict | None = None, task: str = "causal_lm", **training):
-    return parse_recipe({"task": task, "model": {"name_or_path": "builtin:tiny-llama", "dtype": "fp32", **(model or {})},
+    model = {"name_or_path": "builtin:tiny-llama", "dtype": "fp32", **(model or {})}
+    return parse_recipe({"task": task, "model": model,
                          "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", **(dataset or {})},
                          "training": {"output_dir": str(out), **training}})
 
@@ -57,7 +58,7 @@ def test_grouped_padded_batches_give_the_loss_of_each_row_alone(tiny_llama, tmp_
                report_to="none")
     tok = load_tokenizer(r)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa", dtype=torch.float32)
-    with torch.no_grad():  # sharper logits, so per-token losses differ between rows (a random init is ~uniform)
+    with torch.no_grad():  # sharper logits: per-token losses differ between rows (random init: ~uniform)
         model.lm_head.weight *= 30  # and a per-row mean of means would no longer pass for the per-token mean
     train, _ = build_datasets(r, tok)
     trainer = SFTTrainer(model=model, args=training_arguments(r), train_dataset=train, processing_class=tok)
@@ -72,9 +73,9 @@ def test_grouped_padded_batches_give_the_loss_of_each_row_alone(tiny_llama, tmp_
             alone = [row_alone_nll(model, batch["input_ids"][i][mask[i]], batch["labels"][i][mask[i]])
                      for i in range(len(mask))]
             expected = sum(n for n, _ in alone) / sum(c for _, c in alone)
-            # Same fp32 math on differently shaped tensors: only reduction order differs, <= K * eps relative per
-            # dot product (K <= 128, the model's widest layer) over 2 layers x 4 matmuls in series, on the logits'
-            # scale; the log-softmax and the target logit each pass that error on at most once (x2).
+            # Same fp32 math on differently shaped tensors: only reduction order differs, <= K * eps relative
+            # per dot product (K <= 128, the model's widest layer) over 2 layers x 4 matmuls in series, on the
+            # logits' scale; the log-softmax and the target logit each pass that error on at most once (x2).
             scale = max(1.0, float(model(input_ids=batch["input_ids"]).logits.abs().max()))
             assert loss == pytest.approx(expected, abs=2 * 8 * 128 * torch.finfo(torch.float32).eps * scale)
     assert padded_batches > 0  # the comparison did go through padding
