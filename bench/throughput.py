@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Variants: "trl" (the plain script) or "lora_ns" followed by any of these changes, e.g. "lora_ns+group+eager".
+# Variants: "trl" (the plain script) or "lora_ns" and any of these changes, e.g. "lora_ns+group+eager".
 # A key with a dot is a recipe key; without, a key of the recipe's training section.
 CHANGES: dict[str, dict[str, Any]] = {
     "+pack": {"packing": True, "packing_strategy": "bfd"},  # bfd packing, padding-free
     "-pack": {"packing": False},
-    "+pf": {"padding_free": True, "packing": False, "max_length": None},  # padding-free, no packing (TRL: no max_length)
+    "+pf": {"padding_free": True, "packing": False, "max_length": None},  # padding-free (TRL: no max_length)
     "-pf": {"padding_free": False, "packing": False},
     "+group": {"train_sampling_strategy": "group_by_length"},  # batches of similar lengths (less padding)
     "-group": {"train_sampling_strategy": "random"},
@@ -63,13 +63,13 @@ DEFAULT_VARIANTS = ["trl", "lora_ns", "lora_ns+pack", "lora_ns-pack", "lora_ns+g
 
 
 def variant_changes(name: str) -> dict[str, Any] | None:
-    """The recipe overrides of a variant name ("lora_ns+group+eager"), None for "trl"; ValueError if unknown."""
+    """The recipe overrides of a variant ("lora_ns+group+eager"), None for "trl"; ValueError if unknown."""
     if name == "trl":
         return None
     parts = re.findall(r"[+-][a-z]+", name.removeprefix("lora_ns"))
     if not name.startswith("lora_ns") or "".join(parts) != name.removeprefix("lora_ns") \
             or any(p not in CHANGES for p in parts):
-        raise ValueError(f"unknown variant {name!r}: use trl, or lora_ns followed by any of {' '.join(CHANGES)}")
+        raise ValueError(f"unknown variant {name!r}: use trl, or lora_ns and any of {' '.join(CHANGES)}")
     return {k: v for part in parts for k, v in CHANGES[part].items()}
 
 
@@ -90,7 +90,8 @@ class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         result["train_begin"] = time.time()
         result["params"] = sum(p.numel() for p in model.parameters()) if model is not None else None
-        result["args"] = {k: getattr(args, k, None) for k in ("packing", "packing_strategy", "padding_free", "train_sampling_strategy",
+        result["args"] = {k: getattr(args, k, None) for k in ("packing", "packing_strategy", "padding_free",
+                          "train_sampling_strategy",
                           "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
                           "bf16", "max_length", "use_cpu")}
     def on_step_end(self, args, state, control, **kwargs):
@@ -239,8 +240,9 @@ def resized_copy(model_path: str, work: Path, size: str) -> str:
     shutil.copytree(model_path, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     config = AutoConfig.from_pretrained(copy)
     heads = max(1, hidden // 64)
-    config.update({"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "head_dim": 64,
-                   "num_key_value_heads": max(1, heads // 2), "intermediate_size": (8 * hidden // 3 + 63) // 64 * 64})
+    config.update({"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                   "head_dim": 64, "num_key_value_heads": max(1, heads // 2),
+                   "intermediate_size": (8 * hidden // 3 + 63) // 64 * 64})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(copy)
     return str(copy)
@@ -305,7 +307,8 @@ def figures(record: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]
     out = {"startup_s": record["train_begin"] - record["started"], "first_step_s": t1 - record["started"], "steps": sn,
            "steps_per_s": (sn - s1) / span if span > 0 else None,
            "tokens_per_s": (tokens[sn] - tokens[s1]) / span if span > 0 and s1 in tokens and sn in tokens else None,
-           "tokens_per_cpu_s": (tokens[sn] - tokens[s1]) / cpu if cpu > 0 and s1 in tokens and sn in tokens else None,
+           "tokens_per_cpu_s": (tokens[sn] - tokens[s1]) / cpu if cpu > 0 and s1 in tokens and sn in tokens
+           else None,
            "peak_rss_mb": record.get("peak_rss_mb"), "params": record.get("params"), "args": record.get("args")}
     if "cuda_max_allocated_mb" in record:
         out["cuda_max_allocated_mb"] = record["cuda_max_allocated_mb"]
@@ -319,8 +322,8 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return {"error": runs[0]["error"] if runs else "not run"}
     merged: dict[str, Any] = {"runs": len(ok), "args": ok[0].get("args"), "profile": ok[0].get("profile")}
-    for key in ("tokens_per_s", "tokens_per_cpu_s", "steps_per_s", "startup_s", "first_step_s", "peak_rss_mb", "cuda_max_allocated_mb",
-                "mfu"):
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "steps_per_s", "startup_s", "first_step_s", "peak_rss_mb",
+                "cuda_max_allocated_mb", "mfu"):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             merged[key] = statistics.median(values)
@@ -362,7 +365,8 @@ def profile_shares(pstats_file: Path) -> dict[str, float]:
 
 def per_round(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, ratio: bool) -> list[float]:
     """a/b (or a-b) for `key` in each round."""
-    return [round(x[key] / y[key] if ratio else x[key] - y[key], 3) for x, y in zip(runs.get(a, []), runs.get(b, []))
+    pairs = zip(runs.get(a, []), runs.get(b, []))
+    return [round(x[key] / y[key] if ratio else x[key] - y[key], 3) for x, y in pairs
             if x.get(key) and y.get(key)]
 
 
@@ -389,8 +393,8 @@ def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gpu: bool) -> None:
     """Medians per variant; "x trl" and "+startup" are the paired per-round figures of `ratios`."""
-    cols = ["variant", "tok/s", "x trl", "tok/cpu-s", "x trl cpu", "steps/s", "startup s", "+startup", "1st step s", "peak RSS MB", "packing",
-            "grad ckpt"]
+    cols = ["variant", "tok/s", "x trl", "tok/cpu-s", "x trl cpu", "steps/s", "startup s", "+startup",
+            "1st step s", "peak RSS MB", "packing", "grad ckpt"]
     if gpu:
         cols += ["CUDA max MB", "MFU"]
     print(" | ".join(f"{c:>11}" for c in cols))
@@ -425,16 +429,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--data", choices=["synthetic", "gsm8k", "alpaca_zh"], default="synthetic",
-                        help="synthetic rows of --min-tokens..--max-tokens, or a bundled sample's real rows (repeated)")
+                        help="synthetic rows of --min-tokens..--max-tokens, or a bundled sample's rows")
     parser.add_argument("--min-tokens", type=int, default=16, help="shortest row (prompt + completion tokens)")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest row")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (median reported)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma list of: trl, lora_ns followed by any of {' '.join(CHANGES)} (e.g. lora_ns+group)")
+                        help=f"comma list of: trl, lora_ns and any of {' '.join(CHANGES)}")
     parser.add_argument("--peak-tflops", type=float, help="GPU peak TFLOPS for MFU (default: by GPU name)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice); "
                         "1 is far steadier on a CPU that other jobs share")
-    parser.add_argument("--profile", action="store_true", help="cProfile the timed steps of every run and print "
+    parser.add_argument("--profile", action="store_true", help="cProfile the timed steps of each run, print "
                         "where the time goes (slows the runs: read shares, not tokens/s)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs of every run)")
     return parser
@@ -468,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"model_path": model_path, "data": str(work / "data.jsonl"), "device": args.device, "steps": args.steps,
            "batch": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length}
     peak = args.peak_tflops or auto_peak_tflops(args.device)
-    print(f"model {args.model} on {args.device}; {args.data} data: {rows} rows of {min(lengths)}..{max(lengths)} tokens "
+    print(f"model {args.model} (size {args.size or 'as is'}) on {args.device}; {args.data} data: {rows} rows "
+          f"of "
+          f"{min(lengths)}..{max(lengths)} tokens "
           f"(mean {statistics.mean(lengths):.0f}); batch {args.batch_size} x accum {args.grad_accum}, "
           f"{args.steps} steps, max_length {args.max_length}; {args.rounds} round(s); "
           f"threads {args.threads or 'auto'}; "
@@ -499,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         if name != "trl" and "trl" in runs:
             print(f"  {name} / trl per round: tokens/s {compared[f'{name}_vs_trl_per_round']}, "
                   f"tokens/cpu-s {compared[f'{name}_vs_trl_cpu_per_round']}")
-    summary = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "model": args.model, "size": args.size, "data": args.data, "device": args.device,
+    summary = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+               "size": args.size, "data": args.data, "device": args.device,
                "cpu_count": os.cpu_count(), "steps": args.steps, "batch_size": args.batch_size,
                "grad_accum": args.grad_accum, "max_length": args.max_length, "rounds": args.rounds,
                "row_tokens": [args.min_tokens, args.max_tokens], "peak_tflops": peak, "threads": args.threads,

@@ -39,8 +39,8 @@ def time_command(cmd: list[str], env: dict[str, str], cpu: bool = False) -> tupl
     started, before = time.perf_counter(), os.times()
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = os.times()
-    spent = (after.children_user + after.children_system - before.children_user - before.children_system) if cpu \
-        else time.perf_counter() - started
+    cpu_s = after.children_user + after.children_system - before.children_user - before.children_system
+    spent = cpu_s if cpu else time.perf_counter() - started
     return spent, proc.returncode
 
 
@@ -50,7 +50,8 @@ def against_imports(env: dict[str, str], runs: int, clocks: list[str]) -> dict[s
     recipe = str(REPO / "recipes" / "quickstart.yaml")
     commands = {"imports": [sys.executable, "-c", IMPORTS],
                 "full": [sys.executable, "-m", "lora_ns.validate", recipe],
-                "no-model+no-data": [sys.executable, "-m", "lora_ns.validate", recipe, "--no-model", "--no-data"]}
+                "no-model+no-data": [sys.executable, "-m", "lora_ns.validate", recipe, "--no-model",
+                                     "--no-data"]}
     out: dict[str, object] = {}
     for clock in clocks:
         times: dict[str, list[float]] = {name: [] for name in commands}
