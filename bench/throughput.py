@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -45,13 +46,33 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS: dict[str, dict[str, Any]] = {  # name -> recipe overrides (None: the plain TRL script)
-    "trl": {},
-    "lora_ns": {},
-    "lora_ns+pack": {"packing": True, "packing_strategy": "bfd"},
-    "lora_ns-pack": {"packing": False},
-    "lora_ns+gc": {"gradient_checkpointing": True},
+# Variants: "trl" (the plain script) or "lora_ns" and any of these changes, e.g. "lora_ns+group+eager".
+# A key with a dot is a recipe key; without, a key of the recipe's training section.
+CHANGES: dict[str, dict[str, Any]] = {
+    "+pack": {"packing": True, "packing_strategy": "bfd"},  # bfd packing, padding-free
+    "-pack": {"packing": False},
+    "+pf": {"padding_free": True, "packing": False, "max_length": None},  # padding-free (TRL: no max_length)
+    "-pf": {"padding_free": False, "packing": False},
+    "+group": {"train_sampling_strategy": "group_by_length"},  # batches of similar lengths (less padding)
+    "-group": {"train_sampling_strategy": "random"},
+    "+gc": {"gradient_checkpointing": True},
+    "-gc": {"gradient_checkpointing": False},
+    "+eager": {"model.attn_implementation": "eager"},
 }
+DEFAULT_VARIANTS = ["trl", "lora_ns", "lora_ns+pack", "lora_ns-pack", "lora_ns+gc"]
+
+
+def variant_changes(name: str) -> dict[str, Any] | None:
+    """The recipe overrides of a variant ("lora_ns+group+eager"), None for "trl"; ValueError if unknown."""
+    if name == "trl":
+        return None
+    parts = re.findall(r"[+-][a-z]+", name.removeprefix("lora_ns"))
+    if not name.startswith("lora_ns") or "".join(parts) != name.removeprefix("lora_ns") \
+            or any(p not in CHANGES for p in parts):
+        raise ValueError(f"unknown variant {name!r}: use trl, or lora_ns and any of {' '.join(CHANGES)}")
+    return {k: v for part in parts for k, v in CHANGES[part].items()}
+
+
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 # Dense bf16 peak TFLOPS by GPU name, for --peak-tflops auto.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
@@ -70,10 +91,17 @@ class Probe(TrainerCallback):
         result["train_begin"] = time.time()
         result["params"] = sum(p.numel() for p in model.parameters()) if model is not None else None
         result["args"] = {k: getattr(args, k, None) for k in ("packing", "packing_strategy", "padding_free",
+                          "train_sampling_strategy",
                           "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
                           "bf16", "max_length", "use_cpu")}
     def on_step_end(self, args, state, control, **kwargs):
-        result["steps"].append((time.time(), state.global_step))
+        result["steps"].append((time.time(), state.global_step, time.process_time()))
+        if state.global_step == 1 and os.environ.get("BENCH_PROFILE"):  # profile the timed steps (2..last)
+            import cProfile
+            result["profiler"] = cProfile.Profile()
+            result["profiler"].enable()
+        elif state.global_step == state.max_steps and "profiler" in result:
+            result.pop("profiler").dump_stats(os.environ["BENCH_PROFILE"])
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs:
             result["tokens"][state.global_step] = logs["num_tokens"]
@@ -161,6 +189,23 @@ def write_data(path: Path, tokenizer, rows: int, low: int, high: int, seed: int 
     return lengths
 
 
+def write_sample_data(path: Path, tokenizer, sample: str, rows: int, seed: int = 0) -> list[int]:
+    """Real-schema rows: a bundled sample (``lora_ns/samples``) through its lora_ns formatter, as
+    prompt/completion rows, repeated in shuffled passes until there are `rows` of them."""
+    from lora_ns.config import parse_recipe
+    from lora_ns.data import formatted_examples
+
+    recipe = parse_recipe({"model": {"name_or_path": "builtin:tiny-llama"},
+                           "dataset": {"path": f"sample:{sample}", "formatter": sample}})
+    examples = [{"prompt": e["prompt"], "completion": e["completion"]} for e in formatted_examples(recipe)]
+    rng, out = random.Random(seed), []
+    while len(out) < rows:
+        out += rng.sample(examples, len(examples))
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out[:rows])
+    return [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in out[:rows]]
+
+
 def trainable_copy(model_path: str, work: Path) -> str:
     """`model_path`, or a copy without a leftover GGUF ``quantization_config`` (Trainer refuses to train those).
 
@@ -182,6 +227,27 @@ def trainable_copy(model_path: str, work: Path) -> str:
     return str(copy)
 
 
+def resized_copy(model_path: str, work: Path, size: str) -> str:
+    """A random-init copy of a causal LM with ``HIDDEN,LAYERS`` (heads of 64, 2 query heads per KV head,
+    intermediate 8/3 hidden rounded to 64), same tokenizer: a model where compute, not Python, dominates."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hidden, layers = (int(x) for x in size.split(","))
+    copy = work / f"model-{hidden}x{layers}"
+    shutil.copytree(model_path, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = AutoConfig.from_pretrained(copy)
+    heads = max(1, hidden // 64)
+    config.update({"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                   "head_dim": 64, "num_key_value_heads": max(1, heads // 2),
+                   "intermediate_size": (8 * hidden // 3 + 63) // 64 * 64})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(copy)
+    return str(copy)
+
+
 def write_recipe(path: Path, model: str, data: Path, args: argparse.Namespace) -> None:
     import yaml
 
@@ -200,7 +266,7 @@ def write_recipe(path: Path, model: str, data: Path, args: argparse.Namespace) -
 # --- running and measuring ---------------------------------------------------------------------
 
 def run_variant(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path,
-                device: str, threads: int | None) -> dict[str, Any]:
+                device: str, threads: int | None, profile: bool = False) -> dict[str, Any]:
     """One fresh subprocess; returns the probe's record plus the start time, or an error."""
     run_dir = work / f"run{index:02d}-{name}"
     run_dir.mkdir()
@@ -211,11 +277,14 @@ def run_variant(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: 
         env["CUDA_VISIBLE_DEVICES"] = ""
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if profile:
+        env["BENCH_PROFILE"] = str(run_dir / "profile.pstats")
     if name == "trl":
         payload = json.dumps({**cfg, "output_dir": str(run_dir / "out")})
     else:
         overrides = [f"training.output_dir={run_dir / 'out'}",
-                     *(f"training.{k}={json.dumps(v)}" for k, v in VARIANTS[name].items())]
+                     *(f"{k if '.' in k else 'training.' + k}={json.dumps(v)}"
+                       for k, v in variant_changes(name).items())]
         payload = json.dumps([str(recipe), *overrides])
     with open(run_dir / "log.txt", "w") as log:
         started = time.time()
@@ -233,11 +302,13 @@ def figures(record: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]
     """tokens/s and steps/s after step 1, time to step 1, memory, MFU."""
     steps = record["steps"]
     tokens = {int(k): v for k, v in record["tokens"].items()}
-    (t1, s1), (tn, sn) = steps[0], steps[-1]
-    span = tn - t1
+    (t1, s1, c1), (tn, sn, cn) = steps[0], steps[-1]
+    span, cpu = tn - t1, cn - c1
     out = {"startup_s": record["train_begin"] - record["started"], "first_step_s": t1 - record["started"], "steps": sn,
            "steps_per_s": (sn - s1) / span if span > 0 else None,
            "tokens_per_s": (tokens[sn] - tokens[s1]) / span if span > 0 and s1 in tokens and sn in tokens else None,
+           "tokens_per_cpu_s": (tokens[sn] - tokens[s1]) / cpu if cpu > 0 and s1 in tokens and sn in tokens
+           else None,
            "peak_rss_mb": record.get("peak_rss_mb"), "params": record.get("params"), "args": record.get("args")}
     if "cuda_max_allocated_mb" in record:
         out["cuda_max_allocated_mb"] = record["cuda_max_allocated_mb"]
@@ -250,9 +321,9 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return {"error": runs[0]["error"] if runs else "not run"}
-    merged: dict[str, Any] = {"runs": len(ok), "args": ok[0].get("args")}
-    for key in ("tokens_per_s", "steps_per_s", "startup_s", "first_step_s", "peak_rss_mb", "cuda_max_allocated_mb",
-                "mfu"):
+    merged: dict[str, Any] = {"runs": len(ok), "args": ok[0].get("args"), "profile": ok[0].get("profile")}
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "steps_per_s", "startup_s", "first_step_s", "peak_rss_mb",
+                "cuda_max_allocated_mb", "mfu"):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             merged[key] = statistics.median(values)
@@ -270,11 +341,39 @@ def auto_peak_tflops(device: str) -> float | None:
 
 # --- report ------------------------------------------------------------------------------------
 
+# Where the timed steps go, by cProfile's cumulative time (parts overlap: forward includes the loss head).
+PROFILE_PARTS = {"dataloader + collator": ("get_batch_samples",), "forward + loss": ("compute_loss",),
+                 "backward": ("backward",), "optimizer + scheduler": ("step",), "log": ("log",),
+                 "callbacks": ("call_event",), "fused LM head": ("_fused_forward",),
+                 "checkpointing": ("checkpoint",)}
+
+
+def profile_shares(pstats_file: Path) -> dict[str, float]:
+    """Share of the profiled steps' time spent under each of `PROFILE_PARTS` (cumulative, not exclusive)."""
+    import pstats
+
+    stats = pstats.Stats(str(pstats_file)).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    total = sum(tt for _, _, tt, _, _ in stats.values())
+    shares = {}
+    for part, names in PROFILE_PARTS.items():
+        # the outermost call of each name: the largest cumulative time (recursion is counted once by cProfile)
+        times = [ct for (_, _, fn), (_, _, _, ct, _) in stats.items() if fn in names]
+        shares[part] = round(max(times, default=0.0) / total, 3) if total else 0.0
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:8]
+    shares["top_self"] = [(f"{Path(f).name}:{fn}", round(v[2] / total, 3)) for (f, _, fn), v in top]
+    return shares
+
+def per_round(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, ratio: bool) -> list[float]:
+    """a/b (or a-b) for `key` in each round."""
+    pairs = zip(runs.get(a, []), runs.get(b, []))
+    return [round(x[key] / y[key] if ratio else x[key] - y[key], 3) for x, y in pairs
+            if x.get(key) and y.get(key)]
+
+
 def paired(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, ratio: bool) -> float | None:
     """Median over rounds of a/b (or a-b) for `key`: runs of one round are next to each other in time,
     so this cancels most of the drift of a shared machine that a ratio of medians would keep."""
-    values = [x[key] / y[key] if ratio else x[key] - y[key] for x, y in zip(runs.get(a, []), runs.get(b, []))
-              if x.get(key) and y.get(key)]
+    values = per_round(runs, a, b, key, ratio)
     return round(statistics.median(values), 3) if values else None
 
 
@@ -283,6 +382,9 @@ def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for name in runs:
         if name != "trl" and "trl" in runs:
             out[f"{name}_vs_trl_tokens_per_s"] = paired(runs, name, "trl", "tokens_per_s", ratio=True)
+            out[f"{name}_vs_trl_tokens_per_cpu_s"] = paired(runs, name, "trl", "tokens_per_cpu_s", ratio=True)
+            out[f"{name}_vs_trl_per_round"] = per_round(runs, name, "trl", "tokens_per_s", ratio=True)
+            out[f"{name}_vs_trl_cpu_per_round"] = per_round(runs, name, "trl", "tokens_per_cpu_s", ratio=True)
             out[f"{name}_minus_trl_startup_s"] = paired(runs, name, "trl", "startup_s", ratio=False)
     if "lora_ns+pack" in runs and "lora_ns-pack" in runs:
         out["packing_on_vs_off_tokens_per_s"] = paired(runs, "lora_ns+pack", "lora_ns-pack", "tokens_per_s", ratio=True)
@@ -291,8 +393,8 @@ def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gpu: bool) -> None:
     """Medians per variant; "x trl" and "+startup" are the paired per-round figures of `ratios`."""
-    cols = ["variant", "tok/s", "x trl", "steps/s", "startup s", "+startup", "1st step s", "peak RSS MB", "packing",
-            "grad ckpt"]
+    cols = ["variant", "tok/s", "x trl", "tok/cpu-s", "x trl cpu", "steps/s", "startup s", "+startup",
+            "1st step s", "peak RSS MB", "packing", "grad ckpt"]
     if gpu:
         cols += ["CUDA max MB", "MFU"]
     print(" | ".join(f"{c:>11}" for c in cols))
@@ -302,7 +404,9 @@ def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gp
             continue
         args = r.get("args") or {}
         speed, startup = compared.get(f"{name}_vs_trl_tokens_per_s"), compared.get(f"{name}_minus_trl_startup_s")
+        cpu = compared.get(f"{name}_vs_trl_tokens_per_cpu_s")
         cells = [name, f"{r.get('tokens_per_s', 0):.0f}", f"{speed:.2f}" if speed else "-",
+                 f"{r.get('tokens_per_cpu_s', 0):.0f}", f"{cpu:.2f}" if cpu else "-",
                  f"{r.get('steps_per_s', 0):.2f}", f"{r.get('startup_s', 0):.2f}",
                  f"{startup:+.2f}" if startup is not None else "-", f"{r.get('first_step_s', 0):.2f}",
                  f"{r.get('peak_rss_mb', 0):.0f}",
@@ -317,18 +421,25 @@ def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gp
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python bench/throughput.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:tiny-llama", help="builtin:<name>, a folder or a hub id")
+    parser.add_argument("--size", metavar="HIDDEN,LAYERS", help="train a random-init resized copy of --model "
+                        "instead (e.g. 512,4: compute-bound on a CPU, unlike the 64-wide builtin models)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--data", choices=["synthetic", "gsm8k", "alpaca_zh"], default="synthetic",
+                        help="synthetic rows of --min-tokens..--max-tokens, or a bundled sample's rows")
     parser.add_argument("--min-tokens", type=int, default=16, help="shortest row (prompt + completion tokens)")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest row")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (median reported)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma list of: trl, lora_ns and any of {' '.join(CHANGES)}")
     parser.add_argument("--peak-tflops", type=float, help="GPU peak TFLOPS for MFU (default: by GPU name)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice); "
                         "1 is far steadier on a CPU that other jobs share")
+    parser.add_argument("--profile", action="store_true", help="cProfile the timed steps of each run, print "
+                        "where the time goes (slows the runs: read shares, not tokens/s)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs of every run)")
     return parser
 
@@ -336,9 +447,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variants: {', '.join(sorted(unknown))}")
+    try:
+        [variant_changes(v) for v in variants]
+    except ValueError as err:
+        raise SystemExit(str(err))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO))
     from transformers import AutoTokenizer
@@ -347,15 +459,22 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lora_ns_bench_"))
     model_path = trainable_copy(resolve_model_path(args.model), work)  # built once, before any timing
+    if args.size:
+        model_path = resized_copy(model_path, work, args.size)
     model_name = args.model if model_path == resolve_model_path(args.model) else model_path
     rows = max(256, 3 * args.steps * args.batch_size * args.grad_accum)
-    lengths = write_data(work / "data.jsonl", AutoTokenizer.from_pretrained(model_path), rows,
-                         args.min_tokens, args.max_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.data == "synthetic":
+        lengths = write_data(work / "data.jsonl", tokenizer, rows, args.min_tokens, args.max_tokens)
+    else:
+        lengths = write_sample_data(work / "data.jsonl", tokenizer, args.data, rows)
     write_recipe(work / "recipe.yaml", model_name, work / "data.jsonl", args)
     cfg = {"model_path": model_path, "data": str(work / "data.jsonl"), "device": args.device, "steps": args.steps,
            "batch": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length}
     peak = args.peak_tflops or auto_peak_tflops(args.device)
-    print(f"model {args.model} on {args.device}; {rows} rows of {min(lengths)}..{max(lengths)} tokens "
+    print(f"model {args.model} (size {args.size or 'as is'}) on {args.device}; {args.data} data: {rows} rows "
+          f"of "
+          f"{min(lengths)}..{max(lengths)} tokens "
           f"(mean {statistics.mean(lengths):.0f}); batch {args.batch_size} x accum {args.grad_accum}, "
           f"{args.steps} steps, max_length {args.max_length}; {args.rounds} round(s); "
           f"threads {args.threads or 'auto'}; "
@@ -365,9 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     for round_no in range(args.rounds):
         order = variants[round_no % len(variants):] + variants[:round_no % len(variants)]  # rotate
         for name in order:
-            record = run_variant(name, work, index, cfg, work / "recipe.yaml", args.device, args.threads)
+            record = run_variant(name, work, index, cfg, work / "recipe.yaml", args.device, args.threads,
+                                 args.profile)
+            pstats_file = work / f"run{index:02d}-{name}" / "profile.pstats"
             index += 1
             runs[name].append(record if "error" in record else figures(record, peak))
+            if pstats_file.is_file():
+                runs[name][-1]["profile"] = profile_shares(pstats_file)
+                print(f"  round {round_no + 1} {name} profile: {json.dumps(runs[name][-1]['profile'])}")
             shown = runs[name][-1]
             print(f"  round {round_no + 1} {name}: " + (shown["error"] if "error" in shown else
                   f"{shown['tokens_per_s'] or 0:.0f} tok/s, startup {shown['startup_s']:.2f} s, "
@@ -377,7 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(results, compared, args.device == "cuda")
     print("x trl, +startup: medians over rounds of each round's ratio / difference to the trl run")
-    summary = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "model": args.model, "device": args.device,
+    for name in runs:
+        if name != "trl" and "trl" in runs:
+            print(f"  {name} / trl per round: tokens/s {compared[f'{name}_vs_trl_per_round']}, "
+                  f"tokens/cpu-s {compared[f'{name}_vs_trl_cpu_per_round']}")
+    summary = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+               "size": args.size, "data": args.data, "device": args.device,
                "cpu_count": os.cpu_count(), "steps": args.steps, "batch_size": args.batch_size,
                "grad_accum": args.grad_accum, "max_length": args.max_length, "rounds": args.rounds,
                "row_tokens": [args.min_tokens, args.max_tokens], "peak_tflops": peak, "threads": args.threads,

@@ -161,7 +161,19 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
         if recipe.model.attn_implementation.startswith("flash_attention"):
             defaults.update(packing=True, packing_strategy="bfd")
+        elif recipe.task != "pretrain" and not (recipe.dataset.streaming or recipe.training.get("packing")):
+            defaults.update(sampler_defaults())  # sdpa/eager: batches of similar lengths, least padding
     return defaults
+
+
+def sampler_defaults() -> dict[str, Any]:
+    """Group rows of similar length into batches (HF's LengthGroupedSampler): the fastest exact choice with
+    sdpa/eager, where padding-free rows attend over the whole batch (bench/README.md, "Padding")."""
+    from transformers import TrainingArguments
+
+    if hasattr(TrainingArguments, "train_sampling_strategy"):  # transformers 5.x; earlier: group_by_length
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
 
 
 def training_arguments_class(task: str) -> type:

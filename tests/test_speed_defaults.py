@@ -1,0 +1,81 @@
+"""The speed default for SFT without packing: rows are grouped by length (``train_sampling_strategy:
+group_by_length``), so a batch pads to a length close to each of its rows. It must not change the loss:
+a padded batch gives exactly the per-token loss of its rows trained alone, unpadded
+(bench/README.md has the measurements that chose it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_ns.config import parse_recipe
+from lora_ns.setup import training_arguments
+
+
+def recipe(out, model: dict | None = None, dataset: dict | None = None, task: str = "causal_lm", **training):
+    model = {"name_or_path": "builtin:tiny-llama", "dtype": "fp32", **(model or {})}
+    return parse_recipe({"task": task, "model": model,
+                         "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", **(dataset or {})},
+                         "training": {"output_dir": str(out), **training}})
+
+
+def strategy(r) -> str:
+    return training_arguments(r).train_sampling_strategy
+
+
+def test_sft_groups_by_length_unless_packing_streaming_or_the_recipe_says(tmp_path):
+    assert strategy(recipe(tmp_path)) == "group_by_length"
+    # flash attention packs (bfd, padding-free): nothing left to group
+    flash = training_arguments(recipe(tmp_path, model={"attn_implementation": "flash_attention_2"}))
+    assert flash.packing and flash.train_sampling_strategy == "random"
+    assert strategy(recipe(tmp_path, packing=True)) == "random"
+    assert strategy(recipe(tmp_path, dataset={"streaming": True})) == "random"  # no lengths to group by
+    assert strategy(recipe(tmp_path, train_sampling_strategy="random")) == "random"  # the recipe wins
+    pairs = {"path": "sample:glue_mrpc", "formatter": "glue_mrpc"}
+    assert strategy(recipe(tmp_path, model={"name_or_path": "builtin:tiny-bert"}, dataset=pairs,
+                           task="seq_cls")) == "random"
+
+
+def row_alone_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over the trained positions of one unpadded row, and their count."""
+    logits = model(input_ids=ids[None]).logits[0, :-1]
+    target = labels[1:]
+    keep = target != -100
+    nll = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+    return float(nll), int(keep.sum())
+
+
+def test_grouped_padded_batches_give_the_loss_of_each_row_alone(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTTrainer
+
+    from lora_ns.data import build_datasets
+    from lora_ns.model import load_tokenizer
+
+    r = recipe(tmp_path, dataset={"max_samples": 24}, per_device_train_batch_size=4, max_steps=1,
+               report_to="none")
+    tok = load_tokenizer(r)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():  # sharper logits: per-token losses differ between rows (random init: ~uniform)
+        model.lm_head.weight *= 30  # and a per-row mean of means would no longer pass for the per-token mean
+    train, _ = build_datasets(r, tok)
+    trainer = SFTTrainer(model=model, args=training_arguments(r), train_dataset=train, processing_class=tok)
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)  # the default reaches the Trainer
+    model.eval()
+    padded_batches = 0
+    with torch.no_grad():
+        for batch in trainer.get_train_dataloader():
+            mask = batch["attention_mask"].bool()
+            padded_batches += int((~mask).any())
+            loss = float(trainer.compute_loss(model, dict(batch)))
+            alone = [row_alone_nll(model, batch["input_ids"][i][mask[i]], batch["labels"][i][mask[i]])
+                     for i in range(len(mask))]
+            expected = sum(n for n, _ in alone) / sum(c for _, c in alone)
+            # Same fp32 math on differently shaped tensors: only reduction order differs, <= K * eps relative
+            # per dot product (K <= 128, the model's widest layer) over 2 layers x 4 matmuls in series, on the
+            # logits' scale; the log-softmax and the target logit each pass that error on at most once (x2).
+            scale = max(1.0, float(model(input_ids=batch["input_ids"]).logits.abs().max()))
+            assert loss == pytest.approx(expected, abs=2 * 8 * 128 * torch.finfo(torch.float32).eps * scale)
+    assert padded_batches > 0  # the comparison did go through padding
