@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_ns.command_line import CommandParser
+from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import formatted_examples, get_formatter, label_id, render, sft_defaults
 from lora_ns.errors import Problem, UserError, run_cli
@@ -34,12 +34,10 @@ from lora_ns.metrics import (classification_metrics, generation_metrics, library
 PROG = "lora_ns.evaluate"
 MATH_FORMATTERS = {"gsm8k", "metamath"}
 METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
-# Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
-LEGACY_FLAGS = {"--adapter_path": "--adapter", "--model_path": "--model"}
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.evaluate",
+    parser = CommandParser(prog="python -m lora_ns.evaluate",
                            description="Evaluate an adapter, merged or base model on a recipe's eval split.",
                            epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2")
     parser.add_argument("recipe", help="the recipe the model was trained with (e.g. OUT_DIR/recipe.yaml)")
@@ -50,13 +48,13 @@ def make_parser() -> argparse.ArgumentParser:
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--split", help="evaluate on this split of the recipe's dataset instead of val_split")
     data.add_argument("--data-file", help="every row of this file (read by the recipe's formatter)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--limit", type=at_least_one, help="evaluate only the first N examples")
     parser.add_argument("--metric", action="append", default=[], metavar="NAME_OR_PATH",
                         help="also report this Hugging Face evaluate metric (repeatable)")
     parser.add_argument("--output-dir", help="for metrics.json, predictions.jsonl (default: MODEL_DIR/eval)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=at_least_one, default=8)
+    parser.add_argument("--max-new-tokens", type=at_least_one, default=256)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -151,10 +149,6 @@ def run_evaluation(loaded, recipe, examples, args) -> tuple[str, dict[str, Any],
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise UserError(Problem("<command line>", flag, "must be at least 1", "use 1 or more"))
     model_path = args.adapter or args.model
     if args.adapter and not Path(args.adapter).is_dir():
         raise UserError(Problem(args.adapter, "--adapter", "folder not found", "point it at an output_dir"))

@@ -23,7 +23,7 @@ from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import unwritable, write_json_atomic
 from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
                                check_adapter, detect_task, from_pretrained, is_adapter_dir,
-                               read_adapter_config, saved_recipe)
+                               read_adapter_config, saved_recipe, stop_at_end_of_turn)
 
 PROG = "lora_ns.merge"
 PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文回答这个问题。",
@@ -68,7 +68,9 @@ def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any,
     import torch
 
     four_bit = requantize and recipe is not None and recipe.quantization.load_in_4bit
-    kwargs = base_kwargs(recipe, None if four_bit else "fp32", quantized=four_bit)
+    kwargs = base_kwargs(recipe, None if four_bit else "fp32")
+    if not four_bit:  # the original base weights, not the 4-bit ones training saw
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
     model = from_pretrained(base_path, task, "--base", **kwargs)
     if not four_bit:
         return model, 0
@@ -107,16 +109,6 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def stop_at_end_of_turn(model, tokenizer) -> None:
-    """Add the adapter's eos (e.g. ChatML's <|im_end|> when trained with that template) to the eos ids the
-    saved generation config stops on, so plain transformers `generate` stops where training taught."""
-    config, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
-    known = [] if config is None else config.eos_token_id
-    known = known if isinstance(known, list) else [known]
-    if config is not None and eos is not None and eos not in known:
-        config.eos_token_id = [e for e in (*known, eos) if e is not None]
 
 
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
@@ -168,7 +160,6 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    check_paths(Path(args.adapter), Path(args.output), args.overwrite)  # before any model loads
     info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype,
                  requantize=not args.no_requantize, overwrite=args.overwrite)
     if info["requantized"]:
