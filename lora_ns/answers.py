@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import threading
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 
 # A minus counts only when it is not the operator of "5-3"; commas only in thousands groups,
 # so "1,2,3" is three numbers, not 123.
@@ -98,24 +97,17 @@ def extract_answer(text: str | None) -> str | None:
     return numbers[-1] if numbers else None
 
 
-@lru_cache(maxsize=4096)
-def _parsed(answer: str, timeout: int | None) -> tuple:
-    from math_verify import parse
-
-    return tuple(parse(f"${answer}$", parsing_timeout=timeout))
-
-
 def _equivalent(prediction: str, reference: str) -> bool:
     """math-verify's verdict, the reference as gold (its check is not symmetric)."""
     if max(len(prediction), len(reference)) > MAX_EXPRESSION_CHARS:
         return prediction == reference
-    from math_verify import verify
+    from math_verify import parse, verify
 
     timeout = TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
-    gold, pred = _parsed(reference, timeout), _parsed(prediction, timeout)
+    gold, pred = (parse(f"${answer}$", parsing_timeout=timeout) for answer in (reference, prediction))
     if not gold or not pred:
         return prediction == reference
-    return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
+    return bool(verify(gold, pred, timeout_seconds=timeout))
 
 
 def answers_match(prediction: str | None, reference: str | None) -> bool:

@@ -1,15 +1,9 @@
 """``python -m lora_ns.evaluate RECIPE.yaml --adapter OUT_DIR``: score a model on the recipe's eval split.
 
-What is measured follows the data (`lora_ns.metrics`): seq_cls: accuracy, F1, precision, recall; math
-formatters (gsm8k, metamath): exact match of the final answer of a greedy generation; other generative
-data: BLEU and ROUGE-L (per character for Chinese) plus perplexity; cpt: perplexity; preference pairs:
-preference accuracy and mean margin. ``--metric`` adds any Hugging Face `evaluate` metric on the same
-predictions and references (a local metric script or folder works offline).
-
-Perplexity is exp of TRL's eval loss (SFTTrainer.evaluate on the examples rendered as in training), so it
-matches the training log's eval_loss. The eval split is ``dataset.val_split`` read with
-`lora_ns.data.formatted_examples` (exactly the rows training evaluated on), or ``--split``/``--data-file``.
-metrics.json and predictions.jsonl go to ``--output-dir`` (default ``MODEL_DIR/eval/``).
+What is measured follows the data (`eval_kind`); ``--metric`` adds any Hugging Face `evaluate` metric
+on the same predictions and references. Perplexity is exp of TRL's eval loss on the examples rendered
+as in training, so it matches the training log's eval_loss; by default the eval rows are exactly the
+ones training evaluated on (``dataset.val_split`` through `lora_ns.data.formatted_examples`).
 """
 
 from __future__ import annotations
@@ -60,7 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def eval_kind(recipe) -> str:
-    """classification | preference | math | generation | perplexity."""
+    """classification (sklearn), preference (accuracy, margin), math (exact match of a greedy answer),
+    generation (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
     kind = get_formatter(recipe.dataset.formatter).kind
     if recipe.task == "seq_cls":
         return "classification"

@@ -1,8 +1,6 @@
 """``python -m lora_ns.infer --model PATH (--prompt TEXT | --input-file FILE)``: run a model on prompts.
 
-`--model` is a base model (hub id, folder, ``builtin:<name>``), a training output (adapter dir) or a
-merged dir (`lora_ns.inference.load`). Causal models generate; seq_cls models print the predicted
-label and every class probability. Prompts are rendered as training rendered them.
+Causal models generate; seq_cls models print the predicted label and every class probability.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-file", help="write results here as JSON lines (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
     add_generation_flags(parser, greedy=False)
-    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: as saved")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -50,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         guard_output_file(args.output_file, args.overwrite)
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_inputs(args.input_file)
     recipe = load_recipe(args.recipe) if args.recipe else None
-    loaded = load(args.model, base=args.base, recipe=recipe, dtype=args.dtype)
+    loaded = load(args.model, base=args.base, recipe=recipe)
     progress = not args.no_progress and args.prompt is None
     if loaded.task == "seq_cls":
         results = classify(loaded, [pair_of(r) for r in rows], batch_size=args.batch_size, progress=progress)

@@ -21,7 +21,7 @@ from lora_ns.command_line import at_least_one
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, uses_chat_template
 from lora_ns.errors import Problem, UserError
-from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs, torch_dtype
+from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs
 from lora_ns.setup import safetensors_defect
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
@@ -119,12 +119,9 @@ def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_cod
     return tokenizer
 
 
-def base_kwargs(recipe: Recipe | None, dtype: str | None) -> dict[str, Any]:
-    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), `dtype` overriding."""
-    kwargs = model_kwargs(recipe) if recipe is not None else {"use_safetensors": True}
-    if dtype or recipe is None:
-        kwargs["dtype"] = torch_dtype(dtype) if dtype and dtype != "auto" else "auto"
-    return kwargs
+def base_kwargs(recipe: Recipe | None) -> dict[str, Any]:
+    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), else as saved."""
+    return model_kwargs(recipe) if recipe is not None else {"use_safetensors": True, "dtype": "auto"}
 
 
 @contextmanager
@@ -154,8 +151,7 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
         config.eos_token_id = [e for e in (*known, eos) if e is not None]
 
 
-def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype: str | None = None
-         ) -> Loaded:
+def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Loaded:
     """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any."""
     import torch
 
@@ -170,12 +166,12 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype
             from peft import PeftModel
 
             check_adapter(local)
-            base, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe, dtype), "adapter"
+            base, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe), "adapter"
             model = PeftModel.from_pretrained(from_pretrained(base, task, **kwargs), str(local))
             tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base
         else:
             tokenizer_path, base = resolve_model_path(path), None
-            kwargs = {**base_kwargs(None, dtype), "trust_remote_code": trust}
+            kwargs = {**base_kwargs(None), "trust_remote_code": trust}
             model = from_pretrained(tokenizer_path, task, **kwargs)
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)

@@ -11,7 +11,6 @@ in merge_info.json. The folder is filled under a temporary name and renamed: a c
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import uuid
@@ -68,9 +67,10 @@ def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any,
     import torch
 
     four_bit = requantize and recipe is not None and recipe.quantization.load_in_4bit
-    kwargs = base_kwargs(recipe, None if four_bit else "fp32")
-    if not four_bit:  # the original base weights, not the 4-bit ones training saw
+    kwargs = base_kwargs(recipe)
+    if not four_bit:  # the original base weights in fp32, not the 4-bit ones training saw
         kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+        kwargs["dtype"] = torch.float32
     model = from_pretrained(base_path, task, "--base", **kwargs)
     if not four_bit:
         return model, 0
@@ -92,23 +92,17 @@ def max_difference(a: list, b: list) -> float:
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary folder beside `target`, then rename it into place (replacing an old target)."""
+    """Fill a temporary folder beside `target`, then put it in the old one's place: a failed write leaves
+    no new folder and the old one as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: that one is private (0700), and the rename would keep it so
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         write(tmp)
-        if target.exists():
-            target.rename(old)
+        shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-    except BaseException:
-        if old.exists() and not target.exists():
-            old.rename(target)
-        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
