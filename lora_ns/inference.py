@@ -271,7 +271,7 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     options.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     outputs = [""] * len(encoded)
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
         batch = order[start:start + batch_size]
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         with torch.no_grad():
@@ -290,7 +290,7 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
 
     names = [str(loaded.model.config.id2label[i]) for i in range(loaded.model.config.num_labels)]
     results: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", disable=not progress):
         first, second = zip(*pairs[start:start + batch_size])
         enc = loaded.tokenizer(list(first), list(second) if None not in second else None, padding=True,
                                truncation=True, return_tensors="pt")
@@ -330,8 +330,9 @@ def add_generation_flags(parser: argparse.ArgumentParser, greedy: bool) -> None:
     for flag, kind, default in (("--batch-size", at_least_one, 8), ("--max-new-tokens", at_least_one, 256),
                                 ("--temperature", float, 0.7), ("--top-p", float, 0.9), ("--seed", int, 0)):
         parser.add_argument(flag, type=kind, default=default)
-    flag, action = ("--sample", "store_false") if greedy else ("--greedy", "store_true")
-    parser.add_argument(flag, dest="greedy", action=action, help="sample (--temperature, --top-p) or not")
+    flag, action, say = (("--sample", "store_false", "sample (--temperature, --top-p), not greedy") if greedy
+                         else ("--greedy", "store_true", "greedy decoding (ignores temperature/top-p)"))
+    parser.add_argument(flag, dest="greedy", action=action, help=say)
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:

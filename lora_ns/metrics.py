@@ -33,7 +33,8 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int], nu
 
 def exact_match(predictions: Sequence[str | None], references: Sequence[str | None]) -> float:
     """Share of extracted answers equal to their reference's; a missing (None) answer never matches."""
-    return sum(answers_match(p, r) for p, r in zip(predictions, references, strict=True)) / max(len(references), 1)
+    matches = sum(answers_match(p, r) for p, r in zip(predictions, references, strict=True))
+    return matches / max(len(references), 1)
 
 
 def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
