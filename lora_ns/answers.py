@@ -2,11 +2,8 @@
 
 Which answer: GSM8K's first ``####`` (its solutions say "the final answer is 15 gallons * 8 pints /
 gallon = 120 pints" before "#### 120", and a model running on into a made-up next question has answered
-before it); else the LAST marker ("The answer is", "answer:", ``\\boxed{}``); else the last number. After
-a marker the answer runs to the end of its sentence, after its last "="; a box holds its balanced braces.
-A number comes back canonical ("1,080" -> "1080", "$1,234.50" -> "1234.5", "-3.0" -> "-3"), an
-expression (``\\frac{1}{2}``, "1/2") as its LaTeX. `answers_match`: numbers compare as strings, anything
-else through Hugging Face's math-verify (``\\frac{1}{2}`` == ``0.5``). math-verify's timeout uses
+before it); else the LAST marker ("The answer is", "answer:", ``\\boxed{}``); else the last number.
+Numbers compare canonically, expressions through Hugging Face's math-verify. Its timeout uses
 ``signal.alarm`` (main thread only); elsewhere only expressions of at most `MAX_EXPRESSION_CHARS` go to
 sympy (longer ones compare as text), so a huge expression cannot hang an evaluation.
 """
@@ -16,7 +13,6 @@ from __future__ import annotations
 import re
 import threading
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 
 # A minus counts only when it is not the operator of "5-3"; commas only in thousands groups,
 # so "1,2,3" is three numbers, not 123.
@@ -87,7 +83,7 @@ def _answer(span: str) -> str | None:
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The final answer in a model output or reference solution (see the module docstring); None if none."""
+    """The final answer (canonical number or LaTeX) in a model output or reference solution, or None."""
     if not text:
         return None
     marker = _GSM8K_MARKER.search(text) or next(reversed(list(_MARKERS.finditer(text))), None)
@@ -101,24 +97,17 @@ def extract_answer(text: str | None) -> str | None:
     return numbers[-1] if numbers else None
 
 
-@lru_cache(maxsize=4096)
-def _parsed(answer: str, timeout: int | None) -> tuple:
-    from math_verify import parse
-
-    return tuple(parse(f"${answer}$", parsing_timeout=timeout))
-
-
 def _equivalent(prediction: str, reference: str) -> bool:
     """math-verify's verdict, the reference as gold (its check is not symmetric)."""
     if max(len(prediction), len(reference)) > MAX_EXPRESSION_CHARS:
         return prediction == reference
-    from math_verify import verify
+    from math_verify import parse, verify
 
     timeout = TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
-    gold, pred = _parsed(reference, timeout), _parsed(prediction, timeout)
+    gold, pred = (parse(f"${answer}$", parsing_timeout=timeout) for answer in (reference, prediction))
     if not gold or not pred:
         return prediction == reference
-    return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
+    return bool(verify(gold, pred, timeout_seconds=timeout))
 
 
 def answers_match(prediction: str | None, reference: str | None) -> bool:

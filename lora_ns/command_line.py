@@ -46,3 +46,10 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # one line, like every other user error, instead of usage + error
         raise UserError(Problem("<command line>", "", message, f"run '{self.prog} --help'"))
+
+
+def at_least_one(text: str) -> int:
+    """argparse `type` of counts (--batch-size, --limit, ...): a bad one is the parser's one-line error."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)

@@ -12,15 +12,16 @@ import json
 import sys
 from typing import Any
 
+from lora_ns.command_line import CommandParser
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic
-from lora_ns.inference import adapter_base, generate, is_adapter_dir, load, prompt_of, read_inputs
+from lora_ns.inference import add_generation_flags, generate, generation_options, load, prompt_of, read_inputs
 
 PROG = "lora_ns.compare"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_ns.compare",
+    parser = CommandParser(prog="python -m lora_ns.compare",
                                      description="Answer the same prompts with a base and a tuned model.")
     parser.add_argument("--tuned", required=True, help="training output dir (adapter) or merged dir")
     parser.add_argument("--base", help="base model (default: the tuned adapter's base)")
@@ -29,19 +30,12 @@ def make_parser() -> argparse.ArgumentParser:
     mode.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line")
     parser.add_argument("--output", help="--questions-file mode: write the JSON here (default: print it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sample", action="store_true", help="sample (--temperature, --top-p), not greedy")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
+    add_generation_flags(parser, greedy=True)
     return parser
 
 
 def answer_both(base, tuned, prompts: list[Any], args: argparse.Namespace, progress: bool = True) -> list:
-    options = dict(recipe=tuned.recipe, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                   progress=progress, seed=args.seed)
+    options = dict(recipe=tuned.recipe, progress=progress, **generation_options(args))
     base_out, tuned_out = generate(base, prompts, **options), generate(tuned, prompts, **options)
     return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_out, tuned_out)]
 
@@ -53,15 +47,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "redirect stdout to keep an interactive session"))
     if args.output:
         guard_output_file(args.output, args.overwrite, "--output")
+    generation_options(args)  # checked before any model loads
     rows = read_inputs(args.questions_file) if args.questions_file else None
     tuned = load(args.tuned, base=args.base)
-    if args.base is None and not is_adapter_dir(args.tuned):
+    if not (args.base or tuned.base):
         raise UserError(Problem("<command line>", "--base", "needed when --tuned is not an adapter folder",
                                 "pass --base MODEL"))
     if tuned.task == "seq_cls":
         raise UserError(Problem(args.tuned, "--tuned", "compare is for generative models",
                                 "use lora_ns.evaluate for classifiers"))
-    base = load(args.base or adapter_base(args.tuned, None, tuned.recipe))
+    base = load(args.base or tuned.base)
     if rows is None:
         if sys.stdin.isatty():
             print("type a prompt and press Enter (Ctrl-D to quit)")

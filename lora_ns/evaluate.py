@@ -1,15 +1,9 @@
 """``python -m lora_ns.evaluate RECIPE.yaml --adapter OUT_DIR``: score a model on the recipe's eval split.
 
-What is measured follows the data (`lora_ns.metrics`): seq_cls: accuracy, F1, precision, recall; math
-formatters (gsm8k, metamath): exact match of the final answer of a greedy generation; other generative
-data: BLEU and ROUGE-L (per character for Chinese) plus perplexity; cpt: perplexity; preference pairs:
-preference accuracy and mean margin. ``--metric`` adds any Hugging Face `evaluate` metric on the same
-predictions and references (a local metric script or folder works offline).
-
-Perplexity is exp of TRL's eval loss (SFTTrainer.evaluate on the examples rendered as in training), so it
-matches the training log's eval_loss. The eval split is ``dataset.val_split`` read with
-`lora_ns.data.formatted_examples` (exactly the rows training evaluated on), or ``--split``/``--data-file``.
-metrics.json and predictions.jsonl go to ``--output-dir`` (default ``MODEL_DIR/eval/``).
+What is measured follows the data (`eval_kind`); ``--metric`` adds any Hugging Face `evaluate` metric
+on the same predictions and references. Perplexity is exp of TRL's eval loss on the examples rendered
+as in training, so it matches the training log's eval_loss; by default the eval rows are exactly the
+ones training evaluated on (``dataset.val_split`` through `lora_ns.data.formatted_examples`).
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_ns.command_line import CommandParser
+from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import formatted_examples, get_formatter, label_id, render, sft_defaults
 from lora_ns.errors import Problem, UserError, run_cli
@@ -34,12 +28,10 @@ from lora_ns.metrics import (classification_metrics, generation_metrics, library
 PROG = "lora_ns.evaluate"
 MATH_FORMATTERS = {"gsm8k", "metamath"}
 METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
-# Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
-LEGACY_FLAGS = {"--adapter_path": "--adapter", "--model_path": "--model"}
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.evaluate",
+    parser = CommandParser(prog="python -m lora_ns.evaluate",
                            description="Evaluate an adapter, merged or base model on a recipe's eval split.",
                            epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2")
     parser.add_argument("recipe", help="the recipe the model was trained with (e.g. OUT_DIR/recipe.yaml)")
@@ -50,19 +42,20 @@ def make_parser() -> argparse.ArgumentParser:
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--split", help="evaluate on this split of the recipe's dataset instead of val_split")
     data.add_argument("--data-file", help="every row of this file (read by the recipe's formatter)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--limit", type=at_least_one, help="evaluate only the first N examples")
     parser.add_argument("--metric", action="append", default=[], metavar="NAME_OR_PATH",
                         help="also report this Hugging Face evaluate metric (repeatable)")
     parser.add_argument("--output-dir", help="for metrics.json, predictions.jsonl (default: MODEL_DIR/eval)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=at_least_one, default=8)
+    parser.add_argument("--max-new-tokens", type=at_least_one, default=256)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
 def eval_kind(recipe) -> str:
-    """classification | preference | math | generation | perplexity."""
+    """classification (sklearn), preference (accuracy, margin), math (exact match of a greedy answer),
+    generation (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
     kind = get_formatter(recipe.dataset.formatter).kind
     if recipe.task == "seq_cls":
         return "classification"
@@ -151,10 +144,6 @@ def run_evaluation(loaded, recipe, examples, args) -> tuple[str, dict[str, Any],
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise UserError(Problem("<command line>", flag, "must be at least 1", "use 1 or more"))
     model_path = args.adapter or args.model
     if args.adapter and not Path(args.adapter).is_dir():
         raise UserError(Problem(args.adapter, "--adapter", "folder not found", "point it at an output_dir"))

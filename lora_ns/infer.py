@@ -1,8 +1,6 @@
 """``python -m lora_ns.infer --model PATH (--prompt TEXT | --input-file FILE)``: run a model on prompts.
 
-`--model` is a base model (hub id, folder, ``builtin:<name>``), a training output (adapter dir) or a
-merged dir (`lora_ns.inference.load`). Causal models generate; seq_cls models print the predicted
-label and every class probability. Prompts are rendered as training rendered them.
+Causal models generate; seq_cls models print the predicted label and every class probability.
 """
 
 from __future__ import annotations
@@ -15,12 +13,12 @@ from lora_ns.command_line import CommandParser
 from lora_ns.config import load_recipe
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import guard_output_file, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, prompt_of, read_inputs
+from lora_ns.inference import (add_generation_flags, classify, generate, generation_options, load, pair_of,
+                               prompt_of, read_inputs)
 
 PROG = "lora_ns.infer"
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
-LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input_text": "--prompt",
-                "--config": "--recipe"}
+LEGACY_FLAGS = {"--model_path": "--model", "--input_text": "--prompt"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -35,48 +33,26 @@ def make_parser() -> argparse.ArgumentParser:
     source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
     parser.add_argument("--output-file", help="write results here as JSON lines (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature/top-p)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: as saved")
+    add_generation_flags(parser, greedy=False)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    def bad(flag: str, message: str, fix: str) -> UserError:
-        return UserError(Problem("<command line>", flag, message, fix))
-
-    for flag in ("--batch-size", "--max-new-tokens"):
-        if getattr(args, flag[2:].replace("-", "_")) < 1:
-            raise bad(flag, "must be at least 1", "use 1 or more")
-    if not args.greedy and not args.temperature > 0:
-        raise bad("--temperature", f"must be above 0, got {args.temperature}",
-                  "use e.g. 0.7, or --greedy for deterministic output")
-    if not 0 < args.top_p <= 1:
-        raise bad("--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9")
-    if args.prompt is not None and not args.prompt.strip():
-        raise bad("--prompt", "is empty", "give the text to answer")
-    if args.output_file:
-        guard_output_file(args.output_file, args.overwrite)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    check_args(args)
+    options = generation_options(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError(Problem("<command line>", "--prompt", "is empty", "give the text to answer"))
+    if args.output_file:
+        guard_output_file(args.output_file, args.overwrite)
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_inputs(args.input_file)
     recipe = load_recipe(args.recipe) if args.recipe else None
-    loaded = load(args.model, base=args.base, recipe=recipe, dtype=args.dtype)
+    loaded = load(args.model, base=args.base, recipe=recipe)
     progress = not args.no_progress and args.prompt is None
     if loaded.task == "seq_cls":
         results = classify(loaded, [pair_of(r) for r in rows], batch_size=args.batch_size, progress=progress)
     else:
-        texts = generate(loaded, [prompt_of(r) for r in rows], max_new_tokens=args.max_new_tokens,
-                         greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
-                         batch_size=args.batch_size, progress=progress, seed=args.seed)
+        texts = generate(loaded, [prompt_of(r) for r in rows], progress=progress, **options)
         results = [{"output": t} for t in texts]
     if args.output_file:
         write_jsonl_atomic(args.output_file, [{**r, **res} for r, res in zip(rows, results)])

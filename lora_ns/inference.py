@@ -8,18 +8,21 @@ Prompts are rendered as training rendered them (`lora_ns.data.render.prompt_text
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.setup import safetensors_defect
+from lora_ns.command_line import at_least_one
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, uses_chat_template
 from lora_ns.errors import Problem, UserError
-from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs, torch_dtype
+from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs
+from lora_ns.setup import safetensors_defect
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
 RESAVE = "re-save the adapter, or point at the training output_dir that holds it"
@@ -37,8 +40,8 @@ class Loaded:
     tokenizer: Any
     task: str  # causal_lm | seq_cls | cpt
     kind: str  # adapter | merged | base
-    path: str
     recipe: Recipe | None = None
+    base: str | None = None  # the base model an adapter was loaded on
 
 
 # --- what a folder holds ----------------------------------------------------------------------------
@@ -72,8 +75,7 @@ def check_adapter(folder: str | Path) -> None:
         raise UserError(Problem(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter"))
 
 
-def saved_recipe(folder: str | Path) -> Recipe | None:
-    """The resolved recipe training (or merge) saved beside the weights, if any."""
+def saved_recipe(folder: str | Path) -> Recipe | None:  # training (and merge) save it beside the weights
     path = Path(folder) / RECIPE_FILE
     return load_recipe(path) if path.is_file() else None
 
@@ -117,35 +119,39 @@ def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_cod
     return tokenizer
 
 
-def base_kwargs(recipe: Recipe | None, dtype: str | None, quantized: bool = True) -> dict[str, Any]:
-    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), `dtype` overriding."""
-    kwargs = model_kwargs(recipe) if recipe is not None else {"use_safetensors": True}
-    if not quantized:
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
-    if dtype or recipe is None:
-        kwargs["dtype"] = torch_dtype(dtype) if dtype and dtype != "auto" else "auto"
-    return kwargs
+def base_kwargs(recipe: Recipe | None) -> dict[str, Any]:
+    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), else as saved."""
+    return model_kwargs(recipe) if recipe is not None else {"use_safetensors": True, "dtype": "auto"}
 
 
-def cannot_load(path: str, flag: str, err: Exception) -> UserError:
-    """What transformers raises for a model it cannot read (missing, unreachable, only pickle weights, no
-    tokenizer it can build), as one line."""
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return UserError(Problem(path, flag, f"cannot load the model: {reason}", "check the path or hub id "
-                             "(offline, only local folders and builtin: models load)"))
+@contextmanager
+def one_line_errors(path: str, flag: str) -> Iterator[None]:
+    """What transformers raises for a model it cannot read (missing, only pickle weights, ...) as one line."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(Problem(path, flag, f"cannot load the model: {reason}", "check the path or hub id "
+                                "(offline, only local folders and builtin: models load)")) from None
 
 
 def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
-    """The task's model class from `path`; one that cannot be read is one line naming `flag`."""
-    try:
-        with head_loaded_next(task):  # an adapter's saved seq_cls head replaces the new one next
-            return auto_model_class(task).from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise cannot_load(path, flag, err) from None
+    # head_loaded_next: an adapter's saved seq_cls head replaces the newly initialized one next
+    with one_line_errors(path, flag), head_loaded_next(task):
+        return auto_model_class(task).from_pretrained(path, **kwargs)
 
 
-def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype: str | None = None
-         ) -> Loaded:
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """Add the tokenizer's eos (e.g. ChatML's <|im_end|> when trained with that template) to the eos ids the
+    generation config stops on, so `generate` (ours, or transformers' on a merged model) stops there."""
+    config, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
+    known = [] if config is None else config.eos_token_id
+    known = known if isinstance(known, list) else [known]
+    if config is not None and eos is not None and eos not in known:
+        config.eos_token_id = [e for e in (*known, eos) if e is not None]
+
+
+def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Loaded:
     """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any."""
     import torch
 
@@ -154,28 +160,27 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, dtype
         raise UserError(Problem(path, "--model", "model folder not found", "check the path (an output_dir?)"))
     recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
     trust = bool(recipe and recipe.model.trust_remote_code)
-    try:
+    with one_line_errors(path, "--model"):
         task = detect_task(path, recipe)
         if is_adapter_dir(local):
             from peft import PeftModel
 
             check_adapter(local)
-            base_path, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe, dtype), "adapter"
-            model = PeftModel.from_pretrained(from_pretrained(base_path, task, **kwargs), str(local))
-            tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base_path
+            base, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe), "adapter"
+            model = PeftModel.from_pretrained(from_pretrained(base, task, **kwargs), str(local))
+            tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base
         else:
-            tokenizer_path = resolve_model_path(path)
-            kwargs = {**base_kwargs(None, dtype), "trust_remote_code": trust}
+            tokenizer_path, base = resolve_model_path(path), None
+            kwargs = {**base_kwargs(None), "trust_remote_code": trust}
             model = from_pretrained(tokenizer_path, task, **kwargs)
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
-    except (OSError, ValueError) as err:
-        raise cannot_load(path, "--model", err) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    stop_at_end_of_turn(model, tokenizer)
     if torch.cuda.is_available() and "quantization_config" not in kwargs:
         model.to("cuda")
-    return Loaded(model.eval(), tokenizer, task, kind, path, recipe)
+    return Loaded(model.eval(), tokenizer, task, kind, recipe, base)
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -193,11 +198,8 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if not jsonl:
-            rows.append({"prompt": line})
-            continue
         try:
-            row = json.loads(line)
+            row = json.loads(line) if jsonl else {"prompt": line}
         except json.JSONDecodeError as err:
             raise UserError(Problem(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line",
                                     number))
@@ -249,10 +251,6 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
 
 # --- running the model ------------------------------------------------------------------------------
 
-def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
 def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tokens: int = 256,
              greedy: bool = True, temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8,
              progress: bool = True, seed: int | None = None) -> list[str]:
@@ -267,16 +265,14 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     tokenizer.padding_side = "left"
     rendered = [render_prompt(tokenizer, p, recipe) for p in prompts]
     encoded = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in rendered]
-    eos = loaded.model.generation_config.eos_token_id  # stop at the model's eos and at the tokenizer's
-    eos = {e for e in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if e is not None}
     sample = not greedy and temperature > 0  # greedy: no sampling options (the model's own would warn)
     options = {"temperature": temperature, "top_p": top_p} if sample else dict.fromkeys(
         ["temperature", "top_p", "top_k"])
-    options.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
-                   eos_token_id=sorted(eos) or None)
+    options.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     outputs = [""] * len(encoded)
-    for batch in tqdm(_batches(order, batch_size), desc="generating", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
+        batch = order[start:start + batch_size]
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         with torch.no_grad():
             out = loaded.model.generate(**inputs.to(loaded.model.device), **options)
@@ -286,21 +282,18 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     return outputs
 
 
-def classify(loaded, inputs: Sequence[str | tuple[str, str | None]], *, batch_size: int = 16,
+def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int = 16,
              progress: bool = True) -> list[dict[str, Any]]:
-    """For each text (or sentence pair): {"label", "label_id", "probabilities": {label name: p}}."""
+    """For each (text, second text or None): {"label", "label_id", "probabilities": {label name: p}}."""
     import torch
     from tqdm.auto import tqdm
 
-    id2label = loaded.model.config.id2label or {}
-    names = [str(id2label.get(i, f"LABEL_{i}")) for i in range(loaded.model.config.num_labels)]
-    pairs = [x if isinstance(x, tuple) else (x, None) for x in inputs]
+    names = [str(loaded.model.config.id2label[i]) for i in range(loaded.model.config.num_labels)]
     results: list[dict[str, Any]] = []
-    for batch in tqdm(_batches(list(range(len(pairs))), batch_size), desc="classifying", unit="batch",
-                      disable=not progress):
-        first, second = [pairs[i][0] for i in batch], [pairs[i][1] for i in batch]
-        enc = loaded.tokenizer(first, second if None not in second else None, padding=True, truncation=True,
-                               return_tensors="pt")
+    for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", disable=not progress):
+        first, second = zip(*pairs[start:start + batch_size])
+        enc = loaded.tokenizer(list(first), list(second) if None not in second else None, padding=True,
+                               truncation=True, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
         for row in probs.tolist():
@@ -328,3 +321,27 @@ def reply_logprob(loaded, prompt: PromptInput, reply: str, recipe=None) -> float
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
     return float(logprobs.gather(-1, ids[0, 1:, None])[len(head) - 1:].sum())
+
+
+# --- the decoding flags of infer and compare ---------------------------------------------------------
+
+def add_generation_flags(parser: argparse.ArgumentParser, greedy: bool) -> None:
+    """`greedy`: decode greedily unless --sample (compare); else sample unless --greedy (infer)."""
+    for flag, kind, default in (("--batch-size", at_least_one, 8), ("--max-new-tokens", at_least_one, 256),
+                                ("--temperature", float, 0.7), ("--top-p", float, 0.9), ("--seed", int, 0)):
+        parser.add_argument(flag, type=kind, default=default)
+    flag, action, say = (("--sample", "store_false", "sample (--temperature, --top-p), not greedy") if greedy
+                         else ("--greedy", "store_true", "greedy decoding (ignores temperature/top-p)"))
+    parser.add_argument(flag, dest="greedy", action=action, help=say)
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `generate` keywords of those flags, checked."""
+    if not args.greedy and not args.temperature > 0:
+        raise UserError(Problem("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
+                                "use e.g. 0.7, or greedy decoding for deterministic output"))
+    if not 0 < args.top_p <= 1:
+        raise UserError(Problem("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}",
+                                "use e.g. 0.9"))
+    keys = ("max_new_tokens", "greedy", "temperature", "top_p", "batch_size", "seed")
+    return {key: getattr(args, key) for key in keys}

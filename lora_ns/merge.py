@@ -11,7 +11,6 @@ in merge_info.json. The folder is filled under a temporary name and renamed: a c
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import uuid
@@ -23,7 +22,7 @@ from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import unwritable, write_json_atomic
 from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
                                check_adapter, detect_task, from_pretrained, is_adapter_dir,
-                               read_adapter_config, saved_recipe)
+                               read_adapter_config, saved_recipe, stop_at_end_of_turn)
 
 PROG = "lora_ns.merge"
 PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文回答这个问题。",
@@ -68,7 +67,10 @@ def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any,
     import torch
 
     four_bit = requantize and recipe is not None and recipe.quantization.load_in_4bit
-    kwargs = base_kwargs(recipe, None if four_bit else "fp32", quantized=four_bit)
+    kwargs = base_kwargs(recipe)
+    if not four_bit:  # the original base weights in fp32, not the 4-bit ones training saw
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+        kwargs["dtype"] = torch.float32
     model = from_pretrained(base_path, task, "--base", **kwargs)
     if not four_bit:
         return model, 0
@@ -90,33 +92,17 @@ def max_difference(a: list, b: list) -> float:
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary folder beside `target`, then rename it into place (replacing an old target)."""
+    """Fill a temporary folder beside `target`, then put it in the old one's place: a failed write leaves
+    no new folder and the old one as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: that one is private (0700), and the rename would keep it so
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         write(tmp)
-        if target.exists():
-            target.rename(old)
+        shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-    except BaseException:
-        if old.exists() and not target.exists():
-            old.rename(target)
-        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def stop_at_end_of_turn(model, tokenizer) -> None:
-    """Add the adapter's eos (e.g. ChatML's <|im_end|> when trained with that template) to the eos ids the
-    saved generation config stops on, so plain transformers `generate` stops where training taught."""
-    config, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
-    known = [] if config is None else config.eos_token_id
-    known = known if isinstance(known, list) else [known]
-    if config is not None and eos is not None and eos not in known:
-        config.eos_token_id = [e for e in (*known, eos) if e is not None]
 
 
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
@@ -168,7 +154,6 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    check_paths(Path(args.adapter), Path(args.output), args.overwrite)  # before any model loads
     info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype,
                  requantize=not args.no_requantize, overwrite=args.overwrite)
     if info["requantized"]:

@@ -1,15 +1,9 @@
-"""Every metric lora_ns reports, computed by the libraries that define them.
-
-classification: scikit-learn (binary average for 2 classes, macro otherwise); exact match: extracted
-answers compared by `lora_ns.answers` (numbers exactly, LaTeX through math-verify); BLEU: sacrebleu's
-corpus BLEU / 100, its ``zh`` tokenizer when references hold CJK text; ROUGE-L: rouge-score's F-measure
-with a tokenizer that keeps CJK characters (its default one drops every non-ASCII character, which
-would score all Chinese as empty); perplexity: exp of the mean token loss. Any other metric comes
-from Hugging Face `evaluate` (`library_metric`).
-"""
+"""Every metric lora_ns reports, computed by the libraries that define them: scikit-learn, sacrebleu,
+rouge-score, math-verify (through `lora_ns.answers`) and Hugging Face `evaluate` for any other."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from typing import Any, Sequence
@@ -39,9 +33,8 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int], nu
 
 def exact_match(predictions: Sequence[str | None], references: Sequence[str | None]) -> float:
     """Share of extracted answers equal to their reference's; a missing (None) answer never matches."""
-    if not references:
-        return 0.0
-    return sum(answers_match(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)
+    matches = sum(answers_match(p, r) for p, r in zip(predictions, references, strict=True))
+    return matches / max(len(references), 1)
 
 
 def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -57,8 +50,6 @@ def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def optional(module: str):
     """Import a module of the `metrics` extra, or say in one line how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -69,8 +60,6 @@ def optional(module: str):
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU in [0, 1]; Chinese/Japanese/Korean references are tokenized per character."""
     sacrebleu = optional("sacrebleu")
-    if not references:
-        return 0.0
     tokenize = "zh" if any(re.search(f"[{_CJK}]", r or "") for r in references) else "13a"
     score = sacrebleu.corpus_bleu([p or "" for p in predictions], [[r or "" for r in references]],
                                   tokenize=tokenize)
@@ -87,11 +76,9 @@ class CharAwareTokenizer:
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure in [0, 1] (per character for CJK text)."""
     rouge_scorer = optional("rouge_score.rouge_scorer")
-    if not references:
-        return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharAwareTokenizer())
     scores = [scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    return float(sum(scores) / len(scores))
+    return float(sum(scores) / max(len(scores), 1))
 
 
 def perplexity(mean_loss: float) -> float:
