@@ -31,7 +31,8 @@ METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="python -m lora_ns.evaluate",
+    parser = CommandParser(aliases={"--adapter_path": "--adapter", "--model_path": "--model"},
+                           prog="python -m lora_ns.evaluate",
                            description="Evaluate an adapter, merged or base model on a recipe's eval split.",
                            epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2")
     parser.add_argument("recipe", help="the recipe the model was trained with (e.g. OUT_DIR/recipe.yaml)")

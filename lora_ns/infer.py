@@ -18,7 +18,9 @@ from lora_ns.inference import (add_generation_flags, classify, generate, generat
 
 PROG = "lora_ns.infer"
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
-LEGACY_FLAGS = {"--model_path": "--model", "--input_text": "--prompt"}
+# The flags of the inference.py script lora_ns descends from (README, "Train a recipe on GPUs").
+LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input_text": "--prompt",
+                "--config": "--recipe"}
 
 
 def make_parser() -> argparse.ArgumentParser:

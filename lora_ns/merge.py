@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_ns.command_line import CommandParser
+from lora_ns.config import load_recipe
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import unwritable, write_json_atomic
 from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
@@ -30,7 +31,8 @@ PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文�
 MERGEABLE = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
-LEGACY_FLAGS = {"--adapter_path": "--adapter", "--output_path": "--output", "--base_model": "--base"}
+LEGACY_FLAGS = {"--adapter_path": "--adapter", "--output_path": "--output", "--base_model": "--base",
+                "--config": "--recipe"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, help="training output dir (holds adapter_config.json)")
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
+    parser.add_argument("--recipe", help="recipe whose model and quantization to use (default: the adapter's "
+                        "recipe.yaml)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="save dtype (default: the base's)")
     parser.add_argument("--no-requantize", action="store_true",
                         help="QLoRA: merge into the original base weights, skipping the 4-bit round trip")
@@ -106,7 +110,7 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
-          requantize: bool = True, overwrite: bool = False) -> dict[str, Any]:
+          requantize: bool = True, overwrite: bool = False, recipe_path: str | None = None) -> dict[str, Any]:
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoTokenizer
@@ -120,7 +124,7 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
         raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be "
                                 "merged", "use the adapter folder directly with lora_ns.infer"))
     check_adapter(adapter)
-    recipe = saved_recipe(adapter)
+    recipe = load_recipe(recipe_path) if recipe_path else saved_recipe(adapter)
     task, base_path = detect_task(adapter, recipe), adapter_base(adapter, base, recipe)
     model, rounded = load_base(base_path, task, recipe, requantize)
     trust = bool(recipe and recipe.model.trust_remote_code)
@@ -155,7 +159,7 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     info = merge(args.adapter, args.output, base=args.base, dtype=args.dtype,
-                 requantize=not args.no_requantize, overwrite=args.overwrite)
+                 requantize=not args.no_requantize, overwrite=args.overwrite, recipe_path=args.recipe)
     if info["requantized"]:
         print(f"requantized {info['requantized_layers']} layers through the 4-bit round trip before merging")
     diff = f"{info['max_logit_diff_fp32']:.3g} (fp32)"

@@ -52,3 +52,15 @@ def test_legacy_script_names_and_flags_reach_our_commands(monkeypatch):
     assert seen == {"name": "merge", "args": ["--adapter_path", "a", "--output_path", "b"]}
     cli.main(["validate_config", "--all"])
     assert seen["name"] == "validate"
+
+
+def test_the_old_scripts_documented_command_lines_parse_to_our_options():
+    from lora_ns import evaluate, infer, merge
+
+    args = infer.make_parser().parse_args(["--config", "r.yaml", "--model_path", "m", "--input_text", "hi",
+                                           "--output_file", "o.jsonl"])
+    assert (args.recipe, args.model, args.prompt, args.output_file) == ("r.yaml", "m", "hi", "o.jsonl")
+    args = merge.make_parser().parse_args(["--config", "r.yaml", "--adapter_path", "a", "--output_path", "b"])
+    assert (args.recipe, args.adapter, args.output) == ("r.yaml", "a", "b")
+    args = evaluate.make_parser().parse_args(["r.yaml", "--adapter_path", "a"])
+    assert args.adapter == "a"
