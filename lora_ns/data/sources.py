@@ -1,12 +1,9 @@
-"""Where a split's rows come from (a Hub dataset, or local files: file, glob, folder, ``sample:<name>``),
-and a plain reader of local files that can say where a row is.
+"""Where a split's rows come from (the Hub, or local files: file, glob, folder, ``sample:<name>``), and a
+reader of local files that can say where a row is.
 
-`datasets`' builders (json, csv, parquet, text) load the data. This reader does what they cannot:
-name a row by ``file:line`` -- a malformed one a builder choked on, one a formatter rejects, the first
-rows `validate` samples -- and check CSV/TSV in full, since pandas fills a short row with None and
-takes a stray quote. Rules shared with the builders: JSON lines and CSV/TSV skip blank lines, CSV/TSV
-cells stay text ("NA" too), TSV has no quoting (GLUE's files hold unbalanced ``"``), a text file is
-one row per line, blank lines included, and a UTF-8 BOM is ignored.
+`datasets`' builders load the data; this reader names a row by ``file:line`` (one a builder choked on,
+one a formatter rejects, the rows `validate` samples) and checks CSV/TSV in full, since pandas fills a
+short row with None and takes a stray quote. It reads as the builders are told to (`builder_kwargs`).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ PEEK_ROWS = 200
 
 
 class Location(NamedTuple):
-    """Where a row came from: its file, its line when the format has lines, its 1-based row in the file."""
+    """A row's file, its line when the format has lines, and its 1-based row in the file."""
 
     file: str
     line: int | None
@@ -165,15 +162,9 @@ class HubSource(NamedTuple):
 Source = LocalSource | HubSource
 
 
-def is_data_path(value: str) -> bool:
-    """A ``val_split`` that names files rather than a split."""
-    return value.startswith(SAMPLE_PREFIX) or any(c in value for c in "/\\*?") or \
-        any(value.lower().endswith((ext, ext + ".gz")) for ext in EXTENSIONS)
-
-
 def source_for(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path") -> Source:
     """Where one split's rows come from; `split` None means the training split (``cfg.split``)."""
-    if split is not None and is_data_path(split):
+    if split is not None and not split.isidentifier() and looks_local(split):  # a bare word is a split
         return local_source(split, None, cfg.data_format, field)
     if looks_local(cfg.path):
         wanted = split if split is not None else (None if cfg.split == "train" else cfg.split)
@@ -307,20 +298,18 @@ def first_rows(source: LocalSource) -> list[str]:
     return list(columns)
 
 
+def locate(src: Source, index: int) -> Location:
+    """The `Location` of the row at 0-based `index` of the loaded source (of a Hub row: its number)."""
+    if isinstance(src, LocalSource):
+        for where, _ in islice(located_rows(src), index, index + 1):
+            return where
+    return Location(src.path if isinstance(src, HubSource) else src.name, None, index + 1)
+
+
 def first_location(src: Source) -> Location:
     """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
-    if isinstance(src, HubSource):
-        return Location(src.path, None, 1)
-    where = next(located_rows(src))[0]
-    return where._replace(line=1) if src.builder == "csv" else where
-
-
-def locate(source: LocalSource, index: int) -> Location:
-    """The `Location` of the row at 0-based `index` of the loaded source."""
-    for i, (where, _) in enumerate(located_rows(source)):
-        if i == index:
-            return where
-    return Location(source.name, None, index + 1)
+    where = locate(src, 0)
+    return where._replace(line=1) if isinstance(src, LocalSource) and src.builder == "csv" else where
 
 
 def diagnose(source: LocalSource) -> None:
