@@ -26,8 +26,6 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".txt": "text"}
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet", "text": "text"}
-SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
-               "test": ("test", "testing")}
 # ``sample:text`` is the continued-pretraining corpus; GRPO's gsm8k_prompt formatter reads the GSM8K sample.
 SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}
 PEEK_ROWS = 200
@@ -98,16 +96,9 @@ def _extension(path: str) -> str:
     return suffixes[0].lower() if suffixes else ""
 
 
-def _split_of(file: Path) -> str | None:
-    stem = file.name.split(".")[0].lower()
-    return next((split for split, names in SPLIT_NAMES.items()
-                 if any(stem == n or stem.startswith((n + "-", n + "_")) for n in names)), None)
-
-
 def find_files(path: str, split: str | None = None, field: str = "dataset.path") -> list[str]:
-    """The data files `path` names. In a folder whose files are named by split (train.jsonl,
-    validation.jsonl, ...), `split` picks them; `split` None means the training split (for a file or a
-    glob, the only one)."""
+    """The data files `path` names; in a folder, those of `split` (None: train) by `datasets`' own rules for
+    split file names (train.jsonl, validation-00.jsonl, dev.csv, ...; no such names: every file is train)."""
     resolved = os.path.expanduser(resolve_sample(path))
     if split is not None and not os.path.isdir(resolved):
         raise fail(path, field, f"'{split}' is not a split of a local file", "give the validation data its "
@@ -123,19 +114,20 @@ def find_files(path: str, split: str | None = None, field: str = "dataset.path")
         return [str(target)]
     if not target.is_dir():
         raise fail(path, field, "file not found", "check the path (relative paths start from where you run)")
-    files = sorted(p for p in target.rglob("*") if p.is_file() and _extension(str(p)) in EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(target).parts))
-    if not files:
-        raise fail(path, field, "folder holds no data files", f"add {', '.join(EXTENSIONS)} files")
-    by_split = {f: _split_of(f) for f in files}
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
     want = split or "train"
-    if not any(by_split.values()) and want == "train":
-        return [str(f) for f in files]
-    wanted = [str(f) for f, s in by_split.items() if s == want]
-    if not wanted:
-        raise fail(path, field, f"folder has no files for split '{want}'",
-                   f"name them {want}.jsonl (or {want}-*.jsonl), or point at a file")
-    return wanted
+    try:
+        patterns = get_data_patterns(str(target))
+    except EmptyDatasetError:
+        patterns = {}
+    found = DataFilesDict.from_patterns({want: patterns[want]}, str(target))[want] if want in patterns else []
+    files = sorted(str(target / os.path.relpath(f, os.path.abspath(target))) for f in found
+                   if _extension(f) in EXTENSIONS)  # datasets' paths are absolute; keep the recipe's
+    if not files:
+        raise fail(path, field, f"folder has no data files for split '{want}'", f"add {'/'.join(EXTENSIONS)} "
+                   f"files, named {want}.jsonl (or {want}-*.jsonl) when others are named by split")
+    return files
 
 
 def file_format(file: str, data_format: str | None = None) -> str:
