@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
-from lora_ns.data import formatted_examples, get_formatter, label_id, render, sft_defaults
+from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import classify, generate, load, prompt_of, reply_logprob
@@ -57,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
 def eval_kind(recipe) -> str:
     """classification (sklearn), preference (accuracy, margin), math (exact match of a greedy answer),
     generation (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
-    kind = get_formatter(recipe.dataset.formatter).kind
+    kind = FORMATTERS[recipe.dataset.formatter].kind
     if recipe.task == "seq_cls":
         return "classification"
     if kind == "preference":

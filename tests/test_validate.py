@@ -136,3 +136,16 @@ def test_schema_and_rules_only_import_no_heavy_library(tmp_path):
     again = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and again.returncode == 0, again.stderr[-800:]
     assert again.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_padding_share_follows_the_batching_training_will_use(capsys):
+    import re
+
+    def share(*overrides: str) -> int:
+        assert validate_main([str(REPO / "recipes" / "quickstart.yaml"), "--no-model", *overrides]) == 0
+        line = next(x for x in capsys.readouterr().err.splitlines() if "would be padding" in x)
+        return int(re.search(r"(\d+)% of computed tokens", line).group(1))
+
+    grouped = share()  # the default with sdpa: rows of similar length share a batch
+    shuffled = share("training.train_sampling_strategy=random")
+    assert grouped < shuffled  # the sample's rows differ in length, so grouping must pad less

@@ -1,18 +1,9 @@
 """Formatters: small pure functions from one raw row to one canonical example, registered by name.
 
-Each formatter declares its `kind`, which fixes the shape it returns:
-
-- ``prompt_completion``: {"prompt": str, "completion": str}   (single-turn SFT)
-- ``messages``: {"messages": [{"role": ..., "content": ...}, ...]}   (multi-turn chat)
-- ``text``: {"text": str}   (continued pretraining)
-- ``pair``: {"sentence1": str, "sentence2": str | None, "label": int | str}   (classification)
-
-A formatter gets a dict keyed by its own field names (``fields`` are required, ``optional`` may be
-None). Which column feeds which field is decided by the loader: the recipe's ``dataset.columns``
-mapping first, then a column named like the field, then the formatter's ``aliases`` (so
-``glue_mrpc`` also reads the original GLUE TSV's ``#1 String``/``#2 String``/``Quality``).
-A value a formatter cannot use raises `RowError`; the loader adds the file and line.
-Rendering to chat/template form happens later (`lora_ns.data.render`).
+A formatter's `kind` fixes the shape it returns: ``prompt_completion`` {prompt, completion}, ``messages``
+{messages}, ``text`` {text}, ``pair`` {sentence1, sentence2 | None, label}; the preference kinds are in
+`lora_ns.data.preference`. It gets a dict keyed by its field names; the loader picks each field's column
+(``dataset.columns``, then the field's name, then its ``aliases``) and adds the file:line to a `RowError`.
 """
 
 from __future__ import annotations
@@ -21,8 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 Row = dict[str, Any]
-KINDS = ("prompt_completion", "messages", "text", "pair",
-         "preference", "unpaired", "prompt_only")  # preference/RL kinds: lora_ns.data.preference
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -60,17 +49,10 @@ FormatFn = Callable[[Row], Row]
 
 def formatter(name: str, kind: str, fields: tuple[str, ...], optional: tuple[str, ...] = (),
               aliases: Mapping[str, tuple[str, ...]] | None = None) -> Callable[[FormatFn], FormatFn]:
-    """Register a formatter under `name`."""
-    assert kind in KINDS, kind
-
     def register(fn: FormatFn) -> FormatFn:
         FORMATTERS[name] = Formatter(name, kind, fields, fn, optional, dict(aliases or {}))
         return fn
     return register
-
-
-def get_formatter(name: str) -> Formatter:
-    return FORMATTERS[name]
 
 
 # --- value checks shared by the formatters ----------------------------------------------------------

@@ -1,16 +1,14 @@
-"""Load raw rows (Hub, local files, bundled samples), format them, and render them for the trainers.
+"""Load raw rows, format them, and render them for the trainers.
 
-`datasets`' builders read the rows; a row they or a formatter reject is reported as file:line
-(`lora_ns.data.sources`), never dropped. Blank rows of a *text* dataset (the empty lines between
-paragraphs of a .txt file) are not examples and are skipped. ``dataset.val_split`` is a fraction held
-out of the training rows (the same rows every time, from ``dataset.seed``), a split name (Hub datasets,
-or a local folder of ``train.*``/``validation.*`` files), or a file/glob of its own; ``max_samples``
-caps the training rows before any fraction is held out.
+A row a builder or a formatter rejects is reported as file:line, never dropped; only the blank rows of a
+*text* dataset (the empty lines between paragraphs) are skipped. ``max_samples`` caps the training rows
+before a fractional ``val_split`` is held out (the same rows every time, from ``dataset.seed``).
 """
 
 from __future__ import annotations
 
 import zlib
+from itertools import islice
 from typing import Any, Iterator, Sequence
 
 from lora_ns.config import DatasetConfig, Recipe
@@ -61,7 +59,6 @@ def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.pat
 
 
 def load_raw(cfg: DatasetConfig, split: str | None = None):
-    """A `Dataset` (an `IterableDataset` when streaming) of the raw rows of `split` (default: training)."""
     return load(cfg, split)[0]
 
 
@@ -89,22 +86,11 @@ def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], wher
         elif name in fmt.fields:
             missing.append(name)
     if missing:  # one line for all of them: they are one mistake (wrong formatter, mapping or data_format)
-        fix = misread_hint(columns) or \
-            f"map it: dataset.columns: {{{missing[0]}: <column>}}, or pick another formatter"
+        fix = f"map it (dataset.columns: {{{missing[0]}: <column>}}), pick another formatter, or, if the " \
+            "columns look like a misread file, set dataset.data_format: csv, tsv or json"
         what = "column missing" if len(missing) == 1 else "columns missing"
         problems.append(Problem(where.file, ", ".join(missing), f"{what} (columns: {have})", fix, where.line))
     return found, problems
-
-
-def misread_hint(columns: list[str]) -> str | None:
-    """Column names that show the file was read in the wrong format (e.g. data_format: csv on JSON lines)."""
-    if any(c.lstrip().startswith(("{", "[", '"')) for c in columns):
-        return "the file looks like JSON lines read as CSV: set dataset.data_format: json"
-    if len(columns) == 1 and "\t" in columns[0]:
-        return "the file looks tab-separated: set dataset.data_format: tsv"
-    if len(columns) == 1 and "," in columns[0]:
-        return "the file looks comma-separated: set dataset.data_format: csv"
-    return None
 
 
 class RowConverter:
@@ -131,9 +117,7 @@ class RowConverter:
             example = self.canonical(row)
             return render(example, self.recipe, self.tokenizer) if rendered else example
         except RowError as err:
-            where = locate(self.src, index) if isinstance(self.src, LocalSource) else \
-                Location(self.src.path, None, index + 1)
-            raise UserError(self.problem(err, where)) from None
+            raise UserError(self.problem(err, locate(self.src, index))) from None
 
     def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         return self.located(row, index, rendered=True)
@@ -157,22 +141,12 @@ def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -
 
 
 def _convert(raw, src: Source, recipe: Recipe, tokenizer):
-    import datasets
-
     columns = columns_of(raw)
-    desc = {"desc": "Formatting rows"} if isinstance(raw, datasets.Dataset) else {}
-    conv = converter(columns, src, recipe, tokenizer)
-    return raw.map(conv, with_indices=True, remove_columns=columns, **desc)
+    return raw.map(converter(columns, src, recipe, tokenizer), with_indices=True, remove_columns=columns)
 
 
 def _limit(raw, max_samples: int | None):
-    import datasets
-
-    if not max_samples:
-        return raw
-    if isinstance(raw, datasets.Dataset):
-        return raw.select(range(min(max_samples, len(raw))))
-    return raw.take(max_samples)
+    return raw.take(max_samples) if max_samples else raw
 
 
 def held_out(index: int, fraction: float, seed: int) -> bool:
@@ -227,12 +201,10 @@ def _number(_: dict[str, Any], index: int) -> dict[str, int]:
 
 def formatted_examples(recipe: Recipe, split: str | float | None = None,
                        limit: int | None = None) -> Iterator[dict]:
-    """Canonical, un-rendered examples for evaluation, each with its raw row's other columns.
+    """Canonical examples plus ``metadata`` (the columns the formatter did not read) and ``row`` (1-based).
 
-    `split`: None -> the training rows `build_datasets` trains on; ``recipe.dataset.val_split`` -> exactly
-    the rows it evaluates on, in the same order; any other split name or path -> all its rows. Each item
-    is the formatter's output plus ``metadata`` (the columns the formatter did not read, e.g. MetaMath's
-    ``type``) and ``row`` (1-based position in the loaded split); `prompt_text` renders its prompt.
+    `split`: None -> the rows `build_datasets` trains on; ``dataset.val_split`` -> exactly those it
+    evaluates on, in order; any other split name or path -> all its rows.
     """
     cfg = recipe.dataset
     own = split is None or (isinstance(cfg.val_split, float) and split == cfg.val_split)
@@ -243,15 +215,8 @@ def formatted_examples(recipe: Recipe, split: str | float | None = None,
     if own and isinstance(cfg.val_split, float):  # the same hold-out as build_datasets, on numbered rows
         numbered = raw.map(_number, with_indices=True)
         rows = ((row.pop("__row__"), row) for row in _hold_out(numbered, recipe)[split is not None])
-    count = 0
-    for index, row in rows:
-        example = conv.located(row, index)
-        if conv.fmt.kind == "text" and not example["text"].strip():
-            continue
-        yield {**example, "metadata": conv.metadata(row), "row": index + 1}
-        count += 1
-        if limit is not None and count >= limit:
-            return
+    examples = ({**conv.located(row, i), "metadata": conv.metadata(row), "row": i + 1} for i, row in rows)
+    yield from islice((e for e in examples if conv.fmt.kind != "text" or e["text"].strip()), limit)
 
 
 # --- sequence classification ------------------------------------------------------------------------
@@ -280,19 +245,10 @@ def label_id(label: Any, label_names: Sequence[str] | None = None, num_labels: i
 
 def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequence[str] | None,
                  source: str = "<dataset>"):
-    """Tokenize sentence / sentence-pair rows (what the pair formatters give) and map labels to ids, for
-    transformers' `Trainer` with `DataCollatorWithPadding` (``Dataset`` or ``IterableDataset``).
-
-    Whether rows are pairs is decided by the first row's ``sentence2`` (None: single sentences); a
-    later row that disagrees is an error. `source` names the data in error messages (e.g.
-    ``recipe.dataset.path``); rows are numbered from 1 in the order of `dataset`.
-    """
+    """Tokenize the pair formatters' rows and map labels to ids, for `Trainer` + `DataCollatorWithPadding`.
+    The first row's ``sentence2`` says whether rows are pairs; `source` names the data in errors."""
     first = next(iter(dataset), None) or {}
-    columns = list(dataset.column_names) if dataset.column_names is not None else list(first)
-    missing = [c for c in ("sentence1", "label") if c not in columns]
-    if missing:
-        raise fail(source, missing[0], f"column missing (have: {', '.join(columns) or 'none'})",
-                   "build the dataset with a pair formatter (e.g. glue_mrpc)")
+    columns = columns_of(dataset)
     paired = first.get("sentence2") is not None
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -301,8 +257,6 @@ def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequen
         for i, text, second, label in zip(indices, batch["sentence1"], seconds, batch["label"]):
             try:
                 labels.append(label_id(label, label_names))
-                if not isinstance(text, str):
-                    raise RowError("sentence1", "missing text", "fill it in or drop the row")
                 if paired and not isinstance(second, str):
                     raise RowError("sentence2", "missing in a sentence-pair dataset",
                                    "fill it in or drop the row")

@@ -1,17 +1,7 @@
-"""Formatters for the preference and RL tasks (dpo, orpo, kto, grpo; see `lora_ns.preference`).
-
-Canonical examples, one shape per kind (``prompt`` is always the conversation before the answer):
-
-- ``preference`` (dpo, orpo): {"prompt": [messages], "chosen": str, "rejected": str}
-- ``unpaired`` (kto): {"prompt": [messages], "completion": str, "label": bool}
-- ``prompt_only`` (grpo): {"prompt": [messages], "answer": str | None}; ``answer`` is the reference
-  the reward functions receive (TRL passes every dataset column to them as a keyword).
-
-Layouts read: TRL's ``prompt``/``chosen``/``rejected`` (strings or message lists, the prompt may be
-implicit in the two conversations), UltraFeedback (``chosen``/``rejected`` full conversations sharing
-the prompt), HH-RLHF (two "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts split at the last
-assistant turn), KTO's ``prompt``/``completion``/``label``, and prompt-only rows for GRPO.
-Rendering for TRL: `lora_ns.data.render.render`.
+"""Formatters for dpo, orpo (``preference``: prompt, chosen, rejected), kto (``unpaired``: prompt,
+completion, label) and grpo (``prompt_only``: prompt, answer -- the reference TRL passes to the rewards).
+``prompt`` is always the message list before the answer. Layouts read: TRL's own, UltraFeedback (two
+conversations sharing the prompt) and HH-RLHF (two "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts).
 """
 
 from __future__ import annotations

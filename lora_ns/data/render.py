@@ -1,15 +1,9 @@
 """Render canonical examples into the rows TRL's trainers take, and say which loss masks they need.
 
-- prompt/completion: *conversational* when the tokenizer has a chat template and the recipe sets no
-  ``dataset.prompt_template`` -- ``prompt=[system?, user]``, ``completion=[assistant]`` -- so TRL
-  applies the template itself and trains on the completion only (its ``completion_only_loss``
-  default). Otherwise plain text: ``prompt = template.format(prompt=..., system=...)``; TRL appends
-  the EOS token to the completion. An explicit ``prompt_template`` always wins.
-- messages: ``[system?] + messages``; with ``assistant_only_loss=True`` TRL trains on every assistant
-  turn (content and its end-of-turn token) and nothing else.
-- text (cpt): unchanged; every token is trained. pair (seq_cls): unchanged (see `encode_pairs`).
-- preference, unpaired, prompt-only (dpo, orpo, kto, grpo): TRL's conversational form with a chat
-  template (and no ``prompt_template``), else the prompt template's plain text.
+prompt/completion and the preference kinds go out *conversational* (TRL applies the chat template, and
+trains on the completion only) when the tokenizer has a chat template and the recipe sets no
+``dataset.prompt_template``; otherwise as plain text through the prompt template. Chat messages train on
+every assistant turn (``assistant_only_loss``); text and pair rows pass through unchanged.
 """
 
 from __future__ import annotations
@@ -113,8 +107,6 @@ def prompt_text(example: dict[str, Any], recipe: Recipe, tokenizer) -> str:
     """The exact text the model sees before it should answer, rendered as in training (for generation):
     the prompt (chat-templated, with the assistant header, or through the prompt template), or a
     conversation up to (not including) its last assistant turn."""
-    if "messages" not in example and "prompt" not in example:
-        raise ValueError("text and pair examples have no prompt")
     rendered = render(example, recipe, tokenizer)
     history = split_last_reply(rendered["messages"])[0] if "messages" in rendered else rendered["prompt"]
     if isinstance(history, str):
@@ -123,11 +115,7 @@ def prompt_text(example: dict[str, Any], recipe: Recipe, tokenizer) -> str:
 
 
 def sft_defaults(recipe: Recipe) -> dict[str, Any]:
-    """SFTConfig settings the formatter's kind needs for the right loss mask (``args.setdefault`` them).
-
-    Chat messages train on assistant turns only; prompt/completion rows on the completion only
-    (TRL's default, stated explicitly); text on everything.
-    """
+    """SFTConfig settings for the formatter's loss mask (``args.setdefault`` them); text trains on all."""
     kind = FORMATTERS[recipe.dataset.formatter].kind
     masks = {"messages": {"assistant_only_loss": True}, "prompt_completion": {"completion_only_loss": True}}
     return masks.get(kind, {})

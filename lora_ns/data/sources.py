@@ -1,12 +1,9 @@
-"""Where a split's rows come from (a Hub dataset, or local files: file, glob, folder, ``sample:<name>``),
-and a plain reader of local files that can say where a row is.
+"""Where a split's rows come from (the Hub, or local files: file, glob, folder, ``sample:<name>``), and a
+reader of local files that can say where a row is.
 
-`datasets`' builders (json, csv, parquet, text) load the data. This reader does what they cannot:
-name a row by ``file:line`` -- a malformed one a builder choked on, one a formatter rejects, the first
-rows `validate` samples -- and check CSV/TSV in full, since pandas fills a short row with None and
-takes a stray quote. Rules shared with the builders: JSON lines and CSV/TSV skip blank lines, CSV/TSV
-cells stay text ("NA" too), TSV has no quoting (GLUE's files hold unbalanced ``"``), a text file is
-one row per line, blank lines included, and a UTF-8 BOM is ignored.
+`datasets`' builders load the data; this reader names a row by ``file:line`` (one a builder choked on,
+one a formatter rejects, the rows `validate` samples) and checks CSV/TSV in full, since pandas fills a
+short row with None and takes a stray quote. It reads as the builders are told to (`builder_kwargs`).
 """
 
 from __future__ import annotations
@@ -29,15 +26,13 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".txt": "text"}
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet", "text": "text"}
-SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
-               "test": ("test", "testing")}
 # ``sample:text`` is the continued-pretraining corpus; GRPO's gsm8k_prompt formatter reads the GSM8K sample.
 SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}
 PEEK_ROWS = 200
 
 
 class Location(NamedTuple):
-    """Where a row came from: its file, its line when the format has lines, its 1-based row in the file."""
+    """A row's file, its line when the format has lines, and its 1-based row in the file."""
 
     file: str
     line: int | None
@@ -101,16 +96,9 @@ def _extension(path: str) -> str:
     return suffixes[0].lower() if suffixes else ""
 
 
-def _split_of(file: Path) -> str | None:
-    stem = file.name.split(".")[0].lower()
-    return next((split for split, names in SPLIT_NAMES.items()
-                 if any(stem == n or stem.startswith((n + "-", n + "_")) for n in names)), None)
-
-
 def find_files(path: str, split: str | None = None, field: str = "dataset.path") -> list[str]:
-    """The data files `path` names. In a folder whose files are named by split (train.jsonl,
-    validation.jsonl, ...), `split` picks them; `split` None means the training split (for a file or a
-    glob, the only one)."""
+    """The data files `path` names; in a folder, those of `split` (None: train) by `datasets`' own rules for
+    split file names (train.jsonl, validation-00.jsonl, dev.csv, ...; no such names: every file is train)."""
     resolved = os.path.expanduser(resolve_sample(path))
     if split is not None and not os.path.isdir(resolved):
         raise fail(path, field, f"'{split}' is not a split of a local file", "give the validation data its "
@@ -126,19 +114,20 @@ def find_files(path: str, split: str | None = None, field: str = "dataset.path")
         return [str(target)]
     if not target.is_dir():
         raise fail(path, field, "file not found", "check the path (relative paths start from where you run)")
-    files = sorted(p for p in target.rglob("*") if p.is_file() and _extension(str(p)) in EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(target).parts))
-    if not files:
-        raise fail(path, field, "folder holds no data files", f"add {', '.join(EXTENSIONS)} files")
-    by_split = {f: _split_of(f) for f in files}
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
     want = split or "train"
-    if not any(by_split.values()) and want == "train":
-        return [str(f) for f in files]
-    wanted = [str(f) for f, s in by_split.items() if s == want]
-    if not wanted:
-        raise fail(path, field, f"folder has no files for split '{want}'",
-                   f"name them {want}.jsonl (or {want}-*.jsonl), or point at a file")
-    return wanted
+    try:
+        patterns = get_data_patterns(str(target))
+    except EmptyDatasetError:
+        patterns = {}
+    found = DataFilesDict.from_patterns({want: patterns[want]}, str(target))[want] if want in patterns else []
+    files = sorted(str(target / os.path.relpath(f, os.path.abspath(target))) for f in found
+                   if _extension(f) in EXTENSIONS)  # datasets' paths are absolute; keep the recipe's
+    if not files:
+        raise fail(path, field, f"folder has no data files for split '{want}'", f"add {'/'.join(EXTENSIONS)} "
+                   f"files, named {want}.jsonl (or {want}-*.jsonl) when others are named by split")
+    return files
 
 
 def file_format(file: str, data_format: str | None = None) -> str:
@@ -165,15 +154,9 @@ class HubSource(NamedTuple):
 Source = LocalSource | HubSource
 
 
-def is_data_path(value: str) -> bool:
-    """A ``val_split`` that names files rather than a split."""
-    return value.startswith(SAMPLE_PREFIX) or any(c in value for c in "/\\*?") or \
-        any(value.lower().endswith((ext, ext + ".gz")) for ext in EXTENSIONS)
-
-
 def source_for(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.path") -> Source:
     """Where one split's rows come from; `split` None means the training split (``cfg.split``)."""
-    if split is not None and is_data_path(split):
+    if split is not None and not split.isidentifier() and looks_local(split):  # a bare word is a split
         return local_source(split, None, cfg.data_format, field)
     if looks_local(cfg.path):
         wanted = split if split is not None else (None if cfg.split == "train" else cfg.split)
@@ -307,20 +290,18 @@ def first_rows(source: LocalSource) -> list[str]:
     return list(columns)
 
 
+def locate(src: Source, index: int) -> Location:
+    """The `Location` of the row at 0-based `index` of the loaded source (of a Hub row: its number)."""
+    if isinstance(src, LocalSource):
+        for where, _ in islice(located_rows(src), index, index + 1):
+            return where
+    return Location(src.path if isinstance(src, HubSource) else src.name, None, index + 1)
+
+
 def first_location(src: Source) -> Location:
     """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
-    if isinstance(src, HubSource):
-        return Location(src.path, None, 1)
-    where = next(located_rows(src))[0]
-    return where._replace(line=1) if src.builder == "csv" else where
-
-
-def locate(source: LocalSource, index: int) -> Location:
-    """The `Location` of the row at 0-based `index` of the loaded source."""
-    for i, (where, _) in enumerate(located_rows(source)):
-        if i == index:
-            return where
-    return Location(source.name, None, index + 1)
+    where = locate(src, 0)
+    return where._replace(line=1) if isinstance(src, LocalSource) and src.builder == "csv" else where
 
 
 def diagnose(source: LocalSource) -> None:

@@ -1,15 +1,6 @@
-"""Dataset checks for `validate`: read a small sample, report what would break or waste a training run.
-
-`check_dataset(recipe)` reads the first rows (`SAMPLE_ROWS`) of the training data -- local files
-with `lora_ns.data.sources`' line-aware reader, Hub datasets streamed -- and of a validation file when
-``dataset.val_split`` names one, then returns:
-
-- errors: unreadable/empty files, malformed rows, missing columns, rows the formatter rejects,
-  a bad ``prompt_template`` (each names the file, line or row, and the field);
-- warnings: empty prompts/answers/texts (count and the first one), a Hub dataset that cannot be
-  reached (the data checks are then skipped; training may still work on a machine that can);
-- info: token lengths (p50/p95/max, how many exceed ``training.max_length``) and how much of a
-  batch would be padding, when the tokenizer is local, builtin or in the HF cache.
+"""Dataset checks for `validate`: read the first `SAMPLE_ROWS` rows of the training data (and of a
+validation file) and report what would break or waste a run: errors at file:line, blank fields as
+warnings, token lengths and padding as info (when the tokenizer loads without a download).
 """
 
 from __future__ import annotations
@@ -27,7 +18,7 @@ from lora_ns.data.render import (
     TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
 )
 from lora_ns.data.sources import (
-    HubSource, Location, Source, first_rows, is_data_path, located_rows, looks_local, source_for,
+    HubSource, Location, Source, first_rows, located_rows, looks_local, source_for,
 )
 from lora_ns.errors import Problem, UserError
 from lora_ns.model import load_tokenizer
@@ -53,7 +44,7 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
     if cfg.prompt_template is not None and (why := template_problem(cfg.prompt_template)):
         problems.append(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
     splits: list[tuple[str | None, str]] = [(None, "dataset.path")]
-    if isinstance(cfg.val_split, str) and (is_data_path(cfg.val_split) or looks_local(cfg.path)):
+    if isinstance(cfg.val_split, str) and (looks_local(cfg.val_split) or looks_local(cfg.path)):
         splits.append((cfg.val_split, "dataset.val_split"))
     examples: list[Sampled] = []
     found: dict[str, str] = {}
@@ -221,10 +212,14 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     batch = int(recipe.training.get("per_device_train_batch_size") or 8)
     if recipe.task != "seq_cls" and not recipe.training.get("packing") and len(lengths) > 1:
         sizes = [min(n, limit) for n in lengths]
-        padded = padding(sizes, batch)
+        t = recipe.training  # lora_ns.setup's default with sdpa/eager: batches of rows of similar length
+        grouped = t.get("train_sampling_strategy", "group_by_length") == "group_by_length" and not (
+            recipe.dataset.streaming or recipe.model.attn_implementation.startswith("flash"))
+        padded = padding(sorted(sizes) if grouped else sizes, batch)
         share = padded / (padded + sum(sizes))
+        how = "rows grouped by length" if grouped else "train_sampling_strategy: group_by_length cuts it"
         notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
-                             "be padding; training.packing: true (bfd) removes it", severity="info"))
+                             f"be padding ({how})", severity="info"))
     return notes
 
 

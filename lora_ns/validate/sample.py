@@ -1,10 +1,6 @@
-"""``validate --show-sample N``: the first N training examples exactly as train will see them.
-
-The rows come from `build_datasets` (train's own formatter and renderer) and go through TRL's own
-``SFTTrainer._prepare_dataset`` (tokenization, assistant/completion masks, labels, truncation), called on
-a stand-in that holds only what that method reads, so no model is needed. Tokens that carry loss are
-shown [[in double brackets]] (in green on a terminal), with the share of loss tokens per example:
-training on the prompt, on padding, or never on EOS shows up here before a GPU hour is spent.
+"""``validate --show-sample N``: the first N training examples as train sees them: `build_datasets` rows
+through TRL's own ``SFTTrainer._prepare_dataset`` (called on a stand-in holding what it reads, so no model).
+Loss tokens are shown [[in double brackets]] (green on a terminal), with the share of loss tokens.
 """
 
 from __future__ import annotations
