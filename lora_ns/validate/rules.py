@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lora_ns.adapters import SEQ_CLS_HEADS
 from lora_ns.builtin_models import BUILDERS, PREFIX
 from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem
-from lora_ns.hf_fields import PEFT_TYPES, peft_fields
+from lora_ns.hf_fields import PEFT_TYPES
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
 
@@ -39,8 +38,9 @@ def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
                         "use peft.method: qlora (or lora), or turn quantization off")
 
 
-def seq_cls_labels_and_head(r: Recipe) -> Iterator[Problem]:
-    m, saved = r.model, r.peft.options.get("modules_to_save")
+def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
+    """(The head needs no rule: for SEQ_CLS peft itself adds classifier/score to modules_to_save.)"""
+    m = r.model
     if r.task == "seq_cls" and not (m.num_labels or m.labels):
         yield r.problem("model.num_labels", "seq_cls needs the number of classes",
                         "set model.num_labels (e.g. 2)")
@@ -51,10 +51,6 @@ def seq_cls_labels_and_head(r: Recipe) -> Iterator[Problem]:
         twice = sorted({name for name in m.labels if m.labels.count(name) > 1})
         yield r.problem("model.labels", f"{', '.join(twice)} named twice (label ids map names one to one)",
                         "give each class its own name")
-    adapts_modules = "target_modules" in peft_fields(r.peft.method)  # lora/qlora/adalora/ia3
-    if r.task == "seq_cls" and adapts_modules and saved is not None and not set(saved) & set(SEQ_CLS_HEADS):
-        yield r.problem("peft.modules_to_save", "the classification head is not trained or saved",
-                        f"add the head to it, e.g. modules_to_save: [{', '.join(SEQ_CLS_HEADS)}]")
 
 
 def data_splits(r: Recipe) -> Iterator[Problem]:
@@ -219,7 +215,7 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, seq_cls_labels_and_head, data_splits, values_in_range, names_resolve,
+    quantization_fits_method, seq_cls_labels, data_splits, values_in_range, names_resolve,
     local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
     checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
