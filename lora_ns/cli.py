@@ -70,7 +70,6 @@ def run_command(name: str, args: list[str]) -> int:
     """Import ``lora_ns.<name>`` and run its ``main(args)``; errors print as ``lora-ns <name>: error:``."""
     try:
         module = importlib.import_module(f"lora_ns.{name}")
-        module = importlib.import_module(f"lora_ns.{name}.__main__") if name == "validate" else module
     except ModuleNotFoundError as err:
         if err.name != f"lora_ns.{name}":  # a dependency of the command is missing: not our message to hide
             raise

@@ -88,7 +88,7 @@ def test_bad_rows_are_file_line_errors(tmp_path, tiny_llama):
 
 
 def test_validate_reports_a_bad_row_with_its_line(tmp_path, capsys):
-    from lora_ns.validate.__main__ import main
+    from lora_ns.validate import main
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" +

@@ -68,34 +68,31 @@ def data_splits(r: Recipe) -> Iterator[Problem]:
                         "set training.max_steps")
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 # training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
-    """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from)."""
+    """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from).
+    The schema has checked their types (int / float, or None where the HF field allows it)."""
     t = r.training
     for key in AT_LEAST_ONE:
-        if (v := _number(t.get(key))) is not None and v < 1:
+        if (v := t.get(key)) is not None and v < 1:
             yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
                             f"set training.{key}: 1")
-    if (lr := _number(t.get("learning_rate"))) is not None and lr < 0:
+    if (lr := t.get("learning_rate")) is not None and lr < 0:
         yield r.problem("training.learning_rate", f"learning_rate {lr} is negative",
                         "use a positive rate such as 2e-4")
-    if r.task != "seq_cls" and (n := _number(t.get("max_length"))) is not None and n < 1:
+    if r.task != "seq_cls" and (n := t.get("max_length")) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
     for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
         on = str(t.get(strategy, "steps" if key == "save_steps" else "no")) == "steps"
-        if on and (v := _number(t.get(key))) is not None and v <= 0:
+        if on and (v := t.get(key)) is not None and v <= 0:
             yield r.problem(f"training.{key}", f"{key} {t[key]} with {strategy} 'steps' never fires",
                             f"set training.{key} > 0 (a step count, or a fraction < 1 of the run)")
     # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
-    if (alpha := _number(r.peft.options.get("lora_alpha"))) is not None and alpha <= 0:
+    if (alpha := r.peft.options.get("lora_alpha")) is not None and alpha <= 0:
         yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
                         "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
 
