@@ -2,9 +2,7 @@
 
 accelerate's own loader reads the file, so what `accelerate launch` rejects is rejected here the same way.
 Keys inside ``deepspeed_config`` / ``fsdp_config`` are checked against `accelerate launch`'s options:
-accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there. Each
-launch rule reports a combination known to crash or to save a useless adapter; warnings depend on this
-machine (GPU count).
+accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def _bitsandbytes_smoke_test(four_bit: bool, quant_type: str) -> None:
     layer.to(device)(torch.randn(2, 64, device=device, dtype=dtype))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable() -> bool:
     """A quick TCP probe of the Hub: huggingface_hub's own retries take ~25 s to give up offline."""
     from huggingface_hub import constants
 
@@ -87,7 +87,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True  # behind a proxy a direct probe proves nothing: let the real request decide
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout=3.0).close()
         return True
     except OSError:
         return False

@@ -220,10 +220,10 @@ RULES: list[Rule] = [
 
 
 def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
-    """bf16/fp16 requested where the hardware can't: an error when training, a warning when only validating
-    (a recipe is often checked on a laptop before it runs on a GPU machine)."""
-    wants_bf16, fp16 = r.training.get("bf16") or r.model.dtype == "bf16", r.training.get("fp16")
-    if not (wants_bf16 or fp16 or r.model.dtype == "fp16"):
+    """fp16 without a CUDA GPU, which TrainingArguments accepts: an error when training, a warning when only
+    validating (a recipe is often checked on a laptop before it runs on a GPU machine). bf16 on a GPU without
+    it is TrainingArguments' own error, mapped to training.bf16 by the set-up."""
+    if not r.training.get("fp16"):
         return
     if not for_training and not Path("/proc/driver/nvidia/version").exists() and "torch" not in sys.modules:
         cuda = False  # no NVIDIA driver: skip importing torch (seconds) just to hear that from it
@@ -231,16 +231,10 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
         import torch
 
         cuda = torch.cuda.is_available()
-    severity = "error" if for_training else "warning"
-    if fp16 and not cuda:
+    if not cuda:
         yield r.problem("training.fp16", "fp16 mixed precision needs a CUDA GPU and none is visible",
-                        "set training.fp16: false (or train on a GPU machine)", severity)
-    if wants_bf16 and cuda and not torch.cuda.is_bf16_supported():
-        yield r.problem("training.bf16", "this GPU does not support bf16",
-                        "use fp16 (training.fp16: true, model.dtype: fp16)", severity)
-    if wants_bf16 and r.training.get("bf16") and not cuda and not for_training:
-        yield r.problem("training.bf16", "no CUDA GPU here: bf16 will run on the CPU (slow)",
-                        "fine if this recipe is meant for a GPU machine", "warning")
+                        "set training.fp16: false (or train on a GPU machine)",
+                        "error" if for_training else "warning")
 
 
 def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
