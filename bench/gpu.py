@@ -110,12 +110,12 @@ def run(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path, de
 def estimate(name: str, recipe: Path, overrides: list[str], config, cfg: dict[str, Any]):
     """lora_ns.memory for this run: from the recipe for lora_ns, from the config for the plain script."""
     from lora_ns.config import load_recipe
-    from lora_ns.memory import estimate_for_config, estimate_for_recipe
+    from lora_ns.memory import estimate, estimate_for_recipe, shape_from_config
 
     if name == "trl":  # TRL defaults: gradient checkpointing on; LoRA dropout 0.05
-        return estimate_for_config(config, batch=cfg["batch"], seq=cfg["max_length"],
-                                   weights_dtype="bf16" if cfg["device"] == "cuda" else "fp32",
-                                   lora_r=16, checkpointing=True)
+        return estimate(shape=shape_from_config(config), batch=cfg["batch"], seq=cfg["max_length"],
+                        weights_dtype="bf16" if cfg["device"] == "cuda" else "fp32", lora_r=16,
+                        checkpointing=True)
     return estimate_for_recipe(load_recipe(recipe, overrides))
 
 

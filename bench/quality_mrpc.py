@@ -8,7 +8,7 @@ Not a test. The data are the original GLUE MRPC TSV files (train 3,668 / dev 408
 BOM, no quoting: some sentences hold an unbalanced ``"``); they are read in place, never copied.
 
 - ``lora_ns``: ``recipes/glue_mrpc.yaml`` through lora_ns's own train path
-  (`lora_ns.validate.check_recipe_file` + `lora_ns.train.run_training`, as ``python -m lora_ns.train``
+  (`lora_ns.setup.check_recipe_file` + `lora_ns.train.run_training`, as ``python -m lora_ns.train``
   does) with overrides: model ``builtin:minilm-l6``, the TSV files, the settings below; dev scores are
   the Trainer's end-of-epoch eval.
 - ``plain``: `plain_run` below, what a user writes by hand: transformers AutoModelForSequenceClassification,

@@ -9,7 +9,8 @@
 - activations: what autograd saves per layer per token (`_layer_bytes`); with checkpointing, each
   layer's input plus the one layer being recomputed. Tokens are batch x the length batches really have
   (`batch_length`): the collator pads a batch to its longest row, not to max_length, so the peak batch is
-  as long as the longest row (capped at max_length); packing fills every row to max_length.
+  as long as the longest row (capped at max_length, rounded up to pad_to_multiple_of); packing fills every
+  row to max_length.
 - logits: the loss upcasts batch x seq x vocab to fp32; log_softmax's backward holds its fp32 output and
   the fp32 gradient in and out: 12 bytes per logit at the peak.
 ZeRO-2 shards grads and optimizer state over the processes, ZeRO-3/FSDP2 the weights too. `total`
@@ -142,7 +143,7 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
              checkpointing: bool = False, strategy: str | None = None, num_processes: int = 1,
              task: str = "causal_lm", num_labels: int = 2, seq_from: str = "") -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
-    `seq`: tokens per row of the longest batch (see `batch_length`); `seq_from`: where that came from."""
+    `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
     settings, c, q = dict(locals()), torch_dtype(weights_dtype).itemsize, shape.quantizable
@@ -176,15 +177,8 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
                           settings=settings)
 
 
-def estimate_for_config(config, **settings) -> MemoryEstimate:
-    """`estimate` from a transformers config object (the bench uses this)."""
-    return estimate(shape=shape_from_config(config), **settings)
-
-
 def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, str]:
-    """Tokens per row of the longest batch, and where that figure comes from. Packing fills rows to
-    max_length; otherwise the collator pads each batch to its longest row, so the peak batch is as long as
-    the longest tokenized row (capped at max_length), rounded up to pad_to_multiple_of."""
+    """Tokens per row of the longest batch (see the module docstring), and where that figure comes from."""
     t = recipe.training
     limit = int(t.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
     if t.get("packing") or not row_lengths:
@@ -197,8 +191,8 @@ def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, 
 
 def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | None = None,
                         row_lengths: Sequence[int] = ()) -> MemoryEstimate:
-    """The estimate for a lora_ns Recipe, with lora_ns's own defaults (checkpointing, dtype "auto" = bf16);
-    `row_lengths`: tokens per row of a data sample, as training tokenizes them (see `batch_length`)."""
+    """The estimate for a Recipe, with lora_ns's defaults (checkpointing, dtype "auto" = bf16); `row_lengths`:
+    tokens per row of a data sample, as training tokenizes them."""
     from transformers import AutoConfig
 
     m, t, qz = recipe.model, recipe.training, recipe.quantization
@@ -212,9 +206,9 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
     quant = "int8" if qz.load_in_8bit else quant
     options, method = recipe.peft.options, recipe.peft.method
     seq, seq_from = batch_length(recipe, row_lengths)
-    return estimate_for_config(
-        config, batch=int(t.get("per_device_train_batch_size", 8)), seq=seq, seq_from=seq_from,
-        weights_dtype="bf16" if m.dtype == "auto" else m.dtype, quant=quant,
+    return estimate(
+        shape=shape_from_config(config), batch=int(t.get("per_device_train_batch_size", 8)), seq=seq,
+        seq_from=seq_from, weights_dtype="bf16" if m.dtype == "auto" else m.dtype, quant=quant,
         method="full" if method == "full" else "lora", lora_r=int(options.get("r", 8)),
         lora_dropout=float(options.get("lora_dropout", 0.0)) > 0, optim=str(t.get("optim", "adamw_torch")),
         checkpointing=gradient_checkpointing(recipe), strategy=strategy, num_processes=num_processes,

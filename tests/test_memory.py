@@ -88,10 +88,10 @@ def measured_step_peak(checkpointing: bool, lengths: list[int] = [SEQ] * BATCH) 
 def tiny_estimate(**settings):
     from transformers import Qwen2Config
 
-    from lora_ns.memory import estimate_for_config
+    from lora_ns.memory import estimate, shape_from_config
 
-    return estimate_for_config(Qwen2Config(**CONFIG), **{"batch": BATCH, "seq": SEQ, **settings},
-                               weights_dtype="fp32", lora_r=16)
+    shape = shape_from_config(Qwen2Config(**CONFIG))
+    return estimate(shape=shape, **{"batch": BATCH, "seq": SEQ, **settings}, weights_dtype="fp32", lora_r=16)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

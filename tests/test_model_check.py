@@ -79,6 +79,10 @@ def test_seq_cls_counts_include_the_head_and_modules_to_save_is_checked(tiny_ber
     trainable, _ = info_counts(good)
     lora, head = 2 * 2 * (8 * 64 + 64 * 8), 64 * 2 + 2  # r=8 on query+value of 2 layers; the 64->2 classifier
     assert trainable == lora + head
+    # listing another module does not drop the head: peft adds classifier/score to modules_to_save for SEQ_CLS
+    pooler = check_model(recipe_for("builtin:tiny-bert", "seq_cls", target_modules=["query", "value"],
+                                    modules_to_save=["pooler"]))
+    assert not errors(pooler) and info_counts(pooler)[0] == lora + head + 64 * 64 + 64  # + pooler.dense
     bad = errors(check_model(recipe_for("builtin:tiny-bert", "seq_cls", target_modules=["query", "value"],
                                         modules_to_save=["clasifier"])))
     assert [p.field for p in bad] == ["peft.modules_to_save"] and "clasifier" in bad[0].message
@@ -149,15 +153,22 @@ def test_shipped_recipes_apply_to_a_builtin_model_of_their_family(path, tiny_lla
     ({"method": "lora", "lora_dropout": 1.5}, "peft.lora_dropout", "1.5"),
 ])
 def test_peft_config_values_peft_rejects_are_one_error_naming_the_field(peft, field, words, tiny_llama):
-    from lora_ns.validate.model import check_model
+    """Through train's set-up: peft's config checks (TEXT init, AdaLoRA phases), then the meta model's (r, dropout)."""
+    from lora_ns.errors import UserError
+    from lora_ns.setup import Checks, setup
 
-    (error,) = errors(check_model(recipe_for(**peft)))
+    with pytest.raises(UserError) as raised:
+        setup(recipe_for(**peft), dry_run=True, checks=Checks(data=False))
+    (error,) = raised.value.problems
     assert error.field == field and words in error.message and "\n" not in str(error)
-    assert error.fix == f"fix {field} (see the method's peft config docs)"
+    assert error.fix == f"fix {field} (see the peft config docs)"
 
 
 def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
-    from lora_ns.validate.model import check_model
+    from lora_ns.errors import UserError
+    from lora_ns.setup import Checks, setup
 
-    (error,) = check_model(recipe_for(str(tmp_path / "no-such-model")))
+    with pytest.raises(UserError) as raised:
+        setup(recipe_for(str(tmp_path / "no-such-model")), dry_run=True, checks=Checks(data=False))
+    (error,) = raised.value.problems
     assert error.is_error and error.field == "model.name_or_path" and "not found" in error.message

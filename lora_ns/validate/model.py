@@ -1,13 +1,6 @@
-"""Model checks for `validate`, from the model's config alone: no weights are read or downloaded.
-
-- the attention implementation's package (flash-attn) and, for quantized recipes, whether bitsandbytes
-  is installed and actually runs here (a 4-bit / 8-bit layer does one forward pass);
-- the model config (AutoConfig), local or cached, or from the Hub when it answers. Unreachable (offline,
-  gated) is a warning and the other model checks are skipped; a local folder that does not exist is an error;
-- the model on the meta device (accelerate's ``init_empty_weights``): every name in ``target_modules``
-  must match a module (the error lists the linear layers), then the peft config is applied and the
-  trainable / total parameter counts are reported as info.
-"""
+"""Model checks for `validate`, from the model's config alone: no weights are read or downloaded. An
+unreachable config (offline, gated) is a warning and skips the rest; a missing local folder is the rules'
+error, and peft's own config checks ran in `lora_ns.setup` already."""
 
 from __future__ import annotations
 
@@ -17,13 +10,12 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters, peft_config
+from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
 from lora_ns.setup import library_problem
-from lora_ns.validate.rules import local_model_paths_exist
 
 SKIPPED = "model checks skipped"
 
@@ -35,7 +27,7 @@ def _first_line(err: Exception) -> str:
 def check_model(recipe: Recipe) -> list[Problem]:
     """Problems (errors, warnings, one info line with parameter counts) found without model weights."""
     problems = [p for p in (attention_problem(recipe), bitsandbytes_problem(recipe)) if p is not None]
-    if (missing := next(local_model_paths_exist(recipe), None) or model_folder_problem(recipe)) is not None:
+    if (missing := model_folder_problem(recipe)) is not None:
         return problems + [missing]
     config, why = load_config(recipe)
     if config is None:
@@ -85,7 +77,7 @@ def _bitsandbytes_smoke_test(four_bit: bool, quant_type: str) -> None:
     layer.to(device)(torch.randn(2, 64, device=device, dtype=dtype))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable() -> bool:
     """A quick TCP probe of the Hub: huggingface_hub's own retries take ~25 s to give up offline."""
     from huggingface_hub import constants
 
@@ -95,7 +87,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True  # behind a proxy a direct probe proves nothing: let the real request decide
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout=3.0).close()
         return True
     except OSError:
         return False
@@ -143,10 +135,9 @@ def parameter_count(recipe: Recipe, model) -> Problem:
     if check.peft.method == "prompt_tuning":  # a TEXT init would load the tokenizer; the count is the same
         check.peft = check.peft.model_copy(update={"prompt_tuning_init": "RANDOM"})
     try:
-        peft_config(recipe)  # the recipe's own values, as peft checks them (e.g. TEXT init without its text)
         model = apply_peft(model, check)
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
-        return library_problem(recipe, "peft", recipe.peft.options, err, "the method's peft config docs")
+        return library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")
     for name, param in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's fixed rank; moving it to meta re-wraps it as trainable
             param.requires_grad_(False)

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lora_ns.adapters import SEQ_CLS_HEADS
 from lora_ns.builtin_models import BUILDERS, PREFIX
 from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem
-from lora_ns.hf_fields import PEFT_TYPES, peft_fields
+from lora_ns.hf_fields import PEFT_TYPES
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
 
@@ -39,8 +38,9 @@ def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
                         "use peft.method: qlora (or lora), or turn quantization off")
 
 
-def seq_cls_labels_and_head(r: Recipe) -> Iterator[Problem]:
-    m, saved = r.model, r.peft.options.get("modules_to_save")
+def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
+    """(The head needs no rule: for SEQ_CLS peft itself adds classifier/score to modules_to_save.)"""
+    m = r.model
     if r.task == "seq_cls" and not (m.num_labels or m.labels):
         yield r.problem("model.num_labels", "seq_cls needs the number of classes",
                         "set model.num_labels (e.g. 2)")
@@ -51,10 +51,6 @@ def seq_cls_labels_and_head(r: Recipe) -> Iterator[Problem]:
         twice = sorted({name for name in m.labels if m.labels.count(name) > 1})
         yield r.problem("model.labels", f"{', '.join(twice)} named twice (label ids map names one to one)",
                         "give each class its own name")
-    adapts_modules = "target_modules" in peft_fields(r.peft.method)  # lora/qlora/adalora/ia3
-    if r.task == "seq_cls" and adapts_modules and saved is not None and not set(saved) & set(SEQ_CLS_HEADS):
-        yield r.problem("peft.modules_to_save", "the classification head is not trained or saved",
-                        f"add the head to it, e.g. modules_to_save: [{', '.join(SEQ_CLS_HEADS)}]")
 
 
 def data_splits(r: Recipe) -> Iterator[Problem]:
@@ -72,34 +68,31 @@ def data_splits(r: Recipe) -> Iterator[Problem]:
                         "set training.max_steps")
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 # training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
-    """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from)."""
+    """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from).
+    The schema has checked their types (int / float, or None where the HF field allows it)."""
     t = r.training
     for key in AT_LEAST_ONE:
-        if (v := _number(t.get(key))) is not None and v < 1:
+        if (v := t.get(key)) is not None and v < 1:
             yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
                             f"set training.{key}: 1")
-    if (lr := _number(t.get("learning_rate"))) is not None and lr < 0:
+    if (lr := t.get("learning_rate")) is not None and lr < 0:
         yield r.problem("training.learning_rate", f"learning_rate {lr} is negative",
                         "use a positive rate such as 2e-4")
-    if r.task != "seq_cls" and (n := _number(t.get("max_length"))) is not None and n < 1:
+    if r.task != "seq_cls" and (n := t.get("max_length")) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
     for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
         on = str(t.get(strategy, "steps" if key == "save_steps" else "no")) == "steps"
-        if on and (v := _number(t.get(key))) is not None and v <= 0:
+        if on and (v := t.get(key)) is not None and v <= 0:
             yield r.problem(f"training.{key}", f"{key} {t[key]} with {strategy} 'steps' never fires",
                             f"set training.{key} > 0 (a step count, or a fraction < 1 of the run)")
     # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
-    if (alpha := _number(r.peft.options.get("lora_alpha"))) is not None and alpha <= 0:
+    if (alpha := r.peft.options.get("lora_alpha")) is not None and alpha <= 0:
         yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
                         "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
 
@@ -219,7 +212,7 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, seq_cls_labels_and_head, data_splits, values_in_range, names_resolve,
+    quantization_fits_method, seq_cls_labels, data_splits, values_in_range, names_resolve,
     local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
     checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
@@ -227,10 +220,10 @@ RULES: list[Rule] = [
 
 
 def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
-    """bf16/fp16 requested where the hardware can't: an error when training, a warning when only validating
-    (a recipe is often checked on a laptop before it runs on a GPU machine)."""
-    wants_bf16, fp16 = r.training.get("bf16") or r.model.dtype == "bf16", r.training.get("fp16")
-    if not (wants_bf16 or fp16 or r.model.dtype == "fp16"):
+    """fp16 without a CUDA GPU, which TrainingArguments accepts: an error when training, a warning when only
+    validating (a recipe is often checked on a laptop before it runs on a GPU machine). bf16 on a GPU without
+    it is TrainingArguments' own error, mapped to training.bf16 by the set-up."""
+    if not r.training.get("fp16"):
         return
     if not for_training and not Path("/proc/driver/nvidia/version").exists() and "torch" not in sys.modules:
         cuda = False  # no NVIDIA driver: skip importing torch (seconds) just to hear that from it
@@ -238,16 +231,10 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
         import torch
 
         cuda = torch.cuda.is_available()
-    severity = "error" if for_training else "warning"
-    if fp16 and not cuda:
+    if not cuda:
         yield r.problem("training.fp16", "fp16 mixed precision needs a CUDA GPU and none is visible",
-                        "set training.fp16: false (or train on a GPU machine)", severity)
-    if wants_bf16 and cuda and not torch.cuda.is_bf16_supported():
-        yield r.problem("training.bf16", "this GPU does not support bf16",
-                        "use fp16 (training.fp16: true, model.dtype: fp16)", severity)
-    if wants_bf16 and r.training.get("bf16") and not cuda and not for_training:
-        yield r.problem("training.bf16", "no CUDA GPU here: bf16 will run on the CPU (slow)",
-                        "fine if this recipe is meant for a GPU machine", "warning")
+                        "set training.fp16: false (or train on a GPU machine)",
+                        "error" if for_training else "warning")
 
 
 def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
