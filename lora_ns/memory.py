@@ -200,7 +200,8 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
         config = AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
                                             trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(recipe.problem("model.name_or_path", f"cannot read the model config: {err}",
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(recipe.problem("model.name_or_path", f"cannot read the model config: {reason}",
                                        "point it at a local folder or a reachable hub id"))
     quant = ("nf4-dq" if qz.bnb_4bit_use_double_quant else "nf4") if qz.load_in_4bit else None
     quant = "int8" if qz.load_in_8bit else quant

@@ -145,3 +145,10 @@ def test_padding_share_follows_the_batching_training_will_use(capsys):
     grouped = share()  # the default with sdpa: rows of similar length share a batch
     shuffled = share("training.train_sampling_strategy=random")
     assert grouped < shuffled  # the sample's rows differ in length, so grouping must pad less
+
+
+def test_memory_estimate_without_a_reachable_model_config_is_a_warning(tmp_path, capsys):
+    recipe = REPO / "recipes" / "template.yaml"  # names a hub model: unreachable offline
+    assert validate_main([str(recipe), "--no-data", "--gpu-memory", "24GiB"]) == 0
+    err = capsys.readouterr().err
+    assert "memory estimate skipped" in err and "model.name_or_path" in err

@@ -59,7 +59,10 @@ def memory_report(recipe: Recipe, args: argparse.Namespace, gpu_bytes: int) -> l
     cfg = read_launch_config(args.accelerate_config) if args.accelerate_config else None
     processes = int(cfg.data.get("num_processes") or 1) if cfg else 1
     strategy = cfg.strategy if cfg else None
-    found = estimate_for_recipe(recipe, processes, strategy, sampled_lengths(recipe, args))
+    try:
+        found = estimate_for_recipe(recipe, processes, strategy, sampled_lengths(recipe, args))
+    except UserError as err:  # e.g. a hub model offline: the model check already warned; not a reason to fail
+        return [f"{PROG}: warning: memory estimate skipped: {err.problems[0]}"]
     warning = found.verdict(gpu_bytes)
     return found.lines() + ([f"{PROG}: warning: memory: {warning}"] if warning else [])
 
