@@ -142,12 +142,12 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         what = "0 (no KL term) to 10" if grpo else "above 0, at most 10"
         problems.append(recipe.problem("training.beta", f"{beta} is out of range ({what})",
                                        "typical: dpo/kto 0.1, orpo 0.1, grpo 0.0-0.04"))
-    total, completion = t.get("max_length", 1024), t.get("max_completion_length")
+    total, completion = t.get("max_length", 1024), t.get("max_completion_length")  # 1024: TRL's default
     if recipe.task == "orpo" and total and completion and completion >= total:  # ORPO truncates the pair
         problems.append(recipe.problem("training.max_completion_length", f"{completion} is not below "
                                        f"max_length={total}, leaving no room for the prompt",
                                        "lower max_completion_length or raise max_length"))
-    if grpo and (n := t.get("num_generations", 8) or 0) < 2:  # TRL's message names no field
+    if grpo and (n := t.get("num_generations")) is not None and n < 2:  # TRL's message names no field
         problems.append(recipe.problem("training.num_generations", f"is {n}; GRPO compares completions "
                                        "of the same prompt", "set it to 2 or more"))
     if grpo and completion is not None and completion < 1:

@@ -128,7 +128,8 @@ def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Ex
 # --- training arguments ---------------------------------------------------------------------------
 
 def training_defaults(recipe: Recipe) -> dict[str, Any]:
-    """What lora_ns sets when the recipe's training section doesn't (see `lora_ns.train`'s docstring)."""
+    """What lora_ns sets when the recipe's training section doesn't (its keys win): resumable checkpoints,
+    the answer-only loss mask the formatter's rows need, packing only with flash attention (see README)."""
     import importlib.util
 
     import torch
@@ -186,14 +187,12 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
                                        "max_steps: the run would train 0 steps",
                                        "set training.num_train_epochs > 0 (or training.max_steps)"))
-    if loggers := [name for name in args.report_to or [] if name not in ("none", "all")]:
-        from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations import get_available_reporting_integrations
 
-        available = set(get_available_reporting_integrations())  # else Trainer fails after the model loaded
-        problems += [recipe.problem("training.report_to", f"logger '{name}' is not installed",
-                                    f"pip install {name}, or set training.report_to: none")
-                     for name in loggers if name not in available]
-    return problems
+    # report_to is a list by now ("none" -> [], "all" -> what is installed); else Trainer fails after the load
+    return problems + [recipe.problem("training.report_to", f"logger '{name}' is not installed",
+                                      f"pip install {name}, or set training.report_to: none")
+                       for name in args.report_to or [] if name not in get_available_reporting_integrations()]
 
 
 # --- output dir and checkpoints -------------------------------------------------------------------
