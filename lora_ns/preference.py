@@ -1,17 +1,10 @@
 """Preference and RL tasks on TRL: ``task: dpo | orpo | kto | grpo``.
 
-Same model/quantization/peft sections as SFT; ``training:`` passes through to the task's own TRL config
-class (`TASKS`), so the names are TRL's (``beta``, ``max_length``, ``num_generations``, ...), and TRL's own
-``__post_init__`` checks run (e.g. the generation batch must hold whole groups of num_generations).
-When an adapter is trained there is no second model: TRL scores the reference with the adapter disabled
-(dpo, kto); a full fine-tune gets a frozen copy of the starting model. ORPO needs no reference, GRPO none
-at TRL's default ``beta: 0``. Rows come through the preference formatters (`lora_ns.data.preference`).
-
-GRPO rewards, named in ``training.reward_funcs``: a builtin (``gsm8k``, ``format``) or a dotted path
-``package.module:function`` to the user's own, with TRL's signature ``fn(prompts, completions, **kwargs)
--> list[float]`` (``kwargs`` holds the dataset's other columns, here ``answer``, plus ``completion_ids`` and
-``trainer_state``). Every name is checked before training (importable, callable, takes those arguments),
-so a typo costs seconds, not a GPU hour.
+``training:`` passes through to the task's TRL config class (`TASKS`), whose own ``__post_init__`` checks run.
+An adapter needs no second model: TRL scores the reference with the adapter disabled (dpo, kto); a full
+fine-tune gets a frozen copy of the starting model. GRPO rewards (``training.reward_funcs``) are a builtin
+(``gsm8k``, ``format``) or ``package.module:function`` with TRL's signature ``fn(prompts, completions,
+**kwargs) -> list[float]``; each is checked before training, so a typo costs seconds, not a GPU hour.
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from typing import Any, Callable
 from lora_ns.answers import canonical_number, same_answer
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem
 
 # task -> (TRL config class, TRL trainer class, the formatter kind it reads, what those rows must give)
 TASKS: dict[str, tuple[str, str, str, str]] = {
@@ -35,7 +28,6 @@ TASKS: dict[str, tuple[str, str, str, str]] = {
     "grpo": ("trl:GRPOConfig", "trl:GRPOTrainer", "prompt_only", "prompt (and the reference answer)"),
 }
 PREFERENCE_TASKS = tuple(TASKS)
-REFERENCE_TASKS = ("dpo", "kto")  # the loss compares against a reference model
 RewardFunc = Callable[..., list[float]]
 TRL_REWARD_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state")  # beside the data columns
 _ANSWER_LINE = re.compile(r"^\s*####\s*(\S+)\s*$", re.MULTILINE)
@@ -54,12 +46,9 @@ def preference_trainer(recipe: Recipe, model, **kwargs):
     """The task's TRL trainer on an already peft-wrapped (or full) model."""
     from peft import PeftModel
 
-    if recipe.task == "grpo":
-        funcs, reasons = resolve_rewards(recipe.training.get("reward_funcs"))
-        if reasons:
-            raise UserError(reward_problems(recipe))
-        kwargs["reward_funcs"] = funcs
-    if recipe.task in REFERENCE_TASKS and not isinstance(model, PeftModel):
+    if recipe.task == "grpo":  # setup's rules have already refused a name that does not resolve
+        kwargs["reward_funcs"] = resolve_rewards(recipe.training.get("reward_funcs"))[0]
+    if recipe.task in ("dpo", "kto") and not isinstance(model, PeftModel):  # the loss needs a reference
         import copy
 
         kwargs["ref_model"] = copy.deepcopy(model).eval()  # a full fine-tune: freeze the starting weights
@@ -138,13 +127,6 @@ def reward_problems(recipe: Recipe) -> list[Problem]:
 
 # --- validate: what TRL does not check -------------------------------------------------------------
 
-def _number(recipe: Recipe, key: str, default: float | None) -> float | None:
-    try:
-        return None if (value := recipe.training.get(key, default)) is None else float(value)
-    except (TypeError, ValueError):
-        return None  # the type check in lora_ns.config reports it
-
-
 def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     """Cross-field checks for dpo/orpo/kto/grpo recipes: formatter kind, beta, num_generations, lengths."""
     if recipe.task not in TASKS:
@@ -155,19 +137,17 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         fits = ", ".join(sorted(n for n, f in FORMATTERS.items() if f.kind == kind))
         problems.append(recipe.problem("dataset.formatter", f"task {recipe.task} needs {columns} rows; "
                                        f"formatter '{name}' gives {fmt.kind} rows", f"use one of: {fits}"))
-    if (beta := _number(recipe, "beta", None)) is not None and not (0 <= beta <= 10 and (grpo or beta > 0)):
+    t = recipe.training  # numbers already: lora_ns.config converts each value to its field's type
+    if (beta := t.get("beta")) is not None and not (0 <= beta <= 10 and (grpo or beta > 0)):
         what = "0 (no KL term) to 10" if grpo else "above 0, at most 10"
         problems.append(recipe.problem("training.beta", f"{beta} is out of range ({what})",
                                        "typical: dpo/kto 0.1, orpo 0.1, grpo 0.0-0.04"))
-    total, completion = _number(recipe, "max_length", 1024), _number(recipe, "max_completion_length", None)
+    total, completion = t.get("max_length", 1024), t.get("max_completion_length")  # 1024: TRL's default
     if recipe.task == "orpo" and total and completion and completion >= total:  # ORPO truncates the pair
-        problems.append(recipe.problem("training.max_completion_length", f"{int(completion)} is not below "
-                                       f"max_length={int(total)}, leaving no room for the prompt",
+        problems.append(recipe.problem("training.max_completion_length", f"{completion} is not below "
+                                       f"max_length={total}, leaving no room for the prompt",
                                        "lower max_completion_length or raise max_length"))
-    elif total is not None and total < 8:
-        problems.append(recipe.problem("training.max_length", f"{int(total)} tokens cannot hold a prompt and "
-                                       "a reply", "e.g. 1024"))
-    if grpo and (n := int(_number(recipe, "num_generations", 8) or 0)) < 2:  # TRL's message names no field
+    if grpo and (n := t.get("num_generations")) is not None and n < 2:  # TRL's message names no field
         problems.append(recipe.problem("training.num_generations", f"is {n}; GRPO compares completions "
                                        "of the same prompt", "set it to 2 or more"))
     if grpo and completion is not None and completion < 1:

@@ -1,16 +1,7 @@
-"""``task: pretrain``: train a causal LM from random weights on a text corpus tokenized once.
-
-``model.config`` names the architecture (a preset below, a folder with config.json, or a hub id);
-``model.tokenizer_name_or_path`` a hub/local/builtin tokenizer or a tiktoken encoding (``cl100k_base``).
-``AutoModelForCausalLM.from_config`` initialises the weights the architecture's own way; all of them train.
-
-Data: the recipe's text rows (`lora_ns.data.build_datasets`) are tokenized with ``map(batched=True)``, joined
-with EOS between documents and cut into ``training.max_length`` rows (each batch's tail that fills no row is
-dropped, as in transformers' run_clm), then saved with ``save_to_disk`` under
-``$LORA_NS_CACHE/pretrain_data/<key>``; the key hashes the corpus files (paths, sizes, mtimes), the dataset
-section, the tokenizer and max_length, so later runs and every rank reuse it (train builds it inside
-``main_process_first``). A streamed corpus is packed on the fly. SFTTrainer takes the ``input_ids`` rows as
-they are; its collator labels every token, EOS included even where pad == eos.
+"""``task: pretrain``: a causal LM from random weights (``model.config``: a preset below, a folder or a hub
+id), trained in full on a text corpus tokenized, joined with EOS and cut into ``max_length`` rows once, then
+cached under ``$LORA_NS_CACHE/pretrain_data/<key>`` for later runs and every rank (README: "Pretraining from
+scratch").
 """
 
 from __future__ import annotations

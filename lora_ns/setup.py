@@ -1,11 +1,7 @@
-"""Train's set-up, shared with ``validate``: ONE path, so a recipe that passes validate does not then fail.
-
-`setup(recipe, dry_run)` builds what training builds short of the weights: our own rules
-(`lora_ns.validate.rules`), the real training arguments (their checks run; a ValueError is mapped to the field
-it names), the peft config, the model on the meta device, a sample of rows through training's formatter, and
-the output dir: empty (fresh; someone else's files are refused without ``overwrite_output_dir``), interrupted
-(``checkpoint-<step>`` folders: resumed from the newest complete one), or finished (``run_summary.json``:
-refused, or with ``overwrite_output_dir`` its marker and checkpoints are removed first).
+"""Train's set-up, shared with ``validate`` (one path: a recipe that passes validate does not then fail):
+our rules, the real training arguments (a ValueError mapped to the field it names), the peft config, the
+model on the meta device, a data sample, and the output dir (fresh, interrupted: resumed, or finished: refused
+unless ``overwrite_output_dir``).
 """
 
 from __future__ import annotations
@@ -25,12 +21,10 @@ from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sft_defaults
 from lora_ns.errors import Problem, UserError
 from lora_ns.fileio import unwritable
-from lora_ns.hf_fields import TASK_TRAINING_FIELDS
+from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS, TASK_TRAINING_FIELDS
 from lora_ns.model import gradient_checkpointing, torch_dtype
 from lora_ns.preference import PREFERENCE_TASKS, config_class
 
-# Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
-LORA_NS_TRAINING_KEYS = {"overwrite_output_dir", "resume_from_checkpoint"}
 FINISHED_MARKER = "run_summary.json"  # written last by lora_ns.train
 # Trainer writes weights, optimizer, scheduler and RNG state first and this file last: a checkpoint without it
 # was cut off mid-save.
@@ -91,8 +85,7 @@ def _raise_errors(problems: list[Problem]) -> list[Problem]:
 
 
 def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
-    """Checks that read the data sample, the model config, or the accelerate config (imported here: each
-    module of lora_ns.validate imports this one through the package's __init__)."""
+    """Checks that read the data sample, the model or the accelerate config (imported here: a cycle)."""
     problems: list[Problem] = []
     if checks.data:
         from lora_ns.validate.data import check_dataset
@@ -135,7 +128,8 @@ def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Ex
 # --- training arguments ---------------------------------------------------------------------------
 
 def training_defaults(recipe: Recipe) -> dict[str, Any]:
-    """What lora_ns sets when the recipe's training section doesn't (see `lora_ns.train`'s docstring)."""
+    """What lora_ns sets when the recipe's training section doesn't (its keys win): resumable checkpoints,
+    the answer-only loss mask the formatter's rows need, packing only with flash attention (see README)."""
     import importlib.util
 
     import torch
@@ -188,7 +182,7 @@ def training_arguments_class(task: str) -> type:
 
 def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
-    ours = LORA_NS_TRAINING_KEYS | set(TASK_TRAINING_FIELDS.get(recipe.task, {}))
+    ours = {"resume_from_checkpoint", *LORA_NS_TRAINING_FIELDS, *TASK_TRAINING_FIELDS.get(recipe.task, {})}
     given = {k: v for k, v in recipe.training.items() if k not in ours}
     try:
         return training_arguments_class(recipe.task)(**{**training_defaults(recipe), **given,
@@ -205,14 +199,12 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
                                        "max_steps: the run would train 0 steps",
                                        "set training.num_train_epochs > 0 (or training.max_steps)"))
-    if loggers := [name for name in args.report_to or [] if name not in ("none", "all")]:
-        from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations import get_available_reporting_integrations
 
-        available = set(get_available_reporting_integrations())  # else Trainer fails after the model loaded
-        problems += [recipe.problem("training.report_to", f"logger '{name}' is not installed",
-                                    f"pip install {name}, or set training.report_to: none")
-                     for name in loggers if name not in available]
-    return problems
+    # report_to is a list by now ("none" -> [], "all" -> what is installed); else Trainer fails after the load
+    return problems + [recipe.problem("training.report_to", f"logger '{name}' is not installed",
+                                      f"pip install {name}, or set training.report_to: none")
+                       for name in args.report_to or [] if name not in get_available_reporting_integrations()]
 
 
 # --- output dir and checkpoints -------------------------------------------------------------------
@@ -306,11 +298,12 @@ def say(message: str) -> None:
 
 
 def wanted_checkpoint(recipe: Recipe) -> str | None:
-    """The recipe's resume_from_checkpoint as "auto" (the default), a path, or None (never resume)."""
-    wanted = recipe.training.get("resume_from_checkpoint", "auto")
-    if wanted is None or wanted is False or str(wanted).lower() in ("none", "no", "false"):
+    """The recipe's resume_from_checkpoint as "auto" (the default), a path, or None (never resume); the
+    config's type check has turned YAML booleans away, so only words and paths arrive here."""
+    wanted = str(recipe.training.get("resume_from_checkpoint", "auto"))
+    if wanted.lower() in ("none", "no", "false"):
         return None
-    return "auto" if wanted is True or str(wanted).lower() in ("auto", "true", "last") else str(wanted)
+    return "auto" if wanted.lower() in ("auto", "true", "last") else wanted
 
 
 def checkpoint_problem(recipe: Recipe) -> Problem | None:

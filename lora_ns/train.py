@@ -1,26 +1,9 @@
 """``accelerate launch -m lora_ns.train RECIPE.yaml [key.sub=value ...]`` (or ``python -m``): train a recipe.
 
-The libraries do the work: TRL's SFTTrainer (causal_lm, cpt, pretrain) and DPO/ORPO/KTO/GRPO trainers
-(`lora_ns.preference`), transformers' Trainer (seq_cls), peft (`lora_ns.adapters`), transformers +
-bitsandbytes for loading (`lora_ns.model`). This module wires the recipe into them, resumes an interrupted
-run, and writes the run's record next to the weights. Defaults under ``training:`` (the recipe's keys win):
-
-- ``report_to``: "tensorboard" when it is installed, else "none"; ``logging_steps``: 10.
-- ``save_strategy: steps`` (HF's ``save_steps`` 500) with ``save_total_limit: 2``: an interrupted run
-  resumes from its last complete checkpoint (``resume_from_checkpoint: auto``).
-- ``gradient_checkpointing`` (or its transformers 5 name ``activation_checkpointing``): on when quantized.
-- ``use_cpu`` when no CUDA GPU is visible; ``bf16`` / ``fp16`` follow ``model.dtype``; ``eval_strategy:
-  no`` without validation data.
-- causal_lm: loss on the answer only (`lora_ns.data.sft_defaults`): ``completion_only_loss`` for
-  prompt/completion rows, ``assistant_only_loss`` for chat rows (needs {% generation %} markers; TRL swaps
-  in a marked template for known models); set it false to train on every token. cpt trains on every token.
-- ``packing`` (``bfd``, padding-free) with a flash-attention kernel only: with sdpa it is mask-correct too
-  (tests/test_masks.py) but attends over the whole packed row, which costs more than it saves on small models.
-- seq_cls: accuracy, F1, precision and recall at each evaluation (`lora_ns.metrics`).
-
-Distributed: datasets are built inside ``main_process_first``; only the main process writes the tokenizer,
-recipe.yaml, versions.json, the report (loss_curve.png, summary.txt), then run_summary.json (the finished
-marker).
+The libraries do the work: TRL's SFTTrainer (causal_lm, cpt, pretrain) and preference trainers
+(`lora_ns.preference`), transformers' Trainer (seq_cls), peft. This module wires the recipe into them (with
+the defaults of `lora_ns.setup.training_defaults`; the recipe's keys win), resumes an interrupted run, and
+writes the run's record next to the weights: only the main process writes, run_summary.json last.
 """
 
 from __future__ import annotations
@@ -45,8 +28,8 @@ from lora_ns.metrics import classification_metrics
 from lora_ns.model import dtype_name, load_model, load_tokenizer
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
-from lora_ns.setup import (FINISHED_MARKER, Checks, checkpoint_problem, is_finished, last_checkpoint,
-                           print_notes, say, setup, wanted_checkpoint)
+from lora_ns.setup import (FINISHED_MARKER, Checks, is_finished, last_checkpoint, print_notes, say, setup,
+                           wanted_checkpoint)
 
 PROG = "lora_ns.train"
 SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}  # training keys never written to the saved recipe
@@ -128,11 +111,9 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
 def resume_target(recipe: Recipe) -> str | None:
     """What `Trainer.train(resume_from_checkpoint=...)` gets: for "auto" (the default) the newest complete
     checkpoint of an interrupted run, None for a fresh run or one that overwrites a finished run; an explicit
-    path must be a complete checkpoint folder."""
+    path (checked by `setup`'s rules: `checkpoint_problem`)."""
     if (wanted := wanted_checkpoint(recipe)) is None or (wanted == "auto" and is_finished(recipe.output_dir)):
         return None
-    if wanted != "auto" and (problem := checkpoint_problem(recipe)):
-        raise UserError(problem)
     if found := last_checkpoint(recipe.output_dir) if wanted == "auto" else wanted:
         say(f"resuming from {found}")
     return found

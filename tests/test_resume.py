@@ -16,7 +16,7 @@ import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.errors import UserError
-from lora_ns.setup import COMPLETE_MARKER, FINISHED_MARKER, guard_output_dir, last_checkpoint
+from lora_ns.setup import COMPLETE_MARKER, FINISHED_MARKER, Checks, guard_output_dir, last_checkpoint, setup
 from lora_ns.train import resume_target
 
 from conftest import REPO
@@ -94,9 +94,11 @@ def test_resume_auto_explicit_and_off(tmp_path, capsys):
 
 @pytest.mark.parametrize("wanted, words", [("nowhere/checkpoint-7", "not found"), ("partial", COMPLETE_MARKER)])
 def test_resume_from_a_bad_path_is_a_user_error(tmp_path, wanted, words):
+    """setup's rules (validate and train alike) refuse it before anything loads."""
     fake_checkpoint(tmp_path, 0, complete=False).rename(tmp_path / "partial")
     with pytest.raises(UserError) as err:
-        resume_target(recipe(tmp_path / "run", resume_from_checkpoint=str(tmp_path / wanted)))
+        setup(recipe(tmp_path / "run", resume_from_checkpoint=str(tmp_path / wanted)), dry_run=False,
+              checks=Checks(data=False, model=False))
     (problem,) = err.value.problems
     assert problem.field == "training.resume_from_checkpoint" and words in problem.message
 
