@@ -53,7 +53,7 @@ def attention_problem(recipe: Recipe) -> Problem | None:
     module, package = FLASH_PACKAGES[wanted]
     if importlib.util.find_spec(module) is not None:
         return None
-    return recipe.problem("model.attn_implementation", f"{wanted} needs {package} (not installed)",
+    return recipe.problem("model.attn_implementation", f"{wanted} needs the {package} package",
                           f"pip install {package.split()[0]} (CUDA only), or use attn_implementation: sdpa")
 
 
