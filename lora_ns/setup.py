@@ -129,7 +129,8 @@ def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Ex
 
 def training_defaults(recipe: Recipe) -> dict[str, Any]:
     """What lora_ns sets when the recipe's training section doesn't (its keys win): resumable checkpoints,
-    the answer-only loss mask the formatter's rows need, packing only with flash attention (see README)."""
+    the answer-only loss mask the formatter's rows need, checkpointing only when quantized (faster), and
+    the least padding: packing with flash attention, else batches of rows of similar length (see README)."""
     import importlib.util
 
     import torch
