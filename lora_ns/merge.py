@@ -24,6 +24,7 @@ from lora_ns.fileio import unwritable, write_json_atomic
 from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
                                check_adapter, detect_task, from_pretrained, is_adapter_dir,
                                read_adapter_config, saved_recipe, stop_at_end_of_turn)
+from lora_ns.model import torch_dtype
 
 PROG = "lora_ns.merge"
 PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文回答这个问题。",
@@ -114,8 +115,6 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoTokenizer
-
-    from lora_ns.model import torch_dtype
 
     adapter, target = Path(adapter_dir), Path(output)
     check_paths(adapter, target, overwrite)
