@@ -14,9 +14,11 @@ logits. glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_) gives ev
 mapping, returned to the kernel when freed, so RSS follows live tensor bytes rather than the heap's high
 tide (torch's CPU allocator keeps no cache and torch.profiler's CPU memory events carry no peak). Linux only.
 
-Compared with it: the estimate's gradients + activations + logits, with the batch length the estimate now
-uses (the longest sampled row, `lora_ns.memory.batch_length`) and, for reference, the max_length it used to
-assume for every row.
+Each step runs the loss as TRL's SFTTrainer does: the model patched with `add_fused_lm_head` and called with
+`fused_lm_head=True` (the LM head projected in tiles, no full logits). Compared with it: the estimate's
+gradients + activations + LM head, for TRL's torch fallback (no Triton on CPU), with the batch length the
+estimate uses (the longest sampled row, `lora_ns.memory.batch_length`) and, for reference, the max_length it
+used to assume for every row, and the 12-byte fp32 logits term it used before the fused head.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import subprocess
 import sys
 
 from lora_ns.config import parse_recipe
-from lora_ns.memory import GiB, estimate_for_recipe
+from lora_ns.memory import GiB, estimate, estimate_for_recipe
 
 _STEPS = r"""
 import gc, json, sys, torch
@@ -37,6 +39,7 @@ from lora_ns.adapters import apply_peft
 from lora_ns.config import parse_recipe
 from lora_ns.model import load_model
 from lora_ns.validate.sample import training_rows
+from trl.trainer.utils import add_fused_lm_head
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -48,6 +51,7 @@ examples = training_rows(recipe, rows)
 pad = examples[0]["tokenizer"].pad_token_id
 torch.manual_seed(0)
 model = apply_peft(load_model(recipe), recipe)
+add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -56,7 +60,7 @@ def step(chunk):
     ids = torch.tensor([e["input_ids"] + [pad] * (longest - len(e["input_ids"])) for e in chunk])
     labels = torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in chunk])
     mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (longest - len(e["input_ids"])) for e in chunk])
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -111,19 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         data = bench_recipe(name, args.batch_size, args.max_length)
         found = measure(data, args.rows, args.batch_size)
         recipe = parse_recipe(data, "bench.yaml")
-        new, old = estimate_for_recipe(recipe, row_lengths=found["lengths"]), estimate_for_recipe(recipe)
+        cpu = {"triton": False}  # TRL's torch fallback for the LM-head tiles: no Triton on CPU
+        new = estimate(**{**estimate_for_recipe(recipe, row_lengths=found["lengths"]).settings, **cpu})
+        old = estimate(**{**estimate_for_recipe(recipe).settings, **cpu})
+        unfused = estimate(**{**new.settings, "fused_head": False})  # the 12-byte fp32 logits term
         measured = found["step_peak"]
         results.append({"model": name, "batch": args.batch_size, "rows": len(found["lengths"]),
                         "longest_row": max(found["lengths"]), "max_length": args.max_length,
                         "measured_mib": measured / 2**20, "estimate_mib": step_part(new) / 2**20,
                         "ratio": step_part(new) / measured, "max_length_estimate_mib": step_part(old) / 2**20,
-                        "max_length_ratio": step_part(old) / measured, "total_estimate_gib": new.total / GiB})
+                        "max_length_ratio": step_part(old) / measured,
+                        "fp32_logits_ratio": step_part(unfused) / measured, "total_estimate_gib": new.total / GiB})
     print(f"{'model':<24} {'batch x seq':>12} {'measured':>10} {'estimate':>10} {'ratio':>6} "
-          f"{'at max_length':>14} {'ratio':>6}")
+          f"{'at max_length':>14} {'ratio':>6} {'fp32 logits':>11}")
     for r in results:
         print(f"{r['model']:<24} {r['batch']:>4} x {r['longest_row']:<5} {r['measured_mib']:>7.1f} MiB "
               f"{r['estimate_mib']:>7.1f} MiB {r['ratio']:>6.2f} {r['max_length_estimate_mib']:>10.1f} MiB "
-              f"{r['max_length_ratio']:>6.2f}")
+              f"{r['max_length_ratio']:>6.2f} {r['fp32_logits_ratio']:>11.2f}")
     print(json.dumps(results))
     return 0
 

@@ -11,8 +11,10 @@
   (`batch_length`): the collator pads a batch to its longest row, not to max_length, so the peak batch is
   as long as the longest row (capped at max_length, rounded up to pad_to_multiple_of); packing fills every
   row to max_length.
-- logits: the loss upcasts batch x seq x vocab to fp32; log_softmax's backward holds its fp32 output and
-  the fp32 gradient in and out: 12 bytes per logit at the peak.
+- LM head + loss: TRL's SFTTrainer (causal_lm, cpt, pretrain) patches the model with `add_fused_lm_head`
+  and never holds batch x seq x vocab logits (`_fused_head_bytes`). Elsewhere (seq_cls, preference tasks,
+  a TRL without it) the loss upcasts the logits to fp32 and log_softmax's backward holds its fp32 output
+  and the fp32 gradient in and out: 12 bytes per logit at the peak.
 ZeRO-2 shards grads and optimizer state over the processes, ZeRO-3/FSDP2 the weights too. `total`
 compares with torch.cuda.max_memory_allocated; `verdict` adds the CUDA context.
 """
@@ -32,6 +34,36 @@ from lora_ns.model import gradient_checkpointing, torch_dtype
 GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
 STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
+SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
+TILE_TOKENS, TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob TOKEN_CHUNK_SIZE, the chunk size TRL passes
+# Per tile element, the torch fallback's `_backward_tile` (no Triton: CPU) at its peak: y, z, log_p, p, grad, and
+# two unnamed fp32 temporaries (is_target.float() and its difference with p, or that and its product with
+# grad_logprobs): 7 x 4 bytes, + the bool is_target
+FALLBACK_TILE_BYTES = 7 * 4 + 1
+
+
+def trl_fused_head() -> bool:
+    """Whether the installed TRL's SFTTrainer uses the fused LM head (trl >= 1.16)."""
+    try:
+        from trl.trainer.utils import add_fused_lm_head  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused_head_bytes(shape: Shape, tokens: int, c: int, full: bool, triton: bool) -> int:
+    """Peak of `trl.kernels.chunked_logprob.ChunkedLogProbFunction`, in its backward, on top of activations.
+
+    Saved from forward: a copy of the final hidden states (the shifted slice; label positions only on Triton
+    devices, all positions elsewhere; counted for every token, an upper bound on GPU), targets (int64), log Z
+    and entropy (fp32): 2 x 4 + 8 bytes/token. Backward adds the fp32 hidden-state gradient and its cast back to
+    the compute dtype, one [4096, 32768] tile in the compute dtype (+ the torch fallback's fp32 temporaries
+    without Triton), and a trainable head's fp32 weight gradient (the cast to the weight dtype is `gradients`)."""
+    h, cast = shape.hidden, c if c != 4 else 0  # .to(fp32) of an fp32 tensor is no copy
+    per_token = h * c + h * 4 + h * cast + 16
+    tile = min(tokens, TILE_TOKENS) * min(shape.vocab, TILE_VOCAB) * (c + (0 if triton else FALLBACK_TILE_BYTES))
+    head_grad = shape.vocab * h * 4 if full and c != 4 else 0
+    return tokens * per_token + tile + head_grad
 
 
 @dataclass(frozen=True)
@@ -75,8 +107,13 @@ class MemoryEstimate:
                 f"gradient checkpointing {'on' if s['checkpointing'] else 'off'})")
         rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
                 ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
-                ("activations", self.activations), ("logits + loss", self.logits), ("total", self.total)]
+                ("activations", self.activations),
+                (self.head_name, self.logits), ("total", self.total)]
         return [head] + [f"  {name:<32} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
+
+    @property
+    def head_name(self) -> str:
+        return "LM head + loss (TRL fused, tiled)" if self.settings.get("fused_head") else "logits + loss (fp32)"
 
     def verdict(self, gpu_bytes: int) -> str | None:
         """None if it fits under 90% of the card, else a warning naming the cheapest fix that fits."""
@@ -141,9 +178,13 @@ def _layer_bytes(shape: Shape, c: int, lora_r: int, dropout: bool) -> float:
 def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16", quant: str | None = None,
              method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
              checkpointing: bool = False, strategy: str | None = None, num_processes: int = 1,
-             task: str = "causal_lm", num_labels: int = 2, seq_from: str = "") -> MemoryEstimate:
+             task: str = "causal_lm", num_labels: int = 2, seq_from: str = "", fused_head: bool | None = None,
+             triton: bool = True) -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
-    `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from."""
+    `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from.
+    `fused_head`: TRL's fused LM head (default: for SFT tasks when TRL has it); `triton`: its GPU kernels."""
+    if fused_head is None:
+        fused_head = task in SFT_TASKS and trl_fused_head()
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
     settings, c, q = dict(locals()), torch_dtype(weights_dtype).itemsize, shape.quantizable
@@ -163,15 +204,19 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
         weights, trainable = weights / num_processes + shape.largest_layer * c, trainable / num_processes
     tokens = batch * seq
     classes = shape.vocab if task != "seq_cls" else num_labels
-    vocab_bytes = classes * 12 if task != "seq_cls" else 0
+    if fused_head:
+        head = _fused_head_bytes(shape, tokens, c, full, triton)
+    else:
+        head = (tokens if task != "seq_cls" else batch) * classes * 12
+    settings["fused_head"] = fused_head
     per_layer = _layer_bytes(shape, c, 0 if full else lora_r, lora_dropout and not full)
     if full:
         per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
     # checkpointing: each layer's input; the recomputed layer lives after the loss buffers are freed
     saved = shape.hidden * c if checkpointing else per_layer
-    recompute = max(0, per_layer - vocab_bytes) if checkpointing else 0
+    recompute = max(0, per_layer - (head / tokens if task != "seq_cls" else 0)) if checkpointing else 0
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
-    logits = (tokens if task != "seq_cls" else batch) * classes * 12
+    logits = head
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
                           gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(logits),
                           settings=settings)

@@ -23,17 +23,22 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 CONFIG = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 8000, "tie_word_embeddings": False}
 BATCH, SEQ = 8, 256
-# ±25%, the brief's bound. What the estimate leaves out is small against the ~200-300 MB measured:
-# rope cos/sin, position ids, masks, bf16/fp32 casts of 8x256 ids (< 1 MB); page and 64 KiB mapping
-# granularity (< 1 MB over a few hundred tensors); and autograd scratch in backward, which is at most
-# one layer's tensors (~20% of one layer ~ 4% of the total). A term missed or doubled (logits are ~2/3
-# of the no-checkpointing figure, activations ~1/3) moves the estimate far outside it.
+# ±25%, the brief's bound. The step runs the loss as TRL's SFTTrainer does (`add_fused_lm_head`,
+# `fused_lm_head=True`), on CPU, so TRL's torch fallback folds the LM-head tiles: 2048 x 8000 tile elements
+# x 33 bytes (the tile + 7 fp32 temporaries + a bool, counted from trl's `_backward_tile`) ~ 515 MiB, ~85% of
+# the figure; activations ~15% without checkpointing. What the estimate leaves out is small against it:
+# rope cos/sin, position ids, masks, casts of 8x256 ids (< 1 MB); page and 64 KiB mapping granularity (< 1 MB
+# over a few hundred tensors); the fallback's forward temporaries (3 fp32 per tile element, fewer than the
+# backward's 7, so not at the peak); autograd scratch in backward, at most one layer's tensors (~20% of one
+# layer ~ 3% of the total). A term missed or wrong moves it outside: the 12-byte fp32 logits term the estimate
+# used before (~190 MiB) or the Triton (GPU) tile alone (~63 MiB) read about -55% and -85%.
 TOLERANCE = 0.25
 
 _STEP = r"""
 import gc, json, sys, torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
+from trl.trainer.utils import add_fused_lm_head
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -50,6 +55,7 @@ if checkpointing:
     model.enable_input_require_grads()
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                          task_type="CAUSAL_LM"))
+add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 rows = [torch.randint(1, config.vocab_size, (n,)) for n in lengths]
 model.train()
@@ -60,7 +66,8 @@ def step(chunk):  # padded to the chunk's longest row, as the collator pads a ba
     mask = torch.stack([torch.arange(longest) < len(r) for r in chunk]).long()
     padded = not bool(mask.all())
     labels = ids.masked_fill(mask == 0, -100)
-    model(input_ids=ids, attention_mask=mask if padded else None, labels=labels).loss.backward()
+    out = model(input_ids=ids, attention_mask=mask if padded else None, labels=labels, fused_lm_head=True)
+    out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -91,7 +98,8 @@ def tiny_estimate(**settings):
     from lora_ns.memory import estimate, shape_from_config
 
     shape = shape_from_config(Qwen2Config(**CONFIG))
-    return estimate(shape=shape, **{"batch": BATCH, "seq": SEQ, **settings}, weights_dtype="fp32", lora_r=16)
+    defaults = {"batch": BATCH, "seq": SEQ, "triton": False, "weights_dtype": "fp32"}  # the CPU step below
+    return estimate(shape=shape, **{**defaults, **settings}, lora_r=16)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -100,6 +108,23 @@ def test_step_peak_matches_measurement(checkpointing):
     predicted = est.activations + est.logits + est.gradients  # a step adds these to weights + optimizer
     measured = measured_step_peak(checkpointing)
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured, est.lines())
+
+
+def test_the_fused_head_replaces_materialized_logits_for_sft_tasks_only():
+    """TRL's SFTTrainer (causal_lm, cpt, pretrain) tiles the LM head; seq_cls and preference tasks keep the
+    12-byte fp32 logits term. On the GPU path one [4096, 32768] bf16 tile is the whole tile cost."""
+    from lora_ns.memory import TILE_TOKENS, TILE_VOCAB, trl_fused_head
+
+    assert trl_fused_head()  # trl 1.16, as pinned
+    gpu, unfused = tiny_estimate(triton=True), tiny_estimate(task="dpo")
+    assert gpu.settings["fused_head"] and not unfused.settings["fused_head"]
+    assert unfused.logits == BATCH * SEQ * CONFIG["vocab_size"] * 12
+    assert "LM head + loss (TRL fused, tiled)" in "\n".join(gpu.lines())
+    assert "logits + loss (fp32)" in "\n".join(unfused.lines())
+    h, tokens = CONFIG["hidden_size"], BATCH * SEQ
+    assert gpu.logits == tokens * (h * 4 + h * 4 + 16) + tokens * CONFIG["vocab_size"] * 4  # fp32: no cast
+    big = tiny_estimate(triton=True, weights_dtype="bf16", batch=32)  # 8192 tokens: tiles are capped
+    assert big.logits - 8192 * (h * 2 + h * 4 + h * 2 + 16) == min(8192, TILE_TOKENS) * min(8000, TILE_VOCAB) * 2
 
 
 def test_variable_length_rows_are_estimated_at_the_longest_row_not_max_length():
