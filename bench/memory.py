@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         "measured_mib": measured / 2**20, "estimate_mib": step_part(new) / 2**20,
                         "ratio": step_part(new) / measured, "max_length_estimate_mib": step_part(old) / 2**20,
                         "max_length_ratio": step_part(old) / measured,
-                        "fp32_logits_ratio": step_part(unfused) / measured, "total_estimate_gib": new.total / GiB})
+                        "fp32_logits_ratio": step_part(unfused) / measured,
+                        "total_estimate_gib": new.total / GiB})
     print(f"{'model':<24} {'batch x seq':>12} {'measured':>10} {'estimate':>10} {'ratio':>6} "
           f"{'at max_length':>14} {'ratio':>6} {'fp32 logits':>11}")
     for r in results:

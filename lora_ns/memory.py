@@ -35,10 +35,10 @@ GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
 STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
 SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
-TILE_TOKENS, TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob TOKEN_CHUNK_SIZE, the chunk size TRL passes
-# Per tile element, the torch fallback's `_backward_tile` (no Triton: CPU) at its peak: y, z, log_p, p, grad, and
-# two unnamed fp32 temporaries (is_target.float() and its difference with p, or that and its product with
-# grad_logprobs): 7 x 4 bytes, + the bool is_target
+TILE_TOKENS, TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, TRL's chunk size
+# Per tile element, the torch fallback's `_backward_tile` (no Triton: CPU) at its peak: y, z, log_p, p, grad,
+# and two unnamed fp32 temporaries (is_target.float() and its difference with p, or that and its product
+# with grad_logprobs): 7 x 4 bytes, + the bool is_target
 FALLBACK_TILE_BYTES = 7 * 4 + 1
 
 
@@ -54,14 +54,16 @@ def trl_fused_head() -> bool:
 def _fused_head_bytes(shape: Shape, tokens: int, c: int, full: bool, triton: bool) -> int:
     """Peak of `trl.kernels.chunked_logprob.ChunkedLogProbFunction`, in its backward, on top of activations.
 
-    Saved from forward: a copy of the final hidden states (the shifted slice; label positions only on Triton
-    devices, all positions elsewhere; counted for every token, an upper bound on GPU), targets (int64), log Z
-    and entropy (fp32): 2 x 4 + 8 bytes/token. Backward adds the fp32 hidden-state gradient and its cast back to
-    the compute dtype, one [4096, 32768] tile in the compute dtype (+ the torch fallback's fp32 temporaries
-    without Triton), and a trainable head's fp32 weight gradient (the cast to the weight dtype is `gradients`)."""
+    Saved from forward: a copy of the final hidden states (the shifted slice; label positions only on
+    Triton devices, all positions elsewhere; counted for every token, an upper bound on GPU), targets
+    (int64), log Z and entropy (fp32): 2 x 4 + 8 bytes/token. Backward adds the fp32 hidden-state gradient
+    and its cast back to the compute dtype, one [4096, 32768] tile in the compute dtype (+ the torch
+    fallback's fp32 temporaries without Triton), and a trainable head's fp32 weight gradient (its cast to
+    the weight dtype is `gradients`)."""
     h, cast = shape.hidden, c if c != 4 else 0  # .to(fp32) of an fp32 tensor is no copy
     per_token = h * c + h * 4 + h * cast + 16
-    tile = min(tokens, TILE_TOKENS) * min(shape.vocab, TILE_VOCAB) * (c + (0 if triton else FALLBACK_TILE_BYTES))
+    per_element = c + (0 if triton else FALLBACK_TILE_BYTES)
+    tile = min(tokens, TILE_TOKENS) * min(shape.vocab, TILE_VOCAB) * per_element
     head_grad = shape.vocab * h * 4 if full and c != 4 else 0
     return tokens * per_token + tile + head_grad
 
@@ -113,7 +115,8 @@ class MemoryEstimate:
 
     @property
     def head_name(self) -> str:
-        return "LM head + loss (TRL fused, tiled)" if self.settings.get("fused_head") else "logits + loss (fp32)"
+        fused = self.settings.get("fused_head")
+        return "LM head + loss (TRL fused, tiled)" if fused else "logits + loss (fp32)"
 
     def verdict(self, gpu_bytes: int) -> str | None:
         """None if it fits under 90% of the card, else a warning naming the cheapest fix that fits."""
