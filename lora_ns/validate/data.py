@@ -22,6 +22,7 @@ from lora_ns.data.sources import (
 )
 from lora_ns.errors import Problem, UserError
 from lora_ns.model import load_tokenizer
+from lora_ns.setup import training_defaults
 from lora_ns.validate.model import hub_reachable
 
 SAMPLE_ROWS = 200
@@ -210,11 +211,11 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
                      f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
     batch = int(recipe.training.get("per_device_train_batch_size") or 8)
-    if recipe.task != "seq_cls" and not recipe.training.get("packing") and len(lengths) > 1:
+    args = {**training_defaults(recipe), **recipe.training}  # the batching train will use
+    if recipe.task != "seq_cls" and not args.get("packing") and len(lengths) > 1:
         sizes = [min(n, limit) for n in lengths]
-        t = recipe.training  # lora_ns.setup's default with sdpa/eager: batches of rows of similar length
-        grouped = t.get("train_sampling_strategy", "group_by_length") == "group_by_length" and not (
-            recipe.dataset.streaming or recipe.model.attn_implementation.startswith("flash"))
+        grouped = (args.get("train_sampling_strategy") == "group_by_length"
+                   or bool(args.get("group_by_length")))  # its name before transformers 5.x
         padded = padding(sorted(sizes) if grouped else sizes, batch)
         share = padded / (padded + sum(sizes))
         how = "rows grouped by length" if grouped else "train_sampling_strategy: group_by_length cuts it"
