@@ -1,18 +1,9 @@
 """Build the peft config a recipe asks for, wrap the model with it, and keep AdaLoRA's budget moving.
 
-`peft.method` picks the peft config class; every other key of the recipe's `peft:` section is a field
-of that class, passed as is. lora_ns fills in only what peft cannot know from the recipe alone:
-
-- ``task_type``: SEQ_CLS for seq_cls, CAUSAL_LM otherwise. For SEQ_CLS peft itself adds the
-  classification head (``classifier`` / ``score``) to ``modules_to_save``, so it is trained and saved.
-- lora / qlora / adalora: ``target_modules`` defaults to ``all-linear``.
-- prompt_tuning with ``prompt_tuning_init: TEXT``: ``tokenizer_name_or_path`` = the recipe's model.
-- prefix_tuning / prompt_tuning: ``num_virtual_tokens`` defaults to 20.
-- adalora: ``total_step`` defaults to ``training.max_steps``; with no max_steps it is set from the
-  trainer's own step count when training starts (`AdaLoraCallback`). transformers' Trainer and TRL
-  never call ``update_and_allocate`` (the rank budget step AdaLoRA needs after every optimizer step),
-  so the callback does.
-- full: no adapter; every weight trains.
+`peft.method` picks the peft config class; every other key of the recipe's `peft:` section is a field of
+that class, passed as is. lora_ns fills in only what peft cannot know from the recipe alone (`peft_options`).
+For SEQ_CLS peft itself adds the classification head (``classifier`` / ``score``) to ``modules_to_save``,
+so it is trained and saved with the adapter.
 """
 
 from __future__ import annotations
@@ -26,11 +17,11 @@ from lora_ns.hf_fields import peft_config_class
 
 # Classification heads that must be trained and saved with the adapter (peft adds them for SEQ_CLS).
 SEQ_CLS_HEADS = ["classifier", "score"]
-DEFAULT_VIRTUAL_TOKENS = 20
 
 
 def peft_options(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's peft fields plus the defaults lora_ns derives from the rest of the recipe.
+    """The recipe's peft fields plus the defaults lora_ns derives from the rest of the recipe: all-linear
+    targets, 20 virtual tokens, the model's tokenizer for TEXT prompt init, AdaLoRA's total_step.
 
     A deep copy: peft extends lists it is given in place (SEQ_CLS adds the heads to ``modules_to_save``),
     which would otherwise change the recipe, and the saved recipe.yaml with it."""
@@ -39,7 +30,7 @@ def peft_options(recipe: Recipe) -> dict[str, Any]:
     if method in ("lora", "qlora", "adalora"):
         options.setdefault("target_modules", "all-linear")
     if method in ("prefix_tuning", "prompt_tuning"):
-        options.setdefault("num_virtual_tokens", DEFAULT_VIRTUAL_TOKENS)
+        options.setdefault("num_virtual_tokens", 20)
     if method == "prompt_tuning" and str(options.get("prompt_tuning_init", "")).upper() == "TEXT":
         m = recipe.model
         tokenizer = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
@@ -90,19 +81,17 @@ def apply_peft(model, recipe: Recipe):
 
 
 def training_callbacks(recipe: Recipe) -> list:
-    """Trainer callbacks the peft method needs."""
+    """Trainer callbacks the peft method needs: AdaLoRA's rank allocation after each optimizer step.
+
+    Trainer and TRL never call ``update_and_allocate``. It reads the gradients, so it must run after
+    ``optimizer.step()`` and before ``zero_grad()``: exactly where Trainer fires ``on_optimizer_step``.
+    With no total_step in the recipe (and no max_steps), the trainer's own step count is set at the start.
+    """
     if recipe.peft.method != "adalora":
         return []
-    return [adalora_callback(set_total_step=not recipe.peft.options.get("total_step"))]
-
-
-def adalora_callback(set_total_step: bool):
-    """A TrainerCallback that runs AdaLoRA's rank allocation after each optimizer step.
-
-    ``update_and_allocate`` reads the gradients, so it must run after ``optimizer.step()`` and before
-    ``zero_grad()``: exactly where Trainer fires ``on_optimizer_step``.
-    """
     from transformers import TrainerCallback
+
+    set_total_step = not recipe.peft.options.get("total_step")
 
     class AdaLoraCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -113,4 +102,4 @@ def adalora_callback(set_total_step: bool):
             if model is not None:
                 model.base_model.update_and_allocate(state.global_step)
 
-    return AdaLoraCallback()
+    return [AdaLoraCallback()]

@@ -27,22 +27,16 @@ class CommandParser(argparse.ArgumentParser):
 
     def canonical(self, args: list[str]) -> list[str]:
         """``args`` with every alias or other spelling of a known option replaced by its own name."""
-        out = []
+        known, out = self._option_string_actions, []
         for i, token in enumerate(args):
             if token == "--":  # everything after it is positional
                 return out + args[i:]
-            out.append(self._spelling(token) if token.startswith("--") else token)
+            flag, eq, value = token.partition("=")
+            if token.startswith("--") and flag not in known:
+                spellings = (self.aliases.get(flag), flag.replace("_", "-"), flag.replace("-", "_"))
+                token = next((s + eq + value for s in spellings if s and s in known), token)
+            out.append(token)
         return out
-
-    def _spelling(self, token: str) -> str:
-        flag, eq, value = token.partition("=")
-        known = self._option_string_actions
-        if flag in known:
-            return token
-        for candidate in (self.aliases.get(flag), flag.replace("_", "-"), flag.replace("-", "_")):
-            if candidate and candidate in known:
-                return candidate + eq + value
-        return token
 
     def error(self, message: str):  # one line, like every other user error, instead of usage + error
         raise UserError(Problem("<command line>", "", message, f"run '{self.prog} --help'"))

@@ -134,25 +134,19 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg.startswith("--"):
-            key = arg[2:]
-            if "=" in key:
-                key, raw = key.split("=", 1)
-            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-                i += 1
-                raw = args[i]
-            else:
-                raw = "true"
-        elif "=" in arg:
-            key, raw = arg.split("=", 1)
-        else:
+        dashed = arg.startswith("--")
+        key, eq, raw = (arg[2:] if dashed else arg).partition("=")
+        if dashed and not eq:
+            followed = i + 1 < len(args) and not args[i + 1].startswith("--")
+            i, raw = (i + 1, args[i + 1]) if followed else (i, "true")
+        elif not eq:
             raise UserError(Problem("<command line>", arg, "not an override",
                                     "write key.sub=value or --key.sub value"))
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        pairs.append((key.replace("-", "_") if arg.startswith("--") else key, value))
+        pairs.append((key.replace("-", "_") if dashed else key, value))
         i += 1
     return pairs
 
@@ -186,9 +180,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> N
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> list[Problem]:
-    """Unknown keys anywhere in the recipe, each with the closest valid key."""
-    problems = []
+def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) -> list[Problem]:
+    """Unknown keys anywhere in the recipe, each with the closest valid key; training/peft values checked (and
+    coerced in place) against the HF dataclass annotations. Type problems are listed after the key ones."""
+    problems, typed = [], []
     top = {"task", *SECTIONS, "training"}
     for key in data:
         if key not in top:
@@ -202,10 +197,22 @@ def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> lis
                                     "indent its fields under it", lines.get(section)))
             continue
         known = _known_keys(section, data)
-        for key in body:
+        fields: dict[str, str] = {}
+        if section == "training":
+            fields = training_fields(data.get("task", "causal_lm"))
+        elif section == "peft":
+            fields = peft_fields(body.get("method", "lora"))
+        for key, value in body.items():
+            path = f"{section}.{key}"
+            if section in ("training", "peft") and key.endswith("_strategy") and value is False:
+                body[key] = value = "no"  # YAML 1.1 reads a bare `no` as false
+            if key in fields and value is not None:
+                ok, body[key] = coerce(value, fields[key])
+                if not ok:
+                    typed.append(Problem(source, path, f"expected {fields[key]}, got {value!r}",
+                                         "fix the value's type", lines.get(path)))
             if key in known or (section == "peft" and "method" not in known):
                 continue
-            path = f"{section}.{key}"
             if section == "peft" and key in PEFT_MANAGED:
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"
             elif section == "training" and data.get("task") == "seq_cls" \
@@ -217,29 +224,7 @@ def _check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> lis
                 msg = f"unknown field for peft method '{method}'" if method else "unknown field"
                 fix = suggest(key, known)
             problems.append(Problem(source, path, msg, fix, lines.get(path)))
-    return problems
-
-
-def _check_training_types(data: dict[str, Any], source: str, lines: dict[str, int]) -> list[Problem]:
-    """Check (and coerce in place) training/peft values against the HF dataclass annotations."""
-    problems = []
-    for section, fields in (("training", training_fields(data.get("task", "causal_lm"))),
-                            ("peft", peft_fields((data.get("peft") or {}).get("method", "lora")))):
-        body = data.get(section)
-        if not isinstance(body, dict):
-            continue
-        for key, value in body.items():
-            if key.endswith("_strategy") and value is False:  # YAML 1.1 reads a bare `no` as false
-                body[key] = value = "no"
-            if key in fields and value is not None:
-                ok, converted = coerce(value, fields[key])
-                if ok:
-                    body[key] = converted
-                else:
-                    path = f"{section}.{key}"
-                    problems.append(Problem(source, path, f"expected {fields[key]}, got {value!r}",
-                                            "fix the value's type", lines.get(path)))
-    return problems
+    return problems + typed
 
 
 def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int]) -> list[Problem]:
@@ -266,7 +251,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
     model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
     if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:
         model["name_or_path"] = str(model.get("config") or "")
-    problems = _check_keys(data, source, lines) + _check_training_types(data, source, lines)
+    problems = _check_sections(data, source, lines)
     recipe = None
     try:
         recipe = Recipe.model_validate(data)

@@ -12,12 +12,6 @@ from typing import Any, Iterable, Iterator
 from lora_ns.errors import Problem, UserError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def atomic_output(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temp file beside `path`; on a clean exit it replaces `path`, on an error it is removed.
@@ -30,7 +24,9 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator[Any]:
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the mode open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode open() would
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,8 +65,6 @@ def guard_output_file(path: str | Path, overwrite: bool, flag: str = "--output-f
         raise UserError(Problem(str(path), flag, "is a folder", "give a file path"))
     if why := unwritable(path):
         raise UserError(Problem(str(path), flag, why, "choose a path you can write to"))
-
-
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Callable
 
 from lora_ns.builtin_models import cache_dir
@@ -32,34 +31,25 @@ def peft_config_class(method: str):
     return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[PEFT_TYPES[method]]]
 
 
-def _annotation(kind: object) -> str:
-    """A field's type as source-like text (`int | None`, `Optional[str]`), whatever form it is stored in."""
-    if isinstance(kind, str):
-        return kind
-    if isinstance(kind, type):
-        return kind.__name__
-    return str(kind).replace("typing.", "")
-
-
 def _init_fields(cls) -> dict[str, str]:
-    fields = dataclasses.fields(cls)
-    return {f.name: _annotation(f.type) for f in fields if f.init and not f.name.startswith("_")}
+    """Each init field's type as source-like text (`int | None`, `Optional[str]`), whatever form it is in."""
+    def text(kind: object) -> str:  # a class, a typing object, or already text (postponed annotations)
+        return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+    return {f.name: text(f.type) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
-def _cache_file() -> Path:
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "none"
-
-    tag = "-".join(f"{name}{installed(name)}" for name in ("trl", "transformers", "peft"))
-    return cache_dir() / f"fields-{tag}.json"
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "none"
 
 
 def _cached(key: str, read: Callable[[], dict[str, str]]) -> dict[str, str]:
     """`read()`, remembered on disk per library versions (a broken or unwritable cache is only slower)."""
-    path = _cache_file()
+    tag = "-".join(f"{name}{_version(name)}" for name in ("trl", "transformers", "peft"))
+    path = cache_dir() / f"fields-{tag}.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -88,6 +78,7 @@ def training_fields(task: str) -> dict[str, str]:
 
 @functools.cache
 def peft_fields(method: str) -> dict[str, str]:
+    """Map field name -> annotation of the method's peft config class ({} for full or an unknown method)."""
     if method not in PEFT_TYPES:
         return {}
     return _cached(f"peft:{PEFT_TYPES[method]}", lambda: _init_fields(peft_config_class(method)))
@@ -103,20 +94,17 @@ LORA_NS_TRAINING_FIELDS = {
 
 
 _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "NoneType": type(None),
-           "list": list, "dict": dict, "Optional": None}
+           "list": list, "List": list, "tuple": list, "Tuple": list, "Sequence": list,
+           "dict": dict, "Dict": dict, "Optional": None}
 
 
 def allowed_types(annotation: str) -> set[type] | None:
     """Plain Python types an annotation admits, or None when it names anything richer (accept all)."""
-    names = {n.split("[")[0].strip() for n in
-             annotation.replace("Optional[", "None|").replace("Union[", "").replace("]", "")
-             .replace(",", "|").split("|")}
-    names = {n.split(".")[-1] for n in names if n}
-    names = {"list" if n in ("List", "tuple", "Tuple", "Sequence") else n for n in names}
-    names = {"dict" if n == "Dict" else n for n in names}
-    if not names <= set(_SIMPLE) or "Any" in names:
+    parts = annotation.replace("Optional[", "None|").replace("Union[", "").replace("]", "").replace(",", "|")
+    names = {n.split("[")[0].strip().split(".")[-1] for n in parts.split("|")} - {""}
+    if not names <= set(_SIMPLE):
         return None
-    return {_SIMPLE[n] for n in names if _SIMPLE[n] is not None}
+    return {_SIMPLE[n] for n in names} - {None}
 
 
 def coerce(value: object, annotation: str) -> tuple[bool, object]:

@@ -1,16 +1,9 @@
 """Load the tokenizer and the model a recipe names: dtype, attention, bitsandbytes quantization.
 
-Everything here is transformers/peft doing the work; this module only turns recipe fields into
-their arguments:
-
-- ``model.dtype``: bf16 / fp16 / fp32, or "auto" = bf16 on a GPU that supports it, else fp32
-  (CPUs run bf16 matmuls slowly, and fp16 training needs a GPU).
-- ``model.attn_implementation``: passed to ``from_pretrained``; flash attention is checked first so a
-  missing package is one line (`attention_problem`), not a stack trace from deep inside the load.
-- ``quantization``: a ``BitsAndBytesConfig`` (4-bit nf4/fp4 with double quant, compute dtype and
-  storage dtype, or 8-bit), then peft's ``prepare_model_for_kbit_training``. Under DDP each rank
-  loads its quantized copy onto its own device (``device_map={"": local_rank}``).
-- The tokenizer gets a pad token when it has none, and the recipe's chat template when it has none.
+transformers/peft do the work; this module turns recipe fields into their arguments, and checks first what
+would otherwise fail deep inside a load (a missing flash-attn, pickle-only weights, a broken chat template).
+Quantized models get peft's ``prepare_model_for_kbit_training``; under DDP each rank loads its quantized
+copy onto its own device (``device_map={"": local_rank}``).
 """
 
 from __future__ import annotations
@@ -34,15 +27,20 @@ FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention)")}
 
 
-def torch_dtype(name: str):
-    """Recipe dtype name -> torch dtype; "auto" picks bf16 where the hardware supports it, else fp32."""
+def dtype_name(name: str) -> str:
+    """bf16/fp16/fp32 as named; "auto" is bf16 on a GPU that supports it, else fp32 (CPUs run bf16 matmuls
+    slowly, and fp16 training needs a GPU)."""
     import torch
 
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, _DTYPES[name])
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, _DTYPES[dtype_name(name)])
 
 
 def attention_problem(recipe: Recipe) -> Problem | None:
@@ -63,14 +61,6 @@ def gradient_checkpointing(recipe: Recipe) -> bool:
     return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", recipe.quantized)))
 
 
-def dtype_name(name: str) -> str:
-    """The recipe name (bf16/fp16/fp32) of what `torch_dtype` resolves `name` to on this machine."""
-    import torch
-
-    resolved = torch_dtype(name)
-    return next(short for short, long in _DTYPES.items() if getattr(torch, long) == resolved)
-
-
 def quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig, or None."""
     q = recipe.quantization
@@ -81,7 +71,7 @@ def quantization_config(recipe: Recipe):
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = recipe.model.dtype if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
-    storage = "uint8" if q.bnb_4bit_quant_storage == "uint8" else _DTYPES[q.bnb_4bit_quant_storage]
+    storage = _DTYPES.get(q.bnb_4bit_quant_storage, "uint8")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage)
@@ -208,11 +198,10 @@ def quantized_device_map() -> dict[str, Any] | str | None:
 
 def label_kwargs(recipe: Recipe) -> dict[str, Any]:
     """seq_cls: num_labels, and id2label/label2id from model.labels so saved configs carry class names."""
-    m = recipe.model
-    kwargs: dict[str, Any] = {"num_labels": m.num_labels or len(m.labels or []) or 2}
-    if m.labels:
-        kwargs["id2label"] = dict(enumerate(m.labels))
-        kwargs["label2id"] = {name: i for i, name in enumerate(m.labels)}
+    labels = recipe.model.labels or []
+    kwargs: dict[str, Any] = {"num_labels": recipe.model.num_labels or len(labels) or 2}
+    if labels:
+        kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     return kwargs
 
 
@@ -235,13 +224,11 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
 def head_loaded_next(task: str) -> Iterator[None]:
     """Around loading the base of a seq_cls adapter: hide transformers' LOAD REPORT ("classifier.weight |
     MISSING ... newly initialized"), which is wrong here because the adapter's saved head is loaded next."""
-    if task != "seq_cls":
-        yield
-        return
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    if task == "seq_cls":
+        hf_logging.set_verbosity_error()
     try:
         yield
     finally:
