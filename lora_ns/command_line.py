@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import fail
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -39,7 +39,7 @@ class CommandParser(argparse.ArgumentParser):
         return out
 
     def error(self, message: str):  # one line, like every other user error, instead of usage + error
-        raise UserError(Problem("<command line>", "", message, f"run '{self.prog} --help'"))
+        raise fail("<command line>", "", message, f"run '{self.prog} --help'")
 
 
 def at_least_one(text: str) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lora_ns.errors import Problem, UserError, suggest
+from lora_ns.errors import Problem, UserError, fail, suggest
 from lora_ns.hf_fields import coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import read_yaml
 
@@ -140,8 +140,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             followed = i + 1 < len(args) and not args[i + 1].startswith("--")
             i, raw = (i + 1, args[i + 1]) if followed else (i, "true")
         elif not eq:
-            raise UserError(Problem("<command line>", arg, "not an override",
-                                    "write key.sub=value or --key.sub value"))
+            raise fail("<command line>", arg, "not an override", "write key.sub=value or --key.sub value")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -168,7 +167,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> N
             owners = [s for s in (*SECTIONS, "training") if key in _known_keys(s, data)]
             if len(owners) != 1:
                 why = f"is in several sections ({', '.join(owners)})" if owners else "is not a recipe field"
-                raise UserError(Problem("<command line>", key, why, "write it as section.field=value"))
+                raise fail("<command line>", key, why, "write it as section.field=value")
             path = [owners[0], key]
         node = data
         for part in path[:-1]:
@@ -246,8 +245,8 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
     """Validate a raw recipe dict into a `Recipe` (schema only; cross-field rules: lora_ns.validate.rules)."""
     lines = lines or {}
     if "task" in data and data["task"] not in Task.__args__:
-        raise UserError(Problem(source, "task", f"got {data['task']!r}",
-                                f"use one of: {', '.join(Task.__args__)}", lines.get("task")))
+        raise fail(source, "task", f"got {data['task']!r}", f"use one of: {', '.join(Task.__args__)}",
+                   lines.get("task"))
     model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
     if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:
         model["name_or_path"] = str(model.get("config") or "")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import fail
 
 
 @contextmanager
@@ -60,11 +60,11 @@ def unwritable(path: str | Path) -> str | None:
 def guard_output_file(path: str | Path, overwrite: bool, flag: str = "--output-file") -> None:
     """Refuse to replace an existing file unless asked (checked before any model is loaded)."""
     if Path(path).exists() and not overwrite:
-        raise UserError(Problem(str(path), flag, "already exists", "choose another path or pass --overwrite"))
+        raise fail(str(path), flag, "already exists", "choose another path or pass --overwrite")
     if Path(path).is_dir():
-        raise UserError(Problem(str(path), flag, "is a folder", "give a file path"))
+        raise fail(str(path), flag, "is a folder", "give a file path")
     if why := unwritable(path):
-        raise UserError(Problem(str(path), flag, why, "choose a path you can write to"))
+        raise fail(str(path), flag, why, "choose a path you can write to")
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

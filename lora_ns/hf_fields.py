@@ -1,11 +1,9 @@
-"""Field names and type annotations of the Hugging Face config dataclasses a recipe's sections feed.
+"""Field names and types of the HF config dataclasses a recipe's `training:` and `peft:` sections feed:
+TRL's `SFTConfig` (causal_lm, cpt), transformers' `TrainingArguments` (seq_cls), the method's peft config.
 
-Read from the real classes with `dataclasses.fields`: TRL's `SFTConfig` (causal_lm, cpt),
-transformers' `TrainingArguments` (seq_cls), and the peft config class of the recipe's method (peft's
-public `PEFT_TYPE_TO_CONFIG_MAPPING`). Each is imported only when a recipe needs it, since the imports
-take seconds. What was read is kept in ``$LORA_NS_CACHE/fields-<versions>.json``, keyed by the installed
-versions of trl, transformers and peft (read from package metadata, no import), so checking a recipe's
-keys (``validate --no-model --no-data``) needs no heavy import after the first run.
+Importing them takes seconds, so what `dataclasses.fields` reads is kept in
+``$LORA_NS_CACHE/fields-<versions>.json``, keyed by the installed trl/transformers/peft versions (package
+metadata, no import): checking a recipe's keys (``validate --no-model --no-data``) imports none of them.
 """
 
 from __future__ import annotations

@@ -115,10 +115,10 @@ def named_template(name: str) -> Path | None:
     ours = TEMPLATES_DIR / f"{name}.jinja"
     if ours.is_file():
         return ours
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
+    trl = importlib.util.find_spec("trl")  # found, not imported: importing trl takes seconds
+    if trl is None or trl.origin is None:
         return None
-    theirs = Path(list(spec.submodule_search_locations)[0]) / "chat_templates" / f"{name}_training.jinja"
+    theirs = Path(trl.origin).parent / "chat_templates" / f"{name}_training.jinja"
     return theirs if theirs.is_file() else None
 
 
@@ -182,20 +182,6 @@ def sharded_training() -> bool:
     return is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def quantized_device_map() -> dict[str, Any] | str | None:
-    """Where a bitsandbytes model goes: this rank's GPU under DDP (one full copy per rank), else the CPU;
-    None under ZeRO-3/FSDP, which refuse a device_map."""
-    import torch
-
-    if sharded_training():
-        return None
-    if not torch.cuda.is_available():
-        return "cpu"
-    from accelerate import PartialState
-
-    return {"": PartialState().local_process_index}
-
-
 def label_kwargs(recipe: Recipe) -> dict[str, Any]:
     """seq_cls: num_labels, and id2label/label2id from model.labels so saved configs carry class names."""
     labels = recipe.model.labels or []
@@ -213,8 +199,13 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     quant = quantization_config(recipe)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if (device_map := quantized_device_map()) is not None:
-            kwargs["device_map"] = device_map
+        if not sharded_training():  # ZeRO-3/FSDP place the weights themselves and refuse a device_map
+            import torch
+            from accelerate import PartialState
+
+            # Under DDP one full quantized copy per rank, on its own GPU; else the CPU.
+            gpu = torch.cuda.is_available()
+            kwargs["device_map"] = {"": PartialState().local_process_index} if gpu else "cpu"
     if recipe.task == "seq_cls":
         kwargs.update(label_kwargs(recipe))
     return kwargs
