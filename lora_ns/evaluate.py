@@ -21,7 +21,7 @@ from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.errors import UserError, fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, prompt_of, reply_logprob
+from lora_ns.inference import classify, generate, load, pair_of, prompt_of, reply_logprob
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              optional, perplexity)
 
@@ -108,10 +108,9 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
 
 
 def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The metrics, and one row per example with what was predicted."""
     progress, count = not args.no_progress, loaded.model.config.num_labels
     if kind == "classification":
-        pairs = [(e["sentence1"], e.get("sentence2")) for e in examples]
+        pairs = [pair_of(e) for e in examples]
         results = classify(loaded, pairs, batch_size=args.batch_size, progress=progress)
         rows = [{"row": e.get("row"), "sentence1": e["sentence1"], "sentence2": e.get("sentence2"),
                  "label": label_id(e["label"], recipe.model.labels, count), "predicted": r["label_id"],

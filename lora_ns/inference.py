@@ -104,19 +104,6 @@ def detect_task(path: str | Path, recipe: Recipe | None = None) -> str:
 
 # --- loading ----------------------------------------------------------------------------------------
 
-def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_code: bool = False):
-    """The tokenizer saved with the model: a pad token as in training; left padding to generate."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = chat_template_text(recipe)
-    tokenizer.padding_side = "right" if task == "seq_cls" else "left"
-    return tokenizer
-
-
 def base_kwargs(recipe: Recipe | None) -> dict[str, Any]:
     """from_pretrained arguments: as training loaded the model (`lora_ns.model`), else as saved."""
     return model_kwargs(recipe) if recipe is not None else {"use_safetensors": True, "dtype": "auto"}
@@ -150,8 +137,10 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
 
 
 def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Loaded:
-    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any."""
+    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any, with
+    the tokenizer saved with it."""
     import torch
+    from transformers import AutoTokenizer
 
     local = Path(path)
     if not local.exists() and path.startswith((os.sep, ".", "~")):
@@ -172,7 +161,12 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Lo
             kwargs = {**base_kwargs(None), "trust_remote_code": trust}
             model = from_pretrained(tokenizer_path, task, **kwargs)
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
-        tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
+    if tokenizer.pad_token is None:  # as training set it
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template_text(recipe)
+    tokenizer.padding_side = "right" if task == "seq_cls" else "left"  # left to generate
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     stop_at_end_of_turn(model, tokenizer)
