@@ -34,4 +34,4 @@ echo "== the merged model answers like the adapter"
 python -m lora_ns.infer --model "$MERGED" --greedy --max-new-tokens 64 --input-file "$QUESTIONS"
 
 echo "== base vs tuned, side by side"
-python -m lora_ns.compare --tuned "$ADAPTER" --questions-file "$QUESTIONS" --max-new-tokens 64
+python -m lora_ns.infer --compare --model "$ADAPTER" --input-file "$QUESTIONS" --max-new-tokens 64

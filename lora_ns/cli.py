@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
 
 # The script names of the toolkit lora_ns descends from (validate_config.py, inference.py, merge_adapter.py).
 LEGACY_COMMANDS = {"validate_config": "validate", "inference": "infer", "merge_adapter": "merge"}
+# Commands that are a mode of another one: `lora-ns compare ARGS` runs `lora-ns infer --compare ARGS`.
+MODES = {"compare": ("infer", "--compare")}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -67,16 +69,18 @@ def _exit_code(exc: SystemExit) -> int:
 
 
 def run_command(name: str, args: list[str]) -> int:
-    """Import ``lora_ns.<name>`` and run its ``main(args)``; errors print as ``lora-ns <name>: error:``."""
+    """Import ``lora_ns.<name>`` (or the command it is a mode of) and run its ``main(args)``; errors print as
+    ``lora-ns <name>: error:``."""
+    module_name, *flags = MODES.get(name, (name,))
     try:
-        module = importlib.import_module(f"lora_ns.{name}")
+        module = importlib.import_module(f"lora_ns.{module_name}")
     except ModuleNotFoundError as err:
-        if err.name != f"lora_ns.{name}":  # a dependency of the command is missing: not our message to hide
+        if err.name != f"lora_ns.{module_name}":  # a dependency of the command is missing: not ours to hide
             raise
         raise UserError(Problem("<command line>", name, "this command is not available in this install",
                                 "update lora_ns (pip install -U lora_ns)"))
     try:
-        code = run_cli(f"{PROG} {name}", lambda: module.main(args))
+        code = run_cli(f"{PROG} {name}", lambda: module.main([*flags, *args]))
     except SystemExit as exc:
         return _exit_code(exc)
     return 0 if code is None else int(code)

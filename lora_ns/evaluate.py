@@ -19,9 +19,9 @@ from typing import Any
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import UserError, fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, prompt_of, reply_logprob
+from lora_ns.inference import classify, generate, load, pair_of, prompt_of, reply_logprob
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              optional, perplexity)
 
@@ -71,7 +71,7 @@ def eval_examples(recipe, split: str | None, data_file: str | None, limit: int |
     """Canonical (un-rendered) eval examples and where they come from."""
     cfg = recipe.dataset
     if data_file and not Path(data_file).exists():
-        raise UserError(Problem(data_file, "--data-file", "file not found", "check the path"))
+        raise fail(data_file, "--data-file", "file not found", "check the path")
     if not (data_file or split or cfg.val_split is not None):
         raise UserError(recipe.problem("dataset.val_split", "the recipe has no eval split",
                                        "set dataset.val_split, or pass --split NAME or --data-file FILE"))
@@ -80,7 +80,7 @@ def eval_examples(recipe, split: str | None, data_file: str | None, limit: int |
         where = f"{cfg.val_split} held out of {cfg.path} (seed {cfg.seed})"
     examples = list(formatted_examples(recipe, data_file or split or cfg.val_split, limit))
     if not examples:
-        raise UserError(Problem(where, "", "no eval examples", "check the split / file"))
+        raise fail(where, "", "no eval examples", "check the split / file")
     return examples, where
 
 
@@ -107,11 +107,10 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
     return float(loss)
 
 
-def run_evaluation(loaded, recipe, examples, args) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """(kind, metrics, one row per example with what was predicted)."""
-    kind, progress, count = eval_kind(recipe), not args.no_progress, loaded.model.config.num_labels
+def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    progress, count = not args.no_progress, loaded.model.config.num_labels
     if kind == "classification":
-        pairs = [(e["sentence1"], e.get("sentence2")) for e in examples]
+        pairs = [pair_of(e) for e in examples]
         results = classify(loaded, pairs, batch_size=args.batch_size, progress=progress)
         rows = [{"row": e.get("row"), "sentence1": e["sentence1"], "sentence2": e.get("sentence2"),
                  "label": label_id(e["label"], recipe.model.labels, count), "predicted": r["label_id"],
@@ -140,30 +139,31 @@ def run_evaluation(loaded, recipe, examples, args) -> tuple[str, dict[str, Any],
     if kind in ("generation", "perplexity"):
         loss = mean_eval_loss(loaded, recipe, examples, args.batch_size, progress=progress)
         metrics.update({"eval_loss": loss, "perplexity": perplexity(loss)})
-    return kind, metrics, rows
+    return metrics, rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
     model_path = args.adapter or args.model
     if args.adapter and not Path(args.adapter).is_dir():
-        raise UserError(Problem(args.adapter, "--adapter", "folder not found", "point it at an output_dir"))
+        raise fail(args.adapter, "--adapter", "folder not found", "point it at an output_dir")
     named = Path("outputs", "eval", re.sub(r"[^\w.-]+", "_", model_path))
     out = Path(args.output_dir or (Path(model_path) / "eval" if Path(model_path).is_dir() else named))
     for name in (METRICS_FILE, PREDICTIONS_FILE):
         guard_output_file(out / name, args.overwrite, "--output-dir")
     recipe = load_recipe(args.recipe, overrides)  # schema only: training-time rules don't apply here
-    if args.metric and eval_kind(recipe) in ("preference", "perplexity"):
-        raise UserError(Problem("<command line>", "--metric", f"{eval_kind(recipe)} evaluation has no "
-                                "predictions to score", "drop --metric for this recipe"))
+    kind = eval_kind(recipe)
+    if args.metric and kind in ("preference", "perplexity"):
+        raise fail("<command line>", "--metric", f"{kind} evaluation has no predictions to score",
+                   "drop --metric for this recipe")
     library = [library_metric(name) for name in args.metric]  # before the model: a bad name fails fast
-    if eval_kind(recipe) == "generation":  # BLEU/ROUGE are the `metrics` extra: check before the model
+    if kind == "generation":  # BLEU/ROUGE are the `metrics` extra: check before the model
         optional("sacrebleu"), optional("rouge_score.rouge_scorer")
     examples, where = eval_examples(recipe, args.split, args.data_file, args.limit)
 
     started = time.time()
     loaded = load(model_path, base=args.base, recipe=recipe)
-    kind, metrics, rows = run_evaluation(loaded, recipe, examples, args)
+    metrics, rows = run_evaluation(kind, loaded, recipe, examples, args)
     predicted, reference = ("predicted", "label") if kind == "classification" else ("prediction", "reference")
     for metric in library:  # beside ours, on the same predictions and references
         scores = metric.compute(predictions=[r[predicted] for r in rows],

@@ -1,6 +1,9 @@
-"""``python -m lora_ns.infer --model PATH (--prompt TEXT | --input-file FILE)``: run a model on prompts.
+"""``python -m lora_ns.infer --model PATH (--prompt TEXT | --input-file FILE | --interactive)``: run a model.
 
 Causal models generate; seq_cls models print the predicted label and every class probability.
+``--compare`` (``lora-ns compare``) answers with the base model too, side by side: both get the prompt
+rendered with the tuned model's recipe (chat template, system prompt), greedy unless ``--sample``; a file
+of prompts becomes a JSON list of {prompt, base, tuned}.
 """
 
 from __future__ import annotations
@@ -8,19 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
-from lora_ns.command_line import CommandParser
+from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
-from lora_ns.errors import Problem, UserError, run_cli
-from lora_ns.fileio import guard_output_file, write_jsonl_atomic
-from lora_ns.inference import (add_generation_flags, classify, generate, generation_options, load, pair_of,
-                               prompt_of, read_inputs)
+from lora_ns.errors import fail, run_cli
+from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
+from lora_ns.inference import classify, generate, load, pair_of, prompt_of, read_inputs
 
 PROG = "lora_ns.infer"
-# Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
-# The flags of the inference.py script lora_ns descends from (README, "Train a recipe on GPUs").
+# The flags of the scripts lora_ns descends from (inference.py; README, "Train a recipe on GPUs") and of
+# `lora-ns compare` (snake_case spellings are accepted anyway).
 LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input_text": "--prompt",
-                "--config": "--recipe"}
+                "--config": "--recipe", "--tuned": "--model", "--questions-file": "--input-file",
+                "--output": "--output-file"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -29,44 +33,103 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="training output dir (adapter), merged dir, folder, hub id or builtin:<name>")
     parser.add_argument("--base", help="base model for an adapter (default: the one in adapter_config.json)")
+    parser.add_argument("--compare", action="store_true", help="also answer with --base, side by side")
     parser.add_argument("--recipe", help="render prompts as this recipe does (default: its recipe.yaml)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
     source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
-    parser.add_argument("--output-file", help="write results here as JSON lines (default: print)")
+    source.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line")
+    parser.add_argument("--output-file", help="write results here (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
-    add_generation_flags(parser, greedy=False)
+    for flag, kind, default in (("--batch-size", at_least_one, 8), ("--max-new-tokens", at_least_one, 256),
+                                ("--temperature", float, 0.7), ("--top-p", float, 0.9), ("--seed", int, 0)):
+        parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--greedy", action="store_true", default=None,
+                        help="greedy decoding, ignoring temperature/top-p (the default with --compare)")
+    parser.add_argument("--sample", dest="greedy", action="store_false", default=None,
+                        help="sample with --temperature and --top-p (the default without --compare)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `generate` keywords of the flags, checked before any model loads."""
+    greedy = args.compare if args.greedy is None else args.greedy
+    if not greedy and not args.temperature > 0:
+        raise fail("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
+                   "use e.g. 0.7, or greedy decoding for deterministic output")
+    if not 0 < args.top_p <= 1:
+        raise fail("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9")
+    keys = ("max_new_tokens", "temperature", "top_p", "batch_size", "seed")
+    return {"greedy": greedy, **{key: getattr(args, key) for key in keys}}
+
+
+def answer(loaded, base, rows: list[dict[str, Any]], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One result a row: a classification, {"output"}, or with a `base` {"prompt", "base", "tuned"}."""
+    if loaded.task == "seq_cls":
+        batch, progress = options["batch_size"], options["progress"]
+        return classify(loaded, [pair_of(r) for r in rows], batch_size=batch, progress=progress)
+    prompts = [prompt_of(r) for r in rows]
+    if base is None:
+        return [{"output": text} for text in generate(loaded, prompts, **options)]
+    options = {**options, "recipe": loaded.recipe}  # the base gets the prompts as the tuned model sees them
+    pairs = zip(prompts, generate(base, prompts, **options), generate(loaded, prompts, **options))
+    return [{"prompt": p, "base": b, "tuned": t} for p, b, t in pairs]
+
+
+def shown(result: dict[str, Any]) -> str:
+    """A result as printed for one prompt."""
+    if "tuned" in result:
+        return f"[base]  {result['base']}\n[tuned] {result['tuned']}"
+    if "probabilities" in result:
+        probabilities = result["probabilities"].items()
+        return result["label"] + "".join(f"\n  {name}: {p:.4f}" for name, p in probabilities)
+    return result["output"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     options = generation_options(args)
     if args.prompt is not None and not args.prompt.strip():
-        raise UserError(Problem("<command line>", "--prompt", "is empty", "give the text to answer"))
+        raise fail("<command line>", "--prompt", "is empty", "give the text to answer")
+    if args.output_file and args.interactive:
+        raise fail("<command line>", "--output-file", "not with --interactive",
+                   "redirect stdout to keep an interactive session")
     if args.output_file:
         guard_output_file(args.output_file, args.overwrite)
-    rows = [{"prompt": args.prompt}] if args.prompt is not None else read_inputs(args.input_file)
+    rows = read_inputs(args.input_file) if args.input_file else [{"prompt": args.prompt}]
     recipe = load_recipe(args.recipe) if args.recipe else None
-    loaded = load(args.model, base=args.base, recipe=recipe)
-    progress = not args.no_progress and args.prompt is None
-    if loaded.task == "seq_cls":
-        results = classify(loaded, [pair_of(r) for r in rows], batch_size=args.batch_size, progress=progress)
-    else:
-        texts = generate(loaded, [prompt_of(r) for r in rows], progress=progress, **options)
-        results = [{"output": t} for t in texts]
+    loaded, base = load(args.model, base=args.base, recipe=recipe), None
+    if args.compare:
+        if loaded.task == "seq_cls":
+            raise fail(args.model, "--compare", "compare is for generative models",
+                       "use lora_ns.evaluate for classifiers")
+        if not (args.base or loaded.base):
+            raise fail("<command line>", "--base", "needed when --model is not an adapter folder",
+                       "pass --base MODEL")
+        base = load(args.base or loaded.base)
+    if args.interactive:
+        if sys.stdin.isatty():
+            print("type a prompt and press Enter (Ctrl-D to quit)")
+        for prompt in (line.rstrip("\n") for line in sys.stdin if line.strip()):
+            result = answer(loaded, base, [{"prompt": prompt}], {**options, "progress": False})[0]
+            print(f">>> {prompt}\n{shown(result)}\n", flush=True)
+        return 0
+    progress = not args.no_progress and args.input_file is not None
+    results = answer(loaded, base, rows, {**options, "progress": progress})
+    if not args.compare:
+        results = [{**row, **result} for row, result in zip(rows, results)]
     if args.output_file:
-        write_jsonl_atomic(args.output_file, [{**r, **res} for r, res in zip(rows, results)])
-        print(f"wrote {len(results)} results to {args.output_file}", file=sys.stderr)
-    elif args.prompt is None:
-        for row, result in zip(rows, results):
-            print(json.dumps({**row, **result}, ensure_ascii=False))
-    elif "probabilities" in results[0]:
-        probabilities = results[0]["probabilities"].items()
-        print(results[0]["label"] + "".join(f"\n  {name}: {p:.4f}" for name, p in probabilities))
+        (write_json_atomic if args.compare else write_jsonl_atomic)(args.output_file, results)
+        what = "comparisons" if args.compare else "results"
+        print(f"wrote {len(results)} {what} to {args.output_file}", file=sys.stderr)
+    elif args.prompt is not None:
+        print(shown(results[0]))
+    elif args.compare:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
     else:
-        print(results[0]["output"])
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False))
     return 0
 
 

@@ -8,7 +8,6 @@ Prompts are rendered as training rendered them (`lora_ns.data.render.prompt_text
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from contextlib import contextmanager
@@ -17,10 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.command_line import at_least_one
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, uses_chat_template
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import fail
 from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs
 from lora_ns.setup import safetensors_defect
 
@@ -56,9 +54,9 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         reason = str(err).splitlines()[0][:120]
-        raise UserError(Problem(str(path), "", f"not a readable adapter config ({reason})", RESAVE))
+        raise fail(str(path), "", f"not a readable adapter config ({reason})", RESAVE)
     if not isinstance(config, dict) or not config.get("peft_type"):
-        raise UserError(Problem(str(path), "peft_type", "missing: not a peft adapter config", RESAVE))
+        raise fail(str(path), "peft_type", "missing: not a peft adapter config", RESAVE)
     return config
 
 
@@ -69,10 +67,10 @@ def check_adapter(folder: str | Path) -> None:
     if not weights.is_file():
         pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
         found = "not found" + pickle * weights.with_suffix(".bin").is_file()
-        raise UserError(Problem(str(weights), "", found, "re-save the adapter as safetensors "
-                                "(save_pretrained), or point at a complete training output_dir"))
+        raise fail(str(weights), "", found, "re-save the adapter as safetensors (save_pretrained), "
+                   "or point at a complete training output_dir")
     if why := safetensors_defect(weights):
-        raise UserError(Problem(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter"))
+        raise fail(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter")
 
 
 def saved_recipe(folder: str | Path) -> Recipe | None:  # training (and merge) save it beside the weights
@@ -88,8 +86,8 @@ def adapter_base(folder: str | Path, base: str | None = None, recipe: Recipe | N
     if not base and gone and recipe is not None:
         named = recipe.model.name_or_path
     if not named:
-        raise UserError(Problem(str(Path(folder) / ADAPTER_CONFIG), "base_model_name_or_path",
-                                "the adapter does not name its base model", "pass --base MODEL"))
+        raise fail(str(Path(folder) / ADAPTER_CONFIG), "base_model_name_or_path",
+                   "the adapter does not name its base model", "pass --base MODEL")
     return resolve_model_path(named)
 
 
@@ -106,19 +104,6 @@ def detect_task(path: str | Path, recipe: Recipe | None = None) -> str:
 
 # --- loading ----------------------------------------------------------------------------------------
 
-def load_tokenizer(path: str, recipe: Recipe | None, task: str, trust_remote_code: bool = False):
-    """The tokenizer saved with the model: a pad token as in training; left padding to generate."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = chat_template_text(recipe)
-    tokenizer.padding_side = "right" if task == "seq_cls" else "left"
-    return tokenizer
-
-
 def base_kwargs(recipe: Recipe | None) -> dict[str, Any]:
     """from_pretrained arguments: as training loaded the model (`lora_ns.model`), else as saved."""
     return model_kwargs(recipe) if recipe is not None else {"use_safetensors": True, "dtype": "auto"}
@@ -131,8 +116,8 @@ def one_line_errors(path: str, flag: str) -> Iterator[None]:
         yield
     except (OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise UserError(Problem(path, flag, f"cannot load the model: {reason}", "check the path or hub id "
-                                "(offline, only local folders and builtin: models load)")) from None
+        fix = "check the path or hub id (offline, only local folders and builtin: models load)"
+        raise fail(path, flag, f"cannot load the model: {reason}", fix) from None
 
 
 def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
@@ -152,12 +137,14 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
 
 
 def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Loaded:
-    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any."""
+    """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any, with
+    the tokenizer saved with it."""
     import torch
+    from transformers import AutoTokenizer
 
     local = Path(path)
     if not local.exists() and path.startswith((os.sep, ".", "~")):
-        raise UserError(Problem(path, "--model", "model folder not found", "check the path (an output_dir?)"))
+        raise fail(path, "--model", "model folder not found", "check the path (an output_dir?)")
     recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
     trust = bool(recipe and recipe.model.trust_remote_code)
     with one_line_errors(path, "--model"):
@@ -174,7 +161,12 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Lo
             kwargs = {**base_kwargs(None), "trust_remote_code": trust}
             model = from_pretrained(tokenizer_path, task, **kwargs)
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
-        tokenizer = load_tokenizer(tokenizer_path, recipe, task, trust)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
+    if tokenizer.pad_token is None:  # as training set it
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template_text(recipe)
+    tokenizer.padding_side = "right" if task == "seq_cls" else "left"  # left to generate
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     stop_at_end_of_turn(model, tokenizer)
@@ -189,11 +181,11 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a .txt (one prompt a line) or .jsonl file ("prompt", "messages", "text" or "sentence1")."""
     file, where = Path(path), str(path)
     if not file.is_file():
-        raise UserError(Problem(where, "--input-file", "file not found", "check the path"))
+        raise fail(where, "--input-file", "file not found", "check the path")
     try:
         lines = file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(Problem(where, "--input-file", f"cannot read it ({err})", "save it as UTF-8 text"))
+        raise fail(where, "--input-file", f"cannot read it ({err})", "save it as UTF-8 text")
     jsonl, rows = file.suffix in (".jsonl", ".json"), []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -201,15 +193,14 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line) if jsonl else {"prompt": line}
         except json.JSONDecodeError as err:
-            raise UserError(Problem(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line",
-                                    number))
+            raise fail(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line", number)
         if not isinstance(row, dict) or not {"prompt", "messages", "text", "sentence1"} & set(row):
-            raise UserError(Problem(where, "prompt", "row has no prompt",
-                                    'give each line a "prompt" (or "messages") field', number))
+            raise fail(where, "prompt", "row has no prompt",
+                       'give each line a "prompt" (or "messages") field', number)
         rows.append(row)
     if not rows:
-        raise UserError(Problem(where, "" if jsonl else "--input-file", "no prompts in the file",
-                                "add one prompt a line"))
+        raise fail(where, "" if jsonl else "--input-file", "no prompts in the file",
+                   "add one prompt a line")
     return rows
 
 
@@ -236,8 +227,8 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
     else:
         chat = listed or (recipe.task != "cpt" and uses_chat_template(recipe, tokenizer))
     if chat and not tokenizer.chat_template:
-        raise UserError(Problem("<prompt>", "messages", "the model's tokenizer has no chat template",
-                                "give plain prompts, or set model.chat_template in the recipe"))
+        raise fail("<prompt>", "messages", "the model's tokenizer has no chat template",
+                   "give plain prompts, or set model.chat_template in the recipe")
     if recipe is not None and (chat or recipe.task != "cpt"):
         # prompt_text renders up to the last assistant turn: an empty one stands for the reply to come
         reply = {"role": "assistant", "content": ""}
@@ -321,27 +312,3 @@ def reply_logprob(loaded, prompt: PromptInput, reply: str, recipe=None) -> float
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
     return float(logprobs.gather(-1, ids[0, 1:, None])[len(head) - 1:].sum())
-
-
-# --- the decoding flags of infer and compare ---------------------------------------------------------
-
-def add_generation_flags(parser: argparse.ArgumentParser, greedy: bool) -> None:
-    """`greedy`: decode greedily unless --sample (compare); else sample unless --greedy (infer)."""
-    for flag, kind, default in (("--batch-size", at_least_one, 8), ("--max-new-tokens", at_least_one, 256),
-                                ("--temperature", float, 0.7), ("--top-p", float, 0.9), ("--seed", int, 0)):
-        parser.add_argument(flag, type=kind, default=default)
-    flag, action, say = (("--sample", "store_false", "sample (--temperature, --top-p), not greedy") if greedy
-                         else ("--greedy", "store_true", "greedy decoding (ignores temperature/top-p)"))
-    parser.add_argument(flag, dest="greedy", action=action, help=say)
-
-
-def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `generate` keywords of those flags, checked."""
-    if not args.greedy and not args.temperature > 0:
-        raise UserError(Problem("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
-                                "use e.g. 0.7, or greedy decoding for deterministic output"))
-    if not 0 < args.top_p <= 1:
-        raise UserError(Problem("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}",
-                                "use e.g. 0.9"))
-    keys = ("max_new_tokens", "greedy", "temperature", "top_p", "batch_size", "seed")
-    return {key: getattr(args, key) for key in keys}

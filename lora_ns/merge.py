@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lora_ns.command_line import CommandParser
 from lora_ns.config import load_recipe
-from lora_ns.errors import Problem, UserError, run_cli
-from lora_ns.fileio import unwritable, write_json_atomic
+from lora_ns.errors import fail, run_cli
+from lora_ns.fileio import atomic_folder, unwritable, write_json_atomic
 from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
                                check_adapter, detect_task, from_pretrained, is_adapter_dir,
                                read_adapter_config, saved_recipe, stop_at_end_of_turn)
@@ -52,19 +51,18 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
-    def bad(path: Path, flag: str, message: str, fix: str = "choose a new folder") -> UserError:
-        return UserError(Problem(str(path), flag, message, fix))
-
+    where, new = str(output), "choose a new folder"
     if not is_adapter_dir(adapter):
-        raise bad(adapter, "--adapter", f"no {ADAPTER_CONFIG} there", "point it at a training output_dir")
+        raise fail(str(adapter), "--adapter", f"no {ADAPTER_CONFIG} there",
+                   "point it at a training output_dir")
     if output.resolve() == adapter.resolve():
-        raise bad(output, "--output", "is the adapter folder")
+        raise fail(where, "--output", "is the adapter folder", new)
     if output.exists() and not output.is_dir():
-        raise bad(output, "--output", "exists and is not a folder")
+        raise fail(where, "--output", "exists and is not a folder", new)
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise bad(output, "--output", "folder exists and is not empty", "choose another or pass --overwrite")
+        raise fail(where, "--output", "folder exists and is not empty", "choose another or pass --overwrite")
     if why := unwritable(output):
-        raise bad(output, "--output", why, "choose a folder you can write to")
+        raise fail(where, "--output", why, "choose a folder you can write to")
 
 
 def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any, int]:
@@ -96,20 +94,6 @@ def max_difference(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary folder beside `target`, then put it in the old one's place: a failed write leaves
-    no new folder and the old one as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # not mkdtemp: that one is private (0700), and the rename would keep it so
-    try:
-        write(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
           requantize: bool = True, overwrite: bool = False, recipe_path: str | None = None) -> dict[str, Any]:
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
@@ -120,8 +104,8 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     check_paths(adapter, target, overwrite)
     peft_type = str(read_adapter_config(adapter)["peft_type"]).upper()
     if peft_type not in MERGEABLE:
-        raise UserError(Problem(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be "
-                                "merged", "use the adapter folder directly with lora_ns.infer"))
+        raise fail(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be merged",
+                   "use the adapter folder directly with lora_ns.infer")
     check_adapter(adapter)
     recipe = load_recipe(recipe_path) if recipe_path else saved_recipe(adapter)
     task, base_path = detect_task(adapter, recipe), adapter_base(adapter, base, recipe)
@@ -143,15 +127,12 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     info = {"adapter": str(adapter), "base": base_path, "task": task, "dtype": save_dtype,
             "requantized": bool(rounded), "requantized_layers": rounded,
             "max_logit_diff_fp32": diff_fp32, "max_logit_diff_saved": diff_saved}
-
-    def write(folder: Path) -> None:
+    with atomic_folder(target) as folder:
         merged.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
         if (adapter / RECIPE_FILE).is_file():
             shutil.copy2(adapter / RECIPE_FILE, folder / RECIPE_FILE)
         write_json_atomic(folder / MERGE_INFO, info)
-
-    write_atomically(target, write)
     return info
 
 

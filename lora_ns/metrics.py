@@ -9,7 +9,7 @@ import re
 from typing import Any, Sequence
 
 from lora_ns.answers import answers_match, extract_answer
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import fail
 
 # CJK ideographs (incl. extension A and compatibility), kana, hangul, fullwidth forms.
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -31,21 +31,15 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int], nu
             "precision": float(precision), "recall": float(recall)}
 
 
-def exact_match(predictions: Sequence[str | None], references: Sequence[str | None]) -> float:
-    """Share of extracted answers equal to their reference's; a missing (None) answer never matches."""
-    matches = sum(answers_match(p, r) for p, r in zip(predictions, references, strict=True))
-    return matches / max(len(references), 1)
-
-
 def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Fill in each row's extracted answers and verdict; exact match and the share with an answer found."""
+    """Fill in each row's extracted answers and verdict (a missing answer never matches); the share of
+    exact matches and the share with an answer found."""
     for row in rows:
         row["reference_answer"] = extract_answer(row["reference"])
         row["predicted_answer"] = extract_answer(row["prediction"])
         row["correct"] = answers_match(row["predicted_answer"], row["reference_answer"])
-    predicted = [r["predicted_answer"] for r in rows]
-    return {"exact_match": exact_match(predicted, [r["reference_answer"] for r in rows]),
-            "answer_found": sum(p is not None for p in predicted) / len(rows)}
+    return {"exact_match": sum(r["correct"] for r in rows) / len(rows),
+            "answer_found": sum(r["predicted_answer"] is not None for r in rows) / len(rows)}
 
 
 def optional(module: str):
@@ -53,8 +47,8 @@ def optional(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(Problem("<metrics>", "", f"BLEU/ROUGE need {module.split('.')[0]}, not installed",
-                                "pip install 'lora_ns[metrics]'")) from None
+        raise fail("<metrics>", "", f"BLEU/ROUGE need {module.split('.')[0]}, not installed",
+                   "pip install 'lora_ns[metrics]'") from None
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -102,5 +96,5 @@ def library_metric(name: str):
         return evaluate.load(name)
     except Exception as err:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ... by cause
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(Problem(name, "--metric", f"cannot load this evaluate metric ({reason})",
-                                "give a local metric script or folder (an evaluate.Metric)")) from None
+        raise fail(name, "--metric", f"cannot load this evaluate metric ({reason})",
+                   "give a local metric script or folder (an evaluate.Metric)") from None

@@ -46,7 +46,7 @@ def test_subcommand_help_is_the_modules_own(command, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     assert cli.main([command, "--help"]) == 0
     via_cli = capsys.readouterr().out
-    module = importlib.import_module(f"lora_ns.{command}")
+    module = importlib.import_module(f"lora_ns.{cli.MODES.get(command, (command,))[0]}")  # compare: infer's
     assert callable(module.main)
     assert via_cli == module.make_parser().format_help()
     assert cli.main(["help", command]) == 0  # `lora-ns help X` == `lora-ns X --help`
@@ -100,9 +100,11 @@ def test_arguments_and_exit_code_pass_through(monkeypatch):
         seen["argv"] = argv
         return 3
 
-    monkeypatch.setitem(sys.modules, "lora_ns.compare", types.SimpleNamespace(main=fake_main))
-    assert cli.main(["compare", "--base", "a b", "x=1"]) == 3
+    monkeypatch.setitem(sys.modules, "lora_ns.infer", types.SimpleNamespace(main=fake_main))
+    assert cli.main(["infer", "--base", "a b", "x=1"]) == 3
     assert seen["argv"] == ["--base", "a b", "x=1"]
+    assert cli.main(["compare", "--base", "a b"]) == 3  # a mode of infer
+    assert seen["argv"] == ["--compare", "--base", "a b"]
 
 
 def test_user_errors_of_a_command_print_one_line_with_its_name(in_tmp, capsys):

@@ -1,4 +1,5 @@
-"""Base vs tuned side by side: a questions file to JSON, and interactive mode fed through stdin."""
+"""Base vs tuned side by side (`lora-ns compare`, infer's --compare mode): a questions file to JSON, and
+interactive mode fed through stdin."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from lora_ns.compare import main
+from lora_ns import cli
 from lora_ns.errors import run_cli
 
 from conftest import QUICKSTART, make_adapter
 QUESTIONS = ["Ben has 33 stickers and gives away 27. How many stickers are left?", "What is 2+2?"]
+
+
+def main(argv: list[str]) -> int:
+    """`lora-ns compare ARGV`, with compare's own flag names (--tuned, --questions-file, --output)."""
+    return cli.main(["compare", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,13 @@ def test_interactive_reads_prompts_until_eof(tuned, monkeypatch, capsys):
     assert out.count(">>> ") == 2 and out.count("[base]") == 2 and out.count("[tuned]") == 2
     assert out.index(QUESTIONS[0]) < out.index(QUESTIONS[1])
 
+    argv = ["--tuned", str(tuned), "--interactive", "--output", "side_by_side.json"]
+    assert main(argv) == 2  # nothing to write a file from: one line, before any model loads
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lora-ns compare: error:") and "--interactive" in err and err.count("\n") == 0
 
-@pytest.mark.parametrize("module", ["merge", "infer", "evaluate", "compare"])
+
+@pytest.mark.parametrize("module", ["merge", "infer", "evaluate"])
 def test_help_is_fast_and_imports_no_torch(module):
     code = (f"import sys\nfrom lora_ns.{module} import make_parser\nmake_parser().format_help()\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")

@@ -108,6 +108,16 @@ def test_cli_input_file_to_output_file(adapter_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl", "results.jsonl"]  # no temp files left
 
 
+def test_interactive_answers_each_stdin_line(adapter_dir, loaded, monkeypatch, capsys):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPTS[0]}\n\n"))
+    assert main(["--model", str(adapter_dir), "--interactive", "--greedy", "--max-new-tokens", "6"]) == 0
+    expected = generate(loaded, [PROMPTS[0]], max_new_tokens=6, progress=False)[0]
+    assert capsys.readouterr().out == f">>> {PROMPTS[0]}\n{expected}\n\n"
+
+
 def test_text_file_and_bad_jsonl(tmp_path):
     txt = tmp_path / "q.txt"
     txt.write_text("first\n\nsecond\n")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lora_ns.metrics import bleu, classification_metrics, exact_match, generation_metrics, perplexity, rouge_l
+from lora_ns.metrics import bleu, classification_metrics, generation_metrics, math_metrics, perplexity, rouge_l
 
 
 def test_binary_classification_uses_the_positive_class():
@@ -30,12 +30,16 @@ def test_perfect_predictions_score_one():
                                                                "recall": 1.0}
     refs = ["今天天气很好，我们去公园散步吧。", "def add(x, y): return x + y"]
     assert generation_metrics(refs, refs) == {"bleu": pytest.approx(1.0), "rouge_l": pytest.approx(1.0)}
-    assert exact_match(["1080", "-3"], ["1080", "-3"]) == 1.0
+    assert math_metrics([{"prediction": "1080", "reference": "#### 1080"},
+                         {"prediction": "-3", "reference": "#### -3"}])["exact_match"] == 1.0
 
 
 def test_exact_match_counts_missing_answers_as_wrong():
-    assert exact_match(["1080", None, "3.5"], ["1080", "2", "3.5"]) == pytest.approx(2 / 3)
-    assert exact_match([None], [None]) == 0.0
+    rows = [{"prediction": "1080", "reference": "#### 1,080"}, {"prediction": "no idea", "reference": "#### 2"},
+            {"prediction": "3.5", "reference": "#### 3.50"}]
+    assert math_metrics(rows) == pytest.approx({"exact_match": 2 / 3, "answer_found": 2 / 3})
+    assert rows[1]["predicted_answer"] is None and not rows[1]["correct"]
+    assert math_metrics([{"prediction": "none", "reference": "none"}])["exact_match"] == 0.0  # None != None
 
 
 def test_chinese_is_scored_per_character():
