@@ -10,7 +10,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "lora_ns"
 # Modules a user runs (python -m lora_ns.X): each imports the core, never another command.
-COMMANDS = {"lora_ns.train", "lora_ns.merge", "lora_ns.infer", "lora_ns.evaluate", "lora_ns.compare",
+COMMANDS = {"lora_ns.train", "lora_ns.merge", "lora_ns.infer", "lora_ns.evaluate",
             "lora_ns.cli", "lora_ns.validate.__main__", "lora_ns.preprocess.cli"}
 MAX_FILE_LINES = 350
 MAX_LINE_CHARS = 110
