@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import Problem, UserError, require, run_cli
 from lora_ns.inference import classify, generate, load
 
 PROG = "chat_demo"
@@ -68,11 +68,7 @@ def build_app(gr, loaded, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:  # before the model: a missing extra should fail in a second, not after loading
-        import gradio as gr
-    except ImportError:
-        raise UserError(Problem("<command line>", "", "gradio is not installed", "install the demo extra: "
-                                "pip install 'lora_ns[demo]' (or: pip install gradio)"))
+    gr = require("gradio", "demo", "the chat demo")  # before the model: fail in a second, not after loading
     if not Path(args.adapter).exists() and not args.adapter.startswith("builtin:"):
         raise UserError(Problem(args.adapter, "--adapter", "not found", "pass a training output_dir"))
     loaded = load(args.adapter, base=args.base)

@@ -19,11 +19,11 @@ from typing import Any
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
-from lora_ns.errors import UserError, fail, run_cli
+from lora_ns.errors import UserError, fail, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import classify, generate, load, pair_of, prompt_of, reply_logprob
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
-                             optional, perplexity)
+                             perplexity)
 
 PROG = "lora_ns.evaluate"
 MATH_FORMATTERS = {"gsm8k", "metamath"}
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                    "drop --metric for this recipe")
     library = [library_metric(name) for name in args.metric]  # before the model: a bad name fails fast
     if kind == "generation":  # BLEU/ROUGE are the `metrics` extra: check before the model
-        optional("sacrebleu"), optional("rouge_score.rouge_scorer")
+        require("sacrebleu", "metrics", "BLEU")
+        require("rouge_score.rouge_scorer", "metrics", "ROUGE-L")
     examples, where = eval_examples(recipe, args.split, args.data_file, args.limit)
 
     started = time.time()

@@ -3,13 +3,12 @@ rouge-score, math-verify (through `lora_ns.answers`) and Hugging Face `evaluate`
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from typing import Any, Sequence
 
 from lora_ns.answers import answers_match, extract_answer
-from lora_ns.errors import fail
+from lora_ns.errors import fail, require
 
 # CJK ideographs (incl. extension A and compatibility), kana, hangul, fullwidth forms.
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -42,18 +41,9 @@ def math_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
             "answer_found": sum(r["predicted_answer"] is not None for r in rows) / len(rows)}
 
 
-def optional(module: str):
-    """Import a module of the `metrics` extra, or say in one line how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise fail("<metrics>", "", f"BLEU/ROUGE need {module.split('.')[0]}, not installed",
-                   "pip install 'lora_ns[metrics]'") from None
-
-
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU in [0, 1]; Chinese/Japanese/Korean references are tokenized per character."""
-    sacrebleu = optional("sacrebleu")
+    sacrebleu = require("sacrebleu", "metrics", "BLEU")
     tokenize = "zh" if any(re.search(f"[{_CJK}]", r or "") for r in references) else "13a"
     score = sacrebleu.corpus_bleu([p or "" for p in predictions], [[r or "" for r in references]],
                                   tokenize=tokenize)
@@ -69,7 +59,7 @@ class CharAwareTokenizer:
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure in [0, 1] (per character for CJK text)."""
-    rouge_scorer = optional("rouge_score.rouge_scorer")
+    rouge_scorer = require("rouge_score.rouge_scorer", "metrics", "ROUGE-L")
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharAwareTokenizer())
     scores = [scorer.score(r or "", p or "")["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return float(sum(scores) / max(len(scores), 1))

@@ -109,7 +109,7 @@ def test_demo_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` raise ImportError
     assert run_cli(demo.PROG, lambda: demo.main(["--adapter", "outputs/none"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gradio is not installed" in err[0] and "pip install 'lora_ns[demo]'" in err[0]
+    assert len(err) == 1 and "package 'gradio' is not installed" in err[0] and "pip install 'lora_ns[demo]'" in err[0]
 
 
 def test_demo_serves_a_chat_on_the_adapter(quick_start, monkeypatch):
