@@ -185,6 +185,14 @@ def test_every_file_layout_loads_the_same_rows(tmp_path, fmt):
     assert [g["completion"] for g in got] == expected
 
 
+def test_an_edited_csv_is_read_again_not_taken_from_the_cache(tmp_path):
+    data = tmp_path / "qa.csv"
+    r = recipe({"path": str(data), "formatter": "gsm8k"})
+    for answer in ("first", "second"):
+        data.write_text(f"question,answer\nq,{answer}\n", encoding="utf-8")
+        assert load_raw(r.dataset)["answer"] == [answer]
+
+
 def test_txt_file_and_max_samples(tmp_path):
     (tmp_path / "corpus.txt").write_text("first line\n\nsecond line\nthird line\n", encoding="utf-8")
     r = recipe({"path": str(tmp_path / "corpus.txt"), "formatter": "text", "max_samples": 3}, "cpt")

@@ -7,6 +7,8 @@ before a fractional ``val_split`` is held out (the same rows every time, from ``
 
 from __future__ import annotations
 
+import hashlib
+import os
 import zlib
 from itertools import islice
 from typing import Any, Iterator, Sequence
@@ -15,7 +17,7 @@ from lora_ns.config import DatasetConfig, Recipe
 from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
-    LocalSource, Location, Source, diagnose, first_location, first_rows, locate, source_for,
+    BUILDERS, LocalSource, Location, Source, first_location, first_rows, locate, located_rows, source_for,
 )
 from lora_ns.errors import Problem, UserError, fail
 
@@ -25,19 +27,32 @@ def _first_line(err: BaseException) -> str:
     return (str(cause).strip() or type(cause).__name__).splitlines()[0][:300]
 
 
+def _delimited(src: LocalSource, streaming: bool):
+    """CSV/TSV rows read once, by our strict reader; the files' sizes and times key `datasets`' cache."""
+    import datasets
+
+    def generate() -> Iterator[dict[str, Any]]:
+        return (row for _, row in located_rows(src))
+
+    if streaming:
+        return datasets.IterableDataset.from_generator(generate)
+    stats = repr([(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in src.files])
+    return datasets.Dataset.from_generator(generate, fingerprint=hashlib.sha256(stats.encode()).hexdigest())
+
+
 def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
-    header = first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
-    if src.builder == "csv" and not streaming:
-        diagnose(src)  # pandas fills a short row with None and takes a stray quote: check every row first
+    first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
+    text = {"encoding": "utf-8-sig"} if src.formats[0] == "text" else {}  # the BOM, as our reader drops it
     try:
-        data = datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
-                                     streaming=streaming, **src.builder_kwargs(header))
+        data = _delimited(src, streaming) if src.delimited else datasets.load_dataset(
+            BUILDERS[src.formats[0]], data_files=list(src.files), split="train", streaming=streaming, **text)
         if streaming:
             next(iter(data), None)  # parse the first block now, so its malformed row is reported here
     except Exception as err:
-        diagnose(src)  # raises the precise file:line error when a row is malformed
+        for _ in located_rows(src):  # raises the precise file:line error when a row is malformed
+            pass
         raise fail(src.name, "dataset.path", f"could not load: {_first_line(err)}",
                    "check the format (dataset.data_format)")
     return data
