@@ -73,10 +73,6 @@ def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.pat
                    "check the id, dataset.name and the split; offline, it must be in the HF cache")
 
 
-def load_raw(cfg: DatasetConfig, split: str | None = None):
-    return load(cfg, split)[0]
-
-
 # --- formatting rows --------------------------------------------------------------------------------
 
 def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], where: Location) -> \
@@ -120,22 +116,16 @@ class RowConverter:
             label_id(example["label"], self.recipe.model.labels, self.recipe.model.num_labels)
         return example
 
-    def metadata(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in row.items() if k not in set(self.columns.values())}
-
     def problem(self, err: RowError, where: Location) -> Problem:
         message = err.message if where.line else f"row {where.row}: {err.message}"
         return Problem(where.file, self.columns.get(err.field, err.field), message, err.fix, where.line)
 
-    def located(self, row: dict[str, Any], index: int, rendered: bool = False) -> dict[str, Any]:
+    def __call__(self, row: dict[str, Any], index: int, rendered: bool = True) -> dict[str, Any]:
         try:
             example = self.canonical(row)
             return render(example, self.recipe, self.tokenizer) if rendered else example
         except RowError as err:
             raise UserError(self.problem(err, locate(self.src, index))) from None
-
-    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        return self.located(row, index, rendered=True)
 
 
 def columns_of(raw) -> list[str]:
@@ -160,23 +150,16 @@ def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     return raw.map(converter(columns, src, recipe, tokenizer), with_indices=True, remove_columns=columns)
 
 
-def _limit(raw, max_samples: int | None):
-    return raw.take(max_samples) if max_samples else raw
-
-
-def held_out(index: int, fraction: float, seed: int) -> bool:
-    """Streaming hold-out: a row is validation data when its (seed, index) hash falls under `fraction`."""
-    return zlib.crc32(f"{seed}:{index}".encode()) < fraction * 2 ** 32
-
-
 def _hold_out(data, recipe: Recipe):
     """(train, eval) for a fractional ``val_split``: `Dataset.train_test_split`, or a hash when streaming."""
     import datasets
 
     fraction, seed = recipe.dataset.val_split, recipe.dataset.seed
-    if not isinstance(data, datasets.Dataset):
-        return (data.filter(lambda _, i: not held_out(i, fraction, seed), with_indices=True),
-                data.filter(lambda _, i: held_out(i, fraction, seed), with_indices=True))
+    if not isinstance(data, datasets.Dataset):  # streaming: row i is held out when its hash is below
+        def held(_: dict, i: int) -> bool:
+            return zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2 ** 32
+        return (data.filter(lambda row, i: not held(row, i), with_indices=True),
+                data.filter(held, with_indices=True))
     try:
         parts = data.train_test_split(test_size=fraction, seed=seed)
     except ValueError as err:
@@ -185,21 +168,17 @@ def _hold_out(data, recipe: Recipe):
     return parts["train"], parts["test"]
 
 
-def check_template(recipe: Recipe) -> None:
-    template = recipe.dataset.prompt_template
-    if template is not None and (why := template_problem(template)):
-        raise UserError(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
-
-
 def build_datasets(recipe: Recipe, tokenizer=None):
     """(train, eval or None): formatted and rendered rows for TRL's trainers (pairs: for `encode_pairs`)."""
     cfg = recipe.dataset
-    check_template(recipe)
+    if cfg.prompt_template is not None and (why := template_problem(cfg.prompt_template)):
+        raise UserError(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
     kind = FORMATTERS[cfg.formatter].kind if cfg.formatter in FORMATTERS else None
     if kind == "messages" and tokenizer is not None:
         require_chat_template(recipe, tokenizer)
     raw, src = load(cfg)
-    train, evaluation = _convert(_limit(raw, cfg.max_samples), src, recipe, tokenizer), None
+    train = _convert(raw.take(cfg.max_samples) if cfg.max_samples else raw, src, recipe, tokenizer)
+    evaluation = None
     if isinstance(cfg.val_split, float):
         train, evaluation = _hold_out(train, recipe)
     elif isinstance(cfg.val_split, str):
@@ -208,10 +187,6 @@ def build_datasets(recipe: Recipe, tokenizer=None):
         train, evaluation = (None if d is None else d.filter(lambda row: bool(row["text"].strip()))
                              for d in (train, evaluation))
     return train, evaluation
-
-
-def _number(_: dict[str, Any], index: int) -> dict[str, int]:
-    return {"__row__": index}
 
 
 def formatted_examples(recipe: Recipe, split: str | float | None = None,
@@ -224,13 +199,15 @@ def formatted_examples(recipe: Recipe, split: str | float | None = None,
     cfg = recipe.dataset
     own = split is None or (isinstance(cfg.val_split, float) and split == cfg.val_split)
     raw, src = load(cfg) if own else load(cfg, str(split), "dataset.val_split")
-    raw = _limit(raw, cfg.max_samples) if own else raw
+    raw = raw.take(cfg.max_samples) if own and cfg.max_samples else raw
     conv = converter(columns_of(raw), src, recipe)
     rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(raw)
     if own and isinstance(cfg.val_split, float):  # the same hold-out as build_datasets, on numbered rows
-        numbered = raw.map(_number, with_indices=True)
+        numbered = raw.map(lambda _, i: {"__row__": i}, with_indices=True)
         rows = ((row.pop("__row__"), row) for row in _hold_out(numbered, recipe)[split is not None])
-    examples = ({**conv.located(row, i), "metadata": conv.metadata(row), "row": i + 1} for i, row in rows)
+    read = set(conv.columns.values())
+    examples = ({**conv(row, i, rendered=False), "metadata": {k: v for k, v in row.items() if k not in read},
+                 "row": i + 1} for i, row in rows)
     yield from islice((e for e in examples if conv.fmt.kind != "text" or e["text"].strip()), limit)
 
 
@@ -269,7 +246,7 @@ def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequen
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         labels = []
         seconds = batch.get("sentence2") or [None] * len(indices)
-        for i, text, second, label in zip(indices, batch["sentence1"], seconds, batch["label"]):
+        for i, second, label in zip(indices, seconds, batch["label"]):
             try:
                 labels.append(label_id(label, label_names))
                 if paired and not isinstance(second, str):
