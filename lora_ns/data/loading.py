@@ -17,7 +17,7 @@ from lora_ns.config import DatasetConfig, Recipe
 from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
-    BUILDERS, LocalSource, Location, Source, first_location, first_rows, locate, located_rows, source_for,
+    BUILDERS, LocalSource, Location, Source, first_rows, locate, located_rows, source_for,
 )
 from lora_ns.errors import Problem, UserError, fail
 
@@ -139,7 +139,9 @@ def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -
     if name not in FORMATTERS:
         raise UserError(recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
                                        f"use one of: {', '.join(sorted(FORMATTERS))}"))
-    found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, first_location(src))
+    where = locate(src, 0)  # a column problem is reported at the first row, or at a CSV/TSV header
+    where = where._replace(line=1) if isinstance(src, LocalSource) and src.delimited else where
+    found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, where)
     if problems:
         raise UserError(problems)
     return RowConverter(FORMATTERS[name], found, src, recipe, tokenizer)
@@ -155,8 +157,8 @@ def _hold_out(data, recipe: Recipe):
     import datasets
 
     fraction, seed = recipe.dataset.val_split, recipe.dataset.seed
-    if not isinstance(data, datasets.Dataset):  # streaming: row i is held out when its hash is below
-        def held(_: dict, i: int) -> bool:
+    if not isinstance(data, datasets.Dataset):  # streaming: no length, so hash each row's index
+        def held(_: dict, i: int) -> bool:  # validation data when the (seed, i) hash is under `fraction`
             return zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2 ** 32
         return (data.filter(lambda row, i: not held(row, i), with_indices=True),
                 data.filter(held, with_indices=True))

@@ -284,9 +284,3 @@ def locate(src: Source, index: int) -> Location:
         for where, _ in islice(located_rows(src), index, index + 1):
             return where
     return Location(src.path, None, index + 1)
-
-
-def first_location(src: Source) -> Location:
-    """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
-    where = locate(src, 0)
-    return where._replace(line=1) if isinstance(src, LocalSource) and src.delimited else where
