@@ -10,10 +10,11 @@ import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.data import (
-    FORMATTERS, build_datasets, encode_pairs, formatted_examples, load_raw, prompt_text, sft_defaults,
+    FORMATTERS, build_datasets, encode_pairs, formatted_examples, prompt_text, sft_defaults,
     split_last_reply,
 )
 from lora_ns.validate.data import check_dataset, padding
+from lora_ns.data.loading import load
 from lora_ns.data.sources import SAMPLES_DIR
 from lora_ns.errors import UserError
 
@@ -185,10 +186,18 @@ def test_every_file_layout_loads_the_same_rows(tmp_path, fmt):
     assert [g["completion"] for g in got] == expected
 
 
+def test_an_edited_csv_is_read_again_not_taken_from_the_cache(tmp_path):
+    data = tmp_path / "qa.csv"
+    r = recipe({"path": str(data), "formatter": "gsm8k"})
+    for answer in ("first", "second"):
+        data.write_text(f"question,answer\nq,{answer}\n", encoding="utf-8")
+        assert load(r.dataset)[0]["answer"] == [answer]
+
+
 def test_txt_file_and_max_samples(tmp_path):
     (tmp_path / "corpus.txt").write_text("first line\n\nsecond line\nthird line\n", encoding="utf-8")
     r = recipe({"path": str(tmp_path / "corpus.txt"), "formatter": "text", "max_samples": 3}, "cpt")
-    raw = load_raw(r.dataset)
+    raw = load(r.dataset)[0]
     assert raw["text"] == ["first line", "", "second line", "third line"]
     train, _ = build_datasets(r)
     assert train["text"] == ["first line", "second line"]  # 3 rows read, the blank one skipped

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from lora_ns.config import parse_recipe
-from lora_ns.data import build_datasets, encode_pairs, formatted_examples, load_raw
+from lora_ns.data import build_datasets, encode_pairs, formatted_examples
+from lora_ns.data.loading import load
 from lora_ns.validate.data import check_dataset
 from lora_ns.errors import UserError, run_cli
 
@@ -53,7 +54,7 @@ def test_malformed_line_past_the_precheck_is_located_after_the_loader_fails(tmp_
     rows = [lines({"question": f"q{i}", "answer": f"a{i}"}) for i in range(260)]
     rows[239] = "{'question': 'single quotes are not JSON'}\n"
     data.write_text("".join(rows), encoding="utf-8")
-    text = one_problem(lambda: load_raw(recipe(data).dataset))
+    text = one_problem(lambda: load(recipe(data).dataset)[0])
     assert text.startswith(f"{data}:240: not valid JSON")
     streamed = one_problem(lambda: build_datasets(recipe(data, streaming=True)))  # in the first block read
     assert streamed.startswith(f"{data}:240: not valid JSON")
@@ -90,7 +91,7 @@ def test_empty_file(tmp_path, name, content):
     data = tmp_path / name
     data.write_text(content, encoding="utf-8")
     formatter, task = ("text", "cpt") if name.endswith(".txt") else ("gsm8k", "causal_lm")
-    text = one_problem(lambda: load_raw(recipe(data, formatter, task).dataset))
+    text = one_problem(lambda: load(recipe(data, formatter, task).dataset)[0])
     assert text.startswith(f"{data}: no rows: the file is empty")
 
 
@@ -141,28 +142,28 @@ def test_encode_pairs_unknown_label_names_the_row(tiny_bert):
 def test_tsv_row_with_an_extra_tab(tmp_path):
     data = tmp_path / "qa.tsv"
     data.write_text("question\tanswer\nq1\ta1\nq2\ta2\textra\n", encoding="utf-8")
-    text = one_problem(lambda: load_raw(recipe(data).dataset))
+    text = one_problem(lambda: load(recipe(data).dataset)[0])
     assert text.startswith(f"{data}:3: row has 3 fields but the header has 2")
 
 
 def test_csv_short_row_far_down_is_caught(tmp_path):
     data = tmp_path / "qa.csv"
     data.write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(300)) + "lonely\n", encoding="utf-8")
-    text = one_problem(lambda: load_raw(recipe(data).dataset))
+    text = one_problem(lambda: load(recipe(data).dataset)[0])
     assert text.startswith(f"{data}:302: row has 1 fields but the header has 2")
 
 
 def test_json_list_item_that_is_not_an_object(tmp_path):
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([QA[0], QA[1], ["q", "a"]]), encoding="utf-8")
-    text = one_problem(lambda: load_raw(recipe(data).dataset))
+    text = one_problem(lambda: load(recipe(data).dataset)[0])
     assert text.startswith(f"{data}: row 3: expected a JSON object")
 
 
 def test_not_utf8(tmp_path):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(lines(QA[0]).encode() + '{"question": "café", "answer": "x"}\n'.encode("latin-1"))
-    text = one_problem(lambda: load_raw(recipe(data).dataset))
+    text = one_problem(lambda: load(recipe(data).dataset)[0])
     assert text.startswith(f"{data}:2: not UTF-8 text")
 
 
@@ -183,9 +184,9 @@ def test_messages_without_an_assistant_turn(tmp_path):
 
 
 def test_missing_file_and_unknown_sample(tmp_path):
-    assert one_problem(lambda: load_raw(recipe(tmp_path / "nope.jsonl").dataset)).startswith(
+    assert one_problem(lambda: load(recipe(tmp_path / "nope.jsonl").dataset)[0]).startswith(
         f"{tmp_path / 'nope.jsonl'}: dataset.path: file not found")
-    text = one_problem(lambda: load_raw(recipe("sample:gsm9k").dataset))
+    text = one_problem(lambda: load(recipe("sample:gsm9k").dataset)[0])
     assert text.startswith("sample:gsm9k: dataset.path: no bundled sample named 'gsm9k'") and "gsm8k" in text
 
 

@@ -96,19 +96,15 @@ def check_messages(value: Any, name: str, needs_reply: bool = True) -> list[dict
 
 # --- generic formatters -----------------------------------------------------------------------------
 
-def _prompt_completion(name: str, prompt: str, completion: str, doc: str) -> None:
+def _prompt_completion(name: str, prompt: str, completion: str) -> None:
     """Register a formatter whose two fields are the prompt and the completion, text kept byte for byte."""
-    def fn(row: Row) -> Row:
-        return {"prompt": text_value(row, prompt), "completion": text_value(row, completion)}
-    fn.__doc__ = doc
-    formatter(name, "prompt_completion", (prompt, completion))(fn)
+    formatter(name, "prompt_completion", (prompt, completion))(
+        lambda row: {"prompt": text_value(row, prompt), "completion": text_value(row, completion)})
 
 
-_prompt_completion("prompt_completion", "prompt", "completion", "Single-turn rows as they are.")
-_prompt_completion("gsm8k", "question", "answer", "The whole worked answer (ending ``#### N``) is the "
-                   "completion; extracting N is evaluation's job.")
-_prompt_completion("metamath", "query", "response",
-                   "MetaMathQA; ``type`` and ``original_question`` stay in the row's metadata.")
+_prompt_completion("prompt_completion", "prompt", "completion")
+_prompt_completion("gsm8k", "question", "answer")  # the whole worked answer (``#### N``): evaluate finds N
+_prompt_completion("metamath", "query", "response")  # ``type`` and ``original_question`` stay as metadata
 
 
 @formatter("text", "text", ("text",))

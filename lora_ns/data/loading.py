@@ -7,6 +7,8 @@ before a fractional ``val_split`` is held out (the same rows every time, from ``
 
 from __future__ import annotations
 
+import hashlib
+import os
 import zlib
 from itertools import islice
 from typing import Any, Iterator, Sequence
@@ -15,7 +17,7 @@ from lora_ns.config import DatasetConfig, Recipe
 from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
-    LocalSource, Location, Source, diagnose, first_location, first_rows, locate, source_for,
+    BUILDERS, LocalSource, Location, Source, first_rows, locate, located_rows, source_for,
 )
 from lora_ns.errors import Problem, UserError, fail
 
@@ -25,19 +27,32 @@ def _first_line(err: BaseException) -> str:
     return (str(cause).strip() or type(cause).__name__).splitlines()[0][:300]
 
 
+def _delimited(src: LocalSource, streaming: bool):
+    """CSV/TSV rows read once, by our strict reader; the files' sizes and times key `datasets`' cache."""
+    import datasets
+
+    def generate() -> Iterator[dict[str, Any]]:
+        return (row for _, row in located_rows(src))
+
+    if streaming:
+        return datasets.IterableDataset.from_generator(generate)
+    stats = repr([(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in src.files])
+    return datasets.Dataset.from_generator(generate, fingerprint=hashlib.sha256(stats.encode()).hexdigest())
+
+
 def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
-    header = first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
-    if src.builder == "csv" and not streaming:
-        diagnose(src)  # pandas fills a short row with None and takes a stray quote: check every row first
+    first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
+    text = {"encoding": "utf-8-sig"} if src.formats[0] == "text" else {}  # the BOM, as our reader drops it
     try:
-        data = datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
-                                     streaming=streaming, **src.builder_kwargs(header))
+        data = _delimited(src, streaming) if src.delimited else datasets.load_dataset(
+            BUILDERS[src.formats[0]], data_files=list(src.files), split="train", streaming=streaming, **text)
         if streaming:
             next(iter(data), None)  # parse the first block now, so its malformed row is reported here
     except Exception as err:
-        diagnose(src)  # raises the precise file:line error when a row is malformed
+        for _ in located_rows(src):  # raises the precise file:line error when a row is malformed
+            pass
         raise fail(src.name, "dataset.path", f"could not load: {_first_line(err)}",
                    "check the format (dataset.data_format)")
     return data
@@ -56,10 +71,6 @@ def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.pat
     except Exception as err:
         raise fail(src.path, "dataset.path", f"cannot load from the Hub: {_first_line(err)}",
                    "check the id, dataset.name and the split; offline, it must be in the HF cache")
-
-
-def load_raw(cfg: DatasetConfig, split: str | None = None):
-    return load(cfg, split)[0]
 
 
 # --- formatting rows --------------------------------------------------------------------------------
@@ -105,22 +116,16 @@ class RowConverter:
             label_id(example["label"], self.recipe.model.labels, self.recipe.model.num_labels)
         return example
 
-    def metadata(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in row.items() if k not in set(self.columns.values())}
-
     def problem(self, err: RowError, where: Location) -> Problem:
         message = err.message if where.line else f"row {where.row}: {err.message}"
         return Problem(where.file, self.columns.get(err.field, err.field), message, err.fix, where.line)
 
-    def located(self, row: dict[str, Any], index: int, rendered: bool = False) -> dict[str, Any]:
+    def __call__(self, row: dict[str, Any], index: int, rendered: bool = True) -> dict[str, Any]:
         try:
             example = self.canonical(row)
             return render(example, self.recipe, self.tokenizer) if rendered else example
         except RowError as err:
             raise UserError(self.problem(err, locate(self.src, index))) from None
-
-    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        return self.located(row, index, rendered=True)
 
 
 def columns_of(raw) -> list[str]:
@@ -134,7 +139,9 @@ def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -
     if name not in FORMATTERS:
         raise UserError(recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
                                        f"use one of: {', '.join(sorted(FORMATTERS))}"))
-    found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, first_location(src))
+    where = locate(src, 0)  # a column problem is reported at the first row, or at a CSV/TSV header
+    where = where._replace(line=1) if isinstance(src, LocalSource) and src.delimited else where
+    found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, where)
     if problems:
         raise UserError(problems)
     return RowConverter(FORMATTERS[name], found, src, recipe, tokenizer)
@@ -145,23 +152,16 @@ def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     return raw.map(converter(columns, src, recipe, tokenizer), with_indices=True, remove_columns=columns)
 
 
-def _limit(raw, max_samples: int | None):
-    return raw.take(max_samples) if max_samples else raw
-
-
-def held_out(index: int, fraction: float, seed: int) -> bool:
-    """Streaming hold-out: a row is validation data when its (seed, index) hash falls under `fraction`."""
-    return zlib.crc32(f"{seed}:{index}".encode()) < fraction * 2 ** 32
-
-
 def _hold_out(data, recipe: Recipe):
     """(train, eval) for a fractional ``val_split``: `Dataset.train_test_split`, or a hash when streaming."""
     import datasets
 
     fraction, seed = recipe.dataset.val_split, recipe.dataset.seed
-    if not isinstance(data, datasets.Dataset):
-        return (data.filter(lambda _, i: not held_out(i, fraction, seed), with_indices=True),
-                data.filter(lambda _, i: held_out(i, fraction, seed), with_indices=True))
+    if not isinstance(data, datasets.Dataset):  # streaming: no length, so hash each row's index
+        def held(_: dict, i: int) -> bool:  # validation data when the (seed, i) hash is under `fraction`
+            return zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2 ** 32
+        return (data.filter(lambda row, i: not held(row, i), with_indices=True),
+                data.filter(held, with_indices=True))
     try:
         parts = data.train_test_split(test_size=fraction, seed=seed)
     except ValueError as err:
@@ -170,21 +170,17 @@ def _hold_out(data, recipe: Recipe):
     return parts["train"], parts["test"]
 
 
-def check_template(recipe: Recipe) -> None:
-    template = recipe.dataset.prompt_template
-    if template is not None and (why := template_problem(template)):
-        raise UserError(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
-
-
 def build_datasets(recipe: Recipe, tokenizer=None):
     """(train, eval or None): formatted and rendered rows for TRL's trainers (pairs: for `encode_pairs`)."""
     cfg = recipe.dataset
-    check_template(recipe)
+    if cfg.prompt_template is not None and (why := template_problem(cfg.prompt_template)):
+        raise UserError(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
     kind = FORMATTERS[cfg.formatter].kind if cfg.formatter in FORMATTERS else None
     if kind == "messages" and tokenizer is not None:
         require_chat_template(recipe, tokenizer)
     raw, src = load(cfg)
-    train, evaluation = _convert(_limit(raw, cfg.max_samples), src, recipe, tokenizer), None
+    train = _convert(raw.take(cfg.max_samples) if cfg.max_samples else raw, src, recipe, tokenizer)
+    evaluation = None
     if isinstance(cfg.val_split, float):
         train, evaluation = _hold_out(train, recipe)
     elif isinstance(cfg.val_split, str):
@@ -193,10 +189,6 @@ def build_datasets(recipe: Recipe, tokenizer=None):
         train, evaluation = (None if d is None else d.filter(lambda row: bool(row["text"].strip()))
                              for d in (train, evaluation))
     return train, evaluation
-
-
-def _number(_: dict[str, Any], index: int) -> dict[str, int]:
-    return {"__row__": index}
 
 
 def formatted_examples(recipe: Recipe, split: str | float | None = None,
@@ -209,13 +201,15 @@ def formatted_examples(recipe: Recipe, split: str | float | None = None,
     cfg = recipe.dataset
     own = split is None or (isinstance(cfg.val_split, float) and split == cfg.val_split)
     raw, src = load(cfg) if own else load(cfg, str(split), "dataset.val_split")
-    raw = _limit(raw, cfg.max_samples) if own else raw
+    raw = raw.take(cfg.max_samples) if own and cfg.max_samples else raw
     conv = converter(columns_of(raw), src, recipe)
     rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(raw)
     if own and isinstance(cfg.val_split, float):  # the same hold-out as build_datasets, on numbered rows
-        numbered = raw.map(_number, with_indices=True)
+        numbered = raw.map(lambda _, i: {"__row__": i}, with_indices=True)
         rows = ((row.pop("__row__"), row) for row in _hold_out(numbered, recipe)[split is not None])
-    examples = ({**conv.located(row, i), "metadata": conv.metadata(row), "row": i + 1} for i, row in rows)
+    read = set(conv.columns.values())
+    examples = ({**conv(row, i, rendered=False), "metadata": {k: v for k, v in row.items() if k not in read},
+                 "row": i + 1} for i, row in rows)
     yield from islice((e for e in examples if conv.fmt.kind != "text" or e["text"].strip()), limit)
 
 
@@ -254,7 +248,7 @@ def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequen
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         labels = []
         seconds = batch.get("sentence2") or [None] * len(indices)
-        for i, text, second, label in zip(indices, batch["sentence1"], seconds, batch["label"]):
+        for i, second, label in zip(indices, seconds, batch["label"]):
             try:
                 labels.append(label_id(label, label_names))
                 if paired and not isinstance(second, str):

@@ -96,11 +96,7 @@ def _hh_turns(text: Any, name: str) -> Messages:
 @formatter("hh_rlhf", "preference", ("chosen", "rejected"))
 def hh_rlhf(row: Row) -> Row:
     """Anthropic HH-RLHF: two transcripts sharing the dialogue up to the last "Assistant:" turn."""
-    for name in ("chosen", "rejected"):
-        if row.get(name) is None:
-            raise RowError(name, "missing value", "fill it in or drop the row")
-    return ultrafeedback({"chosen": _hh_turns(row["chosen"], "chosen"),
-                          "rejected": _hh_turns(row["rejected"], "rejected")})
+    return ultrafeedback({name: _hh_turns(row.get(name), name) for name in ("chosen", "rejected")})
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "good", "desirable"}, {"false", "0", "no", "bad", "undesirable"}

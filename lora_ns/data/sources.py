@@ -1,9 +1,9 @@
 """Where a split's rows come from (the Hub, or local files: file, glob, folder, ``sample:<name>``), and a
-reader of local files that can say where a row is.
+reader of local files that names each row by ``file:line``.
 
-`datasets`' builders load the data; this reader names a row by ``file:line`` (one a builder choked on,
-one a formatter rejects, the rows `validate` samples) and checks CSV/TSV in full, since pandas fills a
-short row with None and takes a stray quote. It reads as the builders are told to (`builder_kwargs`).
+`datasets`' builders load JSON, Parquet and text but name no line, so this reader locates the row a builder
+choked on, one a formatter rejects and the rows `validate` samples. CSV/TSV it reads alone (`loading` feeds
+it to `datasets`): pandas fills a short row with None and takes a stray quote.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SAMPLE_PREFIX = "sample:"
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".txt": "text"}
-BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet", "text": "text"}
+BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text"}  # CSV/TSV: `rows`
 # ``sample:text`` is the continued-pretraining corpus; GRPO's gsm8k_prompt formatter reads the GSM8K sample.
 SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}
 PEEK_ROWS = 200
@@ -44,27 +44,19 @@ class Location(NamedTuple):
 
 
 class LocalSource(NamedTuple):
-    """The files behind one split of a local dataset, all read by one builder."""
+    """The files behind one split of a local dataset, all of one format (JSON and JSON lines mix)."""
 
     path: str
     files: tuple[str, ...]
     formats: tuple[str, ...]
 
     @property
-    def builder(self) -> str:
-        return BUILDERS[self.formats[0]]
-
-    @property
     def name(self) -> str:
         return self.files[0] if len(self.files) == 1 else self.path
 
-    def builder_kwargs(self, header: list[str]) -> dict[str, Any]:
-        """Arguments for ``datasets.load_dataset(self.builder, ...)`` so it reads what `rows` reads."""
-        if self.builder == "csv":
-            tsv = {"sep": "\t", "quoting": csv.QUOTE_NONE} if self.formats[0] == "tsv" else {}
-            return {"encoding": "utf-8-sig", "na_filter": False, "converters": dict.fromkeys(header, str),
-                    **tsv}
-        return {"encoding": "utf-8-sig"} if self.builder == "text" else {}
+    @property
+    def delimited(self) -> bool:
+        return self.formats[0] in ("csv", "tsv")
 
 
 # --- finding the files ------------------------------------------------------------------------------
@@ -168,7 +160,7 @@ def local_source(path: str, split: str | None = None, data_format: str | None = 
                  field: str = "dataset.path") -> LocalSource:
     files = find_files(path, split, field)
     formats = tuple(file_format(f, data_format) for f in files)
-    if len({BUILDERS[f] for f in formats}) > 1 or {"csv", "tsv"} <= set(formats):
+    if len({BUILDERS.get(f, f) for f in formats}) > 1:
         raise fail(path, field, f"mixes file types ({', '.join(sorted(set(formats)))})",
                    "keep one format per dataset, or narrow the glob")
     return LocalSource(path, tuple(files), formats)
@@ -277,17 +269,13 @@ def located_rows(source: LocalSource) -> Iterator[tuple[Location, dict[str, Any]
             yield Location(file, line, number), row
 
 
-def first_rows(source: LocalSource) -> list[str]:
-    """Read the first `PEEK_ROWS` rows of every file, so that an empty file or a malformed row there (pyarrow
-    takes invalid UTF-8) is a one-line error before a builder runs; return the columns of the first rows."""
-    columns: dict[str, None] = {}
+def first_rows(source: LocalSource) -> None:
+    """Read the first `PEEK_ROWS` rows of every file, so that an empty file (a builder skips one in a glob)
+    or a malformed row there is a one-line error before a builder runs."""
     for file, fmt in zip(source.files, source.formats):
-        peeked = list(islice(rows(file, fmt), PEEK_ROWS))
-        if not peeked:
+        if not list(islice(rows(file, fmt), PEEK_ROWS)):
             raise fail(file, "", "no rows: the file is empty",
                        "add data, or remove the file from dataset.path")
-        columns.update(dict.fromkeys(peeked[0][1]))
-    return list(columns)
 
 
 def locate(src: Source, index: int) -> Location:
@@ -295,16 +283,4 @@ def locate(src: Source, index: int) -> Location:
     if isinstance(src, LocalSource):
         for where, _ in islice(located_rows(src), index, index + 1):
             return where
-    return Location(src.path if isinstance(src, HubSource) else src.name, None, index + 1)
-
-
-def first_location(src: Source) -> Location:
-    """Where a column problem is reported: the first row (for CSV/TSV, the header line)."""
-    where = locate(src, 0)
-    return where._replace(line=1) if isinstance(src, LocalSource) and src.builder == "csv" else where
-
-
-def diagnose(source: LocalSource) -> None:
-    """Read every row, so that a malformed one raises its own file:line error (after a builder failed)."""
-    for _ in located_rows(source):
-        pass
+    return Location(src.path, None, index + 1)
