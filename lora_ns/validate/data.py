@@ -24,6 +24,7 @@ from lora_ns.errors import Problem, UserError
 from lora_ns.model import load_tokenizer
 from lora_ns.setup import training_defaults
 from lora_ns.validate.model import hub_reachable
+from lora_ns.validate.sample import prepared_rows
 
 SAMPLE_ROWS = 200
 SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default
@@ -156,21 +157,16 @@ def _in_hf_cache(name: str, revision: str | None) -> bool:
         return False
 
 
-def token_lengths(rows: list[dict[str, Any]], tokenizer) -> list[int]:
-    """Tokens per rendered row, counted as TRL will (chat template, or text plus EOS; pairs as encoded)."""
-    if not rows:
-        return []
-    first = rows[0]
-    if "sentence1" in first:
-        seconds = [r.get("sentence2") for r in rows]
-        pair = seconds if all(isinstance(s, str) for s in seconds) else None
-        return [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
-    if "messages" in first or isinstance(first.get("prompt"), list):
-        convs = [r["messages"] if "messages" in r else r["prompt"] + r["completion"] for r in rows]
-        texts = tokenizer.apply_chat_template(convs, tokenize=False)
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    texts = [r["prompt"] + r["completion"] if "prompt" in r else r["text"] for r in rows]
-    return [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + the EOS TRL appends
+def token_lengths(recipe: Recipe, rows: list[dict[str, Any]], tokenizer) -> list[int]:
+    """Tokens per rendered row as train counts them: TRL's own SFT preparation, untruncated; pairs as encoded."""
+    import datasets
+
+    if recipe.task != "seq_cls":
+        return [len(row["input_ids"]) for row in
+                prepared_rows(recipe, datasets.Dataset.from_list(rows), tokenizer, truncate=False)]
+    seconds = [r.get("sentence2") for r in rows]
+    pair = seconds if all(isinstance(s, str) for s in seconds) else None
+    return [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
 
 
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
@@ -194,9 +190,9 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
             return problems
     rows = [render(s.example, recipe, tokenizer) for s in examples
             if fmt.kind != "text" or s.example["text"].strip()]
-    lengths = token_lengths(rows, tokenizer)
-    if not lengths:
+    if not rows:
         return []
+    lengths = token_lengths(recipe, rows, tokenizer)
     if recipe.task == "seq_cls":
         limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
                              "the tokenizer's model_max_length")
