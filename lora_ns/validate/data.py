@@ -22,12 +22,12 @@ from lora_ns.data.sources import (
 )
 from lora_ns.errors import Problem, UserError
 from lora_ns.model import load_tokenizer
-from lora_ns.setup import training_defaults
+from lora_ns.setup import training_arguments
 from lora_ns.validate.model import hub_reachable
 from lora_ns.validate.sample import prepared_rows
 
 SAMPLE_ROWS = 200
-SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default
+SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default (lora_ns.memory's estimate)
 MAX_ROW_ERRORS = 5
 
 
@@ -134,9 +134,16 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
 
 def _tokenizer(recipe: Recipe):
     """The recipe's tokenizer when it loads without a download, else (None, why)."""
+    from huggingface_hub import try_to_load_from_cache
+
     m = recipe.model
     name = m.tokenizer_name_or_path or m.name_or_path
-    if not (is_builtin(name) or Path(name).is_dir() or _in_hf_cache(name, m.revision)):
+    try:
+        cached = any(isinstance(try_to_load_from_cache(name, f, revision=m.revision), str)
+                     for f in ("tokenizer_config.json", "tokenizer.json"))
+    except Exception:  # not a valid repo id
+        cached = False
+    if not (is_builtin(name) or Path(name).is_dir() or cached):
         return None, f"tokenizer '{name}' is neither local nor in the HF cache"
     try:
         return load_tokenizer(recipe), ""
@@ -147,29 +154,10 @@ def _tokenizer(recipe: Recipe):
         return None, f"tokenizer '{name}' could not be loaded ({reason})"
 
 
-def _in_hf_cache(name: str, revision: str | None) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return any(isinstance(try_to_load_from_cache(name, f, revision=revision), str)
-                   for f in ("tokenizer_config.json", "tokenizer.json"))
-    except Exception:  # not a valid repo id
-        return False
-
-
-def token_lengths(recipe: Recipe, rows: list[dict[str, Any]], tokenizer) -> list[int]:
-    """Tokens per rendered row as train counts them: TRL's own SFT preparation, untruncated; pairs as encoded."""
-    import datasets
-
-    if recipe.task != "seq_cls":
-        return [len(row["input_ids"]) for row in
-                prepared_rows(recipe, datasets.Dataset.from_list(rows), tokenizer, truncate=False)]
-    seconds = [r.get("sentence2") for r in rows]
-    pair = seconds if all(isinstance(s, str) for s in seconds) else None
-    return [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
-
-
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
+    """Tokens per example as train counts them (TRL's own SFT preparation, untruncated; pairs as encoded),
+    and the padding share of the batching the real training arguments will use."""
+    import datasets
     import numpy as np
 
     fmt = FORMATTERS[recipe.dataset.formatter]
@@ -179,26 +167,28 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
+    args = None if recipe.task == "seq_cls" else training_arguments(recipe)
     if fmt.kind == "messages":
         try:
             require_chat_template(recipe, tokenizer)
         except UserError as err:
             return err.problems
-        problems = assistant_mask_problems(recipe, tokenizer) if \
-            recipe.training.get("assistant_only_loss", True) else []
-        if problems:
+        if args.assistant_only_loss and (problems := assistant_mask_problems(recipe, tokenizer)):
             return problems
     rows = [render(s.example, recipe, tokenizer) for s in examples
             if fmt.kind != "text" or s.example["text"].strip()]
     if not rows:
         return []
-    lengths = token_lengths(recipe, rows, tokenizer)
-    if recipe.task == "seq_cls":
+    if args is None:
         limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
                              "the tokenizer's model_max_length")
+        seconds = [r.get("sentence2") for r in rows]
+        pair = seconds if all(isinstance(s, str) for s in seconds) else None
+        lengths = [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
     else:
-        limit = int(recipe.training.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
-        limit_name = "training.max_length"
+        limit, limit_name, args.max_length = args.max_length, "training.max_length", None  # the full lengths
+        lengths = [len(row["input_ids"]) for row in
+                   prepared_rows(args, datasets.Dataset.from_list(rows), tokenizer)]
     chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
     style = "chat template" if chat or fmt.kind == "messages" else "plain text"
     over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
@@ -206,12 +196,10 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
     notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
                      f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
-    batch = int(recipe.training.get("per_device_train_batch_size") or 8)
-    args = {**training_defaults(recipe), **recipe.training}  # the batching train will use
-    if recipe.task != "seq_cls" and not args.get("packing") and len(lengths) > 1:
-        sizes = [min(n, limit) for n in lengths]
-        grouped = (args.get("train_sampling_strategy") == "group_by_length"
-                   or bool(args.get("group_by_length")))  # its name before transformers 5.x
+    if args is not None and not args.packing and len(lengths) > 1:
+        sizes, batch = [min(n, limit or n) for n in lengths], args.per_device_train_batch_size
+        grouped = (getattr(args, "train_sampling_strategy", None) == "group_by_length"
+                   or getattr(args, "group_by_length", False))  # its name before transformers 5.x
         padded = padding(sorted(sizes) if grouped else sizes, batch)
         share = padded / (padded + sum(sizes))
         how = "rows grouped by length" if grouped else "train_sampling_strategy: group_by_length cuts it"

@@ -22,17 +22,15 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     few = recipe.model_copy(deep=True)
     few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
     tokenizer = load_tokenizer(recipe)
-    return prepared_rows(recipe, build_datasets(few, tokenizer)[0], tokenizer)
+    return prepared_rows(training_arguments(recipe), build_datasets(few, tokenizer)[0], tokenizer)
 
 
-def prepared_rows(recipe: Recipe, rows, tokenizer, truncate: bool = True) -> list[dict]:
+def prepared_rows(args, rows, tokenizer) -> list[dict]:
     """input_ids and labels (-100: no loss) of rendered rows (a `datasets.Dataset`) through TRL's own
-    ``SFTTrainer._prepare_dataset``; iterated, so no progress bars. Without `truncate`: the full lengths."""
+    ``SFTTrainer._prepare_dataset`` with these SFTConfig `args`; iterated, so no progress bars."""
     from trl import SFTTrainer
     from trl.chat_template_utils import get_training_chat_template
 
-    args = training_arguments(recipe)
-    args.max_length = args.max_length if truncate else None
     template = get_training_chat_template(tokenizer) if args.assistant_only_loss else None
     stand_in = SimpleNamespace(_tokenizer=tokenizer, chat_template=template,
                                completion_only_loss=args.completion_only_loss is not False)
