@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
@@ -31,10 +31,7 @@ SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default (lora_ns.memory'
 MAX_ROW_ERRORS = 5
 
 
-class Sampled(NamedTuple):
-    where: Location
-    row: dict[str, Any]
-    example: dict[str, Any]
+Sampled = tuple[Location, dict[str, Any], dict[str, Any]]  # where, the raw row, its canonical example
 
 
 def check_dataset(recipe: Recipe) -> list[Problem]:
@@ -97,7 +94,7 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
     examples, bad = [], []
     for where, row in sampled:
         try:
-            examples.append(Sampled(where, row, conv.canonical(row)))
+            examples.append((where, row, conv.canonical(row)))
         except RowError as err:
             bad.append(conv.problem(err, where))
     if len(bad) > MAX_ROW_ERRORS:
@@ -111,13 +108,13 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
     """Blank required text fields (an empty question or answer trains nothing useful), by column."""
     fmt = FORMATTERS[recipe.dataset.formatter]
     blanks: dict[str, list[Location]] = {}
-    for s in examples:
+    for where, row, example in examples:
         for name in fmt.fields:
-            value = s.row.get(columns[name])
+            value = row.get(columns[name])
             if isinstance(value, str) and not value.strip():
-                blanks.setdefault(columns[name], []).append(s.where)
-        if fmt.kind == "messages" and any(not m["content"].strip() for m in s.example["messages"]):
-            blanks.setdefault(columns[fmt.fields[0]], []).append(s.where)
+                blanks.setdefault(columns[name], []).append(where)
+        if fmt.kind == "messages" and any(not m["content"].strip() for m in example["messages"]):
+            blanks.setdefault(columns[fmt.fields[0]], []).append(where)
     problems = []
     for column, rows in blanks.items():
         first, n = rows[0], len(examples)
@@ -163,7 +160,7 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     fmt = FORMATTERS[recipe.dataset.formatter]
     if fmt.kind in PREFERENCE_KINDS:  # not SFT rows
         return []
-    where = examples[0].where.file
+    where = examples[0][0].file
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
@@ -175,8 +172,8 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
             return err.problems
         if args.assistant_only_loss and (problems := assistant_mask_problems(recipe, tokenizer)):
             return problems
-    rows = [render(s.example, recipe, tokenizer) for s in examples
-            if fmt.kind != "text" or s.example["text"].strip()]
+    rows = [render(example, recipe, tokenizer) for _, _, example in examples
+            if fmt.kind != "text" or example["text"].strip()]
     if not rows:
         return []
     if args is None:

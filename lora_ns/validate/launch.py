@@ -63,7 +63,7 @@ def read_launch_config(name: str | Path) -> LaunchConfig:
     """Load an accelerate config (a path, or a shipped one by name: ``fsdp2``) with accelerate's own loader;
     any failure is a one-line `UserError`. We parse it too (JSON is YAML) for the key lines and the raw keys
     accelerate's errors are about."""
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.config.config_args import load_config_from_file
 
     path, shipped = Path(name), CONFIGS_DIR / f"{Path(name).stem}.yaml"
     use_shipped = not path.exists() and path.parent == Path(".") and shipped.is_file()
@@ -81,7 +81,7 @@ def read_launch_config(name: str | Path) -> LaunchConfig:
     try:
         loaded = load_config_from_file(source)
     except ValueError as err:
-        raise UserError(_loader_problems(source, raw, lines, str(err), set(ClusterConfig.__dataclass_fields__)))
+        raise UserError(_loader_problems(source, raw, lines, str(err)))
     except (TypeError, KeyError, AttributeError) as err:
         raise UserError(Problem(source, "", f"accelerate cannot read it: {err}", start))
     data = {k: getattr(v, "value", v) for k, v in vars(loaded).items()}
@@ -90,10 +90,11 @@ def read_launch_config(name: str | Path) -> LaunchConfig:
                         data.get("deepspeed_config") or {}, data.get("fsdp_config") or {}, precision)
 
 
-def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str,
-                     known: set[str]) -> list[Problem]:
+def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str) -> list[Problem]:
     """accelerate's ValueError, as problems that name the key."""
-    first = message.splitlines()[0]
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    first, known = message.splitlines()[0], set(ClusterConfig.__dataclass_fields__)
     if "unknown keys" in message:
         extra = [k for k in raw if k not in known and k not in ("fp16", "dynamo_backend")]  # both converted
         return [Problem(source, k, "unknown key (accelerate refuses the file)", suggest(k, known),
@@ -116,10 +117,10 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
     from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE
 
     options = {a.dest: a for a in launch_command_parser()._actions}  # `accelerate launch`'s, by name
-    devices = ("none", "cpu", "nvme")
+    devices, two = ("none", "cpu", "nvme"), cfg.fsdp_version == "2"
     allowed = {"zero_stage": ("0", "1", "2", "3"), "offload_optimizer_device": devices,
                "offload_param_device": devices, "fsdp_auto_wrap_policy": FSDP_AUTO_WRAP_POLICY,
-               "fsdp_state_dict_type": FSDP2_STATE_DICT_TYPE if cfg.fsdp_version == "2" else FSDP_STATE_DICT_TYPE}
+               "fsdp_state_dict_type": FSDP2_STATE_DICT_TYPE if two else FSDP_STATE_DICT_TYPE}
     precision = options["mixed_precision"].choices
     if cfg.mixed_precision is not None and cfg.mixed_precision not in precision:
         yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}",
