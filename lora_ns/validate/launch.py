@@ -1,9 +1,7 @@
 """``validate --accelerate-config``: the accelerate config, then recipe settings that clash with it.
-
 accelerate's own loader reads the file, so what `accelerate launch` rejects is rejected here the same way.
 Keys inside ``deepspeed_config`` / ``fsdp_config`` are checked against `accelerate launch`'s options:
-accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there.
-"""
+accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there."""
 
 from __future__ import annotations
 
