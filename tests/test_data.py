@@ -351,9 +351,10 @@ def test_check_dataset_reads_only_a_sample(tmp_path, tiny_llama):
             if p.is_error] == [(str(data), 1)]
 
 
-def test_check_dataset_reports_token_stats(llama_tok):
+@pytest.mark.parametrize("limit", [128, 64])  # 64: rows exceed it, so the counts must be the untruncated lengths
+def test_check_dataset_reports_token_stats(llama_tok, limit):
     r = parse_recipe({"model": {"name_or_path": "builtin:tiny-llama"},
-                      "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"}, "training": {"max_length": 128}})
+                      "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"}, "training": {"max_length": limit}})
     problems = check_dataset(r)
     assert not [p for p in problems if p.severity != "info"]
     stats = next(p for p in problems if "p50" in p.message)
@@ -363,7 +364,7 @@ def test_check_dataset_reports_token_stats(llama_tok):
                for x in jsonl_rows("gsm8k.jsonl")]
     assert stats.file.endswith("gsm8k.jsonl")
     assert f"max {max(lengths)};" in stats.message
-    assert f"; {sum(n > 128 for n in lengths)} exceed training.max_length=128" in stats.message
+    assert f"; {sum(n > limit for n in lengths)} exceed training.max_length={limit}" in stats.message
 
 
 def test_check_dataset_errors_and_warnings(tmp_path):

@@ -54,40 +54,36 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-def memory_report(recipe: Recipe, args: argparse.Namespace, gpu_bytes: int) -> list[str]:
-    """The per-GPU estimate (lora_ns.memory) for this launch, and a warning line when it will not fit."""
+def memory_report(recipe: Recipe, args: argparse.Namespace) -> list[str]:
+    """The per-GPU estimate (lora_ns.memory) for this launch, with the sample's rows as train tokenizes them,
+    and a warning line when it will not fit the card (--gpu-memory, else the visible GPU; none: no report)."""
+    import torch
+
+    gpu_bytes = args.gpu_memory or (torch.cuda.get_device_properties(0).total_memory
+                                    if torch.cuda.is_available() else None)
+    if not gpu_bytes:
+        return []
     cfg = read_launch_config(args.accelerate_config) if args.accelerate_config else None
-    processes = int(cfg.data.get("num_processes") or 1) if cfg else 1
-    strategy = cfg.strategy if cfg else None
+    lengths = []
+    if not args.no_data and recipe.task in SFT_TASKS:
+        try:
+            lengths = [len(row["input_ids"]) for row in training_rows(recipe, SAMPLE_ROWS)]
+        except UserError:  # e.g. a Hub dataset out of reach: the data checks said so already
+            pass
     try:
-        found = estimate_for_recipe(recipe, processes, strategy, sampled_lengths(recipe, args))
+        found = estimate_for_recipe(recipe, int(cfg.data.get("num_processes") or 1) if cfg else 1,
+                                    cfg.strategy if cfg else None, lengths)
     except UserError as err:  # e.g. a hub model offline: the model check already warned; not a reason to fail
         return [f"{PROG}: warning: memory estimate skipped: {err.problems[0]}"]
     warning = found.verdict(gpu_bytes)
     return found.lines() + ([f"{PROG}: warning: memory: {warning}"] if warning else [])
 
 
-def sampled_lengths(recipe: Recipe, args: argparse.Namespace) -> list[int]:
-    """Tokens per row of the data sample as train tokenizes them (SFT tasks; [] without a sample)."""
-    if args.no_data or recipe.task not in SFT_TASKS:
-        return []
-    try:
-        return [len(row["input_ids"]) for row in training_rows(recipe, SAMPLE_ROWS)]
-    except UserError:  # e.g. a Hub dataset out of reach: the data checks said so already
-        return []
-
-
-def visible_gpu_memory() -> int | None:
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-
-
 def describe_more(recipe: Recipe, args: argparse.Namespace) -> list[str]:
     """What validate prints under the OK line: pretraining's token budget, the memory estimate, a sample."""
     lines = describe_pretrain(recipe) if recipe.task == "pretrain" else []
-    if recipe.task != "pretrain" and not args.no_model and (gpu := args.gpu_memory or visible_gpu_memory()):
-        lines += memory_report(recipe, args, gpu)
+    if recipe.task != "pretrain" and not args.no_model:
+        lines += memory_report(recipe, args)
     return lines + (show_sample(recipe, args.show_sample) if args.show_sample else [])
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
@@ -22,18 +22,16 @@ from lora_ns.data.sources import (
 )
 from lora_ns.errors import Problem, UserError
 from lora_ns.model import load_tokenizer
-from lora_ns.setup import training_defaults
+from lora_ns.setup import training_arguments
 from lora_ns.validate.model import hub_reachable
+from lora_ns.validate.sample import prepared_rows
 
 SAMPLE_ROWS = 200
-SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default
+SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default (lora_ns.memory's estimate)
 MAX_ROW_ERRORS = 5
 
 
-class Sampled(NamedTuple):
-    where: Location
-    row: dict[str, Any]
-    example: dict[str, Any]
+Sampled = tuple[Location, dict[str, Any], dict[str, Any]]  # where, the raw row, its canonical example
 
 
 def check_dataset(recipe: Recipe) -> list[Problem]:
@@ -96,7 +94,7 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
     examples, bad = [], []
     for where, row in sampled:
         try:
-            examples.append(Sampled(where, row, conv.canonical(row)))
+            examples.append((where, row, conv.canonical(row)))
         except RowError as err:
             bad.append(conv.problem(err, where))
     if len(bad) > MAX_ROW_ERRORS:
@@ -110,13 +108,13 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
     """Blank required text fields (an empty question or answer trains nothing useful), by column."""
     fmt = FORMATTERS[recipe.dataset.formatter]
     blanks: dict[str, list[Location]] = {}
-    for s in examples:
+    for where, row, example in examples:
         for name in fmt.fields:
-            value = s.row.get(columns[name])
+            value = row.get(columns[name])
             if isinstance(value, str) and not value.strip():
-                blanks.setdefault(columns[name], []).append(s.where)
-        if fmt.kind == "messages" and any(not m["content"].strip() for m in s.example["messages"]):
-            blanks.setdefault(columns[fmt.fields[0]], []).append(s.where)
+                blanks.setdefault(columns[name], []).append(where)
+        if fmt.kind == "messages" and any(not m["content"].strip() for m in example["messages"]):
+            blanks.setdefault(columns[fmt.fields[0]], []).append(where)
     problems = []
     for column, rows in blanks.items():
         first, n = rows[0], len(examples)
@@ -133,9 +131,16 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
 
 def _tokenizer(recipe: Recipe):
     """The recipe's tokenizer when it loads without a download, else (None, why)."""
+    from huggingface_hub import try_to_load_from_cache
+
     m = recipe.model
     name = m.tokenizer_name_or_path or m.name_or_path
-    if not (is_builtin(name) or Path(name).is_dir() or _in_hf_cache(name, m.revision)):
+    try:
+        cached = any(isinstance(try_to_load_from_cache(name, f, revision=m.revision), str)
+                     for f in ("tokenizer_config.json", "tokenizer.json"))
+    except Exception:  # not a valid repo id
+        cached = False
+    if not (is_builtin(name) or Path(name).is_dir() or cached):
         return None, f"tokenizer '{name}' is neither local nor in the HF cache"
     try:
         return load_tokenizer(recipe), ""
@@ -146,63 +151,41 @@ def _tokenizer(recipe: Recipe):
         return None, f"tokenizer '{name}' could not be loaded ({reason})"
 
 
-def _in_hf_cache(name: str, revision: str | None) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return any(isinstance(try_to_load_from_cache(name, f, revision=revision), str)
-                   for f in ("tokenizer_config.json", "tokenizer.json"))
-    except Exception:  # not a valid repo id
-        return False
-
-
-def token_lengths(rows: list[dict[str, Any]], tokenizer) -> list[int]:
-    """Tokens per rendered row, counted as TRL will (chat template, or text plus EOS; pairs as encoded)."""
-    if not rows:
-        return []
-    first = rows[0]
-    if "sentence1" in first:
-        seconds = [r.get("sentence2") for r in rows]
-        pair = seconds if all(isinstance(s, str) for s in seconds) else None
-        return [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
-    if "messages" in first or isinstance(first.get("prompt"), list):
-        convs = [r["messages"] if "messages" in r else r["prompt"] + r["completion"] for r in rows]
-        texts = tokenizer.apply_chat_template(convs, tokenize=False)
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    texts = [r["prompt"] + r["completion"] if "prompt" in r else r["text"] for r in rows]
-    return [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + the EOS TRL appends
-
-
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
+    """Tokens per example as train counts them (TRL's own SFT preparation, untruncated; pairs as encoded),
+    and the padding share of the batching the real training arguments will use."""
+    import datasets
     import numpy as np
 
     fmt = FORMATTERS[recipe.dataset.formatter]
     if fmt.kind in PREFERENCE_KINDS:  # not SFT rows
         return []
-    where = examples[0].where.file
+    where = examples[0][0].file
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
+    args = None if recipe.task == "seq_cls" else training_arguments(recipe)
     if fmt.kind == "messages":
         try:
             require_chat_template(recipe, tokenizer)
         except UserError as err:
             return err.problems
-        problems = assistant_mask_problems(recipe, tokenizer) if \
-            recipe.training.get("assistant_only_loss", True) else []
-        if problems:
+        if args.assistant_only_loss and (problems := assistant_mask_problems(recipe, tokenizer)):
             return problems
-    rows = [render(s.example, recipe, tokenizer) for s in examples
-            if fmt.kind != "text" or s.example["text"].strip()]
-    lengths = token_lengths(rows, tokenizer)
-    if not lengths:
+    rows = [render(example, recipe, tokenizer) for _, _, example in examples
+            if fmt.kind != "text" or example["text"].strip()]
+    if not rows:
         return []
-    if recipe.task == "seq_cls":
+    if args is None:
         limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
                              "the tokenizer's model_max_length")
+        seconds = [r.get("sentence2") for r in rows]
+        pair = seconds if all(isinstance(s, str) for s in seconds) else None
+        lengths = [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
     else:
-        limit = int(recipe.training.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
-        limit_name = "training.max_length"
+        limit, limit_name, args.max_length = args.max_length, "training.max_length", None  # the full lengths
+        lengths = [len(row["input_ids"]) for row in
+                   prepared_rows(args, datasets.Dataset.from_list(rows), tokenizer)]
     chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
     style = "chat template" if chat or fmt.kind == "messages" else "plain text"
     over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
@@ -210,12 +193,10 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
     notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
                      f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
-    batch = int(recipe.training.get("per_device_train_batch_size") or 8)
-    args = {**training_defaults(recipe), **recipe.training}  # the batching train will use
-    if recipe.task != "seq_cls" and not args.get("packing") and len(lengths) > 1:
-        sizes = [min(n, limit) for n in lengths]
-        grouped = (args.get("train_sampling_strategy") == "group_by_length"
-                   or bool(args.get("group_by_length")))  # its name before transformers 5.x
+    if args is not None and not args.packing and len(lengths) > 1:
+        sizes, batch = [min(n, limit or n) for n in lengths], args.per_device_train_batch_size
+        grouped = (getattr(args, "train_sampling_strategy", None) == "group_by_length"
+                   or getattr(args, "group_by_length", False))  # its name before transformers 5.x
         padded = padding(sorted(sizes) if grouped else sizes, batch)
         share = padded / (padded + sum(sizes))
         how = "rows grouped by length" if grouped else "train_sampling_strategy: group_by_length cuts it"

@@ -1,16 +1,13 @@
 """``validate --accelerate-config``: the accelerate config, then recipe settings that clash with it.
-
 accelerate's own loader reads the file, so what `accelerate launch` rejects is rejected here the same way.
 Keys inside ``deepspeed_config`` / ``fsdp_config`` are checked against `accelerate launch`'s options:
-accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there.
-"""
+accelerate copies them onto its arguments unchecked, so a misspelled one is silently ignored there."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, suggest
@@ -20,7 +17,6 @@ from lora_ns.yaml_reader import parse_yaml
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "accelerate_configs"
 FSDP1_ONLY = ("fsdp_use_orig_params", "fsdp_sync_module_states", "fsdp_backward_prefetch",
               "fsdp_forward_prefetch", "fsdp_sharding_strategy")
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 # accelerate copies these sections' keys onto `accelerate launch` options: (prefix it adds, option families).
 NESTED_SECTIONS = {"deepspeed_config": ("", ("zero", "offload_", "deepspeed_", "gradient_")),
                    "fsdp_config": ("fsdp_", ("fsdp_",))}
@@ -48,10 +44,12 @@ class LaunchConfig:
     @property
     def strategy(self) -> str | None:
         """The sharding lora_ns.memory estimates: zero3, fsdp2, zero2, ddp, or None for one process."""
-        if self.zero3 or self.kind == "FSDP":
-            return "zero3" if self.zero3 else "fsdp2"
-        processes = int(self.data.get("num_processes") or 1)
-        return "zero2" if self.kind == "DEEPSPEED" else "ddp" if processes > 1 else None
+        ddp = "ddp" if int(self.data.get("num_processes") or 1) > 1 else None
+        return {"DEEPSPEED": "zero3" if self.zero3 else "zero2", "FSDP": "fsdp2"}.get(self.kind, ddp)
+
+    @property
+    def fsdp_version(self) -> str:
+        return str(self.fsdp.get("fsdp_version", 1))
 
 
 def _flag(value: Any) -> bool:
@@ -59,18 +57,15 @@ def _flag(value: Any) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or the name of a shipped config (``fsdp2`` -> accelerate_configs/fsdp2.yaml)."""
+def read_launch_config(name: str | Path) -> LaunchConfig:
+    """Load an accelerate config (a path, or a shipped one by name: ``fsdp2``) with accelerate's own loader;
+    any failure is a one-line `UserError`. We parse it too (JSON is YAML) for the key lines and the raw keys
+    accelerate's errors are about."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
     path, shipped = Path(name), CONFIGS_DIR / f"{Path(name).stem}.yaml"
-    return shipped if not path.exists() and path.parent == Path(".") and shipped.is_file() else path
-
-
-def read_launch_config(path: str | Path) -> LaunchConfig:
-    """Load an accelerate config with accelerate's own loader; any failure is a one-line `UserError`.
-    We parse it too (JSON is YAML) for the key lines and the raw keys accelerate's errors are about."""
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
-
-    source, start = str(resolve_config_path(path)), "start from one in accelerate_configs/"
+    use_shipped = not path.exists() and path.parent == Path(".") and shipped.is_file()
+    source, start = str(shipped if use_shipped else path), "start from one in accelerate_configs/"
     try:
         raw, lines = parse_yaml(Path(source).read_text(encoding="utf-8"), source)
     except FileNotFoundError:
@@ -84,8 +79,7 @@ def read_launch_config(path: str | Path) -> LaunchConfig:
     try:
         loaded = load_config_from_file(source)
     except ValueError as err:
-        known = set(ClusterConfig.__dataclass_fields__)
-        raise UserError(_loader_problems(source, raw, lines, str(err), known))
+        raise UserError(_loader_problems(source, raw, lines, str(err)))
     except (TypeError, KeyError, AttributeError) as err:
         raise UserError(Problem(source, "", f"accelerate cannot read it: {err}", start))
     data = {k: getattr(v, "value", v) for k, v in vars(loaded).items()}
@@ -94,10 +88,11 @@ def read_launch_config(path: str | Path) -> LaunchConfig:
                         data.get("deepspeed_config") or {}, data.get("fsdp_config") or {}, precision)
 
 
-def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str,
-                     known: set[str]) -> list[Problem]:
+def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str) -> list[Problem]:
     """accelerate's ValueError, as problems that name the key."""
-    first = message.splitlines()[0]
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    first, known = message.splitlines()[0], set(ClusterConfig.__dataclass_fields__)
     if "unknown keys" in message:
         extra = [k for k in raw if k not in known and k not in ("fp16", "dynamo_backend")]  # both converted
         return [Problem(source, k, "unknown key (accelerate refuses the file)", suggest(k, known),
@@ -113,27 +108,17 @@ def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str
 
 # --- the config file on its own ---------------------------------------------------------------------
 
-@cache
-def launch_options() -> dict[str, Any]:
-    """`accelerate launch`'s options by name (dest -> argparse action)."""
+def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
+    """Keys and values accelerate launch would silently ignore, or reject only once every node has started.
+    Nested values get accelerate's own lists where it has them (its launch options have no choices there)."""
     from accelerate.commands.launch import launch_command_parser
-
-    return {a.dest: a for a in launch_command_parser()._actions}
-
-
-def allowed_values(cfg: LaunchConfig) -> dict[str, tuple[str, ...]]:
-    """Nested values accelerate passes on unchecked (its launch options have no choices for them)."""
     from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE
 
-    two = str(cfg.fsdp.get("fsdp_version", 1)) == "2"
-    return {"zero_stage": ("0", "1", "2", "3"), "offload_optimizer_device": OFFLOAD_DEVICES,
-            "offload_param_device": OFFLOAD_DEVICES, "fsdp_auto_wrap_policy": tuple(FSDP_AUTO_WRAP_POLICY),
-            "fsdp_state_dict_type": tuple(FSDP2_STATE_DICT_TYPE if two else FSDP_STATE_DICT_TYPE)}
-
-
-def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
-    """Keys and values accelerate launch would silently ignore, or reject only once every node has started."""
-    options, allowed = launch_options(), allowed_values(cfg)
+    options = {a.dest: a for a in launch_command_parser()._actions}  # `accelerate launch`'s, by name
+    devices, two = ("none", "cpu", "nvme"), cfg.fsdp_version == "2"
+    allowed = {"zero_stage": ("0", "1", "2", "3"), "offload_optimizer_device": devices,
+               "offload_param_device": devices, "fsdp_auto_wrap_policy": FSDP_AUTO_WRAP_POLICY,
+               "fsdp_state_dict_type": FSDP2_STATE_DICT_TYPE if two else FSDP_STATE_DICT_TYPE}
     precision = options["mixed_precision"].choices
     if cfg.mixed_precision is not None and cfg.mixed_precision not in precision:
         yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}",
@@ -148,30 +133,19 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
                                   suggest(name, known))
             elif choices and str(value) not in choices:
                 yield cfg.problem(path, f"got {value!r}", f"use one of: {', '.join(choices)}")
-            elif name in FSDP1_ONLY and str(cfg.fsdp.get("fsdp_version", 1)) == "2":
+            elif name in FSDP1_ONLY and cfg.fsdp_version == "2":
                 yield cfg.problem(path, "obsolete in FSDP2: accelerate drops it",
                                   "remove it (FSDP2 always uses the original parameters)", "warning")
     offload = str(cfg.ds.get("offload_param_device", "none")) != "none"
     if cfg.kind == "DEEPSPEED" and offload and not cfg.zero3:
         yield cfg.problem("deepspeed_config.offload_param_device", "parameter offload needs ZeRO stage 3",
                           "set zero_stage: 3, or offload_param_device: none")
-    if cfg.kind == "FSDP" and str(cfg.fsdp.get("fsdp_version", 1)) == "1":
+    if cfg.kind == "FSDP" and cfg.fsdp_version == "1":
         yield cfg.problem("fsdp_config.fsdp_version", "FSDP1 is deprecated in accelerate 1.x",
                           "set fsdp_version: 2 (see accelerate_configs/fsdp2.yaml)", "warning")
 
 
 # --- the recipe with the config -----------------------------------------------------------------------
-
-LaunchRule = Callable[[Recipe, LaunchConfig], Iterator[Problem]]
-
-
-def training_dtype(r: Recipe, cfg: LaunchConfig) -> str | None:
-    """The dtype the weights train in: the recipe's model.dtype, else its/the config's mixed precision."""
-    if r.model.dtype != "auto":
-        return r.model.dtype
-    flag = "bf16" if r.training.get("bf16") else "fp16" if r.training.get("fp16") else None
-    return flag or (cfg.mixed_precision if cfg.mixed_precision in ("bf16", "fp16") else None)
-
 
 def eight_bit_not_shardable(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     if r.quantization.load_in_8bit and cfg.kind in ("DEEPSPEED", "FSDP"):
@@ -185,7 +159,11 @@ def quant_storage_matches_dtype(r: Recipe, cfg: LaunchConfig) -> Iterator[Proble
     in the dtype of the rest of the model, or sharding fails (QLoRA + FSDP/ZeRO-3 recipe in the PEFT docs)."""
     if not (r.quantization.load_in_4bit and (cfg.zero3 or cfg.kind == "FSDP")):
         return
-    storage, dtype, how = r.quantization.bnb_4bit_quant_storage, training_dtype(r, cfg), cfg.strategy
+    # the dtype the weights train in: model.dtype, else the recipe's or the config's mixed precision
+    flag = "bf16" if r.training.get("bf16") else "fp16" if r.training.get("fp16") else None
+    dtype = r.model.dtype if r.model.dtype != "auto" else flag or \
+        (cfg.mixed_precision if cfg.mixed_precision in ("bf16", "fp16") else None)
+    storage, how = r.quantization.bnb_4bit_quant_storage, cfg.strategy
     if dtype is None:
         yield r.problem("model.dtype", f"4-bit + {how}: the training dtype must be fixed to match the quant "
                         "storage", "set model.dtype: bf16 and quantization.bnb_4bit_quant_storage: bf16")
@@ -280,9 +258,8 @@ def machine_fits(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
                           "another machine)", "warning")
 
 
-LAUNCH_RULES: list[LaunchRule] = [eight_bit_not_shardable, quant_storage_matches_dtype, zero3_flags,
-                                  deepspeed_values_match, fsdp_checkpointing, mixed_precision_agrees,
-                                  machine_fits]
+LAUNCH_RULES = (eight_bit_not_shardable, quant_storage_matches_dtype, zero3_flags, deepspeed_values_match,
+                fsdp_checkpointing, mixed_precision_agrees, machine_fits)
 
 
 def check_launch(recipe: Recipe, accelerate_config_path: str) -> list[Problem]:

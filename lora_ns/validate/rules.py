@@ -1,10 +1,7 @@
-"""Cross-field rules: each a small named function from a Recipe to the problems it finds, listed in RULES.
-
-They run after the schema check, without weights, inside train's set-up (`lora_ns.setup`), which then
-builds the real SFTConfig / TrainingArguments and peft config: what those check themselves (bf16 with
-fp16, scheduler names, ...) is not repeated. These rules cover what the libraries accept, then fail on
-mid-run or silently train nothing with; every message says how to fix the recipe.
-"""
+"""Cross-field rules, each a small named function from a Recipe to its problems (listed in RULES), run
+without weights inside train's set-up (`lora_ns.setup`), which then builds the real SFTConfig /
+TrainingArguments and peft config: what those reject themselves is not repeated. These cover what the
+libraries accept, then fail on mid-run or silently train nothing with."""
 
 from __future__ import annotations
 

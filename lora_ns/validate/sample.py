@@ -1,5 +1,6 @@
 """``validate --show-sample N``: the first N training examples as train sees them: `build_datasets` rows
-through TRL's own ``SFTTrainer._prepare_dataset`` (called on a stand-in holding what it reads, so no model).
+through TRL's own ``SFTTrainer._prepare_dataset`` (called on a stand-in holding what it reads, so no model;
+validate's token-length stats count the same rows).
 Loss tokens are shown [[in double brackets]] (green on a terminal), with the share of loss tokens.
 """
 
@@ -17,19 +18,24 @@ SFT_TASKS = ("causal_lm", "cpt")
 
 
 def training_rows(recipe: Recipe, count: int) -> list[dict]:
-    """input_ids and labels (-100: no loss) of the first `count` training rows, as SFTTrainer builds them."""
+    """The first `count` training rows, as SFTTrainer builds them (see `prepared_rows`)."""
+    few = recipe.model_copy(deep=True)
+    few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
+    tokenizer = load_tokenizer(recipe)
+    return prepared_rows(training_arguments(recipe), build_datasets(few, tokenizer)[0], tokenizer)
+
+
+def prepared_rows(args, rows, tokenizer) -> list[dict]:
+    """input_ids and labels (-100: no loss) of rendered rows (a `datasets.Dataset`) through TRL's own
+    ``SFTTrainer._prepare_dataset`` with these SFTConfig `args`; iterated, so no progress bars."""
     from trl import SFTTrainer
     from trl.chat_template_utils import get_training_chat_template
 
-    few = recipe.model_copy(deep=True)
-    few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
-    args = training_arguments(recipe)
-    tokenizer = load_tokenizer(recipe)
-    train, _ = build_datasets(few, tokenizer)
     template = get_training_chat_template(tokenizer) if args.assistant_only_loss else None
     stand_in = SimpleNamespace(_tokenizer=tokenizer, chat_template=template,
                                completion_only_loss=args.completion_only_loss is not False)
-    prepared = SFTTrainer._prepare_dataset(stand_in, train, tokenizer, args, False, None, "sample")
+    prepared = SFTTrainer._prepare_dataset(stand_in, rows.to_iterable_dataset(), tokenizer, args, False, None,
+                                           "sample")
     return [{"input_ids": row["input_ids"], "labels": row["labels"], "tokenizer": tokenizer}
             for row in prepared]
 
