@@ -1,6 +1,6 @@
 """``task: pretrain``: a causal LM from random weights (``model.config``: a preset below, a folder or a hub
-id), trained in full on a text corpus tokenized, joined with EOS and cut into ``max_length`` rows once (README:
-"Pretraining from scratch").
+id), trained in full on a text corpus tokenized, joined with EOS and cut into ``max_length`` rows once
+(README: "Pretraining from scratch").
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def pretrain_datasets(recipe: Recipe, tokenizer):
     kwargs = {"batched": True, "fn_kwargs": {"tokenizer": tokenizer, "length": length}}
     splits = build_datasets(recipe, tokenizer)
     if recipe.dataset.streaming:
-        return tuple(None if s is None else s.map(pack, remove_columns=s.column_names, **kwargs) for s in splits)
+        return tuple(None if s is None else s.map(pack, remove_columns=s.column_names, **kwargs)
+                     for s in splits)
     packed, said, built = {}, [], False
     for name, split in zip(("train", "validation"), splits):
         if split is not None:  # datasets' own cache file name for this fingerprint, checked before the map
