@@ -1,18 +1,23 @@
 """``task: pretrain``: a causal LM from random weights (``model.config``: a preset below, a folder or a hub
-id), trained in full on a text corpus tokenized, joined with EOS and cut into ``max_length`` rows once
-(README: "Pretraining from scratch").
+id), trained in full on a text corpus tokenized, joined with EOS and cut into ``max_length`` rows once, then
+cached under ``$LORA_NS_CACHE/pretrain_data/<key>`` for later runs and every rank (README: "Pretraining from
+scratch").
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.builtin_models import cache_dir, resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
+from lora_ns.data.sources import LocalSource, source_for
 from lora_ns.errors import Problem, UserError
 
 # name -> (transformers config class, its arguments). Counts: `parameter_count` on the meta device,
@@ -127,31 +132,60 @@ def pack(batch: dict[str, list], tokenizer, length: int) -> dict[str, list]:
     return {"input_ids": [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]}
 
 
-def pretrain_datasets(recipe: Recipe, tokenizer):
-    """(train, validation or None): rows of ``max_length`` token ids. A streamed corpus is packed on the fly;
-    any other is packed once into datasets' own cache beside its rows, the file named by their fingerprint
-    (corpus files and mtimes, the dataset section), the tokenizer and max_length: later runs and every rank
-    reuse it."""
+def cache_key(recipe: Recipe, tokenizer) -> str:
+    """What the tokenized shards depend on: corpus files, the dataset section, tokenizer, max_length
+    (hashed as datasets hashes a map's arguments: the tokenizer's whole state)."""
     from datasets.fingerprint import Hasher
 
+    cfg = recipe.dataset
+    sources = [source_for(cfg)] + ([source_for(cfg, cfg.val_split, "dataset.val_split")]
+                                   if isinstance(cfg.val_split, str) else [])
+    files = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+             for s in sources if isinstance(s, LocalSource) for f in s.files]  # [] for a hub dataset
+    return Hasher.hash({"files": files, "dataset": cfg.model_dump(mode="json"), "version": 1,
+                        "max_length": int(recipe.training["max_length"]), "tokenizer": tokenizer})
+
+
+def _packed(dataset, tokenizer, length: int):
+    import datasets
+
+    kwargs = {"desc": "Tokenizing and packing"} if isinstance(dataset, datasets.Dataset) else {}
+    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                       fn_kwargs={"tokenizer": tokenizer, "length": length}, **kwargs)
+
+
+def pretrain_datasets(recipe: Recipe, tokenizer):
+    """(train, validation or None): rows of ``max_length`` token ids, built once and then reused."""
+    import datasets
+
     length = int(recipe.training["max_length"])  # required for pretrain (see `check_pretrain`)
-    kwargs = {"batched": True, "fn_kwargs": {"tokenizer": tokenizer, "length": length}}
-    splits = build_datasets(recipe, tokenizer)
     if recipe.dataset.streaming:
-        return tuple(None if s is None else s.map(pack, remove_columns=s.column_names, **kwargs)
-                     for s in splits)
-    packed, said, built = {}, [], False
-    for name, split in zip(("train", "validation"), splits):
-        if split is not None:  # datasets' own cache file name for this fingerprint, checked before the map
-            path = split._get_cache_file_path(Hasher.hash([split._fingerprint, tokenizer, length]))
-            built |= not os.path.exists(path)
-            rows = packed[name] = split.map(pack, remove_columns=split.column_names, cache_file_name=path,
-                                            desc="Tokenizing and packing", **kwargs)
-            said.append(f"{name} {len(rows) * length:,} tokens in {len(rows):,} rows")
+        splits = build_datasets(recipe, tokenizer)
+        return tuple(None if s is None else _packed(s, tokenizer, length) for s in splits)
+    target = cache_dir() / "pretrain_data" / cache_key(recipe, tokenizer)
+    if built := not (target / "counts.json").is_file():  # written in a temporary folder, then renamed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+        try:
+            counts = {}
+            for name, split in zip(("train", "validation"), build_datasets(recipe, tokenizer)):
+                if split is not None:
+                    (packed := _packed(split, tokenizer, length)).save_to_disk(str(tmp / name))
+                    counts[name] = {"rows": len(packed), "tokens": len(packed) * length}
+            (tmp / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first
+                if not (target / "counts.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    counts = json.loads((target / "counts.json").read_text(encoding="utf-8"))
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-        where = packed["train"].cache_files[0]["filename"]
-        print(f"lora_ns: pretrain data {'built' if built else 'reused'} ({where}): {', '.join(said)}")
-    return packed["train"], packed.get("validation")
+        said = ", ".join(f"{name} {c['tokens']:,} tokens in {c['rows']:,} rows" for name, c in counts.items())
+        print(f"lora_ns: pretrain data {'built' if built else 'reused'} ({target}): {said}")
+    loaded = {name: datasets.load_from_disk(str(target / name)) for name in counts}
+    return loaded["train"], loaded.get("validation")
 
 
 # --- checks and the numbers validate prints -------------------------------------------------------

@@ -205,7 +205,7 @@ def loss_points(log_history: list[dict[str, Any]]) -> tuple[list, list]:
 
 def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> None:
     """Train and eval loss against the step, as a PNG. matplotlib's object API (savefig picks the Agg canvas
-    for a PNG): pyplot's global backend is never touched (no display needed, nothing changed for its users)."""
+    for a PNG): pyplot's global backend is never touched (no display needed, nothing changed for users)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), dpi=100)

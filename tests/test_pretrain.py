@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -43,11 +42,6 @@ def train_cli(out: Path, recipe_file: str, *overrides: str) -> dict:
     return json.loads((out / "run_summary.json").read_text())
 
 
-def packed_file(said: str) -> str:
-    """The packed rows' cache file that `pretrain_datasets` printed."""
-    return re.search(r"pretrain data (?:built|reused) \((.+?)\): train", said).group(1)
-
-
 def losses(out: Path) -> dict[int, float]:
     state = json.loads((out / "trainer_state.json").read_text())
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
@@ -70,7 +64,12 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
     saved = json.loads((first / "config.json").read_text())
     assert saved["model_type"] == "qwen2" and saved["hidden_size"] == 64
     assert (first / "model.safetensors").is_file()
-    cache = Path(packed_file(said.out))
+    from lora_ns.builtin_models import cache_dir
+    from lora_ns.config import load_recipe
+    from lora_ns.pretrain import cache_key, pretrain_tokenizer
+
+    recipe = load_recipe(recipe_file)
+    cache = cache_dir() / "pretrain_data" / cache_key(recipe, pretrain_tokenizer(recipe)) / "counts.json"
     built_at = cache.stat().st_mtime_ns
 
     # A second invocation with more steps continues from the first run's checkpoint, on the cached shards.
@@ -79,7 +78,6 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
                          f"training.resume_from_checkpoint={first / f'checkpoint-{STEPS}'}")
     said = capsys.readouterr()
     assert "pretrain data reused" in said.out and cache.stat().st_mtime_ns == built_at, said.out
-    assert packed_file(said.out) == str(cache)
     assert summary2["steps"] == MORE_STEPS and "resuming from" in said.err
     # A run from step 0 would save checkpoint-30 on its way (save_steps); the resumed one starts past it.
     assert sorted(p.name for p in second.glob("checkpoint-*")) == [f"checkpoint-{MORE_STEPS}"]
@@ -147,31 +145,25 @@ def test_vocab_grows_to_fit_the_tokenizer():
     assert grown.eos_token_id == tokenizer.eos_token_id
 
 
-def test_packed_cache_follows_corpus_max_length_and_tokenizer(tmp_path, capsys):
-    """Packed once per (corpus, max_length, tokenizer): reused while all three stay, rebuilt when one changes."""
-    from lora_ns.pretrain import pretrain_datasets, pretrain_tokenizer
+def test_cache_key_follows_corpus_max_length_and_tokenizer(tmp_path):
+    from lora_ns.pretrain import cache_key, pretrain_tokenizer
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("one document\nanother one\n" * 40, encoding="utf-8")
+    corpus.write_text("one document\nanother one\n", encoding="utf-8")
     data = pretrain_data(Path("out"))
     data["dataset"]["path"] = str(corpus)
     recipe = parse_recipe(data, "p.yaml")
     tokenizer = pretrain_tokenizer(recipe)
-
-    def packed(recipe) -> tuple[str, str]:
-        pretrain_datasets(recipe, tokenizer)
-        return re.search(r"pretrain data (built|reused) \((.+?)\)", capsys.readouterr().out).groups()
-
-    state, path = packed(recipe)
-    assert state == "built" and packed(recipe) == ("reused", path)
-    data["training"]["max_length"] = 32
-    assert packed(parse_recipe(data, "p.yaml"))[0] == "built"
-    assert packed(recipe) == ("reused", path)
-    corpus.write_text("one document\nanother one, edited\n" * 40, encoding="utf-8")
-    state, edited = packed(recipe)
-    assert state == "built" and edited != path
+    key = cache_key(recipe, tokenizer)
+    assert cache_key(recipe, tokenizer) == key
+    data["training"]["max_length"] = 128
+    longer = parse_recipe(data, "p.yaml")
+    assert cache_key(longer, tokenizer) != key
+    corpus.write_text("one document\nanother one, edited\n", encoding="utf-8")
+    edited = cache_key(recipe, tokenizer)
+    assert edited != key
     tokenizer.add_tokens(["<|another_token|>"])  # a different vocabulary tokenizes differently
-    assert packed(recipe)[0] == "built"
+    assert cache_key(recipe, tokenizer) != edited
 
 
 def test_tiktoken_encoding_offline_is_one_line(tmp_path, monkeypatch):
