@@ -6,7 +6,6 @@ scratch").
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -163,28 +162,26 @@ def pretrain_datasets(recipe: Recipe, tokenizer):
         splits = build_datasets(recipe, tokenizer)
         return tuple(None if s is None else _packed(s, tokenizer, length) for s in splits)
     target = cache_dir() / "pretrain_data" / cache_key(recipe, tokenizer)
-    if built := not (target / "counts.json").is_file():  # written in a temporary folder, then renamed
+    if built := not target.is_dir():  # written in a temporary folder, then renamed: whole or absent
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
         try:
-            counts = {}
             for name, split in zip(("train", "validation"), build_datasets(recipe, tokenizer)):
                 if split is not None:
-                    (packed := _packed(split, tokenizer, length)).save_to_disk(str(tmp / name))
-                    counts[name] = {"rows": len(packed), "tokens": len(packed) * length}
-            (tmp / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
+                    _packed(split, tokenizer, length).save_to_disk(str(tmp / name))
             try:
                 tmp.rename(target)
             except OSError:  # another process finished first
-                if not (target / "counts.json").is_file():
+                if not target.is_dir():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    counts = json.loads((target / "counts.json").read_text(encoding="utf-8"))
+    loaded = {name: datasets.load_from_disk(str(target / name))
+              for name in ("train", "validation") if (target / name).is_dir()}
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-        said = ", ".join(f"{name} {c['tokens']:,} tokens in {c['rows']:,} rows" for name, c in counts.items())
+        said = ", ".join(f"{name} {len(rows) * length:,} tokens in {len(rows):,} rows"
+                         for name, rows in loaded.items())
         print(f"lora_ns: pretrain data {'built' if built else 'reused'} ({target}): {said}")
-    loaded = {name: datasets.load_from_disk(str(target / name)) for name in counts}
     return loaded["train"], loaded.get("validation")
 
 
