@@ -44,11 +44,9 @@ FALLBACK_TILE_BYTES = 7 * 4 + 1
 
 def trl_fused_head() -> bool:
     """Whether the installed TRL's SFTTrainer uses the fused LM head (trl >= 1.16)."""
-    try:
-        from trl.trainer.utils import add_fused_lm_head  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import trl.trainer.utils
+
+    return hasattr(trl.trainer.utils, "add_fused_lm_head")
 
 
 def _fused_head_bytes(shape: Shape, tokens: int, c: int, full: bool, triton: bool) -> int:
@@ -107,16 +105,11 @@ class MemoryEstimate:
         head = (f"per-GPU memory estimate ({s['strategy'] or 'ddp'} over {s['num_processes']}; batch "
                 f"{s['batch']} x {s['seq']} tokens{seq_from}, {s['quant'] or s['weights_dtype']} weights, "
                 f"gradient checkpointing {'on' if s['checkpointing'] else 'off'})")
+        logits = "LM head + loss (TRL fused, tiled)" if s["fused_head"] else "logits + loss (fp32)"
         rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
                 ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
-                ("activations", self.activations),
-                (self.head_name, self.logits), ("total", self.total)]
+                ("activations", self.activations), (logits, self.logits), ("total", self.total)]
         return [head] + [f"  {name:<32} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
-
-    @property
-    def head_name(self) -> str:
-        fused = self.settings.get("fused_head")
-        return "LM head + loss (TRL fused, tiled)" if fused else "logits + loss (fp32)"
 
     def verdict(self, gpu_bytes: int) -> str | None:
         """None if it fits under 90% of the card, else a warning naming the cheapest fix that fits."""
@@ -206,12 +199,8 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     if strategy in ("zero3", "fsdp2"):  # plus the one layer gathered at a time
         weights, trainable = weights / num_processes + shape.largest_layer * c, trainable / num_processes
     tokens = batch * seq
-    classes = shape.vocab if task != "seq_cls" else num_labels
-    if fused_head:
-        head = _fused_head_bytes(shape, tokens, c, full, triton)
-    else:
-        head = (tokens if task != "seq_cls" else batch) * classes * 12
-    settings["fused_head"] = fused_head
+    head = _fused_head_bytes(shape, tokens, c, full, triton) if fused_head else (
+        tokens * shape.vocab * 12 if task != "seq_cls" else batch * num_labels * 12)
     per_layer = _layer_bytes(shape, c, 0 if full else lora_r, lora_dropout and not full)
     if full:
         per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
@@ -219,9 +208,8 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     saved = shape.hidden * c if checkpointing else per_layer
     recompute = max(0, per_layer - (head / tokens if task != "seq_cls" else 0)) if checkpointing else 0
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
-    logits = head
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
-                          gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(logits),
+                          gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(head),
                           settings=settings)
 
 

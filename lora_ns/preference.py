@@ -120,11 +120,6 @@ def resolve_rewards(names: Any, columns: tuple[str, ...] = ("answer",)) -> tuple
     return funcs, reasons
 
 
-def reward_problems(recipe: Recipe) -> list[Problem]:
-    _, reasons = resolve_rewards(recipe.training.get("reward_funcs"))
-    return [recipe.problem("training.reward_funcs", why, "fix the name or the function") for why in reasons]
-
-
 # --- validate: what TRL does not check -------------------------------------------------------------
 
 def check_preference_recipe(recipe: Recipe) -> list[Problem]:
@@ -152,4 +147,6 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
                                        "of the same prompt", "set it to 2 or more"))
     if grpo and completion is not None and completion < 1:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
-    return problems + (reward_problems(recipe) if grpo else [])
+    reasons = resolve_rewards(recipe.training.get("reward_funcs"))[1] if grpo else []
+    return problems + [recipe.problem("training.reward_funcs", why, "fix the name or the function")
+                       for why in reasons]

@@ -6,8 +6,6 @@ scratch").
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -134,18 +132,17 @@ def pack(batch: dict[str, list], tokenizer, length: int) -> dict[str, list]:
 
 
 def cache_key(recipe: Recipe, tokenizer) -> str:
-    """What the tokenized shards depend on: corpus files, the dataset section, tokenizer, max_length."""
+    """What the tokenized shards depend on: corpus files, the dataset section, tokenizer, max_length
+    (hashed as datasets hashes a map's arguments: the tokenizer's whole state)."""
+    from datasets.fingerprint import Hasher
+
     cfg = recipe.dataset
     sources = [source_for(cfg)] + ([source_for(cfg, cfg.val_split, "dataset.val_split")]
                                    if isinstance(cfg.val_split, str) else [])
     files = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
              for s in sources if isinstance(s, LocalSource) for f in s.files]  # [] for a hub dataset
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    parts = {"files": files, "dataset": cfg.model_dump(mode="json"), "version": 1,
-             "max_length": int(recipe.training["max_length"]),
-             "tokenizer": hashlib.sha256(f"{vocab}|{tokenizer.eos_token_id}".encode()).hexdigest()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return Hasher.hash({"files": files, "dataset": cfg.model_dump(mode="json"), "version": 1,
+                        "max_length": int(recipe.training["max_length"]), "tokenizer": tokenizer})
 
 
 def _packed(dataset, tokenizer, length: int):
@@ -165,28 +162,26 @@ def pretrain_datasets(recipe: Recipe, tokenizer):
         splits = build_datasets(recipe, tokenizer)
         return tuple(None if s is None else _packed(s, tokenizer, length) for s in splits)
     target = cache_dir() / "pretrain_data" / cache_key(recipe, tokenizer)
-    if built := not (target / "counts.json").is_file():  # written in a temporary folder, then renamed
+    if built := not target.is_dir():  # written in a temporary folder, then renamed: whole or absent
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
         try:
-            counts = {}
             for name, split in zip(("train", "validation"), build_datasets(recipe, tokenizer)):
                 if split is not None:
-                    (packed := _packed(split, tokenizer, length)).save_to_disk(str(tmp / name))
-                    counts[name] = {"rows": len(packed), "tokens": len(packed) * length}
-            (tmp / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
+                    _packed(split, tokenizer, length).save_to_disk(str(tmp / name))
             try:
                 tmp.rename(target)
             except OSError:  # another process finished first
-                if not (target / "counts.json").is_file():
+                if not target.is_dir():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    counts = json.loads((target / "counts.json").read_text(encoding="utf-8"))
+    loaded = {name: datasets.load_from_disk(str(target / name))
+              for name in ("train", "validation") if (target / name).is_dir()}
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-        said = ", ".join(f"{name} {c['tokens']:,} tokens in {c['rows']:,} rows" for name, c in counts.items())
+        said = ", ".join(f"{name} {len(rows) * length:,} tokens in {len(rows):,} rows"
+                         for name, rows in loaded.items())
         print(f"lora_ns: pretrain data {'built' if built else 'reused'} ({target}): {said}")
-    loaded = {name: datasets.load_from_disk(str(target / name)) for name in counts}
     return loaded["train"], loaded.get("validation")
 
 

@@ -157,18 +157,13 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         if recipe.model.attn_implementation.startswith("flash_attention"):
             defaults.update(packing=True, packing_strategy="bfd")
         elif recipe.task != "pretrain" and not (recipe.dataset.streaming or recipe.training.get("packing")):
-            defaults.update(sampler_defaults())  # sdpa/eager: batches of similar lengths, least padding
+            # sdpa/eager: batch rows of similar length (HF's LengthGroupedSampler), the fastest exact choice:
+            # padding-free rows attend over the whole batch (bench/README.md, "Padding")
+            if hasattr(TrainingArguments, "train_sampling_strategy"):  # later 5.x; earlier: group_by_length
+                defaults["train_sampling_strategy"] = "group_by_length"
+            else:
+                defaults["group_by_length"] = True
     return defaults
-
-
-def sampler_defaults() -> dict[str, Any]:
-    """Group rows of similar length into batches (HF's LengthGroupedSampler): the fastest exact choice with
-    sdpa/eager, where padding-free rows attend over the whole batch (bench/README.md, "Padding")."""
-    from transformers import TrainingArguments
-
-    if hasattr(TrainingArguments, "train_sampling_strategy"):  # transformers 5.x; earlier: group_by_length
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True}
 
 
 def training_arguments_class(task: str) -> type:
@@ -215,7 +210,8 @@ def is_finished(output_dir: str | Path) -> bool:
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
-    """``checkpoint-<step>`` folders, oldest step first (by number: 10 comes after 9)."""
+    """``checkpoint-<step>`` folders, oldest step first (by number: 10 comes after 9). Not transformers'
+    sort_checkpoints: validate's output-dir check runs without importing torch."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[11:]))
 

@@ -204,13 +204,11 @@ def loss_points(log_history: list[dict[str, Any]]) -> tuple[list, list]:
 
 
 def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> None:
-    """Train and eval loss against the step, as a PNG. matplotlib's object API on the Agg canvas: pyplot's
-    global backend is never touched (no display needed, nothing changed for a caller using pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """Train and eval loss against the step, as a PNG. matplotlib's object API (savefig picks the Agg canvas
+    for a PNG): pyplot's global backend is never touched (no display needed, nothing changed for users)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(xlabel="step", ylabel="loss", title=title)
     for points, style, label in ((train, "-", "train loss"), (evals, "o-", "eval loss")):
         if points:

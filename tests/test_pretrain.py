@@ -69,7 +69,8 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
     from lora_ns.pretrain import cache_key, pretrain_tokenizer
 
     recipe = load_recipe(recipe_file)
-    cache = cache_dir() / "pretrain_data" / cache_key(recipe, pretrain_tokenizer(recipe)) / "counts.json"
+    cache = cache_dir() / "pretrain_data" / cache_key(recipe, pretrain_tokenizer(recipe)) / "train"
+    cache /= "state.json"  # written by save_to_disk: a rebuild would rewrite it
     built_at = cache.stat().st_mtime_ns
 
     # A second invocation with more steps continues from the first run's checkpoint, on the cached shards.
