@@ -65,6 +65,11 @@ LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_
                  "datasets.packaged_modules.json.json": "Failed to load JSON from file"}
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """A library error in one line for our messages: its first line, or its type when it says nothing."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def _not_noise(record) -> bool:
     prefix = LIBRARY_NOISE.get(record.name)
     return prefix is None or not str(record.msg).startswith(prefix)

@@ -18,7 +18,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, uses_chat_template
-from lora_ns.errors import fail
+from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs
 from lora_ns.setup import safetensors_defect
 
@@ -53,7 +53,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        reason = str(err).splitlines()[0][:120]
+        reason = first_line(err)
         raise fail(str(path), "", f"not a readable adapter config ({reason})", RESAVE)
     if not isinstance(config, dict) or not config.get("peft_type"):
         raise fail(str(path), "peft_type", "missing: not a peft adapter config", RESAVE)

@@ -27,14 +27,14 @@ from typing import Any, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
-from lora_ns.validate.data import SFT_DEFAULT_MAX_LENGTH
-from lora_ns.errors import UserError
+from lora_ns.errors import UserError, first_line
 from lora_ns.model import gradient_checkpointing, torch_dtype
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
 STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
 SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
+SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default, when the recipe sets none
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, TRL's chunk size
 # Per tile element, the torch fallback's `_backward_tile` (no Triton: CPU) at its peak: y, z, log_p, p, grad,
 # and two unnamed fp32 temporaries (is_target.float() and its difference with p, or that and its product
@@ -236,7 +236,7 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
         config = AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
                                             trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise UserError(recipe.problem("model.name_or_path", f"cannot read the model config: {reason}",
                                        "point it at a local folder or a reachable hub id"))
     quant = ("nf4-dq" if qz.bnb_4bit_use_double_quant else "nf4") if qz.load_in_4bit else None

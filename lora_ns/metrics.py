@@ -8,7 +8,7 @@ import re
 from typing import Any, Sequence
 
 from lora_ns.answers import answers_match, extract_answer
-from lora_ns.errors import fail, require
+from lora_ns.errors import fail, first_line, require
 
 # CJK ideographs (incl. extension A and compatibility), kana, hangul, fullwidth forms.
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -85,6 +85,6 @@ def library_metric(name: str):
     try:
         return evaluate.load(name)
     except Exception as err:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ... by cause
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)
         raise fail(name, "--metric", f"cannot load this evaluate metric ({reason})",
                    "give a local metric script or folder (an evaluate.Metric)") from None

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.pretrain import init_model, pretrain_tokenizer
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -147,7 +147,7 @@ def checked_chat_template(recipe: Recipe, tokenizer) -> str:
         tokenizer.apply_chat_template(_SAMPLE_CHAT, chat_template=text, tokenize=False)
     except Exception as err:  # jinja2 TemplateSyntaxError/SecurityError/UndefinedError, or raise_exception()
         line = getattr(err, "lineno", None)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = first_line(err)
         raise UserError(recipe.problem("model.chat_template", f"the template fails to render "
                                        f"({type(err).__name__}{f' at template line {line}' if line else ''}: "
                                        f"{reason})", "fix the Jinja template (see the tokenizer docs on chat "

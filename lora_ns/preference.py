@@ -17,7 +17,7 @@ from typing import Any, Callable
 from lora_ns.answers import canonical_number, same_answer
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
-from lora_ns.errors import Problem
+from lora_ns.errors import Problem, first_line
 
 # task -> (TRL config class, TRL trainer class, the formatter kind it reads, what those rows must give)
 TASKS: dict[str, tuple[str, str, str, str]] = {
@@ -90,7 +90,7 @@ def _reward(name: str, columns: tuple[str, ...]) -> RewardFunc:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or the user's module failing at import
-        why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        why = f"{type(err).__name__}: {first_line(err)}"
         raise ValueError(f"cannot import '{module_name}' ({why})")
     if (fn := getattr(module, attr, None)) is None:
         raise ValueError(f"module '{module_name}' has no '{attr}'")

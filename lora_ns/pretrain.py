@@ -17,7 +17,7 @@ from lora_ns.builtin_models import cache_dir, resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
 from lora_ns.data.sources import LocalSource, source_for
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem, UserError, first_line
 
 # name -> (transformers config class, its arguments). Counts: `parameter_count` on the meta device,
 # embeddings tied, with the preset's own vocab (a larger tokenizer grows it, see `architecture`).
@@ -220,7 +220,7 @@ def describe_pretrain(recipe: Recipe, world_size: int | None = None) -> list[str
     try:
         tokenizer = pretrain_tokenizer(recipe)
     except (UserError, OSError, ValueError) as err:
-        note = f" (the config's vocab: tokenizer not loaded: {str(err).splitlines()[0][:100]})"
+        note = f" (the config's vocab: tokenizer not loaded: {first_line(err)})"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(architecture(recipe, tokenizer))
     params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once

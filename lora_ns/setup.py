@@ -19,7 +19,7 @@ from typing import Any
 from lora_ns.adapters import peft_config
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sft_defaults
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.fileio import unwritable
 from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS, TASK_TRAINING_FIELDS
 from lora_ns.model import gradient_checkpointing, torch_dtype
@@ -259,7 +259,7 @@ def safetensors_defect(path: Path) -> str | None:
         with safe_open(str(path), "numpy"):  # reads and checks the header only
             return None
     except (SafetensorError, OSError) as err:
-        why = str(err).splitlines()[0][:100]
+        why = first_line(err)
         return f"{path.name} is truncated or has no valid safetensors header ({why})"
 
 

@@ -19,12 +19,7 @@ from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template,
 from lora_ns.data.sources import (
     BUILDERS, LocalSource, Location, Source, first_rows, locate, located_rows, source_for,
 )
-from lora_ns.errors import Problem, UserError, fail
-
-
-def _first_line(err: BaseException) -> str:
-    cause = err.__cause__ or err
-    return (str(cause).strip() or type(cause).__name__).splitlines()[0][:300]
+from lora_ns.errors import Problem, UserError, fail, first_line
 
 
 def _delimited(src: LocalSource, streaming: bool):
@@ -53,7 +48,7 @@ def _load_local(src: LocalSource, streaming: bool):
     except Exception as err:
         for _ in located_rows(src):  # raises the precise file:line error when a row is malformed
             pass
-        raise fail(src.name, "dataset.path", f"could not load: {_first_line(err)}",
+        raise fail(src.name, "dataset.path", f"could not load: {first_line(err.__cause__ or err, 300)}",
                    "check the format (dataset.data_format)")
     return data
 
@@ -69,7 +64,7 @@ def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.pat
         return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
                                      streaming=cfg.streaming), src
     except Exception as err:
-        raise fail(src.path, "dataset.path", f"cannot load from the Hub: {_first_line(err)}",
+        raise fail(src.path, "dataset.path", f"cannot load from the Hub: {first_line(err.__cause__ or err, 300)}",
                    "check the id, dataset.name and the split; offline, it must be in the HF cache")
 
 
@@ -166,7 +161,7 @@ def _hold_out(data, recipe: Recipe):
         parts = data.train_test_split(test_size=fraction, seed=seed)
     except ValueError as err:
         raise UserError(recipe.problem("dataset.val_split", f"cannot hold out {fraction} of {len(data)} "
-                                       f"rows: {_first_line(err)}", "use a larger fraction, or more data"))
+                                       f"rows: {first_line(err.__cause__ or err, 300)}", "use a larger fraction, or more data"))
     return parts["train"], parts["test"]
 
 

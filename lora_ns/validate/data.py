@@ -20,14 +20,13 @@ from lora_ns.data.render import (
 from lora_ns.data.sources import (
     HubSource, Location, Source, first_rows, located_rows, looks_local, source_for,
 )
-from lora_ns.errors import Problem, UserError
+from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.model import load_tokenizer
 from lora_ns.setup import training_arguments
 from lora_ns.validate.model import hub_reachable
 from lora_ns.validate.sample import prepared_rows
 
 SAMPLE_ROWS = 200
-SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default (lora_ns.memory's estimate)
 MAX_ROW_ERRORS = 5
 
 
@@ -147,7 +146,7 @@ def _tokenizer(recipe: Recipe):
     except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
         raise
     except Exception as err:  # a broken or partial download: report it, don't fail validation
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        reason = first_line(err)
         return None, f"tokenizer '{name}' could not be loaded ({reason})"
 
 

@@ -13,15 +13,11 @@ from urllib.parse import urlparse
 from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem
+from lora_ns.errors import Problem, first_line
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
 from lora_ns.setup import library_problem
 
 SKIPPED = "model checks skipped"
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def check_model(recipe: Recipe) -> list[Problem]:
@@ -42,7 +38,7 @@ def check_model(recipe: Recipe) -> list[Problem]:
                 config, trust_remote_code=recipe.model.trust_remote_code, attn_implementation="eager")
     except Exception as err:  # an architecture transformers can't build from its config alone
         return problems + [recipe.problem("model.name_or_path", f"model not built on the meta device "
-                                          f"({_first_line(err)}); {SKIPPED}", "training will tell; or check "
+                                          f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
     return problems + (target_module_problems(recipe, model) or [parameter_count(recipe, model)])
 
@@ -58,7 +54,7 @@ def bitsandbytes_problem(recipe: Recipe) -> Problem | None:
     try:
         _bitsandbytes_smoke_test(recipe.quantization.load_in_4bit, recipe.quantization.bnb_4bit_quant_type)
     except Exception as err:  # any failure here means training would fail the same way mid-load
-        return recipe.problem(field, f"bitsandbytes cannot run on this machine: {_first_line(err)}",
+        return recipe.problem(field, f"bitsandbytes cannot run on this machine: {first_line(err)}",
                               "install a bitsandbytes build with a backend for this device "
                               "(pip install -U bitsandbytes), or turn quantization off")
     return None
@@ -105,7 +101,7 @@ def load_config(recipe: Recipe):
                                           local_files_only=offline,
                                           **(label_kwargs(recipe) if recipe.task == "seq_cls" else {})), None
     except (OSError, ValueError) as err:  # not cached offline; gated, missing, or an unknown architecture
-        return None, "offline, and not in the local cache" if offline else _first_line(err)
+        return None, "offline, and not in the local cache" if offline else first_line(err)
 
 
 def target_module_problems(recipe: Recipe, model) -> list[Problem]:
