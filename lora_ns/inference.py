@@ -115,7 +115,7 @@ def one_line_errors(path: str, flag: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        reason = first_line(err, 300)
         fix = "check the path or hub id (offline, only local folders and builtin: models load)"
         raise fail(path, flag, f"cannot load the model: {reason}", fix) from None
 
@@ -155,6 +155,8 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Lo
             check_adapter(local)
             base, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe), "adapter"
             model = PeftModel.from_pretrained(from_pretrained(base, task, **kwargs), str(local))
+            if "quantization_config" not in kwargs:  # folded into the weights: same outputs, faster decoding
+                model = model.merge_and_unload()
             tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base
         else:
             tokenizer_path, base = resolve_model_path(path), None

@@ -56,7 +56,7 @@ def architecture(recipe: Recipe, tokenizer=None):
             config = transformers.AutoConfig.from_pretrained(name, revision=recipe.model.revision,
                                                              trust_remote_code=recipe.model.trust_remote_code)
         except (OSError, ValueError) as err:
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            why = first_line(err)
             raise UserError(recipe.problem("model.config", f"no architecture config '{name}': {why}",
                                            f"use a preset ({', '.join(PRESETS)}), a folder with config.json, "
                                            "or a hub id whose config is cached"))

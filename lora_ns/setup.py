@@ -120,7 +120,7 @@ def field_for(message: str, given: dict[str, Any]) -> str | None:
 def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Exception,
                     docs: str) -> Problem:
     """One line for a library's ValueError, naming the field when the message lets us."""
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = first_line(err, 500)
     name = f"{section}.{key}" if (key := field_for(reason, given)) else section
     return recipe.problem(name, reason, f"fix {name} (see {docs})")
 

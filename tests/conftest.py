@@ -77,3 +77,16 @@ def make_adapter(out: Path, recipe) -> Path:
     tokenizer.save_pretrained(out)
     (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     return out
+
+
+def fp32_reassociation_tol(reference) -> float:
+    """Bound for merged (W + s*BA) x vs unmerged W x + s*B(A x) in fp32, relative to the logits' scale.
+
+    Only the order of fp32 operations differs. Each dot product sums at most K = 128 terms (the tiny
+    models' intermediate size), whose rounding is bounded by K * eps relative; 2 layers x 4 linears in
+    series compound it, so 8 * 128 * eps ~ 1.2e-4 of the logits' scale, independent of the CPU.
+    """
+    import torch
+
+    scale = max(float(t.abs().max()) for t in reference)
+    return 8 * 128 * torch.finfo(torch.float32).eps * scale

@@ -11,7 +11,7 @@ from lora_ns.errors import UserError, run_cli
 from lora_ns.inference import generate, load, read_inputs, render_prompt
 from lora_ns.infer import main
 
-from conftest import QUICKSTART, make_adapter
+from conftest import QUICKSTART, fp32_reassociation_tol, make_adapter
 
 PROMPTS = ["What is 2+2?", "Ben has 33 stickers and gives away 27. How many stickers are left?", "请用中文回答"]
 
@@ -43,13 +43,22 @@ def classifier_dir(tmp_path_factory, tiny_bert) -> Path:
     return make_adapter(folder / "out", load_recipe(folder / "recipe.yaml"))
 
 
-def test_detects_adapter_and_base(loaded, tiny_llama):
+def test_detects_adapter_and_base(loaded, adapter_dir, tiny_llama):
+    import torch
     from peft import PeftModel
 
-    assert loaded.kind == "adapter" and isinstance(loaded.model, PeftModel) and loaded.task == "causal_lm"
+    assert loaded.kind == "adapter" and loaded.task == "causal_lm"
     assert loaded.recipe is not None and loaded.tokenizer.padding_side == "left"
     base = load("builtin:tiny-llama")
     assert base.kind == "base" and not isinstance(base.model, PeftModel) and base.recipe is None
+    # The adapter is folded into the weights for decoding: the same logits as peft's unmerged model
+    assert not isinstance(loaded.model, PeftModel)
+    unmerged = PeftModel.from_pretrained(load("builtin:tiny-llama").model, str(adapter_dir)).eval()
+    ids = loaded.tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        folded, expected, untuned = (m(**ids).logits for m in (loaded.model, unmerged, base.model))
+    tol = fp32_reassociation_tol([expected])
+    assert float((folded - expected).abs().max()) <= tol < float((untuned - expected).abs().max())
 
 
 def test_prompts_are_rendered_as_in_training(loaded):

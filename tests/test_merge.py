@@ -11,6 +11,8 @@ import torch
 from lora_ns.errors import UserError, run_cli
 from lora_ns.merge import main, merge
 
+from conftest import fp32_reassociation_tol
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 PROMPTS = ["Question: Ben has 33 stickers and gives away 27. How many are left?", "#### 1,080 and -3.5"]
 
@@ -38,17 +40,6 @@ def logits(model, tokenizer) -> list[torch.Tensor]:
 
 def max_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
-
-
-def fp32_reassociation_tol(reference) -> float:
-    """Bound for merged (W + s*BA) x vs unmerged W x + s*B(A x) in fp32, relative to the logits' scale.
-
-    Only the order of fp32 operations differs. Each dot product sums at most K = 128 terms (the tiny
-    models' intermediate size), whose rounding is bounded by K * eps relative; 2 layers x 4 linears in
-    series compound it, so 8 * 128 * eps ~ 1.2e-4 of the logits' scale, independent of the CPU.
-    """
-    scale = max(float(t.abs().max()) for t in reference)
-    return 8 * 128 * torch.finfo(torch.float32).eps * scale
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +182,11 @@ def test_a_crash_while_saving_leaves_nothing_behind(lora_dir, tmp_path, monkeypa
 
 
 def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_bert):
+    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from lora_ns.inference import load
+    from lora_ns.config import load_recipe
+    from lora_ns.inference import base_kwargs, from_pretrained, load
 
     recipe_file = tmp_path / "cls.yaml"
     recipe_file.write_text(
@@ -201,8 +194,13 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
         "peft: {method: lora, r: 4, target_modules: [query, value]}\n"
         "dataset: {path: 'sample:glue_mrpc', formatter: glue_mrpc}\n", encoding="utf-8")
     adapter = make_adapter(tmp_path / "adapter", [], recipe_file)
+
+    def unmerged():  # peft's model as trained (inference.load folds the adapter into the weights)
+        base_model = from_pretrained(tiny_bert, "seq_cls", **base_kwargs(load_recipe(recipe_file)))
+        return PeftModel.from_pretrained(base_model, str(adapter)).eval()
+
     with torch.no_grad():  # a trained head differs from the base's random one
-        adapter_model = load(str(adapter)).model
+        adapter_model = unmerged()
         adapter_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
     adapter_model.save_pretrained(adapter)
 
@@ -212,9 +210,10 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
     batch = loaded.tokenizer(["a fine day", "the budget passed"], padding=True, return_tensors="pt")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     with torch.no_grad():
-        expected, got, untuned = loaded.model(**batch).logits, merged(**batch).logits, base(**batch).logits
+        expected, got, untuned = unmerged()(**batch).logits, merged(**batch).logits, base(**batch).logits
+        folded = loaded.model(**batch).logits
     tol = fp32_reassociation_tol([expected])
-    assert float((got - expected).abs().max()) < tol
+    assert float((got - expected).abs().max()) < tol and float((folded - expected).abs().max()) < tol
     assert float((untuned - expected).abs().max()) > 100 * tol
     assert merged.config.id2label == {0: "negative", 1: "positive"}
 
