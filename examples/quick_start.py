@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("lora_ns") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from lora_ns.answers import answers_match, extract_answer  # noqa: E402
 from lora_ns.config import load_recipe  # noqa: E402
 from lora_ns.errors import run_cli  # noqa: E402
 
@@ -54,6 +55,14 @@ def answer(adapter_dir: str, question: str) -> str:
     return generate(loaded, [question], max_new_tokens=64, greedy=True, progress=False)[0]
 
 
+def final_answer(reply: str, reference: str) -> str:
+    """The final answer `lora_ns.evaluate` would score in a reply, and whether it is the reference's."""
+    got, want = extract_answer(reply), extract_answer(reference)
+    if got is None:
+        return "no final answer"
+    return f"final answer {got}: {'right' if answers_match(got, want) else f'wrong (reference {want})'}"
+
+
 def eval_losses(log_history: list[dict]) -> list[float]:
     return [entry["eval_loss"] for entry in log_history if "eval_loss" in entry]
 
@@ -73,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nheld-out loss: {losses[0]:.4f} before training -> {losses[-1]:.4f} after")
     print(f"\nquestion:  {example['prompt']}")
     print(f"reference: {example['completion']}")
-    print(f"before:    {' '.join(before.split())[:300]}")
-    print(f"model:     {' '.join(answer(str(out), example['prompt']).split())[:300]}")
+    after = answer(str(out), example["prompt"])
+    for name, reply in (("before:", before), ("model:", after)):
+        print(f"{name:<10} {' '.join(reply.split())[:300]}\n{'':<10} -> {final_answer(reply, example['completion'])}")
     print(f"\nloss curve: {out / 'loss_curve.png'}")
     print(f"summary:    {out / 'summary.txt'}")
     return 0

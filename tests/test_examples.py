@@ -56,6 +56,9 @@ def test_quick_start_trains_answers_and_reports(quick_start):
     stdout = proc.stdout
     assert summary in stdout  # the summary is printed at the end of training
     assert re.search(r"^question: +\S", stdout, re.M) and re.search(r"^model: ", stdout, re.M)
+    # before and after, the final answer evaluate would score (or that there is none)
+    verdicts = re.findall(r"^ +-> (no final answer|final answer \S+: (right|wrong \(reference \S+\)))$", stdout, re.M)
+    assert len(verdicts) == 2, stdout[-1500:]
     assert f"loss curve: {out / 'loss_curve.png'}" in stdout
 
 
