@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference: {example['completion']}")
     after = answer(str(out), example["prompt"])
     for name, reply in (("before:", before), ("model:", after)):
-        print(f"{name:<10} {' '.join(reply.split())[:300]}\n{'':<10} -> {final_answer(reply, example['completion'])}")
+        print(f"{name:<10} {' '.join(reply.split())[:300]}")
+        print(f"{'':<10} -> {final_answer(reply, example['completion'])}")
     print(f"\nloss curve: {out / 'loss_curve.png'}")
     print(f"summary:    {out / 'summary.txt'}")
     print("\nNext:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(out)), sep="\n")

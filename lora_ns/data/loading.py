@@ -48,7 +48,8 @@ def _load_local(src: LocalSource, streaming: bool):
     except Exception as err:
         for _ in located_rows(src):  # raises the precise file:line error when a row is malformed
             pass
-        raise fail(src.name, "dataset.path", f"could not load: {first_line(err.__cause__ or err, 300)}",
+        why = first_line(err.__cause__ or err, 300)
+        raise fail(src.name, "dataset.path", f"could not load: {why}",
                    "check the format (dataset.data_format)")
     return data
 
@@ -64,7 +65,8 @@ def load(cfg: DatasetConfig, split: str | None = None, field: str = "dataset.pat
         return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
                                      streaming=cfg.streaming), src
     except Exception as err:
-        raise fail(src.path, "dataset.path", f"cannot load from the Hub: {first_line(err.__cause__ or err, 300)}",
+        why = first_line(err.__cause__ or err, 300)
+        raise fail(src.path, "dataset.path", f"cannot load from the Hub: {why}",
                    "check the id, dataset.name and the split; offline, it must be in the HF cache")
 
 
@@ -160,8 +162,10 @@ def _hold_out(data, recipe: Recipe):
     try:
         parts = data.train_test_split(test_size=fraction, seed=seed)
     except ValueError as err:
-        raise UserError(recipe.problem("dataset.val_split", f"cannot hold out {fraction} of {len(data)} "
-                                       f"rows: {first_line(err.__cause__ or err, 300)}", "use a larger fraction, or more data"))
+        why = first_line(err.__cause__ or err, 300)
+        raise UserError(recipe.problem("dataset.val_split",
+                                       f"cannot hold out {fraction} of {len(data)} rows: {why}",
+                                       "use a larger fraction, or more data"))
     return parts["train"], parts["test"]
 
 
