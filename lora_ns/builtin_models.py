@@ -19,11 +19,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_ns.errors import fail, require
+from lora_ns.fileio import atomic_folder
 
 PREFIX = "builtin:"
 BUILD_VERSION = 3  # bump when a builder changes, so cached builds are made again
@@ -178,15 +178,6 @@ def resolve_model_path(name_or_path: str) -> str:
     target = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        BUILDERS[name](tmp)
-        try:
-            tmp.rename(target)  # atomic; another process (e.g. a DDP rank) may have won the race
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(target, replace=False) as folder:  # another process (a DDP rank) may build it too
+        BUILDERS[name](folder)
     return str(target)

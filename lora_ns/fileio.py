@@ -36,17 +36,23 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator[Any]:
 
 
 @contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """A temporary folder beside `path` to fill; on a clean exit it takes the old folder's place: a failed
-    write leaves no new folder and the old one as it was."""
+def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; on a clean exit it takes `path`'s place, so `path` is whole
+    or as it was. `replace=False` builds once: where another process (e.g. a DDP rank) got there first,
+    its folder stays."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: that one is private (0700), and the rename would keep it so
     try:
         yield tmp
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:  # the target exists again: only a build-once loser may leave it be
+            if replace or not target.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

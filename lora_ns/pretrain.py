@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +16,7 @@ from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
 from lora_ns.data.sources import LocalSource, source_for
 from lora_ns.errors import Problem, UserError, first_line
+from lora_ns.fileio import atomic_folder
 
 # name -> (transformers config class, its arguments). Counts: `parameter_count` on the meta device,
 # embeddings tied, with the preset's own vocab (a larger tokenizer grows it, see `architecture`).
@@ -163,19 +162,10 @@ def pretrain_datasets(recipe: Recipe, tokenizer):
         return tuple(None if s is None else _packed(s, tokenizer, length) for s in splits)
     target = cache_dir() / "pretrain_data" / cache_key(recipe, tokenizer)
     if built := not target.is_dir():  # written in a temporary folder, then renamed: whole or absent
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-        try:
+        with atomic_folder(target, replace=False) as folder:  # another process may finish first
             for name, split in zip(("train", "validation"), build_datasets(recipe, tokenizer)):
                 if split is not None:
-                    _packed(split, tokenizer, length).save_to_disk(str(tmp / name))
-            try:
-                tmp.rename(target)
-            except OSError:  # another process finished first
-                if not target.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                    _packed(split, tokenizer, length).save_to_disk(str(folder / name))
     loaded = {name: datasets.load_from_disk(str(target / name))
               for name in ("train", "validation") if (target / name).is_dir()}
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
