@@ -155,8 +155,8 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Lo
             check_adapter(local)
             base, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe), "adapter"
             model = PeftModel.from_pretrained(from_pretrained(base, task, **kwargs), str(local))
-            if "quantization_config" not in kwargs:  # folded into the weights: same outputs, faster decoding
-                model = model.merge_and_unload()
+            if "quantization_config" not in kwargs and model.get_base_model().dtype == torch.float32:
+                model = model.merge_and_unload()  # same outputs, faster decoding; bf16/fp16/4-bit would round
             tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base
         else:
             tokenizer_path, base = resolve_model_path(path), None
