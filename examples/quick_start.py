@@ -68,7 +68,7 @@ def eval_losses(log_history: list[dict]) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_ns.train import next_commands, run_training
+    from lora_ns.train import next_lines, run_training
 
     argv = list(argv or [])
     recipe_file = Path(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else RECIPE
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':<10} -> {final_answer(reply, example['completion'])}")
     print(f"\nloss curve: {out / 'loss_curve.png'}")
     print(f"summary:    {out / 'summary.txt'}")
-    print("\nNext:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(out)), sep="\n")
+    print("", *next_lines(out), sep="\n")
     return 0
 
 

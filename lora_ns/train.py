@@ -231,6 +231,11 @@ def next_commands(output_dir: Path) -> list[tuple[str, str]]:
     return steps + [("merge it", f"python -m lora_ns.merge --adapter {out} --output {merged}")] * adapter
 
 
+def next_lines(output_dir: Path) -> list[str]:
+    """The "Next:" block that ends a run's summary (and the quick start's output)."""
+    return ["Next:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(output_dir))]
+
+
 def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summary: dict[str, Any]) -> None:
     """Write ``loss_curve.png`` and ``summary.txt`` (also printed: steps, time, losses, parameters, where the
     weights are, the commands to run next) into `output_dir`, each atomically."""
@@ -257,7 +262,7 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
             else "-",
             kind: out, "loss curve": curve}
     lines = [f"Training finished: {kind} saved to {out}", *(f"  {k + ':':<17} {v}" for k, v in rows.items()),
-             "", "Next:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(out))]
+             "", *next_lines(out)]
     with atomic_output(out / "summary.txt", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
