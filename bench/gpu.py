@@ -78,8 +78,9 @@ def build_model(shape: dict[str, Any], folder: Path, device: str, tiny: bool) ->
 
 
 def run(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path, device: str,
-        overrides: list[str], timeout: float) -> dict[str, Any]:
-    """throughput.run_variant with a timeout and free-form recipe overrides."""
+        overrides: list[str], timeout: float, torch_profile: Path | None = None) -> dict[str, Any]:
+    """throughput.run_variant with a timeout and free-form recipe overrides; `torch_profile`: write
+    torch.profiler's tables of steps 3-4 there."""
     run_dir = work / f"run{index:02d}-{name}"
     run_dir.mkdir()
     env = {**os.environ, "BENCH_RESULT": str(run_dir / "result.json"), "BENCH_SCRIPT": tp.__file__,
@@ -87,6 +88,8 @@ def run(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path, de
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if torch_profile:
+        env["BENCH_TORCH_PROFILE"] = str(torch_profile)
     if name.endswith("-trl"):
         kind, payload = "trl", json.dumps({**cfg, "output_dir": str(run_dir / "out")})
     else:
@@ -140,7 +143,10 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
     recipe = work / f"{label}.yaml"
     tp.write_recipe(recipe, str(folder), work / f"{label}.jsonl", ns)
     base = ["quantization.load_in_4bit=true"] if quantized else []
-    runs = [(v, base) for v in variants]
+    if args.variants and not quantized:
+        variants = args.variants.split(",")
+    runs = [(v, [*base, *(f"{k if '.' in k else 'training.' + k}={json.dumps(c)}"
+                          for k, c in (tp.variant_changes(v) or {}).items())]) for v in variants]
     if args.device == "cuda" and importlib.util.find_spec("flash_attn") and not quantized:
         runs.append(("lora_ns", [*base, "model.attn_implementation=flash_attention_2"]))  # packs by default
     cfg = {"model_path": str(folder), "data": str(data), "device": args.device, "steps": steps,
@@ -157,11 +163,12 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
            "rows_tokens": [min(lengths), max(lengths)], "quantized": quantized, "runs": {}}
     for index, (name, overrides) in enumerate(runs):
         key = name + ("+fa2" if any("flash" in o for o in overrides) else "")
+        profile = Path(args.out) / f"torch_profile-{label}-{key}.txt" if args.torch_profile else None
         remaining = deadline - time.time()
         if remaining < 30:
             out["runs"][key] = {"error": "skipped: time budget"}
             continue
-        record = run(f"{label}-{name}", work, index, cfg, recipe, args.device, overrides, remaining - 5)
+        record = run(f"{label}-{name}", work, index, cfg, recipe, args.device, overrides, remaining - 5, profile)
         if "error" not in record:
             record = tp.figures(record, peak)
             tps = record.get("tokens_per_s")
@@ -224,6 +231,7 @@ def bench(args) -> int:
     deadline = start + args.budget_s
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out_dir = Path(args.out or os.environ.get("OUT") or ".")
+    args.out = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"bench": "gpu", "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device,
                                "tiny": args.tiny, "budget_s": args.budget_s, "info": device_info(args.device),
@@ -294,6 +302,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, 4 steps: a dry run")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting sections/runs after this")
     parser.add_argument("--sections", help=f"comma list of: {', '.join(s[0] for s in SECTIONS)}")
+    parser.add_argument("--variants", help="comma list for the LoRA sections, as bench/throughput.py's "
+                        "(trl, lora_ns, lora_ns+gc, lora_ns+pack, ...); default: trl,lora_ns")
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="torch.profiler tables of steps 3-4 of every run, to OUT/torch_profile-*.txt")
     parser.add_argument("--peak-tflops", type=float, help="default: by GPU name (H100/H200: 989)")
     parser.add_argument("--out", help="folder for gpu_results.json (default: $OUT, else .)")
     parser.add_argument("--work", help="scratch folder for the random models (default: the system temp)")

@@ -94,8 +94,29 @@ class Probe(TrainerCallback):
                           "train_sampling_strategy",
                           "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
                           "bf16", "max_length", "use_cpu")}
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2 and os.environ.get("BENCH_TORCH_PROFILE"):  # steps 3 and 4, kernels timed
+            import torch
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            kinds += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            result["torch_profiler"] = torch.profiler.profile(activities=kinds)
+            result["torch_profiler"].__enter__()
+            result["torch_profile_start"] = time.time()
     def on_step_end(self, args, state, control, **kwargs):
         result["steps"].append((time.time(), state.global_step, time.process_time()))
+        if state.global_step == 4 and "torch_profiler" in result:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.time() - result.pop("torch_profile_start")
+            prof = result.pop("torch_profiler")
+            prof.__exit__(None, None, None)
+            table = prof.key_averages()
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            with open(os.environ["BENCH_TORCH_PROFILE"], "w") as f:
+                f.write(f"steps 3-4: {wall:.3f} s wall\n")
+                f.write(table.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+                f.write(table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
         if state.global_step == 1 and os.environ.get("BENCH_PROFILE"):  # profile the timed steps (2..last)
             import cProfile
             result["profiler"] = cProfile.Profile()
