@@ -91,11 +91,23 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
                    compute_metrics=compute_metrics if eval_dataset is not None else None)
 
 
+def avoid_cudnn_attention(recipe: Recipe) -> None:
+    """Train sdpa on CUDA without cuDNN's attention kernel: it builds a plan for every new sequence length
+    (~0.6 s of CPU, forward and backward), and padded batches (length-grouped by default) bring a new
+    length nearly every step, which left an H100 idle 87% of a 1.5B LoRA step (bench/README.md, "GPU").
+    PyTorch then picks flash or memory-efficient attention, which need no per-shape set-up."""
+    import torch
+
+    if torch.cuda.is_available() and recipe.model.attn_implementation == "sdpa":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
     from transformers import set_seed
 
     set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
+    avoid_cudnn_attention(recipe)
     tokenizer = load_tokenizer(recipe)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
     trainable, total = count_parameters(model)

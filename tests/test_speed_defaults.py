@@ -79,3 +79,19 @@ def test_grouped_padded_batches_give_the_loss_of_each_row_alone(tiny_llama, tmp_
             scale = max(1.0, float(model(input_ids=batch["input_ids"]).logits.abs().max()))
             assert loss == pytest.approx(expected, abs=2 * 8 * 128 * torch.finfo(torch.float32).eps * scale)
     assert padded_batches > 0  # the comparison did go through padding
+
+
+def test_training_on_cuda_with_sdpa_leaves_out_cudnn_attention(tmp_path, monkeypatch):
+    """cuDNN's attention builds a plan per new sequence length; length-grouped batches bring one nearly
+    every step (an H100 idled 87% of a 1.5B LoRA step: bench/README.md, "GPU"). Eager keeps the setting."""
+    from lora_ns.train import avoid_cudnn_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        avoid_cudnn_attention(recipe(tmp_path, model={"attn_implementation": "eager"}))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention(recipe(tmp_path))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
