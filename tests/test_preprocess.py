@@ -179,6 +179,28 @@ def test_units_and_cjk_joining(tmp_path: Path) -> None:
     assert by_file == ["中文文本 hello world 中文 English"]
 
 
+@pytest.mark.parametrize("chunk_bytes", [readers.CHUNK_BYTES, 16])
+def test_each_unit_is_the_same_for_plain_utf16_and_zip_member(tmp_path: Path, chunk_bytes: int) -> None:
+    """A .txt read as a byte range, a UTF-16 one and a zip member (both streamed in blocks) give the same
+    samples; with --unit file one per file even past a 16-byte range/block (a 4 MiB one in real runs)."""
+    one, two = "p1 a\np1 b\n\np2\n\n\np3 a\n中文\n文本\n\np4\n", "q1\n\nq2\n"
+    raw = tmp_path / "raw"
+    write(raw / "a.txt", one)
+    write(raw / "b.txt", two)
+    write(raw / "c.txt", one.encode("utf-16"))
+    write(raw / "d.txt", two.encode("utf-16"))
+    with zipfile.ZipFile(write(raw / "e.zip", b""), "w") as zf:
+        zf.writestr("e1.txt", one)
+        zf.writestr("e2.txt", two)
+    expected = {"file": ["p1 a p1 b p2 p3 a 中文文本 p4", "q1 q2"],
+                "paragraph": ["p1 a p1 b", "p2", "p3 a 中文文本", "p4", "q1", "q2"],
+                "line": ["p1 a", "p1 b", "p2", "p3 a", "中文", "文本", "p4", "q1", "q2"]}
+    for unit, samples in expected.items():
+        report, lines = run(raw, tmp_path / f"{unit}.txt", unit=unit, chunk_bytes=chunk_bytes)
+        assert lines == samples * 3, unit
+        assert report.files_read == 5 and report.samples_written == 3 * len(samples)
+
+
 def _reference(text: str, unit: str, keep_newlines: bool) -> list[str]:
     """Line-by-line statement of the normalization rules, to check the block-level implementation."""
     lines = [" ".join(line.split()) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]

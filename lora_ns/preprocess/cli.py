@@ -53,7 +53,7 @@ def preprocess(raw_dir: str | os.PathLike, out_file: str | os.PathLike, *, num_w
     docx = next((path for path, _ in files if path.suffix.lower() == ".docx"), None)
     if docx and importlib.util.find_spec("docx") is None:
         raise fail(str(docx), "", *NO_DOCX.split(" — "))
-    tasks = list(plan_tasks(files, raw_dir, chunk_bytes))
+    tasks = list(plan_tasks(files, raw_dir, chunk_bytes, unit))
     if num_workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = max(1, min(4, cpus, sum(size for _, size in files) // BYTES_PER_WORKER))

@@ -111,13 +111,14 @@ def _size(path: Path) -> int:
         return 0
 
 
-def plan_tasks(files: list[tuple[Path, int]], raw_dir: Path, chunk_bytes: int) -> Iterator[Task]:
-    """Tasks in output order; a .txt file larger than `chunk_bytes` becomes several ranges (not a
-    UTF-16 one: it is streamed whole). A file that vanished is one task, which fails with the reason."""
+def plan_tasks(files: list[tuple[Path, int]], raw_dir: Path, chunk_bytes: int, unit: str) -> Iterator[Task]:
+    """Tasks in output order; a .txt file larger than `chunk_bytes` becomes several ranges (not with
+    ``--unit file``, where a file is one sample, nor a UTF-16 one: it is streamed whole). A file that
+    vanished is one task, which fails with the reason."""
     for path, size in files:
         cuts = [0]
         try:
-            if path.suffix.lower() == ".txt" and size > chunk_bytes and not is_utf16(path):
+            if unit != "file" and path.suffix.lower() == ".txt" and size > chunk_bytes and not is_utf16(path):
                 with open(path, "rb") as fh:
                     while cuts[-1] + chunk_bytes < size:
                         cuts.append(find_cut(fh, cuts[-1] + chunk_bytes, size))

@@ -3,7 +3,7 @@
 A reader yields output rows: ``{"data": bytes}`` holds records, and a ``{"note": json}`` row closes a
 unit of work (a decode attempt, an archive member, a task). The parent keeps or takes back the rows
 since the previous note, so no reader holds more than one block (~4 MiB) of text, however large its
-source.
+source, except with ``--unit file``: there a whole file is one sample.
 """
 
 from __future__ import annotations
@@ -113,7 +113,11 @@ def samples_from_text(text: str, unit: str, keep_newlines: bool) -> list[str]:
 
 def text_blocks(stream: IO[str], size: int, unit: str) -> Iterator[str]:
     """Blocks of about `size` characters, each cut just after its last blank line (so no paragraph is
-    split; looking back at most CUT_SLACK), else after its last newline, else not cut."""
+    split; looking back at most CUT_SLACK), else after its last newline, else not cut. With unit "file"
+    the one block is the whole text: it is one sample."""
+    if unit == "file":
+        yield stream.read()
+        return
     carry = ""
     while chunk := stream.read(size):
         block = carry + chunk
@@ -216,8 +220,8 @@ def _fallback(encodings: Iterable[str], attempt: Callable[[str], Iterable[dict]]
 
 
 def _read_source(ext: str, open_raw: Callable[[], IO[bytes]], rows: Rows) -> Iterator[dict]:
-    """A whole file or archive member, streamed in blocks cut at paragraph breaks (``--unit file``: one
-    sample per block); a .docx is read whole (body paragraphs only: no tables, headers or notes)."""
+    """A whole file or archive member, streamed in blocks cut at paragraph breaks (`text_blocks`); a .docx
+    is read whole (body paragraphs only: no tables, headers or notes)."""
     if ext == ".csv":
         return (yield from _read_csv(open_raw, rows))
     if ext == ".docx":
