@@ -157,7 +157,7 @@ def test_utf16_binary_and_archive_members(tmp_path: Path) -> None:
     report, lines = run(raw, tmp_path / "all.txt")
     assert lines == ["UTF-16 文本", "second", "压缩包里的中文"]
     assert dict(report.fallback_encodings) == {"a_utf16.txt": "utf-16", "c.zip::gbk.txt": "gb18030"}
-    assert dict(report.files_skipped) == {"b_binary.txt": pp.BINARY}
+    assert dict(report.files_skipped) == {"b_binary.txt": readers.BINARY}
     assert report.ignored_by_ext == {"(hidden)": 1, ".zip": 1}
 
 
@@ -243,14 +243,14 @@ def _random_text(rng: random.Random, n_lines: int) -> str:
     return rng.choice(["\n", "\r\n"]).join(lines) + rng.choice(["", "\n", "\n\n"])
 
 
-@pytest.mark.parametrize("unit", pp.UNITS)
+@pytest.mark.parametrize("unit", readers.UNITS)
 @pytest.mark.parametrize("keep_newlines", [False, True])
 def test_block_normalization_matches_line_by_line_rules(unit: str, keep_newlines: bool) -> None:
     rng = random.Random(f"{unit}{keep_newlines}")
     for _ in range(300):
         text = _random_text(rng, rng.randint(0, 12))
         expected = _reference(text, unit, keep_newlines)
-        assert pp.samples_from_text(text, unit, keep_newlines) == expected, repr(text)
+        assert readers.samples_from_text(text, unit, keep_newlines) == expected, repr(text)
 
 
 @pytest.mark.parametrize("unit", ["paragraph", "line"])
@@ -258,10 +258,10 @@ def test_streamed_blocks_never_split_a_paragraph(unit: str) -> None:
     rng = random.Random(unit)
     text = "\n\n".join(" ".join(rng.choice(["中文", "abc", "。"]) for _ in range(rng.randint(1, 5)))
                        for _ in range(400))
-    blocks = list(pp.text_blocks(io.StringIO(text), 200, unit))
+    blocks = list(readers.text_blocks(io.StringIO(text), 200, unit))
     assert len(blocks) > 10 and "".join(blocks) == text
-    streamed = [s for block in blocks for s in pp.samples_from_text(block, unit, False)]
-    assert streamed == pp.samples_from_text(text, unit, False)
+    streamed = [s for block in blocks for s in readers.samples_from_text(block, unit, False)]
+    assert streamed == readers.samples_from_text(text, unit, False)
 
 
 def test_dedup_and_min_chars(tmp_path: Path) -> None:
@@ -313,11 +313,11 @@ def test_find_cut_prefers_blank_lines_and_never_splits_utf8(tmp_path: Path) -> N
     data = ("一二三\n" * 50 + "\n" + "四五六\n" * 50).encode("utf-8")
     path = write(tmp_path / "x.txt", data)
     with open(path, "rb") as fh:
-        assert pp.find_cut(fh, 10, len(data)) == data.index(b"\n\n") + 2
+        assert readers.find_cut(fh, 10, len(data)) == data.index(b"\n\n") + 2
         no_blank = "中" * 100
         write(tmp_path / "y.txt", no_blank)
         with open(tmp_path / "y.txt", "rb") as fh2:
-            cut = pp.find_cut(fh2, 4, len(no_blank.encode()))
+            cut = readers.find_cut(fh2, 4, len(no_blank.encode()))
             assert cut == len(no_blank.encode())  # EOF close: keep the rest whole
 
 

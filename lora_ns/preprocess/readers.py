@@ -250,8 +250,7 @@ def _read_source(ext: str, open_raw: Callable[[], IO[bytes]], rows: Rows) -> Ite
     return (yield from _fallback(("utf-16",) if utf16 else rows.opts.encodings, attempt, rows))
 
 
-def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows, batch_chars: int = 1 << 20
-              ) -> Iterator[dict]:
+def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows) -> Iterator[dict]:
     """One document per row of the chosen column. Except with ``--unit file``, cells go in ~1 MB
     batches joined by blank lines: the same samples with far fewer calls per row."""
     def attempt(codec: str) -> Iterator[dict]:
@@ -267,7 +266,7 @@ def _read_csv(open_raw: Callable[[], IO[bytes]], rows: Rows, batch_chars: int = 
                     if col < len(row) and row[col]:
                         batch.append(row[col])
                         size += len(row[col])
-                    if size >= batch_chars or rows.opts.unit == "file":  # file: each cell is one sample
+                    if size >= 1 << 20 or rows.opts.unit == "file":  # file: each cell is one sample
                         yield from rows.data(samples_from_text("\n\n".join(batch), rows.unit, rows.keep))
                         batch, size = [], 0
                 yield from rows.data(samples_from_text("\n\n".join(batch), rows.unit, rows.keep))
