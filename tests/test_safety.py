@@ -100,7 +100,8 @@ def test_tokens_in_a_recipe_are_refused_without_echoing_them(tmp_path, where, ch
 
 
 def test_token_rule_fix_and_false_positives():
-    from lora_ns.validate.rules import looks_like_secret, no_secrets_in_recipe
+    from lora_ns.config import looks_like_secret
+    from lora_ns.validate.rules import no_secrets_in_recipe
 
     (problem,) = no_secrets_in_recipe(parse_recipe({**BASE, "training": {"hub_token": SECRET}}))
     assert problem.field == "training.hub_token" and "export HF_TOKEN instead" in problem.fix
