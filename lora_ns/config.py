@@ -233,7 +233,7 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
                 if not ok:
                     typed.append(Problem(source, path, f"expected {fields[key]}, got {value!r}",
                                          "fix the value's type", lines.get(path)))
-            if key in known or (section == "peft" and "method" not in known):
+            if key in known:
                 continue
             if section == "peft" and key in PEFT_MANAGED:
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"

@@ -17,7 +17,7 @@ from typing import Callable
 from lora_ns.builtin_models import cache_dir
 from lora_ns.fileio import write_text_atomic
 
-# peft method name -> peft's PeftType name.
+# The recipe's peft methods (config.PeftMethod adds full fine-tuning) -> peft's PeftType name.
 PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
               "prefix_tuning": "PREFIX_TUNING", "prompt_tuning": "PROMPT_TUNING"}
 
@@ -96,23 +96,16 @@ _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(No
            "dict": dict, "Dict": dict, "Optional": None}
 
 
-def allowed_types(annotation: str) -> set[type] | None:
-    """Plain Python types an annotation admits, or None when it names anything richer (accept all)."""
+def coerce(value: object, annotation: str) -> tuple[bool, object]:
+    """Check a YAML value against an annotation of plain Python types (anything richer accepts all),
+    converting strings like ``"2e-4"`` to numbers: YAML 1.1 reads ``2e-4`` (no dot) as a string, a classic
+    trap for learning rates. Returns (ok, value)."""
     parts = annotation.replace("Optional[", "None|").replace("Union[", "").replace("]", "").replace(",", "|")
     names = {n.split("[")[0].strip().split(".")[-1] for n in parts.split("|")} - {""}
     if not names <= set(_SIMPLE):
-        return None
-    return {_SIMPLE[n] for n in names} - {None}
-
-
-def coerce(value: object, annotation: str) -> tuple[bool, object]:
-    """Check a YAML value against an annotation, converting strings like ``"2e-4"`` to numbers.
-
-    YAML 1.1 reads ``2e-4`` (no dot) as a string, a classic trap for learning rates.
-    Returns (ok, value).
-    """
-    types = allowed_types(annotation)
-    if types is None or type(value) in types:
+        return True, value
+    types = {_SIMPLE[n] for n in names} - {None}
+    if type(value) in types:
         return True, value
     if isinstance(value, bool):
         return False, value
