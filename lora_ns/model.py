@@ -155,7 +155,7 @@ def checked_chat_template(recipe: Recipe, tokenizer) -> str:
 
 
 def load_tokenizer(recipe: Recipe):
-    """The tokenizer, with a pad token (eos when it has none) and the recipe's chat template if any."""
+    """The recipe's tokenizer, set up for training (`tokenizer_as_trained`)."""
     from transformers import AutoTokenizer
 
     m = recipe.model
@@ -164,22 +164,24 @@ def load_tokenizer(recipe: Recipe):
     path = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision,
                                               trust_remote_code=m.trust_remote_code)
-    pad_like_training(tokenizer)
-    if m.chat_template:  # the recipe's template replaces the tokenizer's own
-        tokenizer.chat_template = checked_chat_template(recipe, tokenizer)
-        chatml = named_template(m.chat_template) == TEMPLATES_DIR / "chatml.jinja"
-        if chatml and "<|im_end|>" in tokenizer.get_vocab():
-            tokenizer.eos_token = "<|im_end|>"  # ChatML's end of turn: trained on, and where generation stops
-    return tokenizer
+    return tokenizer_as_trained(tokenizer, recipe)
 
 
-def pad_like_training(tokenizer, model=None) -> None:
-    """Give a tokenizer without one a pad token (eos, else unk), and the model's config its id: training and
-    inference pad alike."""
+def tokenizer_as_trained(tokenizer, recipe: Recipe | None = None, model=None, keep_template: bool = False):
+    """The set-up training gives a tokenizer, and inference again: a pad token where it has none (eos, else
+    unk), also as the model config's id; the recipe's chat template, which replaces the tokenizer's own
+    unless `keep_template` (inference: the one a trained tokenizer was saved with)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if model is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    template = recipe.model.chat_template if recipe is not None else None
+    if template and not (keep_template and tokenizer.chat_template):
+        tokenizer.chat_template = checked_chat_template(recipe, tokenizer)
+        chatml = named_template(template) == TEMPLATES_DIR / "chatml.jinja"
+        if chatml and "<|im_end|>" in tokenizer.get_vocab():
+            tokenizer.eos_token = "<|im_end|>"  # ChatML's end of turn: trained on, and where generation stops
+    return tokenizer
 
 
 def sharded_training() -> bool:
@@ -249,7 +251,7 @@ def load_model(recipe: Recipe, tokenizer=None):
     path = resolve_model_path(recipe.model.name_or_path)
     model = auto_model_class(recipe.task).from_pretrained(path, **model_kwargs(recipe))
     if tokenizer is not None:
-        pad_like_training(tokenizer, model)
+        tokenizer_as_trained(tokenizer, model=model)
     # Under ZeRO-3/FSDP QLoRA every weight must keep the one storage dtype: k-bit preparation would upcast the
     # non-quantized ones to fp32, so it is skipped there (as PEFT's FSDP-QLoRA example does).
     if recipe.quantized and not sharded_training():
