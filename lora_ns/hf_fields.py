@@ -70,8 +70,7 @@ def training_fields(task: str) -> dict[str, str]:
 
         return _init_fields(training_arguments_class(task))
 
-    ours = {**LORA_NS_TRAINING_FIELDS, **TASK_TRAINING_FIELDS.get(task, {})}
-    return {**_cached(f"training:{task}", read), **ours}
+    return {**_cached(f"training:{task}", read), **own_training_fields(task)}
 
 
 @functools.cache
@@ -82,13 +81,13 @@ def peft_fields(method: str) -> dict[str, str]:
     return _cached(f"peft:{PEFT_TYPES[method]}", lambda: _init_fields(peft_config_class(method)))
 
 
-# Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.preference).
-TASK_TRAINING_FIELDS = {"grpo": {"reward_funcs": "list"}}
+# Keys of a recipe's `training:` section that lora_ns reads itself, not passed to the HF class ("": any task).
+OWN_TRAINING_FIELDS = {"": {"overwrite_output_dir": "bool"},  # allow training over a finished run
+                       "grpo": {"reward_funcs": "list"}}  # the reward functions, see lora_ns.preference
 
-# Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
-LORA_NS_TRAINING_FIELDS = {
-    "overwrite_output_dir": "bool",  # allow training into an output_dir that holds a finished run
-}
+
+def own_training_fields(task: str) -> dict[str, str]:
+    return {**OWN_TRAINING_FIELDS[""], **OWN_TRAINING_FIELDS.get(task, {})}
 
 
 _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "NoneType": type(None),
