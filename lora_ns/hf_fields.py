@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from typing import Callable
 
 from lora_ns.builtin_models import cache_dir
@@ -37,16 +37,9 @@ def _init_fields(cls) -> dict[str, str]:
     return {f.name: text(f.type) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "none"
-
-
 def _cached(key: str, read: Callable[[], dict[str, str]]) -> dict[str, str]:
     """`read()`, remembered on disk per library versions (a broken or unwritable cache is only slower)."""
-    tag = "-".join(f"{name}{_version(name)}" for name in ("trl", "transformers", "peft"))
+    tag = "-".join(f"{name}{version(name)}" for name in ("trl", "transformers", "peft"))  # all required
     path = cache_dir() / f"fields-{tag}.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
