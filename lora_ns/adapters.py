@@ -58,12 +58,10 @@ def peft_config(recipe: Recipe):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; peft's own count knows a 4-bit weight packs two values a byte."""
+    """(trainable, total) parameter counts, peft's or transformers' (both know a 4-bit byte packs two)."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    return model.num_parameters(only_trainable=True), model.num_parameters()
 
 
 def apply_peft(model, recipe: Recipe):

@@ -9,6 +9,7 @@ and raises one `UserError` listing every problem with its field path and YAML li
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,13 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_ns.errors import Problem, UserError, fail, suggest
-from lora_ns.hf_fields import coerce, peft_fields, training_fields
+from lora_ns.hf_fields import PEFT_TYPES, coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import read_yaml
 
 # pretrain: lora_ns.pretrain; dpo/orpo/kto/grpo: lora_ns.preference
 Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
-DType = Literal["auto", "bf16", "fp16", "fp32"]
-PeftMethod = Literal["lora", "qlora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full"]
+# a recipe's dtype names -> torch's (lora_ns.model.torch_dtype); "auto" picks one (lora_ns.model.dtype_name)
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DType = Literal[("auto", *TORCH_DTYPES)]
+PeftMethod = Literal[(*PEFT_TYPES, "full")]  # the peft methods (hf_fields.PEFT_TYPES), or a full fine-tune
 
 
 class _Section(BaseModel):
@@ -53,7 +56,7 @@ class QuantizationConfig(_Section):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: DType = "auto"
-    bnb_4bit_quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
+    bnb_4bit_quant_storage: Literal[("uint8", *TORCH_DTYPES)] = "uint8"
 
 
 class PeftSection(BaseModel):
@@ -120,6 +123,26 @@ SECTIONS: dict[str, type[BaseModel]] = {
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}
+
+
+# --- credentials: refused in a recipe (validate.rules), never written to a saved one (train) ------------
+
+SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
+# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque run of letters and digits.
+_SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
+_OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
+
+
+def looks_like_secret(value: Any) -> bool:
+    text = value.strip() if isinstance(value, str) else ""
+    return bool(_SECRET_SHAPES.match(text) or _OPAQUE.match(text))
+
+
+def is_secret(key: str, value: Any) -> bool:
+    """A set hub_token, or a token-shaped value under a credential's name (eos_token "<|im_end|>" is none)."""
+    name = key.lower()
+    return (name == "hub_token" and bool(value)) or (any(w in name for w in SECRET_KEY_WORDS)
+                                                     and looks_like_secret(value))
 
 
 # --- overrides ----------------------------------------------------------------------------------
@@ -210,7 +233,7 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
                 if not ok:
                     typed.append(Problem(source, path, f"expected {fields[key]}, got {value!r}",
                                          "fix the value's type", lines.get(path)))
-            if key in known or (section == "peft" and "method" not in known):
+            if key in known:
                 continue
             if section == "peft" and key in PEFT_MANAGED:
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"

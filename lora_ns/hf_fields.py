@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from typing import Callable
 
 from lora_ns.builtin_models import cache_dir
 from lora_ns.fileio import write_text_atomic
 
-# peft method name -> peft's PeftType name.
+# The recipe's peft methods (config.PeftMethod adds full fine-tuning) -> peft's PeftType name.
 PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
               "prefix_tuning": "PREFIX_TUNING", "prompt_tuning": "PROMPT_TUNING"}
 
@@ -37,16 +37,9 @@ def _init_fields(cls) -> dict[str, str]:
     return {f.name: text(f.type) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "none"
-
-
 def _cached(key: str, read: Callable[[], dict[str, str]]) -> dict[str, str]:
     """`read()`, remembered on disk per library versions (a broken or unwritable cache is only slower)."""
-    tag = "-".join(f"{name}{_version(name)}" for name in ("trl", "transformers", "peft"))
+    tag = "-".join(f"{name}{version(name)}" for name in ("trl", "transformers", "peft"))  # all required
     path = cache_dir() / f"fields-{tag}.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
@@ -70,8 +63,7 @@ def training_fields(task: str) -> dict[str, str]:
 
         return _init_fields(training_arguments_class(task))
 
-    ours = {**LORA_NS_TRAINING_FIELDS, **TASK_TRAINING_FIELDS.get(task, {})}
-    return {**_cached(f"training:{task}", read), **ours}
+    return {**_cached(f"training:{task}", read), **own_training_fields(task)}
 
 
 @functools.cache
@@ -82,13 +74,13 @@ def peft_fields(method: str) -> dict[str, str]:
     return _cached(f"peft:{PEFT_TYPES[method]}", lambda: _init_fields(peft_config_class(method)))
 
 
-# Per task: keys lora_ns reads itself (grpo's reward functions, see lora_ns.preference).
-TASK_TRAINING_FIELDS = {"grpo": {"reward_funcs": "list"}}
+# Keys of a recipe's `training:` section that lora_ns reads itself, not passed to the HF class ("": any task).
+OWN_TRAINING_FIELDS = {"": {"overwrite_output_dir": "bool"},  # allow training over a finished run
+                       "grpo": {"reward_funcs": "list"}}  # the reward functions, see lora_ns.preference
 
-# Keys of a recipe's `training:` section that lora_ns handles itself (not passed to the HF class).
-LORA_NS_TRAINING_FIELDS = {
-    "overwrite_output_dir": "bool",  # allow training into an output_dir that holds a finished run
-}
+
+def own_training_fields(task: str) -> dict[str, str]:
+    return {**OWN_TRAINING_FIELDS[""], **OWN_TRAINING_FIELDS.get(task, {})}
 
 
 _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "NoneType": type(None),
@@ -96,23 +88,16 @@ _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(No
            "dict": dict, "Dict": dict, "Optional": None}
 
 
-def allowed_types(annotation: str) -> set[type] | None:
-    """Plain Python types an annotation admits, or None when it names anything richer (accept all)."""
+def coerce(value: object, annotation: str) -> tuple[bool, object]:
+    """Check a YAML value against an annotation of plain Python types (anything richer accepts all),
+    converting strings like ``"2e-4"`` to numbers: YAML 1.1 reads ``2e-4`` (no dot) as a string, a classic
+    trap for learning rates. Returns (ok, value)."""
     parts = annotation.replace("Optional[", "None|").replace("Union[", "").replace("]", "").replace(",", "|")
     names = {n.split("[")[0].strip().split(".")[-1] for n in parts.split("|")} - {""}
     if not names <= set(_SIMPLE):
-        return None
-    return {_SIMPLE[n] for n in names} - {None}
-
-
-def coerce(value: object, annotation: str) -> tuple[bool, object]:
-    """Check a YAML value against an annotation, converting strings like ``"2e-4"`` to numbers.
-
-    YAML 1.1 reads ``2e-4`` (no dot) as a string, a classic trap for learning rates.
-    Returns (ok, value).
-    """
-    types = allowed_types(annotation)
-    if types is None or type(value) in types:
+        return True, value
+    types = {_SIMPLE[n] for n in names} - {None}
+    if type(value) in types:
         return True, value
     if isinstance(value, bool):
         return False, value

@@ -19,7 +19,7 @@ from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, uses_chat_template
 from lora_ns.errors import fail, first_line
-from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs
+from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
 from lora_ns.setup import safetensors_defect
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
@@ -164,13 +164,8 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Lo
             model = from_pretrained(tokenizer_path, task, **kwargs)
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
-    if tokenizer.pad_token is None:  # as training set it
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = chat_template_text(recipe)
+    tokenizer_as_trained(tokenizer, recipe, model, keep_template=True)
     tokenizer.padding_side = "right" if task == "seq_cls" else "left"  # left to generate
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     stop_at_end_of_turn(model, tokenizer)
     if torch.cuda.is_available() and "quantization_config" not in kwargs:
         model.to("cuda")

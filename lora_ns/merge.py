@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.command_line import CommandParser
-from lora_ns.config import load_recipe
+from lora_ns.config import TORCH_DTYPES, load_recipe
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import atomic_folder, unwritable, write_json_atomic
 from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
@@ -29,7 +29,7 @@ PROG = "lora_ns.merge"
 PROBE_PROMPTS = ["The quick brown fox jumps over the lazy dog.", "请用中文回答这个问题。",
                  "Question: Ben has 33 stickers and gives away 27. How many are left? Answer:"]
 MERGEABLE = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
-DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+DTYPE_NAMES = {torch_name: name for name, torch_name in TORCH_DTYPES.items()}  # bfloat16 -> bf16
 # Flag names of the scripts lora_ns descends from (snake_case spellings are accepted anyway).
 LEGACY_FLAGS = {"--adapter_path": "--adapter", "--output_path": "--output", "--base_model": "--base",
                 "--config": "--recipe"}
@@ -43,7 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
     parser.add_argument("--recipe", help="recipe whose model and quantization to use (default: the adapter's "
                         "recipe.yaml)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="save dtype (default: the base's)")
+    parser.add_argument("--dtype", choices=list(TORCH_DTYPES), help="save dtype (default: the base's)")
     parser.add_argument("--no-requantize", action="store_true",
                         help="QLoRA: merge into the original base weights, skipping the 4-bit round trip")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")

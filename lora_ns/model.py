@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.config import Recipe
+from lora_ns.config import TORCH_DTYPES, Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.pretrain import init_model, pretrain_tokenizer
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # attn_implementation -> (importable module, pip package)
 FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention)")}
@@ -40,7 +39,7 @@ def dtype_name(name: str) -> str:
 def torch_dtype(name: str):
     import torch
 
-    return getattr(torch, _DTYPES[dtype_name(name)])
+    return getattr(torch, TORCH_DTYPES[dtype_name(name)])
 
 
 def attention_problem(recipe: Recipe) -> Problem | None:
@@ -71,7 +70,7 @@ def quantization_config(recipe: Recipe):
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = recipe.model.dtype if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
-    storage = _DTYPES.get(q.bnb_4bit_quant_storage, "uint8")
+    storage = TORCH_DTYPES.get(q.bnb_4bit_quant_storage, "uint8")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage)
@@ -156,7 +155,7 @@ def checked_chat_template(recipe: Recipe, tokenizer) -> str:
 
 
 def load_tokenizer(recipe: Recipe):
-    """The tokenizer, with a pad token (eos when it has none) and the recipe's chat template if any."""
+    """The recipe's tokenizer, set up for training (`tokenizer_as_trained`)."""
     from transformers import AutoTokenizer
 
     m = recipe.model
@@ -165,11 +164,21 @@ def load_tokenizer(recipe: Recipe):
     path = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=m.revision,
                                               trust_remote_code=m.trust_remote_code)
+    return tokenizer_as_trained(tokenizer, recipe)
+
+
+def tokenizer_as_trained(tokenizer, recipe: Recipe | None = None, model=None, keep_template: bool = False):
+    """The set-up training gives a tokenizer, and inference again: a pad token where it has none (eos, else
+    unk), also as the model config's id; the recipe's chat template, which replaces the tokenizer's own
+    unless `keep_template` (inference: the one a trained tokenizer was saved with)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if m.chat_template:  # the recipe's template replaces the tokenizer's own
+    if model is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    template = recipe.model.chat_template if recipe is not None else None
+    if template and not (keep_template and tokenizer.chat_template):
         tokenizer.chat_template = checked_chat_template(recipe, tokenizer)
-        chatml = named_template(m.chat_template) == TEMPLATES_DIR / "chatml.jinja"
+        chatml = named_template(template) == TEMPLATES_DIR / "chatml.jinja"
         if chatml and "<|im_end|>" in tokenizer.get_vocab():
             tokenizer.eos_token = "<|im_end|>"  # ChatML's end of turn: trained on, and where generation stops
     return tokenizer
@@ -241,8 +250,8 @@ def load_model(recipe: Recipe, tokenizer=None):
         raise UserError(problem)
     path = resolve_model_path(recipe.model.name_or_path)
     model = auto_model_class(recipe.task).from_pretrained(path, **model_kwargs(recipe))
-    if tokenizer is not None and model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer is not None:
+        tokenizer_as_trained(tokenizer, model=model)
     # Under ZeRO-3/FSDP QLoRA every weight must keep the one storage dtype: k-bit preparation would upcast the
     # non-quantized ones to fp32, so it is skipped there (as PEFT's FSDP-QLoRA example does).
     if recipe.quantized and not sharded_training():

@@ -21,7 +21,7 @@ from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sft_defaults
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.fileio import unwritable
-from lora_ns.hf_fields import LORA_NS_TRAINING_FIELDS, TASK_TRAINING_FIELDS
+from lora_ns.hf_fields import own_training_fields
 from lora_ns.model import gradient_checkpointing, torch_dtype
 from lora_ns.preference import PREFERENCE_TASKS, config_class
 
@@ -178,7 +178,7 @@ def training_arguments_class(task: str) -> type:
 
 def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
-    ours = {"resume_from_checkpoint", *LORA_NS_TRAINING_FIELDS, *TASK_TRAINING_FIELDS.get(recipe.task, {})}
+    ours = {"resume_from_checkpoint", *own_training_fields(recipe.task)}
     given = {k: v for k, v in recipe.training.items() if k not in ours}
     try:
         return training_arguments_class(recipe.task)(**{**training_defaults(recipe), **given,

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
 from lora_ns.command_line import CommandParser
-from lora_ns.config import Recipe, load_recipe
+from lora_ns.config import Recipe, is_secret, load_recipe
 from lora_ns.data import build_datasets, encode_pairs
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import atomic_output, write_text_atomic
@@ -32,7 +32,6 @@ from lora_ns.setup import (FINISHED_MARKER, Checks, is_finished, last_checkpoint
                            wanted_checkpoint)
 
 PROG = "lora_ns.train"
-SECRET_KEYS = {"hub_token", "push_to_hub_token", "token"}  # training keys never written to the saved recipe
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
 HF_SCRIPT_FLAGS = {"--output-dir": "training.output_dir", "--model-name-or-path": "model.name_or_path",
                    "--dataset-name": "dataset.path"}
@@ -181,7 +180,7 @@ def saved_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, credentials removed, "auto" dtypes pinned to what this run used (so a
     later merge or evaluation reproduces the training precision, e.g. QLoRA's requantization)."""
     clean = recipe.model_copy(deep=True)
-    clean.training = {k: v for k, v in recipe.training.items() if k not in SECRET_KEYS}
+    clean.training = {k: v for k, v in recipe.training.items() if not is_secret(k, v)}
     if clean.model.dtype == "auto":
         clean.model.dtype = dtype_name(recipe.model.dtype)
     if clean.quantization.bnb_4bit_compute_dtype == "auto":

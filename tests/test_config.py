@@ -71,6 +71,22 @@ def test_peft_fields_depend_on_method():
         parse_recipe(data)
 
 
+def test_every_peft_method_is_one_table_row_with_a_peft_config_class():
+    """config.PeftMethod is hf_fields.PEFT_TYPES plus full: a method added to the table is accepted,
+    listed in the typo message and builds its own peft config class."""
+    from lora_ns.config import PeftMethod
+    from lora_ns.hf_fields import PEFT_TYPES, peft_config_class
+
+    assert PeftMethod.__args__ == (*PEFT_TYPES, "full")
+    for method, kind in PEFT_TYPES.items():
+        assert peft_config_class(method).__name__.upper() == f"{kind.replace('_', '')}CONFIG", method
+    data = _copy()
+    data["peft"] = {"method": "lorra"}
+    with pytest.raises(UserError) as err:
+        parse_recipe(data)
+    assert "use " + ", ".join(f"'{m}'" for m in PEFT_TYPES) + " or 'full'" in str(err.value)
+
+
 def test_managed_peft_fields_are_refused():
     data = _copy()
     data["peft"] = {"method": "lora", "task_type": "CAUSAL_LM"}

@@ -100,7 +100,8 @@ def test_tokens_in_a_recipe_are_refused_without_echoing_them(tmp_path, where, ch
 
 
 def test_token_rule_fix_and_false_positives():
-    from lora_ns.validate.rules import looks_like_secret, no_secrets_in_recipe
+    from lora_ns.config import is_secret, looks_like_secret
+    from lora_ns.validate.rules import no_secrets_in_recipe
 
     (problem,) = no_secrets_in_recipe(parse_recipe({**BASE, "training": {"hub_token": SECRET}}))
     assert problem.field == "training.hub_token" and "export HF_TOKEN instead" in problem.fix
@@ -108,6 +109,11 @@ def test_token_rule_fix_and_false_positives():
         assert not looks_like_secret(harmless), harmless
     for secret in (SECRET, "hf_" + "aB3" * 11, "ghp_" + "x1" * 18, "sk-" + "Q9" * 20):
         assert looks_like_secret(secret), secret
+    # is_secret (validate refuses it, train leaves it out of the saved recipe): any set hub_token, else the
+    # field's name and the value's shape together
+    assert is_secret("hub_token", "not-token-shaped") and not is_secret("hub_token", None)
+    assert is_secret("wandb_api_key", "sk-" + "Q9" * 20) and not is_secret("eos_token", "<|im_end|>")
+    assert not is_secret("dataset_text_field", SECRET)
 
 
 # --- a real run ---------------------------------------------------------------------------------------

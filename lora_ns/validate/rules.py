@@ -6,14 +6,13 @@ libraries accept, then fail on mid-run or silently train nothing with."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lora_ns.builtin_models import BUILDERS, PREFIX
 from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
-from lora_ns.config import Recipe
+from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem
 from lora_ns.hf_fields import PEFT_TYPES
@@ -124,17 +123,6 @@ def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
 
 # --- safety and reliability -----------------------------------------------------------------------
 
-SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
-# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque run of letters and digits.
-_SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
-_OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
-
-
-def looks_like_secret(value: Any) -> bool:
-    text = value.strip() if isinstance(value, str) else ""
-    return bool(_SECRET_SHAPES.match(text) or _OPAQUE.match(text))
-
-
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
     """(dotted path, value) for every leaf of the recipe (list items under their list's path)."""
     if isinstance(node, (dict, list)):
@@ -151,7 +139,7 @@ def no_secrets_in_recipe(r: Recipe) -> Iterator[Problem]:
         if path == "training.hub_token" and value:
             yield r.problem(path, "a hub token in a recipe is copied into the output dir and logs",
                             "export HF_TOKEN instead (huggingface_hub reads it from the environment)")
-        elif any(w in path.rsplit(".", 1)[-1].lower() for w in SECRET_KEY_WORDS) and looks_like_secret(value):
+        elif is_secret(path.rsplit(".", 1)[-1], value):
             yield r.problem(path, "this looks like a secret token (value not shown)",
                             "export HF_TOKEN instead and remove it from the recipe")
 
