@@ -18,6 +18,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe, load_recipe
+from lora_ns.data import sources
 from lora_ns.data.render import prompt_text, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, chat_template_text, head_loaded_next, model_kwargs
@@ -188,29 +189,23 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
 # --- inputs -----------------------------------------------------------------------------------------
 
 def read_inputs(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .txt (one prompt a line) or .jsonl file ("prompt", "messages", "text" or "sentence1")."""
-    file, where = Path(path), str(path)
-    if not file.is_file():
+    """Rows of a .jsonl/.json file ("prompt", "messages", "text" or "sentence1"), or of text (one prompt a
+    line), read as the data loader reads them (a bad line is one error naming it)."""
+    where = str(path)
+    if not Path(where).is_file():
         raise fail(where, "--input-file", "file not found", "check the path")
-    try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise fail(where, "--input-file", f"cannot read it ({err})", "save it as UTF-8 text")
-    jsonl, rows = file.suffix in (".jsonl", ".json"), []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    text = not where.endswith((".jsonl", ".json"))
+    rows = []
+    for line, row in sources.rows(where, "text" if text else sources.file_format(where)):
+        row = {"prompt": row["text"]} if text else row
+        if text and not row["prompt"].strip():
             continue
-        try:
-            row = json.loads(line) if jsonl else {"prompt": line}
-        except json.JSONDecodeError as err:
-            raise fail(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line", number)
-        if not isinstance(row, dict) or not {"prompt", "messages", "text", "sentence1"} & set(row):
-            raise fail(where, "prompt", "row has no prompt",
-                       'give each line a "prompt" (or "messages") field', number)
+        if not {"prompt", "messages", "text", "sentence1"} & set(row):
+            fix = 'give each line a "prompt" (or "messages") field'
+            raise fail(where, "prompt", "row has no prompt", fix, line)
         rows.append(row)
     if not rows:
-        raise fail(where, "" if jsonl else "--input-file", "no prompts in the file",
-                   "add one prompt a line")
+        raise fail(where, "--input-file" if text else "", "no prompts in the file", "add one prompt a line")
     return rows
 
 
