@@ -91,7 +91,6 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = loaded.tokenizer
-    tokenizer.padding_side = "right"
     rendered = datasets.Dataset.from_list([render(e, recipe, tokenizer) for e in examples])
     keep = ("max_length", "assistant_only_loss", "completion_only_loss", "dataset_text_field")
     options = {**sft_defaults(recipe), **{k: v for k, v in recipe.training.items() if k in keep}}
@@ -102,9 +101,7 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
         # SFTTrainer insists on a train set; one row keeps its tokenizing cheap (it is never trained on).
         trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=rendered.select([0]),
                              eval_dataset=rendered, processing_class=tokenizer)
-        loss = trainer.evaluate()["eval_loss"]
-    tokenizer.padding_side = "left"
-    return float(loss)
+        return float(trainer.evaluate()["eval_loss"])
 
 
 def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -177,7 +177,6 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if recipe is not None and recipe.model.chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template_text(recipe)
-    tokenizer.padding_side = "right" if task == "seq_cls" else "left"  # left to generate
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     stop_at_end_of_turn(model, tokenizer)
@@ -261,7 +260,6 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     if seed is not None:
         set_seed(seed)
     tokenizer, recipe = loaded.tokenizer, recipe or loaded.recipe
-    tokenizer.padding_side = "left"
     rendered = [render_prompt(tokenizer, p, recipe) for p in prompts]
     encoded = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in rendered]
     sample = not greedy and temperature > 0  # greedy: no sampling options (the model's own would warn)
@@ -272,7 +270,8 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     outputs = [""] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
         batch = order[start:start + batch_size]
-        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        ids = {"input_ids": [encoded[i] for i in batch]}
+        inputs = tokenizer.pad(ids, padding_side="left", return_tensors="pt")  # new tokens follow each prompt
         with torch.no_grad():
             out = loaded.model.generate(**inputs.to(loaded.model.device), **options)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
@@ -292,7 +291,7 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
     for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", disable=not progress):
         first, second = zip(*pairs[start:start + batch_size])
         enc = loaded.tokenizer(list(first), list(second) if None not in second else None, padding=True,
-                               truncation=True, return_tensors="pt")
+                               padding_side="right", truncation=True, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
         for row in probs.tolist():
