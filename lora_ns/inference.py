@@ -51,7 +51,8 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    path, resave = Path(folder) / ADAPTER_CONFIG, "re-save the adapter, or point at the training output_dir"
+    path = Path(folder) / ADAPTER_CONFIG
+    resave = "re-save the adapter, or point at the training output_dir that holds it"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
