@@ -97,28 +97,22 @@ def extract_answer(text: str | None) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def _equivalent(prediction: str, reference: str) -> bool:
-    """math-verify's verdict, the reference as gold (its check is not symmetric)."""
-    if max(len(prediction), len(reference)) > MAX_EXPRESSION_CHARS:
-        return prediction == reference
-    from math_verify import parse, verify
-
-    timeout = TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
-    gold, pred = (parse(f"${answer}$", parsing_timeout=timeout) for answer in (reference, prediction))
-    if not gold or not pred:
-        return prediction == reference
-    return bool(verify(gold, pred, timeout_seconds=timeout))
-
-
 def answers_match(prediction: str | None, reference: str | None) -> bool:
-    """Whether two extracted answers are equal: exact for numbers, by math-verify for expressions."""
+    """Whether two extracted answers are equal: exact for numbers, by math-verify for expressions (the
+    reference as gold: its check is not symmetric)."""
     if prediction is None or reference is None:
         return False
     if prediction == reference:
         return True
     if canonical_number(prediction) is not None and canonical_number(reference) is not None:
         return False  # two different canonical numbers: no need for sympy
-    return _equivalent(prediction, reference)
+    if max(len(prediction), len(reference)) > MAX_EXPRESSION_CHARS:
+        return False  # compared as text, and they differ
+    from math_verify import parse, verify
+
+    timeout = TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+    gold, pred = (parse(f"${answer}$", parsing_timeout=timeout) for answer in (reference, prediction))
+    return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
 
 
 def same_answer(prediction: str | None, reference: str | None) -> bool:

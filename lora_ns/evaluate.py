@@ -21,7 +21,7 @@ from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.errors import UserError, fail, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, prompt_of, reply_logprob
+from lora_ns.inference import classify, generate, load, pair_of, prompt_and_reference, reply_logprob
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              perplexity)
 
@@ -91,7 +91,6 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = loaded.tokenizer
-    tokenizer.padding_side = "right"
     rendered = datasets.Dataset.from_list([render(e, recipe, tokenizer) for e in examples])
     keep = ("max_length", "assistant_only_loss", "completion_only_loss", "dataset_text_field")
     options = {**sft_defaults(recipe), **{k: v for k, v in recipe.training.items() if k in keep}}
@@ -102,9 +101,7 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
         # SFTTrainer insists on a train set; one row keeps its tokenizing cheap (it is never trained on).
         trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=rendered.select([0]),
                              eval_dataset=rendered, processing_class=tokenizer)
-        loss = trainer.evaluate()["eval_loss"]
-    tokenizer.padding_side = "left"
-    return float(loss)
+        return float(trainer.evaluate()["eval_loss"])
 
 
 def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -127,10 +124,7 @@ def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str,
     elif kind == "perplexity":
         rows, metrics = [{"row": e.get("row"), "text": e["text"]} for e in examples], {}
     else:
-        prompts = [prompt_of(e) for e in examples]
-        # the reference: the completion, or the (last) assistant turn prompt_of left out
-        refs = [e.get("completion") or ([{"content": ""}] + e.get("messages", [])[len(p):])[-1]["content"]
-                for e, p in zip(examples, prompts)]
+        prompts, refs = map(list, zip(*(prompt_and_reference(e) for e in examples)))
         outputs = generate(loaded, prompts, recipe=recipe, max_new_tokens=args.max_new_tokens, greedy=True,
                            batch_size=args.batch_size, progress=progress)
         rows = [{"row": e.get("row"), "prompt": p, "reference": r, "prediction": o}

@@ -17,7 +17,7 @@ from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, prompt_of, read_inputs
+from lora_ns.inference import classify, generate, load, pair_of, prompt_and_reference, read_inputs
 
 PROG = "lora_ns.infer"
 # The flags of the scripts lora_ns descends from (inference.py; README, "Train a recipe on GPUs") and of
@@ -69,7 +69,7 @@ def answer(loaded, base, rows: list[dict[str, Any]], options: dict[str, Any]) ->
     if loaded.task == "seq_cls":
         batch, progress = options["batch_size"], options["progress"]
         return classify(loaded, [pair_of(r) for r in rows], batch_size=batch, progress=progress)
-    prompts = [prompt_of(r) for r in rows]
+    prompts = [prompt_and_reference(r)[0] for r in rows]
     if base is None:
         return [{"output": text} for text in generate(loaded, prompts, **options)]
     options = {**options, "recipe": loaded.recipe}  # the base gets the prompts as the tuned model sees them

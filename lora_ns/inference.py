@@ -1,9 +1,10 @@
 """One loader for a training output (adapter dir), a merged dir or a base model, and what runs on it.
 
-An adapter dir's base is loaded the way training loaded it (its saved ``recipe.yaml``: dtype, 4-bit
-for QLoRA, seq_cls labels), then peft applies the adapter; anything else is ``from_pretrained`` in its
-saved dtype. Weights are only read from safetensors; remote code runs only when the recipe trusts it.
-Prompts are rendered as training rendered them (`lora_ns.data.render.prompt_text`).
+An adapter dir's base is loaded the way training loaded it (its saved ``recipe.yaml``: dtype, 4-bit for
+QLoRA, seq_cls labels), then ``PeftModel.from_pretrained`` applies the adapter (peft's AutoPeftModelFor*
+loads only the base the adapter names: not ``--base``, nor a builtin whose cache folder is gone). Anything
+else is ``from_pretrained`` in its saved dtype. Weights are only read from safetensors; remote code runs
+only when the recipe trusts it. Prompts are rendered as training rendered them (`render.prompt_text`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe, load_recipe
-from lora_ns.data.render import prompt_text, uses_chat_template
+from lora_ns.data import sources
+from lora_ns.data.render import prompt_text, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
 from lora_ns.setup import safetensors_defect
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
-RESAVE = "re-save the adapter, or point at the training output_dir that holds it"
 PromptInput = str | list[dict[str, str]]
 
 
@@ -40,6 +41,7 @@ class Loaded:
     kind: str  # adapter | merged | base
     recipe: Recipe | None = None
     base: str | None = None  # the base model an adapter was loaded on
+    requantized_layers: int = 0  # to merge: the base's layers that went through the 4-bit round trip
 
 
 # --- what a folder holds ----------------------------------------------------------------------------
@@ -50,20 +52,19 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
+    resave = "re-save the adapter, or point at the training output_dir that holds it"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        reason = first_line(err)
-        raise fail(str(path), "", f"not a readable adapter config ({reason})", RESAVE)
+        raise fail(str(path), "", f"not a readable adapter config ({first_line(err)})", resave)
     if not isinstance(config, dict) or not config.get("peft_type"):
-        raise fail(str(path), "peft_type", "missing: not a peft adapter config", RESAVE)
+        raise fail(str(path), "peft_type", "missing: not a peft adapter config", resave)
     return config
 
 
-def check_adapter(folder: str | Path) -> None:
-    """The adapter's weights are whole safetensors (a pickle can run code when loaded)."""
-    read_adapter_config(folder)
-    weights = Path(folder) / "adapter_model.safetensors"
+def check_adapter(folder: Path) -> dict[str, Any]:
+    """The adapter's config, once its weights are known to be whole safetensors (a pickle can run code)."""
+    config, weights = read_adapter_config(folder), folder / "adapter_model.safetensors"
     if not weights.is_file():
         pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
         found = "not found" + pickle * weights.with_suffix(".bin").is_file()
@@ -71,43 +72,22 @@ def check_adapter(folder: str | Path) -> None:
                    "or point at a complete training output_dir")
     if why := safetensors_defect(weights):
         raise fail(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter")
+    return config
 
 
-def saved_recipe(folder: str | Path) -> Recipe | None:  # training (and merge) save it beside the weights
-    path = Path(folder) / RECIPE_FILE
-    return load_recipe(path) if path.is_file() else None
-
-
-def adapter_base(folder: str | Path, base: str | None = None, recipe: Recipe | None = None) -> str:
+def adapter_base(folder: Path, config: dict[str, Any], base: str | None, recipe: Recipe | None) -> str:
     """`base`, else the base the adapter names; a builtin's cache folder that is gone is rebuilt from the
     recipe's ``builtin:`` name."""
-    named = base or read_adapter_config(folder).get("base_model_name_or_path")
-    gone = not named or (os.path.isabs(named) and not Path(named).exists())
-    if not base and gone and recipe is not None:
+    named = base or config.get("base_model_name_or_path")
+    if not base and recipe is not None and (not named or os.path.isabs(named) and not Path(named).exists()):
         named = recipe.model.name_or_path
     if not named:
-        raise fail(str(Path(folder) / ADAPTER_CONFIG), "base_model_name_or_path",
+        raise fail(str(folder / ADAPTER_CONFIG), "base_model_name_or_path",
                    "the adapter does not name its base model", "pass --base MODEL")
     return resolve_model_path(named)
 
 
-def detect_task(path: str | Path, recipe: Recipe | None = None) -> str:
-    if recipe is not None:
-        return recipe.task
-    if is_adapter_dir(path):
-        return "seq_cls" if read_adapter_config(path).get("task_type") == "SEQ_CLS" else "causal_lm"
-    from transformers import AutoConfig
-
-    names = AutoConfig.from_pretrained(resolve_model_path(str(path))).architectures or []
-    return "seq_cls" if any(n.endswith("ForSequenceClassification") for n in names) else "causal_lm"
-
-
 # --- loading ----------------------------------------------------------------------------------------
-
-def base_kwargs(recipe: Recipe | None) -> dict[str, Any]:
-    """from_pretrained arguments: as training loaded the model (`lora_ns.model`), else as saved."""
-    return model_kwargs(recipe) if recipe is not None else {"use_safetensors": True, "dtype": "auto"}
-
 
 @contextmanager
 def one_line_errors(path: str, flag: str) -> Iterator[None]:
@@ -120,99 +100,125 @@ def one_line_errors(path: str, flag: str) -> Iterator[None]:
         raise fail(path, flag, f"cannot load the model: {reason}", fix) from None
 
 
-def from_pretrained(path: str, task: str, flag: str = "--model", **kwargs):
+def from_pretrained(path: str, task: str, flag: str, **kwargs):
     # head_loaded_next: an adapter's saved seq_cls head replaces the newly initialized one next
     with one_line_errors(path, flag), head_loaded_next(task):
         return auto_model_class(task).from_pretrained(path, **kwargs)
+
+
+def load_base(path: str, task: str, recipe: Recipe | None, merging: bool, requantize: bool
+              ) -> tuple[Any, int]:
+    """An adapter's base as training loaded it (`lora_ns.model.model_kwargs`). To merge, in fp32: a 4-bit base
+    (when `requantize`) quantized as in training, then dequantized, so each delta adds to the weights training
+    saw; else the original weights. Also how many layers went through that 4-bit round trip."""
+    import torch
+
+    kwargs = model_kwargs(recipe) if recipe is not None else {"use_safetensors": True, "dtype": "auto"}
+    four_bit = merging and requantize and recipe is not None and recipe.quantization.load_in_4bit
+    if merging and not four_bit:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+        kwargs["dtype"] = torch.float32
+    model = from_pretrained(path, task, "--base", **kwargs)
+    if not four_bit:
+        return model, 0
+    rounded = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return model.dequantize(dtype=torch.float32).float().cpu(), rounded
 
 
 def stop_at_end_of_turn(model, tokenizer) -> None:
     """Add the tokenizer's eos (e.g. ChatML's <|im_end|> when trained with that template) to the eos ids the
     generation config stops on, so `generate` (ours, or transformers' on a merged model) stops there."""
     config, eos = getattr(model, "generation_config", None), tokenizer.eos_token_id
-    known = [] if config is None else config.eos_token_id
-    known = known if isinstance(known, list) else [known]
-    if config is not None and eos is not None and eos not in known:
+    if config is None or eos is None:
+        return
+    known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if eos not in known:
         config.eos_token_id = [e for e in (*known, eos) if e is not None]
 
 
-def load(path: str, base: str | None = None, recipe: Recipe | None = None) -> Loaded:
+def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, merging: bool = False,
+         requantize: bool = True) -> Loaded:
     """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any, with
-    the tokenizer saved with it."""
+    the tokenizer saved with it. An adapter on fp32 weights is folded into them (same outputs, faster
+    decoding; bf16/fp16/4-bit would round the deltas); `merging` (lora_ns.merge) keeps it apart, on the CPU,
+    on the base `load_base` gives."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    local = Path(path)
+    local, rounded = Path(path), 0
     if not local.exists() and path.startswith((os.sep, ".", "~")):
         raise fail(path, "--model", "model folder not found", "check the path (an output_dir?)")
-    recipe = recipe or (saved_recipe(local) if local.is_dir() else None)
+    if recipe is None and (local / RECIPE_FILE).is_file():  # training (and merge) save it beside the weights
+        recipe = load_recipe(local / RECIPE_FILE)
     trust = bool(recipe and recipe.model.trust_remote_code)
     with one_line_errors(path, "--model"):
-        task = detect_task(path, recipe)
         if is_adapter_dir(local):
             from peft import PeftModel
 
-            check_adapter(local)
-            base, kwargs, kind = adapter_base(local, base, recipe), base_kwargs(recipe), "adapter"
-            model = PeftModel.from_pretrained(from_pretrained(base, task, **kwargs), str(local))
-            if "quantization_config" not in kwargs and model.get_base_model().dtype == torch.float32:
-                model = model.merge_and_unload()  # same outputs, faster decoding; bf16/fp16/4-bit would round
+            config, kind = check_adapter(local), "adapter"
+            seq_cls = config.get("task_type") == "SEQ_CLS"
+            task = recipe.task if recipe else "seq_cls" if seq_cls else "causal_lm"
+            base = adapter_base(local, config, base, recipe)
+            model, rounded = load_base(base, task, recipe, merging, requantize)
+            model = PeftModel.from_pretrained(model, str(local))
             tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base
         else:
             tokenizer_path, base = resolve_model_path(path), None
-            kwargs = {**base_kwargs(None), "trust_remote_code": trust}
-            model = from_pretrained(tokenizer_path, task, **kwargs)
+            heads = AutoConfig.from_pretrained(tokenizer_path, trust_remote_code=trust).architectures or []
+            seq_cls = any(name.endswith("ForSequenceClassification") for name in heads)
+            task = recipe.task if recipe else "seq_cls" if seq_cls else "causal_lm"
+            model = from_pretrained(tokenizer_path, task, "--model", use_safetensors=True, dtype="auto",
+                                    trust_remote_code=trust)
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
+    quantized = getattr(model, "hf_quantizer", None) is not None
+    if kind == "adapter" and not (merging or quantized) and model.get_base_model().dtype == torch.float32:
+        model = model.merge_and_unload()
     tokenizer_as_trained(tokenizer, recipe, model, keep_template=True)
-    tokenizer.padding_side = "right" if task == "seq_cls" else "left"  # left to generate
     stop_at_end_of_turn(model, tokenizer)
-    if torch.cuda.is_available() and "quantization_config" not in kwargs:
+    if torch.cuda.is_available() and not (merging or quantized):
         model.to("cuda")
-    return Loaded(model.eval(), tokenizer, task, kind, recipe, base)
+    return Loaded(model.eval(), tokenizer, task, kind, recipe, base, rounded)
 
 
 # --- inputs -----------------------------------------------------------------------------------------
 
 def read_inputs(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .txt (one prompt a line) or .jsonl file ("prompt", "messages", "text" or "sentence1")."""
-    file, where = Path(path), str(path)
-    if not file.is_file():
+    """Rows of a .jsonl/.json file ("prompt", "messages", "text" or "sentence1"), or of text (one prompt a
+    line), read as the data loader reads them (a bad line is one error naming it)."""
+    where = str(path)
+    if not Path(where).is_file():
         raise fail(where, "--input-file", "file not found", "check the path")
-    try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise fail(where, "--input-file", f"cannot read it ({err})", "save it as UTF-8 text")
-    jsonl, rows = file.suffix in (".jsonl", ".json"), []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    text = not where.endswith((".jsonl", ".json"))
+    rows = []
+    for line, row in sources.rows(where, "text" if text else sources.file_format(where)):
+        row = {"prompt": row["text"]} if text else row
+        if text and not row["prompt"].strip():
             continue
-        try:
-            row = json.loads(line) if jsonl else {"prompt": line}
-        except json.JSONDecodeError as err:
-            raise fail(where, "", f"invalid JSON ({err.msg})", "write one JSON object a line", number)
-        if not isinstance(row, dict) or not {"prompt", "messages", "text", "sentence1"} & set(row):
-            raise fail(where, "prompt", "row has no prompt",
-                       'give each line a "prompt" (or "messages") field', number)
+        if not {"prompt", "messages", "text", "sentence1"} & set(row):
+            fix = 'give each line a "prompt" (or "messages") field'
+            raise fail(where, "prompt", "row has no prompt", fix, line)
         rows.append(row)
     if not rows:
-        raise fail(where, "" if jsonl else "--input-file", "no prompts in the file",
-                   "add one prompt a line")
+        raise fail(where, "--input-file" if text else "", "no prompts in the file", "add one prompt a line")
     return rows
 
 
-def prompt_of(row: dict[str, Any]) -> PromptInput:
-    """What a row asks: its messages without trailing assistant turns (a reference answer), or its text."""
+def prompt_and_reference(row: dict[str, Any]) -> tuple[PromptInput, str]:
+    """What a row asks and the answer it holds: messages ending on an assistant turn split there (that turn is
+    the reference, `render.split_last_reply`), other messages whole; else its text and completion."""
     if "messages" in row and "prompt" not in row:
         messages = list(row["messages"])
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        return messages
-    return row.get("prompt", row.get("text", row.get("sentence1", "")))
+        if messages and messages[-1]["role"] == "assistant":
+            return split_last_reply(messages)
+        return messages, ""
+    return row.get("prompt", row.get("text", row.get("sentence1", ""))), row.get("completion") or ""
 
 
 def pair_of(row: dict[str, Any]) -> tuple[str, str | None]:
-    return (row["sentence1"], row.get("sentence2")) if "sentence1" in row else (str(prompt_of(row)), None)
+    if "sentence1" in row:
+        return row["sentence1"], row.get("sentence2")
+    return str(prompt_and_reference(row)[0]), None
 
 
 def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) -> Prompt:
@@ -250,7 +256,6 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     if seed is not None:
         set_seed(seed)
     tokenizer, recipe = loaded.tokenizer, recipe or loaded.recipe
-    tokenizer.padding_side = "left"
     rendered = [render_prompt(tokenizer, p, recipe) for p in prompts]
     encoded = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in rendered]
     sample = not greedy and temperature > 0  # greedy: no sampling options (the model's own would warn)
@@ -261,7 +266,8 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     outputs = [""] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
         batch = order[start:start + batch_size]
-        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        ids = {"input_ids": [encoded[i] for i in batch]}
+        inputs = tokenizer.pad(ids, padding_side="left", return_tensors="pt")  # new tokens follow each prompt
         with torch.no_grad():
             out = loaded.model.generate(**inputs.to(loaded.model.device), **options)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
@@ -281,7 +287,7 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
     for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", disable=not progress):
         first, second = zip(*pairs[start:start + batch_size])
         enc = loaded.tokenizer(list(first), list(second) if None not in second else None, padding=True,
-                               truncation=True, return_tensors="pt")
+                               padding_side="right", truncation=True, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
         for row in probs.tolist():

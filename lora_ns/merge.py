@@ -1,12 +1,10 @@
 """``python -m lora_ns.merge --adapter OUT_DIR --output MERGED_DIR``: fold an adapter into its base model.
 
-peft's ``merge_and_unload`` adds the deltas to the base loaded in fp32; the result is saved (safetensors,
-tokenizer, recipe.yaml) in the base checkpoint's dtype, or ``--dtype``. A QLoRA adapter was trained on
-the base's 4-bit weights: unless ``--no-requantize`` the base is loaded as training loaded it (so
-transformers quantizes the same layers) and turned back to fp32 by transformers' ``model.dequantize()``.
-The largest logit difference between merged and base+adapter on a few probe prompts is printed and kept
-in merge_info.json. The folder is filled under a temporary name and renamed: a crash leaves nothing.
-"""
+peft's ``merge_and_unload`` adds the deltas to the base that `inference.load` gives to merge: in fp32, or,
+for a QLoRA adapter (unless ``--no-requantize``), the 4-bit weights training saw, dequantized. The result
+is saved (safetensors, tokenizer, recipe.yaml) in the base checkpoint's dtype, or ``--dtype``. The largest
+logit difference between merged and base+adapter on a few probe prompts is printed and kept in
+merge_info.json. The folder is filled under a temporary name and renamed: a crash leaves nothing."""
 
 from __future__ import annotations
 
@@ -20,9 +18,8 @@ from lora_ns.command_line import CommandParser
 from lora_ns.config import TORCH_DTYPES, load_recipe
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import atomic_folder, unwritable, write_json_atomic
-from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, adapter_base, base_kwargs,
-                               check_adapter, detect_task, from_pretrained, is_adapter_dir,
-                               read_adapter_config, saved_recipe, stop_at_end_of_turn)
+from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, is_adapter_dir, load,
+                               read_adapter_config)
 from lora_ns.model import torch_dtype
 
 PROG = "lora_ns.merge"
@@ -65,22 +62,6 @@ def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
         raise fail(where, "--output", why, "choose a folder you can write to")
 
 
-def load_base(base_path: str, task: str, recipe, requantize: bool) -> tuple[Any, int]:
-    """The base in fp32, and how many of its layers went through the 4-bit round trip."""
-    import torch
-
-    four_bit = requantize and recipe is not None and recipe.quantization.load_in_4bit
-    kwargs = base_kwargs(recipe)
-    if not four_bit:  # the original base weights in fp32, not the 4-bit ones training saw
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
-        kwargs["dtype"] = torch.float32
-    model = from_pretrained(base_path, task, "--base", **kwargs)
-    if not four_bit:
-        return model, 0
-    rounded = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-    return model.dequantize(dtype=torch.float32).float().cpu(), rounded
-
-
 def probe_logits(model, tokenizer) -> list:
     """Logits on the probe prompts, one prompt at a time (no padding), in fp32."""
     import torch
@@ -97,8 +78,7 @@ def max_difference(a: list, b: list) -> float:
 def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | None = None,
           requantize: bool = True, overwrite: bool = False, recipe_path: str | None = None) -> dict[str, Any]:
     """Merge `adapter_dir` into its base and save it to `output`; return what merge_info.json records."""
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     adapter, target = Path(adapter_dir), Path(output)
     check_paths(adapter, target, overwrite)
@@ -106,25 +86,20 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     if peft_type not in MERGEABLE:
         raise fail(str(adapter / ADAPTER_CONFIG), "peft_type", f"{peft_type} adapters cannot be merged",
                    "use the adapter folder directly with lora_ns.infer")
-    check_adapter(adapter)
-    recipe = load_recipe(recipe_path) if recipe_path else saved_recipe(adapter)
-    task, base_path = detect_task(adapter, recipe), adapter_base(adapter, base, recipe)
-    model, rounded = load_base(base_path, task, recipe, requantize)
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    loaded = load(str(adapter), base, recipe, merging=True, requantize=requantize)
+    recipe, tokenizer, rounded = loaded.recipe, loaded.tokenizer, loaded.requantized_layers
     trust = bool(recipe and recipe.model.trust_remote_code)
-    saved = str(AutoConfig.from_pretrained(base_path, trust_remote_code=trust).dtype).removeprefix("torch.")
+    saved = str(AutoConfig.from_pretrained(loaded.base, trust_remote_code=trust).dtype).removeprefix("torch.")
     recipe_dtype = recipe.model.dtype if recipe is not None and recipe.model.dtype != "auto" else None
     save_dtype = dtype or DTYPE_NAMES.get(saved) or recipe_dtype or "fp32"  # given, saved, trained, fp32
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base_path)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    reference = probe_logits(model, tokenizer)
-    merged = model.merge_and_unload()
-    stop_at_end_of_turn(merged, tokenizer)
+    reference = probe_logits(loaded.model, tokenizer)
+    merged = loaded.model.merge_and_unload()  # the generation config keeps load's end-of-turn eos
     diff_fp32 = max_difference(probe_logits(merged, tokenizer), reference)
     merged = merged.to(torch_dtype(save_dtype))
     diff_saved = diff_fp32 if save_dtype == "fp32" else max_difference(probe_logits(merged, tokenizer),
                                                                         reference)
-    info = {"adapter": str(adapter), "base": base_path, "task": task, "dtype": save_dtype,
+    info = {"adapter": str(adapter), "base": loaded.base, "task": loaded.task, "dtype": save_dtype,
             "requantized": bool(rounded), "requantized_layers": rounded,
             "max_logit_diff_fp32": diff_fp32, "max_logit_diff_saved": diff_saved}
     with atomic_folder(target) as folder:

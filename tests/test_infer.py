@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_ns.errors import UserError, run_cli
-from lora_ns.inference import generate, load, read_inputs, render_prompt
+from lora_ns.inference import generate, load, prompt_and_reference, read_inputs, render_prompt
 from lora_ns.infer import main
 
 from conftest import QUICKSTART, fp32_reassociation_tol, make_adapter
@@ -48,7 +48,7 @@ def test_detects_adapter_and_base(loaded, adapter_dir, tiny_llama):
     from peft import PeftModel
 
     assert loaded.kind == "adapter" and loaded.task == "causal_lm"
-    assert loaded.recipe is not None and loaded.tokenizer.padding_side == "left"
+    assert loaded.recipe is not None
     base = load("builtin:tiny-llama")
     assert base.kind == "base" and not isinstance(base.model, PeftModel) and base.recipe is None
     # The adapter is folded into the weights for decoding: the same logits as peft's unmerged model
@@ -125,6 +125,17 @@ def test_interactive_answers_each_stdin_line(adapter_dir, loaded, monkeypatch, c
     assert main(["--model", str(adapter_dir), "--interactive", "--greedy", "--max-new-tokens", "6"]) == 0
     expected = generate(loaded, [PROMPTS[0]], max_new_tokens=6, progress=False)[0]
     assert capsys.readouterr().out == f">>> {PROMPTS[0]}\n{expected}\n\n"
+
+
+def test_prompt_and_reference_of_a_row():
+    """infer and evaluate split a row alike: a conversation ending on an assistant turn is asked up to that
+    turn, which is the reference; one ending on a user turn is asked whole."""
+    user, reply, again, last = ({"role": r, "content": c} for r, c in
+                                [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")])
+    assert prompt_and_reference({"messages": [user, reply, again, last]}) == ([user, reply, again], "a2")
+    assert prompt_and_reference({"messages": [user, reply, again]}) == ([user, reply, again], "")
+    assert prompt_and_reference({"prompt": "q", "completion": "a", "text": "t"}) == ("q", "a")
+    assert prompt_and_reference({"text": "t"}) == ("t", "")
 
 
 def test_text_file_and_bad_jsonl(tmp_path):

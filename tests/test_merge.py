@@ -185,8 +185,7 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from lora_ns.config import load_recipe
-    from lora_ns.inference import base_kwargs, from_pretrained, load
+    from lora_ns.inference import load
 
     recipe_file = tmp_path / "cls.yaml"
     recipe_file.write_text(
@@ -196,7 +195,7 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
     adapter = make_adapter(tmp_path / "adapter", [], recipe_file)
 
     def unmerged():  # peft's model as trained (inference.load folds the adapter into the weights)
-        base_model = from_pretrained(tiny_bert, "seq_cls", **base_kwargs(load_recipe(recipe_file)))
+        base_model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
         return PeftModel.from_pretrained(base_model, str(adapter)).eval()
 
     with torch.no_grad():  # a trained head differs from the base's random one
