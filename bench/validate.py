@@ -29,6 +29,8 @@ MODES = {"full": [], "no-model": ["--no-model"], "no-data": ["--no-data"],
          "no-model+no-data": ["--no-model", "--no-data"]}
 TARGET_S = 3.0
 IMPORTS = "import torch, transformers, peft, trl"  # the floor any HF training script pays
+# ... and with `datasets`, which SFTTrainer prepares every data set with (train and validate both need it)
+DATA_IMPORTS = IMPORTS + ", datasets"
 FLOOR_TARGET_S = 1.0  # full validate of quickstart: at most this much over the floor
 FAST_TARGET_S = 1.0  # --no-model --no-data: under this
 
@@ -49,6 +51,7 @@ def against_imports(env: dict[str, str], runs: int, clocks: list[str]) -> dict[s
     in turn in each run (so drift on a shared machine hits all three alike); per-run differences."""
     recipe = str(REPO / "recipes" / "quickstart.yaml")
     commands = {"imports": [sys.executable, "-c", IMPORTS],
+                "imports+datasets": [sys.executable, "-c", DATA_IMPORTS],
                 "full": [sys.executable, "-m", "lora_ns.validate", recipe],
                 "no-model+no-data": [sys.executable, "-m", "lora_ns.validate", recipe, "--no-model",
                                      "--no-data"]}
@@ -62,10 +65,13 @@ def against_imports(env: dict[str, str], runs: int, clocks: list[str]) -> dict[s
                     raise SystemExit(f"{' '.join(cmd[1:])} exited {code}")
                 times[name].append(seconds)
         extra = [f - i for f, i in zip(times["full"], times["imports"])]
+        extra_data = [f - i for f, i in zip(times["full"], times["imports+datasets"])]
         ratio = [f / i for f, i in zip(times["full"], times["imports"])]
         out[clock] = {"imports_s": round(statistics.median(times["imports"]), 2),
                       "full_s": round(statistics.median(times["full"]), 2),
                       "full_minus_imports_s": round(statistics.median(extra), 2),
+                      "imports_datasets_s": round(statistics.median(times["imports+datasets"]), 2),
+                      "full_minus_imports_datasets_s": round(statistics.median(extra_data), 2),
                       "full_over_imports": round(statistics.median(ratio), 2),
                       "no_model_no_data_s": round(statistics.median(times["no-model+no-data"]), 2),
                       "per_run": {name: [round(t, 2) for t in ts] for name, ts in times.items()}}
@@ -79,6 +85,8 @@ def print_against_imports(floor: dict[str, dict]) -> None:
               f"x{f['full_over_imports']:.2f}, {extra:+.2f} s (target <= +{FLOOR_TARGET_S:.0f} s): "
               f"{'OK' if extra <= FLOOR_TARGET_S else 'OVER'}; --no-model --no-data: {fast:.2f} "
               f"(target < {FAST_TARGET_S:.0f} s): {'OK' if fast < FAST_TARGET_S else 'OVER'}")
+        print(f"  with datasets imported too (`{DATA_IMPORTS}`: {f['imports_datasets_s']:.2f}): "
+              f"{f['full_minus_imports_datasets_s']:+.2f} s")
         print(f"  per run: {json.dumps(f['per_run'])}")
 
 
