@@ -38,7 +38,7 @@ def _delimited(src: LocalSource, streaming: bool):
 def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
-    if streaming or not src.delimited:  # a CSV/TSV load reads every row through `rows`, which checks this
+    if streaming or not src.delimited:  # (a CSV/TSV load reads every row through `located_rows`)
         first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
     builder = BUILDERS.get(src.formats[0])
     # not "utf-8": only then does the JSON builder decode strictly (pyarrow keeps a bad byte); text: the BOM

@@ -242,16 +242,7 @@ def _delimited_rows(f: IO[bytes], file: str, tsv: bool) -> Iterator[tuple[int | 
 
 
 def rows(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    """(line or None, row) for each row of one file; malformed content, or no row at all (a builder skips an
-    empty file in a glob), raises a one-line `UserError`."""
-    count = 0
-    for count, row in enumerate(_rows(file, fmt), 1):
-        yield row
-    if not count:
-        raise fail(file, "", "no rows: the file is empty", "add data, or remove the file from dataset.path")
-
-
-def _rows(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """(line or None, row) for each row of one file; malformed content raises a one-line `UserError`."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -272,17 +263,21 @@ def _rows(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
 
 
 def located_rows(source: LocalSource) -> Iterator[tuple[Location, dict[str, Any]]]:
-    """Every row of every file, in the order the builders load them, with its `Location`."""
+    """Every row of every file, in the order the builders load them, with its `Location`; a file with no rows
+    is an error (a builder skips one in a glob)."""
     for file, fmt in zip(source.files, source.formats):
+        number = 0
         for number, (line, row) in enumerate(rows(file, fmt), 1):
             yield Location(file, line, number), row
+        if not number:
+            raise fail(file, "", "no rows: the file is empty",
+                       "add data, or remove the file from dataset.path")
 
 
 def first_rows(source: LocalSource) -> None:
-    """Read the first row of every file, so that an empty file or a malformed first row is a one-line error
-    before a builder (which skips an empty file in a glob) runs."""
+    """Read each file's first row: an empty file or a malformed first row fails before a builder runs."""
     for file, fmt in zip(source.files, source.formats):
-        next(rows(file, fmt))
+        next(located_rows(source._replace(files=(file,), formats=(fmt,))))
 
 
 def locate(src: Source, index: int) -> Location:
