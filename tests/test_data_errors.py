@@ -160,11 +160,14 @@ def test_json_list_item_that_is_not_an_object(tmp_path):
     assert text.startswith(f"{data}: row 3: expected a JSON object")
 
 
-def test_not_utf8(tmp_path):
+@pytest.mark.parametrize("good_rows,streaming", [(1, False), (300, False), (1, True)])
+def test_not_utf8(tmp_path, good_rows, streaming):
+    """Found by the loader wherever it is (pyarrow's JSON reader alone keeps the byte: a traceback later)."""
     data = tmp_path / "latin1.jsonl"
-    data.write_bytes(lines(QA[0]).encode() + '{"question": "café", "answer": "x"}\n'.encode("latin-1"))
-    text = one_problem(lambda: load(recipe(data).dataset)[0])
-    assert text.startswith(f"{data}:2: not UTF-8 text")
+    bad = '{"question": "café", "answer": "x"}\n'.encode("latin-1")
+    data.write_bytes(lines(*[QA[0]] * good_rows).encode() + bad)
+    text = one_problem(lambda: list(build_datasets(recipe(data, streaming=streaming))[0]))
+    assert text.startswith(f"{data}:{good_rows + 1}: not UTF-8 text")
 
 
 def test_sharegpt_unknown_speaker(tmp_path):

@@ -38,11 +38,14 @@ def _delimited(src: LocalSource, streaming: bool):
 def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
-    first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
-    text = {"encoding": "utf-8-sig"} if src.formats[0] == "text" else {}  # the BOM, as our reader drops it
+    if streaming or not src.delimited:  # (a CSV/TSV load reads every row through `located_rows`)
+        first_rows(src)  # an empty file, or a bad first row, fails before the builder runs
+    builder = BUILDERS.get(src.formats[0])
+    # not "utf-8": only then does the JSON builder decode strictly (pyarrow keeps a bad byte); text: the BOM
+    options = {} if builder == "parquet" else {"encoding": "utf-8-sig"}
     try:
         data = _delimited(src, streaming) if src.delimited else datasets.load_dataset(
-            BUILDERS[src.formats[0]], data_files=list(src.files), split="train", streaming=streaming, **text)
+            builder, data_files=list(src.files), split="train", streaming=streaming, **options)
         if streaming:
             next(iter(data), None)  # parse the first block now, so its malformed row is reported here
     except Exception as err:

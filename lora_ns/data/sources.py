@@ -3,7 +3,8 @@ reader of local files that names each row by ``file:line``.
 
 `datasets`' builders load JSON, Parquet and text but name no line, so this reader locates the row a builder
 choked on, one a formatter rejects and the rows `validate` samples. CSV/TSV it reads alone (`loading` feeds
-it to `datasets`): pandas fills a short row with None and takes a stray quote.
+it to `datasets`): datasets' pandas builder fills a short row with '' (no error to locate), keeps one of two
+same-named columns, takes a stray quote and turns "007" into 7.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "c
 BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text"}  # CSV/TSV: `rows`
 # ``sample:text`` is the continued-pretraining corpus; GRPO's gsm8k_prompt formatter reads the GSM8K sample.
 SAMPLE_ALIASES = {"text": "cpt_text", "gsm8k_prompt": "gsm8k"}
-PEEK_ROWS = 200
 
 
 class Location(NamedTuple):
@@ -263,19 +263,21 @@ def rows(file: str, fmt: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
 
 
 def located_rows(source: LocalSource) -> Iterator[tuple[Location, dict[str, Any]]]:
-    """Every row of every file, in the order the builders load them, with its `Location`."""
+    """Every row of every file, in the order the builders load them, with its `Location`; a file with no rows
+    is an error (a builder skips one in a glob)."""
     for file, fmt in zip(source.files, source.formats):
+        number = 0
         for number, (line, row) in enumerate(rows(file, fmt), 1):
             yield Location(file, line, number), row
+        if not number:
+            raise fail(file, "", "no rows: the file is empty",
+                       "add data, or remove the file from dataset.path")
 
 
 def first_rows(source: LocalSource) -> None:
-    """Read the first `PEEK_ROWS` rows of every file, so that an empty file (a builder skips one in a glob)
-    or a malformed row there is a one-line error before a builder runs."""
+    """Read each file's first row: an empty file or a malformed first row fails before a builder runs."""
     for file, fmt in zip(source.files, source.formats):
-        if not list(islice(rows(file, fmt), PEEK_ROWS)):
-            raise fail(file, "", "no rows: the file is empty",
-                       "add data, or remove the file from dataset.path")
+        next(located_rows(source._replace(files=(file,), formats=(fmt,))))
 
 
 def locate(src: Source, index: int) -> Location:
