@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lora_ns.errors import fail
 
@@ -42,8 +42,13 @@ class CommandParser(argparse.ArgumentParser):
         raise fail("<command line>", "", message, f"run '{self.prog} --help'")
 
 
-def at_least_one(text: str) -> int:
-    """argparse `type` of counts (--batch-size, --limit, ...): a bad one is the parser's one-line error."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse `type` of counts (--batch-size, --num-workers, ...): a bad one is a one-line error."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, got {text!r}")
+        return int(text)
+    return parse
+
+
+at_least_one = at_least(1)

@@ -21,7 +21,7 @@ from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.errors import UserError, fail, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, prompt_and_reference, reply_logprob
+from lora_ns.inference import classify, generate, load, pair_of, preference_margin, prompt_and_reference
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              perplexity)
 
@@ -115,8 +115,7 @@ def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str,
                 for e, r in zip(examples, results)]
         metrics = classification_metrics([r["predicted"] for r in rows], [r["label"] for r in rows], count)
     elif kind == "preference":  # margin: log p(chosen) - log p(rejected) in nats, on held-out pairs
-        margins = [reply_logprob(loaded, e["prompt"], e["chosen"], recipe)
-                   - reply_logprob(loaded, e["prompt"], e["rejected"], recipe) for e in examples]
+        margins = [preference_margin(loaded, e, recipe) for e in examples]
         rows = [{"row": e.get("row"), "prompt": e["prompt"], "margin": m, "correct": m > 0}
                 for e, m in zip(examples, margins)]
         metrics = {"preference_accuracy": sum(r["correct"] for r in rows) / len(rows),

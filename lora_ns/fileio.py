@@ -83,10 +83,10 @@ def unwritable(path: str | Path) -> str | None:
 
 def guard_output_file(path: str | Path, overwrite: bool, flag: str = "--output-file") -> None:
     """Refuse to replace an existing file unless asked (checked before any model is loaded)."""
+    if Path(path).is_dir():  # first: --overwrite would not help
+        raise fail(str(path), flag, "is a folder", "give a file path")
     if Path(path).exists() and not overwrite:
         raise fail(str(path), flag, "already exists", "choose another path or pass --overwrite")
-    if Path(path).is_dir():
-        raise fail(str(path), flag, "is a folder", "give a file path")
     if why := unwritable(path):
         raise fail(str(path), flag, why, "choose a path you can write to")
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sources
-from lora_ns.data.render import prompt_text, split_last_reply, uses_chat_template
+from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
 from lora_ns.setup import safetensors_defect
@@ -297,21 +297,28 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
     return results
 
 
-def reply_logprob(loaded, prompt: PromptInput, reply: str, recipe=None) -> float:
-    """log p(reply | prompt) summed over the reply's tokens, as DPO-style training scores it: a chat prompt
-    with the reply as the assistant turn (its end-of-turn token included), plain text otherwise."""
+def preference_margin(loaded, example: dict[str, Any], recipe: Recipe) -> float:
+    """log p(chosen | prompt) - log p(rejected | prompt) in nats, over the tokens TRL's DPO trains on: the row
+    rendered by training's own `render` (system prompt, chat template or prompt_template), each reply as the
+    assistant turn (its end-of-turn token included) or, as plain text, followed by EOS; the replies start
+    where the prompt's own tokens and either prompt + reply first part (`common_prefix_length`)."""
     import torch
+    from trl.data_utils import common_prefix_length
 
     tokenizer, model = loaded.tokenizer, loaded.model
-    if isinstance(prompt, list) and tokenizer.chat_template:
+    row, replies = render(example, recipe, tokenizer), ("chosen", "rejected")
+    if isinstance(row["prompt"], list):
         options = {"tokenize": True, "return_dict": False}
-        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **options)
-        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], **options)
+        head = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, **options)
+        fulls = [tokenizer.apply_chat_template(row["prompt"] + row[k], **options) for k in replies]
     else:
-        rendered = render_prompt(tokenizer, prompt, recipe)
-        head = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
-        full = head + tokenizer(reply, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([full], device=model.device)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    return float(logprobs.gather(-1, ids[0, 1:, None])[len(head) - 1:].sum())
+        head = tokenizer(row["prompt"])["input_ids"]
+        fulls = [tokenizer(row["prompt"] + row[k] + tokenizer.eos_token)["input_ids"] for k in replies]
+    start = min(common_prefix_length(head, full) for full in fulls)
+    sums = []
+    for full in fulls:
+        ids = torch.tensor([full], device=model.device)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        sums.append(float(logprobs.gather(-1, ids[0, 1:, None])[start - 1:].sum()))
+    return sums[0] - sums[1]

@@ -69,8 +69,10 @@ def architecture(recipe: Recipe, tokenizer=None):
 
 def pretrain_tokenizer(recipe: Recipe):
     """The recipe's tokenizer with an EOS (the document separator) and a pad token; a tiktoken encoding is
-    converted once into the lora_ns cache."""
+    converted once into the lora_ns cache (its pad given at construction: `cache_key` hashes that state)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from lora_ns.model import tokenizer_as_trained  # model imports this module: a cycle
 
     name, field = recipe.model.tokenizer_name_or_path or "", "model.tokenizer_name_or_path"
     if name in TIKTOKEN_ENCODINGS:
@@ -85,9 +87,7 @@ def pretrain_tokenizer(recipe: Recipe):
     if tokenizer.eos_token is None:
         raise UserError(recipe.problem(field, f"tokenizer {name} has no EOS token, needed between packed "
                                        "documents", "use a tokenizer that has one"))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return tokenizer_as_trained(tokenizer)  # pad = EOS where it has none; no chat template for pretraining
 
 
 def _convert_tiktoken(recipe: Recipe, name: str, folder: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
-from lora_ns.inference import reply_logprob
+from lora_ns.inference import preference_margin
 from lora_ns.preference import answer_format, check_preference_recipe, gsm8k_exact_match, resolve_rewards
 
 SAMPLE = {"dpo": ("preference", "preference"), "orpo": ("ultrafeedback", "ultrafeedback"),
@@ -186,8 +186,7 @@ def test_dpo_raises_the_preference_margin(tmp_path):
     loaded = SimpleNamespace(model=model, tokenizer=tokenizer)
 
     def margins() -> list[float]:
-        return [reply_logprob(loaded, [{"role": "user", "content": r["prompt"]}], r["chosen"])
-                - reply_logprob(loaded, [{"role": "user", "content": r["prompt"]}], r["rejected"])
+        return [preference_margin(loaded, {**r, "prompt": [{"role": "user", "content": r["prompt"]}]}, recipe)
                 for r in rows]
     after = margins()
     with model.disable_adapter():
@@ -211,6 +210,44 @@ def test_dpo_raises_the_preference_margin(tmp_path):
     assert metrics["preference_accuracy"] == sum(m > 0 for m in after) / len(after)
     # same model and tokens, reloaded from disk: equal up to fp32 rounding of ~100-nat sums (1e-5 relative)
     assert abs(metrics["mean_margin"] - sum(after) / len(after)) < 1e-3 * max(1.0, abs(sum(after) / len(after)))
+
+
+@pytest.mark.parametrize("template", [None, "Q: {prompt}\nA: "], ids=["chat", "prompt_template"])
+def test_evaluation_scores_the_tokens_dpo_trains_on(template, tmp_path):
+    """With a system prompt, lora_ns.evaluate's margin feeds the model exactly the ids TRL's DPOTrainer
+    tokenized for training (system prompt included) and sums over exactly its chosen and rejected ids (the
+    template's trailing space merges into the reply's first token: TRL's prompt/reply split, not ours)."""
+    import torch
+
+    from lora_ns.data import formatted_examples
+    from lora_ns.setup import setup
+    from lora_ns.train import prepare
+
+    recipe = recipe_for("dpo", tmp_path / "out", max_length=512)
+    recipe.dataset.system_prompt, recipe.dataset.prompt_template = "Answer like a pirate.", template
+    trainer, tokenizer, _ = prepare(recipe, setup(recipe, dry_run=True).args)
+    trained = {(tuple(r["prompt_ids"] + r["chosen_ids"]), tuple(r["prompt_ids"] + r["rejected_ids"])):
+               (r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset}
+    # the same logits at every position: log p(token) is a fixed table, so a margin is a sum over its tokens
+    logits = torch.randn(len(tokenizer), generator=torch.Generator().manual_seed(0))
+    table, seen = torch.log_softmax(logits, dim=-1), []
+
+    class Recorder:
+        device = torch.device("cpu")
+
+        def __call__(self, input_ids):
+            seen.append(tuple(input_ids[0].tolist()))
+            return SimpleNamespace(logits=logits.expand(1, input_ids.shape[1], -1))
+
+    loaded = SimpleNamespace(model=Recorder(), tokenizer=tokenizer)
+    for example in formatted_examples(recipe):
+        margin = preference_margin(loaded, example, recipe)
+        pair = tuple(seen[-2:])
+        assert "Answer like a pirate." in tokenizer.decode(pair[0])
+        assert pair in trained, tokenizer.decode(pair[0])
+        chosen, rejected = trained[pair]
+        # fp32 sums of < 100 terms of |log p| < 15: rounding stays under 1e-4, far below any one term
+        assert margin == pytest.approx(float(table[chosen].sum() - table[rejected].sum()), abs=1e-3)
 
 
 def even_tokens(prompts, completions, completion_ids, **kwargs):

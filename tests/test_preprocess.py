@@ -326,11 +326,27 @@ def test_overwrite_refused_then_allowed(corpus: Path, tmp_path: Path, capsys) ->
     code = main(["--raw-dir", str(corpus), "--out-file", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err == (f"lora_ns.preprocess: error: --out-file {out}: already exists — pass --overwrite "
-                   "to replace it\n")
+    assert err == (f"lora_ns.preprocess: error: {out}: --out-file: already exists — choose another path "
+                   "or pass --overwrite\n")  # fileio.guard_output_file, as infer and evaluate say it
     assert out.read_text() == "original\n"
     assert main(["--raw-dir", str(corpus), "--out-file", str(out), "--quiet", "--overwrite"]) == 0
     assert out.read_text(encoding="utf-8").splitlines() == EXPECTED
+
+
+def test_out_file_folder_and_bad_counts_are_one_line(corpus: Path, tmp_path: Path, capsys) -> None:
+    """A folder as --out-file is named as such even without --overwrite (which would not help); counts
+    are parsed as every command parses them (command_line.at_least)."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert main(["--raw-dir", str(corpus), "--out-file", str(folder)]) == 2
+    assert capsys.readouterr().err == (f"lora_ns.preprocess: error: {folder}: --out-file: is a folder — give a "
+                                       "file path\n")
+    out = tmp_path / "o.txt"
+    for flag, value, minimum in (("--num-workers", "0", 1), ("--min-chars", "-1", 0)):
+        assert main(["--raw-dir", str(corpus), "--out-file", str(out), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be a whole number of at least {minimum}, got '{value}'" in err, err
+        assert err.count("\n") == 1 and not out.exists()
 
 
 def test_missing_raw_dir(tmp_path: Path, capsys) -> None:

@@ -123,6 +123,14 @@ def test_describe_pretrain_counts_parameters_and_tokens():
     assert f"{per_step * STEPS:,} tokens in {STEPS} steps" in lines[2]
 
 
+def test_show_sample_says_pretrain_rows_are_packed_blocks():
+    """Pretrain is trained by SFTTrainer (lora_ns.memory.SFT_TASKS) but has no formatted rows to show."""
+    from lora_ns.validate.sample import show_sample
+
+    (line,) = show_sample(parse_recipe(pretrain_data(Path("out")), "p.yaml"), 2)
+    assert "trains on packed token blocks" in line and "not trained by SFTTrainer" not in line, line
+
+
 def test_pack_joins_documents_with_eos_into_full_rows():
     from lora_ns.pretrain import pack, pretrain_tokenizer
 

@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_ns.command_line import CommandParser
+from lora_ns.command_line import CommandParser, at_least, at_least_one
 from lora_ns.errors import fail, run_cli
-from lora_ns.fileio import unwritable, write_json_atomic
+from lora_ns.fileio import guard_output_file, write_json_atomic
 from lora_ns.preprocess.pipeline import PROG, PreprocessReport, discover, plan_tasks, process, split_by_size
 from lora_ns.preprocess.readers import CHUNK_BYTES, DEFAULT_ENCODINGS, NO_DOCX, UNITS, Options
 
@@ -76,20 +76,7 @@ def _check_paths(raw_dir: Path, out_file: Path, overwrite: bool) -> None:
         raise fail(f"--raw-dir {raw_dir}", "", "directory not found", "pass an existing folder")
     if not raw_dir.is_dir():
         raise fail(f"--raw-dir {raw_dir}", "", "not a directory", "pass the folder that holds the raw files")
-    if out_file.is_dir():
-        raise fail(f"--out-file {out_file}", "", "is a directory", "pass a file path")
-    if out_file.exists() and not overwrite:
-        raise fail(f"--out-file {out_file}", "", "already exists", "pass --overwrite to replace it")
-    if why := unwritable(out_file):
-        raise fail(f"--out-file {out_file}", "", why, "choose a path you can write to")
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        if (value := int(text)) < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
+    guard_output_file(out_file, overwrite, "--out-file")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -105,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--raw-dir", default="data/raw", help="folder read recursively (default: %(default)s)")
     add("--out-file", default="data/processed/all_text.txt", help="output file (default: %(default)s)")
-    add("--num-workers", type=_at_least(1), help="worker processes; 1 runs in-process (default: one per "
+    add("--num-workers", type=at_least_one, help="worker processes; 1 runs in-process (default: one per "
         "128 MB of input, at most min(4, CPUs))")
     add("--format", dest="fmt", choices=FORMATS, default="txt",
         help="txt: one sample per line; jsonl: {\"text\": ...} per line, line breaks kept")
@@ -113,7 +100,7 @@ def make_parser() -> argparse.ArgumentParser:
         "per document (a file or a CSV row), or per line (default: %(default)s)")
     add("--csv-column", default="text", help="CSV column holding the text (default: %(default)s)")
     add("--dedup", action="store_true", help="drop exact duplicate samples (keeps the first)")
-    add("--min-chars", type=_at_least(0), default=0,
+    add("--min-chars", type=at_least(0), default=0,
         help="drop samples shorter than this many characters (default: %(default)s)")
     add("--encodings", default=",".join(DEFAULT_ENCODINGS), type=lambda text: [
         e.strip() for e in text.split(",") if e.strip()], help="encodings tried in order for text and CSV "

@@ -21,7 +21,7 @@ from lora_ns.pretrain import describe_pretrain
 from lora_ns.setup import Checks, check_recipe_file
 from lora_ns.validate.launch import read_launch_config
 from lora_ns.validate.data import SAMPLE_ROWS
-from lora_ns.validate.sample import SFT_TASKS, show_sample, training_rows
+from lora_ns.validate.sample import FORMATTED_SFT_TASKS, show_sample, training_rows
 
 PROG = "lora_ns.validate"
 
@@ -65,7 +65,7 @@ def memory_report(recipe: Recipe, args: argparse.Namespace) -> list[str]:
         return []
     cfg = read_launch_config(args.accelerate_config) if args.accelerate_config else None
     lengths = []
-    if not args.no_data and recipe.task in SFT_TASKS:
+    if not args.no_data and recipe.task in FORMATTED_SFT_TASKS:
         try:
             lengths = [len(row["input_ids"]) for row in training_rows(recipe, SAMPLE_ROWS)]
         except UserError:  # e.g. a Hub dataset out of reach: the data checks said so already

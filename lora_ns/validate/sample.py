@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
+from lora_ns.memory import SFT_TASKS
 from lora_ns.model import load_tokenizer
 from lora_ns.setup import training_arguments
 
-SFT_TASKS = ("causal_lm", "cpt")
+# SFTTrainer tasks whose rows come from the recipe's formatter (`build_datasets`): pretrain packs token blocks
+FORMATTED_SFT_TASKS = tuple(task for task in SFT_TASKS if task != "pretrain")
 
 
 def training_rows(recipe: Recipe, count: int) -> list[dict]:
@@ -61,8 +63,9 @@ def marked_text(row: dict, colour: bool) -> str:
 
 
 def show_sample(recipe: Recipe, count: int) -> list[str]:
-    if recipe.task not in SFT_TASKS:
-        return [f"--show-sample: task {recipe.task} is not trained by SFTTrainer; nothing to show"]
+    if recipe.task not in FORMATTED_SFT_TASKS:
+        why = "trains on packed token blocks" if recipe.task in SFT_TASKS else "is not trained by SFTTrainer"
+        return [f"--show-sample: task {recipe.task} {why}, not formatted rows; nothing to show"]
     colour = sys.stdout.isatty()
     lines = []
     for i, row in enumerate(training_rows(recipe, count), 1):
