@@ -124,10 +124,11 @@ def test_pretrain_recipe_reports_parameters_and_token_budget(capsys):
 
 def test_schema_and_rules_only_import_no_heavy_library(tmp_path):
     """validate --no-model --no-data reads the HF field names from the versioned cache after the first run."""
-    code = ("import sys, runpy; sys.argv = ['v', 'recipes/gsm8k.yaml', '--no-model', '--no-data']\n"
-            "try:\n    runpy.run_module('lora_ns.validate', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
+    # printed at exit: validate's __main__ ends the process itself (errors.exit_now runs the atexit handlers)
+    code = ("import atexit, sys, runpy; sys.argv = ['v', 'recipes/gsm8k.yaml', '--no-model', '--no-data']\n"
+            "atexit.register(lambda: print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft')\n"
+            "                                     if m in sys.modules)))\n"
+            "runpy.run_module('lora_ns.validate', run_name='__main__')\n")
     first = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     again = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and again.returncode == 0, again.stderr[-800:]
@@ -152,3 +153,13 @@ def test_memory_estimate_without_a_reachable_model_config_is_a_warning(tmp_path,
     assert validate_main([str(recipe), "--no-data", "--gpu-memory", "24GiB"]) == 0
     err = capsys.readouterr().err
     assert "memory estimate skipped" in err and "model.name_or_path" in err
+
+
+def test_exit_now_keeps_the_output_the_atexit_handlers_and_the_code():
+    """validate ends with `errors.exit_now` (no interpreter teardown, ~3 s): a piped, buffered stdout still
+    arrives whole, atexit handlers still run, the exit code is kept."""
+    script = ("import atexit; from lora_ns.errors import exit_now; "
+              "atexit.register(lambda: print('atexit ran')); print('x' * 200_000); exit_now(3)")
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3
+    assert run.stdout == "x" * 200_000 + "\natexit ran\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import Problem, UserError, exit_now, run_cli
 from lora_ns.memory import estimate_for_recipe
 from lora_ns.pretrain import describe_pretrain
 from lora_ns.setup import Checks, check_recipe_file
@@ -120,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(PROG, lambda: main(sys.argv[1:])))
+    exit_now(run_cli(PROG, lambda: main(sys.argv[1:])))
