@@ -145,8 +145,7 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
     base = ["quantization.load_in_4bit=true"] if quantized else []
     if args.variants and not quantized:
         variants = args.variants.split(",")
-    runs = [(v, [*base, *(f"{k if '.' in k else 'training.' + k}={json.dumps(c)}"
-                          for k, c in (tp.variant_changes(v) or {}).items())]) for v in variants]
+    runs = [(v, [*base, *tp.variant_overrides(v)]) for v in variants]
     if args.device == "cuda" and importlib.util.find_spec("flash_attn") and not quantized:
         runs.append(("lora_ns", [*base, "model.attn_implementation=flash_attention_2"]))  # packs by default
     cfg = {"model_path": str(folder), "data": str(data), "device": args.device, "steps": steps,

@@ -75,16 +75,14 @@ def train_step(model, inputs: dict[str, Any], autocast: bool, fused: bool) -> Ca
     return step
 
 
-def cases(args) -> list[tuple[str, dict[str, Any]]]:
-    lora = {"lora": True}
-    return [("full fine-tune (all grads)", {"lora": False}),
-            ("lora, peft default (fp32 adapters)", lora),
-            ("lora, fp32 adapters, autocast bf16", {**lora, "autocast": True}),
-            ("lora, bf16 adapters", {**lora, "bf16_adapters": True}),
-            ("lora, padded batch 16..max", {**lora, "padded": True}),
-            ("lora, gradient checkpointing", {**lora, "checkpointing": True}),
-            ("lora, TRL fused LM head", {**lora, "fused": True}),
-            ("lora, fused head + autocast", {**lora, "fused": True, "autocast": True})]
+CASES = [("full fine-tune (all grads)", {"lora": False}),
+         ("lora, peft default (fp32 adapters)", {"lora": True}),
+         ("lora, fp32 adapters, autocast bf16", {"lora": True, "autocast": True}),
+         ("lora, bf16 adapters", {"lora": True, "bf16_adapters": True}),
+         ("lora, padded batch 16..max", {"lora": True, "padded": True}),
+         ("lora, gradient checkpointing", {"lora": True, "checkpointing": True}),
+         ("lora, TRL fused LM head", {"lora": True, "fused": True}),
+         ("lora, fused head + autocast", {"lora": True, "fused": True, "autocast": True})]
 
 
 def run_case(config, case: dict[str, Any], args, dtype) -> dict[str, Any]:
@@ -133,26 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
     import torch
-    from transformers import Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     if args.tiny:
         args.batch, args.length, args.iters = 2, 64, 2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = Qwen2Config(**{**SHAPES[args.shape], **(TINY if args.tiny else {})})
-    n_params = None
+    with torch.device("meta"):  # every parameter, for 6N (no weights made)
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     results: dict[str, Any] = {"shape": args.shape, "batch": args.batch, "length": args.length,
                                "matmul_tflops": matmul_tflops(args.device, dtype, args.tiny), "cases": {}}
     print(f"matmul {results['matmul_tflops']:.0f} TFLOPS ({dtype})", flush=True)
-    for name, case in cases(args):
+    for name, case in CASES:
         try:
             record = run_case(config, case, args, dtype)
         except Exception as err:  # one failing case must not cost the others' figures
             record = {"error": f"{type(err).__name__}: {err}"[:300]}
-        if n_params is None:
-            with torch.device("meta"):
-                from transformers import AutoModelForCausalLM
-
-                n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         if "tokens_per_s" in record:
             record["mfu_padded"] = 6 * n_params * record["padded_tokens_per_s"] / (args.peak_tflops * 1e12)
         results["cases"][name] = record

@@ -73,6 +73,12 @@ def variant_changes(name: str) -> dict[str, Any] | None:
     return {k: v for part in parts for k, v in CHANGES[part].items()}
 
 
+def variant_overrides(name: str) -> list[str]:
+    """`variant_changes` as ``python -m lora_ns.train`` overrides (``training.`` for a key without a section)."""
+    changes = variant_changes(name) or {}
+    return [f"{k if '.' in k else 'training.' + k}={json.dumps(v)}" for k, v in changes.items()]
+
+
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 # Dense bf16 peak TFLOPS by GPU name, for --peak-tflops auto.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
@@ -303,10 +309,8 @@ def run_variant(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: 
     if name == "trl":
         payload = json.dumps({**cfg, "output_dir": str(run_dir / "out")})
     else:
-        overrides = [f"training.output_dir={run_dir / 'out'}",
-                     *(f"{k if '.' in k else 'training.' + k}={json.dumps(v)}"
-                       for k, v in variant_changes(name).items())]
-        payload = json.dumps([str(recipe), *overrides])
+        output = f"training.output_dir={run_dir / 'out'}"
+        payload = json.dumps([str(recipe), output, *variant_overrides(name)])
     with open(run_dir / "log.txt", "w") as log:
         started = time.time()
         proc = subprocess.run([sys.executable, "-c", _DRIVER, "trl" if name == "trl" else "lora_ns", payload],
