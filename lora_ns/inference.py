@@ -300,8 +300,8 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
 def preference_margin(loaded, example: dict[str, Any], recipe: Recipe) -> float:
     """log p(chosen | prompt) - log p(rejected | prompt) in nats, over the tokens TRL's DPO trains on: the row
     rendered by training's own `render` (system prompt, chat template or prompt_template), each reply as the
-    assistant turn (its end-of-turn token included) or, as plain text, followed by EOS; the replies start
-    where the prompt's own tokens and either prompt + reply first part (`common_prefix_length`)."""
+    assistant turn (its end-of-turn token included) or, as plain text, followed by EOS. Both replies start at
+    the first token where the prompt alone and prompt + either reply differ (TRL's `common_prefix_length`)."""
     import torch
     from trl.data_utils import common_prefix_length
 
