@@ -90,7 +90,8 @@ _DRIVER = r"""
 import json, os, resource, runpy, sys, time
 from transformers import Trainer, TrainerCallback
 
-result = {"steps": [], "tokens": {}}
+result = {"steps": [], "tokens": {}, "positions": {}}
+positions = [0]  # token positions fed to the model, pads included (input_ids.numel() of every micro-batch)
 
 class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -110,6 +111,7 @@ class Probe(TrainerCallback):
             result["torch_profile_start"] = time.time()
     def on_step_end(self, args, state, control, **kwargs):
         result["steps"].append((time.time(), state.global_step, time.process_time()))
+        result["positions"][state.global_step] = positions[0]
         if state.global_step == 4 and "torch_profiler" in result:
             import torch
             if torch.cuda.is_available():
@@ -145,6 +147,11 @@ def _init_with_probe(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     self.add_callback(Probe())
 Trainer.__init__ = _init_with_probe
+_training_step = Trainer.training_step
+def _counting_training_step(self, model, inputs, *args, **kwargs):
+    positions[0] += inputs["input_ids"].numel()
+    return _training_step(self, model, inputs, *args, **kwargs)
+Trainer.training_step = _counting_training_step
 
 kind, payload = sys.argv[1], sys.argv[2]
 if kind == "trl":
@@ -335,6 +342,10 @@ def figures(record: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]
            "tokens_per_cpu_s": (tokens[sn] - tokens[s1]) / cpu if cpu > 0 and s1 in tokens and sn in tokens
            else None,
            "peak_rss_mb": record.get("peak_rss_mb"), "params": record.get("params"), "args": record.get("args")}
+    positions = {int(k): v for k, v in record.get("positions", {}).items()}
+    if positions.get(sn, 0) > positions.get(s1, 0) and s1 in tokens and sn in tokens:
+        # share of the timed steps' token positions that were padding (0 when padding-free or packed)
+        out["pad_share"] = 1 - (tokens[sn] - tokens[s1]) / (positions[sn] - positions[s1])
     if "cuda_max_allocated_mb" in record:
         out["cuda_max_allocated_mb"] = record["cuda_max_allocated_mb"]
         if peak_tflops and out["tokens_per_s"] and out["params"]:
@@ -348,7 +359,7 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": runs[0]["error"] if runs else "not run"}
     merged: dict[str, Any] = {"runs": len(ok), "args": ok[0].get("args"), "profile": ok[0].get("profile")}
     for key in ("tokens_per_s", "tokens_per_cpu_s", "steps_per_s", "startup_s", "first_step_s", "peak_rss_mb",
-                "cuda_max_allocated_mb", "mfu"):
+                "cuda_max_allocated_mb", "mfu", "pad_share"):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             merged[key] = statistics.median(values)
@@ -419,7 +430,7 @@ def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gpu: bool) -> None:
     """Medians per variant; "x trl" and "+startup" are the paired per-round figures of `ratios`."""
     cols = ["variant", "tok/s", "x trl", "tok/cpu-s", "x trl cpu", "steps/s", "startup s", "+startup",
-            "1st step s", "peak RSS MB", "packing", "grad ckpt"]
+            "1st step s", "peak RSS MB", "pad %", "packing", "grad ckpt"]
     if gpu:
         cols += ["CUDA max MB", "MFU"]
     print(" | ".join(f"{c:>11}" for c in cols))
@@ -434,7 +445,7 @@ def print_table(results: dict[str, dict[str, Any]], compared: dict[str, Any], gp
                  f"{r.get('tokens_per_cpu_s', 0):.0f}", f"{cpu:.2f}" if cpu else "-",
                  f"{r.get('steps_per_s', 0):.2f}", f"{r.get('startup_s', 0):.2f}",
                  f"{startup:+.2f}" if startup is not None else "-", f"{r.get('first_step_s', 0):.2f}",
-                 f"{r.get('peak_rss_mb', 0):.0f}",
+                 f"{r.get('peak_rss_mb', 0):.0f}", f"{r['pad_share']:.0%}" if "pad_share" in r else "-",
                  str(args.get("packing")), str(args.get("gradient_checkpointing"))]
         if gpu:
             cells += [f"{r.get('cuda_max_allocated_mb', 0):.0f}", f"{r['mfu']:.1%}" if "mfu" in r else "-"]
@@ -530,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         if name != "trl" and "trl" in runs:
             print(f"  {name} / trl per round: tokens/s {compared[f'{name}_vs_trl_per_round']}, "
                   f"tokens/cpu-s {compared[f'{name}_vs_trl_cpu_per_round']}")
+    pad = results.get("trl", {}).get("pad_share")
+    if pad is not None:
+        print(f"trl's batches were {pad:.0%} padding: removing all of it, with every other cost the same, is worth "
+              f"at most x{1 / (1 - pad):.2f} (more only from cheaper tokens: attention, checkpointing, kernels)")
     summary = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "model": args.model,
                "size": args.size, "data": args.data, "device": args.device,
                "cpu_count": os.cpu_count(), "steps": args.steps, "batch_size": args.batch_size,
