@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lora_ns.errors import fail, require
+from lora_ns.errors import Problem, UserError, fail, require, suggest
 from lora_ns.fileio import atomic_folder
 
 PREFIX = "builtin:"
@@ -167,14 +167,21 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def unknown_builtin(name_or_path: str, file: str = "<model>", line: int | None = None) -> Problem | None:
+    """A ``builtin:`` name that names no builtin model: the closest name, or the list."""
+    if not is_builtin(name_or_path) or name_or_path[len(PREFIX):] in BUILDERS:
+        return None
+    return Problem(file, "model.name_or_path", f"unknown builtin model '{name_or_path}'",
+                   suggest(name_or_path, [PREFIX + n for n in BUILDERS], "use one of"), line)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Return a loadable path: builtin models are built into the cache on first use."""
     if not is_builtin(name_or_path):
         return name_or_path
+    if problem := unknown_builtin(name_or_path):
+        raise UserError(problem)
     name = name_or_path[len(PREFIX):]
-    if name not in BUILDERS:
-        raise fail("<model>", "model.name_or_path", f"unknown builtin model '{name}'",
-                   f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}")
     target = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)

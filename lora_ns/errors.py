@@ -47,12 +47,13 @@ class UserError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def suggest(word: str, options, what: str = "valid keys") -> str:
-    """'did you mean X?' for the closest option (a typo, or a prefix), else the first few options."""
+def suggest(word: str, options, what: str = "valid keys", show: int = 12) -> str:
+    """'did you mean X?' for the closest option (a typo, or a prefix), else the first `show` options."""
     options = sorted(options) if isinstance(options, (set, frozenset)) else list(options)  # stable order
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     close = close or [o for o in options if word.startswith(o) or o.startswith(word)][:1]
-    return f"did you mean '{close[0]}'?" if close else f"{what}: {', '.join(options[:12])}"
+    more = f", ... ({len(options) - show} more)" if len(options) > show else ""
+    return f"did you mean '{close[0]}'?" if close else f"{what}: {', '.join(options[:show])}{more}"
 
 
 def fail(file: str, field: str, message: str, fix: str = "", line: int | None = None) -> UserError:

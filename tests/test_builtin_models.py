@@ -43,7 +43,7 @@ def test_build_is_cached(tiny_llama):
 
 
 def test_unknown_builtin_is_a_user_error():
-    with pytest.raises(UserError, match="unknown builtin model 'nope'"):
+    with pytest.raises(UserError, match="unknown builtin model 'builtin:nope'"):
         resolve_model_path("builtin:nope")
 
 

@@ -82,6 +82,24 @@ def test_rule_fires_on_its_mistake(rule, change, field, severity):
     assert problems[0].file == "r.yaml"
 
 
+def test_misspelt_names_get_the_closest_one_wherever_they_are_read():
+    """validate's rule and the loaders that run without it (evaluate's data, a model path) say the same."""
+    from lora_ns.builtin_models import resolve_model_path
+    from lora_ns.data import formatted_examples
+    from lora_ns.errors import UserError
+
+    typo = make({"dataset": {"formatter": "gsm9k"}, "model": {"name_or_path": "builtin:tiny-lama"}})
+    fixes = {p.field: p.fix for p in rules.names_resolve(typo)}
+    assert fixes == {"dataset.formatter": "did you mean 'gsm8k'?",
+                     "model.name_or_path": "did you mean 'builtin:tiny-llama'?"}
+    with pytest.raises(UserError, match="unknown formatter 'gsm9k'.*did you mean 'gsm8k'"):
+        next(formatted_examples(typo))
+    with pytest.raises(UserError, match="model 'builtin:tiny-lama'.*did you mean 'builtin:tiny-llama'"):
+        resolve_model_path("builtin:tiny-lama")
+    far = make({"dataset": {"formatter": "zzzzzz"}})
+    assert list(rules.names_resolve(far))[0].fix.startswith("use one of: alpaca, alpaca_zh,")
+
+
 def test_every_rule_has_a_case():
     tested_elsewhere = {rules.output_dir_usable,  # test_output_dir_rules
                         rules.init_adapter_fits,  # tests/test_init_from.py (needs a trained adapter)

@@ -19,7 +19,7 @@ from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template,
 from lora_ns.data.sources import (
     BUILDERS, LocalSource, Location, Source, first_rows, locate, located_rows, source_for,
 )
-from lora_ns.errors import Problem, UserError, fail, first_line
+from lora_ns.errors import Problem, UserError, fail, first_line, suggest
 
 
 def _delimited(src: LocalSource, streaming: bool):
@@ -133,12 +133,20 @@ def columns_of(raw) -> list[str]:
     return list(raw.column_names if raw.column_names is not None else next(iter(raw), None) or [])
 
 
+def unknown_formatter(recipe: Recipe) -> Problem | None:
+    """``dataset.formatter`` names no formatter: the closest name, or the list."""
+    name = recipe.dataset.formatter
+    if name in FORMATTERS:
+        return None
+    return recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
+                          suggest(name, sorted(FORMATTERS), "use one of", show=len(FORMATTERS)))
+
+
 def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -> RowConverter:
     """The row converter for a split with these columns, after checking them against the formatter."""
     name = recipe.dataset.formatter
-    if name not in FORMATTERS:
-        raise UserError(recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
-                                       f"use one of: {', '.join(sorted(FORMATTERS))}"))
+    if problem := unknown_formatter(recipe):
+        raise UserError(problem)
     where = locate(src, 0)  # a column problem is reported at the first row, or at a CSV/TSV header
     where = where._replace(line=1) if isinstance(src, LocalSource) and src.delimited else where
     found, problems = column_map(FORMATTERS[name], recipe.dataset.columns, columns, where)

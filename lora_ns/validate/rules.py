@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lora_ns.builtin_models import BUILDERS, PREFIX
+from lora_ns.builtin_models import PREFIX, unknown_builtin
 from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
+from lora_ns.data.loading import unknown_formatter
 from lora_ns.errors import Problem
 from lora_ns.hf_fields import PEFT_TYPES
 from lora_ns.preference import check_preference_recipe
@@ -98,15 +99,13 @@ def names_resolve(r: Recipe) -> Iterator[Problem]:
     fmt, name = FORMATTERS.get(r.dataset.formatter), r.model.name_or_path
     wanted = {"seq_cls": ("pair",), "cpt": ("text",), "pretrain": ("text",),
               "causal_lm": ("prompt_completion", "messages", "text")}.get(r.task)  # preference: its own check
-    if fmt is None:
-        yield r.problem("dataset.formatter", f"unknown formatter '{r.dataset.formatter}'",
-                        f"use one of: {', '.join(sorted(FORMATTERS))}")
+    if problem := unknown_formatter(r):
+        yield problem
     elif wanted and fmt.kind not in wanted:
         yield r.problem("dataset.formatter", f"formatter '{r.dataset.formatter}' gives {fmt.kind} rows, "
                         f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
-    if name.startswith(PREFIX) and name[len(PREFIX):] not in BUILDERS:
-        yield r.problem("model.name_or_path", f"unknown builtin model '{name}'",
-                        f"use one of: {', '.join(PREFIX + n for n in BUILDERS)}")
+    if problem := unknown_builtin(name, r.source, r.lines.get("model.name_or_path")):
+        yield problem
     if r.model.trust_remote_code:
         yield r.problem("model.trust_remote_code", "the model's own Python code will run on this machine",
                         "keep it only for a model you trust", severity="warning")
