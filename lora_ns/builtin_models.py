@@ -172,7 +172,7 @@ def unknown_builtin(name_or_path: str, file: str = "<model>", line: int | None =
     if not is_builtin(name_or_path) or name_or_path[len(PREFIX):] in BUILDERS:
         return None
     return Problem(file, "model.name_or_path", f"unknown builtin model '{name_or_path}'",
-                   suggest(name_or_path, [PREFIX + n for n in BUILDERS], "use one of"), line)
+                   suggest(name_or_path, [PREFIX + n for n in BUILDERS]), line)
 
 
 def resolve_model_path(name_or_path: str) -> str:

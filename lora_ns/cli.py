@@ -55,7 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _unknown_command(word: str) -> UserError:
     return UserError(Problem("<command line>", word, "unknown command",
-                             suggest(word, COMMANDS, "use one of")))
+                             suggest(word, COMMANDS)))
 
 
 def _exit_code(exc: SystemExit) -> int:

@@ -209,7 +209,8 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
     top = {"task", *SECTIONS, "training"}
     for key in data:
         if key not in top:
-            problems.append(Problem(source, key, "unknown section", suggest(key, top), lines.get(key)))
+            fix = suggest(key, sorted(top), "valid sections")
+            problems.append(Problem(source, key, "unknown section", fix, lines.get(key)))
     for section in (*SECTIONS, "training"):
         body = data.get(section)
         if body is None:
@@ -244,7 +245,7 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
             else:
                 method = body.get("method", "lora") if section == "peft" else None
                 msg = f"unknown field for peft method '{method}'" if method else "unknown field"
-                fix = suggest(key, known)
+                fix = suggest(key, known, "valid keys", show=12)
             problems.append(Problem(source, path, msg, fix, lines.get(path)))
     return problems + typed
 
@@ -268,7 +269,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
     """Validate a raw recipe dict into a `Recipe` (schema only; cross-field rules: lora_ns.validate.rules)."""
     lines = lines or {}
     if "task" in data and data["task"] not in Task.__args__:
-        raise fail(source, "task", f"got {data['task']!r}", f"use one of: {', '.join(Task.__args__)}",
+        raise fail(source, "task", f"got {data['task']!r}", suggest(str(data["task"]), Task.__args__),
                    lines.get("task"))
     model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
     if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:

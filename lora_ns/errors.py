@@ -47,11 +47,15 @@ class UserError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def suggest(word: str, options, what: str = "valid keys", show: int = 12) -> str:
-    """'did you mean X?' for the closest option (a typo, or a prefix), else the first `show` options."""
+def suggest(word: str, options, what: str = "use one of", show: int | None = None) -> str:
+    """'did you mean X?' for the closest option (a typo, or a prefix), else the options (the first `show`)."""
     options = sorted(options) if isinstance(options, (set, frozenset)) else list(options)  # stable order
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    # a prefix every name shares ("builtin:", "fsdp_") would make any two names look alike: compare the rest
+    cut = len(os.path.commonprefix([word, *options]))
+    rests = [o[cut:] for o in options]
+    close = [word[:cut] + m for m in difflib.get_close_matches(word[cut:], rests, n=1, cutoff=0.75)]
     close = close or [o for o in options if word.startswith(o) or o.startswith(word)][:1]
+    show = show or len(options)
     more = f", ... ({len(options) - show} more)" if len(options) > show else ""
     return f"did you mean '{close[0]}'?" if close else f"{what}: {', '.join(options[:show])}{more}"
 

@@ -62,6 +62,18 @@ def test_unknown_keys_suggest_the_closest_field():
     assert "modle: unknown section — did you mean 'model'?" in text
 
 
+def test_misspelt_values_suggest_the_closest_choice():
+    from lora_ns.data import label_id
+
+    with pytest.raises(UserError, match="task: got 'causal-lm' — did you mean 'causal_lm'"):
+        parse_recipe({**_copy(), "task": "causal-lm"}, "r.yaml")
+    with pytest.raises(UserError, match="task: got 'translation' — use one of: causal_lm, "):
+        parse_recipe({**_copy(), "task": "translation"}, "r.yaml")
+    with pytest.raises(ValueError, match="unknown label 'equivalnet'") as err:
+        label_id("equivalnet", ["not_equivalent", "equivalent"])
+    assert err.value.fix == "did you mean 'equivalent'?"
+
+
 def test_peft_fields_depend_on_method():
     data = _copy()
     data["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 8}

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from lora_ns.errors import suggest
+
 Row = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles.
@@ -83,7 +85,7 @@ def check_messages(value: Any, name: str, needs_reply: bool = True) -> list[dict
                            'write each message as {"role": "user", "content": "..."}')
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise RowError(name, f"message {i} has unknown role {role!r}", f"use one of: {', '.join(ROLES)}")
+            raise RowError(name, f"message {i} has unknown role {role!r}", suggest(str(role), ROLES))
         if not isinstance(content, str):
             got = "null" if content is None else type(content).__name__
             raise RowError(name, f"message {i} ({role}) content must be text, got {got}",

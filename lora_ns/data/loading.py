@@ -139,7 +139,7 @@ def unknown_formatter(recipe: Recipe) -> Problem | None:
     if name in FORMATTERS:
         return None
     return recipe.problem("dataset.formatter", f"unknown formatter '{name}'",
-                          suggest(name, sorted(FORMATTERS), "use one of", show=len(FORMATTERS)))
+                          suggest(name, sorted(FORMATTERS)))
 
 
 def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -> RowConverter:
@@ -233,7 +233,7 @@ def label_id(label: Any, label_names: Sequence[str] | None = None, num_labels: i
         if label.strip() in names:
             return names.index(label.strip())
         if not label.strip().lstrip("-").isdigit():
-            hint = f"use one of: {', '.join(names)}" if names else "list the class names in model.labels"
+            hint = suggest(label.strip(), names) if names else "list the class names in model.labels"
             raise RowError("label", f"unknown label {label!r}", hint)
         label = int(label.strip())
     if isinstance(label, float) and label.is_integer():

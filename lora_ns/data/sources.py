@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator, NamedTuple
 
 from lora_ns.config import DatasetConfig
-from lora_ns.errors import fail
+from lora_ns.errors import fail, suggest
 
 SAMPLE_PREFIX = "sample:"
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
@@ -70,7 +70,7 @@ def resolve_sample(path: str) -> str:
     if not found:
         names = sorted({p.stem for p in SAMPLES_DIR.iterdir() if p.suffix in EXTENSIONS})
         raise fail(path, "dataset.path", f"no bundled sample named '{name}'",
-                   f"use one of: {', '.join(names)}")
+                   suggest(name, names))
     return str(found[0])
 
 

@@ -95,8 +95,9 @@ def _loader_problems(source: str, raw: dict, lines: dict[str, int], message: str
     first, known = message.splitlines()[0], set(ClusterConfig.__dataclass_fields__)
     if "unknown keys" in message:
         extra = [k for k in raw if k not in known and k not in ("fp16", "dynamo_backend")]  # both converted
-        return [Problem(source, k, "unknown key (accelerate refuses the file)", suggest(k, known),
-                        lines.get(k)) for k in extra] or [Problem(source, "", first)]
+        why = "unknown key (accelerate refuses the file)"
+        return [Problem(source, k, why, suggest(k, known, "valid keys", 12), lines.get(k))
+                for k in extra] or [Problem(source, "", first)]
     if "distributed_type" in message or "DistributedType" in message:
         from accelerate.utils import DistributedType
 
@@ -122,7 +123,7 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
     precision = options["mixed_precision"].choices
     if cfg.mixed_precision is not None and cfg.mixed_precision not in precision:
         yield cfg.problem("mixed_precision", f"got {cfg.mixed_precision!r}",
-                          f"use one of: {', '.join(precision)}")
+                          suggest(str(cfg.mixed_precision), precision))
     for section, (prefix, families) in NESTED_SECTIONS.items():
         known = {name for name in options if name.startswith(families)}
         for key, value in (cfg.data.get(section) or {}).items():
@@ -130,9 +131,9 @@ def config_problems(cfg: LaunchConfig) -> Iterator[Problem]:
             choices = options[name].choices or allowed.get(name) if name in known else None
             if name not in known:
                 yield cfg.problem(path, "unknown key (accelerate launch would silently ignore it)",
-                                  suggest(name, known))
+                                  suggest(name, known, "valid keys", show=12))
             elif choices and str(value) not in choices:
-                yield cfg.problem(path, f"got {value!r}", f"use one of: {', '.join(choices)}")
+                yield cfg.problem(path, f"got {value!r}", suggest(str(value), choices))
             elif name in FSDP1_ONLY and cfg.fsdp_version == "2":
                 yield cfg.problem(path, "obsolete in FSDP2: accelerate drops it",
                                   "remove it (FSDP2 always uses the original parameters)", "warning")
