@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shlex
 import sys
 import time
+import traceback
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +24,8 @@ from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, is_secret, load_recipe
 from lora_ns.data import build_datasets, encode_pairs
+from lora_ns.data.loading import read_every_row
+from lora_ns.data.sources import source_for
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import atomic_output, write_text_atomic
 from lora_ns.metrics import classification_metrics
@@ -149,6 +153,24 @@ def disk_errors(recipe: Recipe) -> Iterator[None]:
                                        fix)) from None
 
 
+@contextmanager
+def stream_errors(recipe: Recipe) -> Iterator[None]:
+    """Streamed data is parsed while training, past the rows validate read: a malformed row there stops the
+    run as its file:line (the local files re-read strictly, only on this error path), not a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        frames = traceback.extract_tb(err.__traceback__)
+        if recipe.dataset.streaming and any(f"{os.sep}datasets{os.sep}" in f.filename for f in frames):
+            cfg = recipe.dataset
+            read_every_row(source_for(cfg))
+            if isinstance(cfg.val_split, str):
+                read_every_row(source_for(cfg, cfg.val_split, "dataset.val_split"))
+        raise
+
+
 def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[str, Any]]:
     """Set up (the same checks as validate), then load the weights, train and save; return the trainer (its
     model is the trained one) and the run summary."""
@@ -156,7 +178,7 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
     ready = setup(recipe, dry_run=False, checks=checks)
     print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
     trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
-    with disk_errors(recipe):
+    with disk_errors(recipe), stream_errors(recipe):
         result = trainer.train(resume_from_checkpoint=resume_target(recipe))
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]

@@ -215,6 +215,31 @@ def test_streaming_row_error_is_raised_when_the_row_is_reached(tmp_path):
     assert text.startswith(f"{data}:3: answer: missing value")
 
 
+def test_streamed_malformed_row_past_validates_sample_stops_training_as_one_line(tmp_path):
+    """Streaming parses the files while training: a bad line past validate's sample and the first block is
+    found there, and train's error path names it (not datasets' traceback)."""
+    (tmp_path / "a.jsonl").write_text(lines(*(QA * 40)), encoding="utf-8")  # 240 rows: more than validate reads
+    (tmp_path / "b.jsonl").write_text(lines(*QA[:3], '{"question": ', *QA[3:]), encoding="utf-8")
+    streamed = recipe(tmp_path, streaming=True)
+    assert [p for p in check_dataset(streamed) if p.is_error] == []
+    train, _ = build_datasets(streamed)
+    with pytest.raises(Exception) as raw:  # what the Trainer's loop meets
+        list(train)
+    assert not isinstance(raw.value, UserError)
+    text = one_problem(lambda: _stream(streamed, train))
+    assert text.startswith(f"{tmp_path / 'b.jsonl'}:4: not valid JSON")
+    eager = recipe(tmp_path, streaming=False)  # not streamed: the same error before any step
+    with pytest.raises(UserError, match="b.jsonl:4: not valid JSON"):
+        build_datasets(eager)
+
+
+def _stream(streamed, train) -> None:
+    from lora_ns.train import stream_errors  # train imports torch: only where needed
+
+    with stream_errors(streamed):
+        list(train)
+
+
 def test_bad_prompt_template(tmp_path):
     text = one_problem(lambda: build_datasets(recipe("sample:gsm8k", prompt_template="Q: {question}\nA:")))
     assert "dataset.prompt_template: unknown placeholder(s) {question}" in text

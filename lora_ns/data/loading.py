@@ -35,6 +35,13 @@ def _delimited(src: LocalSource, streaming: bool):
     return datasets.Dataset.from_generator(generate, fingerprint=hashlib.sha256(stats.encode()).hexdigest())
 
 
+def read_every_row(src: Source) -> None:
+    """Read a local split with our strict reader: a malformed row raises its file:line `UserError`. The error
+    path after `datasets`' own reader failed, at load or, streaming, in the middle of training."""
+    for _ in located_rows(src) if isinstance(src, LocalSource) else ():
+        pass
+
+
 def _load_local(src: LocalSource, streaming: bool):
     import datasets
 
@@ -49,8 +56,7 @@ def _load_local(src: LocalSource, streaming: bool):
         if streaming:
             next(iter(data), None)  # parse the first block now, so its malformed row is reported here
     except Exception as err:
-        for _ in located_rows(src):  # raises the precise file:line error when a row is malformed
-            pass
+        read_every_row(src)
         why = first_line(err.__cause__ or err, 300)
         raise fail(src.name, "dataset.path", f"could not load: {why}",
                    "check the format (dataset.data_format)")
