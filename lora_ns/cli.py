@@ -15,7 +15,7 @@ from typing import Sequence
 
 from lora_ns import __version__
 from lora_ns.command_line import CommandParser
-from lora_ns.errors import Problem, UserError, run_cli, suggest
+from lora_ns.errors import Problem, UserError, exit_now, run_cli, suggest
 
 PROG = "lora-ns"
 
@@ -106,9 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point (``lora-ns``); also callable in-process with a list of arguments."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return run_cli(PROG, lambda: dispatch(args))
+        code = run_cli(PROG, lambda: dispatch(args))
     except SystemExit as exc:
-        return _exit_code(exc)
+        code = _exit_code(exc)
+    if argv is None and args and LEGACY_COMMANDS.get(args[0].removesuffix(".py"), args[0]) == "validate":
+        exit_now(code)  # as `python -m lora_ns.validate` does: no ~3 s teardown of torch and co.
+    return code
 
 
 if __name__ == "__main__":

@@ -128,3 +128,27 @@ def test_a_command_missing_from_the_install_is_a_user_error(monkeypatch, capsys)
     monkeypatch.setitem(cli.COMMANDS, "nosuchcommand", "not a real module")
     assert cli.main(["nosuchcommand"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+TEARDOWN_PROBE = """import sys
+from lora_ns.cli import main
+class Teardown:
+    def __del__(self):
+        print("teardown", flush=True)
+keep = Teardown()  # destroyed only by the interpreter's own teardown
+sys.argv = ["lora-ns", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("args, code, torn_down", [
+    (["validate", "recipes/gsm8k.yaml", "--no-model", "--no-data"], 0, False),
+    (["validate_config.py", "missing.yaml"], 2, False),  # the old script name too, and an error's code
+    (["--version"], 0, True),  # other commands end as usual
+])
+def test_console_validate_skips_the_teardown_and_keeps_the_code(args, code, torn_down):
+    """`lora-ns validate` ends like `python -m lora_ns.validate` (errors.exit_now): no ~3 s teardown."""
+    run = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**ENV, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == code, run.stderr[-500:]
+    assert ("teardown" in run.stdout) == torn_down
