@@ -58,6 +58,9 @@ CHANGES: dict[str, dict[str, Any]] = {
     "+gc": {"gradient_checkpointing": True},
     "-gc": {"gradient_checkpointing": False},
     "+eager": {"model.attn_implementation": "eager"},
+    # TRL's selective checkpointing: the attention output is saved, not recomputed (with +gc)
+    "+sac": {"gradient_checkpointing_kwargs": {"selective": True}},
+    "+liger": {"use_liger_kernel": True},  # Liger's Triton kernels (norms, SwiGLU, RoPE): CUDA only
 }
 DEFAULT_VARIANTS = ["trl", "lora_ns", "lora_ns+pack", "lora_ns-pack", "lora_ns+gc"]
 

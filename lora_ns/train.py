@@ -105,6 +105,18 @@ def avoid_cudnn_attention(recipe: Recipe) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def selective_checkpointing_reaches(model, args) -> None:
+    """TRL's ``gradient_checkpointing_kwargs: {selective: true}`` (the attention output saved, not recomputed)
+    wraps the model SFTTrainer is given: under a peft adapter the PeftModel, which transformers 5.x passes by
+    (it enables checkpointing on the base model), so torch got the unknown key and training stopped at the
+    first step. Wrap the base model too, with TRL's own function."""
+    if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("selective") \
+            and hasattr(model, "get_base_model"):
+        from trl.models import enable_selective_activation_checkpointing
+
+        enable_selective_activation_checkpointing(model.get_base_model())
+
+
 def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     """Load the model and data and build the trainer: (trainer, tokenizer, (trainable, total) parameters)."""
     from transformers import set_seed
@@ -113,6 +125,7 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     avoid_cudnn_attention(recipe)
     tokenizer = load_tokenizer(recipe)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
+    selective_checkpointing_reaches(model, args)
     trainable, total = count_parameters(model)
     if args.process_index == 0:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "

@@ -95,3 +95,24 @@ def test_training_on_cuda_with_sdpa_leaves_out_cudnn_attention(tmp_path, monkeyp
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def test_selective_checkpointing_trains_under_a_peft_adapter(tmp_path):
+    """TRL's selective checkpointing (``gradient_checkpointing_kwargs: {selective: true}``: the attention output
+    is saved, not recomputed) under lora_ns's peft adapter: torch used to refuse TRL's key at the first step.
+    It now reaches the decoder layers and trains to the same losses as full checkpointing."""
+    from lora_ns.train import run_training
+
+    def run(out, **training) -> tuple[list[float], object]:
+        r = recipe(out, max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to="none",
+                   gradient_checkpointing=True, **training)
+        trainer, _ = run_training(r)
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], trainer
+
+    full, _ = run(tmp_path / "full")
+    selective, trainer = run(tmp_path / "selective", gradient_checkpointing_kwargs={"selective": True})
+    layer = trainer.model.get_base_model().model.layers[0]
+    assert layer._gradient_checkpointing_func.keywords.get("context_fn") is not None  # TRL's policy is on
+    # Saving an op's output instead of recomputing it runs the same kernels on the same inputs, in the same
+    # order, on one CPU thread pool: bit-identical losses, not merely close ones.
+    assert len(full) == 3 and selective == full
