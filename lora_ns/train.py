@@ -108,13 +108,13 @@ def avoid_cudnn_attention(recipe: Recipe) -> None:
 def selective_checkpointing_reaches(model, args) -> None:
     """TRL's ``gradient_checkpointing_kwargs: {selective: true}`` (the attention output saved, not recomputed)
     wraps the model SFTTrainer is given: under a peft adapter the PeftModel, which transformers 5.x passes by
-    (it enables checkpointing on the base model), so torch got the unknown key and training stopped at the
-    first step. Wrap the base model too, with TRL's own function."""
-    if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("selective") \
-            and hasattr(model, "get_base_model"):
+    (it enables checkpointing on the base model), and the other trainers do not wrap at all; torch got the
+    unknown key and training stopped at the first step. Wrap the transformers model, with TRL's function."""
+    if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("selective"):
         from trl.models import enable_selective_activation_checkpointing
 
-        enable_selective_activation_checkpointing(model.get_base_model())
+        enable_selective_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model")
+                                                  else model)
 
 
 def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
