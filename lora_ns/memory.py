@@ -7,7 +7,8 @@
 - LoRA adapters are fp32 (peft's autocast_adapter_dtype): fp32 grads, two fp32 AdamW moments, 16 bytes
   per param. Full fine-tuning keeps params, grads and moments in the load dtype (no fp32 master copy).
 - activations: what autograd saves per layer per token (`_layer_bytes`); with checkpointing, each
-  layer's input plus the one layer being recomputed. Tokens are batch x the length batches really have
+  layer's input plus the one layer being recomputed; TRL's selective checkpointing also keeps each layer's
+  attention output and fp32 logsumexp. Tokens are batch x the length batches really have
   (`batch_length`): the collator pads a batch to its longest row, not to max_length, so the peak batch is
   as long as the longest row (capped at max_length, rounded up to pad_to_multiple_of); packing fills every
   row to max_length.
@@ -173,8 +174,9 @@ def _layer_bytes(shape: Shape, c: int, lora_r: int, dropout: bool) -> float:
 
 def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16", quant: str | None = None,
              method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
-             checkpointing: bool = False, strategy: str | None = None, num_processes: int = 1,
-             task: str = "causal_lm", num_labels: int = 2, seq_from: str = "", fused_head: bool | None = None,
+             checkpointing: bool = False, selective: bool = False, strategy: str | None = None,
+             num_processes: int = 1, task: str = "causal_lm", num_labels: int = 2, seq_from: str = "",
+             fused_head: bool | None = None,
              triton: bool = True) -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
     `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from.
@@ -205,7 +207,8 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     if full:
         per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
     # checkpointing: each layer's input; the recomputed layer lives after the loss buffers are freed
-    saved = shape.hidden * c if checkpointing else per_layer
+    saved = shape.hidden * c + (shape.hidden * c + shape.heads * 4 if selective else 0) if checkpointing \
+        else per_layer
     recompute = max(0, per_layer - (head / tokens if task != "seq_cls" else 0)) if checkpointing else 0
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
@@ -249,6 +252,8 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
         method="full" if method == "full" else "lora", lora_r=int(options.get("r", 8)),
         lora_dropout=float(options.get("lora_dropout", 0.0)) > 0, optim=str(t.get("optim", "adamw_torch")),
         checkpointing=gradient_checkpointing(recipe), strategy=strategy, num_processes=num_processes,
+        selective=bool((t.get("gradient_checkpointing_kwargs") or t.get("activation_checkpointing_kwargs")
+                        or {}).get("selective")),
         task=recipe.task, num_labels=m.num_labels or 2)
 
 
