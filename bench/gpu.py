@@ -143,8 +143,8 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
     recipe = work / f"{label}.yaml"
     tp.write_recipe(recipe, str(folder), work / f"{label}.jsonl", ns)
     base = ["quantization.load_in_4bit=true"] if quantized else []
-    if args.variants and not quantized:
-        variants = args.variants.split(",")
+    if args.variants:  # the plain TRL script has no 4-bit path: QLoRA sections run lora_ns variants only
+        variants = [v for v in args.variants.split(",") if not (quantized and v == "trl")] or variants
     runs = [(v, [*base, *tp.variant_overrides(v)]) for v in variants]
     if args.device == "cuda" and importlib.util.find_spec("flash_attn") and not quantized:
         runs.append(("lora_ns", [*base, "model.attn_implementation=flash_attention_2"]))  # packs by default
@@ -301,8 +301,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, 4 steps: a dry run")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting sections/runs after this")
     parser.add_argument("--sections", help=f"comma list of: {', '.join(s[0] for s in SECTIONS)}")
-    parser.add_argument("--variants", help="comma list for the LoRA sections, as bench/throughput.py's "
-                        "(trl, lora_ns, lora_ns+gc, lora_ns+pack, ...); default: trl,lora_ns")
+    parser.add_argument("--variants", help="comma list, as bench/throughput.py's (trl, lora_ns, lora_ns+gc, "
+                        "lora_ns+pack, ...; QLoRA sections leave out trl); default: trl,lora_ns / lora_ns")
     parser.add_argument("--torch-profile", action="store_true",
                         help="torch.profiler tables of steps 3-4 of every run, to OUT/torch_profile-*.txt")
     parser.add_argument("--peak-tflops", type=float, help="default: by GPU name (H100/H200: 989)")
