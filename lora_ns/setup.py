@@ -48,7 +48,7 @@ class Setup:
 
 def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     """Check and build everything training needs before the weights (see the module docstring)."""
-    from lora_ns.validate.rules import check_rules  # validate/__init__ imports this module: a cycle
+    from lora_ns.validate.rules import check_rules, run_problems  # validate/__init__ imports this module
 
     if not dry_run:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
@@ -185,22 +185,6 @@ def training_arguments(recipe: Recipe) -> Any:
                                                         "output_dir": recipe.output_dir})
     except ValueError as err:  # the HF classes check combinations of values in __post_init__
         raise UserError(library_problem(recipe, "training", given, err, "the HF TrainingArguments docs"))
-
-
-def run_problems(recipe: Recipe, args) -> list[Problem]:
-    """What the arguments object accepts but the Trainer then fails on (or silently does nothing with)."""
-    problems = []
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        epochs = args.num_train_epochs
-        problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
-                                       "max_steps: the run would train 0 steps",
-                                       "set training.num_train_epochs > 0 (or training.max_steps)"))
-    from transformers.integrations import get_available_reporting_integrations
-
-    # report_to is a list by now ("none" -> [], "all" -> what is installed); else Trainer fails after the load
-    return problems + [recipe.problem("training.report_to", f"logger '{name}' is not installed",
-                                      f"pip install {name}, or set training.report_to: none")
-                       for name in args.report_to or [] if name not in get_available_reporting_integrations()]
 
 
 # --- output dir and checkpoints -------------------------------------------------------------------

@@ -63,7 +63,14 @@ REJECTED = [
     ("target_regex_matches_nothing", {"peft": {"target_modules": "nothing_here.*"}}, "peft.target_modules"),
     ("duplicate_labels", {**SEQ_CLS, "model": {**SEQ_CLS["model"], "labels": ["pos", "pos"]}},
      "model.labels"),
+    ("scheduler_needs_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr"}},
+     "training.lr_scheduler_kwargs"),
+    ("padding_free_with_max_length", {"training": {"padding_free": True}}, "training.padding_free"),
 ]
+if importlib.util.find_spec("lomo_optim") is None:
+    REJECTED.append(("optim_package_missing", {"training": {"optim": "lomo"}}, "training.optim"))
+if importlib.util.find_spec("liger_kernel") is None:
+    REJECTED.append(("liger_missing", {"training": {"use_liger_kernel": True}}, "training.use_liger_kernel"))
 if importlib.util.find_spec("wandb") is None:
     REJECTED.append(("report_to_missing_logger", {"training": {"report_to": "wandb"}}, "training.report_to"))
 
@@ -76,6 +83,10 @@ ACCEPTED = [
     ("full", {"peft": {"method": "full"}}),
     ("eval_on", EVAL_ON),
     ("packing", {"training": {"packing": True}}),
+    ("padding_free_packed", {"training": {"packing": True, "padding_free": True}}),
+    ("pissa_init", {"peft": {"init_lora_weights": "pissa"}}),  # validate's meta model has no weights to SVD
+    ("scheduler_with_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr",
+                                            "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}}),
     ("seq_cls", {**SEQ_CLS, "peft": {"method": "lora", "r": 4, "lora_alpha": 8,
                                      "modules_to_save": ["classifier"]}}),
     ("cpt", {"task": "cpt", "dataset": {"path": "sample:text", "formatter": "text", "max_samples": None}}),

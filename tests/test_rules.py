@@ -100,6 +100,20 @@ def test_misspelt_names_get_the_closest_one_wherever_they_are_read():
     assert list(rules.names_resolve(far))[0].fix.startswith("use one of: alpaca, alpaca_zh,")
 
 
+@pytest.mark.parametrize("key", sorted(rules.NEEDS_GPU))
+def test_gpu_only_settings_without_a_gpu(key, monkeypatch):
+    """An error when training, a warning when validating (often on a laptop, for a GPU run later)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = make({"training": {key: True}})
+    for for_training, severity in ((True, "error"), (False, "warning")):
+        problems = list(rules.hardware_problems(r, for_training))
+        assert [(p.field, p.severity) for p in problems] == [(f"training.{key}", severity)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert list(rules.hardware_problems(r, True)) == []
+
+
 def test_every_rule_has_a_case():
     tested_elsewhere = {rules.output_dir_usable,  # test_output_dir_rules
                         rules.init_adapter_fits,  # tests/test_init_from.py (needs a trained adapter)

@@ -130,6 +130,9 @@ def parameter_count(recipe: Recipe, model) -> Problem:
     check = recipe.model_copy(deep=True)
     if check.peft.method == "prompt_tuning":  # a TEXT init would load the tokenizer; the count is the same
         check.peft = check.peft.model_copy(update={"prompt_tuning_init": "RANDOM"})
+    init = check.peft.options.get("init_lora_weights")
+    if isinstance(init, str) and init != "gaussian":  # pissa, olora, corda, loftq...: computed from weights
+        check.peft = check.peft.model_copy(update={"init_lora_weights": True})  # the meta model has none
     try:
         model = apply_peft(model, check)
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)

@@ -15,7 +15,7 @@ from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
-from lora_ns.errors import Problem
+from lora_ns.errors import Problem, first_line
 from lora_ns.hf_fields import PEFT_TYPES
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
@@ -203,11 +203,71 @@ RULES: list[Rule] = [
 ]
 
 
+def run_problems(recipe: Recipe, args) -> list[Problem]:
+    """What the built training arguments accept but the Trainer then fails on, after the weights load (or
+    silently does nothing with); `lora_ns.setup` runs it on the real arguments object."""
+    problems = []
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        epochs = args.num_train_epochs
+        problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
+                                       "max_steps: the run would train 0 steps",
+                                       "set training.num_train_epochs > 0 (or training.max_steps)"))
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.utils import is_liger_kernel_available
+
+    # report_to is a list by now ("none" -> [], "all" -> what is installed); else Trainer fails after the load
+    problems += [recipe.problem("training.report_to", f"logger '{name}' is not installed",
+                                f"pip install {name}, or set training.report_to: none")
+                 for name in args.report_to or [] if name not in get_available_reporting_integrations()]
+    if getattr(args, "use_liger_kernel", False) and not is_liger_kernel_available():
+        problems.append(recipe.problem("training.use_liger_kernel", "needs the liger-kernel package",
+                                       "pip install liger-kernel (CUDA), or set use_liger_kernel: false"))
+    if getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
+        problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
+            "training.padding_free", "padding_free without packing does not cut rows to max_length",
+            "set training.max_length: null (rows as they are), or training.packing: true"))
+    return problems + [p for p in (optimizer_problem(recipe, args), scheduler_problem(recipe, args)) if p]
+
+
+def optimizer_problem(recipe: Recipe, args) -> Problem | None:
+    """The Trainer picks its optimizer class after the weights load: a package it needs is checked now."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as err:  # ValueError: its other checks need the model, so only "install"
+        if isinstance(err, ImportError) or "install" in str(err).lower():
+            return recipe.problem("training.optim", f"optim '{args.optim}': {first_line(err, 200)}",
+                                  "install it, or use another training.optim (e.g. adamw_torch)")
+    return None
+
+
+def scheduler_problem(recipe: Recipe, args) -> Problem | None:
+    """The learning-rate scheduler, built as the Trainer builds it at its first step, on a one-parameter
+    optimizer: a name that needs ``lr_scheduler_kwargs`` (cosine_with_min_lr: min_lr) fails now."""
+    import torch
+    from transformers import get_scheduler
+
+    steps = args.max_steps if args.max_steps > 0 else 100
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate or 1.0)
+    try:
+        get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                      num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except (ValueError, TypeError) as err:
+        return recipe.problem("training.lr_scheduler_kwargs", first_line(err, 200),
+                              f"set what {args.lr_scheduler_type} needs in training.lr_scheduler_kwargs")
+    return None
+
+
+# training keys that need a CUDA GPU, which SFTConfig / TrainingArguments accept on any machine
+NEEDS_GPU = {"fp16": "fp16 mixed precision", "activation_offloading": "activation offloading (GPU to CPU)"}
+
+
 def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
-    """fp16 without a CUDA GPU, which TrainingArguments accepts: an error when training, a warning when only
-    validating (a recipe is often checked on a laptop before it runs on a GPU machine). bf16 on a GPU without
-    it is TrainingArguments' own error, mapped to training.bf16 by the set-up."""
-    if not r.training.get("fp16"):
+    """`NEEDS_GPU` keys without a CUDA GPU: an error when training, a warning when only validating (a recipe
+    is often checked on a laptop before it runs on a GPU machine). bf16 on a GPU without it is
+    TrainingArguments' own error, mapped to training.bf16 by the set-up."""
+    if not (wanted := [key for key in NEEDS_GPU if r.training.get(key)]):
         return
     if not for_training and not Path("/proc/driver/nvidia/version").exists() and "torch" not in sys.modules:
         cuda = False  # no NVIDIA driver: skip importing torch (seconds) just to hear that from it
@@ -215,9 +275,9 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
         import torch
 
         cuda = torch.cuda.is_available()
-    if not cuda:
-        yield r.problem("training.fp16", "fp16 mixed precision needs a CUDA GPU and none is visible",
-                        "set training.fp16: false (or train on a GPU machine)",
+    for key in wanted if not cuda else ():
+        yield r.problem(f"training.{key}", f"{NEEDS_GPU[key]} needs a CUDA GPU and none is visible",
+                        f"set training.{key}: false (or train on a GPU machine)",
                         "error" if for_training else "warning")
 
 
