@@ -36,6 +36,7 @@ SEQ_CLS = {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "nu
            "dataset": {"path": "sample:glue_mrpc", "formatter": "glue_mrpc", "max_samples": 16},
            "training": {"max_length": None}}
 EVAL_ON = {"dataset": {"val_split": 0.25}, "training": {"eval_strategy": "steps", "eval_steps": 1}}
+BEST = {"load_best_model_at_end": True, "save_strategy": "steps", "save_steps": 1}
 
 # (id, change merged into GOOD, field the one error line must name)
 BATCH, ACCUM = "per_device_train_batch_size", "gradient_accumulation_steps"
@@ -66,6 +67,9 @@ REJECTED = [
     ("scheduler_needs_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr"}},
      "training.lr_scheduler_kwargs"),
     ("padding_free_with_max_length", {"training": {"padding_free": True}}, "training.padding_free"),
+    ("best_model_metric_not_reported", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
+                                                                "metric_for_best_model": "accuracy"}},
+     "training.metric_for_best_model"),
 ]
 if importlib.util.find_spec("lomo_optim") is None:
     REJECTED.append(("optim_package_missing", {"training": {"optim": "lomo"}}, "training.optim"))
@@ -84,7 +88,9 @@ ACCEPTED = [
     ("eval_on", EVAL_ON),
     ("packing", {"training": {"packing": True}}),
     ("padding_free_packed", {"training": {"packing": True, "padding_free": True}}),
-    ("pissa_init", {"peft": {"init_lora_weights": "pissa"}}),  # validate's meta model has no weights to SVD
+    ("pissa_init", {"peft": {"init_lora_weights": "pissa"}}),
+    ("best_model_by_token_accuracy", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
+                                                              "metric_for_best_model": "mean_token_accuracy"}}),  # validate's meta model has no weights to SVD
     ("scheduler_with_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr",
                                             "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}}),
     ("seq_cls", {**SEQ_CLS, "peft": {"method": "lora", "r": 4, "lora_alpha": 8,

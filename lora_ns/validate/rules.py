@@ -15,8 +15,9 @@ from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
-from lora_ns.errors import Problem, first_line
+from lora_ns.errors import Problem, first_line, suggest
 from lora_ns.hf_fields import PEFT_TYPES
+from lora_ns.memory import SFT_TASKS
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
 
@@ -226,7 +227,24 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
             "set training.max_length: null (rows as they are), or training.packing: true"))
-    return problems + [p for p in (optimizer_problem(recipe, args), scheduler_problem(recipe, args)) if p]
+    checks = (optimizer_problem, scheduler_problem, best_model_metric_problem)
+    return problems + [p for p in (check(recipe, args) for check in checks) if p]
+
+
+# What an evaluation reports, by task: lora_ns's classification metrics, TRL SFTTrainer's token metrics
+# (tests/test_one_path.py trains with one of them as metric_for_best_model, so a rename upstream shows there).
+EVAL_METRICS = {"seq_cls": ("loss", "accuracy", "f1", "precision", "recall"),
+                **{task: ("loss", "entropy", "mean_token_accuracy", "num_tokens") for task in SFT_TASKS}}
+
+
+def best_model_metric_problem(recipe: Recipe, args) -> Problem | None:
+    """metric_for_best_model that the evaluation does not report: the Trainer stops at the first evaluation."""
+    wanted, known = args.metric_for_best_model, EVAL_METRICS.get(recipe.task)
+    if not wanted or known is None or wanted.removeprefix("eval_") in known:
+        return None
+    return recipe.problem("training.metric_for_best_model", f"'{wanted}' is not a metric the {recipe.task} "
+                          "evaluation reports: training would stop at its first evaluation",
+                          suggest(wanted.removeprefix("eval_"), known))
 
 
 def optimizer_problem(recipe: Recipe, args) -> Problem | None:
