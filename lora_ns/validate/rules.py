@@ -238,7 +238,7 @@ EVAL_METRICS = {"seq_cls": ("loss", "accuracy", "f1", "precision", "recall"),
 
 
 def best_model_metric_problem(recipe: Recipe, args) -> Problem | None:
-    """metric_for_best_model that the evaluation does not report: the Trainer stops at the first evaluation."""
+    """A metric_for_best_model the evaluation does not report: the Trainer stops at its first evaluation."""
     wanted, known = args.metric_for_best_model, EVAL_METRICS.get(recipe.task)
     if not wanted or known is None or wanted.removeprefix("eval_") in known:
         return None
