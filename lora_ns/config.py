@@ -120,6 +120,15 @@ class Recipe(_Section):
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig, "quantization": QuantizationConfig, "peft": PeftSection, "dataset": DatasetConfig,
 }
+# training keys of older tutorials that transformers 5 / TRL 1 dropped, and what to write instead
+# (renames difflib finds, such as evaluation_strategy or max_seq_length, need no entry)
+DROPPED_TRAINING_KEYS = {
+    "warmup_ratio": "use warmup_steps: a value below 1 is a share of the run (e.g. 0.03)",
+    "no_cuda": "use use_cpu: true",
+    "save_safetensors": "remove it: checkpoints are always safetensors",
+    "logging_dir": "remove it: logs go under output_dir (or set TENSORBOARD_LOGGING_DIR)",
+    "torch_dtype": "set model.dtype (bf16, fp16, fp32 or auto) instead",
+}
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}
@@ -238,6 +247,8 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
                 continue
             if section == "peft" and key in PEFT_MANAGED:
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"
+            elif section == "training" and key in DROPPED_TRAINING_KEYS:
+                msg, fix = "not a field of this transformers/TRL version", DROPPED_TRAINING_KEYS[key]
             elif section == "training" and data.get("task") == "seq_cls" \
                     and key in training_fields("causal_lm"):
                 msg = "only applies to causal LM tasks (TRL SFTConfig); seq_cls uses TrainingArguments"

@@ -62,6 +62,18 @@ def test_unknown_keys_suggest_the_closest_field():
     assert "modle: unknown section — did you mean 'model'?" in text
 
 
+def test_keys_the_libraries_dropped_say_what_replaced_them():
+    from lora_ns.config import DROPPED_TRAINING_KEYS
+
+    data = _copy()
+    data["training"].update({key: 1 for key in DROPPED_TRAINING_KEYS})
+    with pytest.raises(UserError) as err:
+        parse_recipe(data, "r.yaml")
+    fixes = {p.field: p.fix for p in err.value.problems}
+    assert fixes == {f"training.{key}": fix for key, fix in DROPPED_TRAINING_KEYS.items()}
+    assert "use warmup_steps: a value below 1 is a share of the run" in fixes["training.warmup_ratio"]
+
+
 def test_misspelt_values_suggest_the_closest_choice():
     from lora_ns.data import label_id
 
