@@ -223,6 +223,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if getattr(args, "use_liger_kernel", False) and not is_liger_kernel_available():
         problems.append(recipe.problem("training.use_liger_kernel", "needs the liger-kernel package",
                                        "pip install liger-kernel (CUDA), or set use_liger_kernel: false"))
+    if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
+        problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
+                                       "with checkpointing off", "set training.gradient_checkpointing: true"))
     if getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
