@@ -67,6 +67,8 @@ REJECTED = [
     ("scheduler_needs_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr"}},
      "training.lr_scheduler_kwargs"),
     ("padding_free_with_max_length", {"training": {"padding_free": True}}, "training.padding_free"),
+    ("save_best_without_metric", {**EVAL_ON, "training": {**EVAL_ON["training"], "save_strategy": "best"}},
+     "training.save_strategy"),
     ("selective_without_checkpointing", {"training": {"gradient_checkpointing_kwargs": {"selective": True}}},
      "training.gradient_checkpointing_kwargs"),
     ("best_model_metric_not_reported", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,

@@ -114,6 +114,24 @@ def test_gpu_only_settings_without_a_gpu(key, monkeypatch):
     assert list(rules.hardware_problems(r, True)) == []
 
 
+def test_push_to_hub_needs_the_hub_and_a_login_where_training_runs(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    r = make({"training": {"push_to_hub": True}})
+
+    def problems(offline: bool, token: str | None, for_training: bool) -> list[tuple[str, str]]:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+        return [(p.message, p.severity) for p in rules.hub_problems(r, for_training)]
+
+    assert problems(True, "hf_x", True) == [("push_to_hub, but HF_HUB_OFFLINE is set", "error")]
+    assert problems(False, None, True) == [("push_to_hub, but no login here", "error")]
+    assert problems(False, None, False) == [("push_to_hub, but no login here", "warning")]
+    assert problems(False, "hf_x", True) == []
+    assert list(rules.hub_problems(make({}), True)) == []
+
+
 def test_every_rule_has_a_case():
     tested_elsewhere = {rules.output_dir_usable,  # test_output_dir_rules
                         rules.init_adapter_fits,  # tests/test_init_from.py (needs a trained adapter)

@@ -226,6 +226,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
         problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
                                        "with checkpointing off", "set training.gradient_checkpointing: true"))
+    if args.save_strategy == "best" and not args.metric_for_best_model:
+        problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
+                                       "compare", "set training.metric_for_best_model (e.g. loss)"))
     if getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
@@ -276,7 +279,8 @@ def scheduler_problem(recipe: Recipe, args) -> Problem | None:
                       num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     except (ValueError, TypeError) as err:
         return recipe.problem("training.lr_scheduler_kwargs", first_line(err, 200),
-                              f"set what {args.lr_scheduler_type} needs in training.lr_scheduler_kwargs")
+                              f"set what {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} "
+                              "needs in training.lr_scheduler_kwargs")
     return None
 
 
@@ -302,5 +306,20 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
                         "error" if for_training else "warning")
 
 
+def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
+    """push_to_hub needs the Hub and a login where training runs (the Trainer finds out after the weights
+    load). As with `hardware_problems`: an error when training, a warning when validating elsewhere."""
+    if not r.training.get("push_to_hub"):
+        return
+    from huggingface_hub import constants, get_token
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None if get_token() else "no login here"
+    if why:  # (the token itself is never shown)
+        yield r.problem("training.push_to_hub", f"push_to_hub, but {why}", "run `hf auth login` (or set "
+                        "HF_TOKEN) where training runs, or set push_to_hub: false", "error" if for_training
+                        else "warning")
+
+
 def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
-    return [p for rule in RULES for p in rule(r)] + list(hardware_problems(r, for_training))
+    return [p for rule in RULES for p in rule(r)] + [*hardware_problems(r, for_training),
+                                                      *hub_problems(r, for_training)]
