@@ -69,6 +69,7 @@ REJECTED = [
     ("padding_free_with_max_length", {"training": {"padding_free": True}}, "training.padding_free"),
     ("save_best_without_metric", {**EVAL_ON, "training": {**EVAL_ON["training"], "save_strategy": "best"}},
      "training.save_strategy"),
+    ("compile_backend_unknown", {"training": {"torch_compile_backend": "inductr"}}, "training.torch_compile_backend"),
     ("selective_without_checkpointing", {"training": {"gradient_checkpointing_kwargs": {"selective": True}}},
      "training.gradient_checkpointing_kwargs"),
     ("best_model_metric_not_reported", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,

@@ -226,6 +226,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
         problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
                                        "with checkpointing off", "set training.gradient_checkpointing: true"))
+    if (backend := args.torch_compile_backend) and backend.upper() not in backends():  # accelerate's check
+        problems.append(recipe.problem("training.torch_compile_backend", f"unknown backend '{backend}'",
+                                       suggest(backend.lower(), [b.lower() for b in backends()])))
     if args.save_strategy == "best" and not args.metric_for_best_model:
         problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
                                        "compare", "set training.metric_for_best_model (e.g. loss)"))
@@ -251,6 +254,13 @@ def best_model_metric_problem(recipe: Recipe, args) -> Problem | None:
     return recipe.problem("training.metric_for_best_model", f"'{wanted}' is not a metric the {recipe.task} "
                           "evaluation reports: training would stop at its first evaluation",
                           suggest(wanted.removeprefix("eval_"), known))
+
+
+def backends() -> list[str]:
+    """torch.compile backends accelerate accepts (it checks them only when the Trainer starts)."""
+    from accelerate.utils import DynamoBackend
+
+    return [b.value for b in DynamoBackend]
 
 
 def optimizer_problem(recipe: Recipe, args) -> Problem | None:
