@@ -12,7 +12,7 @@ import re
 import shutil
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +183,11 @@ def training_arguments(recipe: Recipe) -> Any:
     try:
         return training_arguments_class(recipe.task)(**{**training_defaults(recipe), **given,
                                                         "output_dir": recipe.output_dir})
-    except ValueError as err:  # the HF classes check combinations of values in __post_init__
-        raise UserError(library_problem(recipe, "training", given, err, "the HF TrainingArguments docs"))
+    except (ValueError, ImportError) as err:  # __post_init__ checks values, and packages (deepspeed)
+        problem = library_problem(recipe, "training", given, err, "the HF TrainingArguments docs")
+        if isinstance(err, ImportError):
+            problem = replace(problem, fix=f"install what it names, or remove {problem.field}")
+        raise UserError(problem)
 
 
 # --- output dir and checkpoints -------------------------------------------------------------------

@@ -70,6 +70,7 @@ REJECTED = [
     ("save_best_without_metric", {**EVAL_ON, "training": {**EVAL_ON["training"], "save_strategy": "best"}},
      "training.save_strategy"),
     ("compile_backend_unknown", {"training": {"torch_compile_backend": "inductr"}}, "training.torch_compile_backend"),
+    ("optim_args_not_pairs", {"training": {"optim_args": "foo"}}, "training.optim_args"),
     ("selective_without_checkpointing", {"training": {"gradient_checkpointing_kwargs": {"selective": True}}},
      "training.gradient_checkpointing_kwargs"),
     ("best_model_metric_not_reported", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
@@ -78,6 +79,8 @@ REJECTED = [
 ]
 if importlib.util.find_spec("lomo_optim") is None:
     REJECTED.append(("optim_package_missing", {"training": {"optim": "lomo"}}, "training.optim"))
+if importlib.util.find_spec("deepspeed") is None:
+    REJECTED.append(("deepspeed_not_installed", {"training": {"deepspeed": "ds.json"}}, "training.deepspeed"))
 if importlib.util.find_spec("liger_kernel") is None:
     REJECTED.append(("liger_missing", {"training": {"use_liger_kernel": True}}, "training.use_liger_kernel"))
 if importlib.util.find_spec("wandb") is None:

@@ -226,6 +226,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
         problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
                                        "with checkpointing off", "set training.gradient_checkpointing: true"))
+    if args.optim_args and not all("=" in item for item in args.optim_args.replace(" ", "").split(",")):
+        problems.append(recipe.problem("training.optim_args", f"'{args.optim_args}' is not key=value pairs",
+                                       "write them as key=value,key=value (e.g. betas=0.9)"))
     if (backend := args.torch_compile_backend) and backend.upper() not in backends():  # accelerate's check
         problems.append(recipe.problem("training.torch_compile_backend", f"unknown backend '{backend}'",
                                        suggest(backend.lower(), [b.lower() for b in backends()])))
