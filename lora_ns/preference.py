@@ -145,6 +145,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     if grpo and (n := t.get("num_generations")) is not None and n < 2:  # TRL's message names no field
         problems.append(recipe.problem("training.num_generations", f"is {n}; GRPO compares completions "
                                        "of the same prompt", "set it to 2 or more"))
+    if t.get("sync_ref_model") and recipe.peft.method != "full":  # TRL refuses it when the trainer starts
+        problems.append(recipe.problem("training.sync_ref_model", "with a peft adapter the reference is the "
+                                       "base model with the adapter off: there is no copy to sync",
+                                       "set sync_ref_model: false, or peft.method: full"))
     if grpo and completion is not None and completion < 1:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
     reasons = resolve_rewards(recipe.training.get("reward_funcs"))[1] if grpo else []

@@ -142,10 +142,18 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("grpo", {"reward_funcs": ["nope.nope:f"]}, "training.reward_funcs", "cannot import"),
     ("dpo", {"beta": 0}, "training.beta", "out of range"),
     ("orpo", {"max_length": 256, "max_completion_length": 256}, "training.max_completion_length", "no room"),
+    ("dpo", {"sync_ref_model": True}, "training.sync_ref_model", "no copy to sync"),
 ])
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))
     assert problem.field == field and words in f"{problem.message} {problem.fix}"
+
+
+def test_validate_builds_a_preference_config_with_sft_only_keys_absent(tmp_path):
+    """DPOConfig has padding_free but no packing: the set-up's SFT-only checks must not assume packing."""
+    from lora_ns.setup import setup
+
+    assert setup(recipe_for("dpo", tmp_path / "out", padding_free=True, max_steps=1), dry_run=True).args.padding_free
 
 
 def test_formatter_must_fit_the_task():

@@ -235,7 +235,8 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if args.save_strategy == "best" and not args.metric_for_best_model:
         problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
                                        "compare", "set training.metric_for_best_model (e.g. loss)"))
-    if getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
+    sft = hasattr(args, "packing")  # SFTConfig; DPOConfig has padding_free but no packing
+    if sft and getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
             "set training.max_length: null (rows as they are), or training.packing: true"))
