@@ -86,6 +86,11 @@ def run_command(name: str, args: list[str]) -> int:
     return 0 if code is None else int(code)
 
 
+def command_name(word: str) -> str:
+    """Our name for a command word: the old script names (``validate_config.py``) map to ours."""
+    return LEGACY_COMMANDS.get(word.removesuffix(".py"), word)
+
+
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "help":  # `lora-ns help train` == `lora-ns train --help`
         argv = [argv[1], "--help"] if len(argv) > 1 else ["--help"]
@@ -96,7 +101,7 @@ def dispatch(argv: list[str]) -> int:
                                     f"run '{PROG} --help'; commands: {', '.join(COMMANDS)}"))
         argv = [args.command, *args.args]
     name, rest = argv[0], argv[1:]
-    name = LEGACY_COMMANDS.get(name.removesuffix(".py"), name)
+    name = command_name(name)
     if name not in COMMANDS:
         raise _unknown_command(name)
     return run_command(name, rest)
@@ -109,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = run_cli(PROG, lambda: dispatch(args))
     except SystemExit as exc:
         code = _exit_code(exc)
-    if argv is None and args and LEGACY_COMMANDS.get(args[0].removesuffix(".py"), args[0]) == "validate":
+    if argv is None and args and command_name(args[0]) == "validate":
         exit_now(code)  # as `python -m lora_ns.validate` does: no ~3 s teardown of torch and co.
     return code
 

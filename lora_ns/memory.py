@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.errors import UserError, first_line
-from lora_ns.model import gradient_checkpointing, torch_dtype
+from lora_ns.model import gradient_checkpointing, selective_checkpointing, torch_dtype
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
@@ -176,8 +176,7 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
              method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
              checkpointing: bool = False, selective: bool = False, strategy: str | None = None,
              num_processes: int = 1, task: str = "causal_lm", num_labels: int = 2, seq_from: str = "",
-             fused_head: bool | None = None,
-             triton: bool = True) -> MemoryEstimate:
+             fused_head: bool | None = None, triton: bool = True) -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
     `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from.
     `fused_head`: TRL's fused LM head (default: for SFT tasks when TRL has it); `triton`: its GPU kernels."""
@@ -206,9 +205,10 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     per_layer = _layer_bytes(shape, c, 0 if full else lora_r, lora_dropout and not full)
     if full:
         per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
-    # checkpointing: each layer's input; the recomputed layer lives after the loss buffers are freed
-    saved = shape.hidden * c + (shape.hidden * c + shape.heads * 4 if selective else 0) if checkpointing \
-        else per_layer
+    # checkpointing: each layer's input (selective: and its attention output + fp32 logsumexp); the
+    # recomputed layer lives after the loss buffers are freed
+    kept = shape.hidden * c + (shape.hidden * c + shape.heads * 4 if selective else 0)
+    saved = kept if checkpointing else per_layer
     recompute = max(0, per_layer - (head / tokens if task != "seq_cls" else 0)) if checkpointing else 0
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
@@ -252,8 +252,7 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
         method="full" if method == "full" else "lora", lora_r=int(options.get("r", 8)),
         lora_dropout=float(options.get("lora_dropout", 0.0)) > 0, optim=str(t.get("optim", "adamw_torch")),
         checkpointing=gradient_checkpointing(recipe), strategy=strategy, num_processes=num_processes,
-        selective=bool((t.get("gradient_checkpointing_kwargs") or t.get("activation_checkpointing_kwargs")
-                        or {}).get("selective")),
+        selective=selective_checkpointing(recipe),
         task=recipe.task, num_labels=m.num_labels or 2)
 
 

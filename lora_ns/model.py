@@ -60,6 +60,13 @@ def gradient_checkpointing(recipe: Recipe) -> bool:
     return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", recipe.quantized)))
 
 
+def selective_checkpointing(recipe: Recipe) -> bool:
+    """TRL's selective mode asked for (``{activation,gradient}_checkpointing_kwargs: {selective: true}``)."""
+    t = recipe.training
+    return bool((t.get("activation_checkpointing_kwargs") or t.get("gradient_checkpointing_kwargs")
+                 or {}).get("selective"))
+
+
 def quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig, or None."""
     q = recipe.quantization

@@ -229,9 +229,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if args.optim_args and not all("=" in item for item in args.optim_args.replace(" ", "").split(",")):
         problems.append(recipe.problem("training.optim_args", f"'{args.optim_args}' is not key=value pairs",
                                        "write them as key=value,key=value (e.g. betas=0.9)"))
-    if (backend := args.torch_compile_backend) and backend.upper() not in backends():  # accelerate's check
+    if (backend := args.torch_compile_backend) and backend.upper() not in (known := backends()):
         problems.append(recipe.problem("training.torch_compile_backend", f"unknown backend '{backend}'",
-                                       suggest(backend.lower(), [b.lower() for b in backends()])))
+                                       suggest(backend.lower(), [b.lower() for b in known])))
     if args.save_strategy == "best" and not args.metric_for_best_model:
         problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
                                        "compare", "set training.metric_for_best_model (e.g. loss)"))
