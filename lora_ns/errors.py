@@ -68,8 +68,11 @@ def fail(file: str, field: str, message: str, fix: str = "", line: int | None = 
 # Library log lines that are noise to every user, by logger name -> message prefix. bitsandbytes' CPU backend
 # warns at import (peft imports it) that an optional kernel package is missing, even with nothing quantized.
 # datasets' JSON builder logs a failed file before raising; lora_ns then names the bad line itself.
+# TrainingArguments warns about torch.compile speed-ups on the machine that builds it: validate often runs
+# on a laptop for a GPU run, and the line came between validate's one-line error and the user.
 LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
-                 "datasets.packaged_modules.json.json": "Failed to load JSON from file"}
+                 "datasets.packaged_modules.json.json": "Failed to load JSON from file",
+                 "transformers.training_args": "The speedups for torchdynamo mostly come with GPU Ampere"}
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
