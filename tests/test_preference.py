@@ -156,6 +156,20 @@ def test_validate_builds_a_preference_config_with_sft_only_keys_absent(tmp_path)
     assert setup(recipe_for("dpo", tmp_path / "out", padding_free=True, max_steps=1), dry_run=True).args.padding_free
 
 
+def test_best_model_metric_must_be_one_the_task_reports(tmp_path):
+    """'accuracy' is a classification metric: DPO reports rewards/accuracies, and the Trainer would stop at
+    the first evaluation after the weights load."""
+    from lora_ns.setup import setup
+
+    recipe = recipe_for("dpo", tmp_path / "out", eval_strategy="steps", eval_steps=1, max_steps=1,
+                        metric_for_best_model="accuracy")
+    recipe.dataset.val_split = 0.25
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    (problem,) = err.value.problems
+    assert problem.field == "training.metric_for_best_model" and "rewards/accuracies" in problem.fix
+
+
 def test_formatter_must_fit_the_task():
     (problem,) = check_preference_recipe(recipe_for("dpo", formatter="gsm8k"))
     assert problem.field == "dataset.formatter" and "hh_rlhf" in problem.fix
@@ -170,14 +184,20 @@ def test_reward_funcs_only_for_grpo():
 
 # --- training -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["orpo", "kto"])
-def test_task_trains_and_saves_an_adapter(task, tmp_path):
-    from lora_ns.train import train
+@pytest.mark.parametrize("task", ["dpo", "orpo", "kto"])
+def test_task_trains_evaluates_and_saves_an_adapter(task, tmp_path):
+    """The evaluation reports every metric validate accepts as metric_for_best_model for the task."""
+    from lora_ns.train import run_training
+    from lora_ns.validate.rules import EVAL_METRICS
 
-    summary = train(recipe_for(task, tmp_path / "out", max_steps=2, per_device_train_batch_size=4,
-                               max_length=128))
+    recipe = recipe_for(task, tmp_path / "out", max_steps=2, per_device_train_batch_size=4, max_length=128,
+                        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    recipe.dataset.val_split = 0.25
+    trainer, summary = run_training(recipe)
     assert summary["steps"] == 2 and summary["last_loss"] is not None
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    (reported,) = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert {f"eval_{name}" for name in EVAL_METRICS[task]} <= set(reported), sorted(reported)
 
 
 def test_dpo_raises_the_preference_margin(tmp_path):

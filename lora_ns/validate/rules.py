@@ -244,10 +244,16 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     return problems + [p for p in (check(recipe, args) for check in checks) if p]
 
 
-# What an evaluation reports, by task: lora_ns's classification metrics, TRL SFTTrainer's token metrics
-# (tests/test_one_path.py trains with one of them as metric_for_best_model, so a rename upstream shows there).
+# What an evaluation reports, by task: lora_ns's classification metrics, TRL 1.16's SFT token metrics and
+# preference metrics (tests/test_one_path.py and tests/test_preference.py evaluate and compare, so a rename
+# upstream fails there). GRPO evaluates by generating: not checked.
+_PAIR = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+         "logits/chosen", "logits/rejected")
 EVAL_METRICS = {"seq_cls": ("loss", "accuracy", "f1", "precision", "recall"),
-                **{task: ("loss", "entropy", "mean_token_accuracy", "num_tokens") for task in SFT_TASKS}}
+                **{task: ("loss", "entropy", "mean_token_accuracy", "num_tokens") for task in SFT_TASKS},
+                "dpo": (*_PAIR, "rewards/accuracies", "entropy", "mean_token_accuracy", "num_tokens"),
+                "kto": (*_PAIR, "kl", "entropy", "num_tokens"),
+                "orpo": (*_PAIR, "rewards/accuracies", "nll_loss", "log_odds_ratio", "log_odds_chosen")}
 
 
 def best_model_metric_problem(recipe: Recipe, args) -> Problem | None:
