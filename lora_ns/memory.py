@@ -54,7 +54,7 @@ def _fused_head_bytes(shape: Shape, tokens: int, c: int, full: bool, triton: boo
     """Peak of `trl.kernels.chunked_logprob.ChunkedLogProbFunction`, in its backward, on top of activations.
 
     Saved from forward: a copy of the final hidden states (the shifted slice; label positions only on
-    Triton devices, all positions elsewhere; counted for every token, an upper bound on GPU), targets
+    Triton devices and, in lora_ns, the CPU; counted for every token, an upper bound), targets
     (int64), log Z and entropy (fp32): 2 x 4 + 8 bytes/token. Backward adds the fp32 hidden-state gradient
     and its cast back to the compute dtype, one [4096, 32768] tile in the compute dtype (+ the torch
     fallback's fp32 temporaries without Triton), and a trainable head's fp32 weight gradient (its cast to

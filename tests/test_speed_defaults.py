@@ -116,3 +116,51 @@ def test_selective_checkpointing_trains_under_a_peft_adapter(tmp_path):
     # Saving an op's output instead of recomputing it runs the same kernels on the same inputs, in the same
     # order, on one CPU thread pool: bit-identical losses, not merely close ones.
     assert len(full) == 3 and selective == full
+
+
+def test_cpu_training_scores_label_positions_only_with_the_same_loss_and_gradients(tiny_llama, tmp_path,
+                                                                                     monkeypatch):
+    """TRL's fused LM head scores every position off Triton devices (prompt and padding too); lora_ns's
+    training set-up makes it score only the positions with a label on the CPU, which must change nothing
+    but the work: the head sees mask.sum() rows, and the loss and every gradient are those of all positions."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from lora_ns.data import build_datasets
+    from lora_ns.model import load_tokenizer
+    from lora_ns.train import score_label_positions_only
+
+    r = recipe(tmp_path, dataset={"max_samples": 8}, per_device_train_batch_size=8, max_steps=1,
+               report_to="none")
+    tok, args = load_tokenizer(r), training_arguments(r)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=build_datasets(r, tok)[0], processing_class=tok)
+    batch = dict(next(iter(trainer.get_train_dataloader())))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert labelled < batch["labels"][:, 1:].numel()  # prompts (and padding) carry no label
+
+    rows, chunked = [], trl_utils._ChunkedLogProbFunction
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", type("Recorder", (), {"apply": staticmethod(
+        lambda hidden, *rest: rows.append(hidden.shape[0]) or chunked.apply(hidden, *rest))}))
+    from trl.kernels.chunked_logprob import _use_triton as trl_decides  # TRL's own, should a run have patched
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_decides)
+
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    every_loss, every_grad = loss_and_grads()
+    score_label_positions_only(args)
+    labelled_loss, labelled_grad = loss_and_grads()
+    assert rows == [batch["labels"][:, 1:].numel(), labelled]
+    # The same fp32 dot products of width 64 (hidden) per logit, only blocked differently by the matmul of
+    # fewer rows: <= 64 * eps relative on each logit, passed once through the log-softmax (x2).
+    tol = 2 * 64 * torch.finfo(torch.float32).eps
+    assert labelled_loss == pytest.approx(every_loss, rel=tol)
+    for name, grad in every_grad.items():
+        scale = float(grad.abs().max()) or 1.0
+        assert torch.allclose(labelled_grad[name], grad, rtol=0, atol=tol * scale), name
