@@ -48,7 +48,8 @@ class Setup:
 
 def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     """Check and build everything training needs before the weights (see the module docstring)."""
-    from lora_ns.validate.rules import check_rules, run_problems  # validate/__init__ imports this module
+    from lora_ns.validate.arguments import run_problems  # validate/__init__ imports this module
+    from lora_ns.validate.rules import check_rules
 
     if not dry_run:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks

@@ -76,6 +76,11 @@ REJECTED = [
     ("best_model_metric_not_reported", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
                                                                 "metric_for_best_model": "accuracy"}},
      "training.metric_for_best_model"),
+    ("adam_beta_out_of_range", {"training": {"adam_beta1": 1.5}}, "training.adam_beta1"),
+    ("lora_on_lm_head", {"peft": {"method": "lora", "r": 4, "lora_alpha": 8,
+                                  "target_modules": ["q_proj", "lm_head"]}}, "peft.target_modules"),
+    ("prefix_tuning_classifier", {**SEQ_CLS, "peft": {"method": "prefix_tuning", "num_virtual_tokens": 4}},
+     "peft.method"),
 ]
 if importlib.util.find_spec("lomo_optim") is None:
     REJECTED.append(("optim_package_missing", {"training": {"optim": "lomo"}}, "training.optim"))
@@ -97,6 +102,7 @@ ACCEPTED = [
     ("packing", {"training": {"packing": True}}),
     ("padding_free_packed", {"training": {"packing": True, "padding_free": True}}),
     ("pissa_init", {"peft": {"init_lora_weights": "pissa"}}),
+    ("prefix_tuning", {"peft": {"method": "prefix_tuning", "num_virtual_tokens": 4}}),
     ("best_model_by_token_accuracy", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
                                                               "metric_for_best_model": "mean_token_accuracy"}}),  # validate's meta model has no weights to SVD
     ("scheduler_with_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr",
@@ -137,6 +143,17 @@ def test_validate_rejects_what_train_would_fail_on(name, change, field, tmp_path
     assert head.startswith(f"lora_ns.validate: error: {path}:") and f" {field}: " in head, lines[0]
     assert fix.strip(), lines[0]  # says how to fix it
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_hold_out_that_leaves_no_training_rows_is_refused(tmp_path, capsys, tiny_llama):
+    """16 rows, 0.99 held out: datasets' split leaves training empty. The data check knows the row count
+    (max_samples caps it) and splits as training does."""
+    path = write(tmp_path, "hold_out", {"dataset": {"val_split": 0.99}, "training": EVAL_ON["training"]})
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(path)])) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert f"{path}:" in line and " dataset.val_split: cannot hold out 0.99 of 16 rows" in line, line
+    write(tmp_path, "hold_out", {"dataset": {"val_split": 0.25}, "training": EVAL_ON["training"]})
+    assert validate_main([str(path)]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,change", ACCEPTED, ids=[c[0] for c in ACCEPTED])

@@ -188,7 +188,7 @@ def test_reward_funcs_only_for_grpo():
 def test_task_trains_evaluates_and_saves_an_adapter(task, tmp_path):
     """The evaluation reports every metric validate accepts as metric_for_best_model for the task."""
     from lora_ns.train import run_training
-    from lora_ns.validate.rules import EVAL_METRICS
+    from lora_ns.validate.arguments import EVAL_METRICS
 
     recipe = recipe_for(task, tmp_path / "out", max_steps=2, per_device_train_batch_size=4, max_length=128,
                         eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)

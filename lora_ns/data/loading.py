@@ -166,7 +166,7 @@ def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     return raw.map(converter(columns, src, recipe, tokenizer), with_indices=True, remove_columns=columns)
 
 
-def _hold_out(data, recipe: Recipe):
+def hold_out(data, recipe: Recipe):
     """(train, eval) for a fractional ``val_split``: `Dataset.train_test_split`, or a hash when streaming."""
     import datasets
 
@@ -182,7 +182,7 @@ def _hold_out(data, recipe: Recipe):
         why = first_line(err.__cause__ or err, 300)
         raise UserError(recipe.problem("dataset.val_split",
                                        f"cannot hold out {fraction} of {len(data)} rows: {why}",
-                                       "use a larger fraction, or more data"))
+                                       "use a fraction leaving rows on both sides (e.g. 0.1), or more data"))
     return parts["train"], parts["test"]
 
 
@@ -198,7 +198,7 @@ def build_datasets(recipe: Recipe, tokenizer=None):
     train = _convert(raw.take(cfg.max_samples) if cfg.max_samples else raw, src, recipe, tokenizer)
     evaluation = None
     if isinstance(cfg.val_split, float):
-        train, evaluation = _hold_out(train, recipe)
+        train, evaluation = hold_out(train, recipe)
     elif isinstance(cfg.val_split, str):
         evaluation = _convert(*load(cfg, cfg.val_split, "dataset.val_split"), recipe, tokenizer)
     if kind == "text":
@@ -222,7 +222,7 @@ def formatted_examples(recipe: Recipe, split: str | float | None = None,
     rows: Iterator[tuple[int, dict[str, Any]]] = enumerate(raw)
     if own and isinstance(cfg.val_split, float):  # the same hold-out as build_datasets, on numbered rows
         numbered = raw.map(lambda _, i: {"__row__": i}, with_indices=True)
-        rows = ((row.pop("__row__"), row) for row in _hold_out(numbered, recipe)[split is not None])
+        rows = ((row.pop("__row__"), row) for row in hold_out(numbered, recipe)[split is not None])
     read = set(conv.columns.values())
     examples = ({**conv(row, i, rendered=False), "metadata": {k: v for k, v in row.items() if k not in read},
                  "row": i + 1} for i, row in rows)

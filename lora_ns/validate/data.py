@@ -12,7 +12,7 @@ from typing import Any
 from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import converter
+from lora_ns.data.loading import converter, hold_out
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import (
     TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
@@ -60,9 +60,26 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
         problems += errors
         if split is None:
             examples, found = formatted, columns
+            problems += held_out_problems(recipe, len(sampled))
     if any(p.is_error for p in problems) or not examples:
         return problems
     return problems + _empty_warnings(recipe, examples, found) + _token_stats(recipe, examples)
+
+
+def held_out_problems(recipe: Recipe, sampled: int) -> list[Problem]:
+    """A fraction val_split of data small enough to be known whole (the sample read it all, or max_samples
+    caps it): split that many rows as training will, so a split leaving either side empty fails now."""
+    cap, fraction = recipe.dataset.max_samples, recipe.dataset.val_split
+    if not isinstance(fraction, float) or (sampled >= SAMPLE_ROWS and not (cap and cap <= sampled)):
+        return []
+    import datasets
+
+    rows = min(sampled, cap or sampled)
+    try:
+        hold_out(datasets.Dataset.from_dict({"row": list(range(rows))}), recipe)
+    except UserError as err:
+        return err.problems
+    return []
 
 
 def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:

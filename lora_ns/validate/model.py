@@ -14,6 +14,7 @@ from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, first_line
+from lora_ns.memory import SFT_TASKS
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
 from lora_ns.setup import library_problem
 
@@ -125,6 +126,35 @@ def target_module_problems(recipe: Recipe, model) -> list[Problem]:
     return problems
 
 
+# Tasks whose TRL trainer computes log-probabilities from lm_head.weight directly (`add_fused_lm_head`)
+FUSED_HEAD_TASKS = (*SFT_TASKS, "dpo", "kto", "grpo")
+
+
+def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
+    """What peft builds but the trainer or the first step refuses, seen on the meta model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if recipe.task in FUSED_HEAD_TASKS and isinstance(peft_model.get_output_embeddings(), BaseTunerLayer):
+        return recipe.problem("peft.target_modules", f"an adapter on lm_head: TRL's {recipe.task} trainer "
+                              "scores tokens with lm_head.weight itself, so it would never train",
+                              "leave lm_head out of peft.target_modules")
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model  # full
+    prefix = recipe.peft.method == "prefix_tuning"
+    if prefix and recipe.task == "seq_cls" and not _takes_past_key_values(base):
+        return recipe.problem("peft.method", "peft's prefix tuning for classification needs a forward that "
+                              f"takes past_key_values; {type(base).__name__}'s does not (transformers 5 "
+                              "names it cache)", "use lora, ia3 or prompt_tuning for seq_cls")
+    return None
+
+
+def _takes_past_key_values(model) -> bool:
+    """peft's test before a classifier's prefix-tuning forward: its forward, or its backbone's, takes it."""
+    import inspect
+
+    backbone = getattr(model, model.base_model_prefix, model)
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
+
+
 def parameter_count(recipe: Recipe, model) -> Problem:
     """Apply the recipe's peft config to the meta model and report trainable / total parameters."""
     check = recipe.model_copy(deep=True)
@@ -137,6 +167,8 @@ def parameter_count(recipe: Recipe, model) -> Problem:
         model = apply_peft(model, check)
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
         return library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")
+    if (problem := adapter_problem(recipe, model)) is not None:
+        return problem
     for name, param in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's fixed rank; moving it to meta re-wraps it as trainable
             param.requires_grad_(False)

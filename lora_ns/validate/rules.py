@@ -15,9 +15,8 @@ from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
-from lora_ns.errors import Problem, first_line, suggest
+from lora_ns.errors import Problem
 from lora_ns.hf_fields import PEFT_TYPES
-from lora_ns.memory import SFT_TASKS
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
 
@@ -202,106 +201,6 @@ RULES: list[Rule] = [
     checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
 ]
-
-
-def run_problems(recipe: Recipe, args) -> list[Problem]:
-    """What the built training arguments accept but the Trainer then fails on, after the weights load (or
-    silently does nothing with); `lora_ns.setup` runs it on the real arguments object."""
-    problems = []
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        epochs = args.num_train_epochs
-        problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
-                                       "max_steps: the run would train 0 steps",
-                                       "set training.num_train_epochs > 0 (or training.max_steps)"))
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.utils import is_liger_kernel_available
-
-    # report_to is a list by now ("none" -> [], "all" -> what is installed); else Trainer fails after the load
-    problems += [recipe.problem("training.report_to", f"logger '{name}' is not installed",
-                                f"pip install {name}, or set training.report_to: none")
-                 for name in args.report_to or [] if name not in get_available_reporting_integrations()]
-    if getattr(args, "use_liger_kernel", False) and not is_liger_kernel_available():
-        problems.append(recipe.problem("training.use_liger_kernel", "needs the liger-kernel package",
-                                       "pip install liger-kernel (CUDA), or set use_liger_kernel: false"))
-    if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
-        problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
-                                       "with checkpointing off", "set training.gradient_checkpointing: true"))
-    if args.optim_args and not all("=" in item for item in args.optim_args.replace(" ", "").split(",")):
-        problems.append(recipe.problem("training.optim_args", f"'{args.optim_args}' is not key=value pairs",
-                                       "write them as key=value,key=value (e.g. betas=0.9)"))
-    if (backend := args.torch_compile_backend) and backend.upper() not in (known := backends()):
-        problems.append(recipe.problem("training.torch_compile_backend", f"unknown backend '{backend}'",
-                                       suggest(backend.lower(), [b.lower() for b in known])))
-    if args.save_strategy == "best" and not args.metric_for_best_model:
-        problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
-                                       "compare", "set training.metric_for_best_model (e.g. loss)"))
-    sft = hasattr(args, "packing")  # SFTConfig; DPOConfig has padding_free but no packing
-    if sft and getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
-        problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
-            "training.padding_free", "padding_free without packing does not cut rows to max_length",
-            "set training.max_length: null (rows as they are), or training.packing: true"))
-    checks = (optimizer_problem, scheduler_problem, best_model_metric_problem)
-    return problems + [p for p in (check(recipe, args) for check in checks) if p]
-
-
-# What an evaluation reports, by task: lora_ns's classification metrics, TRL 1.16's SFT token metrics and
-# preference metrics (tests/test_one_path.py and tests/test_preference.py evaluate and compare, so a rename
-# upstream fails there). GRPO evaluates by generating: not checked.
-_PAIR = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-         "logits/chosen", "logits/rejected")
-EVAL_METRICS = {"seq_cls": ("loss", "accuracy", "f1", "precision", "recall"),
-                **{task: ("loss", "entropy", "mean_token_accuracy", "num_tokens") for task in SFT_TASKS},
-                "dpo": (*_PAIR, "rewards/accuracies", "entropy", "mean_token_accuracy", "num_tokens"),
-                "kto": (*_PAIR, "kl", "entropy", "num_tokens"),
-                "orpo": (*_PAIR, "rewards/accuracies", "nll_loss", "log_odds_ratio", "log_odds_chosen")}
-
-
-def best_model_metric_problem(recipe: Recipe, args) -> Problem | None:
-    """A metric_for_best_model the evaluation does not report: the Trainer stops at its first evaluation."""
-    wanted, known = args.metric_for_best_model, EVAL_METRICS.get(recipe.task)
-    if not wanted or known is None or wanted.removeprefix("eval_") in known:
-        return None
-    return recipe.problem("training.metric_for_best_model", f"'{wanted}' is not a metric the {recipe.task} "
-                          "evaluation reports: training would stop at its first evaluation",
-                          suggest(wanted.removeprefix("eval_"), known))
-
-
-def backends() -> list[str]:
-    """torch.compile backends accelerate accepts (it checks them only when the Trainer starts)."""
-    from accelerate.utils import DynamoBackend
-
-    return [b.value for b in DynamoBackend]
-
-
-def optimizer_problem(recipe: Recipe, args) -> Problem | None:
-    """The Trainer picks its optimizer class after the weights load: a package it needs is checked now."""
-    from transformers import Trainer
-
-    try:
-        Trainer.get_optimizer_cls_and_kwargs(args)
-    except (ImportError, ValueError) as err:  # ValueError: its other checks need the model, so only "install"
-        if isinstance(err, ImportError) or "install" in str(err).lower():
-            return recipe.problem("training.optim", f"optim '{args.optim}': {first_line(err, 200)}",
-                                  "install it, or use another training.optim (e.g. adamw_torch)")
-    return None
-
-
-def scheduler_problem(recipe: Recipe, args) -> Problem | None:
-    """The learning-rate scheduler, built as the Trainer builds it at its first step, on a one-parameter
-    optimizer: a name that needs ``lr_scheduler_kwargs`` (cosine_with_min_lr: min_lr) fails now."""
-    import torch
-    from transformers import get_scheduler
-
-    steps = args.max_steps if args.max_steps > 0 else 100
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate or 1.0)
-    try:
-        get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
-                      num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
-    except (ValueError, TypeError) as err:
-        return recipe.problem("training.lr_scheduler_kwargs", first_line(err, 200),
-                              f"set what {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} "
-                              "needs in training.lr_scheduler_kwargs")
-    return None
 
 
 # training keys that need a CUDA GPU, which SFTConfig / TrainingArguments accept on any machine
