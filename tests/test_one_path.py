@@ -156,6 +156,21 @@ def test_a_hold_out_that_leaves_no_training_rows_is_refused(tmp_path, capsys, ti
     assert validate_main([str(path)]) == 0, capsys.readouterr().err
 
 
+def test_a_max_length_that_cuts_every_answer_away_is_refused(tmp_path, capsys, tiny_llama):
+    """TRL truncates rows to max_length, then drops those left with no loss token: at 16 tokens every GSM8K
+    row loses its answer and training started with no data (an IndexError in the sampler). Some rows lost:
+    a warning, since they silently go untrained."""
+    path = write(tmp_path, "short", {"training": {"max_length": 16}})
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(path)])) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert " training.max_length: 16 of 16 sampled rows keep no loss token within max_length=16" in line, line
+    write(tmp_path, "short", {"training": {"max_length": 40}})
+    assert validate_main([str(path)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ": warning: " in ln]
+    lost = int(line.split("training.max_length: ")[1].split()[0])
+    assert 0 < lost < 16 and "of 16 sampled rows keep no loss token within max_length=40" in line, line
+
+
 @pytest.mark.parametrize("name,change", ACCEPTED, ids=[c[0] for c in ACCEPTED])
 def test_what_validate_accepts_trains(name, change, tmp_path, capsys, tiny_llama, tiny_bert):
     from lora_ns.train import train

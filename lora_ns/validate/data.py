@@ -50,6 +50,8 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
         try:
             src = source_for(cfg, split, field)
             sampled = _sample(src)
+            if split is None and sampled and cfg.max_samples:  # training reads no further
+                sampled = sampled[:cfg.max_samples]
         except UserError as err:
             return problems + err.problems
         if sampled is None:
@@ -67,16 +69,15 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
 
 
 def held_out_problems(recipe: Recipe, sampled: int) -> list[Problem]:
-    """A fraction val_split of data small enough to be known whole (the sample read it all, or max_samples
-    caps it): split that many rows as training will, so a split leaving either side empty fails now."""
-    cap, fraction = recipe.dataset.max_samples, recipe.dataset.val_split
-    if not isinstance(fraction, float) or (sampled >= SAMPLE_ROWS and not (cap and cap <= sampled)):
+    """A fraction val_split of training rows known whole (the sample read them all, or max_samples caps
+    them): split that many as training will, so a split leaving either side empty fails now."""
+    whole = sampled < SAMPLE_ROWS or sampled == recipe.dataset.max_samples
+    if not isinstance(recipe.dataset.val_split, float) or not whole:
         return []
     import datasets
 
-    rows = min(sampled, cap or sampled)
     try:
-        hold_out(datasets.Dataset.from_dict({"row": list(range(rows))}), recipe)
+        hold_out(datasets.Dataset.from_dict({"row": list(range(sampled))}), recipe)
     except UserError as err:
         return err.problems
     return []
@@ -192,6 +193,7 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
             if fmt.kind != "text" or example["text"].strip()]
     if not rows:
         return []
+    lost: Problem | None = None  # rows truncation leaves without a loss token
     if args is None:
         limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
                              "the tokenizer's model_max_length")
@@ -200,14 +202,18 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
         lengths = [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
     else:
         limit, limit_name, args.max_length = args.max_length, "training.max_length", None  # the full lengths
-        lengths = [len(row["input_ids"]) for row in
-                   prepared_rows(args, datasets.Dataset.from_list(rows), tokenizer)]
+        prepared = prepared_rows(args, datasets.Dataset.from_list(rows), tokenizer)
+        lengths = [len(row["input_ids"]) for row in prepared]
+        lost = _truncated_away(recipe, args, limit, prepared) if limit and not args.packing else None
+        if lost is not None and lost.is_error:
+            return [lost]
     chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
     style = "chat template" if chat or fmt.kind == "messages" else "plain text"
     over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
         if limit else ""
     p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
-    notes = [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
+    notes = [lost] if lost is not None else []
+    notes += [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
                      f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
     if args is not None and not args.packing and len(lengths) > 1:
         sizes, batch = [min(n, limit or n) for n in lengths], args.per_device_train_batch_size
@@ -219,6 +225,21 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
         notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
                              f"be padding ({how})", severity="info"))
     return notes
+
+
+def _truncated_away(recipe: Recipe, args, limit: int, prepared: list[dict]) -> Problem | None:
+    """Rows whose loss tokens all lie past max_length: TRL truncates, then drops them. Every sampled row:
+    an error (training would start with no data); some: a warning (they are silently not trained on)."""
+    cut = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
+    lost = sum(all(label == -100 for label in row["labels"][cut]) for row in prepared)
+    if not lost:
+        return None
+    every = lost == len(prepared)
+    return recipe.problem("training.max_length", f"{lost} of {len(prepared)} sampled rows keep no loss token "
+                          f"within max_length={limit}, and TRL drops such rows"
+                          + (": nothing would be left to train on" if every else ""),
+                          "raise training.max_length (validate --show-sample shows the loss tokens)",
+                          "error" if every else "warning")
 
 
 def padding(sizes: list[int], batch_size: int) -> int:
