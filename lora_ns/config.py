@@ -87,7 +87,7 @@ class DatasetConfig(_Section):
     val_split: str | float | None = Field(default=None, description="split name, or a held-out fraction")
     streaming: bool = False
     max_samples: int | None = Field(default=None, ge=1)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2 ** 32)  # numpy seeds the split and shuffles: 0..2**32-1
 
 
 class Recipe(_Section):

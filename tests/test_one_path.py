@@ -77,6 +77,7 @@ REJECTED = [
                                                                 "metric_for_best_model": "accuracy"}},
      "training.metric_for_best_model"),
     ("adam_beta_out_of_range", {"training": {"adam_beta1": 1.5}}, "training.adam_beta1"),
+    ("seed_negative", {"training": {"seed": -1}}, "training.seed"),
     ("lora_on_lm_head", {"peft": {"method": "lora", "r": 4, "lora_alpha": 8,
                                   "target_modules": ["q_proj", "lm_head"]}}, "peft.target_modules"),
     ("prefix_tuning_classifier", {**SEQ_CLS, "peft": {"method": "prefix_tuning", "num_virtual_tokens": 4}},

@@ -83,6 +83,9 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
     if r.task != "seq_cls" and (n := t.get("max_length")) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
+    for key in ("seed", "data_seed"):  # set_seed passes them to numpy, which takes 0..2**32-1 only
+        if (v := t.get(key)) is not None and not 0 <= v < 2 ** 32:
+            yield r.problem(f"training.{key}", f"{key} {v} is outside 0..2**32-1", f"set training.{key}: 42")
     for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
         on = str(t.get(strategy, "steps" if key == "save_steps" else "no")) == "steps"
         if on and (v := t.get(key)) is not None and v <= 0:
