@@ -297,15 +297,11 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
     return results
 
 
-def preference_margin(loaded, example: dict[str, Any], recipe: Recipe) -> float:
-    """log p(chosen | prompt) - log p(rejected | prompt) in nats, over the tokens TRL's DPO trains on: the row
-    rendered by training's own `render` (system prompt, chat template or prompt_template), each reply as the
-    assistant turn (its end-of-turn token included) or, as plain text, followed by EOS. Both replies start at
-    the first token where the prompt alone and prompt + either reply differ (TRL's `common_prefix_length`)."""
-    import torch
+def preference_ids(example: dict[str, Any], recipe: Recipe, tokenizer) -> tuple[int, list[list[int]]]:
+    """(prompt tokens, [prompt + chosen ids, prompt + rejected ids]) as TRL's DPO tokenizes a row (see
+    `preference_margin`); validate counts the prompts that fill max_length, which DPO drops."""
     from trl.data_utils import common_prefix_length
 
-    tokenizer, model = loaded.tokenizer, loaded.model
     row, replies = render(example, recipe, tokenizer), ("chosen", "rejected")
     if isinstance(row["prompt"], list):
         options = {"tokenize": True, "return_dict": False}
@@ -314,7 +310,18 @@ def preference_margin(loaded, example: dict[str, Any], recipe: Recipe) -> float:
     else:
         head = tokenizer(row["prompt"])["input_ids"]
         fulls = [tokenizer(row["prompt"] + row[k] + tokenizer.eos_token)["input_ids"] for k in replies]
-    start = min(common_prefix_length(head, full) for full in fulls)
+    return min(common_prefix_length(head, full) for full in fulls), fulls
+
+
+def preference_margin(loaded, example: dict[str, Any], recipe: Recipe) -> float:
+    """log p(chosen | prompt) - log p(rejected | prompt) in nats, over the tokens TRL's DPO trains on: the row
+    rendered by training's own `render` (system prompt, chat template or prompt_template), each reply as the
+    assistant turn (its end-of-turn token included) or, as plain text, followed by EOS. Both replies start at
+    the first token where the prompt alone and prompt + either reply differ (TRL's `common_prefix_length`)."""
+    import torch
+
+    model = loaded.model
+    start, fulls = preference_ids(example, recipe, loaded.tokenizer)
     sums = []
     for full in fulls:
         ids = torch.tensor([full], device=model.device)

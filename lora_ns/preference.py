@@ -17,7 +17,7 @@ from typing import Any, Callable
 from lora_ns.answers import canonical_number, same_answer
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
-from lora_ns.errors import Problem, first_line
+from lora_ns.errors import Problem, first_line, suggest
 
 # task -> (TRL config class, TRL trainer class, the formatter kind it reads, what those rows must give)
 TASKS: dict[str, tuple[str, str, str, str]] = {
@@ -151,6 +151,20 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
                                        "set sync_ref_model: false, or peft.method: full"))
     if grpo and completion is not None and completion < 1:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
+    for loss in [] if recipe.task != "dpo" else unknown_losses(t.get("loss_type")):  # DPOTrainer: first step
+        problems.append(recipe.problem("training.loss_type", f"unknown DPO loss '{loss}'",
+                                       suggest(loss, dpo_loss_types())))
     reasons = resolve_rewards(recipe.training.get("reward_funcs"))[1] if grpo else []
     return problems + [recipe.problem("training.reward_funcs", why, "fix the name or the function")
                        for why in reasons]
+
+
+def dpo_loss_types() -> list[str]:
+    """The loss names DPOConfig's own help lists (DPOTrainer checks a name only at its first step)."""
+    field = config_class("dpo").__dataclass_fields__["loss_type"]
+    return re.findall(r"`'(\w+)'`", field.metadata.get("help", ""))
+
+
+def unknown_losses(wanted: Any) -> list[str]:
+    known = dpo_loss_types() if wanted else []
+    return [w for w in ([wanted] if isinstance(wanted, str) else wanted or []) if known and w not in known]

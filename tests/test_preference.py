@@ -143,6 +143,7 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("dpo", {"beta": 0}, "training.beta", "out of range"),
     ("orpo", {"max_length": 256, "max_completion_length": 256}, "training.max_completion_length", "no room"),
     ("dpo", {"sync_ref_model": True}, "training.sync_ref_model", "no copy to sync"),
+    ("dpo", {"loss_type": ["sft", "sigmoidx"]}, "training.loss_type", "did you mean 'sigmoid'?"),
 ])
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))
@@ -170,10 +171,29 @@ def test_best_model_metric_must_be_one_the_task_reports(tmp_path):
     assert problem.field == "training.metric_for_best_model" and "rewards/accuracies" in problem.fix
 
 
+def test_dpo_prompts_that_fill_max_length_are_found_before_training(tmp_path):
+    """DPOTrainer drops a row whose prompt alone fills max_length; at 8 tokens every sampled prompt does, and
+    training started with no rows (a sampler error after the weights load)."""
+    from lora_ns.setup import setup
+
+    with pytest.raises(UserError) as err:
+        setup(recipe_for("dpo", tmp_path / "out", max_length=8), dry_run=True)
+    (problem,) = err.value.problems
+    assert problem.field == "training.max_length" and "prompts that fill max_length=8" in problem.message
+    assert problem.message.startswith(f"{len(json_rows('preference'))} of ")  # every sampled row
+    assert setup(recipe_for("dpo", tmp_path / "out", max_length=512), dry_run=True).args.max_length == 512
+
+
+def json_rows(sample: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(__file__).parents[1] / f"lora_ns/samples/{sample}.jsonl")
+            .read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def test_formatter_must_fit_the_task():
     (problem,) = check_preference_recipe(recipe_for("dpo", formatter="gsm8k"))
     assert problem.field == "dataset.formatter" and "hh_rlhf" in problem.fix
     assert check_preference_recipe(recipe_for("kto")) == []
+    assert check_preference_recipe(recipe_for("dpo", loss_type=["sigmoid", "sft"])) == []
 
 
 def test_reward_funcs_only_for_grpo():

@@ -175,12 +175,14 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     import numpy as np
 
     fmt = FORMATTERS[recipe.dataset.formatter]
-    if fmt.kind in PREFERENCE_KINDS:  # not SFT rows
+    if fmt.kind in PREFERENCE_KINDS and recipe.task != "dpo":  # not SFT rows
         return []
     where = examples[0][0].file
     tokenizer, why = _tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
+    if fmt.kind in PREFERENCE_KINDS:
+        return _long_dpo_prompts(recipe, tokenizer, examples)
     args = None if recipe.task == "seq_cls" else training_arguments(recipe)
     if fmt.kind == "messages":
         try:
@@ -228,17 +230,34 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
 
 
 def _truncated_away(recipe: Recipe, args, limit: int, prepared: list[dict]) -> Problem | None:
-    """Rows whose loss tokens all lie past max_length: TRL truncates, then drops them. Every sampled row:
-    an error (training would start with no data); some: a warning (they are silently not trained on)."""
+    """SFT rows whose loss tokens all lie past max_length: TRL truncates, then drops them."""
     cut = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
     lost = sum(all(label == -100 for label in row["labels"][cut]) for row in prepared)
+    return _dropped(recipe, lost, len(prepared), f"keep no loss token within max_length={limit}",
+                    "raise training.max_length (validate --show-sample shows the loss tokens)")
+
+
+def _long_dpo_prompts(recipe: Recipe, tokenizer, examples: list[Sampled]) -> list[Problem]:
+    """DPO drops a row whose prompt alone fills max_length (keep_start truncation would leave no reply)."""
+    from lora_ns.inference import preference_ids
+
+    args = training_arguments(recipe)
+    if args.max_length is None or args.truncation_mode != "keep_start":
+        return []
+    lost = sum(preference_ids(example, recipe, tokenizer)[0] >= args.max_length for _, _, example in examples)
+    problem = _dropped(recipe, lost, len(examples), f"have prompts that fill max_length={args.max_length}",
+                       "raise training.max_length, or shorten the prompts")
+    return [problem] if problem is not None else []
+
+
+def _dropped(recipe: Recipe, lost: int, total: int, why: str, fix: str) -> Problem | None:
+    """Sampled rows TRL will drop before training: every one, an error (training would start with no data
+    and crash in the sampler); some, a warning (they are silently not trained on)."""
     if not lost:
         return None
-    every = lost == len(prepared)
-    return recipe.problem("training.max_length", f"{lost} of {len(prepared)} sampled rows keep no loss token "
-                          f"within max_length={limit}, and TRL drops such rows"
-                          + (": nothing would be left to train on" if every else ""),
-                          "raise training.max_length (validate --show-sample shows the loss tokens)",
+    every = lost == total
+    return recipe.problem("training.max_length", f"{lost} of {total} sampled rows {why}, and TRL drops such "
+                          "rows" + (": nothing would be left to train on" if every else ""), fix,
                           "error" if every else "warning")
 
 
