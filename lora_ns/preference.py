@@ -154,6 +154,11 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     for loss in [] if recipe.task != "dpo" else unknown_losses(t.get("loss_type")):  # DPOTrainer: first step
         problems.append(recipe.problem("training.loss_type", f"unknown DPO loss '{loss}'",
                                        suggest(loss, dpo_loss_types())))
+    weights, funcs = t.get("reward_weights"), t.get("reward_funcs") or []
+    if grpo and weights is not None and len(weights) != len(funcs):  # GRPOTrainer: after the weights load
+        problems.append(recipe.problem("training.reward_weights", f"{len(weights)} weight(s) for "
+                                       f"{len(funcs)} reward function(s)", "give one weight per reward_funcs "
+                                       "entry, in the same order (or leave reward_weights out: all 1.0)"))
     reasons = resolve_rewards(recipe.training.get("reward_funcs"))[1] if grpo else []
     return problems + [recipe.problem("training.reward_funcs", why, "fix the name or the function")
                        for why in reasons]

@@ -144,6 +144,8 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("orpo", {"max_length": 256, "max_completion_length": 256}, "training.max_completion_length", "no room"),
     ("dpo", {"sync_ref_model": True}, "training.sync_ref_model", "no copy to sync"),
     ("dpo", {"loss_type": ["sft", "sigmoidx"]}, "training.loss_type", "did you mean 'sigmoid'?"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "reward_weights": [1.0, 2.0]}, "training.reward_weights",
+     "one weight per"),
 ])
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))

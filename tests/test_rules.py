@@ -3,6 +3,7 @@ and stays quiet on a good recipe and on every shipped recipe."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -106,12 +107,32 @@ def test_gpu_only_settings_without_a_gpu(key, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    r = make({"training": {key: True}})
+    r = make({"training": {key: True}}) if key != "use_vllm" else grpo_with_vllm()
     for for_training, severity in ((True, "error"), (False, "warning")):
         problems = list(rules.hardware_problems(r, for_training))
         assert [(p.field, p.severity) for p in problems] == [(f"training.{key}", severity)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "vllm" else real(name))
     assert list(rules.hardware_problems(r, True)) == []
+
+
+def grpo_with_vllm():
+    return make({"task": "grpo", "dataset": {"formatter": "gsm8k_prompt"},
+                 "training": {"reward_funcs": ["gsm8k"], "use_vllm": True}})
+
+
+def test_vllm_generation_needs_vllm_where_training_runs(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "vllm" else real(name))
+    r = grpo_with_vllm()
+    for for_training, severity in ((True, "error"), (False, "warning")):
+        (problem,) = rules.hardware_problems(r, for_training)
+        assert (problem.field, problem.severity) == ("training.use_vllm", severity)
+        assert "pip install 'trl[vllm]'" in problem.fix
 
 
 def test_push_to_hub_needs_the_hub_and_a_login_where_training_runs(monkeypatch):

@@ -5,6 +5,7 @@ libraries accept, then fail on mid-run or silently train nothing with."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -207,7 +208,8 @@ RULES: list[Rule] = [
 
 
 # training keys that need a CUDA GPU, which SFTConfig / TrainingArguments accept on any machine
-NEEDS_GPU = {"fp16": "fp16 mixed precision", "activation_offloading": "activation offloading (GPU to CPU)"}
+NEEDS_GPU = {"fp16": "fp16 mixed precision", "activation_offloading": "activation offloading (GPU to CPU)",
+             "use_vllm": "vLLM generation (grpo)"}
 
 
 def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
@@ -225,6 +227,10 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
     for key in wanted if not cuda else ():
         yield r.problem(f"training.{key}", f"{NEEDS_GPU[key]} needs a CUDA GPU and none is visible",
                         f"set training.{key}: false (or train on a GPU machine)",
+                        "error" if for_training else "warning")
+    if "use_vllm" in wanted and cuda and importlib.util.find_spec("vllm") is None:  # GRPOTrainer: after load
+        yield r.problem("training.use_vllm", "vLLM generation needs the vllm package, which is not installed",
+                        "pip install 'trl[vllm]' where training runs, or set training.use_vllm: false",
                         "error" if for_training else "warning")
 
 
