@@ -151,9 +151,12 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
                                        "set sync_ref_model: false, or peft.method: full"))
     if grpo and completion is not None and completion < 1:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
-    for loss in [] if recipe.task != "dpo" else unknown_losses(t.get("loss_type")):  # DPOTrainer: first step
-        problems.append(recipe.problem("training.loss_type", f"unknown DPO loss '{loss}'",
-                                       suggest(loss, dpo_loss_types())))
+    for loss in unknown_losses(recipe.task, t.get("loss_type")):  # the trainers check it at the first step
+        problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
+                                       suggest(loss, loss_types(recipe.task))))
+    if grpo and (temperature := t.get("temperature")) is not None and temperature <= 0:  # generation: step 1
+        problems.append(recipe.problem("training.temperature", f"{temperature} must be above 0 (GRPO samples "
+                                       "its completions)", "use e.g. 1.0 (TRL's default) or 0.7"))
     weights, funcs = t.get("reward_weights"), t.get("reward_funcs") or []
     if grpo and weights is not None and len(weights) != len(funcs):  # GRPOTrainer: after the weights load
         problems.append(recipe.problem("training.reward_weights", f"{len(weights)} weight(s) for "
@@ -164,12 +167,18 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
                        for why in reasons]
 
 
-def dpo_loss_types() -> list[str]:
-    """The loss names DPOConfig's own help lists (DPOTrainer checks a name only at its first step)."""
-    field = config_class("dpo").__dataclass_fields__["loss_type"]
-    return re.findall(r"`'(\w+)'`", field.metadata.get("help", ""))
+def loss_types(task: str) -> list[str]:
+    """The loss names the task's TRL config gives for loss_type: its `choices`, or the values its help lists
+    ("Possible values are: ..." up to the sentence's end); [] when it names none (then nothing is checked)."""
+    field = config_class(task).__dataclass_fields__.get("loss_type")
+    if field is None:
+        return []
+    if choices := field.metadata.get("choices"):
+        return list(choices)
+    listed = re.search(r"values are:?\s*(.*?)\.(?:\s|$)", field.metadata.get("help", ""), re.S)
+    return re.findall(r"'(\w+)'", listed.group(1)) if listed else []
 
 
-def unknown_losses(wanted: Any) -> list[str]:
-    known = dpo_loss_types() if wanted else []
+def unknown_losses(task: str, wanted: Any) -> list[str]:
+    known = loss_types(task) if wanted else []
     return [w for w in ([wanted] if isinstance(wanted, str) else wanted or []) if known and w not in known]

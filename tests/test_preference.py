@@ -146,6 +146,9 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("dpo", {"loss_type": ["sft", "sigmoidx"]}, "training.loss_type", "did you mean 'sigmoid'?"),
     ("grpo", {"reward_funcs": ["gsm8k"], "reward_weights": [1.0, 2.0]}, "training.reward_weights",
      "one weight per"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "loss_type": "dapox"}, "training.loss_type", "did you mean 'dapo'?"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "temperature": 0.0}, "training.temperature", "must be above 0"),
+    ("kto", {"loss_type": "apo_zero"}, "training.loss_type", "did you mean 'apo_zero_unpaired'?"),
 ])
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))
