@@ -186,3 +186,22 @@ def test_tiktoken_encoding_offline_is_one_line(tmp_path, monkeypatch):
     (problem,) = err.value.problems
     assert problem.field == "model.tokenizer_name_or_path" and "tiktoken" in str(problem)
     assert "\n" not in str(problem)
+
+
+def test_text_shorter_than_one_row_is_one_line_and_caches_nothing(tmp_path, capsys):
+    """A corpus with fewer tokens than max_length packs into no row: an empty shard was cached, which
+    datasets cannot load (an IndexError, on every later run too). Now one line, and no cache entry."""
+    from lora_ns.builtin_models import cache_dir
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one short document\n", encoding="utf-8")
+    data = pretrain_data(tmp_path / "out")
+    data["dataset"].update(path=str(corpus), val_split=None)
+    before = set((cache_dir() / "pretrain_data").glob("*"))
+    from lora_ns.train import main
+
+    assert run_cli("lora_ns.train", lambda: main([write(tmp_path / "p.yaml", data)])) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"training.max_length: the train text holds fewer than max_length={MAX_LENGTH} tokens" in line
+    assert set((cache_dir() / "pretrain_data").glob("*")) == before
+    assert not (tmp_path / "out").exists()
