@@ -164,12 +164,13 @@ def pretrain_datasets(recipe: Recipe, tokenizer):
     if built := not target.is_dir():  # written in a temporary folder, then renamed: whole or absent
         with atomic_folder(target, replace=False) as folder:  # another process may finish first
             for name, split in zip(("train", "validation"), build_datasets(recipe, tokenizer)):
-                if split is not None and len(rows := _packed(split, tokenizer, length)) == 0:
-                    raise UserError(recipe.problem(  # else an empty shard is cached that cannot be loaded
-                        "training.max_length", f"the {name} text holds fewer than max_length={length} tokens: "
-                        "not one packed row", "lower training.max_length, or use more text"))
-                if split is not None:
-                    rows.save_to_disk(str(folder / name))
+                if split is None:
+                    continue
+                if len(rows := _packed(split, tokenizer, length)) == 0:  # an empty shard would not load
+                    raise UserError(recipe.problem("training.max_length", f"the {name} text holds fewer "
+                                                   f"than max_length={length} tokens: not one packed row",
+                                                   "lower training.max_length, or use more text"))
+                rows.save_to_disk(str(folder / name))
     loaded = {name: datasets.load_from_disk(str(target / name))
               for name in ("train", "validation") if (target / name).is_dir()}
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
