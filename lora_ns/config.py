@@ -128,6 +128,8 @@ DROPPED_TRAINING_KEYS = {
     "save_safetensors": "remove it: checkpoints are always safetensors",
     "logging_dir": "remove it: logs go under output_dir (or set TENSORBOARD_LOGGING_DIR)",
     "torch_dtype": "set model.dtype (bf16, fp16, fp32 or auto) instead",
+    "rpo_alpha": "DPO: add the SFT loss instead (loss_type: [sigmoid, sft], loss_weights: [1.0, 1.0])",
+    "max_prompt_length": "remove it: TRL 1 cuts whole rows at max_length (see truncation_mode)",
 }
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
