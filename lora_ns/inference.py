@@ -172,8 +172,9 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
     quantized = getattr(model, "hf_quantizer", None) is not None
-    if kind == "adapter" and not (merging or quantized) and model.get_base_model().dtype == torch.float32:
-        model = model.merge_and_unload()
+    mergeable = kind == "adapter" and not model.peft_config[model.active_adapter].is_prompt_learning
+    if mergeable and not (merging or quantized) and model.get_base_model().dtype == torch.float32:
+        model = model.merge_and_unload()  # prompt/prefix tuning add tokens, not weights: nothing to fold
     tokenizer_as_trained(tokenizer, recipe, model, keep_template=True)
     stop_at_end_of_turn(model, tokenizer)
     if torch.cuda.is_available() and not (merging or quantized):

@@ -69,6 +69,10 @@ def test_method_trains_and_loss_goes_down(name, tmp_path, tiny_llama, capsys):
             assert config["use_rslora"] is True
         if name == "prompt_text":
             assert config["tokenizer_name_or_path"] == tiny_llama
+        from lora_ns.inference import generate, load  # every adapter trained here also loads for inference
+
+        (reply,) = generate(load(str(out)), ["What is 2+2?"], max_new_tokens=4)
+        assert isinstance(reply, str)
 
 
 def test_adalora_budget_follows_trainer_steps_without_max_steps(tmp_path, tiny_llama):
