@@ -85,7 +85,7 @@ def column_map(fmt: Formatter, mapping: dict[str, str], columns: list[str], wher
         tuple[dict[str, str], list[Problem]]:
     """formatter field -> column: ``dataset.columns`` first, then the field's own name, then its aliases."""
     problems = [Problem(where.file, f"dataset.columns.{key}", f"formatter '{fmt.name}' has no field '{key}'",
-                        f"its fields: {', '.join(fmt.all_fields)}")
+                        suggest(key, fmt.all_fields, "its fields"))
                 for key in sorted(set(mapping) - set(fmt.all_fields))]
     found: dict[str, str] = {}
     missing: list[str] = []
