@@ -151,9 +151,12 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
                                        "set sync_ref_model: false, or peft.method: full"))
     if grpo and completion is not None and completion < 1:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
-    for loss in unknown_losses(recipe.task, t.get("loss_type")):  # the trainers check it at the first step
+    wanted = t.get("loss_type")
+    wanted = [wanted] if isinstance(wanted, str) else wanted or []
+    known = loss_types(recipe.task) if wanted else []
+    for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
-                                       suggest(loss, loss_types(recipe.task))))
+                                       suggest(loss, known)))
     if grpo and (temperature := t.get("temperature")) is not None and temperature <= 0:  # generation: step 1
         problems.append(recipe.problem("training.temperature", f"{temperature} must be above 0 (GRPO samples "
                                        "its completions)", "use e.g. 1.0 (TRL's default) or 0.7"))
@@ -177,8 +180,3 @@ def loss_types(task: str) -> list[str]:
         return list(choices)
     listed = re.search(r"values are:?\s*(.*?)\.(?:\s|$)", field.metadata.get("help", ""), re.S)
     return re.findall(r"'(\w+)'", listed.group(1)) if listed else []
-
-
-def unknown_losses(task: str, wanted: Any) -> list[str]:
-    known = loss_types(task) if wanted else []
-    return [w for w in ([wanted] if isinstance(wanted, str) else wanted or []) if known and w not in known]

@@ -138,12 +138,13 @@ def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
         return recipe.problem("peft.target_modules", f"an adapter on lm_head: TRL's {recipe.task} trainer "
                               "scores tokens with lm_head.weight itself, so it would never train",
                               "leave lm_head out of peft.target_modules")
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model  # full
-    prefix = recipe.peft.method == "prefix_tuning"
-    if prefix and recipe.task == "seq_cls" and not _takes_past_key_values(base):
-        return recipe.problem("peft.method", "peft's prefix tuning for classification needs a forward that "
-                              f"takes past_key_values; {type(base).__name__}'s does not (transformers 5 "
-                              "names it cache)", "use lora, ia3 or prompt_tuning for seq_cls")
+    if recipe.peft.method == "prefix_tuning" and recipe.task == "seq_cls":
+        base = peft_model.get_base_model()
+        if not _takes_past_key_values(base):
+            return recipe.problem("peft.method", "peft's prefix tuning for classification needs a forward "
+                                  f"that takes past_key_values; {type(base).__name__}'s does not "
+                                  "(transformers 5 names it cache)",
+                                  "use lora, ia3 or prompt_tuning for seq_cls")
     return None
 
 
