@@ -136,6 +136,11 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
         config.eos_token_id = [e for e in (*known, eos) if e is not None]
 
 
+def is_prompt_learning(model) -> bool:
+    """Prompt/prefix tuning and p-tuning: virtual tokens in front of the input, no weights to fold in."""
+    return hasattr(model, "active_peft_config") and model.active_peft_config.is_prompt_learning
+
+
 def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, merging: bool = False,
          requantize: bool = True) -> Loaded:
     """`path` (adapter dir, merged dir, folder, hub id or builtin:name) in eval mode, on the GPU if any, with
@@ -172,7 +177,7 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
     quantized = getattr(model, "hf_quantizer", None) is not None
-    mergeable = kind == "adapter" and not model.peft_config[model.active_adapter].is_prompt_learning
+    mergeable = kind == "adapter" and not is_prompt_learning(model)
     if mergeable and not (merging or quantized) and model.get_base_model().dtype == torch.float32:
         model = model.merge_and_unload()  # prompt/prefix tuning add tokens, not weights: nothing to fold
     tokenizer_as_trained(tokenizer, recipe, model, keep_template=True)
@@ -263,6 +268,8 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     options = {"temperature": temperature, "top_p": top_p} if sample else dict.fromkeys(
         ["temperature", "top_p", "top_k"])
     options.update(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
+    if is_prompt_learning(loaded.model):  # peft drops position_ids there: left padding shifts a short prompt
+        batch_size = 1
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     outputs = [""] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):

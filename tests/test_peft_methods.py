@@ -71,8 +71,13 @@ def test_method_trains_and_loss_goes_down(name, tmp_path, tiny_llama, capsys):
             assert config["tokenizer_name_or_path"] == tiny_llama
         from lora_ns.inference import generate, load  # every adapter trained here also loads for inference
 
-        (reply,) = generate(load(str(out)), ["What is 2+2?"], max_new_tokens=4)
+        loaded = load(str(out))
+        (reply,) = generate(loaded, ["What is 2+2?"], max_new_tokens=4)
         assert isinstance(reply, str)
+        if method in ("prefix_tuning", "prompt_tuning"):  # batched (left-padded) = one prompt at a time
+            prompts = ["What is 2+2?", "Natalia sold clips to 48 of her friends in April. How many in May?"]
+            alone = [generate(loaded, [p], max_new_tokens=6)[0] for p in prompts]
+            assert generate(loaded, prompts, max_new_tokens=6) == alone
 
 
 def test_adalora_budget_follows_trainer_steps_without_max_steps(tmp_path, tiny_llama):
