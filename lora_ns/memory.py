@@ -12,10 +12,12 @@
   (`batch_length`): the collator pads a batch to its longest row, not to max_length, so the peak batch is
   as long as the longest row (capped at max_length, rounded up to pad_to_multiple_of); packing fills every
   row to max_length.
-- LM head + loss: TRL's SFTTrainer (causal_lm, cpt, pretrain) patches the model with `add_fused_lm_head`
-  and never holds batch x seq x vocab logits (`_fused_head_bytes`). Elsewhere (seq_cls, preference tasks,
-  a TRL without it) the loss upcasts the logits to fp32 and log_softmax's backward holds its fp32 output
-  and the fp32 gradient in and out: 12 bytes per logit at the peak.
+- LM head + loss: TRL's SFT, DPO, KTO and GRPO trainers patch the model with `add_fused_lm_head` and never
+  hold batch x seq x vocab logits (`_fused_head_bytes`). Elsewhere (seq_cls, ORPO, a TRL without it) the
+  loss upcasts the logits to fp32 and log_softmax's backward holds its fp32 output and the fp32 gradient in
+  and out: 12 bytes per logit at the peak.
+- DPO and ORPO run each batch's chosen and rejected replies as one batch of twice the rows. The reference
+  pass (DPO, KTO's KL rows) runs without gradients before the policy's: it keeps nothing to the peak.
 ZeRO-2 shards grads and optimizer state over the processes, ZeRO-3/FSDP2 the weights too. `total`
 compares with torch.cuda.max_memory_allocated; `verdict` adds the CUDA context.
 """
@@ -35,6 +37,8 @@ GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
 STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
 SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
+FUSED_HEAD_TASKS = (*SFT_TASKS, "dpo", "kto", "grpo")  # their TRL trainer scores tokens with lm_head.weight
+PAIRED_TASKS = ("dpo", "orpo")  # chosen + rejected: 2 x per_device_train_batch_size rows per forward
 SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default, when the recipe sets none
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, TRL's chunk size
 # Per tile element, the torch fallback's `_backward_tile` (no Triton: CPU) at its peak: y, z, log_p, p, grad,
@@ -103,8 +107,9 @@ class MemoryEstimate:
     def lines(self) -> list[str]:
         s = self.settings
         seq_from = f" ({s['seq_from']})" if s["seq_from"] else ""
+        batch = f"{s['batch']} pairs" if s["task"] in PAIRED_TASKS else s["batch"]
         head = (f"per-GPU memory estimate ({s['strategy'] or 'ddp'} over {s['num_processes']}; batch "
-                f"{s['batch']} x {s['seq']} tokens{seq_from}, {s['quant'] or s['weights_dtype']} weights, "
+                f"{batch} x {s['seq']} tokens{seq_from}, {s['quant'] or s['weights_dtype']} weights, "
                 f"gradient checkpointing {'on' if s['checkpointing'] else 'off'})")
         logits = "LM head + loss (TRL fused, tiled)" if s["fused_head"] else "logits + loss (fp32)"
         rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
@@ -179,9 +184,10 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
              fused_head: bool | None = None, triton: bool = True) -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
     `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from.
-    `fused_head`: TRL's fused LM head (default: for SFT tasks when TRL has it); `triton`: its GPU kernels."""
+    `fused_head`: TRL's fused LM head (default: FUSED_HEAD_TASKS when TRL has it); `triton`: its GPU kernels.
+    `batch` counts examples: a DPO/ORPO pair is two rows."""
     if fused_head is None:
-        fused_head = task in SFT_TASKS and trl_fused_head()
+        fused_head = task in FUSED_HEAD_TASKS and trl_fused_head()
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
     settings, c, q = dict(locals()), torch_dtype(weights_dtype).itemsize, shape.quantizable
@@ -199,7 +205,7 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     grads, opt = params * per_param / shard, params * states / shard
     if strategy in ("zero3", "fsdp2"):  # plus the one layer gathered at a time
         weights, trainable = weights / num_processes + shape.largest_layer * c, trainable / num_processes
-    tokens = batch * seq
+    tokens = batch * seq * (2 if task in PAIRED_TASKS else 1)
     head = _fused_head_bytes(shape, tokens, c, full, triton) if fused_head else (
         tokens * shape.vocab * 12 if task != "seq_cls" else batch * num_labels * 12)
     per_layer = _layer_bytes(shape, c, 0 if full else lora_r, lora_dropout and not full)

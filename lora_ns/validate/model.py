@@ -14,7 +14,7 @@ from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, first_line
-from lora_ns.memory import SFT_TASKS
+from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
 from lora_ns.setup import library_problem
 
@@ -125,9 +125,6 @@ def target_module_problems(recipe: Recipe, model) -> list[Problem]:
                                            f"linear layers there: {', '.join(linears)}"))
     return problems
 
-
-# Tasks whose TRL trainer computes log-probabilities from lm_head.weight directly (`add_fused_lm_head`)
-FUSED_HEAD_TASKS = (*SFT_TASKS, "dpo", "kto", "grpo")
 
 
 def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
