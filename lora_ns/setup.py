@@ -291,6 +291,52 @@ def wanted_checkpoint(recipe: Recipe) -> str | None:
     return "auto" if wanted.lower() in ("auto", "true", "last") else wanted
 
 
+def resume_target(recipe: Recipe, quiet: bool = False) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` gets: for "auto" (the default) the newest complete
+    checkpoint of an interrupted run, None for a fresh run or one that overwrites a finished run; an explicit
+    path (checked by `setup`'s rules: `checkpoint_problem`)."""
+    if (wanted := wanted_checkpoint(recipe)) is None or (wanted == "auto" and is_finished(recipe.output_dir)):
+        return None
+    if (found := last_checkpoint(recipe.output_dir, quiet) if wanted == "auto" else wanted) and not quiet:
+        say(f"resuming from {found}")
+    return found
+
+
+def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | None:
+    """A checkpoint saved from another model than this recipe builds (peft r or target modules, the model or
+    its vocabulary changed since): resuming would stop on a size mismatch or the optimizer's parameter groups.
+    `model`: the trainer's, real or on the meta device; only the checkpoint's safetensors headers are read."""
+    from safetensors import safe_open
+
+    folder, adapter = Path(checkpoint or ""), hasattr(model, "peft_config")
+    if checkpoint is None or not folder.is_dir():
+        return None
+    if adapter:
+        from peft import get_peft_model_state_dict
+
+        config = folder / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("rank_pattern"):
+            return None  # AdaLoRA after rank allocation saves pruned shapes; peft resizes ours to them
+        ours, files = get_peft_model_state_dict(model), [folder / "adapter_model.safetensors"]
+    else:
+        ours, files = model.state_dict(), sorted(folder.glob("model*.safetensors"))
+    saved: dict[str, list[int]] = {}
+    for file in (f for f in files if f.is_file()):
+        with safe_open(file, "pt") as weights:
+            saved.update({name: list(weights.get_slice(name).get_shape()) for name in weights.keys()})
+    shapes = {name: list(tensor.shape) for name, tensor in ours.items()}
+    if differ := [name for name in sorted(saved.keys() & shapes.keys()) if saved[name] != shapes[name]]:
+        why = f"{differ[0]} of shape {saved[differ[0]]}, this recipe builds {shapes[differ[0]]}"
+    elif adapter and saved and saved.keys() != shapes.keys():
+        name = min(saved.keys() ^ shapes.keys())
+        why = f"{name} {'but this recipe has none' if name in saved else 'missing'} (other target modules)"
+    else:
+        return None
+    return recipe.problem("peft" if adapter else "model.name_or_path", f"cannot resume from {checkpoint}: "
+                          f"it was saved with {why}", "set the recipe back as that run had it, or train "
+                          "afresh in another training.output_dir")
+
+
 def checkpoint_problem(recipe: Recipe) -> Problem | None:
     """What is wrong with an explicit resume_from_checkpoint path, if anything (also a validate rule)."""
     if (wanted := wanted_checkpoint(recipe)) in (None, "auto"):

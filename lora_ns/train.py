@@ -32,8 +32,8 @@ from lora_ns.metrics import classification_metrics
 from lora_ns.model import dtype_name, load_model, load_tokenizer
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
-from lora_ns.setup import (FINISHED_MARKER, Checks, is_finished, last_checkpoint, print_notes, say, setup,
-                           wanted_checkpoint)
+from lora_ns.setup import (FINISHED_MARKER, Checks, last_checkpoint, print_notes, resume_problem,
+                           resume_target, setup)
 
 PROG = "lora_ns.train"
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
@@ -156,17 +156,6 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     return trainer, tokenizer, (trainable, total)
 
 
-def resume_target(recipe: Recipe) -> str | None:
-    """What `Trainer.train(resume_from_checkpoint=...)` gets: for "auto" (the default) the newest complete
-    checkpoint of an interrupted run, None for a fresh run or one that overwrites a finished run; an explicit
-    path (checked by `setup`'s rules: `checkpoint_problem`)."""
-    if (wanted := wanted_checkpoint(recipe)) is None or (wanted == "auto" and is_finished(recipe.output_dir)):
-        return None
-    if found := last_checkpoint(recipe.output_dir) if wanted == "auto" else wanted:
-        say(f"resuming from {found}")
-    return found
-
-
 @contextmanager
 def disk_errors(recipe: Recipe) -> Iterator[None]:
     """A full disk (or quota, or a folder made read-only) while saving is one line naming the complete
@@ -211,8 +200,11 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
     ready = setup(recipe, dry_run=False, checks=checks)
     print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
     trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
+    checkpoint = resume_target(recipe)
+    if (problem := resume_problem(recipe, trainer.model, checkpoint)) is not None:
+        raise UserError(problem)
     with disk_errors(recipe), stream_errors(recipe):
-        result = trainer.train(resume_from_checkpoint=resume_target(recipe))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
         summary = {"output_dir": recipe.output_dir, "task": recipe.task, "method": recipe.peft.method,

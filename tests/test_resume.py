@@ -17,7 +17,7 @@ import pytest
 from lora_ns.config import parse_recipe
 from lora_ns.errors import UserError
 from lora_ns.setup import COMPLETE_MARKER, FINISHED_MARKER, Checks, guard_output_dir, last_checkpoint, setup
-from lora_ns.train import resume_target
+from lora_ns.setup import resume_target
 
 from conftest import REPO
 
@@ -233,3 +233,27 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_llama):
     for out in (reference, interrupted):  # save_total_limit: only the newest KEEP checkpoints survive
         kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
         assert kept == list(range(STEPS - SAVE_EVERY * (KEEP - 1), STEPS + 1, SAVE_EVERY)), f"{out.name}: {kept}"
+
+
+def test_a_changed_adapter_is_refused_before_resuming(tmp_path, tiny_llama):
+    """An interrupted run whose recipe then changed its adapter (r, target modules) would load the checkpoint
+    into the new shapes and stop (size mismatch; optimizer groups): setup refuses it first, validate and train
+    alike, naming the checkpoint and the tensor; the unchanged recipe still resumes."""
+    from lora_ns.train import train
+
+    def lora_recipe(**peft):
+        return parse_recipe({**recipe(tmp_path / "run", max_steps=2, save_steps=1, report_to="none",
+                                      max_length=64, per_device_train_batch_size=2).model_dump(exclude_unset=True),
+                             "peft": {"method": "lora", "r": 4, **peft}}, "r.yaml")
+
+    train(lora_recipe())
+    (tmp_path / "run" / FINISHED_MARKER).unlink()  # as if killed before the end
+    setup(lora_recipe(), dry_run=True)  # unchanged: resumes
+    for change, words in [({"r": 8}, "lora_A.weight of shape [4, 128], this recipe builds [8, 128]"),
+                          ({"target_modules": ["q_proj"]}, "but this recipe has none (other target modules)")]:
+        for dry_run in (True, False):
+            with pytest.raises(UserError) as err:
+                setup(lora_recipe(**change), dry_run=dry_run)
+            (problem,) = err.value.problems
+            assert problem.field == "peft" and "cannot resume from" in problem.message, problem
+            assert words in problem.message and "checkpoint-2" in problem.message

@@ -16,7 +16,7 @@ from lora_ns.config import Recipe
 from lora_ns.errors import Problem, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
-from lora_ns.setup import library_problem
+from lora_ns.setup import library_problem, resume_problem, resume_target
 
 SKIPPED = "model checks skipped"
 
@@ -165,7 +165,8 @@ def parameter_count(recipe: Recipe, model) -> Problem:
         model = apply_peft(model, check)
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
         return library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")
-    if (problem := adapter_problem(recipe, model)) is not None:
+    resumed = resume_target(recipe, quiet=True)
+    if problem := adapter_problem(recipe, model) or resume_problem(recipe, model, resumed):
         return problem
     for name, param in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's fixed rank; moving it to meta re-wraps it as trainable
