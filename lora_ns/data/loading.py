@@ -182,7 +182,8 @@ def hold_out(data, recipe: Recipe):
         why = first_line(err.__cause__ or err, 300)
         raise UserError(recipe.problem("dataset.val_split",
                                        f"cannot hold out {fraction} of {len(data)} rows: {why}",
-                                       "use a fraction leaving rows on both sides (e.g. 0.1), or more data"))
+                                       "add rows, use a fraction that leaves rows on both sides, or name a "
+                                       "validation split"))
     return parts["train"], parts["test"]
 
 
