@@ -1,4 +1,5 @@
-"""``python -m lora_ns.evaluate RECIPE.yaml --adapter OUT_DIR``: score a model on the recipe's eval split.
+"""``python -m lora_ns.evaluate [RECIPE.yaml] --adapter OUT_DIR``: score a model on the recipe's eval split
+(default recipe: the one training saved in OUT_DIR).
 
 What is measured follows the data (`eval_kind`); ``--metric`` adds any Hugging Face `evaluate` metric
 on the same predictions and references. Perplexity is exp of TRL's eval loss on the examples rendered
@@ -21,7 +22,8 @@ from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.errors import UserError, fail, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, preference_margin, prompt_and_reference
+from lora_ns.inference import (RECIPE_FILE, classify, generate, load, pair_of, preference_margin,
+                               prompt_and_reference)
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              perplexity)
 
@@ -35,7 +37,8 @@ def make_parser() -> argparse.ArgumentParser:
                            prog="python -m lora_ns.evaluate",
                            description="Evaluate an adapter, merged or base model on a recipe's eval split.",
                            epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2")
-    parser.add_argument("recipe", help="the recipe the model was trained with (e.g. OUT_DIR/recipe.yaml)")
+    parser.add_argument("recipe", nargs="?", help="the recipe the model was trained with (default: the "
+                        "recipe.yaml training saved beside the adapter or model)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--adapter", help="training output dir (holds adapter_config.json)")
     which.add_argument("--model", help="merged dir, base model folder, hub id or builtin:<name>")
@@ -144,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir or (Path(model_path) / "eval" if Path(model_path).is_dir() else named))
     for name in (METRICS_FILE, PREDICTIONS_FILE):
         guard_output_file(out / name, args.overwrite, "--output-dir")
+    if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():  # an override, no recipe
+        overrides, args.recipe = [args.recipe, *overrides], None
+    if args.recipe is None and not (Path(model_path) / RECIPE_FILE).is_file():
+        raise fail(model_path, "--adapter" if args.adapter else "--model", f"no {RECIPE_FILE} there to "
+                   "evaluate with", "pass the recipe the model was trained with before --adapter/--model")
+    args.recipe = args.recipe or str(Path(model_path) / RECIPE_FILE)
     recipe = load_recipe(args.recipe, overrides)  # schema only: training-time rules don't apply here
     kind = eval_kind(recipe)
     if args.metric and kind in ("preference", "perplexity"):

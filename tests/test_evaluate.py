@@ -109,6 +109,19 @@ def test_classification(classifier, tmp_path):
     assert classification_metrics(labels, labels, 2)["f1"] == (1.0 if 1 in labels else 0.0)
 
 
+def test_the_recipe_defaults_to_the_one_training_saved(classifier, tmp_path, capsys):
+    """`evaluate --adapter OUT` reads OUT/recipe.yaml (an override still applies); a folder without one is a
+    one-line error naming the flag."""
+    out = tmp_path / "cls"
+    assert main(["--adapter", str(classifier), "--output-dir", str(out), "--no-progress",
+                 "dataset.val_split=0.1"]) == 0
+    metrics, rows = read_results(out)
+    assert metrics["recipe"] == str(classifier / "recipe.yaml") and len(rows) == 3  # 0.1 of 30 rows
+    code = run_cli("lora_ns.evaluate", lambda: main(["--model", str(tmp_path), "--output-dir", str(out / "x")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--model: no recipe.yaml there" in err[-1] and not (out / "x").exists()
+
+
 def test_base_model_on_a_data_file(in_tmp, tiny_llama):
     data = in_tmp / "questions.jsonl"
     data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "5 + 6 = 11\n#### 11"}) + "\n")
