@@ -160,6 +160,8 @@ def adapter(change: str = "") -> Callable[[Path], None]:
             weights.rename(folder / "adapter_model.bin")
         elif change == "no_weights":
             weights.unlink()
+        elif change == "no_recipe":
+            (folder / "recipe.yaml").unlink()
         elif change == "config_not_json":
             config.write_text("{'r': 8,")
         elif change == "config_not_object":
@@ -439,8 +441,8 @@ TABLE: list[Case] = [
     C("infer_hub_id_offline", "infer", "--model someone/no-such-model --prompt hi", "cannot load the model",
       "someone/no-such-model", "filesystem"),
     # --- evaluate --------------------------------------------------------------------------------------------------
-    C("evaluate_no_recipe", "evaluate", "--adapter adapter", "required", "<command line>", "command line",
-      setup=adapter()),
+    C("evaluate_no_recipe", "evaluate", "--adapter adapter", "no recipe.yaml there", "adapter", "filesystem",
+      setup=adapter("no_recipe")),
     C("evaluate_recipe_missing", "evaluate", "nowhere.yaml --adapter adapter", "not found", "nowhere.yaml",
       "filesystem", setup=adapter()),
     C("evaluate_limit_zero", "evaluate", "adapter/recipe.yaml --adapter adapter --limit 0", "--limit",
