@@ -335,10 +335,14 @@ def test_padding_counts_the_pad_tokens_of_unpacked_batches():
 
 # --- validate's data check ---------------------------------------------------------------------------------
 
-def test_check_dataset_reads_only_a_sample(tmp_path, tiny_llama):
-    """validate stays quick on any data size because it reads the first SAMPLE_ROWS rows only: a file with
-    that many good rows and then a broken one checks clean, and says how many rows it sampled."""
+def test_check_dataset_reads_only_a_sample(tmp_path, tiny_llama, monkeypatch):
+    """validate stays quick on any data size because of data over EVERY_ROW_BYTES it reads the first
+    SAMPLE_ROWS rows only: a file with that many good rows and then a broken one checks clean, and says how
+    many rows it sampled."""
+    import lora_ns.validate.data
     from lora_ns.validate.data import SAMPLE_ROWS
+
+    monkeypatch.setattr(lora_ns.validate.data, "EVERY_ROW_BYTES", 0)  # as if the file were large
 
     data = tmp_path / "big.jsonl"
     good = "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(SAMPLE_ROWS))

@@ -215,12 +215,18 @@ def test_streaming_row_error_is_raised_when_the_row_is_reached(tmp_path):
     assert text.startswith(f"{data}:3: answer: missing value")
 
 
-def test_streamed_malformed_row_past_validates_sample_stops_training_as_one_line(tmp_path):
-    """Streaming parses the files while training: a bad line past validate's sample and the first block is
-    found there, and train's error path names it (not datasets' traceback)."""
+def test_streamed_malformed_row_past_validates_sample_stops_training_as_one_line(tmp_path, monkeypatch):
+    """Streaming parses the files while training: in data too large for validate to read whole, a bad line
+    past its sample and the first block is found there, and train's error path names it (not datasets'
+    traceback). Data this small validate reads whole, and finds the line first."""
+    import lora_ns.validate.data
+
     (tmp_path / "a.jsonl").write_text(lines(*(QA * 40)), encoding="utf-8")  # 240 rows: more than validate reads
     (tmp_path / "b.jsonl").write_text(lines(*QA[:3], '{"question": ', *QA[3:]), encoding="utf-8")
     streamed = recipe(tmp_path, streaming=True)
+    (found,) = [str(p) for p in check_dataset(streamed) if p.is_error]
+    assert found.startswith(f"{tmp_path / 'b.jsonl'}:4: not valid JSON")
+    monkeypatch.setattr(lora_ns.validate.data, "EVERY_ROW_BYTES", 0)  # as if the data were large
     assert [p for p in check_dataset(streamed) if p.is_error] == []
     train, _ = build_datasets(streamed)
     with pytest.raises(Exception) as raw:  # what the Trainer's loop meets
@@ -231,6 +237,35 @@ def test_streamed_malformed_row_past_validates_sample_stops_training_as_one_line
     eager = recipe(tmp_path, streaming=False)  # not streamed: the same error before any step
     with pytest.raises(UserError, match="b.jsonl:4: not valid JSON"):
         build_datasets(eager)
+
+
+@pytest.mark.parametrize("bad, words, loaded", [
+    ({"question": "q", "answer": None}, "answer: missing value", False), ('{"question": ', "not valid JSON", True)])
+def test_validate_reads_small_local_data_past_its_sample(tmp_path, monkeypatch, bad, words, loaded):
+    """A bad row after validate's 200-row sample, in data under EVERY_ROW_BYTES: validate finds it at
+    file:line (training would find it only after the weights load); with the budget at 0, only the sample.
+    Past max_samples a row is never formatted, but malformed JSON there still fails the loader (`loaded`)."""
+    import lora_ns.validate.data
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(lines(*(QA * 50), bad, *QA), encoding="utf-8")  # the bad row is line 301
+    problems = [str(p) for p in check_dataset(recipe(data)) if p.is_error]
+    assert len(problems) == 1 and problems[0].startswith(f"{data}:301: ") and words in problems[0]
+    assert bool([p for p in check_dataset(recipe(data, max_samples=300)) if p.is_error]) == loaded
+    monkeypatch.setattr(lora_ns.validate.data, "EVERY_ROW_BYTES", 0)
+    assert [p for p in check_dataset(recipe(data)) if p.is_error] == []
+
+
+def test_a_file_with_a_column_the_first_file_lacks(tmp_path):
+    """datasets reads a folder's files as one table with the first file's columns and fails to cast a later
+    file with another (a traceback-like "Couldn't cast"): validate, and training's load, name file and column."""
+    (tmp_path / "a.jsonl").write_text(lines(*QA), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(lines(*QA[:2], {**QA[2], "id": 7}), encoding="utf-8")
+    (problem,) = [str(p) for p in check_dataset(recipe(tmp_path)) if p.is_error]
+    assert problem.startswith(f"{tmp_path / 'b.jsonl'}:3: column 'id' is not in {tmp_path / 'a.jsonl'}")
+    assert one_problem(lambda: load(recipe(tmp_path).dataset)) == problem
+    (tmp_path / "b.jsonl").write_text(lines(*QA[:2], {"question": "q"}), encoding="utf-8")  # fewer columns: fine
+    assert load(recipe(tmp_path).dataset)[0].num_rows == 9
 
 
 def _stream(streamed, train) -> None:

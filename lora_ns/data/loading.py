@@ -36,10 +36,18 @@ def _delimited(src: LocalSource, streaming: bool):
 
 
 def read_every_row(src: Source) -> None:
-    """Read a local split with our strict reader: a malformed row raises its file:line `UserError`. The error
-    path after `datasets`' own reader failed, at load or, streaming, in the middle of training."""
-    for _ in located_rows(src) if isinstance(src, LocalSource) else ():
-        pass
+    """Read a local split with our strict reader: a malformed row raises its file:line `UserError`, and so
+    does a column the first file does not have (`datasets` takes the columns from the first file and fails
+    to cast a later one). The error path after `datasets`' own reader failed, at load or, streaming,
+    mid-training; and validate's reading of small data."""
+    first: set[str] = set()
+    for where, row in located_rows(src) if isinstance(src, LocalSource) else ():
+        if where.file == src.files[0]:
+            first.update(row)
+        elif extra := sorted(set(row) - first):
+            raise fail(where.file, "", f"column '{extra[0]}' is not in {src.files[0]}: datasets reads the "
+                       "files as one table with the first file's columns", "give every file the same "
+                       f"columns (or drop '{extra[0]}')", where.line)
 
 
 def _load_local(src: LocalSource, streaming: bool):

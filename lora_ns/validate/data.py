@@ -1,10 +1,12 @@
 """Dataset checks for `validate`: read the first `SAMPLE_ROWS` rows of the training data (and of a
 validation file) and report what would break or waste a run: errors at file:line, blank fields as
-warnings, token lengths and padding as info (when the tokenizer loads without a download).
+warnings, token lengths and padding as info (when the tokenizer loads without a download). Local data up
+to `EVERY_ROW_BYTES` has every other row read and formatted too, as training will.
 """
 
 from __future__ import annotations
 
+import os
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,13 @@ from typing import Any
 from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import converter, hold_out
+from lora_ns.data.loading import converter, hold_out, read_every_row
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import (
     TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
 )
 from lora_ns.data.sources import (
-    HubSource, Location, Source, first_rows, located_rows, looks_local, source_for,
+    HubSource, LocalSource, Location, Source, first_rows, located_rows, looks_local, source_for,
 )
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.model import load_tokenizer
@@ -27,6 +29,7 @@ from lora_ns.validate.model import hub_reachable
 from lora_ns.validate.sample import prepared_rows
 
 SAMPLE_ROWS = 200
+EVERY_ROW_BYTES = 32 * 2**20  # formatting 32 MB of rows takes seconds; larger data: the sample only
 MAX_ROW_ERRORS = 5
 
 
@@ -59,7 +62,7 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
                 "dataset.path", f"dataset '{cfg.path}' not reachable, data checks skipped",
                 "run validate where the Hub (or its cache) is available", "warning")]
         formatted, columns, errors = _format(recipe, src, sampled)
-        problems += errors
+        problems += errors or _past_the_sample(recipe, src, len(sampled))
         if split is None:
             examples, found = formatted, columns
             problems += held_out_problems(recipe, len(sampled))
@@ -119,6 +122,23 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
         bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field,
                                               f"... and {more} more rows like these")]
     return examples, conv.columns, bad
+
+
+def _past_the_sample(recipe: Recipe, src: Source, sampled: int) -> list[Problem]:
+    """Small local data read whole, strictly (`read_every_row`: malformed rows, a file with columns the first
+    lacks), and its rows after the sample formatted: a bad row there would otherwise stop training once the
+    weights have loaded."""
+    if not isinstance(src, LocalSource) or sum(os.path.getsize(f) for f in src.files) > EVERY_ROW_BYTES:
+        return []
+    try:
+        read_every_row(src)
+        rows = islice(located_rows(src), sampled, recipe.dataset.max_samples)
+        while chunk := list(islice(rows, 10_000)):
+            if errors := _format(recipe, src, chunk)[2]:
+                return errors
+    except UserError as err:
+        return err.problems
+    return []
 
 
 def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, str]) -> list[Problem]:
