@@ -235,25 +235,30 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_llama):
         assert kept == list(range(STEPS - SAVE_EVERY * (KEEP - 1), STEPS + 1, SAVE_EVERY)), f"{out.name}: {kept}"
 
 
-def test_a_changed_adapter_is_refused_before_resuming(tmp_path, tiny_llama):
-    """An interrupted run whose recipe then changed its adapter (r, target modules) would load the checkpoint
-    into the new shapes and stop (size mismatch; optimizer groups): setup refuses it first, validate and train
-    alike, naming the checkpoint and the tensor; the unchanged recipe still resumes."""
+def test_a_changed_adapter_or_optimizer_is_refused_before_resuming(tmp_path, tiny_llama):
+    """An interrupted run whose recipe then changed its adapter (r, target modules) or optimizer would load
+    the checkpoint and stop (size mismatch; optimizer groups; sgd's step reading 'momentum' from adamw's saved
+    groups): setup refuses it first, validate and train alike, naming the checkpoint and what differs; the
+    unchanged recipe still resumes, and a changed scheduler is no problem (its state loads as is)."""
     from lora_ns.train import train
 
-    def lora_recipe(**peft):
-        return parse_recipe({**recipe(tmp_path / "run", max_steps=2, save_steps=1, report_to="none",
-                                      max_length=64, per_device_train_batch_size=2).model_dump(exclude_unset=True),
+    def lora_recipe(peft: dict = {}, **training):
+        run = recipe(tmp_path / "run", max_steps=2, save_steps=1, report_to="none", max_length=64,
+                     per_device_train_batch_size=2, **training)
+        return parse_recipe({**run.model_dump(exclude_unset=True),
                              "peft": {"method": "lora", "r": 4, **peft}}, "r.yaml")
 
     train(lora_recipe())
     (tmp_path / "run" / FINISHED_MARKER).unlink()  # as if killed before the end
     setup(lora_recipe(), dry_run=True)  # unchanged: resumes
-    for change, words in [({"r": 8}, "lora_A.weight of shape [4, 128], this recipe builds [8, 128]"),
-                          ({"target_modules": ["q_proj"]}, "but this recipe has none (other target modules)")]:
+    setup(lora_recipe(lr_scheduler_type="cosine"), dry_run=True)
+    for change, field, words in [
+            (lora_recipe({"r": 8}), "peft", "lora_A.weight of shape [4, 128], this recipe builds [8, 128]"),
+            (lora_recipe({"target_modules": ["q_proj"]}), "peft", "but this recipe has none (other target modules)"),
+            (lora_recipe(optim="sgd"), "training.optim", "optimizer state has no 'dampening'")]:
         for dry_run in (True, False):
             with pytest.raises(UserError) as err:
-                setup(lora_recipe(**change), dry_run=dry_run)
+                setup(change, dry_run=dry_run)
             (problem,) = err.value.problems
-            assert problem.field == "peft" and "cannot resume from" in problem.message, problem
+            assert problem.field == field and "cannot resume from" in problem.message, problem
             assert words in problem.message and "checkpoint-2" in problem.message

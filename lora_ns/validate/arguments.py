@@ -4,9 +4,12 @@ they accept but the Trainer then fails on after the weights load, or silently do
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, first_line, suggest
 from lora_ns.memory import SFT_TASKS
+from lora_ns.setup import resume_target
 
 
 def run_problems(recipe: Recipe, args) -> list[Problem]:
@@ -98,16 +101,33 @@ def optimizer_problem(recipe: Recipe, args) -> Problem | None:
             return recipe.problem("training.optim", f"optim '{optim}': {first_line(err, 200)}",
                                   "install it, or use another training.optim (e.g. adamw_torch)")
         return None
-    if not cls.__module__.startswith("torch.optim"):  # bitsandbytes and others may need the GPU to build
+    if not cls.__module__.startswith(("torch.optim", "transformers.")):  # bitsandbytes etc. may need a GPU
         return None
     try:
-        cls([torch.zeros(1, requires_grad=True)], **kwargs)
+        optimizer = cls([torch.zeros(1, requires_grad=True)], **kwargs)
     except (ValueError, TypeError) as err:
         key = next((k for words, k in OPTIMIZER_FIELDS.items() if words in str(err)), None)
         field = f"training.{key}" if key else "training.optim_args"
         return recipe.problem(field, f"optim '{optim}' refuses it: {first_line(err, 200)}",
                               f"set {field} within the optimizer's valid range" if key else
                               "fix training.optim_args (the optimizer's own keyword names)")
+    return resumed_optimizer_problem(recipe, optim, optimizer)
+
+
+def resumed_optimizer_problem(recipe: Recipe, optim: str, optimizer) -> Problem | None:
+    """A checkpoint saved by another optimizer: torch takes its parameter groups as saved, and the first step
+    reads a setting they lack (sgd after adamw: KeyError 'momentum'). Tensors stay on disk (mmap)."""
+    import torch
+
+    state = Path(resume_target(recipe, quiet=True) or "", "optimizer.pt")
+    if not state.is_file():
+        return None
+    saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+    if missing := sorted(set(optimizer.param_groups[0]) - set(saved[0] if saved else {})):
+        return recipe.problem("training.optim", f"cannot resume from {state.parent}: its optimizer state "
+                              f"has no '{missing[0]}', which optim '{optim}' needs (another optimizer saved "
+                              "it)", "set training.optim back as that run had it, or train afresh in another "
+                              "training.output_dir")
     return None
 
 
