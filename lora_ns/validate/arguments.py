@@ -122,7 +122,10 @@ def resumed_optimizer_problem(recipe: Recipe, optim: str, optimizer) -> Problem 
     state = Path(resume_target(recipe, quiet=True) or "", "optimizer.pt")
     if not state.is_file():
         return None
-    saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+    try:
+        saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+    except Exception:  # a state torch will not load safely: the Trainer's own load will say so
+        return None
     if missing := sorted(set(optimizer.param_groups[0]) - set(saved[0] if saved else {})):
         return recipe.problem("training.optim", f"cannot resume from {state.parent}: its optimizer state "
                               f"has no '{missing[0]}', which optim '{optim}' needs (another optimizer saved "

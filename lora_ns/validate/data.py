@@ -1,7 +1,7 @@
 """Dataset checks for `validate`: read the first `SAMPLE_ROWS` rows of the training data (and of a
 validation file) and report what would break or waste a run: errors at file:line, blank fields as
 warnings, token lengths and padding as info (when the tokenizer loads without a download). Local data up
-to `EVERY_ROW_BYTES` has every other row read and formatted too, as training will.
+to `EVERY_ROW_BYTES` has the rest of its rows read and formatted too, as training will.
 """
 
 from __future__ import annotations
