@@ -22,7 +22,7 @@ from lora_ns.data import sources
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
-from lora_ns.setup import safetensors_defect
+from lora_ns.checkpoints import safetensors_defect
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
 PromptInput = str | list[dict[str, str]]

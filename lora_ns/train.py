@@ -32,8 +32,8 @@ from lora_ns.metrics import classification_metrics
 from lora_ns.model import dtype_name, load_model, load_tokenizer
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
-from lora_ns.setup import (FINISHED_MARKER, Checks, last_checkpoint, print_notes, resume_problem,
-                           resume_target, setup)
+from lora_ns.checkpoints import FINISHED_MARKER, last_checkpoint, resume_problem, resume_target
+from lora_ns.setup import Checks, print_notes, setup
 
 PROG = "lora_ns.train"
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).

@@ -640,7 +640,7 @@ def test_yaml_aliases_within_bounds_and_merge_keys_still_work(tmp_path):
 
 
 def test_output_dir_rules_allow_runs_and_explicit_overwrite(tmp_path):
-    from lora_ns.setup import output_dir_problem
+    from lora_ns.checkpoints import output_dir_problem
     from lora_ns.config import parse_recipe
 
     def problem(out: Path, **training):
@@ -661,7 +661,7 @@ def test_output_dir_rules_allow_runs_and_explicit_overwrite(tmp_path):
 def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, made_adapter, capsys):
     """The README promises resume from the last COMPLETE checkpoint: a newer one with a truncated file is
     skipped, and the line says which and why."""
-    from lora_ns.setup import last_checkpoint
+    from lora_ns.checkpoints import last_checkpoint
 
     for step, broken in ((1, ""), (2, "optimizer"), (3, "weights")):
         checkpoint(broken, f"out/checkpoint-{step}")(tmp_path)

@@ -16,8 +16,8 @@ import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.errors import UserError
-from lora_ns.setup import COMPLETE_MARKER, FINISHED_MARKER, Checks, guard_output_dir, last_checkpoint, setup
-from lora_ns.setup import resume_target
+from lora_ns.checkpoints import COMPLETE_MARKER, FINISHED_MARKER, guard_output_dir, last_checkpoint, resume_target
+from lora_ns.setup import Checks, setup
 
 from conftest import REPO
 

@@ -16,7 +16,8 @@ from lora_ns.config import Recipe
 from lora_ns.errors import Problem, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
-from lora_ns.setup import library_problem, resume_problem, resume_target
+from lora_ns.checkpoints import resume_problem, resume_target
+from lora_ns.setup import library_problem
 
 SKIPPED = "model checks skipped"
 

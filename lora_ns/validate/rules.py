@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lora_ns.builtin_models import PREFIX, unknown_builtin
-from lora_ns.setup import checkpoint_problem, is_finished, output_dir_problem
+from lora_ns.checkpoints import checkpoint_problem, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter

@@ -1,0 +1,178 @@
+"""The output folder of a run: fresh, interrupted (which checkpoint resumes it, and whether this recipe can
+load that checkpoint), or finished (refused unless ``overwrite_output_dir``). Shared by validate and train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+from lora_ns.config import Recipe
+from lora_ns.errors import Problem, UserError, first_line
+from lora_ns.fileio import unwritable
+
+FINISHED_MARKER = "run_summary.json"  # written last by lora_ns.train
+# Trainer writes weights, optimizer, scheduler and RNG state first and this file last: a checkpoint without it
+# was cut off mid-save.
+COMPLETE_MARKER = "trainer_state.json"
+
+
+def is_finished(output_dir: str | Path) -> bool:
+    return (Path(output_dir) / FINISHED_MARKER).exists()
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-<step>`` folders, oldest step first (by number: 10 comes after 9). Not transformers'
+    sort_checkpoints: validate's output-dir check runs without importing torch."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def output_dir_problem(recipe: Recipe) -> Problem | None:
+    """An output_dir that cannot be written, or that holds someone else's files (unless the recipe sets
+    training.overwrite_output_dir: true); checked before anything loads, by validate and train alike."""
+    out, name = Path(recipe.output_dir), "training.output_dir"
+    if out.exists() and not out.is_dir():
+        return recipe.problem(name, f"{out} is a file, not a folder", "choose another output_dir")
+    if why := unwritable(out):
+        return recipe.problem(name, why, "choose an output_dir you can write to")
+    ours = not out.is_dir() or is_finished(out) or (out / "runs").is_dir() or checkpoints(out)
+    files = [] if ours else sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if files and not recipe.training.get("overwrite_output_dir"):
+        shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        return recipe.problem(name, f"{out} already holds files that are not a lora_ns run ({shown}); "
+                              "training would overwrite them",
+                              "choose a new or empty output_dir, or set training.overwrite_output_dir: true")
+    return None
+
+
+def guard_output_dir(recipe: Recipe) -> None:
+    """Refuse an unusable output_dir, or a finished run unless the recipe allows overwriting it."""
+    if problem := output_dir_problem(recipe):
+        raise UserError(problem)
+    out = Path(recipe.output_dir)
+    if not is_finished(out):
+        return
+    if not recipe.training.get("overwrite_output_dir"):
+        raise UserError(recipe.problem("training.output_dir", f"{out} already holds a finished run", "choose "
+                                       "another output_dir, or set training.overwrite_output_dir: true"))
+    if os.environ.get("RANK", "0") == "0":  # the other ranks see the result after the datasets barrier
+        say(f"overwriting the finished run in {out}")
+        for folder in checkpoints(out):
+            shutil.rmtree(folder)
+        (out / FINISHED_MARKER).unlink()
+
+
+def safetensors_defect(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (bad header, or data shorter/longer than it says), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "numpy"):  # reads and checks the header only
+            return None
+    except (SafetensorError, OSError) as err:
+        why = first_line(err)
+        return f"{path.name} is truncated or has no valid safetensors header ({why})"
+
+
+def checkpoint_defect(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from: no trainer_state.json, or a weights, optimizer or
+    scheduler file that is not whole. Reads headers and zip indexes only, never unpickles."""
+    try:
+        json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {COMPLETE_MARKER} (cut off mid-save)"
+    for file in sorted(folder.iterdir()):
+        if file.suffix == ".safetensors" and (why := safetensors_defect(file)):
+            return why
+        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):  # torch.save writes a zip
+            return f"{file.name} is truncated or not a torch file"
+    return None
+
+
+def last_checkpoint(output_dir: str | Path, quiet: bool = False) -> str | None:
+    """The newest checkpoint folder whose files are whole, or None; says which newer ones it skips and why."""
+    for folder in reversed(checkpoints(output_dir)):
+        if not (why := checkpoint_defect(folder)):
+            return str(folder)
+        if not quiet:
+            say(f"skipping {folder}: {why}")
+    return None
+
+
+def say(message: str) -> None:
+    """Print once per machine (every DDP rank runs the set-up)."""
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        print(f"lora_ns: {message}", file=sys.stderr)
+
+
+def wanted_checkpoint(recipe: Recipe) -> str | None:
+    """The recipe's resume_from_checkpoint as "auto" (the default), a path, or None (never resume); the
+    config's type check has turned YAML booleans away, so only words and paths arrive here."""
+    wanted = str(recipe.training.get("resume_from_checkpoint", "auto"))
+    if wanted.lower() in ("none", "no", "false"):
+        return None
+    return "auto" if wanted.lower() in ("auto", "true", "last") else wanted
+
+
+def resume_target(recipe: Recipe, quiet: bool = False) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` gets: for "auto" (the default) the newest complete
+    checkpoint of an interrupted run, None for a fresh run or one that overwrites a finished run; an explicit
+    path (checked by `setup`'s rules: `checkpoint_problem`)."""
+    if (wanted := wanted_checkpoint(recipe)) is None or (wanted == "auto" and is_finished(recipe.output_dir)):
+        return None
+    if (found := last_checkpoint(recipe.output_dir, quiet) if wanted == "auto" else wanted) and not quiet:
+        say(f"resuming from {found}")
+    return found
+
+
+def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | None:
+    """A checkpoint saved from another model than this recipe builds (peft r or target modules, the model or
+    its vocabulary changed since): resuming would stop on a size mismatch or the optimizer's parameter groups.
+    `model`: the trainer's, real or on the meta device; only the checkpoint's safetensors headers are read."""
+    from safetensors import safe_open
+
+    folder, adapter = Path(checkpoint or ""), hasattr(model, "peft_config")
+    if checkpoint is None or not folder.is_dir():
+        return None
+    if adapter:
+        from peft import get_peft_model_state_dict
+
+        config = folder / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("rank_pattern"):
+            return None  # AdaLoRA after rank allocation saves pruned shapes; peft resizes ours to them
+        ours, files = get_peft_model_state_dict(model), [folder / "adapter_model.safetensors"]
+    else:
+        ours, files = model.state_dict(), sorted(folder.glob("model*.safetensors"))
+    saved: dict[str, list[int]] = {}
+    for file in (f for f in files if f.is_file()):
+        with safe_open(file, "pt") as weights:
+            saved.update({name: list(weights.get_slice(name).get_shape()) for name in weights.keys()})
+    shapes = {name: list(tensor.shape) for name, tensor in ours.items()}
+    if differ := [name for name in sorted(saved.keys() & shapes.keys()) if saved[name] != shapes[name]]:
+        why = f"{differ[0]} of shape {saved[differ[0]]}, this recipe builds {shapes[differ[0]]}"
+    elif adapter and saved and saved.keys() != shapes.keys():
+        name = min(saved.keys() ^ shapes.keys())
+        why = f"{name} {'but this recipe has none' if name in saved else 'missing'} (other target modules)"
+    else:
+        return None
+    return recipe.problem("peft" if adapter else "model.name_or_path", f"cannot resume from {checkpoint}: "
+                          f"it was saved with {why}", "set the recipe back as that run had it, or train "
+                          "afresh in another training.output_dir")
+
+
+def checkpoint_problem(recipe: Recipe) -> Problem | None:
+    """What is wrong with an explicit resume_from_checkpoint path, if anything (also a validate rule)."""
+    if (wanted := wanted_checkpoint(recipe)) in (None, "auto"):
+        return None
+    if not Path(wanted).is_dir():
+        return recipe.problem("training.resume_from_checkpoint", f"checkpoint {wanted} not found",
+                              "point it at a checkpoint-<step> folder, or use auto")
+    if why := checkpoint_defect(Path(wanted)):
+        return recipe.problem("training.resume_from_checkpoint", f"cannot resume from {wanted}: {why}",
+                              "point it at a complete checkpoint-<step> folder, or use auto")
+    return None
