@@ -144,15 +144,17 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     avoid_cudnn_attention(recipe)
     score_label_positions_only(args)
     tokenizer = load_tokenizer(recipe)
+    build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
+    with args.main_process_first(desc="build the datasets"):  # first: a bad row fails before the weights load
+        datasets = build(recipe, tokenizer)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
     selective_checkpointing_reaches(model, args)
     trainable, total = count_parameters(model)
     if args.process_index == 0:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
-    build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
-    with args.main_process_first(desc="build and tokenize the datasets"):
-        trainer = build_trainer(recipe, args, model, tokenizer, *build(recipe, tokenizer))
+    with args.main_process_first(desc="tokenize the datasets"):
+        trainer = build_trainer(recipe, args, model, tokenizer, *datasets)
     return trainer, tokenizer, (trainable, total)
 
 

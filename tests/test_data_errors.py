@@ -256,6 +256,25 @@ def test_validate_reads_small_local_data_past_its_sample(tmp_path, monkeypatch, 
     assert [p for p in check_dataset(recipe(data)) if p.is_error] == []
 
 
+def test_training_reads_the_data_before_the_weights(tmp_path, monkeypatch, tiny_llama):
+    """Data too large for validate to read whole: a bad row past its sample stops training at file:line
+    while the data is built, before the model's weights load (minutes for a large model)."""
+    import lora_ns.train
+    import lora_ns.validate.data
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the data was read")
+
+    monkeypatch.setattr(lora_ns.validate.data, "EVERY_ROW_BYTES", 0)
+    monkeypatch.setattr(lora_ns.train, "load_model", no_weights)
+    data = tmp_path / "qa.jsonl"
+    data.write_text(lines(*(QA * 50), {"question": "q", "answer": None}), encoding="utf-8")
+    run = parse_recipe({"model": {"name_or_path": "builtin:tiny-llama"},
+                        "dataset": {"path": str(data), "formatter": "gsm8k"},
+                        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "report_to": "none"}})
+    assert one_problem(lambda: lora_ns.train.train(run)).startswith(f"{data}:301: answer: missing value")
+
+
 def test_a_file_with_a_column_the_first_file_lacks(tmp_path):
     """datasets reads a folder's files as one table with the first file's columns and fails to cast a later
     file with another (a traceback-like "Couldn't cast"): validate, and training's load, name file and column."""
