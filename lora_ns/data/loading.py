@@ -35,19 +35,26 @@ def _delimited(src: LocalSource, streaming: bool):
     return datasets.Dataset.from_generator(generate, fingerprint=hashlib.sha256(stats.encode()).hexdigest())
 
 
-def read_every_row(src: Source) -> None:
-    """Read a local split with our strict reader: a malformed row raises its file:line `UserError`, and so
-    does a column the first file does not have (`datasets` takes the columns from the first file and fails
-    to cast a later one). The error path after `datasets`' own reader failed, at load or, streaming,
-    mid-training; and validate's reading of small data."""
+def strict_rows(src: LocalSource) -> Iterator[tuple[Location, dict[str, Any]]]:
+    """Every row of a local split by our strict reader: a malformed row raises its file:line `UserError`, and
+    so does a column the first file does not have (`datasets` takes the columns from the first file and
+    fails to cast a later one)."""
     first: set[str] = set()
-    for where, row in located_rows(src) if isinstance(src, LocalSource) else ():
+    for where, row in located_rows(src):
         if where.file == src.files[0]:
             first.update(row)
         elif extra := sorted(set(row) - first):
             raise fail(where.file, "", f"column '{extra[0]}' is not in {src.files[0]}: datasets reads the "
                        "files as one table with the first file's columns", "give every file the same "
                        f"columns (or drop '{extra[0]}')", where.line)
+        yield where, row
+
+
+def read_every_row(src: Source) -> None:
+    """`strict_rows` to the end: the error path after `datasets`' own reader failed, at load or, streaming,
+    mid-training."""
+    for _ in strict_rows(src) if isinstance(src, LocalSource) else ():
+        pass
 
 
 def _load_local(src: LocalSource, streaming: bool):

@@ -14,7 +14,7 @@ from typing import Any
 from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import converter, hold_out, read_every_row
+from lora_ns.data.loading import converter, hold_out, strict_rows
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import (
     TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
@@ -125,17 +125,21 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
 
 
 def _past_the_sample(recipe: Recipe, src: Source, sampled: int) -> list[Problem]:
-    """Small local data read whole, strictly (`read_every_row`: malformed rows, a file with columns the first
-    lacks), and its rows after the sample formatted: a bad row there would otherwise stop training once the
-    weights have loaded."""
+    """Small local data read whole, in one pass, strictly (`strict_rows`: malformed rows, a file with columns
+    the first lacks), and its rows after the sample up to max_samples formatted: a bad row there would
+    otherwise stop training once the weights have loaded. Rows past max_samples are read, not formatted:
+    the loader reads them, training does not use them."""
     if not isinstance(src, LocalSource) or sum(os.path.getsize(f) for f in src.files) > EVERY_ROW_BYTES:
         return []
+    cap = recipe.dataset.max_samples
     try:
-        read_every_row(src)
-        rows = islice(located_rows(src), sampled, recipe.dataset.max_samples)
-        while chunk := list(islice(rows, 10_000)):
+        rows = islice(strict_rows(src), sampled, None)
+        used = islice(rows, None if cap is None else max(cap - sampled, 0))
+        while chunk := list(islice(used, 10_000)):
             if errors := _format(recipe, src, chunk)[2]:
                 return errors
+        for _ in rows:
+            pass
     except UserError as err:
         return err.problems
     return []
