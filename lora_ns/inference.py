@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
+from lora_ns.checkpoints import safetensors_defect
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sources
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
-from lora_ns.checkpoints import safetensors_defect
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
 PromptInput = str | list[dict[str, str]]

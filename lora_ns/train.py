@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
+from lora_ns.checkpoints import FINISHED_MARKER, last_checkpoint, resume_problem, resume_target
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, is_secret, load_recipe
 from lora_ns.data import build_datasets, encode_pairs
@@ -32,7 +33,6 @@ from lora_ns.metrics import classification_metrics
 from lora_ns.model import dtype_name, load_model, load_tokenizer
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
-from lora_ns.checkpoints import FINISHED_MARKER, last_checkpoint, resume_problem, resume_target
 from lora_ns.setup import Checks, print_notes, setup
 
 PROG = "lora_ns.train"

@@ -12,11 +12,11 @@ from urllib.parse import urlparse
 
 from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
 from lora_ns.builtin_models import resolve_model_path
+from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
-from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.setup import library_problem
 
 SKIPPED = "model checks skipped"
@@ -125,7 +125,6 @@ def target_module_problems(recipe: Recipe, model) -> list[Problem]:
                                            f"{type(model).__name__}",
                                            f"linear layers there: {', '.join(linears)}"))
     return problems
-
 
 
 def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
