@@ -143,7 +143,8 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
         from peft import get_peft_model_state_dict
 
         config = folder / "adapter_config.json"
-        if config.is_file() and json.loads(config.read_text()).get("rank_pattern"):
+        saved_config = json.loads(config.read_text()) if config.is_file() else {}
+        if saved_config.get("rank_pattern"):
             return None  # AdaLoRA after rank allocation saves pruned shapes; peft resizes ours to them
         ours, files = get_peft_model_state_dict(model), [folder / "adapter_model.safetensors"]
     else:
@@ -159,10 +160,24 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
         name = min(saved.keys() ^ shapes.keys())
         why = f"{name} {'but this recipe has none' if name in saved else 'missing'} (other target modules)"
     else:
-        return None
+        return adapter and base_model_problem(recipe, checkpoint, saved_config, model) or None
     return recipe.problem("peft" if adapter else "model.name_or_path", f"cannot resume from {checkpoint}: "
                           f"it was saved with {why}", "set the recipe back as that run had it, or train "
                           "afresh in another training.output_dir")
+
+
+def base_model_problem(recipe: Recipe, checkpoint: str, saved_config: dict, model) -> Problem | None:
+    """A warning when the checkpoint's adapter was trained on another base model with the same shapes:
+    resuming would go on training it on this one. Not an error: a hub id and a local copy of the same
+    model have different names."""
+    saved = saved_config.get("base_model_name_or_path")
+    ours = next(iter(model.peft_config.values())).base_model_name_or_path
+    if not saved or not ours or os.path.realpath(saved) == os.path.realpath(ours):
+        return None
+    return recipe.problem("model.name_or_path", f"{checkpoint} was trained on {saved}, this recipe's model "
+                          f"is {ours}: resuming goes on training that adapter on another base", "set the "
+                          "model back, or train afresh in another training.output_dir (fine if both are one "
+                          "model)", severity="warning")
 
 
 def checkpoint_problem(recipe: Recipe) -> Problem | None:

@@ -203,8 +203,8 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
     print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
     trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
     checkpoint = resume_target(recipe)
-    if (problem := resume_problem(recipe, trainer.model, checkpoint)) is not None:
-        raise UserError(problem)
+    if (problem := resume_problem(recipe, trainer.model, checkpoint)) is not None and problem.is_error:
+        raise UserError(problem)  # a warning was shown by setup's checks
     with disk_errors(recipe), stream_errors(recipe):
         result = trainer.train(resume_from_checkpoint=checkpoint)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

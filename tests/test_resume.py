@@ -235,7 +235,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_llama):
         assert kept == list(range(STEPS - SAVE_EVERY * (KEEP - 1), STEPS + 1, SAVE_EVERY)), f"{out.name}: {kept}"
 
 
-def test_a_changed_adapter_or_optimizer_is_refused_before_resuming(tmp_path, tiny_llama):
+def test_a_changed_adapter_or_optimizer_is_refused_before_resuming(tmp_path, tiny_llama, tiny_qwen2):
     """An interrupted run whose recipe then changed its adapter (r, target modules) or optimizer would load
     the checkpoint and stop (size mismatch; optimizer groups; sgd's step reading 'momentum' from adamw's saved
     groups): setup refuses it first, validate and train alike, naming the checkpoint and what differs; the
@@ -252,6 +252,12 @@ def test_a_changed_adapter_or_optimizer_is_refused_before_resuming(tmp_path, tin
     (tmp_path / "run" / FINISHED_MARKER).unlink()  # as if killed before the end
     setup(lora_recipe(), dry_run=True)  # unchanged: resumes
     setup(lora_recipe(lr_scheduler_type="cosine"), dry_run=True)
+    other_base = lora_recipe()
+    other_base.model.name_or_path = "builtin:tiny-qwen2"  # same adapter shapes, another model
+    for dry_run in (True, False):
+        (warning,) = [n for n in setup(other_base, dry_run=dry_run).notes if n.severity == "warning"]
+        assert warning.field == "model.name_or_path" and "checkpoint-2 was trained on" in warning.message
+        assert "tiny-llama" in warning.message and "tiny-qwen2" in warning.message, warning
     for change, field, words in [
             (lora_recipe({"r": 8}), "peft", "lora_A.weight of shape [4, 128], this recipe builds [8, 128]"),
             (lora_recipe({"target_modules": ["q_proj"]}), "peft", "but this recipe has none (other target modules)"),

@@ -42,7 +42,7 @@ def check_model(recipe: Recipe) -> list[Problem]:
         return problems + [recipe.problem("model.name_or_path", f"model not built on the meta device "
                                           f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
-    return problems + (target_module_problems(recipe, model) or [parameter_count(recipe, model)])
+    return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
 
 
 def bitsandbytes_problem(recipe: Recipe) -> Problem | None:
@@ -153,8 +153,9 @@ def _takes_past_key_values(model) -> bool:
     return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
-def parameter_count(recipe: Recipe, model) -> Problem:
-    """Apply the recipe's peft config to the meta model and report trainable / total parameters."""
+def parameter_count(recipe: Recipe, model) -> list[Problem]:
+    """Apply the recipe's peft config to the meta model and report trainable / total parameters (and
+    whether the checkpoint an interrupted run resumes from fits it)."""
     check = recipe.model_copy(deep=True)
     if check.peft.method == "prompt_tuning":  # a TEXT init would load the tokenizer; the count is the same
         check.peft = check.peft.model_copy(update={"prompt_tuning_init": "RANDOM"})
@@ -164,14 +165,16 @@ def parameter_count(recipe: Recipe, model) -> Problem:
     try:
         model = apply_peft(model, check)
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
-        return library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")
+        return [library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")]
     resumed = resume_target(recipe, quiet=True)
-    if problem := adapter_problem(recipe, model) or resume_problem(recipe, model, resumed):
-        return problem
+    problem = adapter_problem(recipe, model) or resume_problem(recipe, model, resumed)
+    if problem is not None and problem.is_error:
+        return [problem]
     for name, param in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's fixed rank; moving it to meta re-wraps it as trainable
             param.requires_grad_(False)
     trainable, total = count_parameters(model)
     quant = " (before quantization)" if recipe.quantized else ""
-    return recipe.problem("peft.method", f"{recipe.peft.method}: trainable params {trainable:,} of {total:,}"
-                          f"{quant} ({100 * trainable / max(total, 1):.4f}%)", severity="info")
+    return [p for p in [problem] if p] + [recipe.problem(
+        "peft.method", f"{recipe.peft.method}: trainable params {trainable:,} of {total:,}{quant} "
+        f"({100 * trainable / max(total, 1):.4f}%)", severity="info")]
