@@ -20,6 +20,7 @@ from typing import Any
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
+from lora_ns.data.sources import looks_local, resolve_sample
 from lora_ns.errors import UserError, fail, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import (RECIPE_FILE, classify, generate, load, pair_of, preference_margin,
@@ -44,7 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help="merged dir, base model folder, hub id or builtin:<name>")
     parser.add_argument("--base", help="base model for --adapter (default: the one in adapter_config.json)")
     data = parser.add_mutually_exclusive_group()
-    data.add_argument("--split", help="evaluate on this split of the recipe's dataset instead of val_split")
+    data.add_argument("--split", help="evaluate on this split of the recipe's dataset instead of val_split "
+                      "(train: the rows training used)")
     data.add_argument("--data-file", help="every row of this file (read by the recipe's formatter)")
     parser.add_argument("--limit", type=at_least_one, help="evaluate only the first N examples")
     parser.add_argument("--metric", action="append", default=[], metavar="NAME_OR_PATH",
@@ -78,10 +80,16 @@ def eval_examples(recipe, split: str | None, data_file: str | None, limit: int |
     if not (data_file or split or cfg.val_split is not None):
         raise UserError(recipe.problem("dataset.val_split", "the recipe has no eval split",
                                        "set dataset.val_split, or pass --split NAME or --data-file FILE"))
+    if split and split != "train" and looks_local(cfg.path) and not Path(resolve_sample(cfg.path)).is_dir():
+        raise fail("<command line>", "--split", f"{cfg.path} is one data set, without named splits",
+                   "pass the eval rows with --data-file FILE (--split train: the rows training used)")
     where = data_file or (f"split {split}" if split else f"val_split {cfg.val_split}")
     if not (data_file or split) and isinstance(cfg.val_split, float):
         where = f"{cfg.val_split} held out of {cfg.path} (seed {cfg.seed})"
-    examples = list(formatted_examples(recipe, data_file or split or cfg.val_split, limit))
+    rows = data_file or split or cfg.val_split
+    if split == "train":  # the rows build_datasets trains on: max_samples, less a held-out fraction
+        where, rows = f"the rows training used of {cfg.path}", None
+    examples = list(formatted_examples(recipe, rows, limit))
     if not examples:
         raise fail(where, "", "no eval examples", "check the split / file")
     return examples, where

@@ -139,6 +139,28 @@ def test_a_recipe_without_eval_data_is_a_one_line_error(gsm_adapter, tmp_path, c
     assert not (tmp_path / "e").exists()
 
 
+def test_split_train_is_the_rows_training_used_and_other_names_need_a_folder(gsm_adapter, tmp_path, capsys):
+    """The quickstart trains on one file less a held-out fraction: --split train scores exactly the rows it
+    trained on; a split name the file cannot have is a one-line error pointing at --data-file."""
+    from lora_ns.config import load_recipe
+    from lora_ns.data import build_datasets
+    from lora_ns.model import load_tokenizer
+
+    base = [str(QUICKSTART), "--adapter", str(gsm_adapter), "--limit", "3", "--max-new-tokens", "4",
+            "--no-progress", "--output-dir"]
+    assert main(base + [str(tmp_path / "train"), "--split", "train"]) == 0
+    _, rows = read_results(tmp_path / "train")
+    recipe = load_recipe(QUICKSTART)
+    trained, _ = build_datasets(recipe, load_tokenizer(recipe))
+    assert [r["prompt"] for r in rows] == [ex["prompt"][-1]["content"] for ex in trained.select(range(3))]
+
+    capsys.readouterr()
+    code = run_cli("lora_ns.evaluate", lambda: main(base + [str(tmp_path / "test"), "--split", "test"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--split" in err[0] and "--data-file" in err[0], err
+    assert not (tmp_path / "test").exists()
+
+
 AGREEMENT_METRIC = '''
 import datasets
 import evaluate
