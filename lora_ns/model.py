@@ -191,6 +191,27 @@ def tokenizer_as_trained(tokenizer, recipe: Recipe | None = None, model=None, ke
     return tokenizer
 
 
+def vocabulary_problem(recipe: Recipe, tokenizer, embedding_rows: int) -> Problem | None:
+    """Another model's tokenizer: ordinary token ids past the model's embedding rows stop training at the
+    first batch that holds one. Added tokens past them (special tokens a text may never use): a warning."""
+    if len(tokenizer) <= embedding_rows:
+        return None
+    field = "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else "model.name_or_path"
+    which = "its vocabulary" if tokenizer.vocab_size > embedding_rows else "with its added tokens"
+    return recipe.problem(field, f"the tokenizer has {len(tokenizer):,} tokens ({which}), the model's "
+                          f"embeddings {embedding_rows:,} rows", "use the tokenizer the model was trained "
+                          "with", severity="error" if tokenizer.vocab_size > embedding_rows else "warning")
+
+
+def eos_problem(recipe: Recipe, tokenizer) -> Problem | None:
+    """A tokenizer without an EOS token: TRL ends every causal example with it (generation stops on it)."""
+    if recipe.task in ("seq_cls", "pretrain") or tokenizer.eos_token is not None:
+        return None
+    field = "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else "model.name_or_path"
+    return recipe.problem(field, "the tokenizer has no EOS token, which training ends every example with",
+                          "use the model's own tokenizer, or one with an eos_token")
+
+
 def sharded_training() -> bool:
     """DeepSpeed ZeRO-3 or FSDP: they place (and shard) the weights themselves."""
     from transformers.integrations import is_deepspeed_zero3_enabled

@@ -30,7 +30,7 @@ from lora_ns.data.sources import source_for
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.fileio import atomic_output, write_text_atomic
 from lora_ns.metrics import classification_metrics
-from lora_ns.model import dtype_name, load_model, load_tokenizer
+from lora_ns.model import dtype_name, eos_problem, load_model, load_tokenizer, vocabulary_problem
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
 from lora_ns.setup import Checks, print_notes, setup
@@ -147,7 +147,12 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
     with args.main_process_first(desc="build the datasets"):  # first: a bad row fails before the weights load
         datasets = build(recipe, tokenizer)
-    model = apply_peft(load_model(recipe, tokenizer), recipe)
+    model = load_model(recipe, tokenizer)
+    rows = model.get_input_embeddings().num_embeddings  # the net for a model validate could not build
+    problem = eos_problem(recipe, tokenizer) or vocabulary_problem(recipe, tokenizer, rows)
+    if problem is not None and problem.is_error:
+        raise UserError(problem)
+    model = apply_peft(model, recipe)
     selective_checkpointing_reaches(model, args)
     trainable, total = count_parameters(model)
     if args.process_index == 0:

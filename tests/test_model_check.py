@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lora_ns.config import load_recipe, parse_recipe
 
@@ -172,3 +173,39 @@ def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
         setup(recipe_for(str(tmp_path / "no-such-model")), dry_run=True, checks=Checks(data=False))
     (error,) = raised.value.problems
     assert error.is_error and error.field == "model.name_or_path" and "not found" in error.message
+
+
+def test_a_tokenizer_training_would_stop_on_is_refused_by_validate_and_by_train(tmp_path, capsys, tiny_llama,
+                                                                                 tiny_bert):
+    """Another model's tokenizer: ids past the embedding rows (an IndexError at the first batch holding one),
+    or no EOS token (TRL's preparation ends every example with it: a TypeError). validate names the field;
+    train refuses too, with its checks off (the net after the weights load, for a model validate cannot reach)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lora_ns.errors import UserError, run_cli
+    from lora_ns.setup import Checks
+    from lora_ns.train import train
+    from lora_ns.validate.__main__ import main as validate_main
+
+    small = tmp_path / "small-vocab"  # tiny-llama's tokenizer (1,024 tokens) on a model of 512 rows
+    config = AutoConfig.from_pretrained(tiny_llama, vocab_size=512)
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(small)
+    cases = [({"name_or_path": str(small)}, "model.name_or_path", "the tokenizer has 1,024 tokens (its "
+              "vocabulary), the model's embeddings 512 rows"),
+             ({"name_or_path": "builtin:tiny-llama", "tokenizer_name_or_path": "builtin:tiny-bert"},
+              "model.tokenizer_name_or_path", "the tokenizer has no EOS token")]
+    for model, field, words in cases:
+        path = tmp_path / "r.yaml"
+        recipe = recipe_for()
+        recipe = parse_recipe({**recipe.model_dump(exclude_unset=True), "model": {**model, "dtype": "fp32"},
+                               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1}}, str(path))
+        path.write_text(yaml.safe_dump(recipe.model_dump(exclude_unset=True)))
+        capsys.readouterr()
+        assert run_cli("lora_ns.validate", lambda: validate_main([str(path)])) == 2
+        (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+        assert f" {field}: {words}" in line, line
+        with pytest.raises(UserError) as err:
+            train(recipe, Checks(data=False, model=False))
+        assert err.value.problems[0].field == field and words in err.value.problems[0].message
+        assert not (tmp_path / "out" / "run_summary.json").exists()

@@ -11,7 +11,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from lora_ns.builtin_models import is_builtin
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.data.loading import converter, hold_out, strict_rows
@@ -23,9 +22,9 @@ from lora_ns.data.sources import (
     HubSource, LocalSource, Location, Source, first_rows, located_rows, looks_local, source_for,
 )
 from lora_ns.errors import Problem, UserError, first_line
-from lora_ns.model import load_tokenizer
+from lora_ns.model import eos_problem
 from lora_ns.setup import training_arguments
-from lora_ns.validate.model import hub_reachable
+from lora_ns.validate.model import hub_reachable, reachable_tokenizer
 from lora_ns.validate.sample import prepared_rows
 
 SAMPLE_ROWS = 200
@@ -170,28 +169,6 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
     return problems
 
 
-def _tokenizer(recipe: Recipe):
-    """The recipe's tokenizer when it loads without a download, else (None, why)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    m = recipe.model
-    name = m.tokenizer_name_or_path or m.name_or_path
-    try:
-        cached = any(isinstance(try_to_load_from_cache(name, f, revision=m.revision), str)
-                     for f in ("tokenizer_config.json", "tokenizer.json"))
-    except Exception:  # not a valid repo id
-        cached = False
-    if not (is_builtin(name) or Path(name).is_dir() or cached):
-        return None, f"tokenizer '{name}' is neither local nor in the HF cache"
-    try:
-        return load_tokenizer(recipe), ""
-    except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
-        raise
-    except Exception as err:  # a broken or partial download: report it, don't fail validation
-        reason = first_line(err)
-        return None, f"tokenizer '{name}' could not be loaded ({reason})"
-
-
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     """Tokens per example as train counts them (TRL's own SFT preparation, untruncated; pairs as encoded),
     and the padding share of the batching the real training arguments will use."""
@@ -202,9 +179,11 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     if fmt.kind in PREFERENCE_KINDS and recipe.task != "dpo":  # not SFT rows
         return []
     where = examples[0][0].file
-    tokenizer, why = _tokenizer(recipe)
+    tokenizer, why = reachable_tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
+    if (problem := eos_problem(recipe, tokenizer)) is not None:  # TRL's preparation would stop on it
+        return [problem]
     if fmt.kind in PREFERENCE_KINDS:
         return _long_dpo_prompts(recipe, tokenizer, examples)
     args = None if recipe.task == "seq_cls" else training_arguments(recipe)

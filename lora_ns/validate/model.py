@@ -8,15 +8,17 @@ import importlib.util
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
-from lora_ns.builtin_models import resolve_model_path
+from lora_ns.builtin_models import is_builtin, resolve_model_path
 from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem, first_line
+from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
-from lora_ns.model import attention_problem, auto_model_class, label_kwargs, model_folder_problem
+from lora_ns.model import (attention_problem, auto_model_class, label_kwargs, load_tokenizer,
+                           model_folder_problem, vocabulary_problem)
 from lora_ns.setup import library_problem
 
 SKIPPED = "model checks skipped"
@@ -42,6 +44,10 @@ def check_model(recipe: Recipe) -> list[Problem]:
         return problems + [recipe.problem("model.name_or_path", f"model not built on the meta device "
                                           f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
+    tokenizer, _ = reachable_tokenizer(recipe)  # none: the data checks say why
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer is not None and (problem := vocabulary_problem(recipe, tokenizer, rows)) is not None:
+        return problems + [problem]
     return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
 
 
@@ -73,6 +79,37 @@ def _bitsandbytes_smoke_test(four_bit: bool, quant_type: str) -> None:
         layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
     dtype = torch.float16 if device == "cuda" and not four_bit else torch.float32
     layer.to(device)(torch.randn(2, 64, device=device, dtype=dtype))
+
+
+_TOKENIZERS: dict[str, tuple[Any, str]] = {}  # the model and data checks share one load per recipe model
+
+
+def reachable_tokenizer(recipe: Recipe) -> tuple[Any, str]:
+    """(the recipe's tokenizer, "") when it loads without a download, else (None, why)."""
+    key = recipe.task + recipe.model.model_dump_json()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(recipe)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(recipe: Recipe) -> tuple[Any, str]:
+    from huggingface_hub import try_to_load_from_cache
+
+    m = recipe.model
+    name = m.tokenizer_name_or_path or m.name_or_path
+    try:
+        cached = any(isinstance(try_to_load_from_cache(name, f, revision=m.revision), str)
+                     for f in ("tokenizer_config.json", "tokenizer.json"))
+    except Exception:  # not a valid repo id
+        cached = False
+    if not (is_builtin(name) or Path(name).is_dir() or cached):
+        return None, f"tokenizer '{name}' is neither local nor in the HF cache"
+    try:
+        return load_tokenizer(recipe), ""
+    except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
+        raise
+    except Exception as err:  # a broken or partial download: report it, don't fail validation
+        return None, f"tokenizer '{name}' could not be loaded ({first_line(err)})"
 
 
 def hub_reachable() -> bool:
