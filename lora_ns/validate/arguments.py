@@ -34,6 +34,10 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
         problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
                                        "with checkpointing off", "set training.gradient_checkpointing: true"))
+    if args.gradient_checkpointing and (unknown := checkpoint_kwargs_unknown(args)):
+        problems.append(recipe.problem("training.gradient_checkpointing_kwargs", f"torch's checkpoint takes "
+                                       f"no '{unknown}' (it would stop at the first step)",
+                                       suggest(unknown, checkpoint_kwargs())))
     if args.optim_args and not all("=" in item for item in args.optim_args.replace(" ", "").split(",")):
         problems.append(recipe.problem("training.optim_args", f"'{args.optim_args}' is not key=value pairs",
                                        "write them as key=value,key=value (e.g. betas=0.9)"))
@@ -50,6 +54,22 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
             "set training.max_length: null (rows as they are), or training.packing: true"))
     checks = (optimizer_problem, scheduler_problem, best_model_metric_problem)
     return problems + [p for p in (check(recipe, args) for check in checks) if p]
+
+
+def checkpoint_kwargs() -> set[str]:
+    """What gradient_checkpointing_kwargs may hold: `torch.utils.checkpoint.checkpoint`'s keywords, and TRL's
+    "selective"."""
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    keywords = inspect.signature(checkpoint).parameters.values()
+    return {p.name for p in keywords if p.kind == p.KEYWORD_ONLY} | {"preserve_rng_state", "selective"}
+
+
+def checkpoint_kwargs_unknown(args) -> str | None:
+    known = checkpoint_kwargs()
+    return next((k for k in sorted(args.gradient_checkpointing_kwargs or {}) if k not in known), None)
 
 
 # What an evaluation reports, by task: lora_ns's classification metrics, TRL 1.16's SFT token metrics and
