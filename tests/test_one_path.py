@@ -71,6 +71,8 @@ REJECTED = [
      "training.save_strategy"),
     ("compile_backend_unknown", {"training": {"torch_compile_backend": "inductr"}}, "training.torch_compile_backend"),
     ("optim_args_not_pairs", {"training": {"optim_args": "foo"}}, "training.optim_args"),
+    ("init_needs_a_data_pass", {"peft": {"init_lora_weights": "corda"}}, "peft.init_lora_weights"),
+    ("init_silently_plain_lora", {"peft": {"init_lora_weights": "eva"}}, "peft.init_lora_weights"),
     ("checkpointing_kwarg_unknown", {"training": {"gradient_checkpointing": True,
                                                   "gradient_checkpointing_kwargs": {"use_reentrnt": False}}},
      "training.gradient_checkpointing_kwargs"),

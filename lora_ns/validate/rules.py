@@ -68,6 +68,7 @@ def data_splits(r: Recipe) -> Iterator[Problem]:
 
 # training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
 AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
@@ -96,6 +97,11 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
     if (alpha := r.peft.options.get("lora_alpha")) is not None and alpha <= 0:
         yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
                         "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
+    # peft computes these in a pass over the data, a separate call lora_ns does not make: without it eva and
+    # lora_ga silently train a plain LoRA, corda stops when the adapter is built
+    if (init := r.peft.options.get("init_lora_weights")) in DATA_DRIVEN_INITS:
+        yield r.problem("peft.init_lora_weights", f"'{init}' needs peft's data-driven initialisation "
+                        "pass, which lora_ns does not run", "use pissa, olora, orthogonal, gaussian or true")
 
 
 def names_resolve(r: Recipe) -> Iterator[Problem]:
