@@ -204,7 +204,13 @@ def vocabulary_problem(recipe: Recipe, tokenizer, embedding_rows: int) -> Proble
 
 
 def eos_problem(recipe: Recipe, tokenizer) -> Problem | None:
-    """A tokenizer without an EOS token: TRL ends every causal example with it (generation stops on it)."""
+    """A tokenizer without an EOS token (TRL ends every causal example with it, generation stops on it), or
+    a training.eos_token / pad_token it does not have (TRL refuses them after the weights load)."""
+    vocabulary = tokenizer.get_vocab()
+    for name in ("eos_token", "pad_token"):
+        if (token := recipe.training.get(name)) is not None and token not in vocabulary:
+            return recipe.problem(f"training.{name}", f"the tokenizer has no token '{token}'",
+                                  f"use one of its tokens (e.g. '{getattr(tokenizer, name)}'), or remove it")
     if recipe.task in ("seq_cls", "pretrain") or tokenizer.eos_token is not None:
         return None
     field = "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else "model.name_or_path"

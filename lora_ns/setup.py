@@ -90,7 +90,7 @@ def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
         from lora_ns.validate.launch import check_launch
 
         problems += check_launch(recipe, checks.accelerate_config)
-    return problems
+    return list({str(p): p for p in problems}.values())  # the tokenizer's problems: data and model checks
 
 
 def field_for(message: str, given: dict[str, Any]) -> str | None:

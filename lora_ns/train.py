@@ -144,12 +144,13 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     avoid_cudnn_attention(recipe)
     score_label_positions_only(args)
     tokenizer = load_tokenizer(recipe)
+    if (problem := eos_problem(recipe, tokenizer)) is not None:  # the nets for what validate could not reach
+        raise UserError(problem)
     build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
     with args.main_process_first(desc="build the datasets"):  # first: a bad row fails before the weights load
         datasets = build(recipe, tokenizer)
     model = load_model(recipe, tokenizer)
-    rows = model.get_input_embeddings().num_embeddings  # the net for a model validate could not build
-    problem = eos_problem(recipe, tokenizer) or vocabulary_problem(recipe, tokenizer, rows)
+    problem = vocabulary_problem(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     if problem is not None and problem.is_error:
         raise UserError(problem)
     model = apply_peft(model, recipe)

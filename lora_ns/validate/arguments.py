@@ -52,8 +52,20 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
             "set training.max_length: null (rows as they are), or training.packing: true"))
+    problems += choice_problems(recipe, args)
     checks = (optimizer_problem, scheduler_problem, best_model_metric_problem)
     return problems + [p for p in (check(recipe, args) for check in checks) if p]
+
+
+def choice_problems(recipe: Recipe, args) -> list[Problem]:
+    """Values outside the choices a field's own metadata lists (TRL's loss_type, packing_strategy, ...):
+    the config accepts them, the trainer refuses them after the weights load."""
+    import dataclasses
+
+    fields = {f.name: f.metadata["choices"] for f in dataclasses.fields(args) if "choices" in f.metadata}
+    return [recipe.problem(f"training.{name}", f"got '{value}'", suggest(str(value), list(fields[name])))
+            for name, value in recipe.training.items()
+            if name in fields and isinstance(value, str) and value not in fields[name]]
 
 
 def checkpoint_kwargs() -> set[str]:

@@ -17,7 +17,7 @@ from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
-from lora_ns.model import (attention_problem, auto_model_class, label_kwargs, load_tokenizer,
+from lora_ns.model import (attention_problem, auto_model_class, eos_problem, label_kwargs, load_tokenizer,
                            model_folder_problem, vocabulary_problem)
 from lora_ns.setup import library_problem
 
@@ -45,9 +45,12 @@ def check_model(recipe: Recipe) -> list[Problem]:
                                           f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
     tokenizer, _ = reachable_tokenizer(recipe)  # none: the data checks say why
-    rows = model.get_input_embeddings().num_embeddings
-    if tokenizer is not None and (problem := vocabulary_problem(recipe, tokenizer, rows)) is not None:
-        return problems + [problem]
+    if tokenizer is not None:
+        rows = model.get_input_embeddings().num_embeddings
+        found = (eos_problem(recipe, tokenizer), vocabulary_problem(recipe, tokenizer, rows))
+        problems += [p for p in found if p is not None]
+        if any(p.is_error for p in problems):
+            return problems
     return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
 
 

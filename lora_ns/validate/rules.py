@@ -67,7 +67,8 @@ def data_splits(r: Recipe) -> Iterator[Problem]:
 
 
 # training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
-AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "pad_to_multiple_of")
 DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 
 
@@ -124,10 +125,15 @@ def names_resolve(r: Recipe) -> Iterator[Problem]:
 def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
     """A model path that can only be local must exist: a hub lookup of it fails obscurely.
     (Data paths are lora_ns.data's, which knows globs, folders and samples.)"""
-    for field in ("name_or_path", "tokenizer_name_or_path"):
-        value = getattr(r.model, field)
-        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
-            yield r.problem(f"model.{field}", f"{value} not found", "check the path, or use a hub id")
+    values = {f"model.{f}": getattr(r.model, f) for f in ("name_or_path", "tokenizer_name_or_path")}
+    values["training.chat_template_path"] = r.training.get("chat_template_path")
+    for field, value in values.items():
+        local = value and (value.startswith(("/", "./", "../", "~")) or value.endswith(".jinja"))
+        if local and not Path(value).expanduser().exists():
+            yield r.problem(field, f"{value} not found", "check the path, or use a hub id")
+    if (r.training.get("dataset_kwargs") or {}).get("skip_prepare_dataset"):  # TRL then gets untokenized rows
+        yield r.problem("training.dataset_kwargs", "skip_prepare_dataset: lora_ns's rows are text that TRL "
+                        "tokenizes", "remove training.dataset_kwargs.skip_prepare_dataset")
 
 
 # --- safety and reliability -----------------------------------------------------------------------
