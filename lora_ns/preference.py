@@ -165,9 +165,37 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems.append(recipe.problem("training.reward_weights", f"{len(weights)} weight(s) for "
                                        f"{len(funcs)} reward function(s)", "give one weight per reward_funcs "
                                        "entry, in the same order (or leave reward_weights out: all 1.0)"))
+    problems += [recipe.problem(f"training.{name}", f"got '{t[name]}'", suggest(str(t[name]), values))
+                 for name, values in TRL_VALUES.items()
+                 if isinstance(t.get(name), str) and t[name] not in values]
     reasons = resolve_rewards(recipe.training.get("reward_funcs"))[1] if grpo else []
-    return problems + [recipe.problem("training.reward_funcs", why, "fix the name or the function")
-                       for why in reasons]
+    return problems + (sampling_problems(recipe) if grpo else []) + [
+        recipe.problem("training.reward_funcs", why, "fix the name or the function") for why in reasons]
+
+
+# TRL 1.16 branches on these strings when the loss is computed, after the weights load; its configs list no
+# choices (lora_ns.validate.arguments checks fields that do)
+TRL_VALUES = {"f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+              "scale_rewards": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence")}
+
+
+def sampling_problems(recipe: Recipe) -> list[Problem]:
+    """GRPO's sampling settings that transformers' own logits processors refuse at the first generation:
+    built here with the recipe's values (generate uses one only when it changes anything)."""
+    from transformers import generation
+
+    inactive = {"top_k": (0, None), "top_p": (1.0, None), "min_p": (None,), "repetition_penalty": (1.0, None)}
+    build = {"top_k": generation.TopKLogitsWarper, "top_p": generation.TopPLogitsWarper,
+             "min_p": generation.MinPLogitsWarper,
+             "repetition_penalty": generation.RepetitionPenaltyLogitsProcessor}
+    problems = []
+    for name, make in build.items():
+        if (value := recipe.training.get(name)) not in inactive[name]:
+            try:
+                make(value)
+            except ValueError as err:
+                problems.append(recipe.problem(f"training.{name}", first_line(err), f"fix training.{name}"))
+    return problems
 
 
 def loss_types(task: str) -> list[str]:

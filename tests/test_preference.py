@@ -149,6 +149,14 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("grpo", {"reward_funcs": ["gsm8k"], "loss_type": "dapox"}, "training.loss_type", "did you mean 'dapo'?"),
     ("grpo", {"reward_funcs": ["gsm8k"], "temperature": 0.0}, "training.temperature", "must be above 0"),
     ("kto", {"loss_type": "apo_zero"}, "training.loss_type", "did you mean 'apo_zero_unpaired'?"),
+    ("dpo", {"f_divergence_type": "js"}, "training.f_divergence_type", "js_divergence"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "scale_rewards": "std"}, "training.scale_rewards", "group, batch, none"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "importance_sampling_level": "seq"}, "training.importance_sampling_level",
+     "did you mean 'sequence'?"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "top_k": -5}, "training.top_k", "strictly positive integer"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "repetition_penalty": 0.0}, "training.repetition_penalty",
+     "strictly positive float"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "min_p": 2.0}, "training.min_p", "[0, 1] interval"),
 ])
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))
