@@ -101,3 +101,15 @@ def training_callbacks(recipe: Recipe) -> list:
                 model.base_model.update_and_allocate(state.global_step)
 
     return [AdaLoraCallback()]
+
+
+def merge_blocker(model) -> str | None:
+    """Why peft cannot fold this adapter into its base weights, or None: a lora_bias on a layer without a
+    bias (peft's merge raises; the adapter still works unmerged)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and any(module.lora_bias.values()):
+            if getattr(module.get_base_layer(), "bias", None) is None:
+                return f"lora_bias on {name.removeprefix('base_model.model.')}, a layer without a bias"
+    return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
+from lora_ns.adapters import merge_blocker
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.checkpoints import safetensors_defect
 from lora_ns.config import Recipe, load_recipe
@@ -177,7 +178,7 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
             kind = "merged" if (local / MERGE_INFO).is_file() else "base"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
     quantized = getattr(model, "hf_quantizer", None) is not None
-    mergeable = kind == "adapter" and not is_prompt_learning(model)
+    mergeable = kind == "adapter" and not is_prompt_learning(model) and not merge_blocker(model)
     if mergeable and not (merging or quantized) and model.get_base_model().dtype == torch.float32:
         model = model.merge_and_unload()  # prompt/prefix tuning add tokens, not weights: nothing to fold
     tokenizer_as_trained(tokenizer, recipe, model, keep_template=True)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_ns.adapters import merge_blocker
 from lora_ns.command_line import CommandParser
 from lora_ns.config import TORCH_DTYPES, load_recipe
 from lora_ns.errors import fail, run_cli
@@ -93,6 +94,9 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     saved = str(AutoConfig.from_pretrained(loaded.base, trust_remote_code=trust).dtype).removeprefix("torch.")
     recipe_dtype = recipe.model.dtype if recipe is not None and recipe.model.dtype != "auto" else None
     save_dtype = dtype or DTYPE_NAMES.get(saved) or recipe_dtype or "fp32"  # given, saved, trained, fp32
+    if why := merge_blocker(loaded.model):
+        raise fail(str(adapter), "--adapter", f"cannot be merged: {why}", "use the adapter folder directly "
+                   "with lora_ns.infer (or train with peft.lora_bias: false)")
     reference = probe_logits(loaded.model, tokenizer)
     merged = loaded.model.merge_and_unload()  # the generation config keeps load's end-of-turn eos
     diff_fp32 = max_difference(probe_logits(merged, tokenizer), reference)

@@ -246,3 +246,19 @@ def test_merged_model_stops_at_the_end_of_turn_it_was_trained_with(tiny_llama, t
     merge(str(adapter), str(tmp_path / "merged"))
     saved = GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (saved if isinstance(saved, list) else [saved])
+
+
+def test_a_lora_bias_on_layers_without_one_is_used_unmerged_and_not_merged(tiny_llama, tmp_path, capsys):
+    """peft cannot fold lora_bias into a layer that has no bias (llama's): merge refuses in one line, and
+    inference (which folds fp32 adapters for speed) keeps this one apart and answers like the adapter model."""
+    from lora_ns.inference import load
+
+    adapter = make_adapter(tmp_path / "out", ["peft.lora_bias=true"])
+    capsys.readouterr()
+    code = run_cli("lora_ns.merge", lambda: main(["--adapter", str(adapter), "--output", str(tmp_path / "m")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if "lora_ns.merge" in line or "Error" in line]
+    assert code == 2 and len(err) == 1 and "lora_bias on model.layers.0.self_attn.q_proj" in err[0], err
+    assert not (tmp_path / "m").exists()
+    loaded, unmerged = load(str(adapter)), load(str(adapter), merging=True)
+    assert hasattr(loaded.model, "peft_config")  # not folded
+    assert max_diff(logits(loaded.model, loaded.tokenizer), logits(unmerged.model, unmerged.tokenizer)) == 0

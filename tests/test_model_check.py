@@ -209,3 +209,11 @@ def test_a_tokenizer_training_would_stop_on_is_refused_by_validate_and_by_train(
             train(recipe, Checks(data=False, model=False))
         assert err.value.problems[0].field == field and words in err.value.problems[0].message
         assert not (tmp_path / "out" / "run_summary.json").exists()
+
+
+def test_an_adapter_merge_cannot_fold_is_a_warning(tiny_llama):
+    from lora_ns.validate.model import check_model
+
+    (warning,) = [p for p in check_model(recipe_for(lora_bias=True)) if p.severity == "warning"]
+    assert warning.field == "peft.lora_bias" and "a layer without a bias" in warning.message
+    assert not [p for p in check_model(recipe_for()) if p.severity == "warning"]

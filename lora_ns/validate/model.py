@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters
+from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters, merge_blocker
 from lora_ns.builtin_models import is_builtin, resolve_model_path
 from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
@@ -182,6 +182,10 @@ def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
                                   f"that takes past_key_values; {type(base).__name__}'s does not "
                                   "(transformers 5 names it cache)",
                                   "use lora, ia3 or prompt_tuning for seq_cls")
+    if why := merge_blocker(peft_model):
+        return recipe.problem("peft.lora_bias", f"{why}: lora_ns.merge cannot fold this adapter into the "
+                              "model", "set peft.lora_bias: false, unless it is only used as an adapter",
+                              severity="warning")
     return None
 
 
@@ -207,14 +211,14 @@ def parameter_count(recipe: Recipe, model) -> list[Problem]:
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
         return [library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")]
     resumed = resume_target(recipe, quiet=True)
-    problem = adapter_problem(recipe, model) or resume_problem(recipe, model, resumed)
-    if problem is not None and problem.is_error:
-        return [problem]
+    found = [p for p in (adapter_problem(recipe, model), resume_problem(recipe, model, resumed)) if p]
+    if errors := [p for p in found if p.is_error]:
+        return errors[:1]
     for name, param in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's fixed rank; moving it to meta re-wraps it as trainable
             param.requires_grad_(False)
     trainable, total = count_parameters(model)
     quant = " (before quantization)" if recipe.quantized else ""
-    return [p for p in [problem] if p] + [recipe.problem(
+    return found + [recipe.problem(
         "peft.method", f"{recipe.peft.method}: trainable params {trainable:,} of {total:,}{quant} "
         f"({100 * trainable / max(total, 1):.4f}%)", severity="info")]
