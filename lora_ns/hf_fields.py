@@ -76,7 +76,8 @@ def peft_fields(method: str) -> dict[str, str]:
 
 # Keys of a recipe's `training:` section that lora_ns reads itself, not passed to the HF class ("": any task).
 OWN_TRAINING_FIELDS = {"": {"overwrite_output_dir": "bool"},  # allow training over a finished run
-                       "grpo": {"reward_funcs": "list"}}  # the reward functions, see lora_ns.preference
+                       "grpo": {"reward_funcs": "list"},  # the reward functions, see lora_ns.preference
+                       "seq_cls": {"max_length": "Optional[int]"}}  # truncation (TrainingArguments has none)
 
 
 def own_training_fields(task: str) -> dict[str, str]:

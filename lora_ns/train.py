@@ -79,7 +79,8 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
         return SFTTrainer(**kwargs)
     from transformers import DataCollatorWithPadding, Trainer
 
-    length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+    length = recipe.training.get("max_length") or min(tokenizer.model_max_length,
+                                                       getattr(model.config, "max_position_embeddings", 512))
     train_dataset, eval_dataset = (
         None if d is None else encode_pairs(d, tokenizer, length, recipe.model.labels, recipe.dataset.path)
         for d in (train_dataset, eval_dataset))

@@ -102,3 +102,27 @@ def test_full_fine_tune_reloads_with_label_names(tmp_path, tiny_bert):
     assert reloaded.config.id2label == dict(enumerate(LABELS))
     inputs = batch(tiny_bert)
     assert torch.equal(logits_of(reloaded, inputs), logits_of(trainer.model, inputs))
+
+
+def test_max_length_cuts_long_pairs_and_validate_reports_it(tmp_path, tiny_bert, capsys):
+    """training.max_length is the classifier's truncation (TrainingArguments has none); without it rows are
+    cut at the model's limit. MRPC pairs run 40-90 tokens on the tiny tokenizer."""
+    from lora_ns.model import load_model, load_tokenizer
+    from lora_ns.setup import training_arguments
+    from lora_ns.train import build_trainer
+    from lora_ns.data import build_datasets
+    from lora_ns.validate.__main__ import main as validate_main
+
+    def lengths(recipe) -> list[int]:
+        tokenizer = load_tokenizer(recipe)
+        trainer = build_trainer(recipe, training_arguments(recipe), load_model(recipe, tokenizer), tokenizer,
+                                *build_datasets(recipe, tokenizer))
+        return [len(row["input_ids"]) for row in trainer.train_dataset]
+
+    base = seq_cls_recipe(tmp_path / "out").model_dump(exclude_unset=True)
+    cut = parse_recipe({**base, "training": {**base["training"], "max_length": 24}}, "cut.yaml")
+    assert max(lengths(seq_cls_recipe(tmp_path / "out"))) > 24 and max(lengths(cut)) == 24
+    (tmp_path / "cut.yaml").write_text(cut.to_yaml(), encoding="utf-8")
+    capsys.readouterr()
+    assert validate_main([str(tmp_path / "cut.yaml")]) == 0
+    assert "exceed training.max_length=24 and will be truncated" in capsys.readouterr().err

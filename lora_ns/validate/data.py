@@ -202,6 +202,8 @@ def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     if args is None:
         limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
                              "the tokenizer's model_max_length")
+        if recipe.training.get("max_length"):
+            limit, limit_name = recipe.training["max_length"], "training.max_length"
         seconds = [r.get("sentence2") for r in rows]
         pair = seconds if all(isinstance(s, str) for s in seconds) else None
         lengths = [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]

@@ -83,7 +83,7 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
     if (lr := t.get("learning_rate")) is not None and lr < 0:
         yield r.problem("training.learning_rate", f"learning_rate {lr} is negative",
                         "use a positive rate such as 2e-4")
-    if r.task != "seq_cls" and (n := t.get("max_length")) is not None and n < 1:
+    if (n := t.get("max_length")) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
     for key in ("seed", "data_seed"):  # set_seed passes them to numpy, which takes 0..2**32-1 only
