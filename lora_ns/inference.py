@@ -292,11 +292,12 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
     from tqdm.auto import tqdm
 
     names = [str(loaded.model.config.id2label[i]) for i in range(loaded.model.config.num_labels)]
+    limit = loaded.recipe.training.get("max_length") if loaded.recipe else None  # cut as in training
     results: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", disable=not progress):
         first, second = zip(*pairs[start:start + batch_size])
         enc = loaded.tokenizer(list(first), list(second) if None not in second else None, padding=True,
-                               padding_side="right", truncation=True, return_tensors="pt")
+                               padding_side="right", truncation=True, max_length=limit, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
         for row in probs.tolist():

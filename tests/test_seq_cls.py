@@ -126,3 +126,17 @@ def test_max_length_cuts_long_pairs_and_validate_reports_it(tmp_path, tiny_bert,
     capsys.readouterr()
     assert validate_main([str(tmp_path / "cut.yaml")]) == 0
     assert "exceed training.max_length=24 and will be truncated" in capsys.readouterr().err
+
+    import torch
+
+    from conftest import make_adapter
+    from lora_ns.inference import classify, load
+
+    loaded = load(str(make_adapter(tmp_path / "adapter", cut)))  # infer and evaluate cut rows as training did
+    pair = ("The company said its quarterly profit rose sharply on strong demand for its products. " * 2,
+            "Quarterly profit at the company rose sharply, it said, on strong product demand. " * 2)
+    (result,) = classify(loaded, [pair], progress=False)
+    enc = loaded.tokenizer(*pair, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(**enc).logits.float(), dim=-1)[0].tolist()
+    assert list(result["probabilities"].values()) == pytest.approx(expected, abs=1e-6)
