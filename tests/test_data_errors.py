@@ -198,6 +198,10 @@ def test_named_split_of_a_single_file(tmp_path):
     data.write_text(lines(*QA), encoding="utf-8")
     text = one_problem(lambda: build_datasets(recipe(data, val_split="validation")))
     assert text.startswith(f"{data}: dataset.val_split: 'validation' is not a split of a local file")
+    cut = recipe(data)
+    cut.dataset.split = "test"  # the training split named on one file: the field the recipe set
+    text = one_problem(lambda: build_datasets(cut))
+    assert text.startswith(f"{data}: dataset.split: 'test' is not a split of a local file") and "folder" in text
 
 
 def test_streaming_checks_the_first_rows_before_training(tmp_path):

@@ -37,6 +37,8 @@ CASES = [
      "model.labels", "error"),
     (rules.data_splits, {"training": {"eval_strategy": "steps"}}, "training.eval_strategy", "error"),
     (rules.data_splits, {"training": {"eval_on_start": True}}, "training.eval_on_start", "error"),
+    (rules.data_splits, {"dataset": {"val_split": "sample:gsm8k"}}, "dataset.val_split", "warning"),
+    (rules.data_splits, {"dataset": {"path": "org/data", "val_split": "train"}}, "dataset.val_split", "warning"),
     (rules.data_splits, {"dataset": {"streaming": True}, "training": {"max_steps": -1}},
      "training.max_steps", "error"),
     (rules.data_splits, {"dataset": {"val_split": 1.5}}, "dataset.val_split", "error"),

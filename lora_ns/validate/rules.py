@@ -61,9 +61,17 @@ def data_splits(r: Recipe) -> Iterator[Problem]:
                         "set dataset.val_split, or training.eval_on_start: false")
     if isinstance(v, float) and not 0 < v < 1:
         yield r.problem("dataset.val_split", f"fraction {v} is not between 0 and 1", "use e.g. 0.1")
+    if isinstance(v, str) and (v in (r.dataset.path, r.dataset.split) or same_file(v, r.dataset.path)):
+        yield r.problem("dataset.val_split", f"'{v}' is the training data itself: eval loss would measure "
+                        "memorisation", "give held-out rows (another file or split), or a fraction like 0.1",
+                        "warning")
     if r.dataset.streaming and int(r.training.get("max_steps", -1)) <= 0:
         yield r.problem("training.max_steps", "a streamed dataset has no length, so epochs are undefined",
                         "set training.max_steps")
+
+
+def same_file(a: str, b: str) -> bool:
+    return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
 
 
 # training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
