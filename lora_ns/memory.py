@@ -40,6 +40,7 @@ SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
 FUSED_HEAD_TASKS = (*SFT_TASKS, "dpo", "kto", "grpo")  # their TRL trainer scores tokens with lm_head.weight
 PAIRED_TASKS = ("dpo", "orpo")  # chosen + rejected: 2 x per_device_train_batch_size rows per forward
 SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default, when the recipe sets none
+GRPO_DEFAULT_COMPLETION, GRPO_PROMPT_GUESS = 512, 512  # GRPOConfig's default; prompts when none are sampled
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob's TOKEN_CHUNK_SIZE, TRL's chunk size
 # Per tile element, the torch fallback's `_backward_tile` (no Triton: CPU) at its peak: y, z, log_p, p, grad,
 # and two unnamed fp32 temporaries (is_target.float() and its difference with p, or that and its product
@@ -225,6 +226,13 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
 def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, str]:
     """Tokens per row of the longest batch (see the module docstring), and where that figure comes from."""
     t = recipe.training
+    if recipe.task == "grpo":  # `row_lengths`: prompts; each grows by up to max_completion_length tokens
+        completion = int(t.get("max_completion_length") or GRPO_DEFAULT_COMPLETION)
+        budget = f"max_completion_length {completion}"
+        if not row_lengths:
+            guess = GRPO_PROMPT_GUESS
+            return guess + completion, f"{budget} + {guess} prompt tokens: no data sample"
+        return max(row_lengths) + completion, f"the longest of {len(row_lengths)} sampled prompts + {budget}"
     limit = int(t.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
     if t.get("packing") or not row_lengths:
         return limit, "packed to max_length" if t.get("packing") else "max_length: no data sample"

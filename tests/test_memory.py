@@ -277,3 +277,22 @@ def test_selective_checkpointing_adds_each_layers_attention_output():
     # worth) the plain run held there: L-2..L layers. 3% more covers the fp32 logsumexp (1.5% of the term,
     # which the CPU kernel need not keep) and page rounding. A missing term reads 0, a doubled one 2x.
     assert (layers - 2) / layers * predicted * 0.97 <= extra <= predicted * 1.03, (extra, predicted)
+
+
+def test_grpo_rows_are_the_longest_prompt_plus_the_completions_budget():
+    """GRPO does not truncate prompts and generates up to max_completion_length tokens after each: its rows
+    are not max_length long (an SFT field it does not have). validate samples the prompts as TRL renders them."""
+    from lora_ns.config import parse_recipe
+    from lora_ns.memory import batch_length
+    from lora_ns.validate.sample import prompt_lengths
+
+    def recipe(**training):
+        return parse_recipe({"task": "grpo", "model": {"name_or_path": "builtin:tiny-llama"},
+                             "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k_prompt"},
+                             "training": {"reward_funcs": ["gsm8k"], **training}}, "r.yaml")
+
+    assert batch_length(recipe(max_completion_length=8), [40, 60]) == (
+        68, "the longest of 2 sampled prompts + max_completion_length 8")
+    assert batch_length(recipe(), [])[0] == 512 + 512  # TRL's default budget, prompts of 512 assumed
+    lengths = prompt_lengths(recipe(), 5)
+    assert len(lengths) == 5 and all(20 < n < 200 for n in lengths), lengths  # chat-templated GSM8K questions

@@ -27,6 +27,19 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     return prepared_rows(training_arguments(recipe), build_datasets(few, tokenizer)[0], tokenizer)
 
 
+def prompt_lengths(recipe: Recipe, count: int) -> list[int]:
+    """Tokens of the first `count` GRPO prompts as its trainer renders them (chat template, generation
+    prompt; not truncated): each row then grows by up to max_completion_length generated tokens."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    few = recipe.model_copy(deep=True)
+    few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
+    tokenizer = load_tokenizer(recipe)
+    texts = [maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"]
+             for row in build_datasets(few, tokenizer)[0]]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def prepared_rows(args, rows, tokenizer) -> list[dict]:
     """input_ids and labels (-100: no loss) of rendered rows (a `datasets.Dataset`) through TRL's own
     ``SFTTrainer._prepare_dataset`` with these SFTConfig `args`; iterated, so no progress bars."""
