@@ -149,6 +149,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems.append(recipe.problem("training.sync_ref_model", "with a peft adapter the reference is the "
                                        "base model with the adapter off: there is no copy to sync",
                                        "set sync_ref_model: false, or peft.method: full"))
+    for name in ("desirable_weight", "undesirable_weight", "epsilon", "epsilon_high"):  # TRL takes any number
+        if (value := t.get(name)) is not None and value <= 0:
+            problems.append(recipe.problem(f"training.{name}", f"{value} must be above 0 (a loss weight or a "
+                                           "clipping range)", f"remove training.{name} for TRL's default"))
     if grpo and completion is not None and completion < 1:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
     wanted = t.get("loss_type")

@@ -150,6 +150,8 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("grpo", {"reward_funcs": ["gsm8k"], "temperature": 0.0}, "training.temperature", "must be above 0"),
     ("kto", {"loss_type": "apo_zero"}, "training.loss_type", "did you mean 'apo_zero_unpaired'?"),
     ("dpo", {"f_divergence_type": "js"}, "training.f_divergence_type", "js_divergence"),
+    ("kto", {"desirable_weight": -1.0}, "training.desirable_weight", "must be above 0"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "epsilon": -0.2}, "training.epsilon", "must be above 0"),
     ("grpo", {"reward_funcs": ["gsm8k"], "scale_rewards": "std"}, "training.scale_rewards", "group, batch, none"),
     ("grpo", {"reward_funcs": ["gsm8k"], "importance_sampling_level": "seq"}, "training.importance_sampling_level",
      "did you mean 'sequence'?"),
