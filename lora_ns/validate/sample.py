@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
 from lora_ns.memory import SFT_TASKS
 from lora_ns.model import load_tokenizer
 from lora_ns.setup import training_arguments
+from lora_ns.validate.model import reachable_tokenizer
 
 # SFTTrainer tasks whose rows come from the recipe's formatter (`build_datasets`): pretrain packs token blocks
 FORMATTED_SFT_TASKS = tuple(task for task in SFT_TASKS if task != "pretrain")
 
 
-def training_rows(recipe: Recipe, count: int) -> list[dict]:
-    """The first `count` training rows, as SFTTrainer builds them (see `prepared_rows`)."""
+def first_rows(recipe: Recipe, count: int) -> tuple[Any, Any]:
+    """(the first `count` rows `build_datasets` gives training, the tokenizer): validate's, loaded once for
+    its checks (`reachable_tokenizer`), else loaded here."""
     few = recipe.model_copy(deep=True)
     few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
-    tokenizer = load_tokenizer(recipe)
-    return prepared_rows(training_arguments(recipe), build_datasets(few, tokenizer)[0], tokenizer)
+    tokenizer = reachable_tokenizer(recipe)[0] or load_tokenizer(recipe)
+    return build_datasets(few, tokenizer)[0], tokenizer
+
+
+def training_rows(recipe: Recipe, count: int) -> list[dict]:
+    """The first `count` training rows, as SFTTrainer builds them (see `prepared_rows`)."""
+    rows, tokenizer = first_rows(recipe, count)
+    return prepared_rows(training_arguments(recipe), rows, tokenizer)
 
 
 def prompt_lengths(recipe: Recipe, count: int) -> list[int]:
@@ -32,11 +41,8 @@ def prompt_lengths(recipe: Recipe, count: int) -> list[int]:
     prompt; not truncated): each row then grows by up to max_completion_length generated tokens."""
     from trl.data_utils import maybe_apply_chat_template
 
-    few = recipe.model_copy(deep=True)
-    few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
-    tokenizer = load_tokenizer(recipe)
-    texts = [maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"]
-             for row in build_datasets(few, tokenizer)[0]]
+    rows, tokenizer = first_rows(recipe, count)
+    texts = [maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"] for row in rows]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
