@@ -191,16 +191,21 @@ def tokenizer_as_trained(tokenizer, recipe: Recipe | None = None, model=None, ke
     return tokenizer
 
 
+def tokenizer_field(recipe: Recipe) -> str:
+    return "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else "model.name_or_path"
+
+
 def vocabulary_problem(recipe: Recipe, tokenizer, embedding_rows: int) -> Problem | None:
     """Another model's tokenizer: ordinary token ids past the model's embedding rows stop training at the
     first batch that holds one. Added tokens past them (special tokens a text may never use): a warning."""
     if len(tokenizer) <= embedding_rows:
         return None
-    field = "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else "model.name_or_path"
-    which = "its vocabulary" if tokenizer.vocab_size > embedding_rows else "with its added tokens"
-    return recipe.problem(field, f"the tokenizer has {len(tokenizer):,} tokens ({which}), the model's "
-                          f"embeddings {embedding_rows:,} rows", "use the tokenizer the model was trained "
-                          "with", severity="error" if tokenizer.vocab_size > embedding_rows else "warning")
+    ordinary = tokenizer.vocab_size > embedding_rows
+    which = "its vocabulary" if ordinary else "with its added tokens"
+    message = f"the tokenizer has {len(tokenizer):,} tokens ({which}), the model's embeddings " \
+              f"{embedding_rows:,} rows"
+    return recipe.problem(tokenizer_field(recipe), message, "use the tokenizer the model was trained with",
+                          severity="error" if ordinary else "warning")
 
 
 def eos_problem(recipe: Recipe, tokenizer) -> Problem | None:
@@ -213,9 +218,8 @@ def eos_problem(recipe: Recipe, tokenizer) -> Problem | None:
                                   f"use one of its tokens (e.g. '{getattr(tokenizer, name)}'), or remove it")
     if recipe.task in ("seq_cls", "pretrain") or tokenizer.eos_token is not None:
         return None
-    field = "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else "model.name_or_path"
-    return recipe.problem(field, "the tokenizer has no EOS token, which training ends every example with",
-                          "use the model's own tokenizer, or one with an eos_token")
+    return recipe.problem(tokenizer_field(recipe), "the tokenizer has no EOS token, which training ends "
+                          "every example with", "use the model's own tokenizer, or one with an eos_token")
 
 
 def sharded_training() -> bool:

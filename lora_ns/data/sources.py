@@ -92,10 +92,11 @@ def find_files(path: str, split: str | None = None, field: str = "dataset.path")
     """The data files `path` names; in a folder, those of `split` (None: train) by `datasets`' own rules for
     split file names (train.jsonl, validation-00.jsonl, dev.csv, ...; no such names: every file is train)."""
     resolved = os.path.expanduser(resolve_sample(path))
-    if split is not None and not os.path.isdir(resolved) and field == "dataset.path":  # from dataset.split
-        raise fail(path, "dataset.split", f"'{split}' is not a split of a local file (it is all one split)",
-                   f"remove dataset.split, or point dataset.path at a folder holding {split}.jsonl")
     if split is not None and not os.path.isdir(resolved):
+        if field == "dataset.path":  # the training split: dataset.split named it
+            raise fail(path, "dataset.split", f"'{split}' is not a split of a local file (it is all one "
+                       "split)", f"remove dataset.split, or point dataset.path at a folder holding "
+                       f"{split}.jsonl")
         raise fail(path, field, f"'{split}' is not a split of a local file", "give the validation data its "
                    "own file (dataset.val_split: path/to/val.jsonl) or a fraction (dataset.val_split: 0.1)")
     if any(c in resolved for c in "*?["):

@@ -49,7 +49,7 @@ def check_model(recipe: Recipe) -> list[Problem]:
         rows = model.get_input_embeddings().num_embeddings
         found = (eos_problem(recipe, tokenizer), vocabulary_problem(recipe, tokenizer, rows))
         problems += [p for p in found if p is not None]
-        if any(p.is_error for p in problems):
+        if any(p is not None and p.is_error for p in found):  # training cannot start: no adapter checks
             return problems
     return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
 
