@@ -131,6 +131,9 @@ DROPPED_TRAINING_KEYS = {
     "rpo_alpha": "DPO: add the SFT loss instead (loss_type: [sigmoid, sft], loss_weights: [1.0, 1.0])",
     "max_prompt_length": "remove it: TRL 1 cuts whole rows at max_length (see truncation_mode)",
 }
+# Booleans TRL maps to one of a string field's values (GRPOConfig.__post_init__): read as that value, so the
+# string type check and preference.TRL_VALUES accept what TRL documents.
+TRL_BOOL_VALUES = {"scale_rewards": {True: "group", False: "none"}}
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}
@@ -240,6 +243,8 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
             path = f"{section}.{key}"
             if section in ("training", "peft") and key.endswith("_strategy") and value is False:
                 body[key] = value = "no"  # YAML 1.1 reads a bare `no` as false
+            if section == "training" and isinstance(value, bool) and key in TRL_BOOL_VALUES:
+                body[key] = value = TRL_BOOL_VALUES[key][value]
             if key in fields and value is not None:
                 ok, body[key] = coerce(value, fields[key])
                 if not ok:

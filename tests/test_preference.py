@@ -165,6 +165,13 @@ def test_recipe_checks(task, training, field, words):
     assert problem.field == field and words in f"{problem.message} {problem.fix}"
 
 
+@pytest.mark.parametrize("value, read", [(False, "none"), (True, "group")])
+def test_scale_rewards_takes_the_booleans_trl_documents(value, read):
+    """GRPOConfig maps scale_rewards true/false to 'group'/'none'; the recipe's type check refused them."""
+    recipe = recipe_for("grpo", reward_funcs=["gsm8k"], scale_rewards=value)
+    assert recipe.training["scale_rewards"] == read and check_preference_recipe(recipe) == []
+
+
 def test_validate_builds_a_preference_config_with_sft_only_keys_absent(tmp_path):
     """DPOConfig has padding_free but no packing: the set-up's SFT-only checks must not assume packing."""
     from lora_ns.setup import setup
