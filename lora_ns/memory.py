@@ -18,6 +18,9 @@
   and out: 12 bytes per logit at the peak.
 - DPO and ORPO run each batch's chosen and rejected replies as one batch of twice the rows. The reference
   pass (DPO, KTO's KL rows) runs without gradients before the policy's: it keeps nothing to the peak.
+- GRPO samples a whole generation batch (per_device_train_batch_size x steps_per_generation rows) with
+  transformers' generate before the step, gradients already freed: the KV cache of every row at full length,
+  plus fp32 logits, probabilities and the processors' copy of one position. The peak is the larger phase.
 ZeRO-2 shards grads and optimizer state over the processes, ZeRO-3/FSDP2 the weights too. `total`
 compares with torch.cuda.max_memory_allocated; `verdict` adds the CUDA context.
 """
@@ -98,12 +101,13 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     logits: int
+    generation: int = 0  # GRPO's sampling phase (KV cache), before the step's gradients exist
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        state = self.weights + self.trainable + self.gradients + self.optimizer
-        return state + self.activations + self.logits
+        held = self.weights + self.trainable + self.optimizer  # the whole run
+        return held + max(self.gradients + self.activations + self.logits, self.generation)
 
     def lines(self) -> list[str]:
         s = self.settings
@@ -115,7 +119,10 @@ class MemoryEstimate:
         logits = "LM head + loss (TRL fused, tiled)" if s["fused_head"] else "logits + loss (fp32)"
         rows = [("weights", self.weights), (f"trainable ({self.trainable_params:,} params)", self.trainable),
                 ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
-                ("activations", self.activations), (logits, self.logits), ("total", self.total)]
+                ("activations", self.activations), (logits, self.logits)]
+        if self.generation:  # not added to the rows above: the larger phase counts
+            rows.append((f"or sampling {s['generation_rows']} rows (KV cache)", self.generation))
+        rows.append(("total", self.total))
         return [head] + [f"  {name:<32} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
 
     def verdict(self, gpu_bytes: int) -> str | None:
@@ -135,6 +142,9 @@ class MemoryEstimate:
         options = [(not s["checkpointing"], "training.gradient_checkpointing: true", {"checkpointing": True}),
                    (s["batch"] > 1, f"per_device_train_batch_size: {half}, gradient_accumulation_steps x2",
                     {"batch": half}),
+                   (s["generation_rows"] > s["batch"], "sample one batch per step (training."
+                    f"steps_per_generation: 1, or generation_batch_size: {s['batch'] * s['num_processes']})",
+                    {"generation_rows": s["batch"]}),
                    (s["quant"] is None, "quantization.load_in_4bit: true (QLoRA)", {"quant": "nf4-dq"}),
                    (s["num_processes"] > 1 and s["strategy"] not in ("zero3", "fsdp2"),
                     "ZeRO-3 (an accelerate config with deepspeed stage 3)", {"strategy": "zero3"})]
@@ -182,11 +192,11 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
              method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
              checkpointing: bool = False, selective: bool = False, strategy: str | None = None,
              num_processes: int = 1, task: str = "causal_lm", num_labels: int = 2, seq_from: str = "",
-             fused_head: bool | None = None, triton: bool = True) -> MemoryEstimate:
+             fused_head: bool | None = None, triton: bool = True, generation_rows: int = 0) -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
     `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from.
     `fused_head`: TRL's fused LM head (default: FUSED_HEAD_TASKS when TRL has it); `triton`: its GPU kernels.
-    `batch` counts examples: a DPO/ORPO pair is two rows."""
+    `batch` counts examples: a DPO/ORPO pair is two rows. `generation_rows`: GRPO's rows sampled at once."""
     if fused_head is None:
         fused_head = task in FUSED_HEAD_TASKS and trl_fused_head()
     if strategy not in STRATEGIES:
@@ -218,9 +228,11 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     saved = kept if checkpointing else per_layer
     recompute = max(0, per_layer - (head / tokens if task != "seq_cls" else 0)) if checkpointing else 0
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
+    kv_width = shape.hidden // shape.heads * shape.kv_heads  # keys and values per layer per token
+    generation = generation_rows * (seq * shape.layers * 2 * kv_width * c + shape.vocab * 12)
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
                           gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(head),
-                          settings=settings)
+                          generation=int(generation), settings=settings)
 
 
 def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, str]:
@@ -260,13 +272,24 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
     quant = "int8" if qz.load_in_8bit else quant
     options, method = recipe.peft.options, recipe.peft.method
     seq, seq_from = batch_length(recipe, row_lengths)
+    batch = int(t.get("per_device_train_batch_size", 8))
     return estimate(
-        shape=shape_from_config(config), batch=int(t.get("per_device_train_batch_size", 8)), seq=seq,
+        shape=shape_from_config(config), batch=batch, seq=seq,
         seq_from=seq_from, weights_dtype="bf16" if m.dtype == "auto" else m.dtype, quant=quant,
         method="full" if method == "full" else "lora", lora_r=int(options.get("r", 8)),
         lora_dropout=float(options.get("lora_dropout", 0.0)) > 0, optim=str(t.get("optim", "adamw_torch")),
         checkpointing=gradient_checkpointing(recipe), strategy=strategy, num_processes=num_processes,
         selective=selective_checkpointing(recipe),
-        task=recipe.task, num_labels=m.num_labels or 2)
+        task=recipe.task, num_labels=m.num_labels or 2,
+        generation_rows=generation_rows(recipe, batch, num_processes) if recipe.task == "grpo" else 0)
+
+
+def generation_rows(recipe: Recipe, batch: int, num_processes: int) -> int:
+    """Rows one process samples at once, as GRPOConfig derives them: generation_batch_size over the processes,
+    else per_device_train_batch_size x steps_per_generation (default: gradient_accumulation_steps)."""
+    t = recipe.training
+    if t.get("generation_batch_size"):
+        return max(int(t["generation_batch_size"]) // max(num_processes, 1), 1)
+    return batch * int(t.get("steps_per_generation") or t.get("gradient_accumulation_steps") or 1)
 
 

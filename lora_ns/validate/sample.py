@@ -24,10 +24,18 @@ FORMATTED_SFT_TASKS = tuple(task for task in SFT_TASKS if task != "pretrain")
 def first_rows(recipe: Recipe, count: int) -> tuple[Any, Any]:
     """(the first `count` rows `build_datasets` gives training, the tokenizer): validate's, loaded once for
     its checks (`reachable_tokenizer`), else loaded here."""
+    import datasets
+
     few = recipe.model_copy(deep=True)
     few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
     tokenizer = reachable_tokenizer(recipe)[0] or load_tokenizer(recipe)
-    return build_datasets(few, tokenizer)[0], tokenizer
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a "Map" bar amid validate's report (GRPO's prompts) says nothing
+    try:
+        return build_datasets(few, tokenizer)[0], tokenizer
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def training_rows(recipe: Recipe, count: int) -> list[dict]:
