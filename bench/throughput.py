@@ -10,6 +10,8 @@ rotate the order of the variants, so drift on a shared machine hits all of them 
 
 - ``trl``: `plain_trl_sft` below, what a user writes by hand: SFTTrainer + peft LoraConfig, TRL's
   SFTConfig defaults (no packing, padding to the longest in the batch, gradient checkpointing on).
+  ``trl-gc``: the same script with gradient checkpointing off (lora_ns's default when not quantized),
+  the like-for-like baseline of ``lora_ns`` as a user gets it.
 - ``lora_ns``: ``python -m lora_ns.train`` on an equivalent recipe, *as lora_ns configures it by default*.
 - ``lora_ns+pack`` / ``lora_ns-pack``: the same with ``training.packing`` forced on (TRL "bfd", which
   is padding-free) / off, to show how much packing is worth; ``lora_ns+gc``: gradient checkpointing
@@ -46,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Variants: "trl" (the plain script) or "lora_ns" and any of these changes, e.g. "lora_ns+group+eager".
+# Variants: "trl" (the plain script), "trl-gc" (the same without gradient checkpointing) or "lora_ns" and any
+# of these changes, e.g. "lora_ns+group+eager".
 # A key with a dot is a recipe key; without, a key of the recipe's training section.
 CHANGES: dict[str, dict[str, Any]] = {
     "+pack": {"packing": True, "packing_strategy": "bfd"},  # bfd packing, padding-free
@@ -62,17 +65,20 @@ CHANGES: dict[str, dict[str, Any]] = {
     "+sac": {"gradient_checkpointing_kwargs": {"selective": True}},
     "+liger": {"use_liger_kernel": True},  # Liger's Triton kernels (norms, SwiGLU, RoPE): CUDA only
 }
+# The plain TRL script's variants: SFTConfig arguments changed from TRL's defaults.
+TRL_VARIANTS: dict[str, dict[str, Any]] = {"trl": {}, "trl-gc": {"gradient_checkpointing": False}}
 DEFAULT_VARIANTS = ["trl", "lora_ns", "lora_ns+pack", "lora_ns-pack", "lora_ns+gc"]
 
 
 def variant_changes(name: str) -> dict[str, Any] | None:
-    """The recipe overrides of a variant ("lora_ns+group+eager"), None for "trl"; ValueError if unknown."""
-    if name == "trl":
+    """The recipe overrides of a variant ("lora_ns+group+eager"), None for the plain TRL script; ValueError if
+    unknown."""
+    if name in TRL_VARIANTS:
         return None
     parts = re.findall(r"[+-][a-z]+", name.removeprefix("lora_ns"))
     if not name.startswith("lora_ns") or "".join(parts) != name.removeprefix("lora_ns") \
             or any(p not in CHANGES for p in parts):
-        raise ValueError(f"unknown variant {name!r}: use trl, or lora_ns and any of {' '.join(CHANGES)}")
+        raise ValueError(f"unknown variant {name!r}: use trl, trl-gc, or lora_ns and any of {' '.join(CHANGES)}")
     return {k: v for part in parts for k, v in CHANGES[part].items()}
 
 
@@ -157,7 +163,7 @@ def _counting_training_step(self, model, inputs, *args, **kwargs):
 Trainer.training_step = _counting_training_step
 
 kind, payload = sys.argv[1], sys.argv[2]
-if kind == "trl":
+if kind in ("trl", "trl-gc"):
     runpy.run_path(os.environ["BENCH_SCRIPT"])["plain_trl_sft"](json.loads(payload))
 else:
     sys.argv = ["lora_ns.train", *json.loads(payload)]
@@ -185,7 +191,8 @@ def plain_trl_sft(cfg: dict[str, Any]) -> None:
                     remove_columns=data.column_names)
     args = SFTConfig(output_dir=cfg["output_dir"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
                      gradient_accumulation_steps=cfg["grad_accum"], learning_rate=2e-4, max_length=cfg["max_length"],
-                     logging_steps=1, save_strategy="no", report_to="none", seed=0, bf16=cuda, use_cpu=not cuda)
+                     logging_steps=1, save_strategy="no", report_to="none", seed=0, bf16=cuda, use_cpu=not cuda,
+                     **cfg.get("trl_args", {}))
     peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
@@ -316,14 +323,14 @@ def run_variant(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: 
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     if profile:
         env["BENCH_PROFILE"] = str(run_dir / "profile.pstats")
-    if name == "trl":
-        payload = json.dumps({**cfg, "output_dir": str(run_dir / "out")})
+    if name in TRL_VARIANTS:
+        payload = json.dumps({**cfg, "output_dir": str(run_dir / "out"), "trl_args": TRL_VARIANTS[name]})
     else:
         output = f"training.output_dir={run_dir / 'out'}"
         payload = json.dumps([str(recipe), output, *variant_overrides(name)])
     with open(run_dir / "log.txt", "w") as log:
         started = time.time()
-        proc = subprocess.run([sys.executable, "-c", _DRIVER, "trl" if name == "trl" else "lora_ns", payload],
+        proc = subprocess.run([sys.executable, "-c", _DRIVER, name if name in TRL_VARIANTS else "lora_ns", payload],
                               cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
         ended = time.time()
     result_file = run_dir / "result.json"
@@ -419,12 +426,14 @@ def paired(runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, rati
 def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in runs:
-        if name != "trl" and "trl" in runs:
-            out[f"{name}_vs_trl_tokens_per_s"] = paired(runs, name, "trl", "tokens_per_s", ratio=True)
-            out[f"{name}_vs_trl_tokens_per_cpu_s"] = paired(runs, name, "trl", "tokens_per_cpu_s", ratio=True)
-            out[f"{name}_vs_trl_per_round"] = per_round(runs, name, "trl", "tokens_per_s", ratio=True)
-            out[f"{name}_vs_trl_cpu_per_round"] = per_round(runs, name, "trl", "tokens_per_cpu_s", ratio=True)
-            out[f"{name}_minus_trl_startup_s"] = paired(runs, name, "trl", "startup_s", ratio=False)
+        for base in (b for b in TRL_VARIANTS if b in runs and b != name):  # each plain TRL baseline run
+            if name in TRL_VARIANTS and base != "trl":
+                continue  # trl-gc / trl is the checkpointing-off gain; its inverse says nothing more
+            out[f"{name}_vs_{base}_tokens_per_s"] = paired(runs, name, base, "tokens_per_s", ratio=True)
+            out[f"{name}_vs_{base}_tokens_per_cpu_s"] = paired(runs, name, base, "tokens_per_cpu_s", ratio=True)
+            out[f"{name}_vs_{base}_per_round"] = per_round(runs, name, base, "tokens_per_s", ratio=True)
+            out[f"{name}_vs_{base}_cpu_per_round"] = per_round(runs, name, base, "tokens_per_cpu_s", ratio=True)
+            out[f"{name}_minus_{base}_startup_s"] = paired(runs, name, base, "startup_s", ratio=False)
     if "lora_ns+pack" in runs and "lora_ns-pack" in runs:
         out["packing_on_vs_off_tokens_per_s"] = paired(runs, "lora_ns+pack", "lora_ns-pack", "tokens_per_s", ratio=True)
     return out
@@ -471,9 +480,12 @@ def make_parser() -> argparse.ArgumentParser:
                         help="synthetic rows of --min-tokens..--max-tokens, or a bundled sample's rows")
     parser.add_argument("--min-tokens", type=int, default=16, help="shortest row (prompt + completion tokens)")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest row")
+    parser.add_argument("--rows", type=int, help="rows in the training set (default: 256, or 3 x the rows "
+                        "the steps take if more); length grouping sorts mega-batches of min(rows / (4 x batch), "
+                        "50) batches, so a real data set's size (GSM8K train: 7,473) groups more closely")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (median reported)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma list of: trl, lora_ns and any of {' '.join(CHANGES)}")
+                        help=f"comma list of: trl, trl-gc, lora_ns and any of {' '.join(CHANGES)}")
     parser.add_argument("--peak-tflops", type=float, help="GPU peak TFLOPS for MFU (default: by GPU name)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice); "
                         "1 is far steadier on a CPU that other jobs share")
@@ -501,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size:
         model_path = resized_copy(model_path, work, args.size)
     model_name = args.model if model_path == resolve_model_path(args.model) else model_path
-    rows = max(256, 3 * args.steps * args.batch_size * args.grad_accum)
+    rows = args.rows or max(256, 3 * args.steps * args.batch_size * args.grad_accum)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if args.data == "synthetic":
         lengths = write_data(work / "data.jsonl", tokenizer, rows, args.min_tokens, args.max_tokens)
@@ -541,9 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, compared, args.device == "cuda")
     print("x trl, +startup: medians over rounds of each round's ratio / difference to the trl run")
     for name in runs:
-        if name != "trl" and "trl" in runs:
-            print(f"  {name} / trl per round: tokens/s {compared[f'{name}_vs_trl_per_round']}, "
-                  f"tokens/cpu-s {compared[f'{name}_vs_trl_cpu_per_round']}")
+        for base in (b for b in TRL_VARIANTS if b in runs and b != name and (name, b) != ("trl", "trl-gc")):
+            print(f"  {name} / {base} per round: tokens/s {compared[f'{name}_vs_{base}_per_round']}, "
+                  f"tokens/cpu-s {compared[f'{name}_vs_{base}_cpu_per_round']} (medians "
+                  f"{compared[f'{name}_vs_{base}_tokens_per_s']} / {compared[f'{name}_vs_{base}_tokens_per_cpu_s']})")
     pad = results.get("trl", {}).get("pad_share")
     if pad is not None:
         print(f"trl's batches were {pad:.0%} padding: removing all of it, with every other cost the same, is worth "
