@@ -21,6 +21,7 @@ from lora_ns.builtin_models import resolve_model_path
 from lora_ns.checkpoints import safetensors_defect
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sources
+from lora_ns.data.formatters import RowError, check_messages, text_value
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
@@ -202,9 +203,15 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
         row = {"prompt": row["text"]} if text else row
         if text and not row["prompt"].strip():
             continue
-        if not {"prompt", "messages", "text", "sentence1"} & set(row):
+        key = next((k for k in ("prompt", "messages", "text", "sentence1") if k in row), None)  # as read next
+        if key is None:
             fix = 'give each line a "prompt" (or "messages") field'
             raise fail(where, "prompt", "row has no prompt", fix, line)
+        try:  # a number or a malformed chat crashed in the chat template, after the model loaded
+            chat = key == "messages" or isinstance(row[key], list)
+            row[key] = check_messages(row[key], key, needs_reply=False) if chat else text_value(row, key)
+        except RowError as err:
+            raise fail(where, err.field, err.message, err.fix, line) from None
         rows.append(row)
     if not rows:
         raise fail(where, "--input-file" if text else "", "no prompts in the file", "add one prompt a line")

@@ -149,6 +149,24 @@ def test_text_file_and_bad_jsonl(tmp_path):
     assert err.value.problems[0].line == 2
 
 
+@pytest.mark.parametrize("line, field, words", [
+    ('{"prompt": {"q": 1}}', "prompt", "expected text, got dict"),
+    ('{"messages": ["hi"]}', "messages", "message 1 needs 'role' and 'content'"),
+    ('{"prompt": [{"role": "user", "content": null}]}', "prompt", "content must be text, got null"),
+])
+def test_prompts_that_are_not_text_or_chats_are_refused_naming_the_line(tmp_path, line, field, words):
+    """Such a row crashed in the chat template, after the model had loaded."""
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + line + "\n")
+    with pytest.raises(UserError) as err:
+        read_inputs(path)
+    (problem,) = err.value.problems
+    assert (problem.line, problem.field) == (2, field) and words in problem.message
+    chat = [{"role": "user", "content": "hi"}]
+    path.write_text(json.dumps({"prompt": chat}) + '\n{"text": 3}\n')  # as the data loader reads them
+    assert read_inputs(path) == [{"prompt": chat}, {"text": "3"}]
+
+
 def test_seq_cls_prints_label_names_and_probabilities(classifier_dir, capsys):
     assert main(["--model", str(classifier_dir), "--prompt", "a fine day"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
