@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
+from lora_ns.data import sources
+from lora_ns.data.formatters import RowError, check_messages, text_value
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, prompt_and_reference, read_inputs
+from lora_ns.inference import classify, generate, load, pair_of, prompt_and_reference
 
 PROG = "lora_ns.infer"
 # The flags of the scripts lora_ns descends from (inference.py; README, "Train a recipe on GPUs") and of
@@ -25,6 +28,33 @@ PROG = "lora_ns.infer"
 LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input_text": "--prompt",
                 "--config": "--recipe", "--tuned": "--model", "--questions-file": "--input-file",
                 "--output": "--output-file"}
+
+
+def read_inputs(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl/.json file ("prompt", "messages", "text" or "sentence1"), or of text (one prompt a
+    line), read as the data loader reads them (a bad line is one error naming it)."""
+    where = str(path)
+    if not Path(where).is_file():
+        raise fail(where, "--input-file", "file not found", "check the path")
+    text = not where.endswith((".jsonl", ".json"))
+    rows = []
+    for line, row in sources.rows(where, "text" if text else sources.file_format(where)):
+        row = {"prompt": row["text"]} if text else row
+        if text and not row["prompt"].strip():
+            continue
+        key = next((k for k in ("prompt", "messages", "text", "sentence1") if k in row), None)  # as read next
+        if key is None:
+            fix = 'give each line a "prompt" (or "messages") field'
+            raise fail(where, "prompt", "row has no prompt", fix, line)
+        try:  # a number or a malformed chat crashed in the chat template, after the model loaded
+            chat = key == "messages" or isinstance(row[key], list)
+            row[key] = check_messages(row[key], key, needs_reply=False) if chat else text_value(row, key)
+        except RowError as err:
+            raise fail(where, err.field, err.message, err.fix, line) from None
+        rows.append(row)
+    if not rows:
+        raise fail(where, "--input-file" if text else "", "no prompts in the file", "add one prompt a line")
+    return rows
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,6 @@ from lora_ns.adapters import merge_blocker
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.checkpoints import safetensors_defect
 from lora_ns.config import Recipe, load_recipe
-from lora_ns.data import sources
-from lora_ns.data.formatters import RowError, check_messages, text_value
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
@@ -80,7 +79,10 @@ def check_adapter(folder: Path) -> dict[str, Any]:
 def adapter_base(folder: Path, config: dict[str, Any], base: str | None, recipe: Recipe | None) -> str:
     """`base`, else the base the adapter names; a builtin's cache folder that is gone is rebuilt from the
     recipe's ``builtin:`` name."""
-    named = base or config.get("base_model_name_or_path")
+    named, saved = base or config.get("base_model_name_or_path"), config.get("base_model_name_or_path")
+    if base and saved and os.path.realpath(resolve_model_path(base)) != os.path.realpath(saved):
+        print(f"lora_ns: warning: {folder} was trained on {saved}; loading it on --base {base} (fine if it "
+              "is a copy of that model)", file=sys.stderr)
     if not base and recipe is not None and (not named or os.path.isabs(named) and not Path(named).exists()):
         named = recipe.model.name_or_path
     if not named:
@@ -167,7 +169,13 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
             task = recipe.task if recipe else "seq_cls" if seq_cls else "causal_lm"
             base = adapter_base(local, config, base, recipe)
             model, rounded = load_base(base, task, recipe, merging, requantize)
-            model = PeftModel.from_pretrained(model, str(local))
+            try:
+                model = PeftModel.from_pretrained(model, str(local))
+            except RuntimeError as err:  # torch's load_state_dict: a page of "size mismatch for ..." lines
+                if "size mismatch" not in str(err):
+                    raise
+                raise fail(str(local), "--base", f"the adapter does not fit {base}: its shapes differ", "use "
+                           f"the model it was trained on: {config.get('base_model_name_or_path')}") from None
             tokenizer_path = str(local) if (local / "tokenizer_config.json").is_file() else base
         else:
             tokenizer_path, base = resolve_model_path(path), None
@@ -190,33 +198,6 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
 
 
 # --- inputs -----------------------------------------------------------------------------------------
-
-def read_inputs(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl/.json file ("prompt", "messages", "text" or "sentence1"), or of text (one prompt a
-    line), read as the data loader reads them (a bad line is one error naming it)."""
-    where = str(path)
-    if not Path(where).is_file():
-        raise fail(where, "--input-file", "file not found", "check the path")
-    text = not where.endswith((".jsonl", ".json"))
-    rows = []
-    for line, row in sources.rows(where, "text" if text else sources.file_format(where)):
-        row = {"prompt": row["text"]} if text else row
-        if text and not row["prompt"].strip():
-            continue
-        key = next((k for k in ("prompt", "messages", "text", "sentence1") if k in row), None)  # as read next
-        if key is None:
-            fix = 'give each line a "prompt" (or "messages") field'
-            raise fail(where, "prompt", "row has no prompt", fix, line)
-        try:  # a number or a malformed chat crashed in the chat template, after the model loaded
-            chat = key == "messages" or isinstance(row[key], list)
-            row[key] = check_messages(row[key], key, needs_reply=False) if chat else text_value(row, key)
-        except RowError as err:
-            raise fail(where, err.field, err.message, err.fix, line) from None
-        rows.append(row)
-    if not rows:
-        raise fail(where, "--input-file" if text else "", "no prompts in the file", "add one prompt a line")
-    return rows
-
 
 def prompt_and_reference(row: dict[str, Any]) -> tuple[PromptInput, str]:
     """What a row asks and the answer it holds: messages ending on an assistant turn split there (that turn is

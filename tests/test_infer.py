@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lora_ns.errors import UserError, run_cli
-from lora_ns.inference import generate, load, prompt_and_reference, read_inputs, render_prompt
-from lora_ns.infer import main
+from lora_ns.inference import generate, load, prompt_and_reference, render_prompt
+from lora_ns.infer import main, read_inputs
 
 from conftest import QUICKSTART, fp32_reassociation_tol, make_adapter
 
@@ -200,3 +200,23 @@ def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     code = run_cli("lora_ns.infer", lambda: main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"]))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not found" in err and err.count("\n") == 0
+
+
+def test_a_base_the_adapter_does_not_fit_is_one_line_and_another_name_a_warning(adapter_dir, tmp_path, capsys,
+                                                                               tiny_llama, tiny_qwen2):
+    """--base of other shapes printed a page of torch's "size mismatch" lines; one of the same shapes but
+    another name (a local copy, or the wrong model) loads with a warning naming both."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.intermediate_size *= 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wider")
+    args = ["--model", str(adapter_dir), "--prompt", "hi", "--max-new-tokens", "2", "--base"]
+    code = run_cli("lora_ns.infer", lambda: main([*args, str(tmp_path / "wider")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line]
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert "--base: the adapter does not fit" in err[-1] and tiny_llama in err[-1]
+    assert run_cli("lora_ns.infer", lambda: main([*args, tiny_qwen2])) == 0
+    assert f"trained on {tiny_llama}; loading it on --base {tiny_qwen2}" in capsys.readouterr().err
+    assert run_cli("lora_ns.infer", lambda: main([*args, "builtin:tiny-llama"])) == 0  # the same model
+    assert "warning" not in capsys.readouterr().err
