@@ -292,8 +292,10 @@ def next_commands(output_dir: Path) -> list[tuple[str, str]]:
     out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(output_dir / "recipe.yaml"))
     adapter = (output_dir / "adapter_config.json").is_file()
     weights = "--adapter" if adapter else "--model"
+    saved = output_dir / "recipe.yaml"  # evaluate's rows: the recipe's held-out split, else a file of them
+    rows = "" if saved.is_file() and load_recipe(saved).dataset.val_split else " --data-file HELD_OUT.jsonl"
     steps = [("try it", f'python -m lora_ns.infer --model {out} --prompt "Your question here"'),
-             ("evaluate it", f"python -m lora_ns.evaluate {recipe} {weights} {out}")]
+             ("evaluate it", f"python -m lora_ns.evaluate {recipe} {weights} {out}{rows}")]
     merged = shlex.quote(str(output_dir.parent / f"{output_dir.name}-merged"))
     return steps + [("merge it", f"python -m lora_ns.merge --adapter {out} --output {merged}")] * adapter
 

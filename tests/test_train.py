@@ -234,6 +234,20 @@ def test_next_commands_use_the_real_paths_quoted(adapter_dir):
     assert merge[merge.index("--output") + 1] == str(adapter_dir.parent / "my run-merged")
 
 
+def test_evaluate_is_suggested_with_rows_it_can_read(adapter_dir):
+    """Without a held-out split in the run's recipe, evaluate stops at once ("the recipe has no eval split"):
+    the suggested command then names a file of held-out rows to fill in."""
+    from conftest import QUICKSTART
+
+    data = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
+    (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert data["dataset"]["val_split"] and dict(train.next_commands(adapter_dir))["evaluate it"].endswith(
+        f"--adapter {shlex.quote(str(adapter_dir))}")
+    del data["dataset"]["val_split"]
+    (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert dict(train.next_commands(adapter_dir))["evaluate it"].endswith("--data-file HELD_OUT.jsonl")
+
+
 def test_a_full_fine_tune_is_called_a_model_and_has_no_merge_step(tmp_path, capsys):
     train.write_report(HISTORY, tmp_path, SUMMARY)
     text = (tmp_path / "summary.txt").read_text(encoding="utf-8")
