@@ -112,6 +112,17 @@ def test_corrupt_files_are_skipped_with_reasons(corpus: Path, tmp_path: Path, ca
     assert "2 skipped" in out and "g_bad.docx: corrupt" in out
 
 
+def test_a_report_file_that_cannot_be_written_stops_before_the_corpus_is_read(corpus, tmp_path, capsys):
+    """--report-file naming a folder crashed with a traceback after the output had been written."""
+    args = ["--raw-dir", str(corpus), "--out-file", str(tmp_path / "all.txt"), "--quiet", "--report-file"]
+    assert main([*args, str(tmp_path)]) == 2
+    assert "--report-file: is a folder" in capsys.readouterr().err and not (tmp_path / "all.txt").exists()
+    (tmp_path / "report.json").write_text("{}")  # an earlier report is kept unless --overwrite
+    assert main([*args, str(tmp_path / "report.json")]) == 2 and (tmp_path / "report.json").read_text() == "{}"
+    assert main([*args, str(tmp_path / "report.json"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["files_read"] == 6
+
+
 def test_bad_archive_member_and_csv_without_column(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     write(raw / "good.txt", "kept\n")

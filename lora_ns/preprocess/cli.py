@@ -108,7 +108,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--shard", type=_shard, default=(0, 1), metavar="I/N", help="only the I-th of N contiguous, "
         "equal-size parts of the files (0-based), to spread one corpus over machines; concatenate the "
         "outputs in order")
-    add("--overwrite", action="store_true", help="replace --out-file if it exists")
+    add("--overwrite", action="store_true", help="replace --out-file (and --report-file) if they exist")
     add("--report-file", help="also write the report as JSON here")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     report_file = vars(args).pop("report_file")  # every other flag is a parameter of preprocess()
+    if report_file:  # before the corpus is read: a folder here stopped the run after the output was written
+        guard_output_file(report_file, args.overwrite, "--report-file")
     report = preprocess(**vars(args))
     if report_file:
         write_json_atomic(report_file, report.to_json())
