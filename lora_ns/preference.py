@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import warnings
 from typing import Any, Callable
 
 from lora_ns.answers import canonical_number, same_answer
@@ -35,7 +36,9 @@ _ANSWER_LINE = re.compile(r"^\s*####\s*(\S+)\s*$", re.MULTILINE)
 
 def _load(where: str) -> Any:
     module, _, name = where.partition(":")
-    return getattr(importlib.import_module(module), name)
+    with warnings.catch_warnings():  # TRL's notice on importing ORPO: the README and its recipe say it once
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        return getattr(importlib.import_module(module), name)
 
 
 def config_class(task: str) -> type:
