@@ -94,6 +94,28 @@ def test_sharegpt_maps_speakers_to_roles():
     assert any(g["messages"][0]["role"] == "system" for g in got)
 
 
+def test_content_given_as_text_parts_is_read_as_one_text(tmp_path):
+    """The OpenAI form ("content": [{"type": "text", "text": ...}], mixed with plain strings across rows) was
+    refused as "content must be text"; an image part is refused naming it (lora_ns trains on text only)."""
+    def part(text):
+        return [{"type": "text", "text": text}]
+
+    path = tmp_path / "chat.jsonl"
+    rows = [[{"role": "user", "content": part("2+2") + part("?")}, {"role": "assistant", "content": "4"}],
+            [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": part("6")}]]
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows), encoding="utf-8")
+    got = [row["messages"] for row in formatted_examples(recipe({"path": str(path), "formatter": "messages"}))]
+    assert got == [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                   [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]]
+    image = [{"type": "image_url", "image_url": {"url": "x.png"}}, *part("what is it?")]
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": image},
+                                             {"role": "assistant", "content": "a cat"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        list(formatted_examples(recipe({"path": str(path), "formatter": "messages"})))
+    (problem,) = err.value.problems
+    assert problem.line == 1 and "message 1 (user) has image_url parts" in problem.message
+
+
 def test_glue_mrpc_hf_schema():
     raw = jsonl_rows("glue_mrpc.jsonl")
     got = list(formatted_examples(recipe({"path": "sample:glue_mrpc", "formatter": "glue_mrpc"}, "seq_cls",

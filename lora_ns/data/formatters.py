@@ -72,6 +72,22 @@ def text_value(row: Row, name: str, required: bool = True) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def _content_text(content: Any, which: str, name: str) -> Any:
+    """Content given as a list of parts (the OpenAI format: [{"type": "text", "text": "..."}]) as one text,
+    and a number as text (as `text_value` reads one: `datasets` decodes a reply "4" to 4 when other rows of
+    the column hold part lists); anything else is returned as it is, for the caller's checks."""
+    if isinstance(content, (int, float)) and not isinstance(content, bool):
+        return str(content)
+    if not isinstance(content, list) or not content or not all(isinstance(p, dict) for p in content):
+        return content
+    if other := sorted({str(p.get("type")) for p in content} - {"text"}):
+        raise RowError(name, f"{which} has {', '.join(other)} parts: lora_ns trains on text only",
+                       "keep the text parts, or drop the row")
+    if not all(isinstance(p.get("text"), str) for p in content):
+        raise RowError(name, f"{which} has a text part without a \"text\" string", "fix or drop the row")
+    return "".join(p["text"] for p in content)
+
+
 def check_messages(value: Any, name: str, needs_reply: bool = True) -> list[dict[str, str]]:
     """A list of {role, content} chat messages; for training chats, with at least one assistant turn (else
     nothing is trained)."""
@@ -83,7 +99,8 @@ def check_messages(value: Any, name: str, needs_reply: bool = True) -> list[dict
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RowError(name, f"message {i} needs 'role' and 'content'",
                            'write each message as {"role": "user", "content": "..."}')
-        role, content = message["role"], message["content"]
+        role = message["role"]
+        content = _content_text(message["content"], f"message {i} ({role})", name)
         if role not in ROLES:
             raise RowError(name, f"message {i} has unknown role {role!r}", suggest(str(role), ROLES))
         if not isinstance(content, str):
