@@ -90,8 +90,9 @@ def run(name: str, work: Path, index: int, cfg: dict[str, Any], recipe: Path, de
         env["CUDA_VISIBLE_DEVICES"] = ""
     if torch_profile:
         env["BENCH_TORCH_PROFILE"] = str(torch_profile)
-    if name.endswith("-trl"):
-        kind, payload = "trl", json.dumps({**cfg, "output_dir": str(run_dir / "out")})
+    if (variant := name.split("-", 2)[-1]) in tp.TRL_VARIANTS:  # "1.5b-lora-trl-gc" -> "trl-gc"
+        kind, payload = variant, json.dumps({**cfg, "output_dir": str(run_dir / "out"),
+                                            "trl_args": tp.TRL_VARIANTS[variant]})
     else:
         kind = "lora_ns"
         payload = json.dumps([str(recipe), f"training.output_dir={run_dir / 'out'}", *overrides])
@@ -115,10 +116,10 @@ def estimate(name: str, recipe: Path, overrides: list[str], config, cfg: dict[st
     from lora_ns.config import load_recipe
     from lora_ns.memory import estimate, estimate_for_recipe, shape_from_config
 
-    if name == "trl":  # TRL defaults: gradient checkpointing on; LoRA dropout 0.05
+    if name in tp.TRL_VARIANTS:  # TRL defaults (trl-gc: checkpointing off); LoRA dropout 0.05
         return estimate(shape=shape_from_config(config), batch=cfg["batch"], seq=cfg["max_length"],
                         weights_dtype="bf16" if cfg["device"] == "cuda" else "fp32", lora_r=16,
-                        checkpointing=True)
+                        checkpointing=name == "trl")
     return estimate_for_recipe(load_recipe(recipe, overrides))
 
 
@@ -144,7 +145,7 @@ def section(spec, work: Path, args, deadline: float) -> dict[str, Any]:
     tp.write_recipe(recipe, str(folder), work / f"{label}.jsonl", ns)
     base = ["quantization.load_in_4bit=true"] if quantized else []
     if args.variants:  # the plain TRL script has no 4-bit path: QLoRA sections run lora_ns variants only
-        variants = [v for v in args.variants.split(",") if not (quantized and v == "trl")] or variants
+        variants = [v for v in args.variants.split(",") if not (quantized and v in tp.TRL_VARIANTS)] or variants
     runs = [(v, [*base, *tp.variant_overrides(v)]) for v in variants]
     if args.device == "cuda" and importlib.util.find_spec("flash_attn") and not quantized:
         runs.append(("lora_ns", [*base, "model.attn_implementation=flash_attention_2"]))  # packs by default
@@ -301,8 +302,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, 4 steps: a dry run")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting sections/runs after this")
     parser.add_argument("--sections", help=f"comma list of: {', '.join(s[0] for s in SECTIONS)}")
-    parser.add_argument("--variants", help="comma list, as bench/throughput.py's (trl, lora_ns, lora_ns+gc, "
-                        "lora_ns+pack, ...; QLoRA sections leave out trl); default: trl,lora_ns / lora_ns")
+    parser.add_argument("--variants", help="comma list, as bench/throughput.py's (trl, trl-gc, lora_ns, lora_ns+gc, "
+                        "lora_ns+pack, ...; QLoRA sections leave out the plain script); default: trl,lora_ns / lora_ns")
     parser.add_argument("--torch-profile", action="store_true",
                         help="torch.profiler tables of steps 3-4 of every run, to OUT/torch_profile-*.txt")
     parser.add_argument("--peak-tflops", type=float, help="default: by GPU name (H100/H200: 989)")
