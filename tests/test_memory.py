@@ -312,17 +312,17 @@ torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg), attn_implementation="sdpa").eval()
 ids = torch.randint(1, cfg["vocab_size"], (rows, prompt))
 
-def sample():  # as GRPOTrainer samples with transformers: the whole generation batch in one call
+def sample(new_tokens):  # as GRPOTrainer samples with transformers: the whole generation batch in one call
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                       max_new_tokens=completion, min_new_tokens=completion, pad_token_id=0)
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
 
-sample()
+sample(4)  # warm-up: kernels loaded
 gc.collect()
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-sample()
+sample(completion)
 print(json.dumps({"peak": status("VmHWM") - before}))
 """
 
@@ -330,16 +330,17 @@ print(json.dumps({"peak": status("VmHWM") - before}))
 def test_grpo_sampling_phase_matches_measurement():
     """GRPO samples its whole generation batch before each step: at the end the KV cache holds every row at
     full length. Measured the way the step peaks are, on a model whose cache dominates (8 layers, KV as wide as
-    the hidden size, 32 rows x 256 tokens: 134 MB). Left out of the estimate: DynamicCache's torch.cat keeps
+    the hidden size, 32 rows x 128 tokens: 67 MB). Left out of the estimate: DynamicCache's torch.cat keeps
     one layer's old keys beside the new ones for a moment (1/16 of the cache, +6%), the prompt's no-grad pass
-    (16 tokens a row, ~4 MB), the ids (64 KB). Measured 142.5 MB vs 134.6 estimated (2026-11-28)."""
+    (16 tokens a row, ~4 MB), the ids (32 KB). Measured 70.8 MB vs 67.5 estimated (2026-11-28). Each new token
+    copies the cache, so the time grows with the square of the completion: 112 tokens take ~7 s here."""
     from transformers import Qwen2Config
 
     from lora_ns.memory import estimate, shape_from_config
 
     config = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
               "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": False}
-    rows, prompt, completion = 32, 16, 240
+    rows, prompt, completion = 32, 16, 112
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run([sys.executable, "-c", _GENERATE, json.dumps(config), str(rows), str(prompt),
                           str(completion)], env=env, capture_output=True, text=True, check=True)
