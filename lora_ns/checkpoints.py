@@ -50,6 +50,13 @@ def output_dir_problem(recipe: Recipe) -> Problem | None:
     return None
 
 
+def finished_run_fix(output_dir: str | Path) -> str:
+    """What to do about a finished run in the output_dir: the fix names its last checkpoint to go on from."""
+    last = last_checkpoint(output_dir, quiet=True)
+    further = f" (to train it further: raise max_steps there, resume_from_checkpoint: {last})" if last else ""
+    return f"choose another output_dir{further}, or set training.overwrite_output_dir: true"
+
+
 def guard_output_dir(recipe: Recipe) -> None:
     """Refuse an unusable output_dir, or a finished run unless the recipe allows overwriting it."""
     if problem := output_dir_problem(recipe):
@@ -58,8 +65,8 @@ def guard_output_dir(recipe: Recipe) -> None:
     if not is_finished(out):
         return
     if not recipe.training.get("overwrite_output_dir"):
-        raise UserError(recipe.problem("training.output_dir", f"{out} already holds a finished run", "choose "
-                                       "another output_dir, or set training.overwrite_output_dir: true"))
+        raise UserError(recipe.problem("training.output_dir", f"{out} already holds a finished run",
+                                       finished_run_fix(out)))
     if os.environ.get("RANK", "0") == "0":  # the other ranks see the result after the datasets barrier
         say(f"overwriting the finished run in {out}")
         for folder in checkpoints(out):

@@ -112,6 +112,11 @@ def test_finished_run_is_kept_unless_overwrite(tmp_path):
         guard_output_dir(recipe(out))
     assert err.value.problems[0].field == "training.output_dir"
     assert "overwrite_output_dir" in err.value.problems[0].fix
+    # the fix says how to train the run further; following it is accepted and resumes from that checkpoint
+    assert f"raise max_steps there, resume_from_checkpoint: {out / 'checkpoint-4'}" in err.value.problems[0].fix
+    further = recipe(tmp_path / "further", resume_from_checkpoint=str(out / "checkpoint-4"), max_steps=6)
+    guard_output_dir(further)
+    assert resume_target(further) == str(out / "checkpoint-4")
     overwrite = recipe(out, overwrite_output_dir=True)
     assert resume_target(overwrite) is None  # starts over rather than "resuming" the finished run
     guard_output_dir(overwrite)

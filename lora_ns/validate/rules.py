@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lora_ns.builtin_models import PREFIX, unknown_builtin
-from lora_ns.checkpoints import checkpoint_problem, is_finished, output_dir_problem
+from lora_ns.checkpoints import checkpoint_problem, finished_run_fix, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
@@ -177,8 +177,7 @@ def output_dir_usable(r: Recipe) -> Iterator[Problem]:
         yield problem
     elif is_finished(r.output_dir) and not r.training.get("overwrite_output_dir"):
         yield r.problem("training.output_dir", f"{r.output_dir} already holds a finished run: training will "
-                        "refuse it", "choose another output_dir, or set training.overwrite_output_dir: true",
-                        "warning")
+                        "refuse it", finished_run_fix(r.output_dir), "warning")
 
 
 def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
