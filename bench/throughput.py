@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, compared, args.device == "cuda")
     print("x trl, +startup: medians over rounds of each round's ratio / difference to the trl run")
     for name in runs:
-        for base in (b for b in TRL_VARIANTS if b in runs and b != name and (name, b) != ("trl", "trl-gc")):
+        for base in (b for b in TRL_VARIANTS if f"{name}_vs_{b}_per_round" in compared):  # as `ratios` chose
             print(f"  {name} / {base} per round: tokens/s {compared[f'{name}_vs_{base}_per_round']}, "
                   f"tokens/cpu-s {compared[f'{name}_vs_{base}_cpu_per_round']} (medians "
                   f"{compared[f'{name}_vs_{base}_tokens_per_s']} / {compared[f'{name}_vs_{base}_tokens_per_cpu_s']})")

@@ -79,11 +79,14 @@ def check_adapter(folder: Path) -> dict[str, Any]:
 def adapter_base(folder: Path, config: dict[str, Any], base: str | None, recipe: Recipe | None) -> str:
     """`base`, else the base the adapter names; a builtin's cache folder that is gone is rebuilt from the
     recipe's ``builtin:`` name."""
-    named, saved = base or config.get("base_model_name_or_path"), config.get("base_model_name_or_path")
-    if base and saved and os.path.realpath(resolve_model_path(base)) != os.path.realpath(saved):
-        print(f"lora_ns: warning: {folder} was trained on {saved}; loading it on --base {base} (fine if it "
-              "is a copy of that model)", file=sys.stderr)
-    if not base and recipe is not None and (not named or os.path.isabs(named) and not Path(named).exists()):
+    named = saved = config.get("base_model_name_or_path")
+    if base:
+        path = resolve_model_path(base)
+        if saved and os.path.realpath(path) != os.path.realpath(saved):
+            print(f"lora_ns: warning: {folder} was trained on {saved}; loading it on --base {base} (fine if "
+                  "it is a copy of that model)", file=sys.stderr)
+        return path
+    if recipe is not None and (not named or os.path.isabs(named) and not Path(named).exists()):
         named = recipe.model.name_or_path
     if not named:
         raise fail(str(folder / ADAPTER_CONFIG), "base_model_name_or_path",

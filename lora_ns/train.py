@@ -289,10 +289,11 @@ def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> None:
 
 def next_commands(output_dir: Path) -> list[tuple[str, str]]:
     """(what, command) pairs for what to do with a finished run, with the real paths."""
-    out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(output_dir / "recipe.yaml"))
+    saved = output_dir / "recipe.yaml"
+    out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(saved))
     adapter = (output_dir / "adapter_config.json").is_file()
     weights = "--adapter" if adapter else "--model"
-    saved = output_dir / "recipe.yaml"  # evaluate's rows: the recipe's held-out split, else a file of them
+    # evaluate's rows: the run's held-out split, else a file of them
     rows = "" if saved.is_file() and load_recipe(saved).dataset.val_split else " --data-file HELD_OUT.jsonl"
     steps = [("try it", f'python -m lora_ns.infer --model {out} --prompt "Your question here"'),
              ("evaluate it", f"python -m lora_ns.evaluate {recipe} {weights} {out}{rows}")]

@@ -21,7 +21,7 @@ from lora_ns.pretrain import describe_pretrain
 from lora_ns.setup import Checks, check_recipe_file
 from lora_ns.validate.launch import read_launch_config
 from lora_ns.validate.data import SAMPLE_ROWS
-from lora_ns.validate.sample import FORMATTED_SFT_TASKS, prompt_lengths, show_sample, training_rows
+from lora_ns.validate.sample import sampled_lengths, show_sample
 
 PROG = "lora_ns.validate"
 
@@ -65,15 +65,10 @@ def memory_report(recipe: Recipe, args: argparse.Namespace) -> list[str]:
         return []
     cfg = read_launch_config(args.accelerate_config) if args.accelerate_config else None
     lengths = []
-    if not args.no_data and recipe.task in FORMATTED_SFT_TASKS:
+    if not args.no_data:
         try:
-            lengths = [len(row["input_ids"]) for row in training_rows(recipe, SAMPLE_ROWS)]
+            lengths = sampled_lengths(recipe, SAMPLE_ROWS)
         except UserError:  # e.g. a Hub dataset out of reach: the data checks said so already
-            pass
-    elif not args.no_data and recipe.task == "grpo":
-        try:
-            lengths = prompt_lengths(recipe, SAMPLE_ROWS)
-        except UserError:
             pass
     try:
         found = estimate_for_recipe(recipe, int(cfg.data.get("num_processes") or 1) if cfg else 1,

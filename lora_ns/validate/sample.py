@@ -44,6 +44,14 @@ def training_rows(recipe: Recipe, count: int) -> list[dict]:
     return prepared_rows(training_arguments(recipe), rows, tokenizer)
 
 
+def sampled_lengths(recipe: Recipe, count: int) -> list[int]:
+    """Tokens of the first `count` rows as training sees them, for the memory estimate's batch length
+    (`memory.batch_length`): SFT rows as SFTTrainer prepares them, GRPO's prompts; none for other tasks."""
+    if recipe.task in FORMATTED_SFT_TASKS:
+        return [len(row["input_ids"]) for row in training_rows(recipe, count)]
+    return prompt_lengths(recipe, count) if recipe.task == "grpo" else []
+
+
 def prompt_lengths(recipe: Recipe, count: int) -> list[int]:
     """Tokens of the first `count` GRPO prompts as its trainer renders them (chat template, generation
     prompt; not truncated): each row then grows by up to max_completion_length generated tokens."""
