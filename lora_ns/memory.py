@@ -84,6 +84,7 @@ class Shape:
     layers: int
     heads: int
     kv_heads: int
+    head_dim: int  # the config's own (Qwen3, Gemma: wider than hidden / heads), else hidden / heads
     vocab: int
     quantizable: int  # params in the decoder's nn.Linear layers (what bitsandbytes converts)
     linear_out_rows: int  # sum of out_features of those layers (8-bit row scales)
@@ -171,9 +172,10 @@ def shape_from_config(config) -> Shape:
     total, (_, (largest, _)) = sum(p.numel() for p in model.parameters()), calculate_maximum_sizes(model)
     largest //= next(model.parameters()).element_size()  # bytes in the meta model's dtype -> params
     heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return Shape(text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads,
-                 getattr(text, "num_key_value_heads", None) or heads, text.vocab_size, quantizable, rows, io,
-                 total - quantizable, largest)
+                 getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size, quantizable,
+                 rows, io, total - quantizable, largest)
 
 
 def _layer_bytes(shape: Shape, c: int, lora_r: int, dropout: bool) -> float:
@@ -182,9 +184,10 @@ def _layer_bytes(shape: Shape, c: int, lora_r: int, dropout: bool) -> float:
     Frozen linears save only their weight. What stays: each RMSNorm's fp32 input; q, k, v after rope, the
     attention output and fp32 logsumexp (sdpa); silu's input and both operands of gate*up; per LoRA module
     its input (a dropout copy + bool mask when lora_dropout > 0, else shared) and its r-wide A output."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.hidden // shape.heads * shape.kv_heads
-    norms, attention, mlp = 2 * h * 4, (2 * h + 2 * kv) * c + shape.heads * 4, 3 * i * c
-    lora_inputs = (6 * h + i) * (c + 1) if dropout else 0  # q,k,v,o,gate,up see h, down sees i
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim  # query and key/value widths
+    norms, attention, mlp = 2 * h * 4, (2 * q + 2 * kv) * c + shape.heads * 4, 3 * i * c
+    lora_inputs = (5 * h + q + i) * (c + 1) if dropout else 0  # q,k,v,gate,up see h, o sees q, down sees i
     return norms + attention + mlp + lora_inputs + 7 * lora_r * c
 
 
@@ -224,11 +227,11 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
         per_layer += (7 * shape.hidden + shape.intermediate) * c  # frozen-linear inputs now saved too
     # checkpointing: each layer's input (selective: and its attention output + fp32 logsumexp); the
     # recomputed layer lives after the loss buffers are freed
-    kept = shape.hidden * c + (shape.hidden * c + shape.heads * 4 if selective else 0)
+    kept = shape.hidden * c + (shape.heads * (shape.head_dim * c + 4) if selective else 0)
     saved = kept if checkpointing else per_layer
     recompute = max(0, per_layer - (head / tokens if task != "seq_cls" else 0)) if checkpointing else 0
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
-    kv_width = shape.hidden // shape.heads * shape.kv_heads  # keys and values per layer per token
+    kv_width = shape.kv_heads * shape.head_dim  # keys and values per layer per token
     generation = generation_rows * (seq * shape.layers * 2 * kv_width * c + shape.vocab * 12)
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
                           gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(head),

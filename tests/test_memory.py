@@ -329,17 +329,18 @@ print(json.dumps({"peak": status("VmHWM") - before}))
 
 def test_grpo_sampling_phase_matches_measurement():
     """GRPO samples its whole generation batch before each step: at the end the KV cache holds every row at
-    full length. Measured the way the step peaks are, on a model whose cache dominates (8 layers, KV as wide as
-    the hidden size, 32 rows x 128 tokens: 67 MB). Left out of the estimate: DynamicCache's torch.cat keeps
-    one layer's old keys beside the new ones for a moment (1/16 of the cache, +6%), the prompt's no-grad pass
-    (16 tokens a row, ~4 MB), the ids (32 KB). Measured 70.8 MB vs 67.5 estimated (2026-11-28). Each new token
-    copies the cache, so the time grows with the square of the completion: 112 tokens take ~7 s here."""
+    full length. Measured the way the step peaks are, on a model whose cache dominates (4 layers of 4 KV heads
+    of 128, twice as wide as the hidden size, as Qwen3 sets head_dim; 32 rows x 128 tokens: 67 MB; taking
+    head_dim as hidden / heads read half of it). Left out of the estimate: DynamicCache's torch.cat keeps one
+    layer's old keys beside the new ones for a moment (1/8 of the cache at 4 layers, +12%), the prompt's
+    no-grad pass (16 tokens a row, ~4 MB), the ids (32 KB). Measured 75.1 MB vs 67.5 estimated (2026-11-28).
+    Each new token copies the cache, so the time grows with the square of the completion: 112 tokens ~7 s."""
     from transformers import Qwen2Config
 
     from lora_ns.memory import estimate, shape_from_config
 
-    config = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
-              "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": False}
+    config = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 1000, "tie_word_embeddings": False}
     rows, prompt, completion = 32, 16, 112
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run([sys.executable, "-c", _GENERATE, json.dumps(config), str(rows), str(prompt),
