@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +22,7 @@ from lora_ns.yaml_reader import read_yaml
 
 # pretrain: lora_ns.pretrain; dpo/orpo/kto/grpo: lora_ns.preference
 Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
+TASKS = get_args(Task)
 # a recipe's dtype names -> torch's (lora_ns.model.torch_dtype); "auto" picks one (lora_ns.model.dtype_name)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DType = Literal[("auto", *TORCH_DTYPES)]
@@ -161,8 +162,11 @@ def is_secret(key: str, value: Any) -> bool:
 
 # --- overrides ----------------------------------------------------------------------------------
 
+REMOVE = object()  # an override's value that drops the key (``~training.max_length``)
+
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value``, ``--key.sub value`` and ``--key.sub=value`` into (path, value).
+    """Parse ``key.sub=value``, ``--key.sub value`` and ``--key.sub=value`` into (path, value), and
+    ``~key.sub`` (Hydra's spelling) into (path, `REMOVE`): the recipe's key is dropped.
 
     Values are read as YAML scalars (``true``, ``3``, ``[a, b]``). A key with no dot is looked
     up in the sections when `apply_overrides` runs.
@@ -171,6 +175,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg.startswith("~") and "=" not in arg:
+            pairs.append((arg[1:], REMOVE))
+            i += 1
+            continue
         dashed = arg.startswith("--")
         key, eq, raw = (arg[2:] if dashed else arg).partition("=")
         if dashed and not eq:
@@ -197,21 +205,27 @@ def _known_keys(section: str, data: dict[str, Any]) -> set[str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
-    """Set each override into the raw recipe dict (before validation)."""
+    """Set each override into the raw recipe dict (before validation); `REMOVE` drops the key."""
     for key, value in overrides:
         path = key.split(".")
         if len(path) == 1 and key != "task":
-            owners = [s for s in (*SECTIONS, "training") if key in _known_keys(s, data)]
-            if len(owners) != 1:
+            removing = value is REMOVE
+            owners = [s for s in (*SECTIONS, "training")
+                      if key in ((data.get(s) or {}) if removing else _known_keys(s, data))]
+            if len(owners) > 1 or not (owners or removing):  # nothing to remove: told below
                 why = f"is in several sections ({', '.join(owners)})" if owners else "is not a recipe field"
                 raise fail("<command line>", key, why, "write it as section.field=value")
-            path = [owners[0], key]
+            path = [*owners, key]
         node = data
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[path[-1]] = value
+        if value is not REMOVE:
+            node[path[-1]] = value
+        elif node.pop(path[-1], REMOVE) is REMOVE:
+            raise fail("<command line>", f"~{key}", "not in the recipe: nothing to remove",
+                       "check the key's name")
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -256,10 +270,9 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
                 msg, fix = "is set by lora_ns", "remove it; it is derived from the recipe"
             elif section == "training" and key in DROPPED_TRAINING_KEYS:
                 msg, fix = "not a field of this transformers/TRL version", DROPPED_TRAINING_KEYS[key]
-            elif section == "training" and data.get("task") == "seq_cls" \
-                    and key in training_fields("causal_lm"):
-                msg = "only applies to causal LM tasks (TRL SFTConfig); seq_cls uses TrainingArguments"
-                fix = f"remove training.{key}"
+            elif section == "training" and (tasks := [t for t in TASKS if key in training_fields(t)]):
+                msg = f"not a field for task '{data.get('task', 'causal_lm')}' (only for {', '.join(tasks)})"
+                fix = f"remove training.{key} (on the command line: ~training.{key})"
             else:
                 method = body.get("method", "lora") if section == "peft" else None
                 msg = f"unknown field for peft method '{method}'" if method else "unknown field"

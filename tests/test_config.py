@@ -49,6 +49,25 @@ def test_ambiguous_dotless_override_is_rejected():
         apply_overrides(data, parse_overrides(["revision=main"]))  # model.revision and dataset.revision
 
 
+def test_a_tilde_override_removes_the_key_a_new_task_lacks():
+    """Switching `task` from the command line: a key the new task's trainer has no field for is an error
+    until `~key` (Hydra's spelling) removes it; removing what the recipe does not hold is one too."""
+    data = _copy()
+    data["training"]["max_length"] = 64
+    switch = ["task=grpo", "dataset.formatter=gsm8k_prompt"]
+    apply_overrides(data, parse_overrides(switch))
+    with pytest.raises(UserError, match=r"training.max_length: not a field for task .grpo. \(only for causal_lm"):
+        parse_recipe(data)
+    for removal in ("~training.max_length", "~max_length"):
+        data = _copy()
+        data["training"]["max_length"] = 64
+        apply_overrides(data, parse_overrides([*switch, removal]))
+        recipe = parse_recipe(data)
+        assert recipe.task == "grpo" and "max_length" not in recipe.training
+    with pytest.raises(UserError, match="~training.max_steps_typo: not in the recipe"):
+        apply_overrides(_copy(), parse_overrides(["~training.max_steps_typo"]))
+
+
 def test_unknown_keys_suggest_the_closest_field():
     data = _copy()
     data["training"]["learnig_rate"] = 0.1
