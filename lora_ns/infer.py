@@ -49,6 +49,8 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
         try:  # a number or a malformed chat crashed in the chat template, after the model loaded
             chat = key == "messages" or isinstance(row[key], list)
             row[key] = check_messages(row[key], key, needs_reply=False) if chat else text_value(row, key)
+            if key == "sentence1" and "sentence2" in row:  # a pair's second text, as the tokenizer needs it
+                row["sentence2"] = text_value(row, "sentence2", required=False)
         except RowError as err:
             raise fail(where, err.field, err.message, err.fix, line) from None
         rows.append(row)

@@ -284,17 +284,19 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
 
     names = [str(loaded.model.config.id2label[i]) for i in range(loaded.model.config.num_labels)]
     limit = loaded.recipe.training.get("max_length") if loaded.recipe else None  # cut as in training
-    results: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="classifying", disable=not progress):
-        first, second = zip(*pairs[start:start + batch_size])
+    results: list[dict[str, Any]] = [{}] * len(pairs)
+    groups = [[i for i, pair in enumerate(pairs) if (pair[1] is None) == single] for single in (False, True)]
+    batches = [group[k:k + batch_size] for group in groups for k in range(0, len(group), batch_size)]
+    for batch in tqdm(batches, desc="classifying", disable=not progress):  # all pairs, or all single texts
+        first, second = zip(*(pairs[i] for i in batch))
         enc = loaded.tokenizer(list(first), list(second) if None not in second else None, padding=True,
                                padding_side="right", truncation=True, max_length=limit, return_tensors="pt")
         with torch.no_grad():
             probs = torch.softmax(loaded.model(**enc.to(loaded.model.device)).logits.float(), dim=-1)
-        for row in probs.tolist():
+        for i, row in zip(batch, probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
-            results.append({"label": names[best], "label_id": best,
-                            "probabilities": {name: round(p, 6) for name, p in zip(names, row)}})
+            results[i] = {"label": names[best], "label_id": best,
+                          "probabilities": {name: round(p, 6) for name, p in zip(names, row)}}
     return results
 
 

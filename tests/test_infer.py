@@ -153,6 +153,7 @@ def test_text_file_and_bad_jsonl(tmp_path):
     ('{"prompt": {"q": 1}}', "prompt", "expected text, got dict"),
     ('{"messages": ["hi"]}', "messages", "message 1 needs 'role' and 'content'"),
     ('{"prompt": [{"role": "user", "content": null}]}', "prompt", "content must be text, got null"),
+    ('{"sentence1": "a", "sentence2": ["b"]}', "sentence2", "expected text, got list"),
 ])
 def test_prompts_that_are_not_text_or_chats_are_refused_naming_the_line(tmp_path, line, field, words):
     """Such a row crashed in the chat template, after the model had loaded."""
@@ -163,8 +164,9 @@ def test_prompts_that_are_not_text_or_chats_are_refused_naming_the_line(tmp_path
     (problem,) = err.value.problems
     assert (problem.line, problem.field) == (2, field) and words in problem.message
     chat = [{"role": "user", "content": "hi"}]
-    path.write_text(json.dumps({"prompt": chat}) + '\n{"text": 3}\n')  # as the data loader reads them
-    assert read_inputs(path) == [{"prompt": chat}, {"text": "3"}]
+    pair = {"sentence1": "a", "sentence2": 2}
+    path.write_text(json.dumps({"prompt": chat}) + '\n{"text": 3}\n' + json.dumps(pair))  # as the loader reads
+    assert read_inputs(path) == [{"prompt": chat}, {"text": "3"}, {"sentence1": "a", "sentence2": "2"}]
 
 
 def test_seq_cls_prints_label_names_and_probabilities(classifier_dir, capsys):

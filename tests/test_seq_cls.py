@@ -140,3 +140,10 @@ def test_max_length_cuts_long_pairs_and_validate_reports_it(tmp_path, tiny_bert,
     with torch.no_grad():
         expected = torch.softmax(loaded.model(**enc).logits.float(), dim=-1)[0].tolist()
     assert list(result["probabilities"].values()) == pytest.approx(expected, abs=1e-6)
+    # a file mixing pairs and single texts: each batch is one kind (the pair's second text was dropped)
+    mixed = classify(loaded, [(pair[0], None), pair, (pair[1], None)], progress=False)
+    alone = classify(loaded, [(pair[0], None)], progress=False)[0]
+    assert mixed[1] == result and mixed[0]["label"] == alone["label"]  # the pair batched alone: same numbers
+    # padded beside a longer text: masked, so equal up to fp32 summation order (~1e-7) and the 6-digit rounding
+    assert list(mixed[0]["probabilities"].values()) == pytest.approx(list(alone["probabilities"].values()),
+                                                                     abs=2e-6)
