@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.errors import Problem, UserError, require, run_cli
-from lora_ns.inference import classify, generate, load
+from lora_ns.inference import classify, generate, is_chat, load
 
 PROG = "chat_demo"
 
@@ -54,9 +54,7 @@ def build_app(gr, loaded, args: argparse.Namespace):
 
         boxes = [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2 (optional)")]
         return gr.Interface(predict, boxes, gr.Label(label="prediction"), title=title)
-    # Without a chat format (no template, or training used a prompt_template) each turn stands alone.
-    recipe = loaded.recipe
-    chat = bool(loaded.tokenizer.chat_template) and not (recipe and recipe.dataset.prompt_template)
+    chat = is_chat(loaded)  # else (no template, or training used a prompt_template) each turn stands alone
 
     def respond(message: str, history: list[Any]) -> str:
         turn = [*history_messages(history), {"role": "user", "content": message}] if chat else message

@@ -20,7 +20,7 @@ from lora_ns.data import sources
 from lora_ns.data.formatters import RowError, check_messages, text_value
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, prompt_and_reference
+from lora_ns.inference import classify, generate, is_chat, load, pair_of, prompt_and_reference
 
 PROG = "lora_ns.infer"
 # The flags of the scripts lora_ns descends from (inference.py; README, "Train a recipe on GPUs") and of
@@ -70,7 +70,8 @@ def make_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
     source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
-    source.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line")
+    source.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line "
+                        "(a chat model keeps the conversation; /clear starts over)")
     parser.add_argument("--output-file", help="write results here (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
     for flag, kind, default in (("--batch-size", at_least_one, 8), ("--max-new-tokens", at_least_one, 256),
@@ -119,6 +120,24 @@ def shown(result: dict[str, Any]) -> str:
     return result["output"]
 
 
+def converse(loaded, base, options: dict[str, Any]) -> None:
+    """--interactive: each stdin line is a user turn. A chat model gets the conversation so far (a line
+    "/clear" starts a new one); other models, and --compare, answer each line on its own."""
+    chat = base is None and is_chat(loaded)
+    if sys.stdin.isatty():
+        print(f"type a prompt and press Enter ({'/clear: new conversation, ' * chat}Ctrl-D: quit)")
+    history: list[dict[str, str]] = []
+    for prompt in (line.strip() for line in sys.stdin):
+        if chat and prompt == "/clear":
+            history = []
+            print("(new conversation)\n", flush=True)
+        elif prompt:
+            turn = [*history, {"role": "user", "content": prompt}] if chat else prompt
+            result = answer(loaded, base, [{"prompt": turn}], options)[0]
+            history = [*turn, {"role": "assistant", "content": result["output"]}] if chat else []
+            print(f">>> {prompt}\n{shown(result)}\n", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     options = generation_options(args)
@@ -141,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                        "pass --base MODEL")
         base = load(args.base or loaded.base)
     if args.interactive:
-        if sys.stdin.isatty():
-            print("type a prompt and press Enter (Ctrl-D to quit)")
-        for prompt in (line.rstrip("\n") for line in sys.stdin if line.strip()):
-            result = answer(loaded, base, [{"prompt": prompt}], {**options, "progress": False})[0]
-            print(f">>> {prompt}\n{shown(result)}\n", flush=True)
+        converse(loaded, base, {**options, "progress": False})
         return 0
     progress = not args.no_progress and args.input_file is not None
     results = answer(loaded, base, rows, {**options, "progress": progress})

@@ -241,6 +241,15 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
     return Prompt(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False)
 
 
+def is_chat(loaded) -> bool:
+    """Whether prompts reach this model as chat messages, so a conversation can carry its earlier turns: a
+    generative model with a chat template, trained (when lora_ns trained it) without a prompt_template."""
+    if loaded.task in ("seq_cls", "cpt", "pretrain"):
+        return False
+    tokenizer = loaded.tokenizer
+    return uses_chat_template(loaded.recipe, tokenizer) if loaded.recipe else bool(tokenizer.chat_template)
+
+
 # --- running the model ------------------------------------------------------------------------------
 
 def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tokens: int = 256,

@@ -127,6 +127,24 @@ def test_interactive_answers_each_stdin_line(adapter_dir, loaded, monkeypatch, c
     assert capsys.readouterr().out == f">>> {PROMPTS[0]}\n{expected}\n\n"
 
 
+def test_interactive_keeps_the_conversation_of_a_chat_model(adapter_dir, loaded, monkeypatch, capsys):
+    """Each line is the next user turn after the earlier ones and their replies; /clear starts over."""
+    import io
+    import sys
+
+    one, two = PROMPTS[1], PROMPTS[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{one}\n{two}\n/clear\n{two}\n"))
+    assert main(["--model", str(adapter_dir), "--interactive", "--greedy", "--max-new-tokens", "6"]) == 0
+    first = generate(loaded, [one], max_new_tokens=6, progress=False)[0]
+    conversation = [{"role": "user", "content": one}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": two}]
+    second = generate(loaded, [conversation], max_new_tokens=6, progress=False)[0]
+    alone = generate(loaded, [two], max_new_tokens=6, progress=False)[0]
+    assert second != alone  # the earlier turns change this reply: else the test could not tell them apart
+    assert capsys.readouterr().out == (f">>> {one}\n{first}\n\n>>> {two}\n{second}\n\n"
+                                       f"(new conversation)\n\n>>> {two}\n{alone}\n\n")
+
+
 def test_prompt_and_reference_of_a_row():
     """infer and evaluate split a row alike: a conversation ending on an assistant turn is asked up to that
     turn, which is the reference; one ending on a user turn is asked whole."""
