@@ -122,9 +122,11 @@ class MemoryEstimate:
                 ("gradients", self.gradients), (f"optimizer ({s.get('optim')})", self.optimizer),
                 ("activations", self.activations), (logits, self.logits)]
         if self.generation:  # not added to the rows above: the larger phase counts
-            rows.append((f"or sampling {s['generation_rows']} rows (KV cache)", self.generation))
+            gathered = " + whole model" if s["strategy"] == "zero3" and s["gather_for_generation"] else ""
+            rows.append((f"or sampling {s['generation_rows']} rows (KV cache{gathered})", self.generation))
         rows.append(("total", self.total))
-        return [head] + [f"  {name:<32} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
+        width = max(len(name) for name, _ in rows)
+        return [head] + [f"  {name:<{width}} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
 
     def verdict(self, gpu_bytes: int) -> str | None:
         """None if it fits under 90% of the card, else a warning naming the cheapest fix that fits."""
@@ -146,6 +148,9 @@ class MemoryEstimate:
                    (s["generation_rows"] > s["batch"], "sample one batch per step (training."
                     f"steps_per_generation: 1, or generation_batch_size: {s['batch'] * s['num_processes']})",
                     {"generation_rows": s["batch"]}),
+                   (s["strategy"] == "zero3" and s["generation_rows"] > 0 and s["gather_for_generation"],
+                    "training.ds3_gather_for_generation: false (sample on the shards, slower)",
+                    {"gather_for_generation": False}),
                    (s["quant"] is None, "quantization.load_in_4bit: true (QLoRA)", {"quant": "nf4-dq"}),
                    (s["num_processes"] > 1 and s["strategy"] not in ("zero3", "fsdp2"),
                     "ZeRO-3 (an accelerate config with deepspeed stage 3)", {"strategy": "zero3"})]
@@ -195,11 +200,13 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
              method: str = "lora", lora_r: int = 16, lora_dropout: bool = True, optim: str = "adamw_torch",
              checkpointing: bool = False, selective: bool = False, strategy: str | None = None,
              num_processes: int = 1, task: str = "causal_lm", num_labels: int = 2, seq_from: str = "",
-             fused_head: bool | None = None, triton: bool = True, generation_rows: int = 0) -> MemoryEstimate:
+             fused_head: bool | None = None, triton: bool = True, generation_rows: int = 0,
+             gather_for_generation: bool = True) -> MemoryEstimate:
     """The breakdown for one shape and one set of training settings (all sizes in bytes, per GPU).
     `seq`: tokens per row of the longest batch (`batch_length`); `seq_from`: where that figure came from.
     `fused_head`: TRL's fused LM head (default: FUSED_HEAD_TASKS when TRL has it); `triton`: its GPU kernels.
-    `batch` counts examples: a DPO/ORPO pair is two rows. `generation_rows`: GRPO's rows sampled at once."""
+    `batch` counts examples: a DPO/ORPO pair is two rows. `generation_rows`: GRPO's rows sampled at once;
+    `gather_for_generation`: its ds3_gather_for_generation (ZeRO-3 gathers the whole model to sample)."""
     if fused_head is None:
         fused_head = task in FUSED_HEAD_TASKS and trl_fused_head()
     if strategy not in STRATEGIES:
@@ -217,6 +224,7 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     states //= 2 if "lion" in optim else 1  # one moment
     shard = max(num_processes, 1) if strategy in ("zero2", "zero3", "fsdp2") else 1
     grads, opt = params * per_param / shard, params * states / shard
+    whole = weights
     if strategy in ("zero3", "fsdp2"):  # plus the one layer gathered at a time
         weights, trainable = weights / num_processes + shape.largest_layer * c, trainable / num_processes
     tokens = batch * seq * (2 if task in PAIRED_TASKS else 1)
@@ -233,6 +241,8 @@ def estimate(*, shape: Shape, batch: int, seq: int, weights_dtype: str = "bf16",
     acts = tokens * (shape.layers * saved + recompute + shape.hidden * 4)  # + the final norm's fp32 input
     kv_width = shape.kv_heads * shape.head_dim  # keys and values per layer per token
     generation = generation_rows * (seq * shape.layers * 2 * kv_width * c + shape.vocab * 12)
+    if generation and strategy == "zero3" and gather_for_generation:  # FSDP2 samples on its shards
+        generation += max(whole - weights, 0)
     return MemoryEstimate(weights=int(weights), trainable_params=int(params), trainable=int(trainable),
                           gradients=int(grads), optimizer=int(opt), activations=int(acts), logits=int(head),
                           generation=int(generation), settings=settings)
@@ -284,7 +294,8 @@ def estimate_for_recipe(recipe: Recipe, num_processes: int = 1, strategy: str | 
         checkpointing=gradient_checkpointing(recipe), strategy=strategy, num_processes=num_processes,
         selective=selective_checkpointing(recipe),
         task=recipe.task, num_labels=m.num_labels or 2,
-        generation_rows=generation_rows(recipe, batch, num_processes) if recipe.task == "grpo" else 0)
+        generation_rows=generation_rows(recipe, batch, num_processes) if recipe.task == "grpo" else 0,
+        gather_for_generation=bool(t.get("ds3_gather_for_generation", True)))
 
 
 def generation_rows(recipe: Recipe, batch: int, num_processes: int) -> int:

@@ -372,3 +372,25 @@ def test_grpo_generation_rows_and_the_fix_that_shrinks_them():
     assert est.generation > est.gradients + est.activations + est.logits
     card = int((est.total + CUDA_CONTEXT) / 0.9 * 0.97)
     assert "steps_per_generation: 1" in est.verdict(card)
+
+
+def test_zero3_gathers_the_whole_model_to_sample_unless_told_not_to():
+    """GRPO under ZeRO-3 samples inside deepspeed's GatheredParameters (TRL's ds3_gather_for_generation,
+    default true): each GPU holds the whole model then, beside the KV cache; FSDP2 samples on its shards.
+    On a 7B shape over 8 GPUs the gathered copy (~15 GB) is the peak, and turning it off is the fix."""
+    from transformers import Qwen2Config
+
+    from lora_ns.memory import CUDA_CONTEXT, estimate, shape_from_config
+
+    shape = shape_from_config(Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064))
+    settings = {"shape": shape, "batch": 1, "seq": 1024, "task": "grpo", "checkpointing": True,
+                "generation_rows": 8, "num_processes": 8}
+    sharded, kept = (estimate(**settings, strategy="zero3", gather_for_generation=g) for g in (False, True))
+    whole = estimate(**settings, strategy="zero2").weights  # ZeRO-2 keeps every weight on every GPU
+    assert kept.generation - sharded.generation == whole - sharded.weights > 10 * 2**30
+    assert estimate(**settings, strategy="fsdp2").generation == sharded.generation
+    assert "(KV cache + whole model)" in "\n".join(kept.lines())
+    assert kept.generation > kept.gradients + kept.activations + kept.logits  # sampling is the peak
+    card = int((sharded.total + CUDA_CONTEXT) / 0.9 * 1.1)  # fits the shards, not the gathered copy
+    assert "cheapest fix: training.ds3_gather_for_generation: false" in kept.verdict(card)

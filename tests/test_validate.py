@@ -33,7 +33,7 @@ BROKEN = [
     ("packing_on_seq_cls", {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "num_labels": 2},
                             "dataset": {"path": "sample:gsm8k", "formatter": "glue_mrpc"},
                             "training": {"packing": True}},
-     "training.packing", "causal LM"),
+     "training.packing", "only for causal_lm"),
     ("eval_without_val_split", {"training": {"eval_strategy": "steps"}}, "training.eval_strategy", "val_split"),
     ("streaming_without_max_steps", {"dataset": {"path": "sample:gsm8k", "formatter": "gsm8k", "streaming": True},
                                      "training": {}}, "training.max_steps", "max_steps"),
