@@ -326,7 +326,9 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
     rows = {"steps": summary.get("steps", "-"),
             "time": f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s",
             "train loss": " -> ".join("-" if summary.get(k) is None else f"{summary[k]:.4f}"
-                                      for k in ("first_loss", "last_loss")) + " (first -> last logged)",
+                                      for k in ("first_loss", "last_loss")) + " (first -> last logged)"
+            if summary.get("first_loss") is not None or summary.get("train_loss") is None
+            else f"{summary['train_loss']:.4f} (the run's mean: no step logged, logging_steps > steps)",
             "eval loss": f"{evals[-1][1]:.4f} at step {evals[-1][0]}" if evals else "- (no evaluation ran)",
             "trainable params": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)" if total
             else "-",

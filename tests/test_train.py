@@ -257,11 +257,12 @@ def test_a_full_fine_tune_is_called_a_model_and_has_no_merge_step(tmp_path, caps
 
 def test_no_logged_loss_means_no_png_and_says_why(adapter_dir, capsys):
     history = [{"train_runtime": 1.0, "train_loss": 2.0, "epoch": 1.0, "step": 3}]
-    train.write_report(history, adapter_dir, {"steps": 3, "seconds": 1.0})
+    train.write_report(history, adapter_dir, {"steps": 3, "seconds": 1.0, "train_loss": 2.0})
     assert not (adapter_dir / "loss_curve.png").exists()
     text = (adapter_dir / "summary.txt").read_text(encoding="utf-8")
     assert "not drawn: no loss was logged" in text and "training.logging_steps" in text
     assert "no evaluation ran" in text
+    assert "train loss:       2.0000 (the run's mean: no step logged" in text  # was "- -> -"
 
 
 def test_a_failing_plot_leaves_no_partial_png_and_the_summary_still_lands(adapter_dir, capsys, monkeypatch):
