@@ -15,7 +15,7 @@ import re
 import warnings
 from typing import Any, Callable
 
-from lora_ns.answers import canonical_number, same_answer
+from lora_ns.answers import canonical_number, extract_answer, same_answer
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.errors import Problem, first_line, suggest
@@ -121,6 +121,31 @@ def resolve_rewards(names: Any, columns: tuple[str, ...] = ("answer",)) -> tuple
         except ValueError as err:
             reasons.append(str(err))
     return funcs, reasons
+
+
+def reference_problems(recipe: Recipe, answers: list[str | None]) -> list[Problem]:
+    """Rewards that score against the row's reference (a required `answer` parameter, as the builtin gsm8k
+    has) given sampled rows without one (or, for gsm8k, without a number in it): those rows always score 0,
+    and with none scored GRPO has no signal to learn from. `answers`: the sampled rows' formatted answers."""
+    problems = []
+    for name in recipe.training.get("reward_funcs") or []:
+        try:
+            fn = _reward(str(name), ("answer",))
+            wanted = inspect.signature(fn).parameters.get("answer")
+        except (ValueError, TypeError):  # reported by check_preference_recipe
+            continue
+        if wanted is None or wanted.default is not inspect.Parameter.empty:
+            continue
+        number = fn is gsm8k_exact_match  # it compares final numbers (lora_ns.answers)
+        scored = sum(bool(a and (not number or extract_answer(a) is not None)) for a in answers)
+        if scored < len(answers):
+            what, none = "no number in their answer" if number else "no answer", scored == 0
+            fix = "map the reference with dataset.columns.answer" if none else "fill those in or drop them"
+            problems.append(recipe.problem(
+                "training.reward_funcs", f"reward '{name}' scores completions against the row's answer; "
+                f"{len(answers) - scored} of {len(answers)} sampled rows have {what}, so they score 0",
+                fix, "error" if none else "warning"))
+    return problems
 
 
 # --- validate: what TRL does not check -------------------------------------------------------------

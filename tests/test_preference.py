@@ -221,6 +221,35 @@ def test_dpo_prompts_that_fill_max_length_are_found_before_training(tmp_path):
     assert setup(recipe_for("dpo", tmp_path / "out", max_length=512), dry_run=True).args.max_length == 512
 
 
+def reward_answer_takes(prompts, completions, answer, **kwargs):
+    """A user reward that needs the row's reference (no default)."""
+    return [float(str(answer) in c) for c in completions]
+
+
+def test_rewards_scored_against_an_answer_the_rows_lack_are_found_before_training(tmp_path):
+    """prompt_only rows without an answer column gave the gsm8k reward None for every row: each completion
+    scored 0 and GRPO trained on no signal, for as many GPU hours as it ran. With a few rows lacking one it
+    is a warning; rows whose answer holds no number cannot score under gsm8k either."""
+    from lora_ns.setup import setup
+
+    rows = tmp_path / "prompts.jsonl"
+    prompts = [{"prompt": f"What is {i} + {i}?"} for i in range(4)]
+    rows.write_text("\n".join(json.dumps(r) for r in prompts), encoding="utf-8")
+    for rewards in (["gsm8k"], ["format", "test_preference:reward_answer_takes"]):
+        with pytest.raises(UserError) as err:
+            setup(recipe_for("grpo", tmp_path / "out", data=str(rows), formatter="prompt_only",
+                             reward_funcs=rewards, max_steps=1), dry_run=True)
+        (problem,) = err.value.problems
+        assert problem.field == "training.reward_funcs" and "4 of 4 sampled rows have no" in problem.message
+        assert rewards[-1] in problem.message and "dataset.columns.answer" in problem.fix
+    answers = ["#### 2", "the sum is 4", "six", None]
+    rows.write_text("\n".join(json.dumps({**r, "answer": a}) for r, a in zip(prompts, answers)), encoding="utf-8")
+    found = setup(recipe_for("grpo", tmp_path / "out", data=str(rows), formatter="prompt_only",
+                             reward_funcs=["gsm8k", "format"], max_steps=1), dry_run=True).notes
+    (warning,) = [p for p in found if p.field == "training.reward_funcs"]
+    assert warning.severity == "warning" and "2 of 4 sampled rows have no number in their answer" in warning.message
+
+
 def json_rows(sample: str) -> list[dict]:
     return [json.loads(line) for line in (Path(__file__).parents[1] / f"lora_ns/samples/{sample}.jsonl")
             .read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -23,6 +23,7 @@ from lora_ns.data.sources import (
 )
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.model import eos_problem
+from lora_ns.preference import reference_problems
 from lora_ns.setup import training_arguments
 from lora_ns.validate.model import hub_reachable, reachable_tokenizer
 from lora_ns.validate.sample import prepared_rows
@@ -67,6 +68,8 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
             problems += held_out_problems(recipe, len(sampled))
     if any(p.is_error for p in problems) or not examples:
         return problems
+    if recipe.task == "grpo":
+        problems += reference_problems(recipe, [example.get("answer") for _, _, example in examples])
     return problems + _empty_warnings(recipe, examples, found) + _token_stats(recipe, examples)
 
 
