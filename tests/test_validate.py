@@ -159,6 +159,23 @@ def test_padding_share_follows_the_batching_training_will_use(capsys):
     assert grouped < shuffled  # the sample's rows differ in length, so grouping must pad less
 
 
+def test_classifier_data_of_one_class_is_a_warning_and_the_classes_are_counted(tmp_path, capsys):
+    """A label column mapped wrong (or a one-class file) trains a classifier that always gives one answer."""
+    import json
+
+    data, recipe = tmp_path / "pairs.jsonl", tmp_path / "cls.yaml"
+    recipe.write_text(yaml.safe_dump({"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert",
+                                                                   "labels": ["no", "yes"]},
+                                      "dataset": {"path": str(data), "formatter": "glue_mrpc"}}))
+    for labels, words in (([1] * 6, "label: all 6 rows have one class (yes: 6)"),
+                          ([0, 1, 1, 0, 1, 1], "label: classes in 6 sampled rows: no: 2, yes: 4")):
+        data.write_text("\n".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "label": label})
+                                  for i, label in enumerate(labels)))
+        assert validate_main([str(recipe), "--no-model"]) == 0
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "label:" in x]
+        assert words in line and (" warning: " in line) == (len(set(labels)) == 1)
+
+
 def test_memory_estimate_without_a_reachable_model_config_is_a_warning(tmp_path, capsys):
     recipe = REPO / "recipes" / "template.yaml"  # names a hub model: unreachable offline
     assert validate_main([str(recipe), "--no-data", "--gpu-memory", "24GiB"]) == 0

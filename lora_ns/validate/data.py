@@ -7,13 +7,14 @@ to `EVERY_ROW_BYTES` has the rest of its rows read and formatted too, as trainin
 from __future__ import annotations
 
 import os
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import converter, hold_out, strict_rows
+from lora_ns.data.loading import converter, hold_out, label_id, strict_rows
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import (
     TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
@@ -70,6 +71,8 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
         return problems
     if recipe.task == "grpo":
         problems += reference_problems(recipe, [example.get("answer") for _, _, example in examples])
+    if recipe.task == "seq_cls":
+        problems += _label_counts(recipe, examples)
     return problems + _empty_warnings(recipe, examples, found) + _token_stats(recipe, examples)
 
 
@@ -170,6 +173,22 @@ def _empty_warnings(recipe: Recipe, examples: list[Sampled], columns: dict[str, 
                                     f"(first: {first.where})", "fill them in or drop those rows", first.line,
                                     "warning"))
     return problems
+
+
+def _label_counts(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
+    """The classes among the sampled rows; one class only is a warning (a label column mapped wrong, or a
+    file sorted by label: training shuffles, but a one-class data set teaches the classifier one answer)."""
+    names, where = recipe.model.labels or [], examples[0][0]
+    counts = Counter(label_id(e["label"], names, recipe.model.num_labels) for _, _, e in examples)
+    shown = ", ".join(f"{names[k] if k < len(names) else k}: {n}" for k, n in sorted(counts.items()))
+    if len(counts) > 1:
+        return [Problem(where.file, "label", f"classes in {len(examples)} sampled rows: {shown}", "",
+                        severity="info")]
+    whole = len(examples) < SAMPLE_ROWS or len(examples) == recipe.dataset.max_samples
+    rows = f"all {len(examples)} rows" if whole else f"all {len(examples)} sampled rows (first {SAMPLE_ROWS})"
+    return [Problem(where.file, "label", f"{rows} have one class ({shown})", "check the label column "
+                    "(dataset.columns.label)" + ("" if whole else ", or shuffle a file sorted by label"),
+                    where.line, "warning")]
 
 
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
