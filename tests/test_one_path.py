@@ -45,6 +45,7 @@ REJECTED = [
     ("eval_batch_size_0", {"training": {"per_device_eval_batch_size": 0}}, "training.per_device_eval_batch_size"),
     ("grad_accum_0", {"training": {ACCUM: 0}}, f"training.{ACCUM}"),
     ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),
+    ("label_smoothing_2", {"training": {"label_smoothing_factor": 2}}, "training.label_smoothing_factor"),
     ("max_length_negative", {"training": {"max_length": -1}}, "training.max_length"),
     ("save_steps_0", {"training": {"save_steps": 0}}, "training.save_steps"),
     ("zero_epochs", {"training": {"max_steps": -1, "num_train_epochs": 0}}, "training.num_train_epochs"),

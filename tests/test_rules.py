@@ -63,6 +63,9 @@ CASES = [
      "training.gradient_accumulation_steps", "error"),
     (rules.values_in_range, {"training": {"learning_rate": -1e-4}}, "training.learning_rate",
      "error"),
+    (rules.values_in_range, {"training": {"learning_rate": 0}}, "training.learning_rate", "warning"),  # control
+    (rules.values_in_range, {"training": {"label_smoothing_factor": 1.0}}, "training.label_smoothing_factor",
+     "error"),
     (rules.values_in_range, {"training": {"max_length": 0}}, "training.max_length", "error"),
     (rules.values_in_range, {"training": {"save_steps": 0}}, "training.save_steps", "error"),
     (rules.values_in_range, {"training": {"eval_strategy": "steps", "eval_steps": 0}},

@@ -176,6 +176,16 @@ def test_classifier_data_of_one_class_is_a_warning_and_the_classes_are_counted(t
         assert words in line and (" warning: " in line) == (len(set(labels)) == 1)
 
 
+def test_a_warmup_as_long_as_the_run_is_a_warning(capsys):
+    """Shortening max_steps below warmup_steps: the learning rate climbs the whole run and never peaks."""
+    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    for steps, warned in (("60", True), ("59", False), ("0.5", False)):  # below 1: a share of the run
+        assert validate_main([quickstart, "--no-data", "training.max_steps=60", f"training.warmup_steps={steps}"]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: recipes/quickstart.yaml: training.warmup_steps: warmup_steps 60 spans the whole run"
+                in err.replace(str(REPO) + "/", "")) == warned, err
+
+
 def test_memory_estimate_without_a_reachable_model_config_is_a_warning(tmp_path, capsys):
     recipe = REPO / "recipes" / "template.yaml"  # names a hub model: unreachable offline
     assert validate_main([str(recipe), "--no-data", "--gpu-memory", "24GiB"]) == 0

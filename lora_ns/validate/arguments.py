@@ -21,6 +21,11 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
                                        "max_steps: the run would train 0 steps",
                                        "set training.num_train_epochs > 0 (or training.max_steps)"))
+    if args.max_steps > 0 and args.warmup_steps >= max(args.max_steps, 1):  # below 1: a share of the run
+        problems.append(recipe.problem(
+            "training.warmup_steps", f"warmup_steps {args.warmup_steps:g} spans the whole run of max_steps "
+            f"{args.max_steps}: the learning rate never reaches learning_rate",
+            "lower it, or give a share of the run (e.g. 0.03)", "warning"))
     from transformers.integrations import get_available_reporting_integrations
     from transformers.utils import is_liger_kernel_available
 

@@ -88,9 +88,13 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
         if (v := t.get(key)) is not None and v < 1:
             yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
                             f"set training.{key}: 1")
-    if (lr := t.get("learning_rate")) is not None and lr < 0:
-        yield r.problem("training.learning_rate", f"learning_rate {lr} is negative",
-                        "use a positive rate such as 2e-4")
+    if (lr := t.get("learning_rate")) is not None and lr <= 0:  # 0: a control run, else a slip
+        what = "is negative" if lr < 0 else "never changes the weights: the run learns nothing"
+        yield r.problem("training.learning_rate", f"learning_rate {lr} {what}",
+                        "use a positive rate such as 2e-4", "error" if lr < 0 else "warning")
+    if (smoothing := t.get("label_smoothing_factor")) is not None and not 0 <= smoothing < 1:
+        yield r.problem("training.label_smoothing_factor", f"{smoothing} is outside [0, 1): the loss "
+                        "would reward wrong tokens", "use 0 (off) or a small share such as 0.1")
     if (n := t.get("max_length")) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
