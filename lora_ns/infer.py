@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.command_line import CommandParser, at_least_one
-from lora_ns.config import load_recipe
+from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sources
-from lora_ns.data.formatters import RowError, check_messages, text_value
-from lora_ns.errors import fail, run_cli
+from lora_ns.data.formatters import FORMATTERS, RowError, check_messages, text_value
+from lora_ns.errors import UserError, fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, is_chat, load, pair_of, prompt_and_reference
+from lora_ns.inference import RECIPE_FILE, classify, generate, is_chat, load, pair_of, prompt_and_reference
 
 PROG = "lora_ns.infer"
 # The flags of the scripts lora_ns descends from (inference.py; README, "Train a recipe on GPUs") and of
@@ -69,6 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="render prompts as this recipe does (default: its recipe.yaml)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
+    parser.add_argument("--pair", metavar="TEXT", help="the second text of a sentence pair, after --prompt "
+                        "(a classifier trained on pairs)")
     source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
     source.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line "
                         "(a chat model keeps the conversation; /clear starts over)")
@@ -97,11 +99,29 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"greedy": greedy, **{key: getattr(args, key) for key in keys}}
 
 
+def takes_pairs(recipe: Recipe | None) -> bool:
+    """A classifier lora_ns trained on sentence pairs (its formatter requires sentence2, as glue_mrpc does):
+    given one text alone it answers something it never learned."""
+    return recipe is not None and recipe.task == "seq_cls" and "sentence2" in getattr(
+        FORMATTERS.get(recipe.dataset.formatter), "fields", ())
+
+
+def classifier_inputs(rows: list[dict[str, Any]], recipe: Recipe | None) -> list[tuple[str, str | None]]:
+    """(text, second text or None) a row; for a classifier trained on pairs a prompt "first<TAB>second" is a
+    pair, and one text alone an error."""
+    pairs = [pair_of(row, tab=takes_pairs(recipe)) for row in rows]
+    if takes_pairs(recipe) and (alone := [i for i, (_, second) in enumerate(pairs, 1) if second is None]):
+        trained = f"the classifier was trained on sentence pairs ({recipe.dataset.formatter})"
+        raise fail("<input>", "--pair", f"{trained}; prompt {alone[0]} is one text", "give the second: "
+                   "--pair TEXT, a tab between the two (--interactive, .txt), or sentence2 (.jsonl)")
+    return pairs
+
+
 def answer(loaded, base, rows: list[dict[str, Any]], options: dict[str, Any]) -> list[dict[str, Any]]:
     """One result a row: a classification, {"output"}, or with a `base` {"prompt", "base", "tuned"}."""
     if loaded.task == "seq_cls":
-        batch, progress = options["batch_size"], options["progress"]
-        return classify(loaded, [pair_of(r) for r in rows], batch_size=batch, progress=progress)
+        pairs = classifier_inputs(rows, loaded.recipe)
+        return classify(loaded, pairs, batch_size=options["batch_size"], progress=options["progress"])
     prompts = [prompt_and_reference(r)[0] for r in rows]
     if base is None:
         return [{"output": text} for text in generate(loaded, prompts, **options)]
@@ -133,7 +153,11 @@ def converse(loaded, base, options: dict[str, Any]) -> None:
             print("(new conversation)\n", flush=True)
         elif prompt:
             turn = [*history, {"role": "user", "content": prompt}] if chat else prompt
-            result = answer(loaded, base, [{"prompt": turn}], options)[0]
+            try:
+                result = answer(loaded, base, [{"prompt": turn}], options)[0]
+            except UserError as err:  # e.g. one text for a pair classifier: say so, keep the session
+                print(f"error: {err.problems[0]}", file=sys.stderr, flush=True)
+                continue
             history = [*turn, {"role": "assistant", "content": result["output"]}] if chat else []
             print(f">>> {prompt}\n{shown(result)}\n", flush=True)
 
@@ -148,9 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                    "redirect stdout to keep an interactive session")
     if args.output_file:
         guard_output_file(args.output_file, args.overwrite)
-    rows = read_inputs(args.input_file) if args.input_file else [{"prompt": args.prompt}]
-    recipe = load_recipe(args.recipe) if args.recipe else None
+    if args.pair is not None and args.prompt is None:
+        raise fail("<command line>", "--pair", "needs --prompt (the first text)", "pass both")
+    one = {"prompt": args.prompt} if args.pair is None else {"sentence1": args.prompt, "sentence2": args.pair}
+    rows = read_inputs(args.input_file) if args.input_file else [one]
+    saved = Path(args.model, RECIPE_FILE)  # training's, beside the weights; `load` reads it too
+    recipe = load_recipe(args.recipe) if args.recipe else load_recipe(saved) if saved.is_file() else None
+    if not args.interactive:
+        classifier_inputs(rows, recipe)  # one text for a pair classifier: said before the weights load
     loaded, base = load(args.model, base=args.base, recipe=recipe), None
+    if args.pair is not None and loaded.task != "seq_cls":
+        raise fail(args.model, "--pair", "is for classifiers; this model generates", "put both in --prompt")
     if args.compare:
         if loaded.task == "seq_cls":
             raise fail(args.model, "--compare", "compare is for generative models",

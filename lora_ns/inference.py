@@ -213,10 +213,13 @@ def prompt_and_reference(row: dict[str, Any]) -> tuple[PromptInput, str]:
     return row.get("prompt", row.get("text", row.get("sentence1", ""))), row.get("completion") or ""
 
 
-def pair_of(row: dict[str, Any]) -> tuple[str, str | None]:
+def pair_of(row: dict[str, Any], tab: bool = False) -> tuple[str, str | None]:
+    """A row's text(s) for a classifier; `tab`: a prompt "first<TAB>second" is a pair (typed, .txt lines)."""
     if "sentence1" in row:
         return row["sentence1"], row.get("sentence2")
-    return str(prompt_and_reference(row)[0]), None
+    text = str(prompt_and_reference(row)[0])
+    first, _, second = text.partition("\t") if tab else (text, "", "")
+    return first, second or None
 
 
 def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) -> Prompt:

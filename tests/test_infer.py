@@ -188,7 +188,7 @@ def test_prompts_that_are_not_text_or_chats_are_refused_naming_the_line(tmp_path
 
 
 def test_seq_cls_prints_label_names_and_probabilities(classifier_dir, capsys):
-    assert main(["--model", str(classifier_dir), "--prompt", "a fine day"]) == 0
+    assert main(["--model", str(classifier_dir), "--prompt", "a fine day", "--pair", "a fine evening"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] in ("negative", "positive")
     probs = dict(line.strip().split(": ") for line in lines[1:])
@@ -196,6 +196,26 @@ def test_seq_cls_prints_label_names_and_probabilities(classifier_dir, capsys):
     # printed with 4 decimals: each rounded by <= 5e-5, so the two sum to 1 within 1e-4
     assert sum(float(p) for p in probs.values()) == pytest.approx(1.0, abs=2 * 5e-5 + 1e-12)
     assert lines[0] == max(probs, key=lambda k: float(probs[k]))
+
+
+def test_a_classifier_trained_on_pairs_is_given_pairs(classifier_dir, capsys, monkeypatch):
+    """A glue_mrpc classifier given one sentence answered a question it never learned, silently. The second
+    text comes from --pair, after a tab (typed or .txt lines) or as sentence2; one text alone is an error."""
+    import io
+    import sys
+
+    from lora_ns.inference import classify, load
+
+    loaded = load(str(classifier_dir))
+    expected = classify(loaded, [("a fine day", "a fine evening")], progress=False)[0]["label"]
+    capsys.readouterr()
+    code = run_cli("lora_ns.infer", lambda: main(["--model", str(classifier_dir), "--prompt", "a fine day"]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "trained on sentence pairs (glue_mrpc)" in err and "--pair" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a fine day\na fine day\ta fine evening\n"))
+    assert main(["--model", str(classifier_dir), "--interactive"]) == 0  # the session goes on after the error
+    out, err = capsys.readouterr()
+    assert "prompt 1 is one text" in err and out.startswith(f">>> a fine day\ta fine evening\n{expected}\n")
 
 
 def test_seq_cls_adapter_loads_without_the_newly_initialized_head_report(classifier_dir):
@@ -209,8 +229,9 @@ def test_seq_cls_adapter_loads_without_the_newly_initialized_head_report(classif
     from conftest import REPO
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "lora_ns.infer", "--model", str(classifier_dir), "--prompt", "hi"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    command = ["--model", str(classifier_dir), "--prompt", "hi", "--pair", "hello"]
+    result = subprocess.run([sys.executable, "-m", "lora_ns.infer", *command], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LOAD REPORT" not in result.stderr and "MISSING" not in result.stderr, result.stderr[-2000:]
     assert "gemm_4bit_forward" not in result.stderr
