@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.errors import Problem, UserError, require, run_cli
+from lora_ns.infer import takes_pairs
 from lora_ns.inference import classify, generate, is_chat, load
 
 PROG = "chat_demo"
@@ -49,10 +50,14 @@ def build_app(gr, loaded, args: argparse.Namespace):
     """A gr.ChatInterface for causal models, a gr.Interface classifier for seq_cls ones."""
     title = f"lora_ns — {args.adapter}"
     if loaded.task == "seq_cls":
+        pairs = takes_pairs(loaded.recipe)  # trained on sentence pairs: one text alone means nothing to it
+
         def predict(text: str, pair: str) -> dict[str, float]:
+            if pairs and not pair.strip():
+                raise gr.Error("this classifier was trained on sentence pairs: fill in sentence 2")
             return classify(loaded, [(text, pair or None)], progress=False)[0]["probabilities"]
 
-        boxes = [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2 (optional)")]
+        boxes = [gr.Textbox(label="sentence 1"), gr.Textbox(label="sentence 2" + " (optional)" * (not pairs))]
         return gr.Interface(predict, boxes, gr.Label(label="prediction"), title=title)
     chat = is_chat(loaded)  # else (no template, or training used a prompt_template) each turn stands alone
 
