@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.command_line import CommandParser, at_least_one
+from lora_ns.answers import extract_answer
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.data.sources import looks_local, resolve_sample
@@ -93,6 +94,18 @@ def eval_examples(recipe, split: str | None, data_file: str | None, limit: int |
     if not examples:
         raise fail(where, "", "no eval examples", "check the split / file")
     return examples, where
+
+
+def check_references(references: list[str], where: str) -> None:
+    """Exact match compares final answers: a reference without one scores every prediction wrong. None with
+    one is an error before the model loads; some without, a warning."""
+    missing = sum(extract_answer(r) is None for r in references)
+    what = f"{missing} of {len(references)} references hold no final answer ('#### 42', 'The answer is 42')"
+    if missing == len(references):
+        raise fail(where, "reference", f"{what}: exact match would be 0 whatever the model says",
+                   "check the eval rows' answer column (dataset.columns), or evaluate with --data-file")
+    if missing:
+        print(f"{PROG}: warning: {where}: {what}; they count as wrong", file=sys.stderr)
 
 
 def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = True) -> float:
@@ -171,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         require("sacrebleu", "metrics", "BLEU")
         require("rouge_score.rouge_scorer", "metrics", "ROUGE-L")
     examples, where = eval_examples(recipe, args.split, args.data_file, args.limit)
+    if kind == "math":
+        check_references([prompt_and_reference(e)[1] for e in examples], where)
 
     started = time.time()
     loaded = load(model_path, base=args.base, recipe=recipe)

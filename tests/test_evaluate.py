@@ -131,6 +131,26 @@ def test_base_model_on_a_data_file(in_tmp, tiny_llama):
     assert metrics["model_kind"] == "base" and [r["reference_answer"] for r in rows] == ["11"]
 
 
+def test_math_references_without_a_final_answer_are_found_before_the_model(tmp_path, capsys, monkeypatch):
+    """Exact match against references that hold no answer is 0 whatever the model says: none with one is a
+    one-line error before any model loads; some without, a warning."""
+    import lora_ns.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "load", lambda *a, **k: pytest.fail("the model must not load"))
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"Q{i}?", "answer": "see the book"}) for i in range(3)))
+    argv = [str(QUICKSTART), "--model", "builtin:tiny-llama", "--data-file", str(data),
+            "--output-dir", str(tmp_path / "e")]
+    assert run_cli("lora_ns.evaluate", lambda: main(argv)) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lora_ns.evaluate:")]
+    assert "3 of 3 references hold no final answer" in line and str(data) in line
+    monkeypatch.undo()
+    data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "#### 11"}) + "\n"
+                    + json.dumps({"question": "Q?", "answer": "see the book"}))
+    assert main([*argv, "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert "warning: " in capsys.readouterr().err and (tmp_path / "e" / "metrics.json").is_file()
+
+
 def test_a_recipe_without_eval_data_is_a_one_line_error(gsm_adapter, tmp_path, capsys):
     code = run_cli("lora_ns.evaluate", lambda: main([str(QUICKSTART), "--adapter", str(gsm_adapter),
                                                      "--output-dir", str(tmp_path / "e"), "dataset.val_split=null"]))
