@@ -186,6 +186,16 @@ def test_a_warmup_as_long_as_the_run_is_a_warning(capsys):
                 in err.replace(str(REPO) + "/", "")) == warned, err
 
 
+def test_a_prompt_template_ending_in_a_space_is_a_warning(capsys):
+    """'A: ' + 'On Tuesday': the tokenizer joins the space to the answer (' On'), so TRL cuts the prompt short
+    there (its warning names no recipe field) and inference asks with a space the model never saw."""
+    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    for template, warned in (("Q: {prompt} A: ", True), ("Q: {prompt} A:", False)):
+        assert validate_main([quickstart, "--no-model", f"dataset.prompt_template={template}"]) == 0
+        lines = [x for x in capsys.readouterr().err.splitlines() if "dataset.prompt_template" in x]
+        assert bool(lines) == warned and all("ends with a space" in x and "newline" in x for x in lines)
+
+
 def test_memory_estimate_without_a_reachable_model_config_is_a_warning(tmp_path, capsys):
     recipe = REPO / "recipes" / "template.yaml"  # names a hub model: unreachable offline
     assert validate_main([str(recipe), "--no-data", "--gpu-memory", "24GiB"]) == 0

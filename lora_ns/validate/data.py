@@ -45,6 +45,12 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
     problems: list[Problem] = []
     if cfg.prompt_template is not None and (why := template_problem(cfg.prompt_template)):
         problems.append(recipe.problem("dataset.prompt_template", why, TEMPLATE_EXAMPLE))
+    elif (cfg.prompt_template or "").endswith((" ", "\t")):  # "A: " + "On Tuesday": the space joins "ĠOn"
+        problems.append(recipe.problem(
+            "dataset.prompt_template", "ends with a space, which the tokenizer joins to the answer's first "
+            "word: training cuts the prompt there, and inference asks with a space the model never saw",
+            "end it with a newline instead (e.g. 'Answer:\\n'), which is a token of its own",
+            "warning"))
     splits: list[tuple[str | None, str]] = [(None, "dataset.path")]
     if isinstance(cfg.val_split, str) and (looks_local(cfg.val_split) or looks_local(cfg.path)):
         splits.append((cfg.val_split, "dataset.val_split"))
