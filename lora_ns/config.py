@@ -164,6 +164,7 @@ def is_secret(key: str, value: Any) -> bool:
 
 REMOVE = object()  # an override's value that drops the key (``~training.max_length``)
 
+
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     """Parse ``key.sub=value``, ``--key.sub value`` and ``--key.sub=value`` into (path, value), and
     ``~key.sub`` (Hydra's spelling) into (path, `REMOVE`): the recipe's key is dropped.

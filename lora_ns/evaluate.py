@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.answers import extract_answer
+from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.data.sources import looks_local, resolve_sample

@@ -21,7 +21,7 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem("training.num_train_epochs", f"num_train_epochs {epochs} with no "
                                        "max_steps: the run would train 0 steps",
                                        "set training.num_train_epochs > 0 (or training.max_steps)"))
-    if args.max_steps > 0 and args.warmup_steps >= max(args.max_steps, 1):  # below 1: a share of the run
+    if args.max_steps > 0 and args.warmup_steps >= args.max_steps:  # a warmup_steps below 1 is a share
         problems.append(recipe.problem(
             "training.warmup_steps", f"warmup_steps {args.warmup_steps:g} spans the whole run of max_steps "
             f"{args.max_steps}: the learning rate never reaches learning_rate",
