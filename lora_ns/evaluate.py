@@ -21,6 +21,7 @@ from lora_ns.answers import extract_answer
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
+from lora_ns.data.loading import progress_bars_off
 from lora_ns.data.sources import looks_local, resolve_sample
 from lora_ns.errors import UserError, fail, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
@@ -90,7 +91,8 @@ def eval_examples(recipe, split: str | None, data_file: str | None, limit: int |
     rows = data_file or split or cfg.val_split
     if split == "train":  # the rows build_datasets trains on: max_samples, less a held-out fraction
         where, rows = f"the rows training used of {cfg.path}", None
-    examples = list(formatted_examples(recipe, rows, limit))
+    with progress_bars_off():  # datasets' "Generating train split" before evaluate's own report
+        examples = list(formatted_examples(recipe, rows, limit))
     if not examples:
         raise fail(where, "", "no eval examples", "check the split / file")
     return examples, where

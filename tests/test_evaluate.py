@@ -142,7 +142,7 @@ def test_math_references_without_a_final_answer_are_found_before_the_model(tmp_p
     argv = [str(QUICKSTART), "--model", "builtin:tiny-llama", "--data-file", str(data),
             "--output-dir", str(tmp_path / "e")]
     assert run_cli("lora_ns.evaluate", lambda: main(argv)) == 2
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lora_ns.evaluate:")]
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line: no datasets "Generating" bar either
     assert "3 of 3 references hold no final answer" in line and str(data) in line
     monkeypatch.undo()
     data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "#### 11"}) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Iterator, Sequence
 
@@ -20,6 +21,20 @@ from lora_ns.data.sources import (
     BUILDERS, LocalSource, Location, Source, first_rows, locate, located_rows, source_for,
 )
 from lora_ns.errors import Problem, UserError, fail, first_line, suggest
+
+
+@contextmanager
+def progress_bars_off() -> Iterator[None]:
+    """`datasets`' own bars ("Generating train split", "Map") hidden: amid our report they say nothing."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _delimited(src: LocalSource, streaming: bool):

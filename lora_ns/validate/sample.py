@@ -12,6 +12,7 @@ from typing import Any
 
 from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
+from lora_ns.data.loading import progress_bars_off
 from lora_ns.memory import SFT_TASKS
 from lora_ns.model import load_tokenizer
 from lora_ns.setup import training_arguments
@@ -24,18 +25,11 @@ FORMATTED_SFT_TASKS = tuple(task for task in SFT_TASKS if task != "pretrain")
 def first_rows(recipe: Recipe, count: int) -> tuple[Any, Any]:
     """(the first `count` rows `build_datasets` gives training, the tokenizer): validate's, loaded once for
     its checks (`reachable_tokenizer`), else loaded here."""
-    import datasets
-
     few = recipe.model_copy(deep=True)
     few.dataset.max_samples, few.dataset.val_split, few.dataset.streaming = count, None, False
     tokenizer = reachable_tokenizer(recipe)[0] or load_tokenizer(recipe)
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a "Map" bar amid validate's report (GRPO's prompts) says nothing
-    try:
+    with progress_bars_off():  # a "Map" bar amid validate's report (GRPO's prompts)
         return build_datasets(few, tokenizer)[0], tokenizer
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
 
 
 def training_rows(recipe: Recipe, count: int) -> list[dict]:
