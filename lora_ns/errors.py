@@ -112,10 +112,19 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+_RUNNING: list[str] = []  # the names run_cli runs under, innermost last ("lora-ns validate")
+
+
+def program(default: str) -> str:
+    """The name a command's warnings go under: the one it was started as (`run_cli`), else `default`."""
+    return _RUNNING[-1] if _RUNNING else default
+
+
 def run_cli(prog: str, main: Callable[[], int]) -> int:
     """Run an entry point; print user errors as one line each and return exit code 2."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
     quiet_library_noise()
+    _RUNNING.append(prog)
     try:
         return main()
     except UserError as err:
@@ -125,3 +134,5 @@ def run_cli(prog: str, main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _RUNNING.pop()

@@ -23,7 +23,7 @@ from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
 from lora_ns.data.loading import progress_bars_off
 from lora_ns.data.sources import looks_local, resolve_sample
-from lora_ns.errors import UserError, fail, require, run_cli
+from lora_ns.errors import UserError, fail, program, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import (RECIPE_FILE, classify, generate, load, pair_of, preference_margin,
                                prompt_and_reference)
@@ -107,7 +107,7 @@ def check_references(references: list[str], where: str) -> None:
         raise fail(where, "reference", f"{what}: exact match would be 0 whatever the model says",
                    "check the eval rows' answer column (dataset.columns), or evaluate with --data-file")
     if missing:
-        print(f"{PROG}: warning: {where}: {what}; they count as wrong", file=sys.stderr)
+        print(f"{program(PROG)}: warning: {where}: {what}; they count as wrong", file=sys.stderr)
 
 
 def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = True) -> float:

@@ -22,7 +22,7 @@ from lora_ns.builtin_models import resolve_model_path
 from lora_ns.checkpoints import safetensors_defect
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
-from lora_ns.errors import fail, first_line
+from lora_ns.errors import fail, first_line, program
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
 
 ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
@@ -83,8 +83,8 @@ def adapter_base(folder: Path, config: dict[str, Any], base: str | None, recipe:
     if base:
         path = resolve_model_path(base)
         if saved and os.path.realpath(path) != os.path.realpath(saved):
-            print(f"lora_ns: warning: {folder} was trained on {saved}; loading it on --base {base} (fine if "
-                  "it is a copy of that model)", file=sys.stderr)
+            print(f"{program('lora_ns')}: warning: {folder} was trained on {saved}; loading it on --base "
+                  f"{base} (fine if it is a copy of that model)", file=sys.stderr)
         return path
     if recipe is not None and (not named or os.path.isabs(named) and not Path(named).exists()):
         named = recipe.model.name_or_path

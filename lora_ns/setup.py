@@ -15,7 +15,7 @@ from lora_ns.adapters import peft_config
 from lora_ns.checkpoints import guard_output_dir
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sft_defaults
-from lora_ns.errors import Problem, UserError, first_line
+from lora_ns.errors import Problem, UserError, first_line, program
 from lora_ns.hf_fields import own_training_fields
 from lora_ns.model import gradient_checkpointing, torch_dtype
 from lora_ns.preference import PREFERENCE_TASKS, config_class
@@ -66,7 +66,7 @@ def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_
 
 def print_notes(notes: list[Problem], prog: str) -> None:
     for note in notes:
-        print(f"{prog}: {note.severity}: {note}", file=sys.stderr)
+        print(f"{program(prog)}: {note.severity}: {note}", file=sys.stderr)
 
 
 def _raise_errors(problems: list[Problem]) -> list[Problem]:

@@ -27,7 +27,7 @@ from lora_ns.config import Recipe, is_secret, load_recipe
 from lora_ns.data import build_datasets, encode_pairs
 from lora_ns.data.loading import read_every_row
 from lora_ns.data.sources import source_for
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import Problem, UserError, program, run_cli
 from lora_ns.fileio import atomic_output, write_text_atomic
 from lora_ns.metrics import classification_metrics
 from lora_ns.model import dtype_name, eos_problem, load_model, load_tokenizer, vocabulary_problem
@@ -319,7 +319,7 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
         except Exception as err:  # a plot is not worth losing a finished run over: the weights are saved
             curve = ("not drawn: matplotlib is not installed (pip install 'lora_ns[plot]')"
                      if isinstance(err, ImportError) else f"not drawn: {type(err).__name__}: {err}")
-            print(f"{PROG}: warning: loss curve {curve}", file=sys.stderr)
+            print(f"{program(PROG)}: warning: loss curve {curve}", file=sys.stderr)
     kind = "adapter" if (out / "adapter_config.json").is_file() else "model"
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     minutes, seconds = divmod(float(summary.get("seconds", 0)), 60)

@@ -152,3 +152,20 @@ def test_console_validate_skips_the_teardown_and_keeps_the_code(args, code, torn
                          timeout=300, env={**ENV, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == code, run.stderr[-500:]
     assert ("teardown" in run.stdout) == torn_down
+
+
+def test_messages_name_the_command_as_the_user_typed_it(capsys):
+    """validate prints its own errors (it goes on to the next recipe with --all) and every command prints its
+    warnings: under `lora-ns validate` they said `lora_ns.validate:`, beside run_cli's `lora-ns validate:`."""
+    from lora_ns.validate.__main__ import main as validate_main
+
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    bad = ["training.learning_rate=0", "training.max_length=0"]  # a warning and an error
+    assert cli.main(["validate", recipe, "--no-model", "--no-data", *bad]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("lora-ns validate: ") for line in lines), lines
+    assert cli.main(["validate", recipe, "--no-model", "--no-data", bad[0]]) == 0
+    assert "lora-ns validate: warning: " in capsys.readouterr().err
+    assert validate_main([recipe, "--no-model", "--no-data", *bad]) == 2  # python -m lora_ns.validate's name
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("lora_ns.validate: ") for line in lines), lines

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem, UserError, exit_now, run_cli
+from lora_ns.errors import Problem, UserError, exit_now, program, run_cli
 from lora_ns.memory import estimate_for_recipe
 from lora_ns.pretrain import describe_pretrain
 from lora_ns.setup import Checks, check_recipe_file
@@ -74,9 +74,9 @@ def memory_report(recipe: Recipe, args: argparse.Namespace) -> list[str]:
         found = estimate_for_recipe(recipe, int(cfg.data.get("num_processes") or 1) if cfg else 1,
                                     cfg.strategy if cfg else None, lengths)
     except UserError as err:  # e.g. a hub model offline: the model check already warned; not a reason to fail
-        return [f"{PROG}: warning: memory estimate skipped: {err.problems[0]}"]
+        return [f"{program(PROG)}: warning: memory estimate skipped: {err.problems[0]}"]
     warning = found.verdict(gpu_bytes)
-    return found.lines() + ([f"{PROG}: warning: memory: {warning}"] if warning else [])
+    return found.lines() + ([f"{program(PROG)}: warning: memory: {warning}"] if warning else [])
 
 
 def describe_more(recipe: Recipe, args: argparse.Namespace) -> list[str]:
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             recipe = check_recipe_file(path, overrides, checks=checks)
         except UserError as err:
             failed += 1
-            print("\n".join(f"{PROG}: error: {p}" for p in err.problems), file=sys.stderr)
+            print("\n".join(f"{program(PROG)}: error: {p}" for p in err.problems), file=sys.stderr)
             continue
         print(f"OK {path}: {describe(recipe)}")
         for line in describe_more(recipe, args):
-            warning = line.startswith(PROG)
+            warning = line.startswith(program(PROG))
             print(line if warning else f"  {line}", file=sys.stderr if warning else sys.stdout)
     return 2 if failed else 0
 
