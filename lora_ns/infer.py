@@ -109,8 +109,9 @@ def takes_pairs(recipe: Recipe | None) -> bool:
 def classifier_inputs(rows: list[dict[str, Any]], recipe: Recipe | None) -> list[tuple[str, str | None]]:
     """(text, second text or None) a row; for a classifier trained on pairs a prompt "first<TAB>second" is a
     pair, and one text alone an error."""
-    pairs = [pair_of(row, tab=takes_pairs(recipe)) for row in rows]
-    if takes_pairs(recipe) and (alone := [i for i, (_, second) in enumerate(pairs, 1) if second is None]):
+    paired = takes_pairs(recipe)
+    pairs = [pair_of(row, tab=paired) for row in rows]
+    if paired and (alone := [i for i, (_, second) in enumerate(pairs, 1) if second is None]):
         trained = f"the classifier was trained on sentence pairs ({recipe.dataset.formatter})"
         raise fail("<input>", "--pair", f"{trained}; prompt {alone[0]} is one text", "give the second: "
                    "--pair TEXT, a tab between the two (--interactive, .txt), or sentence2 (.jsonl)")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         raise fail("<command line>", "--pair", "needs --prompt (the first text)", "pass both")
     one = {"prompt": args.prompt} if args.pair is None else {"sentence1": args.prompt, "sentence2": args.pair}
     rows = read_inputs(args.input_file) if args.input_file else [one]
-    saved = Path(args.model, RECIPE_FILE)  # training's, beside the weights; `load` reads it too
+    saved = Path(args.model, RECIPE_FILE)  # training's, beside the weights: read once, here, for `load` too
     recipe = load_recipe(args.recipe) if args.recipe else load_recipe(saved) if saved.is_file() else None
     if not args.interactive:
         classifier_inputs(rows, recipe)  # one text for a pair classifier: said before the weights load

@@ -226,10 +226,7 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
     """A prompt (or messages ending on a user turn) as the text the model continues: with a recipe as
     training rendered it, else through the chat template when the tokenizer has one."""
     listed = isinstance(prompt, list)
-    if recipe is None:
-        chat = listed or bool(tokenizer.chat_template)
-    else:
-        chat = listed or (recipe.task != "cpt" and uses_chat_template(recipe, tokenizer))
+    chat = listed or chat_rendered(tokenizer, recipe)
     if chat and not tokenizer.chat_template:
         raise fail("<prompt>", "messages", "the model's tokenizer has no chat template",
                    "give plain prompts, or set model.chat_template in the recipe")
@@ -244,13 +241,18 @@ def render_prompt(tokenizer, prompt: PromptInput, recipe: Recipe | None = None) 
     return Prompt(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False)
 
 
+def chat_rendered(tokenizer, recipe: Recipe | None) -> bool:
+    """Whether a plain prompt goes out through the chat template: with a recipe as training rendered it (not
+    for cpt, nor with a prompt_template), else whenever the tokenizer has one."""
+    if recipe is None:
+        return bool(tokenizer.chat_template)
+    return recipe.task != "cpt" and uses_chat_template(recipe, tokenizer)
+
+
 def is_chat(loaded) -> bool:
-    """Whether prompts reach this model as chat messages, so a conversation can carry its earlier turns: a
-    generative model with a chat template, trained (when lora_ns trained it) without a prompt_template."""
-    if loaded.task in ("seq_cls", "cpt", "pretrain"):
-        return False
-    tokenizer = loaded.tokenizer
-    return uses_chat_template(loaded.recipe, tokenizer) if loaded.recipe else bool(tokenizer.chat_template)
+    """Whether prompts reach this model as chat messages, so a conversation can carry its earlier turns."""
+    generative = loaded.task not in ("seq_cls", "cpt", "pretrain")
+    return generative and chat_rendered(loaded.tokenizer, loaded.recipe)
 
 
 # --- running the model ------------------------------------------------------------------------------
