@@ -56,7 +56,7 @@ def test_detects_adapter_and_base(loaded, adapter_dir, tiny_llama):
     unmerged = PeftModel.from_pretrained(load("builtin:tiny-llama").model, str(adapter_dir)).eval()
     ids = loaded.tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
-        folded, expected, untuned = (m(**ids).logits for m in (loaded.model, unmerged, base.model))
+        folded, expected, untuned = (m(**ids.to(m.device)).logits.cpu() for m in (loaded.model, unmerged, base.model))
     tol = fp32_reassociation_tol([expected])
     assert float((folded - expected).abs().max()) <= tol < float((untuned - expected).abs().max())
 

@@ -35,7 +35,8 @@ def make_adapter(out: Path, overrides: list[str], recipe_file: Path = QUICKSTART
 
 def logits(model, tokenizer) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [model(**tokenizer(p, return_tensors="pt")).logits.float() for p in PROMPTS]
+        # on the model's device (inference.load puts an unquantized model on cuda), compared on the CPU
+        return [model(**tokenizer(p, return_tensors="pt").to(model.device)).logits.float().cpu() for p in PROMPTS]
 
 
 def max_diff(a, b) -> float:
@@ -210,7 +211,7 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     with torch.no_grad():
         expected, got, untuned = unmerged()(**batch).logits, merged(**batch).logits, base(**batch).logits
-        folded = loaded.model(**batch).logits
+        folded = loaded.model(**batch.to(loaded.model.device)).logits.cpu()  # on cuda where there is one
     tol = fp32_reassociation_tol([expected])
     assert float((got - expected).abs().max()) < tol and float((folded - expected).abs().max()) < tol
     assert float((untuned - expected).abs().max()) > 100 * tol

@@ -32,11 +32,13 @@ def recipe_dict(out, formatter: str = "gsm8k", path: str = "sample:gsm8k", **tra
 
 
 def test_lora_ns_defaults_and_recipe_values_win(tmp_path):
+    import torch
+
     from lora_ns.setup import training_arguments
 
     args = training_arguments(parse_recipe(recipe_dict(tmp_path, report_to="tensorboard")))
     assert args.save_strategy == "steps" and args.save_total_limit == 2  # resumable by default
-    assert args.report_to == ["tensorboard"] and args.use_cpu and not args.bf16
+    assert args.report_to == ["tensorboard"] and args.use_cpu is not torch.cuda.is_available() and not args.bf16
     assert args.gradient_checkpointing is False and args.eval_strategy == "no"
     assert args.completion_only_loss is True and args.packing is False
     args = training_arguments(parse_recipe(recipe_dict(tmp_path, save_strategy=False, gradient_checkpointing=True,
