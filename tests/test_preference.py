@@ -100,6 +100,30 @@ def test_validate_reports_a_bad_row_with_its_line(tmp_path, capsys):
     assert f"{path}:2: rejected: is the same as 'chosen'" in capsys.readouterr().err
 
 
+
+def test_kto_labels_of_one_kind_or_unbalanced_weights_are_warnings(tmp_path, capsys):
+    """KTO with one kind of label trains in one direction only; an imbalance the weights do not offset is
+    outside TRL's recommended range, which TRL logs only once training has started."""
+    from lora_ns.validate import main
+
+    path, recipe = tmp_path / "kto.jsonl", tmp_path / "kto.yaml"
+    recipe.write_text(f"task: kto\nmodel: {{name_or_path: builtin:tiny-llama}}\n"
+                      f"dataset: {{path: {path}, formatter: kto}}\n")
+    for labels, extra, words in (
+            ([True] * 6, [], "label: desirable: 6, undesirable: 0 of 6 sampled rows: KTO learns from both"),
+            ([True] * 4 + [False] * 2, [], "training.desirable_weight: desirable: 4, undesirable: 2 of 6 "
+                                           "sampled rows: the weights leave them unbalanced — set "
+                                           "training.desirable_weight in [0.50, 0.67]"),
+            ([True] * 4 + [False] * 2, ["training.desirable_weight=0.6"], None),  # 4 x 0.6 / 2 = 1.2: in range
+            ([True, False] * 3, [], None)):
+        path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a", "label": label}) + "\n"
+                                for i, label in enumerate(labels)))
+        assert main([str(recipe), "--no-model", *extra]) == 0
+        lines = [x for x in capsys.readouterr().err.splitlines() if "desirable: " in x]
+        assert len(lines) == 1 and (" warning: " in lines[0]) == bool(words), lines
+        assert words is None or words in lines[0], lines[0]
+
+
 # --- rewards and recipe checks -------------------------------------------------------------------------
 
 def test_builtin_rewards():

@@ -79,6 +79,8 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
         problems += reference_problems(recipe, [example.get("answer") for _, _, example in examples])
     if recipe.task == "seq_cls":
         problems += _label_counts(recipe, examples)
+    if recipe.task == "kto":
+        problems += _kto_balance(recipe, examples)
     return problems + _empty_warnings(recipe, examples, found) + _token_stats(recipe, examples)
 
 
@@ -195,6 +197,29 @@ def _label_counts(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     return [Problem(where.file, "label", f"{rows} have one class ({shown})", "check the label column "
                     "(dataset.columns.label)" + ("" if whole else ", or shuffle a file sorted by label"),
                     where.line, "warning")]
+
+
+def _kto_balance(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
+    """KTO's desirable and undesirable rows in the sample. One kind only trains in one direction (a label
+    column mapped wrong); weights that do not offset an imbalance are outside the range TRL's trainer
+    recommends (Eq. 8 of the KTO paper: desirable x weight / undesirable x weight in [1, 1.33]), which TRL
+    only logs once training has started."""
+    where, t = examples[0][0], recipe.training
+    w_good, w_bad = t.get("desirable_weight", 1.0), t.get("undesirable_weight", 1.0)
+    good = sum(bool(e["label"]) for _, _, e in examples)
+    bad = len(examples) - good
+    counts = f"desirable: {good}, undesirable: {bad} of {len(examples)} sampled rows"
+    if not good or not bad:
+        return [Problem(where.file, "label", f"{counts}: KTO learns from both kinds, with one it only "
+                        f"{'raises' if good else 'lowers'} each completion's likelihood",
+                        "check the label column (dataset.columns.label: true = desirable)",
+                        where.line, "warning")]
+    if 1 <= good * w_good / (bad * w_bad) <= 1.33 or good == bad:
+        return [Problem(where.file, "label", counts, "", severity="info")]
+    low = bad * w_bad / good
+    return [recipe.problem("training.desirable_weight", f"{counts}: the weights leave them unbalanced",
+                           f"set training.desirable_weight in [{low:.2f}, {1.33 * low:.2f}] (TRL's range)",
+                           "warning")]
 
 
 def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
