@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.errors import Problem, UserError, require, run_cli
-from lora_ns.infer import takes_pairs
+from lora_ns.infer import earliest_beyond_context, takes_pairs
 from lora_ns.inference import classify, generate, is_chat, load
 
 PROG = "chat_demo"
@@ -63,6 +63,8 @@ def build_app(gr, loaded, args: argparse.Namespace):
 
     def respond(message: str, history: list[Any]) -> str:
         turn = [*history_messages(history), {"role": "user", "content": message}] if chat else message
+        if chat:  # as `infer --interactive`: the earliest exchanges leave once the context is outgrown
+            turn = turn[earliest_beyond_context(loaded, turn, args.max_new_tokens):]
         return generate(loaded, [turn], max_new_tokens=args.max_new_tokens, greedy=args.temperature <= 0,
                         temperature=args.temperature, top_p=args.top_p, batch_size=1, progress=False)[0]
 

@@ -145,6 +145,30 @@ def test_interactive_keeps_the_conversation_of_a_chat_model(adapter_dir, loaded,
                                        f"(new conversation)\n\n>>> {two}\n{alone}\n\n")
 
 
+def test_interactive_leaves_out_the_earliest_turns_past_the_context(adapter_dir, loaded, monkeypatch, capsys):
+    """A conversation that with its reply would pass the model's context loses its earliest exchange (and
+    says so) rather than run past the positions the model knows."""
+    import io
+    import sys
+
+    from lora_ns import infer
+    from lora_ns.infer import prompt_tokens
+
+    one, two = PROMPTS[1], PROMPTS[0]
+    first = generate(loaded, [one], max_new_tokens=6, progress=False)[0]
+    whole = [{"role": "user", "content": one}, {"role": "assistant", "content": first},
+             {"role": "user", "content": two}]
+    limit = prompt_tokens(loaded, whole) + 6 - 1  # one token short of the whole conversation and its reply
+    assert prompt_tokens(loaded, whole[2:]) + 6 <= limit  # the last turn alone fits
+    monkeypatch.setattr(infer, "context_length", lambda model: limit)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{one}\n{two}\n"))
+    assert main(["--model", str(adapter_dir), "--interactive", "--greedy", "--max-new-tokens", "6"]) == 0
+    alone = generate(loaded, [two], max_new_tokens=6, progress=False)[0]
+    assert capsys.readouterr().out == (
+        f">>> {one}\n{first}\n\n(the 2 earliest messages left out: with the reply the conversation passes the "
+        f"model's {limit}-token context)\n>>> {two}\n{alone}\n\n")
+
+
 def test_prompt_and_reference_of_a_row():
     """infer and evaluate split a row alike: a conversation ending on an assistant turn is asked up to that
     turn, which is the reference; one ending on a user turn is asked whole."""
