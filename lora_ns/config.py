@@ -131,6 +131,20 @@ DROPPED_TRAINING_KEYS = {
     "torch_dtype": "set model.dtype (bf16, fp16, fp32 or auto) instead",
     "rpo_alpha": "DPO: add the SFT loss instead (loss_type: [sigmoid, sft], loss_weights: [1.0, 1.0])",
     "max_prompt_length": "remove it: TRL 1 cuts whole rows at max_length (see truncation_mode)",
+    "group_by_length": "use train_sampling_strategy: group_by_length",
+    "use_mps_device": "remove it: an Apple GPU is used when there is one (use_cpu: true keeps to the CPU)",
+    "fp16_backend": "remove it: mixed precision is torch's AMP (fp16: true or bf16: true)",
+    "half_precision_backend": "remove it: mixed precision is torch's AMP (fp16: true or bf16: true)",
+    "fp16_opt_level": "remove it (apex is gone): fp16: true or bf16: true",
+    "dispatch_batches": "set it under accelerator_config: {dispatch_batches: ...}",
+    "split_batches": "set it under accelerator_config: {split_batches: ...}",
+    "torchdynamo": "use torch_compile: true (torch_compile_backend names the backend)",
+    "fsdp_transformer_layer_cls_to_wrap": "put it in fsdp_config, or launch with an accelerate FSDP config",
+    "fsdp_min_num_params": "put min_num_params in fsdp_config, or launch with an accelerate FSDP config",
+    "dataset_batch_size": "remove it: TRL 1 packs with packing: true at max_length",
+    "num_of_sequences": "remove it: TRL 1 packs with packing: true at max_length",
+    "chars_per_token": "remove it: TRL 1 packs with packing: true at max_length",
+    "push_to_hub_token": "remove it: log in with `hf auth login` (or HF_TOKEN); a recipe holds no token",
 }
 # Booleans TRL maps to one of a string field's values (GRPOConfig.__post_init__): read as that value, so the
 # string type check and preference.TRL_VALUES accept what TRL documents.

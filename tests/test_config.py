@@ -91,6 +91,7 @@ def test_keys_the_libraries_dropped_say_what_replaced_them():
     fixes = {p.field: p.fix for p in err.value.problems}
     assert fixes == {f"training.{key}": fix for key, fix in DROPPED_TRAINING_KEYS.items()}
     assert "use warmup_steps: a value below 1 is a share of the run" in fixes["training.warmup_ratio"]
+    assert fixes["training.group_by_length"] == "use train_sampling_strategy: group_by_length"
 
 
 def test_misspelt_values_suggest_the_closest_choice():
