@@ -46,6 +46,10 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
         return Setup(None, problems + _raise_errors(deep_problems(recipe, checks)))
+    if dry_run and any(p.field == "training.tf32" for p in problems):  # warned: no GPU here to run it
+        # TrainingArguments refuses tf32 outright without one; validate checks the rest on this machine
+        recipe = recipe.model_copy(update={"training": {k: v for k, v in recipe.training.items()
+                                                         if k != "tf32"}})
     args = training_arguments(recipe)
     problems += _raise_errors(run_problems(recipe, args))
     if recipe.peft.method != "full":

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_ns.errors import run_cli
 from lora_ns.validate.__main__ import main as validate_main
 
 from conftest import REPO
@@ -92,7 +93,6 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
 
 def test_missing_recipe_file(tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
-    from lora_ns.errors import run_cli
 
     assert run_cli("lora_ns.validate", lambda: validate_main([str(missing)])) == 2
     assert f"{missing}: recipe file not found" in capsys.readouterr().err
@@ -174,6 +174,23 @@ def test_classifier_data_of_one_class_is_a_warning_and_the_classes_are_counted(t
         assert validate_main([str(recipe), "--no-model"]) == 0
         (line,) = [x for x in capsys.readouterr().err.splitlines() if "label:" in x]
         assert words in line and (" warning: " in line) == (len(set(labels)) == 1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")
+def test_tf32_is_a_warning_when_validating_without_a_gpu_and_an_error_when_training(capsys, tmp_path):
+    """As fp16: a recipe for a GPU run, checked on a laptop, warns (TrainingArguments refuses tf32 outright
+    without an Ampere GPU, which stopped validate); training here stops before any weights load."""
+    from lora_ns.train import main as train_main
+
+    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    assert validate_main([quickstart, "--no-data", "training.tf32=true"]) == 0
+    warning = (f"warning: {quickstart}: training.tf32: TF32 matmul (Ampere or newer) needs a CUDA GPU and none "
+               "is visible")
+    assert warning in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert run_cli("lora_ns.train", lambda: train_main([quickstart, "training.tf32=true",
+                                                         f"training.output_dir={out}"])) == 2
+    assert warning.replace("warning", "error") in capsys.readouterr().err and not out.exists()
 
 
 def test_a_warmup_as_long_as_the_run_is_a_warning(capsys):

@@ -232,7 +232,7 @@ RULES: list[Rule] = [
 
 # training keys that need a CUDA GPU, which SFTConfig / TrainingArguments accept on any machine
 NEEDS_GPU = {"fp16": "fp16 mixed precision", "activation_offloading": "activation offloading (GPU to CPU)",
-             "use_vllm": "vLLM generation (grpo)"}
+             "use_vllm": "vLLM generation (grpo)", "tf32": "TF32 matmul (Ampere or newer)"}
 
 
 def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
