@@ -39,17 +39,16 @@ class Setup:
 def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     """Check and build everything training needs before the weights (see the module docstring)."""
     from lora_ns.validate.arguments import run_problems  # validate/__init__ imports this module
-    from lora_ns.validate.rules import check_rules
+    from lora_ns.validate.rules import LEFT_OUT_WHEN_WARNED, check_rules
 
     if not dry_run:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
     problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
         return Setup(None, problems + _raise_errors(deep_problems(recipe, checks)))
-    if dry_run and any(p.field == "training.tf32" for p in problems):  # warned: no GPU here to run it
-        # TrainingArguments refuses tf32 outright without one; validate checks the rest on this machine
+    if left_out := {p.field.removeprefix("training.") for p in problems} & LEFT_OUT_WHEN_WARNED:
         recipe = recipe.model_copy(update={"training": {k: v for k, v in recipe.training.items()
-                                                         if k != "tf32"}})
+                                                         if k not in left_out}})
     args = training_arguments(recipe)
     problems += _raise_errors(run_problems(recipe, args))
     if recipe.peft.method != "full":

@@ -193,6 +193,21 @@ def test_tf32_is_a_warning_when_validating_without_a_gpu_and_an_error_when_train
     assert warning.replace("warning", "error") in capsys.readouterr().err and not out.exists()
 
 
+def test_a_ddp_backend_in_a_single_process_run_is_left_out_with_a_warning(capsys, tmp_path, monkeypatch):
+    """accelerate asks torch for the world size of a process group no launcher started, and the Trainer's
+    arguments failed to build ("Default process group has not been initialized"), validate's and train's."""
+    from lora_ns.train import main as train_main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    quickstart, out = str(REPO / "recipes" / "quickstart.yaml"), tmp_path / "out"
+    warning = f"warning: {quickstart}: training.ddp_backend: ddp_backend 'gloo' applies under a launcher of several"
+    assert validate_main([quickstart, "--no-data", "training.ddp_backend=gloo"]) == 0
+    assert warning in capsys.readouterr().err
+    assert train_main([quickstart, "training.ddp_backend=gloo", f"training.output_dir={out}", "training.max_steps=1",
+                       "dataset.val_split=null", "training.eval_strategy=no", "training.eval_on_start=false"]) == 0
+    assert warning in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_warmup_as_long_as_the_run_is_a_warning(capsys):
     """Shortening max_steps below warmup_steps: the learning rate climbs the whole run and never peaks."""
     quickstart = str(REPO / "recipes" / "quickstart.yaml")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -257,6 +258,22 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
                         "error" if for_training else "warning")
 
 
+def single_process_problems(r: Recipe) -> Iterator[Problem]:
+    """ddp_backend in a run of one process (no launcher set WORLD_SIZE): accelerate then asks torch for the
+    world size of a process group nobody started, and the Trainer's arguments fail to build. The backend only
+    matters across processes, so a run of one leaves it out (see `LEFT_OUT_WHEN_WARNED`)."""
+    if (backend := r.training.get("ddp_backend")) and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+        yield r.problem("training.ddp_backend", f"ddp_backend '{backend}' applies under a launcher of "
+                        "several processes; a run of one (as here) leaves it out",
+                        "to use it, train with accelerate launch --config_file "
+                        "accelerate_configs/multi_gpu.yaml -m lora_ns.train", "warning")
+
+
+# training keys a warning above says this machine or launch cannot use: the set-up builds the arguments
+# without them (TrainingArguments refuses tf32 without an Ampere GPU, and a ddp_backend without a launcher)
+LEFT_OUT_WHEN_WARNED = {"tf32", "ddp_backend"}
+
+
 def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
     """push_to_hub needs the Hub and a login where training runs (the Trainer finds out after the weights
     load). As with `hardware_problems`: an error when training, a warning when validating elsewhere."""
@@ -272,5 +289,5 @@ def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
 
 
 def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
-    return [p for rule in RULES for p in rule(r)] + [*hardware_problems(r, for_training),
-                                                      *hub_problems(r, for_training)]
+    here = [*hardware_problems(r, for_training), *hub_problems(r, for_training), *single_process_problems(r)]
+    return [p for rule in RULES for p in rule(r)] + here  # here: what the machine and launch decide
