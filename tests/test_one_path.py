@@ -98,11 +98,10 @@ REJECTED = [
                                   "target_modules": ["q_proj", "lm_head"]}}, "peft.target_modules"),
     ("prefix_tuning_classifier", {**SEQ_CLS, "peft": {"method": "prefix_tuning", "num_virtual_tokens": 4}},
      "peft.method"),
+    ("deepspeed_config_missing", {"training": {"deepspeed": "ds.json"}}, "training.deepspeed"),
 ]
 if importlib.util.find_spec("lomo_optim") is None:
     REJECTED.append(("optim_package_missing", {"training": {"optim": "lomo"}}, "training.optim"))
-if importlib.util.find_spec("deepspeed") is None:
-    REJECTED.append(("deepspeed_not_installed", {"training": {"deepspeed": "ds.json"}}, "training.deepspeed"))
 if importlib.util.find_spec("liger_kernel") is None:
     REJECTED.append(("liger_missing", {"training": {"use_liger_kernel": True}}, "training.use_liger_kernel"))
 if importlib.util.find_spec("wandb") is None:

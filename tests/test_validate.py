@@ -208,6 +208,27 @@ def test_a_ddp_backend_in_a_single_process_run_is_left_out_with_a_warning(capsys
     assert warning in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
 
 
+def test_a_deepspeed_config_without_deepspeed_warns_when_validating_and_stops_training(capsys, tmp_path,
+                                                                                     monkeypatch):
+    """As vLLM: validate on a machine without the package (TrainingArguments imported it and failed with a
+    garbled package-metadata message) checks the rest; train there stops before loading, naming the extra."""
+    import importlib.util
+
+    from lora_ns.train import main as train_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    ds, out = tmp_path / "ds.json", tmp_path / "out"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
+    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    assert validate_main([quickstart, "--no-data", f"training.deepspeed={ds}"]) == 0
+    warning = f"warning: {quickstart}: training.deepspeed: deepspeed is not installed — pip install 'lora_ns[deepspeed]'"
+    assert warning in capsys.readouterr().err
+    assert run_cli("lora_ns.train", lambda: train_main([quickstart, f"training.deepspeed={ds}",
+                                                         f"training.output_dir={out}"])) == 2
+    assert warning.replace("warning", "error", 1) in capsys.readouterr().err and not out.exists()
+
+
 def test_a_warmup_as_long_as_the_run_is_a_warning(capsys):
     """Shortening max_steps below warmup_steps: the learning rate climbs the whole run and never peaks."""
     quickstart = str(REPO / "recipes" / "quickstart.yaml")

@@ -136,14 +136,17 @@ def names_resolve(r: Recipe) -> Iterator[Problem]:
 
 
 def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
-    """A model path that can only be local must exist: a hub lookup of it fails obscurely.
-    (Data paths are lora_ns.data's, which knows globs, folders and samples.)"""
+    """A model path that can only be local must exist: a hub lookup of it fails obscurely; so must a DeepSpeed
+    JSON (read from where training starts). (Data paths are lora_ns.data's: globs, folders and samples.)"""
     values = {f"model.{f}": getattr(r.model, f) for f in ("name_or_path", "tokenizer_name_or_path")}
     values["training.chat_template_path"] = r.training.get("chat_template_path")
     for field, value in values.items():
         local = value and (value.startswith(("/", "./", "../", "~")) or value.endswith(".jinja"))
         if local and not Path(value).expanduser().exists():
             yield r.problem(field, f"{value} not found", "check the path, or use a hub id")
+    if isinstance(ds := r.training.get("deepspeed"), str) and not Path(ds).expanduser().is_file():
+        yield r.problem("training.deepspeed", f"DeepSpeed config {ds} not found", "give the JSON's path from "
+                        "where training starts, or launch with an accelerate DeepSpeed config instead")
     if (r.training.get("dataset_kwargs") or {}).get("skip_prepare_dataset"):  # TRL then gets untokenized rows
         yield r.problem("training.dataset_kwargs", "skip_prepare_dataset: lora_ns's rows are text that TRL "
                         "tokenizes", "remove training.dataset_kwargs.skip_prepare_dataset")
@@ -258,6 +261,15 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
                         "error" if for_training else "warning")
 
 
+def package_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
+    """A DeepSpeed config without deepspeed installed (TrainingArguments imports it). As with
+    `hardware_problems`: an error when training, a warning when validating on another machine."""
+    if r.training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        yield r.problem("training.deepspeed", "deepspeed is not installed",
+                        "pip install 'lora_ns[deepspeed]' where training runs, or remove training.deepspeed",
+                        "error" if for_training else "warning")
+
+
 def single_process_problems(r: Recipe) -> Iterator[Problem]:
     """ddp_backend in a run of one process (no launcher set WORLD_SIZE): accelerate then asks torch for the
     world size of a process group nobody started, and the Trainer's arguments fail to build. The backend only
@@ -270,8 +282,9 @@ def single_process_problems(r: Recipe) -> Iterator[Problem]:
 
 
 # training keys a warning above says this machine or launch cannot use: the set-up builds the arguments
-# without them (TrainingArguments refuses tf32 without an Ampere GPU, and a ddp_backend without a launcher)
-LEFT_OUT_WHEN_WARNED = {"tf32", "ddp_backend"}
+# without them (TrainingArguments refuses tf32 without an Ampere GPU, a ddp_backend without a launcher, and a
+# DeepSpeed config without deepspeed)
+LEFT_OUT_WHEN_WARNED = {"tf32", "ddp_backend", "deepspeed"}
 
 
 def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
@@ -289,5 +302,6 @@ def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
 
 
 def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
-    here = [*hardware_problems(r, for_training), *hub_problems(r, for_training), *single_process_problems(r)]
+    here = [*hardware_problems(r, for_training), *package_problems(r, for_training),
+            *hub_problems(r, for_training), *single_process_problems(r)]
     return [p for rule in RULES for p in rule(r)] + here  # here: what the machine and launch decide
