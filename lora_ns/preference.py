@@ -189,6 +189,15 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
                                        suggest(loss, known)))
+    if grpo and (iterations := t.get("num_iterations")) is not None and iterations < 1:  # TRL divides by it
+        problems.append(recipe.problem("training.num_iterations", f"is {iterations}; GRPO takes each "
+                                       "generated batch num_iterations times",
+                                       "set it to 1 (TRL's default) or more"))
+    if grpo and (greedy := [k for k, v in (("top_p", 0), ("top_k", 1)) if t.get(k) == v]):
+        problems.append(recipe.problem(f"training.{greedy[0]}", f"{greedy[0]} {t[greedy[0]]} keeps only the "
+                                       "likeliest token: every completion of a prompt is the same, so each "
+                                       "advantage is 0 and GRPO learns nothing",
+                                       "use top_p 0.9-1.0, top_k 0 (off)"))
     if grpo and (temperature := t.get("temperature")) is not None and temperature <= 0:  # generation: step 1
         problems.append(recipe.problem("training.temperature", f"{temperature} must be above 0 (GRPO samples "
                                        "its completions)", "use e.g. 1.0 (TRL's default) or 0.7"))
