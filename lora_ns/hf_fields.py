@@ -113,4 +113,6 @@ def coerce(value: object, annotation: str) -> tuple[bool, object]:
                     pass
     if isinstance(value, (list, tuple)) and list in types:
         return True, list(value)
+    if isinstance(value, str) and types == {list}:  # one name for a list of them, as TRL wraps loss_type
+        return True, [value]
     return False, value

@@ -151,6 +151,18 @@ def test_user_rewards_are_checked_before_training():
     assert all("\n" not in r for r in reasons)
 
 
+def test_one_dpo_loss_by_name_is_accepted_as_trl_accepts_it():
+    """DPOConfig.loss_type is a list, and TRL wraps a single name ("loss_type: ipo", as tutorials write it);
+    the recipe's type check refused the string."""
+    from lora_ns.setup import training_arguments
+
+    recipe = recipe_for("dpo", loss_type="ipo")
+    assert recipe.training["loss_type"] == ["ipo"] and check_preference_recipe(recipe) == []
+    assert training_arguments(recipe).loss_type == ["ipo"]
+    with pytest.raises(UserError, match="training.loss_type: expected list"):
+        recipe_for("dpo", loss_type=3)  # not a name: still refused
+
+
 def test_trl_checks_the_generation_batch_naming_the_field():
     from lora_ns.setup import training_arguments
 
