@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lora_ns.errors import UserError, fail
+from lora_ns.errors import UserError, fail, suggest
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few KB; a bigger file is a mistake (or an attack) and slow to parse
 MAX_YAML_NODES = 100_000  # nodes after expanding aliases: stops "billion laughs" alias bombs
@@ -83,6 +83,21 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         loader.dispose()
 
 
+def _nearby_recipes(path: Path) -> str:
+    """The closest recipe name in the folder named (a typo, or its words in another order), else the
+    recipes there."""
+    names = sorted(p.name for p in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+    if not names:
+        return "check the path (see recipes/)"
+
+    def words(name: str) -> list[str]:
+        return sorted(name.replace("-", "_").replace(".", "_").split("_"))
+
+    same = [name for name in names if words(name) == words(path.name)]
+    hint = f"did you mean '{same[0]}'?" if same else suggest(path.name, names, f"recipes in {path.parent}/")
+    return hint.replace("'", f"'{path.parent}/", 1) if hint.startswith("did you mean") else hint
+
+
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Read a recipe file into a dict plus key-path line numbers; bad YAML is a one-line error."""
     source = str(path)
@@ -91,7 +106,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
             raise _too_big(source, size)
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise fail(source, "", "recipe file not found", "check the path (see recipes/)")
+        raise fail(source, "", "recipe file not found", _nearby_recipes(Path(path)))
     except IsADirectoryError:
         raise fail(source, "", "is a folder, not a recipe file", "pass the recipe's .yaml file")
     except (OSError, UnicodeDecodeError) as err:

@@ -98,6 +98,17 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert f"{missing}: recipe file not found" in capsys.readouterr().err
 
 
+def test_a_missing_recipe_names_the_closest_one_in_its_folder(tmp_path, capsys):
+    """A typo, or the words of a name in another order, is answered with the recipe meant."""
+    for name in ("gsm8k_grpo.yaml", "quickstart.yaml", "glue_mrpc.yaml"):
+        (tmp_path / name).write_text("task: causal_lm\n")
+    for given, hint in (("grpo_gsm8k.yaml", "did you mean 'DIR/gsm8k_grpo.yaml'?"),
+                        ("quickstat.yaml", "did you mean 'DIR/quickstart.yaml'?"),
+                        ("zzz.yaml", "recipes in DIR/: glue_mrpc.yaml, gsm8k_grpo.yaml, quickstart.yaml")):
+        assert run_cli("lora_ns.validate", lambda: validate_main([str(tmp_path / given)])) == 2
+        assert f"recipe file not found — {hint.replace('DIR', str(tmp_path))}" in capsys.readouterr().err
+
+
 def test_overrides_fix_a_recipe_before_validation(tmp_path, capsys):
     path = _write(tmp_path, "qlora", {"peft": {"method": "qlora"}})
     assert validate_main([str(path), "--no-data", "--no-model", "quantization.load_in_4bit=true"]) == 0
