@@ -76,8 +76,15 @@ LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
-    """A library error in one line for our messages: its first line, or its type when it says nothing."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+    """A library error in one line for our messages: its first line with the list that line introduces
+    ("... but found" / "...:" then "- Evaluation strategy: steps" lines), or its type when it says nothing."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    text, items = lines[0], []
+    for line in lines[1:]:
+        if not (line.startswith("- ") or (text.endswith(":") and not items)):
+            break
+        items.append(line.removeprefix("- "))
+    return (f"{text} {', '.join(items)}" if items else text)[:limit]
 
 
 def _not_noise(record) -> bool:

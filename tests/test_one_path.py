@@ -161,6 +161,16 @@ def test_validate_rejects_what_train_would_fail_on(name, change, field, tmp_path
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_a_library_error_keeps_the_list_its_first_line_introduces(tmp_path, capsys, tiny_llama):
+    """transformers says "... but found" and lists the two strategies on the next lines: the one-line
+    message must carry them, or it ends in mid-sentence."""
+    training = {**EVAL_ON["training"], **BEST, "save_strategy": "epoch"}
+    path = write(tmp_path, "best", {**EVAL_ON, "training": training})
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(path), "--no-data"])) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert "but found Evaluation strategy: " in line and ", Save strategy: " in line and "EPOCH" in line, line
+
+
 def test_a_hold_out_that_leaves_no_training_rows_is_refused(tmp_path, capsys, tiny_llama):
     """16 rows, 0.99 held out: datasets' split leaves training empty. The data check knows the row count
     (max_samples caps it) and splits as training does."""
