@@ -139,7 +139,9 @@ def test_shipped_recipes_apply_to_a_builtin_model_of_their_family(path, tiny_lla
     recipe = load_recipe(path)
     qwen = "qwen" in recipe.model.name_or_path.lower()
     family = "bert" if recipe.task == "seq_cls" else "qwen2" if qwen else "llama"
-    recipe = load_recipe(path, [f"model.name_or_path=builtin:tiny-{family}"])
+    # the stand-in's context (2048 positions) is shorter than the shipped models': legal_cpt's 4096 would warn
+    shorter = ["training.max_length=2048"] if (recipe.training.get("max_length") or 0) > 2048 else []
+    recipe = load_recipe(path, [f"model.name_or_path=builtin:tiny-{family}", *shorter])
     problems = check_model(recipe)
     assert not errors(problems) and not [p for p in problems if p.severity == "warning"], problems
     trainable, total = info_counts(problems)
@@ -217,3 +219,28 @@ def test_an_adapter_merge_cannot_fold_is_a_warning(tiny_llama):
     (warning,) = [p for p in check_model(recipe_for(lora_bias=True)) if p.severity == "warning"]
     assert warning.field == "peft.lora_bias" and "a layer without a bias" in warning.message
     assert not [p for p in check_model(recipe_for()) if p.severity == "warning"]
+
+
+def test_a_max_length_past_the_models_positions(tiny_bert, tiny_llama):
+    """BERT's learned position embeddings are indexed out of range by a longer row (an error: training would
+    stop there, mid-run); a rotary model runs on over positions it never trained on (a warning)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_ns.validate.model import check_model
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    context = bert.config.max_position_embeddings
+    with pytest.raises((IndexError, RuntimeError)):  # what the error line promises
+        bert(input_ids=torch.ones(1, context + 1, dtype=torch.long))
+
+    def line(recipe, length):
+        recipe.training["max_length"] = length
+        return [p for p in check_model(recipe) if p.field == "training.max_length"]
+
+    assert line(recipe_for("builtin:tiny-bert", "seq_cls"), context) == []
+    (problem,) = line(recipe_for("builtin:tiny-bert", "seq_cls"), context + 1)
+    assert problem.is_error and f"longer than the model's {context} positions" in problem.message
+    assert problem.fix == f"set training.max_length: {context} or less"
+    (problem,) = line(recipe_for(), 4096)
+    assert problem.severity == "warning" and "never trained" in problem.message

@@ -44,6 +44,8 @@ def check_model(recipe: Recipe) -> list[Problem]:
         return problems + [recipe.problem("model.name_or_path", f"model not built on the meta device "
                                           f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
+    if (beyond := context_problem(recipe, model)) is not None:
+        problems.append(beyond)
     tokenizer, _ = reachable_tokenizer(recipe)  # none: the data checks say why
     if tokenizer is not None:
         rows = model.get_input_embeddings().num_embeddings
@@ -52,6 +54,28 @@ def check_model(recipe: Recipe) -> list[Problem]:
         if any(p is not None and p.is_error for p in found):  # training cannot start: no adapter checks
             return problems
     return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
+
+
+def context_problem(recipe: Recipe, model) -> Problem | None:
+    """A max_length past the model's positions. Learned position embeddings (GPT-2, BERT) are indexed out of
+    range by the first longer row, mid-run; rotary ones run on over positions the model never trained on.
+    Packed rows are all max_length long; unpacked ones only as long as the data makes them."""
+    config, length = model.config, recipe.training.get("max_length")
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not (context and length and length > context):
+        return None
+    import torch
+
+    tokens = model.get_input_embeddings()  # another embedding of `context` rows: positions (BERT, GPT-2)
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings >= context
+                  for m in model.modules())
+    packed = recipe.training.get("packing", recipe.model.attn_implementation.startswith("flash_attention"))
+    reach = "every packed row passes it" if packed else "a row that long passes it"
+    what = ("its learned position embeddings have no row for it: training stops there" if learned else
+            "its positions past that were never trained")
+    return recipe.problem("training.max_length", f"max_length {length} is longer than the model's {context} "
+                          f"positions: {reach}, and {what}", f"set training.max_length: {context} or less",
+                          "error" if learned else "warning")
 
 
 def bitsandbytes_problem(recipe: Recipe) -> Problem | None:
