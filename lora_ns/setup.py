@@ -174,11 +174,11 @@ def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
     ours = {"resume_from_checkpoint", *own_training_fields(recipe.task)}
     given = {k: v for k, v in recipe.training.items() if k not in ours}
+    cls = training_arguments_class(recipe.task)
     try:
-        return training_arguments_class(recipe.task)(**{**training_defaults(recipe), **given,
-                                                        "output_dir": recipe.output_dir})
+        return cls(**{**training_defaults(recipe), **given, "output_dir": recipe.output_dir})
     except (ValueError, ImportError) as err:  # __post_init__ checks values, and packages (deepspeed)
-        problem = library_problem(recipe, "training", given, err, "the HF TrainingArguments docs")
+        problem = library_problem(recipe, "training", given, err, f"the {cls.__name__} docs")
         if isinstance(err, ImportError):
             problem = replace(problem, fix=f"install what it names, or remove {problem.field}")
         raise UserError(problem)

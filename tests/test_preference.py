@@ -171,6 +171,7 @@ def test_trl_checks_the_generation_batch_naming_the_field():
                                       reward_funcs=["gsm8k"]))
     (problem,) = err.value.problems
     assert problem.field == "training.num_generations" and "divisible by num_generations" in problem.message
+    assert problem.fix == "fix training.num_generations (see the GRPOConfig docs)"  # the class that refused it
 
 
 @pytest.mark.parametrize("task, training, field, words", [
