@@ -45,7 +45,7 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
     problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
-        return Setup(None, problems + _raise_errors(deep_problems(recipe, checks)))
+        return Setup(None, problems + _raise_errors(deep_problems(recipe, checks, dry_run)))
     if left_out := {p.field.removeprefix("training.") for p in problems} & LEFT_OUT_WHEN_WARNED:
         recipe = recipe.model_copy(update={"training": {k: v for k, v in recipe.training.items()
                                                          if k not in left_out}})
@@ -56,7 +56,7 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
             peft_config(recipe)  # peft's own checks run
         except (ValueError, TypeError) as err:
             raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs"))
-    return Setup(args, problems + _raise_errors(deep_problems(recipe, checks)))
+    return Setup(args, problems + _raise_errors(deep_problems(recipe, checks, dry_run)))
 
 
 def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_training: bool = False,
@@ -78,17 +78,20 @@ def _raise_errors(problems: list[Problem]) -> list[Problem]:
     return problems
 
 
-def deep_problems(recipe: Recipe, checks: Checks) -> list[Problem]:
+def deep_problems(recipe: Recipe, checks: Checks, dry_run: bool = True) -> list[Problem]:
     """Checks that read the data sample, the model or the accelerate config (imported here: a cycle)."""
     problems: list[Problem] = []
     if checks.data:
         from lora_ns.validate.data import check_dataset
 
         problems += check_dataset(recipe)
-    if checks.model and recipe.task != "pretrain":  # pretrain has no weights to check: lora_ns.pretrain
-        from lora_ns.validate.model import check_model
+    if checks.model:
+        from lora_ns.validate.model import check_model, flash_problem
 
-        problems += check_model(recipe)
+        if recipe.task != "pretrain":
+            problems += check_model(recipe, dry_run)
+        elif flash := flash_problem(recipe, dry_run):  # pretrain builds its model (lora_ns.pretrain)
+            problems.append(flash)
     if checks.accelerate_config:
         from lora_ns.validate.launch import check_launch
 

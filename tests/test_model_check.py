@@ -116,17 +116,34 @@ def test_unreachable_hub_model_is_a_warning_without_waiting(monkeypatch):
         assert "model config not reachable" in warning.message and "model checks skipped" in warning.message
 
 
-def test_missing_flash_attention_is_one_error(tiny_llama):
+def test_missing_flash_attention_is_one_error_where_training_runs(tiny_llama, monkeypatch):
+    """flash-attn is CUDA only: validating a GPU recipe on a machine without CUDA warns (and checks the rest);
+    with CUDA, or in train's own set-up, it is the error."""
     import importlib.util
+
+    import torch
 
     from lora_ns.validate.model import check_model
 
-    problems = check_model(recipe_for(attn="flash_attention_2"))
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
-    (error,) = errors(problems)
-    assert error.field == "model.attn_implementation" and "flash-attn" in error.message
-    assert "attn_implementation: sdpa" in error.fix and "\n" not in str(error)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = recipe_for(attn="flash_attention_2")
+    (warning,) = [p for p in check_model(recipe) if p.severity == "warning"]
+    assert not errors(check_model(recipe)) and warning.field == "model.attn_implementation"
+    for cuda, dry_run in ((True, True), (False, False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        (error,) = errors(check_model(recipe, dry_run))
+        assert error.field == "model.attn_implementation" and "flash-attn" in error.message
+        assert "attn_implementation: sdpa" in error.fix and "\n" not in str(error)
+    # pretrain builds its own model, so validate checks only the attention package there
+    from lora_ns.setup import Checks, deep_problems
+
+    pretrain = load_recipe(REPO / "recipes" / "pretrain_124m.yaml", ["model.attn_implementation=flash_attention_2"])
+    for cuda, dry_run, severity in ((False, True, "warning"), (False, False, "error")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        (problem,) = deep_problems(pretrain, Checks(data=False), dry_run)
+        assert (problem.field, problem.severity) == ("model.attn_implementation", severity)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)

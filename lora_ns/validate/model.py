@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,9 +25,9 @@ from lora_ns.setup import library_problem
 SKIPPED = "model checks skipped"
 
 
-def check_model(recipe: Recipe) -> list[Problem]:
+def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
     """Problems (errors, warnings, one info line with parameter counts) found without model weights."""
-    problems = [p for p in (attention_problem(recipe), bitsandbytes_problem(recipe)) if p is not None]
+    problems = [p for p in (flash_problem(recipe, dry_run), bitsandbytes_problem(recipe)) if p is not None]
     if (missing := model_folder_problem(recipe)) is not None:
         return problems + [missing]
     config, why = load_config(recipe)
@@ -76,6 +77,16 @@ def context_problem(recipe: Recipe, model) -> Problem | None:
     return recipe.problem("training.max_length", f"max_length {length} is longer than the model's {context} "
                           f"positions: {reach}, and {what}", f"set training.max_length: {context} or less",
                           "error" if learned else "warning")
+
+
+def flash_problem(recipe: Recipe, dry_run: bool = True) -> Problem | None:
+    """A flash attention package not installed. It is CUDA only: validating a GPU recipe on a machine without
+    CUDA warns; with CUDA, or in train's set-up, it is the error (train stops before loading)."""
+    import torch
+
+    if (problem := attention_problem(recipe)) is None or not dry_run or torch.cuda.is_available():
+        return problem
+    return replace(problem, severity="warning")
 
 
 def bitsandbytes_problem(recipe: Recipe) -> Problem | None:
