@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from lora_ns.errors import Problem, UserError, fail, suggest
 from lora_ns.hf_fields import PEFT_TYPES, coerce, peft_fields, training_fields
@@ -25,7 +25,16 @@ Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", 
 TASKS = get_args(Task)
 # a recipe's dtype names -> torch's (lora_ns.model.torch_dtype); "auto" picks one (lora_ns.model.dtype_name)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DType = Literal[("auto", *TORCH_DTYPES)]
+_DTYPE_SPELLINGS = {**{name: short for short, name in TORCH_DTYPES.items()}, "half": "fp16", "float": "fp32"}
+
+
+def _short_dtype(value: Any) -> Any:
+    """torch's and HF configs' spellings (bfloat16, torch.float16, half) as the recipe's short names."""
+    return _DTYPE_SPELLINGS.get(value.removeprefix("torch."), value) if isinstance(value, str) else value
+
+
+DType = Annotated[Literal[("auto", *TORCH_DTYPES)], BeforeValidator(_short_dtype)]
+StorageDType = Annotated[Literal[("uint8", *TORCH_DTYPES)], BeforeValidator(_short_dtype)]
 PeftMethod = Literal[(*PEFT_TYPES, "full")]  # the peft methods (hf_fields.PEFT_TYPES), or a full fine-tune
 
 
@@ -57,7 +66,7 @@ class QuantizationConfig(_Section):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: DType = "auto"
-    bnb_4bit_quant_storage: Literal[("uint8", *TORCH_DTYPES)] = "uint8"
+    bnb_4bit_quant_storage: StorageDType = "uint8"
 
 
 class PeftSection(BaseModel):

@@ -94,6 +94,20 @@ def test_keys_the_libraries_dropped_say_what_replaced_them():
     assert fixes["training.group_by_length"] == "use train_sampling_strategy: group_by_length"
 
 
+def test_torch_spellings_of_a_dtype_are_read_as_the_short_names():
+    """HF configs and docs write bfloat16 / torch.float16 (torch_dtype: bfloat16, quant_storage=torch.bfloat16)."""
+    data = _copy()
+    data["model"]["dtype"] = "bfloat16"
+    data["quantization"] = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "torch.float16",
+                            "bnb_4bit_quant_storage": "bfloat16"}
+    recipe = parse_recipe(data, "r.yaml")
+    assert recipe.model.dtype == "bf16" and recipe.quantization.bnb_4bit_compute_dtype == "fp16"
+    assert recipe.quantization.bnb_4bit_quant_storage == "bf16"
+    data["model"]["dtype"] = "bfloat17"
+    with pytest.raises(UserError, match="model.dtype: got 'bfloat17'"):
+        parse_recipe(data, "r.yaml")
+
+
 def test_misspelt_values_suggest_the_closest_choice():
     from lora_ns.data import label_id
 
