@@ -45,6 +45,8 @@ CASES = [
     (rules.names_resolve, {"dataset": {"formatter": "gsm9k"}}, "dataset.formatter", "error"),
     (rules.names_resolve, {"task": "cpt"}, "dataset.formatter", "error"),
     (rules.names_resolve, {"model": {"name_or_path": "builtin:tiny-gpt9"}}, "model.name_or_path", "error"),
+    (rules.names_resolve, {"peft": {"method": "lora", "target_modules": "all_linear"}}, "peft.target_modules",
+     "error"),
     (rules.names_resolve, {"model": {"trust_remote_code": True}}, "model.trust_remote_code", "warning"),
     (rules.no_secrets_in_recipe, {"training": {"hub_token": "hf_anything"}}, "training.hub_token", "error"),
     (rules.no_secrets_in_recipe, {"peft": {"method": "prompt_tuning",
@@ -86,6 +88,13 @@ def test_rule_fires_on_its_mistake(rule, change, field, severity):
     assert [(p.field, p.severity) for p in problems] == [(field, severity)]
     assert problems[0].fix, "every message says how to fix it"
     assert problems[0].file == "r.yaml"
+
+
+def test_all_linear_misspelt_is_named():
+    """A target_modules string is a regex to peft: "all_linear" matched nothing and peft said only that."""
+    (problem,) = rules.names_resolve(make({"peft": {"method": "lora", "target_modules": "ALL_linear"}}))
+    assert problem.message == "'ALL_linear' names no module" and problem.fix == "did you mean 'all-linear'?"
+    assert not list(rules.names_resolve(make({"peft": {"method": "lora", "target_modules": "all-linear"}})))
 
 
 def test_misspelt_names_get_the_closest_one_wherever_they_are_read():

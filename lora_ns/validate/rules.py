@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -130,6 +131,10 @@ def names_resolve(r: Recipe) -> Iterator[Problem]:
                         f"task {r.task} needs {' or '.join(wanted)}", "pick a formatter made for this task")
     if problem := unknown_builtin(name, r.source, r.lines.get("model.name_or_path")):
         yield problem
+    target = r.peft.options.get("target_modules")  # a string is a regex to peft: "all_linear" matches nothing
+    spelt = isinstance(target, str) and re.sub(r"[\W_]", "", target.lower()) == "alllinear"
+    if spelt and target != "all-linear":
+        yield r.problem("peft.target_modules", f"'{target}' names no module", "did you mean 'all-linear'?")
     if r.model.trust_remote_code:
         yield r.problem("model.trust_remote_code", "the model's own Python code will run on this machine",
                         "keep it only for a model you trust", severity="warning")
