@@ -44,7 +44,8 @@ VOCAB_MULTIPLE = 64  # a grown vocab is rounded up to this: matmul-friendly (GPT
 # --- architecture and tokenizer -------------------------------------------------------------------
 
 def architecture(recipe: Recipe, tokenizer=None):
-    """The config `model.config` names, its vocab grown to fit the tokenizer, special tokens taken from it."""
+    """The config `model.config` names: its vocab grown to fit the tokenizer, special tokens taken from it,
+    and its positions to max_length."""
     import transformers
 
     name = recipe.model.config or ""
@@ -59,6 +60,10 @@ def architecture(recipe: Recipe, tokenizer=None):
             raise UserError(recipe.problem("model.config", f"no architecture config '{name}': {why}",
                                            f"use a preset ({', '.join(PRESETS)}), a folder with config.json, "
                                            "or a hub id whose config is cached"))
+    length = recipe.training.get("max_length")
+    if length and getattr(config, "max_position_embeddings", 0) < length:
+        # from scratch every position is trained: a GPT-2 preset's 1024 learned ones would stop a longer row
+        config.max_position_embeddings = length  # (GPT2Config maps the name to n_positions)
     if tokenizer is not None:
         if len(tokenizer) > config.vocab_size:
             config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

@@ -154,6 +154,22 @@ def test_vocab_grows_to_fit_the_tokenizer():
     assert grown.eos_token_id == tokenizer.eos_token_id
 
 
+def test_learned_positions_grow_to_max_length(tmp_path):
+    """GPT-2's positions are learned embeddings (1024 in the presets): packed rows of a longer max_length
+    stopped the first step. From scratch every position is trained, so the architecture takes max_length."""
+    from transformers import GPT2Config
+
+    from lora_ns.pretrain import architecture
+
+    folder = tmp_path / "gpt2-tiny"
+    GPT2Config(vocab_size=1024, n_positions=16, n_embd=32, n_layer=1, n_head=2).save_pretrained(folder)
+    data = pretrain_data(tmp_path / "out", max_steps=2, save_steps=2, max_length=32)
+    data["model"]["config"] = str(folder)
+    assert architecture(parse_recipe(data, "p.yaml")).n_positions == 32
+    summary = train_cli(tmp_path / "out", write(tmp_path / "p.yaml", data))
+    assert summary["steps"] == 2
+
+
 def test_cache_key_follows_corpus_max_length_and_tokenizer(tmp_path):
     from lora_ns.pretrain import cache_key, pretrain_tokenizer
 
