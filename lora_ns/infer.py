@@ -22,6 +22,7 @@ from lora_ns.errors import UserError, fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import (RECIPE_FILE, classify, generate, is_chat, load, pair_of, prompt_and_reference,
                                render_prompt)
+from lora_ns.model import context_length
 
 PROG = "lora_ns.infer"
 # The flags of the scripts lora_ns descends from (inference.py; README, "Train a recipe on GPUs") and of
@@ -142,12 +143,6 @@ def shown(result: dict[str, Any]) -> str:
     return result["output"]
 
 
-def context_length(model) -> int | None:
-    """The model's context in tokens, where its config gives one (GPT-2 style configs name it n_positions)."""
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def prompt_tokens(loaded, messages: list[dict[str, str]]) -> int:
     """How many tokens `messages` are once rendered as `generate` renders them."""
     rendered = render_prompt(loaded.tokenizer, messages, loaded.recipe)
@@ -157,7 +152,7 @@ def prompt_tokens(loaded, messages: list[dict[str, str]]) -> int:
 def earliest_beyond_context(loaded, messages: list[dict[str, str]], new_tokens: int) -> int:
     """How many of the earliest messages (whole exchanges) to leave out so that the conversation and a reply
     of `new_tokens` fit the model's context; the last user turn always stays."""
-    limit, dropped = context_length(loaded.model), 0
+    limit, dropped = context_length(loaded.model.config), 0
     if not limit:
         return 0
     while dropped + 1 < len(messages) and prompt_tokens(loaded, messages[dropped:]) + new_tokens > limit:
@@ -181,7 +176,7 @@ def converse(loaded, base, options: dict[str, Any]) -> None:
             if chat and (dropped := earliest_beyond_context(loaded, turn, options["max_new_tokens"])):
                 turn = turn[dropped:]
                 print(f"(the {dropped} earliest messages left out: with the reply the conversation passes "
-                      f"the model's {context_length(loaded.model)}-token context)", flush=True)
+                      f"the model's {context_length(loaded.model.config)}-token context)", flush=True)
             try:
                 result = answer(loaded, base, [{"prompt": turn}], options)[0]
             except UserError as err:  # e.g. one text for a pair classifier: say so, keep the session

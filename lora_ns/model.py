@@ -54,6 +54,11 @@ def attention_problem(recipe: Recipe) -> Problem | None:
                           f"pip install {package.split()[0]} (CUDA only), or use attn_implementation: sdpa")
 
 
+def context_length(config) -> int | None:
+    """A model config's context in tokens, where it gives one (GPT-2 style configs name it n_positions)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def gradient_checkpointing(recipe: Recipe) -> bool:
     """The recipe's choice, else on for quantized (memory-bound QLoRA) runs and off otherwise."""
     t = recipe.training

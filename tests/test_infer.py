@@ -160,7 +160,7 @@ def test_interactive_leaves_out_the_earliest_turns_past_the_context(adapter_dir,
              {"role": "user", "content": two}]
     limit = prompt_tokens(loaded, whole) + 6 - 1  # one token short of the whole conversation and its reply
     assert prompt_tokens(loaded, whole[2:]) + 6 <= limit  # the last turn alone fits
-    monkeypatch.setattr(infer, "context_length", lambda model: limit)
+    monkeypatch.setattr(infer, "context_length", lambda config: limit)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{one}\n{two}\n"))
     assert main(["--model", str(adapter_dir), "--interactive", "--greedy", "--max-new-tokens", "6"]) == 0
     alone = generate(loaded, [two], max_new_tokens=6, progress=False)[0]

@@ -18,8 +18,8 @@ from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
-from lora_ns.model import (attention_problem, auto_model_class, eos_problem, label_kwargs, load_tokenizer,
-                           model_folder_problem, vocabulary_problem)
+from lora_ns.model import (attention_problem, auto_model_class, context_length, eos_problem, label_kwargs,
+                           load_tokenizer, model_folder_problem, vocabulary_problem)
 from lora_ns.setup import library_problem
 
 SKIPPED = "model checks skipped"
@@ -61,8 +61,7 @@ def context_problem(recipe: Recipe, model) -> Problem | None:
     """A max_length past the model's positions. Learned position embeddings (GPT-2, BERT) are indexed out of
     range by the first longer row, mid-run; rotary ones run on over positions the model never trained on.
     Packed rows are all max_length long; unpacked ones only as long as the data makes them."""
-    config, length = model.config, recipe.training.get("max_length")
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context, length = context_length(model.config), recipe.training.get("max_length")
     if not (context and length and length > context):
         return None
     import torch
