@@ -219,11 +219,14 @@ def test_seq_cls_merge_keeps_the_trained_head_and_label_names(tmp_path, tiny_ber
 
 
 @pytest.mark.parametrize("config, message", [(None, "no adapter_config.json"),
-                                             ({"peft_type": "PREFIX_TUNING"}, "cannot be merged")])
+                                             ({"peft_type": "PREFIX_TUNING"}, "cannot be merged"),
+                                             ("full", "holds a whole model (a full fine-tune)")])
 def test_rejects_what_cannot_be_merged(tmp_path, capsys, config, message):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    if config:
+    if config == "full":  # a peft.method: full run saves the model itself
+        (adapter / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    elif config:
         (adapter / "adapter_config.json").write_text(json.dumps(config))
     code = run_cli("lora_ns.merge", lambda: main(["--adapter", str(adapter), "--output", str(tmp_path / "o")]))
     assert code == 2 and message in capsys.readouterr().err
