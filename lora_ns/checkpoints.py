@@ -15,6 +15,7 @@ from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.fileio import unwritable
 
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written by lora_ns.train beside the weights
 FINISHED_MARKER = "run_summary.json"  # written last by lora_ns.train
 # Trainer writes weights, optimizer, scheduler and RNG state first and this file last: a checkpoint without it
 # was cut off mid-save.
@@ -23,6 +24,14 @@ COMPLETE_MARKER = "trainer_state.json"
 
 def is_finished(output_dir: str | Path) -> bool:
     return (Path(output_dir) / FINISHED_MARKER).exists()
+
+
+def saved_recipe_file(folder: str | Path) -> Path | None:
+    """The recipe training saved for the weights in `folder`: beside them or, for a checkpoint-<step> folder
+    (which holds no copy), in the run's output_dir above it."""
+    folder = Path(folder)
+    run = folder.parent if folder.name[11:].isdigit() and folder.name.startswith("checkpoint-") else None
+    return next((f / RECIPE_FILE for f in (folder, run) if f and (f / RECIPE_FILE).is_file()), None)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.answers import extract_answer
+from lora_ns.checkpoints import RECIPE_FILE, saved_recipe_file
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import load_recipe
 from lora_ns.data import FORMATTERS, formatted_examples, label_id, render, sft_defaults
@@ -25,8 +26,7 @@ from lora_ns.data.loading import progress_bars_off
 from lora_ns.data.sources import looks_local, resolve_sample
 from lora_ns.errors import UserError, fail, program, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import (RECIPE_FILE, classify, generate, load, pair_of, preference_margin,
-                               prompt_and_reference)
+from lora_ns.inference import classify, generate, load, pair_of, preference_margin, prompt_and_reference
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              perplexity)
 
@@ -172,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         guard_output_file(out / name, args.overwrite, "--output-dir")
     if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():  # an override, no recipe
         overrides, args.recipe = [args.recipe, *overrides], None
-    if args.recipe is None and not (Path(model_path) / RECIPE_FILE).is_file():
+    if args.recipe is None and not (saved := saved_recipe_file(model_path)):
         raise fail(model_path, "--adapter" if args.adapter else "--model", f"no {RECIPE_FILE} there to "
                    "evaluate with", "pass the recipe the model was trained with before --adapter/--model")
-    args.recipe = args.recipe or str(Path(model_path) / RECIPE_FILE)
+    args.recipe = args.recipe or str(saved)
     recipe = load_recipe(args.recipe, overrides)  # schema only: training-time rules don't apply here
     kind = eval_kind(recipe)
     if args.metric and kind in ("preference", "perplexity"):

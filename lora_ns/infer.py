@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_ns.checkpoints import saved_recipe_file
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sources
 from lora_ns.data.formatters import FORMATTERS, RowError, check_messages, text_value
 from lora_ns.errors import UserError, fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import (RECIPE_FILE, classify, generate, is_chat, load, pair_of, prompt_and_reference,
+from lora_ns.inference import (classify, generate, is_chat, load, pair_of, prompt_and_reference,
                                render_prompt)
 from lora_ns.model import context_length
 
@@ -200,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         raise fail("<command line>", "--pair", "needs --prompt (the first text)", "pass both")
     one = {"prompt": args.prompt} if args.pair is None else {"sentence1": args.prompt, "sentence2": args.pair}
     rows = read_inputs(args.input_file) if args.input_file else [one]
-    saved = Path(args.model, RECIPE_FILE)  # training's, beside the weights: read once, here, for `load` too
-    recipe = load_recipe(args.recipe) if args.recipe else load_recipe(saved) if saved.is_file() else None
+    saved = saved_recipe_file(args.model)  # training's: read once, here, for `load` too
+    recipe = load_recipe(args.recipe) if args.recipe else load_recipe(saved) if saved else None
     if not args.interactive:
         classifier_inputs(rows, recipe)  # one text for a pair classifier: said before the weights load
     loaded, base = load(args.model, base=args.base, recipe=recipe), None

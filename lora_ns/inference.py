@@ -19,13 +19,13 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.adapters import merge_blocker
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.checkpoints import safetensors_defect
+from lora_ns.checkpoints import safetensors_defect, saved_recipe_file
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line, program
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
 
-ADAPTER_CONFIG, RECIPE_FILE, MERGE_INFO = "adapter_config.json", "recipe.yaml", "merge_info.json"
+ADAPTER_CONFIG, MERGE_INFO = "adapter_config.json", "merge_info.json"
 PromptInput = str | list[dict[str, str]]
 
 
@@ -160,8 +160,8 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
     local, rounded = Path(path), 0
     if not local.exists() and path.startswith((os.sep, ".", "~")):
         raise fail(path, "--model", "model folder not found", "check the path (an output_dir?)")
-    if recipe is None and (local / RECIPE_FILE).is_file():  # training (and merge) save it beside the weights
-        recipe = load_recipe(local / RECIPE_FILE)
+    if recipe is None and (saved := saved_recipe_file(local)):  # training and merge save it with the weights
+        recipe = load_recipe(saved)
     trust = bool(recipe and recipe.model.trust_remote_code)
     with one_line_errors(path, "--model"):
         if is_adapter_dir(local):

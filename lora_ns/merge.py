@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.adapters import merge_blocker
+from lora_ns.checkpoints import RECIPE_FILE, saved_recipe_file
 from lora_ns.command_line import CommandParser
 from lora_ns.config import TORCH_DTYPES, load_recipe
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import atomic_folder, unwritable, write_json_atomic
-from lora_ns.inference import (ADAPTER_CONFIG, MERGE_INFO, RECIPE_FILE, is_adapter_dir, load,
-                               read_adapter_config)
+from lora_ns.inference import ADAPTER_CONFIG, MERGE_INFO, is_adapter_dir, load, read_adapter_config
 from lora_ns.model import torch_dtype
 
 PROG = "lora_ns.merge"
@@ -112,8 +112,8 @@ def merge(adapter_dir: str, output: str, base: str | None = None, dtype: str | N
     with atomic_folder(target) as folder:
         merged.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
-        if (adapter / RECIPE_FILE).is_file():
-            shutil.copy2(adapter / RECIPE_FILE, folder / RECIPE_FILE)
+        if saved := saved_recipe_file(adapter):  # a checkpoint's is its run's
+            shutil.copy2(saved, folder / RECIPE_FILE)
         write_json_atomic(folder / MERGE_INFO, info)
     return info
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
-from lora_ns.checkpoints import FINISHED_MARKER, last_checkpoint, resume_problem, resume_target
+from lora_ns.checkpoints import FINISHED_MARKER, RECIPE_FILE, last_checkpoint, resume_problem, resume_target
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, is_secret, load_recipe
 from lora_ns.data import build_datasets, encode_pairs
@@ -254,7 +254,7 @@ def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> Non
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(str(out))
-    write_text_atomic(out / "recipe.yaml", saved_recipe(recipe))
+    write_text_atomic(out / RECIPE_FILE, saved_recipe(recipe))
     versions = {}
     for name in ("lora_ns", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
         with suppress(PackageNotFoundError):
@@ -289,7 +289,7 @@ def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> None:
 
 def next_commands(output_dir: Path) -> list[tuple[str, str]]:
     """(what, command) pairs for what to do with a finished run, with the real paths."""
-    saved = output_dir / "recipe.yaml"
+    saved = output_dir / RECIPE_FILE
     out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(saved))
     adapter = (output_dir / "adapter_config.json").is_file()
     weights = "--adapter" if adapter else "--model"

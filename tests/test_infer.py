@@ -169,6 +169,29 @@ def test_interactive_leaves_out_the_earliest_turns_past_the_context(adapter_dir,
         f"model's {limit}-token context)\n>>> {two}\n{alone}\n\n")
 
 
+def test_a_checkpoint_folder_is_run_with_its_runs_recipe(adapter_dir, loaded, tmp_path, capsys):
+    """checkpoint-<step> folders hold no recipe.yaml: infer on one rendered prompts without the run's system
+    prompt, template or task (answers to a question training never asked), and merge dropped it."""
+    import shutil
+
+    from lora_ns.checkpoints import saved_recipe_file
+    from lora_ns.merge import main as merge_main
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-2"
+    shutil.copytree(adapter_dir, checkpoint, ignore=shutil.ignore_patterns("recipe.yaml"))
+    shutil.copy2(adapter_dir / "recipe.yaml", run / "recipe.yaml")
+    assert saved_recipe_file(checkpoint) == run / "recipe.yaml" and saved_recipe_file(tmp_path) is None
+    from_checkpoint = load(str(checkpoint))
+    assert from_checkpoint.recipe.model_dump() == loaded.recipe.model_dump()
+    assert loaded.recipe.dataset.system_prompt == "Answer briefly."  # renders differently without the recipe
+    assert main(["--model", str(checkpoint), "--prompt", PROMPTS[0], "--greedy", "--max-new-tokens", "6"]) == 0
+    expected = generate(loaded, [PROMPTS[0]], max_new_tokens=6, progress=False)[0]
+    assert capsys.readouterr().out.strip() == expected
+    assert merge_main(["--adapter", str(checkpoint), "--output", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
+
+
 def test_prompt_and_reference_of_a_row():
     """infer and evaluate split a row alike: a conversation ending on an assistant turn is asked up to that
     turn, which is the reference; one ending on a user turn is asked whole."""
