@@ -30,15 +30,21 @@ def saved_recipe_file(folder: str | Path) -> Path | None:
     """The recipe training saved for the weights in `folder`: beside them or, for a checkpoint-<step> folder
     (which holds no copy), in the run's output_dir above it."""
     folder = Path(folder)
-    run = folder.parent if folder.name[11:].isdigit() and folder.name.startswith("checkpoint-") else None
+    run = folder.parent if checkpoint_step(folder) is not None else None
     return next((f / RECIPE_FILE for f in (folder, run) if f and (f / RECIPE_FILE).is_file()), None)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder's name, else None."""
+    step = folder.name.removeprefix("checkpoint-")
+    return int(step) if step != folder.name and step.isdigit() else None
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """``checkpoint-<step>`` folders, oldest step first (by number: 10 comes after 9). Not transformers'
     sort_checkpoints: validate's output-dir check runs without importing torch."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
+    steps = {p: checkpoint_step(p) for p in Path(output_dir).glob("checkpoint-*") if p.is_dir()}
+    return sorted((p for p, step in steps.items() if step is not None), key=steps.__getitem__)
 
 
 def output_dir_problem(recipe: Recipe) -> Problem | None:

@@ -50,10 +50,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def check_paths(adapter: Path, output: Path, overwrite: bool) -> None:
     where, new = str(output), "choose a new folder"
-    if not is_adapter_dir(adapter) and (adapter / "config.json").is_file():  # peft.method: full
-        raise fail(str(adapter), "--adapter", "holds a whole model (a full fine-tune): there is no adapter "
-                   "to merge", f"use it as it is (lora_ns.infer --model {adapter})")
     if not is_adapter_dir(adapter):
+        if (adapter / "config.json").is_file():  # peft.method: full
+            raise fail(str(adapter), "--adapter", "holds a whole model (a full fine-tune): there is no "
+                       "adapter to merge", f"use it as it is (lora_ns.infer --model {adapter})")
         raise fail(str(adapter), "--adapter", f"no {ADAPTER_CONFIG} there",
                    "point it at a training output_dir")
     if output.resolve() == adapter.resolve():

@@ -81,11 +81,11 @@ def context_problem(recipe: Recipe, model) -> Problem | None:
 def flash_problem(recipe: Recipe, dry_run: bool = True) -> Problem | None:
     """A flash attention package not installed. It is CUDA only: validating a GPU recipe on a machine without
     CUDA warns; with CUDA, or in train's set-up, it is the error (train stops before loading)."""
+    if (problem := attention_problem(recipe)) is None or not dry_run:
+        return problem
     import torch
 
-    if (problem := attention_problem(recipe)) is None or not dry_run or torch.cuda.is_available():
-        return problem
-    return replace(problem, severity="warning")
+    return problem if torch.cuda.is_available() else replace(problem, severity="warning")
 
 
 def bitsandbytes_problem(recipe: Recipe) -> Problem | None:
