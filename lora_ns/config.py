@@ -2,9 +2,10 @@
 
 `model`, `quantization` and `dataset` are our own (pydantic, unknown keys rejected); `peft` is a
 `method` plus the fields of that method's peft config class; `training` is passed through to TRL's
-`SFTConfig` (causal_lm, cpt) or transformers' `TrainingArguments` (seq_cls), so users write the
-argument names they already know. `load_recipe` applies command-line overrides, checks every key,
-and raises one `UserError` listing every problem with its field path and YAML line.
+`SFTConfig` (causal_lm, cpt, pretrain: lora_ns.pretrain), `DPOConfig`, ... (lora_ns.preference) or
+transformers' `TrainingArguments` (seq_cls), so users write the argument names they already know.
+`load_recipe` applies command-line overrides, checks every key, and raises one `UserError` listing every
+problem with its field path and YAML line.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from lora_ns.errors import Problem, UserError, fail, suggest
 from lora_ns.hf_fields import PEFT_TYPES, coerce, peft_fields, training_fields
 from lora_ns.yaml_reader import read_yaml
 
-# pretrain: lora_ns.pretrain; dpo/orpo/kto/grpo: lora_ns.preference
 Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
 TASKS = get_args(Task)
+SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
 # a recipe's dtype names -> torch's (lora_ns.model.torch_dtype); "auto" picks one (lora_ns.model.dtype_name)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _DTYPE_SPELLINGS = {**{name: short for short, name in TORCH_DTYPES.items()}, "half": "fp16", "float": "fp32"}
@@ -272,11 +273,8 @@ def _check_sections(data: dict[str, Any], source: str, lines: dict[str, int]) ->
                                     "indent its fields under it", lines.get(section)))
             continue
         known = _known_keys(section, data)
-        fields: dict[str, str] = {}
-        if section == "training":
-            fields = training_fields(data.get("task", "causal_lm"))
-        elif section == "peft":
-            fields = peft_fields(body.get("method", "lora"))
+        fields = (training_fields(data.get("task", "causal_lm")) if section == "training"
+                  else peft_fields(body.get("method", "lora")) if section == "peft" else {})
         for key, value in body.items():
             path = f"{section}.{key}"
             if section in ("training", "peft") and key.endswith("_strategy") and value is False:
@@ -323,8 +321,8 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
                  lines: dict[str, int] | None = None) -> Recipe:
     """Validate a raw recipe dict into a `Recipe` (schema only; cross-field rules: lora_ns.validate.rules)."""
     lines = lines or {}
-    if "task" in data and data["task"] not in Task.__args__:
-        raise fail(source, "task", f"got {data['task']!r}", suggest(str(data["task"]), Task.__args__),
+    if "task" in data and data["task"] not in TASKS:
+        raise fail(source, "task", f"got {data['task']!r}", suggest(str(data["task"]), TASKS),
                    lines.get("task"))
     model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
     if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:

@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.config import Recipe
+from lora_ns.config import SFT_TASKS, Recipe
 from lora_ns.errors import UserError, first_line
-from lora_ns.model import gradient_checkpointing, selective_checkpointing, torch_dtype
+from lora_ns.model import gradient_checkpointing, packs, selective_checkpointing, torch_dtype
 
 GiB = 2**30
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA/cuBLAS context: outside max_memory_allocated, still on the card
 STRATEGIES = (None, "ddp", "zero2", "zero3", "fsdp2")
-SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
 FUSED_HEAD_TASKS = (*SFT_TASKS, "dpo", "kto", "grpo")  # their TRL trainer scores tokens with lm_head.weight
 PAIRED_TASKS = ("dpo", "orpo")  # chosen + rejected: 2 x per_device_train_batch_size rows per forward
 SFT_DEFAULT_MAX_LENGTH = 1024  # SFTConfig.max_length's default, when the recipe sets none
@@ -259,8 +258,8 @@ def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, 
             return guess + completion, f"{budget} + {guess} prompt tokens: no data sample"
         return max(row_lengths) + completion, f"the longest of {len(row_lengths)} sampled prompts + {budget}"
     limit = int(t.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
-    if t.get("packing") or not row_lengths:
-        return limit, "packed to max_length" if t.get("packing") else "max_length: no data sample"
+    if packs(recipe) or not row_lengths:
+        return limit, "packed to max_length" if packs(recipe) else "max_length: no data sample"
     capped = ", capped at max_length" if max(row_lengths) > limit else ""
     multiple = int(t.get("pad_to_multiple_of") or 1)
     seq = math.ceil(min(max(row_lengths), limit) / multiple) * multiple

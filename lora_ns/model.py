@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.config import TORCH_DTYPES, Recipe
+from lora_ns.config import SFT_TASKS, TORCH_DTYPES, Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.pretrain import init_model, pretrain_tokenizer
 
@@ -63,6 +63,13 @@ def gradient_checkpointing(recipe: Recipe) -> bool:
     """The recipe's choice, else on for quantized (memory-bound QLoRA) runs and off otherwise."""
     t = recipe.training
     return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", recipe.quantized)))
+
+
+def packs(recipe: Recipe) -> bool:
+    """Whether training packs rows into max_length-long blocks: the recipe's ``training.packing``, else
+    lora_ns's default, on for the SFT tasks under flash attention (`setup.training_defaults`)."""
+    flash = recipe.model.attn_implementation.startswith("flash_attention")
+    return bool(recipe.training.get("packing", flash and recipe.task in SFT_TASKS))
 
 
 def selective_checkpointing(recipe: Recipe) -> bool:

@@ -17,7 +17,7 @@ from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sft_defaults
 from lora_ns.errors import Problem, UserError, first_line, program
 from lora_ns.hf_fields import own_training_fields
-from lora_ns.model import gradient_checkpointing, torch_dtype
+from lora_ns.model import gradient_checkpointing, packs, torch_dtype
 from lora_ns.preference import PREFERENCE_TASKS, config_class
 
 
@@ -151,7 +151,7 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults["remove_unused_columns"] = False  # the reward functions read the reference column
     elif recipe.task not in PREFERENCE_TASKS and recipe.task != "seq_cls":
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
-        if recipe.model.attn_implementation.startswith("flash_attention"):
+        if packs(recipe) and "packing" not in recipe.training:
             defaults.update(packing=True, packing_strategy="bfd")
         elif recipe.task != "pretrain" and not (recipe.dataset.streaming or recipe.training.get("packing")):
             # sdpa/eager: batch rows of similar length (HF's LengthGroupedSampler), the fastest exact choice:

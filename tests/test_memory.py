@@ -181,8 +181,8 @@ def test_batch_length_follows_packing_padding_multiple_and_the_cap():
     from lora_ns.config import parse_recipe
     from lora_ns.memory import batch_length
 
-    def recipe(**training):
-        return parse_recipe({"model": {"name_or_path": "builtin:tiny-qwen2"},
+    def recipe(attention: str = "sdpa", **training):
+        return parse_recipe({"model": {"name_or_path": "builtin:tiny-qwen2", "attn_implementation": attention},
                              "dataset": {"path": "sample:gsm8k"},
                              "training": {"max_length": 256, **training}}, "r.yaml")
 
@@ -190,6 +190,9 @@ def test_batch_length_follows_packing_padding_multiple_and_the_cap():
     assert batch_length(recipe(pad_to_multiple_of=64), [10, 100]) == (128, "the longest of 2 sampled rows")
     assert batch_length(recipe(), [10, 900]) == (256, "the longest of 2 sampled rows, capped at max_length")
     assert batch_length(recipe(packing=True), [10, 100]) == (256, "packed to max_length")
+    # flash attention packs by default (setup.training_defaults): rows are max_length long, not the sample's
+    assert batch_length(recipe("flash_attention_2"), [10, 100]) == (256, "packed to max_length")
+    assert batch_length(recipe("flash_attention_2", packing=False), [10, 100])[0] == 100
     assert batch_length(recipe(), []) == (256, "max_length: no data sample")
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_ns.checkpoints import resume_target
-from lora_ns.config import Recipe
+from lora_ns.config import SFT_TASKS, Recipe
 from lora_ns.errors import Problem, first_line, suggest
-from lora_ns.memory import SFT_TASKS
 
 
 def run_problems(recipe: Recipe, args) -> list[Problem]:

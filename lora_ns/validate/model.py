@@ -19,7 +19,7 @@ from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import (attention_problem, auto_model_class, context_length, eos_problem, label_kwargs,
-                           load_tokenizer, model_folder_problem, vocabulary_problem)
+                           load_tokenizer, model_folder_problem, packs, vocabulary_problem)
 from lora_ns.setup import library_problem
 
 SKIPPED = "model checks skipped"
@@ -69,8 +69,7 @@ def context_problem(recipe: Recipe, model) -> Problem | None:
     tokens = model.get_input_embeddings()  # another embedding of `context` rows: positions (BERT, GPT-2)
     learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings >= context
                   for m in model.modules())
-    packed = recipe.training.get("packing", recipe.model.attn_implementation.startswith("flash_attention"))
-    reach = "every packed row passes it" if packed else "a row that long passes it"
+    reach = "every packed row passes it" if packs(recipe) else "a row that long passes it"
     what = ("its learned position embeddings have no row for it: training stops there" if learned else
             "its positions past that were never trained")
     return recipe.problem("training.max_length", f"max_length {length} is longer than the model's {context} "

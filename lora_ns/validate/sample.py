@@ -10,10 +10,9 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
-from lora_ns.config import Recipe
+from lora_ns.config import SFT_TASKS, Recipe
 from lora_ns.data import build_datasets
 from lora_ns.data.loading import progress_bars_off
-from lora_ns.memory import SFT_TASKS
 from lora_ns.model import load_tokenizer
 from lora_ns.setup import training_arguments
 from lora_ns.validate.model import reachable_tokenizer
