@@ -39,11 +39,13 @@ class Setup:
 def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
     """Check and build everything training needs before the weights (see the module docstring)."""
     from lora_ns.validate.arguments import run_problems  # validate/__init__ imports this module
+    from lora_ns.validate.launch import launch_processes
     from lora_ns.validate.rules import LEFT_OUT_WHEN_WARNED, check_rules
 
     if not dry_run:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
-    problems = _raise_errors(check_rules(recipe, for_training=not dry_run))
+    processes = launch_processes(checks.accelerate_config) if dry_run else 1
+    problems = _raise_errors(check_rules(recipe, not dry_run, processes))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
         return Setup(None, problems + _raise_errors(deep_problems(recipe, checks, dry_run)))
     if left_out := {p.field.removeprefix("training.") for p in problems} & LEFT_OUT_WHEN_WARNED:

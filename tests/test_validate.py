@@ -219,6 +219,18 @@ def test_a_ddp_backend_in_a_single_process_run_is_left_out_with_a_warning(capsys
     assert warning in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
 
 
+def test_a_ddp_backend_validated_for_a_launch_of_several_processes_is_not_warned_about(capsys, monkeypatch):
+    """Under --accelerate-config multi_gpu (8 processes) the backend is what that launch uses: the "run of one"
+    warning was wrong there. It is still left out of this one process's arguments (they would not build)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    assert validate_main([quickstart, "--no-data", "--accelerate-config", "multi_gpu",
+                          "training.ddp_backend=gloo"]) == 0
+    err = capsys.readouterr().err
+    assert "run of one" not in err and "warning: " + quickstart + ": training.ddp_backend" not in err
+    assert "info: " + quickstart + ": training.ddp_backend: ddp_backend 'gloo' is for the 8 launched" in err
+
+
 def test_a_deepspeed_config_without_deepspeed_warns_when_validating_and_stops_training(capsys, tmp_path,
                                                                                      monkeypatch):
     """As vLLM: validate on a machine without the package (TrainingArguments imported it and failed with a

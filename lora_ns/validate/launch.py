@@ -263,6 +263,15 @@ LAUNCH_RULES = (eight_bit_not_shardable, quant_storage_matches_dtype, zero3_flag
                 fsdp_checkpointing, mixed_precision_agrees, machine_fits)
 
 
+def launch_processes(path: str | None) -> int:
+    """num_processes of an accelerate config; 1 without one, or when it cannot be read (`check_launch` says
+    why)."""
+    try:
+        return int(read_launch_config(path).data.get("num_processes") or 1) if path else 1
+    except UserError:
+        return 1
+
+
 def check_launch(recipe: Recipe, accelerate_config_path: str) -> list[Problem]:
     """Problems with the accelerate config itself, then with this recipe launched under it."""
     try:

@@ -275,11 +275,17 @@ def package_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
                         "error" if for_training else "warning")
 
 
-def single_process_problems(r: Recipe) -> Iterator[Problem]:
+def single_process_problems(r: Recipe, processes: int = 1) -> Iterator[Problem]:
     """ddp_backend in a run of one process (no launcher set WORLD_SIZE): accelerate then asks torch for the
     world size of a process group nobody started, and the Trainer's arguments fail to build. The backend only
-    matters across processes, so a run of one leaves it out (see `LEFT_OUT_WHEN_WARNED`)."""
-    if (backend := r.training.get("ddp_backend")) and int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+    matters across processes, so a run of one leaves it out (see `LEFT_OUT_WHEN_WARNED`); validating for a
+    launch config of several `processes`, that is only said."""
+    if not (backend := r.training.get("ddp_backend")) or int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        return
+    if processes > 1:
+        yield r.problem("training.ddp_backend", f"ddp_backend '{backend}' is for the {processes} launched "
+                        "processes: checked here without it", severity="info")
+    else:
         yield r.problem("training.ddp_backend", f"ddp_backend '{backend}' applies under a launcher of "
                         "several processes; a run of one (as here) leaves it out",
                         "to use it, train with accelerate launch --config_file "
@@ -306,7 +312,8 @@ def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
                         else "warning")
 
 
-def check_rules(r: Recipe, for_training: bool = False) -> list[Problem]:
+def check_rules(r: Recipe, for_training: bool = False, processes: int = 1) -> list[Problem]:
+    """Every rule; `processes`: how many the launch config being validated for starts."""
     here = [*hardware_problems(r, for_training), *package_problems(r, for_training),
-            *hub_problems(r, for_training), *single_process_problems(r)]
+            *hub_problems(r, for_training), *single_process_problems(r, processes)]
     return [p for rule in RULES for p in rule(r)] + here  # here: what the machine and launch decide
