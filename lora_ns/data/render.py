@@ -33,8 +33,7 @@ def template_problem(template: str) -> str | None:
             shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
             return f"placeholder {shown} is not a plain name; use only {allowed}"
     names = [name for name, _, _ in fields]
-    unknown = sorted(set(names) - set(TEMPLATE_FIELDS))
-    if unknown:
+    if unknown := sorted(set(names) - set(TEMPLATE_FIELDS)):
         shown = ", ".join("{" + n + "}" for n in unknown)
         return f"unknown placeholder(s) {shown}; use {{prompt}} (and {{system}})"
     if "prompt" not in names:
@@ -42,17 +41,13 @@ def template_problem(template: str) -> str | None:
     return None
 
 
-def has_chat_template(tokenizer) -> bool:
-    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-
-
 def uses_chat_template(recipe: Recipe, tokenizer) -> bool:
     """Prompt/completion rows go out as chat messages: a chat template and no explicit prompt_template."""
-    return recipe.dataset.prompt_template is None and has_chat_template(tokenizer)
+    return recipe.dataset.prompt_template is None and bool(getattr(tokenizer, "chat_template", None))
 
 
 def require_chat_template(recipe: Recipe, tokenizer) -> None:
-    if not has_chat_template(tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
         raise UserError(recipe.problem(
             "dataset.formatter", f"formatter '{recipe.dataset.formatter}' gives chat messages but the "
             "tokenizer has no chat template",
@@ -63,16 +58,6 @@ def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dic
     if system and not (messages and messages[0]["role"] == "system"):
         return [{"role": "system", "content": system}] + messages
     return messages
-
-
-def format_prompt(prompt: str, recipe: Recipe) -> str:
-    """A plain-text prompt from the recipe's prompt_template (or the default one)."""
-    template = recipe.dataset.prompt_template or DEFAULT_PROMPT_TEMPLATE
-    system = recipe.dataset.system_prompt or ""
-    text = template.format(prompt=prompt, system=system)
-    if system and "{system}" not in template:
-        text = f"{system}\n\n{text}"
-    return text
 
 
 def split_last_reply(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
@@ -100,7 +85,9 @@ def render(example: dict[str, Any], recipe: Recipe, tokenizer=None) -> dict[str,
             raise RowError("prompt", "a multi-turn prompt needs a chat template; "
                            "unset dataset.prompt_template")
         prompt = prompt[0]["content"]
-    return {**example, "prompt": format_prompt(prompt, recipe)}
+    template = recipe.dataset.prompt_template or DEFAULT_PROMPT_TEMPLATE  # plain text: the prompt template
+    text = template.format(prompt=prompt, system=system or "")
+    return {**example, "prompt": f"{system}\n\n{text}" if system and "{system}" not in template else text}
 
 
 def prompt_text(example: dict[str, Any], recipe: Recipe, tokenizer) -> str:
