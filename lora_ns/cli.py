@@ -15,7 +15,7 @@ from typing import Sequence
 
 from lora_ns import __version__
 from lora_ns.command_line import CommandParser
-from lora_ns.errors import Problem, UserError, exit_now, run_cli, suggest
+from lora_ns.errors import exit_now, fail, run_cli, suggest
 
 PROG = "lora-ns"
 
@@ -53,11 +53,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unknown_command(word: str) -> UserError:
-    return UserError(Problem("<command line>", word, "unknown command",
-                             suggest(word, COMMANDS)))
-
-
 def _exit_code(exc: SystemExit) -> int:
     """The int a `SystemExit` stands for (argparse raises it for --help and for bad arguments)."""
     if exc.code is None:
@@ -77,8 +72,8 @@ def run_command(name: str, args: list[str]) -> int:
     except ModuleNotFoundError as err:
         if err.name != f"lora_ns.{module_name}":  # a dependency of the command is missing: not ours to hide
             raise
-        raise UserError(Problem("<command line>", name, "this command is not available in this install",
-                                "update lora_ns (pip install -U lora_ns)"))
+        raise fail("<command line>", name, "this command is not available in this install",
+                   "update lora_ns (pip install -U lora_ns)")
     try:
         code = run_cli(f"{PROG} {name}", lambda: module.main([*flags, *args]))
     except SystemExit as exc:
@@ -97,13 +92,13 @@ def dispatch(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         args = make_parser().parse_args(argv)  # prints --help / --version and exits
         if args.command is None:
-            raise UserError(Problem("<command line>", "", "no command given",
-                                    f"run '{PROG} --help'; commands: {', '.join(COMMANDS)}"))
+            raise fail("<command line>", "", "no command given",
+                       f"run '{PROG} --help'; commands: {', '.join(COMMANDS)}")
         argv = [args.command, *args.args]
     name, rest = argv[0], argv[1:]
     name = command_name(name)
     if name not in COMMANDS:
-        raise _unknown_command(name)
+        raise fail("<command line>", name, "unknown command", suggest(name, COMMANDS))
     return run_command(name, rest)
 
 

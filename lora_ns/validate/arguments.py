@@ -25,6 +25,7 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
             "training.warmup_steps", f"warmup_steps {args.warmup_steps:g} spans the whole run of max_steps "
             f"{args.max_steps}: the learning rate never reaches learning_rate",
             "lower it, or give a share of the run (e.g. 0.03)", "warning"))
+    from accelerate.utils import DynamoBackend
     from transformers.integrations import get_available_reporting_integrations
     from transformers.utils import is_liger_kernel_available
 
@@ -38,16 +39,19 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if (args.gradient_checkpointing_kwargs or {}).get("selective") and not args.gradient_checkpointing:
         problems.append(recipe.problem("training.gradient_checkpointing_kwargs", "selective checkpointing "
                                        "with checkpointing off", "set training.gradient_checkpointing: true"))
-    if args.gradient_checkpointing and (unknown := checkpoint_kwargs_unknown(args)):
-        problems.append(recipe.problem("training.gradient_checkpointing_kwargs", f"torch's checkpoint takes "
-                                       f"no '{unknown}' (it would stop at the first step)",
-                                       suggest(unknown, checkpoint_kwargs())))
+    if args.gradient_checkpointing:  # the first key torch's checkpoint does not take
+        keywords, kwargs = checkpoint_kwargs(), sorted(args.gradient_checkpointing_kwargs or {})
+        if unknown := next((k for k in kwargs if k not in keywords), None):
+            problems.append(recipe.problem("training.gradient_checkpointing_kwargs", f"torch's checkpoint "
+                                           f"takes no '{unknown}' (it would stop at the first step)",
+                                           suggest(unknown, keywords)))
     if args.optim_args and not all("=" in item for item in args.optim_args.replace(" ", "").split(",")):
         problems.append(recipe.problem("training.optim_args", f"'{args.optim_args}' is not key=value pairs",
                                        "write them as key=value,key=value (e.g. betas=0.9)"))
-    if (backend := args.torch_compile_backend) and backend.upper() not in (known := backends()):
+    backends = [b.value for b in DynamoBackend]  # torch.compile's; accelerate checks them at Trainer start
+    if (backend := args.torch_compile_backend) and backend.upper() not in backends:
         problems.append(recipe.problem("training.torch_compile_backend", f"unknown backend '{backend}'",
-                                       suggest(backend.lower(), [b.lower() for b in known])))
+                                       suggest(backend.lower(), [b.lower() for b in backends])))
     if args.save_strategy == "best" and not args.metric_for_best_model:
         problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
                                        "compare", "set training.metric_for_best_model (e.g. loss)"))
@@ -83,11 +87,6 @@ def checkpoint_kwargs() -> set[str]:
     return {p.name for p in keywords if p.kind == p.KEYWORD_ONLY} | {"preserve_rng_state", "selective"}
 
 
-def checkpoint_kwargs_unknown(args) -> str | None:
-    known = checkpoint_kwargs()
-    return next((k for k in sorted(args.gradient_checkpointing_kwargs or {}) if k not in known), None)
-
-
 # What an evaluation reports, by task: lora_ns's classification metrics, TRL 1.16's SFT token metrics and
 # preference metrics (tests/test_one_path.py and tests/test_preference.py evaluate and compare, so a rename
 # upstream fails there). GRPO evaluates by generating: not checked.
@@ -108,13 +107,6 @@ def best_model_metric_problem(recipe: Recipe, args) -> Problem | None:
     return recipe.problem("training.metric_for_best_model", f"'{wanted}' is not a metric the {recipe.task} "
                           "evaluation reports: training would stop at its first evaluation",
                           suggest(wanted.removeprefix("eval_"), known))
-
-
-def backends() -> list[str]:
-    """torch.compile backends accelerate accepts (it checks them only when the Trainer starts)."""
-    from accelerate.utils import DynamoBackend
-
-    return [b.value for b in DynamoBackend]
 
 
 # torch's optimizers check their settings when built (after the weights load): message -> recipe key

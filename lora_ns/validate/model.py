@@ -5,6 +5,7 @@ error, and peft's own config checks ran in `lora_ns.setup` already."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import socket
 from dataclasses import replace
@@ -209,8 +210,10 @@ def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
                               "scores tokens with lm_head.weight itself, so it would never train",
                               "leave lm_head out of peft.target_modules")
     if recipe.peft.method == "prefix_tuning" and recipe.task == "seq_cls":
+        # peft's test before a classifier's prefix-tuning forward: its forward, or its backbone's, takes it
         base = peft_model.get_base_model()
-        if not _takes_past_key_values(base):
+        backbone = getattr(base, base.base_model_prefix, base)
+        if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (base, backbone)):
             return recipe.problem("peft.method", "peft's prefix tuning for classification needs a forward "
                                   f"that takes past_key_values; {type(base).__name__}'s does not "
                                   "(transformers 5 names it cache)",
@@ -220,14 +223,6 @@ def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
                               "model", "set peft.lora_bias: false, unless it is only used as an adapter",
                               severity="warning")
     return None
-
-
-def _takes_past_key_values(model) -> bool:
-    """peft's test before a classifier's prefix-tuning forward: its forward, or its backbone's, takes it."""
-    import inspect
-
-    backbone = getattr(model, model.base_model_prefix, model)
-    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
 def parameter_count(recipe: Recipe, model) -> list[Problem]:

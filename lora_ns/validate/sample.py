@@ -6,6 +6,7 @@ Loss tokens are shown [[in double brackets]] (green on a terminal), with the sha
 
 from __future__ import annotations
 
+import itertools
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -72,22 +73,10 @@ def prepared_rows(args, rows, tokenizer) -> list[dict]:
 
 def marked_text(row: dict, colour: bool) -> str:
     """The example's text with the loss-carrying runs of tokens marked."""
-    tokenizer, out, run, in_loss = row["tokenizer"], [], [], False
     start, end = ("\033[32m", "\033[0m") if colour else ("[[", "]]")
-
-    def flush() -> None:
-        if run:
-            text = tokenizer.decode(run)
-            out.append(f"{start}{text}{end}" if in_loss else text)
-            run.clear()
-
-    for token, label in zip(row["input_ids"], row["labels"]):
-        if (label != -100) != in_loss:
-            flush()
-            in_loss = label != -100
-        run.append(token)
-    flush()
-    return "".join(out)
+    runs = itertools.groupby(zip(row["input_ids"], row["labels"]), key=lambda pair: pair[1] != -100)
+    texts = ((loss, row["tokenizer"].decode([token for token, _ in run])) for loss, run in runs)
+    return "".join(f"{start}{text}{end}" if loss else text for loss, text in texts)
 
 
 def show_sample(recipe: Recipe, count: int) -> list[str]:
