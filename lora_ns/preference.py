@@ -30,7 +30,9 @@ TASKS: dict[str, tuple[str, str, str, str]] = {
 }
 PREFERENCE_TASKS = tuple(TASKS)
 RewardFunc = Callable[..., list[float]]
-TRL_REWARD_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state")  # beside the data columns
+# what GRPOTrainer._calculate_rewards passes beside the data columns (tests/test_preference.py trains with a
+# reward taking exactly these: a name TRL adds fails there)
+TRL_REWARD_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 _ANSWER_LINE = re.compile(r"^\s*####\s*(\S+)\s*$", re.MULTILINE)
 
 

@@ -14,7 +14,8 @@ from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
 from lora_ns.inference import preference_margin
-from lora_ns.preference import answer_format, check_preference_recipe, gsm8k_exact_match, resolve_rewards
+from lora_ns.preference import (answer_format, check_preference_recipe, completion_text, gsm8k_exact_match,
+                                resolve_rewards)
 
 SAMPLE = {"dpo": ("preference", "preference"), "orpo": ("ultrafeedback", "ultrafeedback"),
           "kto": ("kto", "kto"), "grpo": ("gsm8k", "gsm8k_prompt")}
@@ -407,6 +408,33 @@ def test_evaluation_scores_the_tokens_dpo_trains_on(template, tmp_path):
 def even_tokens(prompts, completions, completion_ids, **kwargs):
     """Fraction of completion tokens with an even id: half the vocabulary, so every group has a spread."""
     return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def reward_without_kwargs(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, answer):
+    """A user reward naming every argument GRPOTrainer passes, and no **kwargs."""
+    return [float(len(completion_text(c)) > 0) for c in completions]
+
+
+def reward_missing_log_kwargs(prompts, completions, completion_ids, trainer_state, answer):
+    """Without TRL's log_extra / log_metric (added in TRL 1.x): the first step stopped on it."""
+    return [0.0 for _ in completions]
+
+
+def test_a_reward_that_cannot_take_what_grpo_passes_is_refused_and_one_that_can_trains(tmp_path):
+    """The signature check binds exactly what GRPOTrainer passes: a reward without log_extra passed validate and
+    stopped the first step ("unexpected keyword argument 'log_extra'"); one taking all of them trains."""
+    from lora_ns.setup import setup
+    from lora_ns.train import run_training
+
+    def recipe(reward: str, out: str):
+        return recipe_for("grpo", tmp_path / out, max_steps=1, per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=2, reward_funcs=[f"test_preference:{reward}"])
+
+    with pytest.raises(UserError) as err:
+        setup(recipe("reward_missing_log_kwargs", "refused"), dry_run=True)
+    assert "unexpected keyword argument 'log_extra'" in str(err.value)
+    trainer, _ = run_training(recipe("reward_without_kwargs", "trained"))
+    assert trainer.state.global_step == 1
 
 
 def test_grpo_raises_the_mean_reward(tmp_path):
