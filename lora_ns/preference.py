@@ -33,6 +33,7 @@ RewardFunc = Callable[..., list[float]]
 # what GRPOTrainer._calculate_rewards passes beside the data columns (tests/test_preference.py trains with a
 # reward taking exactly these: a name TRL adds fails there)
 TRL_REWARD_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+REWARD_TRIAL_ROWS = 4  # rows each user reward is tried on before training
 _ANSWER_LINE = re.compile(r"^\s*####\s*(\S+)\s*$", re.MULTILINE)
 
 
@@ -148,6 +149,52 @@ def reference_problems(recipe: Recipe, answers: list[str | None]) -> list[Proble
                 f"{len(answers) - scored} of {len(answers)} sampled rows have {what}, so they score 0",
                 fix, "error" if none else "warning"))
     return problems
+
+
+def reward_trial_problems(recipe: Recipe, rows: list[dict[str, Any]], dry_run: bool = True) -> list[Problem]:
+    """Each user reward called on a few sampled rows as GRPOTrainer calls it, each row's reference answer as
+    its completion: a reward that breaks on the data's shape (a chat completion, a list of messages, read as
+    text; a column it lacks; one number returned for the batch) fails here, not at the first step, after the
+    weights have loaded and sampled. An error when training; a warning when validating (a judge may need a
+    service only the training machine reaches)."""
+    from transformers import TrainerState
+
+    rows, problems = rows[:REWARD_TRIAL_ROWS], []
+    texts = [row["answer"] if isinstance(row.get("answer"), str) else "" for row in rows]
+    completions = [[{"role": "assistant", "content": text}] if isinstance(row["prompt"], list) else text
+                   for row, text in zip(rows, texts)]
+    columns = {key: [row.get(key) for row in rows] for key in (rows[0] if rows else {}) if key != "prompt"}
+    for name in [n for n in recipe.training.get("reward_funcs") or [] if str(n) not in BUILTIN_REWARDS]:
+        try:
+            fn = _reward(str(name), tuple(columns))
+        except ValueError:  # reported by check_preference_recipe
+            continue
+        if inspect.iscoroutinefunction(fn):
+            continue
+        try:
+            rewards = fn(prompts=[row["prompt"] for row in rows], completions=completions,
+                         completion_ids=[[] for _ in rows], trainer_state=TrainerState(),
+                         log_extra=lambda *_, **__: None, log_metric=lambda *_, **__: None, **columns)
+            why = _reward_shape_problem(rewards, len(rows))
+        except Exception as err:  # the user's code: anything
+            why = f"raised {type(err).__name__}: {first_line(err)}"
+        if why:
+            problems.append(recipe.problem(
+                "training.reward_funcs", f"reward '{name}' {why}, called on {len(rows)} sampled rows as "
+                "GRPOTrainer calls it", "completions are text, or [{'role': 'assistant', 'content': ...}] "
+                "for chat prompts; return one float (or None) per completion",
+                "warning" if dry_run else "error"))
+    return problems
+
+
+def _reward_shape_problem(rewards: Any, count: int) -> str | None:
+    """What GRPOTrainer would stop on in a reward function's result, or None."""
+    if isinstance(rewards, (str, bytes)) or not hasattr(rewards, "__len__"):
+        return f"returned a {type(rewards).__name__}, not one reward per completion"
+    if len(rewards) != count:
+        return f"returned {len(rewards)} rewards for {count} completions"
+    odd = next((r for r in rewards if r is not None and not hasattr(r, "__float__")), None)
+    return None if odd is None else f"returned a {type(odd).__name__} among its rewards"
 
 
 # --- validate: what TRL does not check -------------------------------------------------------------

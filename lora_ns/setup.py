@@ -86,7 +86,7 @@ def deep_problems(recipe: Recipe, checks: Checks, dry_run: bool = True) -> list[
     if checks.data:
         from lora_ns.validate.data import check_dataset
 
-        problems += check_dataset(recipe)
+        problems += check_dataset(recipe, dry_run)
     if checks.model:
         from lora_ns.validate.model import check_model, flash_problem
 

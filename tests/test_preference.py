@@ -437,6 +437,57 @@ def test_a_reward_that_cannot_take_what_grpo_passes_is_refused_and_one_that_can_
     assert trainer.state.global_step == 1
 
 
+def reward_reads_text(completions, **kwargs):
+    """Written for plain-text completions: a chat prompt's completion is a list of messages."""
+    return [float(c.strip().endswith("4")) for c in completions]
+
+
+def reward_one_number(completions, **kwargs):
+    return 1.0
+
+
+def reward_one_short(completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+def reward_words(completions, **kwargs):
+    return ["good" for _ in completions]
+
+
+def test_user_rewards_are_tried_on_sampled_rows_as_grpo_calls_them():
+    """What GRPOTrainer stops on at the first step (after the weights load and sample) is found on the rows:
+    an exception (a chat completion read as text), a number for the batch, a count or a type that is wrong."""
+    from lora_ns.preference import reward_trial_problems
+
+    chat = [{"prompt": [{"role": "user", "content": f"{i}+2?"}], "answer": "#### 4"} for i in range(3)]
+    text = [{"prompt": f"{i}+2?", "answer": "#### 4"} for i in range(3)]
+    expected = {"reward_reads_text": "raised AttributeError: 'list' object has no attribute 'strip'",
+                "reward_one_number": "returned a float, not one reward per completion",
+                "reward_one_short": "returned 2 rewards for 3 completions",
+                "reward_words": "returned a str among its rewards"}
+    for name, why in expected.items():
+        recipe = recipe_for("grpo", reward_funcs=["gsm8k", f"test_preference:{name}"])
+        (problem,) = reward_trial_problems(recipe, chat, dry_run=False)
+        assert problem.field == "training.reward_funcs" and problem.is_error
+        assert problem.message.startswith(f"reward 'test_preference:{name}' {why}, called on 3 sampled rows")
+        assert reward_trial_problems(recipe, chat)[0].severity == "warning"  # validating: maybe another machine
+    assert reward_trial_problems(recipe_for("grpo", reward_funcs=["test_preference:reward_reads_text"]), text) == []
+    fine = recipe_for("grpo", reward_funcs=["test_preference:reward_without_kwargs", "format"])
+    assert reward_trial_problems(fine, chat, dry_run=False) == []
+
+
+def test_a_reward_that_fails_on_the_data_warns_in_validate_and_stops_train_before_loading(tmp_path):
+    from lora_ns.setup import setup
+    from lora_ns.train import run_training
+
+    recipe = recipe_for("grpo", tmp_path / "out", max_steps=1, reward_funcs=["test_preference:reward_one_number"])
+    (note,) = [p for p in setup(recipe, dry_run=True).notes if p.field == "training.reward_funcs"]
+    assert note.severity == "warning" and "returned a float" in note.message
+    with pytest.raises(UserError, match="returned a float"):
+        run_training(recipe)
+    assert not (tmp_path / "out").exists()
+
+
 def test_grpo_raises_the_mean_reward(tmp_path):
     """A full fine-tune: on a random model, "more even ids" is learned through the output rows of the
     sampled tokens, which LoRA on all-linear (lm_head excluded) does not train; one-token-ish completions

@@ -24,7 +24,7 @@ from lora_ns.data.sources import (
 )
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.model import eos_problem
-from lora_ns.preference import reference_problems
+from lora_ns.preference import REWARD_TRIAL_ROWS, reference_problems, reward_trial_problems
 from lora_ns.setup import training_arguments
 from lora_ns.validate.model import hub_reachable, reachable_tokenizer
 from lora_ns.validate.sample import prepared_rows
@@ -37,8 +37,9 @@ MAX_ROW_ERRORS = 5
 Sampled = tuple[Location, dict[str, Any], dict[str, Any]]  # where, the raw row, its canonical example
 
 
-def check_dataset(recipe: Recipe) -> list[Problem]:
-    """Errors, warnings and info lines from a sample of the recipe's data (see the module docstring)."""
+def check_dataset(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
+    """Errors, warnings and info lines from a sample of the recipe's data (see the module docstring);
+    `dry_run`: validating, not training (what only the training machine may be able to do warns)."""
     cfg = recipe.dataset
     if cfg.formatter not in FORMATTERS:
         return []  # lora_ns.validate.rules reports it
@@ -77,6 +78,9 @@ def check_dataset(recipe: Recipe) -> list[Problem]:
         return problems
     if recipe.task == "grpo":
         problems += reference_problems(recipe, [example.get("answer") for _, _, example in examples])
+        tokenizer = reachable_tokenizer(recipe)[0]  # chat prompts as training renders them
+        rows = [render(example, recipe, tokenizer) for _, _, example in examples[:REWARD_TRIAL_ROWS]]
+        problems += reward_trial_problems(recipe, rows, dry_run)
     if recipe.task == "seq_cls":
         problems += _label_counts(recipe, examples)
     if recipe.task == "kto":
