@@ -95,7 +95,7 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     greedy = args.compare if args.greedy is None else args.greedy
     if not greedy and not args.temperature > 0:
         raise fail("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
-                   "use e.g. 0.7, or greedy decoding for deterministic output")
+                   "use e.g. 0.7, or --greedy for deterministic output")
     if not 0 < args.top_p <= 1:
         raise fail("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9")
     keys = ("max_new_tokens", "temperature", "top_p", "batch_size", "seed")
