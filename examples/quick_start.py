@@ -68,7 +68,8 @@ def eval_losses(log_history: list[dict]) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_ns.train import next_lines, run_training
+    from lora_ns.run_record import next_lines
+    from lora_ns.train import run_training
 
     argv = list(argv or [])
     recipe_file = Path(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else RECIPE

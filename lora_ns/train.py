@@ -3,36 +3,33 @@
 The libraries do the work: TRL's SFTTrainer (causal_lm, cpt, pretrain) and preference trainers
 (`lora_ns.preference`), transformers' Trainer (seq_cls), peft. This module wires the recipe into them (with
 the defaults of `lora_ns.setup.training_defaults`; the recipe's keys win), resumes an interrupted run, and
-writes the run's record next to the weights: only the main process writes, run_summary.json last.
+saves the run with its record (`lora_ns.run_record`).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
-import shlex
 import sys
 import time
 import traceback
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
-from lora_ns.checkpoints import FINISHED_MARKER, RECIPE_FILE, last_checkpoint, resume_problem, resume_target
+from lora_ns.checkpoints import last_checkpoint, resume_problem, resume_target
 from lora_ns.command_line import CommandParser
-from lora_ns.config import Recipe, is_secret, load_recipe
+from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import build_datasets, encode_pairs
 from lora_ns.data.loading import read_every_row
 from lora_ns.data.sources import source_for
-from lora_ns.errors import Problem, UserError, program, run_cli
-from lora_ns.fileio import atomic_output, write_text_atomic
+from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.metrics import classification_metrics
-from lora_ns.model import dtype_name, eos_problem, load_model, load_tokenizer, vocabulary_problem
+from lora_ns.model import eos_problem, load_model, load_tokenizer, vocabulary_problem
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
+from lora_ns.run_record import save_run
 from lora_ns.setup import Checks, print_notes, setup
 
 PROG = "lora_ns.train"
@@ -228,116 +225,6 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
 def train(recipe: Recipe, checks: Checks = Checks()) -> dict[str, Any]:
     """Train a recipe (set-up checks first); return the run summary (also written to run_summary.json)."""
     return run_training(recipe, checks)[1]
-
-
-# --- the run's record -----------------------------------------------------------------------------
-
-def saved_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, credentials removed, "auto" dtypes pinned to what this run used (so a
-    later merge or evaluation reproduces the training precision, e.g. QLoRA's requantization)."""
-    clean = recipe.model_copy(deep=True)
-    clean.training = {k: v for k, v in recipe.training.items() if not is_secret(k, v)}
-    if clean.model.dtype == "auto":
-        clean.model.dtype = dtype_name(recipe.model.dtype)
-    if clean.quantization.bnb_4bit_compute_dtype == "auto":
-        clean.quantization.bnb_4bit_compute_dtype = clean.model.dtype
-    return clean.to_yaml()
-
-
-def save_run(recipe: Recipe, trainer, tokenizer, summary: dict[str, Any]) -> None:
-    """Adapter (or full model) as safetensors, trainer state, and the run record; run_summary.json last."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = Path(recipe.output_dir)
-    trainer.save_model(str(out))
-    trainer.save_state()
-    if not trainer.is_world_process_zero():
-        return
-    tokenizer.save_pretrained(str(out))
-    write_text_atomic(out / RECIPE_FILE, saved_recipe(recipe))
-    versions = {}
-    for name in ("lora_ns", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
-        with suppress(PackageNotFoundError):
-            versions[name] = version(name)
-    write_text_atomic(out / "versions.json", json.dumps(versions, indent=2))
-    write_report(trainer.state.log_history, out, summary)
-    write_text_atomic(out / FINISHED_MARKER, json.dumps(summary, indent=2))  # last: marks a finished run
-
-
-def loss_points(log_history: list[dict[str, Any]]) -> tuple[list, list]:
-    """(train, eval) lists of (step, loss) from a Trainer's ``state.log_history``."""
-    return tuple([(int(e.get("step", i)), float(e[key])) for i, e in enumerate(log_history) if key in e]
-                 for key in ("loss", "eval_loss"))
-
-
-def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> None:
-    """Train and eval loss against the step, as a PNG. matplotlib's object API (savefig picks the Agg canvas
-    for a PNG): pyplot's global backend is never touched (no display needed, nothing changed for users)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=100)
-    ax = fig.add_subplot(xlabel="step", ylabel="loss", title=title)
-    for points, style, label in ((train, "-", "train loss"), (evals, "o-", "eval loss")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_output(path, "wb") as fh:
-        fig.savefig(fh, format="png")
-
-
-def next_commands(output_dir: Path) -> list[tuple[str, str]]:
-    """(what, command) pairs for what to do with a finished run, with the real paths."""
-    saved = output_dir / RECIPE_FILE
-    out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(saved))
-    adapter = (output_dir / "adapter_config.json").is_file()
-    weights = "--adapter" if adapter else "--model"
-    # evaluate's rows: the run's held-out split, else a file of them
-    rows = "" if saved.is_file() and load_recipe(saved).dataset.val_split else " --data-file HELD_OUT.jsonl"
-    steps = [("try it", f'python -m lora_ns.infer --model {out} --prompt "Your question here"'),
-             ("evaluate it", f"python -m lora_ns.evaluate {recipe} {weights} {out}{rows}")]
-    merged = shlex.quote(str(output_dir.parent / f"{output_dir.name}-merged"))
-    return steps + [("merge it", f"python -m lora_ns.merge --adapter {out} --output {merged}")] * adapter
-
-
-def next_lines(output_dir: Path) -> list[str]:
-    """The "Next:" block that ends a run's summary (and the quick start's output)."""
-    return ["Next:", *(f"  {what + ':':<12} {cmd}" for what, cmd in next_commands(output_dir))]
-
-
-def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summary: dict[str, Any]) -> None:
-    """Write ``loss_curve.png`` and ``summary.txt`` (also printed: steps, time, losses, parameters, where the
-    weights are, the commands to run next) into `output_dir`, each atomically."""
-    out = Path(output_dir)
-    train, evals = loss_points(log_history)
-    curve = "not drawn: no loss was logged (set training.logging_steps below the number of steps)"
-    if train or evals:
-        try:
-            plot_loss_curve(train, evals, out / "loss_curve.png", f"loss — {out.name}")
-            curve = str(out / "loss_curve.png")
-        except Exception as err:  # a plot is not worth losing a finished run over: the weights are saved
-            curve = ("not drawn: matplotlib is not installed (pip install 'lora_ns[plot]')"
-                     if isinstance(err, ImportError) else f"not drawn: {type(err).__name__}: {err}")
-            print(f"{program(PROG)}: warning: loss curve {curve}", file=sys.stderr)
-    kind = "adapter" if (out / "adapter_config.json").is_file() else "model"
-    trainable, total = summary.get("trainable_params"), summary.get("total_params")
-    minutes, seconds = divmod(float(summary.get("seconds", 0)), 60)
-    rows = {"steps": summary.get("steps", "-"),
-            "time": f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s",
-            "train loss": " -> ".join("-" if summary.get(k) is None else f"{summary[k]:.4f}"
-                                      for k in ("first_loss", "last_loss")) + " (first -> last logged)"
-            if summary.get("first_loss") is not None or summary.get("train_loss") is None
-            else f"{summary['train_loss']:.4f} (the run's mean: no step logged, logging_steps > steps)",
-            "eval loss": f"{evals[-1][1]:.4f} at step {evals[-1][0]}" if evals else "- (no evaluation ran)",
-            "trainable params": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)" if total
-            else "-",
-            kind: out, "loss curve": curve}
-    lines = [f"Training finished: {kind} saved to {out}", *(f"  {k + ':':<17} {v}" for k, v in rows.items()),
-             "", *next_lines(out)]
-    with atomic_output(out / "summary.txt", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

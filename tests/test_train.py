@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ns import train
+from lora_ns import run_record
 from lora_ns.config import parse_recipe
 from lora_ns.errors import UserError
 
@@ -130,7 +130,7 @@ def test_missing_flash_attention_stops_before_loading(tmp_path, tiny_llama, caps
 
 
 def test_saved_recipe_never_holds_tokens(tmp_path):
-    from lora_ns.train import saved_recipe
+    from lora_ns.run_record import saved_recipe
 
     text = saved_recipe(parse_recipe(recipe_dict(tmp_path, hub_token="hf_SECRETsecret", eos_token="<|im_end|>")))
     assert "hf_SECRET" not in text and "hub_token" not in text
@@ -162,7 +162,7 @@ def test_cli_trains_end_to_end_and_writes_the_run_folder(tmp_path, tiny_llama):
 
 def test_saved_recipe_pins_auto_dtypes(tmp_path):
     from lora_ns.config import Recipe
-    from lora_ns.train import saved_recipe
+    from lora_ns.run_record import saved_recipe
 
     data = recipe_dict(tmp_path, hub_token="hf_secret_value")
     data["model"]["dtype"] = "auto"
@@ -203,13 +203,13 @@ def adapter_dir(tmp_path):
 
 
 def test_loss_points_split_train_and_eval():
-    points, evals = train.loss_points(HISTORY)
+    points, evals = run_record.loss_points(HISTORY)
     assert points == [(5, 2.5), (10, 2.1), (15, 1.7)]
     assert evals == [(10, 2.3), (20, 1.9)]
 
 
 def test_write_report_draws_a_png_and_writes_the_summary(adapter_dir, capsys):
-    train.write_report(HISTORY, adapter_dir, SUMMARY)
+    run_record.write_report(HISTORY, adapter_dir, SUMMARY)
     png = (adapter_dir / "loss_curve.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
     text = (adapter_dir / "summary.txt").read_text(encoding="utf-8")
@@ -224,7 +224,7 @@ def test_write_report_draws_a_png_and_writes_the_summary(adapter_dir, capsys):
 
 
 def test_next_commands_use_the_real_paths_quoted(adapter_dir):
-    commands = dict(train.next_commands(adapter_dir))
+    commands = dict(run_record.next_commands(adapter_dir))
     assert set(commands) == {"try it", "evaluate it", "merge it"}
     infer = shlex.split(commands["try it"])
     assert infer[:3] == ["python", "-m", "lora_ns.infer"] and infer[infer.index("--model") + 1] == str(adapter_dir)
@@ -243,15 +243,15 @@ def test_evaluate_is_suggested_with_rows_it_can_read(adapter_dir):
 
     data = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
     (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-    assert data["dataset"]["val_split"] and dict(train.next_commands(adapter_dir))["evaluate it"].endswith(
+    assert data["dataset"]["val_split"] and dict(run_record.next_commands(adapter_dir))["evaluate it"].endswith(
         f"--adapter {shlex.quote(str(adapter_dir))}")
     del data["dataset"]["val_split"]
     (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-    assert dict(train.next_commands(adapter_dir))["evaluate it"].endswith("--data-file HELD_OUT.jsonl")
+    assert dict(run_record.next_commands(adapter_dir))["evaluate it"].endswith("--data-file HELD_OUT.jsonl")
 
 
 def test_a_full_fine_tune_is_called_a_model_and_has_no_merge_step(tmp_path, capsys):
-    train.write_report(HISTORY, tmp_path, SUMMARY)
+    run_record.write_report(HISTORY, tmp_path, SUMMARY)
     text = (tmp_path / "summary.txt").read_text(encoding="utf-8")
     assert f"model:            {tmp_path}" in text
     assert "lora_ns.merge" not in text and f"--model {tmp_path}" in text
@@ -259,7 +259,7 @@ def test_a_full_fine_tune_is_called_a_model_and_has_no_merge_step(tmp_path, caps
 
 def test_no_logged_loss_means_no_png_and_says_why(adapter_dir, capsys):
     history = [{"train_runtime": 1.0, "train_loss": 2.0, "epoch": 1.0, "step": 3}]
-    train.write_report(history, adapter_dir, {"steps": 3, "seconds": 1.0, "train_loss": 2.0})
+    run_record.write_report(history, adapter_dir, {"steps": 3, "seconds": 1.0, "train_loss": 2.0})
     assert not (adapter_dir / "loss_curve.png").exists()
     text = (adapter_dir / "summary.txt").read_text(encoding="utf-8")
     assert "not drawn: no loss was logged" in text and "training.logging_steps" in text
@@ -275,7 +275,7 @@ def test_a_failing_plot_leaves_no_partial_png_and_the_summary_still_lands(adapte
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    train.write_report(HISTORY, adapter_dir, SUMMARY)
+    run_record.write_report(HISTORY, adapter_dir, SUMMARY)
     assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "summary.txt"]
     captured = capsys.readouterr()
     assert "loss curve not drawn: OSError: disk full" in captured.err
@@ -285,7 +285,7 @@ def test_a_failing_plot_leaves_no_partial_png_and_the_summary_still_lands(adapte
 def test_the_report_replaces_an_earlier_one(adapter_dir, capsys):
     (adapter_dir / "summary.txt").write_text("old summary")
     (adapter_dir / "loss_curve.png").write_bytes(b"old")
-    train.write_report(HISTORY, adapter_dir, SUMMARY)
+    run_record.write_report(HISTORY, adapter_dir, SUMMARY)
     assert (adapter_dir / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "old summary" not in (adapter_dir / "summary.txt").read_text(encoding="utf-8")
 
@@ -294,7 +294,7 @@ def test_without_matplotlib_the_summary_says_how_to_get_the_curve(adapter_dir, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` fails as if not installed
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    train.write_report(HISTORY, adapter_dir, SUMMARY)
+    run_record.write_report(HISTORY, adapter_dir, SUMMARY)
     text = (adapter_dir / "summary.txt").read_text(encoding="utf-8")
     assert "pip install 'lora_ns[plot]'" in text and not (adapter_dir / "loss_curve.png").exists()
     assert "pip install 'lora_ns[plot]'" in capsys.readouterr().err
