@@ -211,6 +211,10 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
         raise UserError(problem)  # a warning was shown by setup's checks
     with disk_errors(recipe), stream_errors(recipe):
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        if trainer.state.global_step == 0:  # not one batch (fewer rows than one, with dataloader_drop_last)
+            raise UserError(recipe.problem("training.per_device_train_batch_size", "no training step ran: "
+                                           "the data gave no full batch", "add rows, lower it, or set "
+                                           "training.dataloader_drop_last: false"))
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         evals = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
         summary = {"output_dir": recipe.output_dir, "task": recipe.task, "method": recipe.peft.method,

@@ -129,6 +129,22 @@ def test_missing_flash_attention_stops_before_loading(tmp_path, tiny_llama, caps
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_a_run_that_trains_no_step_is_an_error_not_a_finished_run(tmp_path, capsys):
+    """6 rows, batches of 8 with dataloader_drop_last: not one batch. The run said "Training finished", saved
+    the untrained adapter and marked the run finished (exit 0)."""
+    from lora_ns.errors import run_cli
+    from lora_ns.train import main
+
+    out = tmp_path / "out"
+    argv = [str(REPO / "recipes" / "quickstart.yaml"), f"training.output_dir={out}", "dataset.max_samples=6",
+            "dataset.val_split=null", "training.eval_strategy=no", "training.eval_on_start=false",
+            "training.max_steps=2", "training.per_device_train_batch_size=8", "training.dataloader_drop_last=true"]
+    assert run_cli("lora_ns.train", lambda: main(argv)) == 2
+    err = capsys.readouterr().err
+    assert "training.per_device_train_batch_size: no training step ran: the data gave no full batch" in err
+    assert not (out / "run_summary.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
 def test_saved_recipe_never_holds_tokens(tmp_path):
     from lora_ns.run_record import saved_recipe
 
