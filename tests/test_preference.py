@@ -437,6 +437,27 @@ def test_a_reward_that_cannot_take_what_grpo_passes_is_refused_and_one_that_can_
     assert trainer.state.global_step == 1
 
 
+@pytest.mark.parametrize("task, formatter, extra", [("grpo", "prompt_only", {"reward_funcs": ["format"]}),
+                                                     ("dpo", "preference", {}), ("kto", "kto", {})])
+def test_multi_turn_prompts_through_a_prompt_template_fail_in_validate_at_their_line(tmp_path, task, formatter,
+                                                                                    extra):
+    """Training renders preference prompts (a list of messages) after formatting: a conversation cannot go
+    through a plain-text prompt_template. Validate formatted them only, passed, and training stopped there."""
+    from lora_ns.setup import setup
+
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    reply = {"dpo": {"chosen": "4", "rejected": "5"}, "kto": {"completion": "4", "label": True}}.get(task, {})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": turns, **reply}) + "\n" for _ in range(4)))
+    recipe = recipe_for(task, tmp_path / "out", data=str(data), formatter=formatter, **extra)
+    recipe.dataset.prompt_template = "Q: {prompt}\nA: "
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    first = err.value.problems[0]
+    assert (first.file, first.line, first.field) == (str(data), 1, "prompt")
+    assert "needs the chat template, which dataset.prompt_template replaces" in first.message
+
+
 def reward_reads_text(completions, **kwargs):
     """Written for plain-text completions: a chat prompt's completion is a list of messages."""
     return [float(c.strip().endswith("4")) for c in completions]

@@ -82,8 +82,8 @@ def render(example: dict[str, Any], recipe: Recipe, tokenizer=None) -> dict[str,
     if isinstance(prompt, list):  # preference kinds: a message list, plain text only for one user turn
         if len(prompt) != 1 or prompt[0]["role"] != "user":
             require_chat_template(recipe, tokenizer)
-            raise RowError("prompt", "a multi-turn prompt needs a chat template; "
-                           "unset dataset.prompt_template")
+            raise RowError("prompt", "a multi-turn prompt needs the chat template, which "
+                           "dataset.prompt_template replaces", "unset dataset.prompt_template")
         prompt = prompt[0]["content"]
     template = recipe.dataset.prompt_template or DEFAULT_PROMPT_TEMPLATE  # plain text: the prompt template
     text = template.format(prompt=prompt, system=system or "")

@@ -128,10 +128,15 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
         conv = converter(list(dict.fromkeys(k for _, row in sampled for k in row)), src, recipe)
     except UserError as err:
         return [], {}, err.problems
+    # preference prompts are rendered next in training: a multi-turn one through a prompt_template fails there
+    tokenizer = reachable_tokenizer(recipe)[0] if conv.fmt.kind in PREFERENCE_KINDS else None
     examples, bad = [], []
     for where, row in sampled:
         try:
-            examples.append((where, row, conv.canonical(row)))
+            example = conv.canonical(row)
+            if tokenizer is not None:
+                render(example, recipe, tokenizer)
+            examples.append((where, row, example))
         except RowError as err:
             bad.append(conv.problem(err, where))
     if len(bad) > MAX_ROW_ERRORS:
