@@ -13,7 +13,8 @@ from lora_ns.data import (
     FORMATTERS, build_datasets, encode_pairs, formatted_examples, prompt_text, sft_defaults,
     split_last_reply,
 )
-from lora_ns.validate.data import check_dataset, padding
+from lora_ns.validate.data import check_dataset
+from lora_ns.validate.tokens import padding
 from lora_ns.data.loading import load
 from lora_ns.data.sources import SAMPLES_DIR
 from lora_ns.errors import UserError

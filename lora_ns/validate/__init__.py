@@ -1,6 +1,6 @@
 """Recipe checks behind ``python -m lora_ns.validate`` (command line in ``__main__``): `rules`, `model`,
-`data`, `launch`. They run inside train's own set-up (`lora_ns.setup.setup`): validate is train's set-up
-stopped before the weights."""
+`data`, `tokens`, `launch`. They run inside train's own set-up (`lora_ns.setup.setup`): validate is train's
+set-up stopped before the weights."""
 
 
 def __getattr__(name: str):

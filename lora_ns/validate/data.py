@@ -1,7 +1,7 @@
 """Dataset checks for `validate`: read the first `SAMPLE_ROWS` rows of the training data (and of a
 validation file) and report what would break or waste a run: errors at file:line, blank fields as
-warnings, token lengths and padding as info (when the tokenizer loads without a download). Local data up
-to `EVERY_ROW_BYTES` has the rest of its rows read and formatted too, as training will.
+warnings, class and label counts; what the tokenizer makes of the rows is `lora_ns.validate.tokens`. Local
+data up to `EVERY_ROW_BYTES` has the rest of its rows read and formatted too, as training will.
 """
 
 from __future__ import annotations
@@ -9,25 +9,20 @@ from __future__ import annotations
 import os
 from collections import Counter
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.data.loading import converter, hold_out, label_id, strict_rows
 from lora_ns.data.preference import PREFERENCE_KINDS
-from lora_ns.data.render import (
-    TEMPLATE_EXAMPLE, render, require_chat_template, template_problem, uses_chat_template,
-)
+from lora_ns.data.render import TEMPLATE_EXAMPLE, render, template_problem
 from lora_ns.data.sources import (
     HubSource, LocalSource, Location, Source, first_rows, located_rows, looks_local, source_for,
 )
-from lora_ns.errors import Problem, UserError, first_line
-from lora_ns.model import eos_problem
+from lora_ns.errors import Problem, UserError
 from lora_ns.preference import REWARD_TRIAL_ROWS, reference_problems, reward_trial_problems
-from lora_ns.setup import training_arguments
 from lora_ns.validate.model import hub_reachable, reachable_tokenizer
-from lora_ns.validate.sample import prepared_rows
+from lora_ns.validate.tokens import token_stats
 
 SAMPLE_ROWS = 200
 EVERY_ROW_BYTES = 32 * 2**20  # formatting 32 MB of rows takes seconds; larger data: the sample only
@@ -85,7 +80,7 @@ def check_dataset(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
         problems += _label_counts(recipe, examples)
     if recipe.task == "kto":
         problems += _kto_balance(recipe, examples)
-    return problems + _empty_warnings(recipe, examples, found) + _token_stats(recipe, examples)
+    return problems + _empty_warnings(recipe, examples, found) + token_stats(recipe, examples)
 
 
 def held_out_problems(recipe: Recipe, sampled: int) -> list[Problem]:
@@ -229,122 +224,3 @@ def _kto_balance(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     return [recipe.problem("training.desirable_weight", f"{counts}: the weights leave them unbalanced",
                            f"set training.desirable_weight in [{low:.2f}, {1.33 * low:.2f}] (TRL's range)",
                            "warning")]
-
-
-def _token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
-    """Tokens per example as train counts them (TRL's own SFT preparation, untruncated; pairs as encoded),
-    and the padding share of the batching the real training arguments will use."""
-    import datasets
-    import numpy as np
-
-    fmt = FORMATTERS[recipe.dataset.formatter]
-    if fmt.kind in PREFERENCE_KINDS and recipe.task != "dpo":  # not SFT rows
-        return []
-    where = examples[0][0].file
-    tokenizer, why = reachable_tokenizer(recipe)
-    if tokenizer is None:
-        return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
-    if (problem := eos_problem(recipe, tokenizer)) is not None:  # TRL's preparation would stop on it
-        return [problem]
-    if fmt.kind in PREFERENCE_KINDS:
-        return _long_dpo_prompts(recipe, tokenizer, examples)
-    args = None if recipe.task == "seq_cls" else training_arguments(recipe)
-    if fmt.kind == "messages":
-        try:
-            require_chat_template(recipe, tokenizer)
-        except UserError as err:
-            return err.problems
-        if args.assistant_only_loss and (problems := assistant_mask_problems(recipe, tokenizer)):
-            return problems
-    rows = [render(example, recipe, tokenizer) for _, _, example in examples
-            if fmt.kind != "text" or example["text"].strip()]
-    if not rows:
-        return []
-    lost: Problem | None = None  # rows truncation leaves without a loss token
-    if args is None:
-        limit, limit_name = (tokenizer.model_max_length if tokenizer.model_max_length < 10 ** 7 else None,
-                             "the tokenizer's model_max_length")
-        if recipe.training.get("max_length"):
-            limit, limit_name = recipe.training["max_length"], "training.max_length"
-        seconds = [r.get("sentence2") for r in rows]
-        pair = seconds if all(isinstance(s, str) for s in seconds) else None
-        lengths = [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
-    else:
-        limit, limit_name, args.max_length = args.max_length, "training.max_length", None  # the full lengths
-        prepared = prepared_rows(args, datasets.Dataset.from_list(rows), tokenizer)
-        lengths = [len(row["input_ids"]) for row in prepared]
-        lost = _truncated_away(recipe, args, limit, prepared) if limit and not args.packing else None
-        if lost is not None and lost.is_error:
-            return [lost]
-    chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
-    style = "chat template" if chat or fmt.kind == "messages" else "plain text"
-    over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
-        if limit else ""
-    p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
-    notes = [lost] if lost is not None else []
-    notes += [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
-                     f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
-    if args is not None and not args.packing and len(lengths) > 1:
-        sizes, batch = [min(n, limit or n) for n in lengths], args.per_device_train_batch_size
-        grouped = (getattr(args, "train_sampling_strategy", None) == "group_by_length"
-                   or getattr(args, "group_by_length", False))  # its name before transformers 5.x
-        padded = padding(sorted(sizes) if grouped else sizes, batch)
-        share = padded / (padded + sum(sizes))
-        how = "rows grouped by length" if grouped else "train_sampling_strategy: group_by_length cuts it"
-        notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
-                             f"be padding ({how})", severity="info"))
-    return notes
-
-
-def _truncated_away(recipe: Recipe, args, limit: int, prepared: list[dict]) -> Problem | None:
-    """SFT rows whose loss tokens all lie past max_length: TRL truncates, then drops them."""
-    cut = slice(None, limit) if args.truncation_mode == "keep_start" else slice(-limit, None)
-    lost = sum(all(label == -100 for label in row["labels"][cut]) for row in prepared)
-    return _dropped(recipe, lost, len(prepared), f"keep no loss token within max_length={limit}",
-                    "raise training.max_length (validate --show-sample shows the loss tokens)")
-
-
-def _long_dpo_prompts(recipe: Recipe, tokenizer, examples: list[Sampled]) -> list[Problem]:
-    """DPO drops a row whose prompt alone fills max_length (keep_start truncation would leave no reply)."""
-    from lora_ns.inference import preference_ids
-
-    args = training_arguments(recipe)
-    if args.max_length is None or args.truncation_mode != "keep_start":
-        return []
-    lost = sum(preference_ids(example, recipe, tokenizer)[0] >= args.max_length for _, _, example in examples)
-    problem = _dropped(recipe, lost, len(examples), f"have prompts that fill max_length={args.max_length}",
-                       "raise training.max_length, or shorten the prompts")
-    return [problem] if problem is not None else []
-
-
-def _dropped(recipe: Recipe, lost: int, total: int, why: str, fix: str) -> Problem | None:
-    """Sampled rows TRL will drop before training: every one, an error (training would start with no data
-    and crash in the sampler); some, a warning (they are silently not trained on)."""
-    if not lost:
-        return None
-    every = lost == total
-    return recipe.problem("training.max_length", f"{lost} of {total} sampled rows {why}, and TRL drops such "
-                          "rows" + (": nothing would be left to train on" if every else ""), fix,
-                          "error" if every else "warning")
-
-
-def padding(sizes: list[int], batch_size: int) -> int:
-    """Pad tokens when consecutive batches of `batch_size` rows are each padded to their longest row."""
-    return sum(len(chunk) * max(chunk) - sum(chunk)
-               for chunk in (sizes[i:i + batch_size] for i in range(0, len(sizes), batch_size)))
-
-
-def assistant_mask_problems(recipe: Recipe, tokenizer) -> list[Problem]:
-    """assistant_only_loss needs {% generation %} markers; TRL swaps in a marked template for the families
-    it knows and fails at train time for the others, so say it here, with the way through."""
-    from trl.chat_template_utils import get_training_chat_template
-
-    try:
-        get_training_chat_template(tokenizer)
-    except ValueError:
-        return [recipe.problem("model.chat_template", "the tokenizer's chat template cannot mark assistant "
-                               "turns for training.assistant_only_loss (no {% generation %} markers, and TRL "
-                               "has no patched version of it)", "set model.chat_template: chatml (for ChatML "
-                               "models) or another training template, or "
-                               "training.assistant_only_loss: false")]
-    return []
