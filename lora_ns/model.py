@@ -144,14 +144,15 @@ def chat_template_text(recipe: Recipe) -> str:
     """model.chat_template: a shipped template's name, the file it names, or the template itself; a path
     that does not exist is an error (it would otherwise become the template text)."""
     value, field = recipe.model.chat_template or "", "model.chat_template"
+    inline = "{%" in value or "{{" in value  # template text (often longer than a file name may be)
     path = named_template(value) or Path(value)
-    if path.is_file():
+    if not inline and path.is_file():
         try:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(recipe.problem(field, f"cannot read {value} ({err})", "save it as UTF-8 text"))
     looks_like_path = value.endswith(_TEMPLATE_FILE_SUFFIXES) or ("/" in value or "\\" in value)
-    if looks_like_path and "{%" not in value and "{{" not in value:
+    if looks_like_path and not inline:
         raise UserError(recipe.problem(field, f"template file {value} not found",
                                        "check the path (relative to where you run the command)"))
     return value

@@ -47,6 +47,21 @@ def test_validate_refuses_a_template_that_cannot_mark_assistant_turns(tiny_llama
           dry_run=True)  # the documented way out: train on every token
 
 
+NO_SYSTEM_ROLE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                  "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+                  "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+                  "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_template_text_longer_than_a_file_name_is_read_as_the_template(tmp_path):
+    """Checking whether the text named a file raised "File name too long" (a traceback) past 255 bytes."""
+    from lora_ns.model import chat_template_text
+
+    assert len(NO_SYSTEM_ROLE.encode()) > 255
+    assert chat_template_text(chat_recipe(tmp_path, f"model.chat_template={NO_SYSTEM_ROLE}")) == NO_SYSTEM_ROLE
+
+
 def test_a_multi_turn_recipe_trains_with_the_named_template(tiny_llama, tmp_path):
     import math
 
