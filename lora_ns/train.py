@@ -157,7 +157,7 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     if args.process_index == 0:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
-    with args.main_process_first(desc="tokenize the datasets"):
+    with args.main_process_first(desc="tokenize the datasets"), template_errors(recipe):
         trainer = build_trainer(recipe, args, model, tokenizer, *datasets)
     return trainer, tokenizer, (trainable, total)
 
@@ -179,6 +179,19 @@ def disk_errors(recipe: Recipe) -> Iterator[None]:
                f"from {last}" if last else "free disk space and rerun")
         raise UserError(recipe.problem("training.output_dir", f"saving to {recipe.output_dir} failed: {why}",
                                        fix)) from None
+
+
+@contextmanager
+def template_errors(recipe: Recipe) -> Iterator[None]:
+    """A conversation past validate's sample that the chat template refuses (`validate.tokens`): one line."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except TemplateError as err:
+        raise UserError(recipe.problem("model.chat_template", f"the chat template refuses a conversation in "
+                                       f"the data: {err}", "set model.chat_template to one that takes it, or "
+                                       "fix those rows (validate names the first in its sample)")) from None
 
 
 @contextmanager
@@ -209,7 +222,7 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
     checkpoint = resume_target(recipe)
     if (problem := resume_problem(recipe, trainer.model, checkpoint)) is not None and problem.is_error:
         raise UserError(problem)  # a warning was shown by setup's checks
-    with disk_errors(recipe), stream_errors(recipe):
+    with disk_errors(recipe), stream_errors(recipe), template_errors(recipe):  # GRPO templates as it samples
         result = trainer.train(resume_from_checkpoint=checkpoint)
         if trainer.state.global_step == 0:  # not one batch (fewer rows than one, with dataloader_drop_last)
             raise UserError(recipe.problem("training.per_device_train_batch_size", "no training step ran: "

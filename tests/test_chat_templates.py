@@ -62,6 +62,26 @@ def test_template_text_longer_than_a_file_name_is_read_as_the_template(tmp_path)
     assert chat_template_text(chat_recipe(tmp_path, f"model.chat_template={NO_SYSTEM_ROLE}")) == NO_SYSTEM_ROLE
 
 
+def test_a_conversation_the_template_refuses_is_an_error_at_its_row_not_a_traceback(tiny_llama, tmp_path):
+    """Gemma's template raises on a system turn (Mistral's on roles out of turn): TRL's tokenization stopped
+    with jinja's traceback, after validate had passed. validate names the row; past its sample, train's
+    tokenization says it in one line, before any step."""
+    from lora_ns.setup import Checks, setup
+    from lora_ns.train import run_training
+
+    recipe = chat_recipe(tmp_path, f"model.chat_template={NO_SYSTEM_ROLE}", "dataset.system_prompt=Be brief.",
+                         "training.max_steps=1")
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    (problem,) = err.value.problems
+    assert (problem.line, problem.field) == (1, "messages") and problem.file.endswith("code_feedback.jsonl")
+    assert "the chat template refuses this conversation: System role not supported" in problem.message
+    assert "remove dataset.system_prompt" in problem.fix
+    with pytest.raises(UserError, match="refuses a conversation in the data: System role not supported"):
+        run_training(recipe, Checks(data=False))  # as a row validate did not sample
+    assert not (tmp_path / "out" / "run_summary.json").exists()
+
+
 def test_a_multi_turn_recipe_trains_with_the_named_template(tiny_llama, tmp_path):
     import math
 

@@ -27,11 +27,12 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     import datasets
     import numpy as np
 
-    fmt = FORMATTERS[recipe.dataset.formatter]
+    fmt, where = FORMATTERS[recipe.dataset.formatter], examples[0][0].file
+    tokenizer, why = reachable_tokenizer(recipe)
+    if tokenizer is not None and (refused := refused_conversation(recipe, tokenizer, examples)):
+        return [refused]
     if fmt.kind in PREFERENCE_KINDS and recipe.task != "dpo":  # not SFT rows
         return []
-    where = examples[0][0].file
-    tokenizer, why = reachable_tokenizer(recipe)
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
     if (problem := eos_problem(recipe, tokenizer)) is not None:  # TRL's preparation would stop on it
@@ -84,6 +85,31 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
         notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
                              f"be padding ({how})", severity="info"))
     return notes
+
+
+def refused_conversation(recipe: Recipe, tokenizer, examples: list[Sampled]) -> Problem | None:
+    """The first sampled row whose conversation the chat template refuses (its raise_exception: Mistral's
+    alternating roles, Gemma's "System role not supported"): TRL would stop on it with a traceback, while
+    tokenizing (the rows from ``messages`` or prompt + reply) or, for GRPO's prompts, at the first step."""
+    from jinja2 import TemplateError
+
+    if not tokenizer.chat_template:
+        return None
+    for where, _, example in examples:
+        row = render(example, recipe, tokenizer)
+        turns = row.get("messages", row.get("prompt"))
+        if not isinstance(turns, list):  # plain text: no template
+            continue
+        replies = [row[k] for k in ("completion", "chosen", "rejected") if isinstance(row.get(k), list)]
+        for conversation in [turns + reply for reply in replies] or [turns]:
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=False)
+            except TemplateError as err:
+                fix = "or remove dataset.system_prompt" if recipe.dataset.system_prompt else "or fix the row"
+                return Problem(where.file, "messages" if "messages" in row else "prompt", "the chat template "
+                               f"refuses this conversation: {err}", f"set model.chat_template to one that "
+                               f"takes it, {fix}", where.line)
+    return None
 
 
 def _truncated_away(recipe: Recipe, args, limit: int, prepared: list[dict]) -> Problem | None:
