@@ -316,10 +316,12 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
 
 def preference_ids(example: dict[str, Any], recipe: Recipe, tokenizer) -> tuple[int, list[list[int]]]:
     """(prompt tokens, [prompt + chosen ids, prompt + rejected ids]) as TRL's DPO tokenizes a row (see
-    `preference_margin`); validate counts the prompts that fill max_length, which DPO drops."""
+    `preference_margin`; KTO's one completion likewise); validate counts the prompts that fill max_length,
+    which DPO and KTO drop."""
     from trl.data_utils import common_prefix_length
 
-    row, replies = render(example, recipe, tokenizer), ("chosen", "rejected")
+    row = render(example, recipe, tokenizer)
+    replies = [k for k in ("chosen", "rejected", "completion") if k in row]
     if isinstance(row["prompt"], list):
         options = {"tokenize": True, "return_dict": False}
         head = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, **options)

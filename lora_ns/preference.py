@@ -234,6 +234,8 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems.append(recipe.problem("training.max_completion_length", "must be at least 1", "e.g. 256"))
     wanted = t.get("loss_type")
     wanted = [wanted] if isinstance(wanted, str) else wanted or []
+    if recipe.task == "kto" and "apo_zero_unpaired" not in wanted:  # TRL refuses them as the trainer starts
+        problems += _kto_kl_problems(recipe)
     known = loss_types(recipe.task) if wanted else []
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
@@ -267,6 +269,20 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
 # choices (lora_ns.validate.arguments checks fields that do)
 TRL_VALUES = {"f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
               "scale_rewards": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence")}
+
+
+def _kto_kl_problems(recipe: Recipe) -> list[Problem]:
+    """KTO's KL term pairs each prompt with its neighbour's completion in the same device batch, in order."""
+    problems, t, other = [], recipe.training, "or loss_type: apo_zero_unpaired (no KL term)"
+    if (batch := t.get("per_device_train_batch_size", 8)) <= 1:
+        problems.append(recipe.problem("training.per_device_train_batch_size", f"{batch}: KTO estimates its "
+                                       "KL term from the other rows of a device batch",
+                                       f"set it to 2 or more, {other}"))
+    if (strategy := t.get("train_sampling_strategy", "sequential")) != "sequential":
+        problems.append(recipe.problem("training.train_sampling_strategy", f"'{strategy}' breaks the "
+                                       "neighbouring rows KTO's KL term is estimated from",
+                                       f"remove it (KTO samples in order), {other}"))
+    return problems
 
 
 def sampling_problems(recipe: Recipe) -> list[Problem]:

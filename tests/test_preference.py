@@ -192,6 +192,8 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("kto", {"loss_type": "apo_zero"}, "training.loss_type", "did you mean 'apo_zero_unpaired'?"),
     ("dpo", {"f_divergence_type": "js"}, "training.f_divergence_type", "js_divergence"),
     ("kto", {"desirable_weight": -1.0}, "training.desirable_weight", "must be above 0"),
+    ("kto", {"per_device_train_batch_size": 1}, "training.per_device_train_batch_size", "from the other rows"),
+    ("kto", {"train_sampling_strategy": "random"}, "training.train_sampling_strategy", "KTO samples in order"),
     ("grpo", {"reward_funcs": ["gsm8k"], "epsilon": -0.2}, "training.epsilon", "must be above 0"),
     ("grpo", {"reward_funcs": ["gsm8k"], "scale_rewards": "std"}, "training.scale_rewards", "group, batch, none"),
     ("grpo", {"reward_funcs": ["gsm8k"], "importance_sampling_level": "seq"}, "training.importance_sampling_level",
@@ -204,6 +206,12 @@ def test_trl_checks_the_generation_batch_naming_the_field():
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))
     assert problem.field == field and words in f"{problem.message} {problem.fix}"
+
+
+def test_kto_without_a_kl_term_takes_one_row_batches_in_any_order():
+    recipe = recipe_for("kto", per_device_train_batch_size=1, train_sampling_strategy="random",
+                        loss_type="apo_zero_unpaired")
+    assert check_preference_recipe(recipe) == []
 
 
 @pytest.mark.parametrize("value, read", [(False, "none"), (True, "group")])
@@ -249,17 +257,19 @@ def test_best_model_metric_must_be_one_the_task_reports(tmp_path):
     assert problem.field == "training.metric_for_best_model" and "rewards/accuracies" in problem.fix
 
 
-def test_dpo_prompts_that_fill_max_length_are_found_before_training(tmp_path):
-    """DPOTrainer drops a row whose prompt alone fills max_length; at 8 tokens every sampled prompt does, and
-    training started with no rows (a sampler error after the weights load)."""
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_prompts_that_fill_max_length_are_found_before_training(tmp_path, task):
+    """DPOTrainer and KTOTrainer drop a row whose prompt alone fills max_length; at 8 tokens every sampled
+    prompt does, and training started with no rows (a sampler error after the weights load; KTO's was not
+    checked at all)."""
     from lora_ns.setup import setup
 
     with pytest.raises(UserError) as err:
-        setup(recipe_for("dpo", tmp_path / "out", max_length=8), dry_run=True)
+        setup(recipe_for(task, tmp_path / "out", max_length=8), dry_run=True)
     (problem,) = err.value.problems
     assert problem.field == "training.max_length" and "prompts that fill max_length=8" in problem.message
-    assert problem.message.startswith(f"{len(json_rows('preference'))} of ")  # every sampled row
-    assert setup(recipe_for("dpo", tmp_path / "out", max_length=512), dry_run=True).args.max_length == 512
+    assert problem.message.startswith(f"{len(json_rows(SAMPLE[task][0]))} of ")  # every sampled row
+    assert setup(recipe_for(task, tmp_path / "out", max_length=512), dry_run=True).args.max_length == 512
 
 
 def reward_answer_takes(prompts, completions, answer, **kwargs):

@@ -31,14 +31,14 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     tokenizer, why = reachable_tokenizer(recipe)
     if tokenizer is not None and (refused := refused_conversation(recipe, tokenizer, examples)):
         return [refused]
-    if fmt.kind in PREFERENCE_KINDS and recipe.task != "dpo":  # not SFT rows
+    if fmt.kind in PREFERENCE_KINDS and recipe.task not in ("dpo", "kto"):  # not SFT rows, none dropped
         return []
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
     if (problem := eos_problem(recipe, tokenizer)) is not None:  # TRL's preparation would stop on it
         return [problem]
     if fmt.kind in PREFERENCE_KINDS:
-        return _long_dpo_prompts(recipe, tokenizer, examples)
+        return _long_prompts(recipe, tokenizer, examples)
     args = None if recipe.task == "seq_cls" else training_arguments(recipe)
     if fmt.kind == "messages":
         try:
@@ -120,12 +120,13 @@ def _truncated_away(recipe: Recipe, args, limit: int, prepared: list[dict]) -> P
                     "raise training.max_length (validate --show-sample shows the loss tokens)")
 
 
-def _long_dpo_prompts(recipe: Recipe, tokenizer, examples: list[Sampled]) -> list[Problem]:
-    """DPO drops a row whose prompt alone fills max_length (keep_start truncation would leave no reply)."""
+def _long_prompts(recipe: Recipe, tokenizer, examples: list[Sampled]) -> list[Problem]:
+    """DPO and KTO drop a row whose prompt alone fills max_length (keep_start truncation, KTO's only one,
+    would leave no reply)."""
     from lora_ns.inference import preference_ids
 
     args = training_arguments(recipe)
-    if args.max_length is None or args.truncation_mode != "keep_start":
+    if args.max_length is None or getattr(args, "truncation_mode", "keep_start") != "keep_start":
         return []
     lost = sum(preference_ids(example, recipe, tokenizer)[0] >= args.max_length for _, _, example in examples)
     problem = _dropped(recipe, lost, len(examples), f"have prompts that fill max_length={args.max_length}",
