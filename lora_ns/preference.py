@@ -226,6 +226,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems.append(recipe.problem("training.sync_ref_model", "with a peft adapter the reference is the "
                                        "base model with the adapter off: there is no copy to sync",
                                        "set sync_ref_model: false, or peft.method: full"))
+    elif t.get("sync_ref_model") and grpo and not t.get("beta"):  # GRPO's beta defaults to 0: no reference
+        problems.append(recipe.problem("training.sync_ref_model", "with beta 0 GRPO keeps no reference "
+                                       "model to sync", "set training.beta above 0 (e.g. 0.04), or remove "
+                                       "sync_ref_model"))
     for name in ("desirable_weight", "undesirable_weight", "epsilon", "epsilon_high"):  # TRL takes any number
         if (value := t.get(name)) is not None and value <= 0:
             problems.append(recipe.problem(f"training.{name}", f"{value} must be above 0 (a loss weight or a "
@@ -236,6 +240,8 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     wanted = [wanted] if isinstance(wanted, str) else wanted or []
     if recipe.task == "kto" and "apo_zero_unpaired" not in wanted:  # TRL refuses them as the trainer starts
         problems += _kto_kl_problems(recipe)
+    if recipe.task == "dpo":
+        problems += _dpo_loss_problems(recipe, wanted)
     known = loss_types(recipe.task) if wanted else []
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
@@ -269,6 +275,19 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
 # choices (lora_ns.validate.arguments checks fields that do)
 TRL_VALUES = {"f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
               "scale_rewards": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence")}
+
+
+def _dpo_loss_problems(recipe: Recipe, losses: list[str]) -> list[Problem]:
+    """Loss settings DPOTrainer refuses as it starts (or at the first step)."""
+    problems, t = [], recipe.training
+    if t.get("use_weighting") and (sorting := sorted({"aot", "aot_unpaired"} & set(losses))):
+        problems.append(recipe.problem("training.use_weighting", f"WPO weighting with loss '{sorting[0]}', "
+                                       "which sorts the rows apart from their weights", "set use_weighting: "
+                                       "false, or use another loss_type"))
+    if "exo_pair" in losses and not t.get("label_smoothing"):
+        problems.append(recipe.problem("training.label_smoothing", "loss 'exo_pair' needs label_smoothing "
+                                       "above 0", "set training.label_smoothing: 0.001 (the EXO paper's)"))
+    return problems
 
 
 def _kto_kl_problems(recipe: Recipe) -> list[Problem]:

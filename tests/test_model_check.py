@@ -261,3 +261,21 @@ def test_a_max_length_past_the_models_positions(tiny_bert, tiny_llama):
     assert problem.fix == f"set training.max_length: {context} or less"
     (problem,) = line(recipe_for(), 4096)
     assert problem.severity == "warning" and "never trained" in problem.message
+
+
+def test_a_router_loss_coefficient_needs_a_mixture_of_experts_model():
+    """TRL's trainers refuse router_aux_loss_coef on a model without a router, once the weights have loaded."""
+    from transformers import LlamaConfig, Qwen2MoeConfig
+
+    from lora_ns.config import parse_recipe
+    from lora_ns.validate.model import router_problem
+
+    def recipe(**training):
+        return parse_recipe({"task": "dpo", "model": {"name_or_path": "builtin:tiny-llama"},
+                             "dataset": {"path": "sample:preference", "formatter": "preference"},
+                             "training": training})
+
+    problem = router_problem(recipe(router_aux_loss_coef=0.01), LlamaConfig())
+    assert problem.field == "training.router_aux_loss_coef" and "Llama is not a Mixture-of-Experts" in problem.message
+    assert router_problem(recipe(router_aux_loss_coef=0.01), Qwen2MoeConfig()) is None
+    assert router_problem(recipe(), LlamaConfig()) is None

@@ -193,6 +193,8 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("dpo", {"f_divergence_type": "js"}, "training.f_divergence_type", "js_divergence"),
     ("kto", {"desirable_weight": -1.0}, "training.desirable_weight", "must be above 0"),
     ("kto", {"per_device_train_batch_size": 1}, "training.per_device_train_batch_size", "from the other rows"),
+    ("dpo", {"use_weighting": True, "loss_type": ["sigmoid", "aot"]}, "training.use_weighting", "sorts the rows"),
+    ("dpo", {"loss_type": "exo_pair"}, "training.label_smoothing", "label_smoothing: 0.001"),
     ("kto", {"train_sampling_strategy": "random"}, "training.train_sampling_strategy", "KTO samples in order"),
     ("grpo", {"reward_funcs": ["gsm8k"], "epsilon": -0.2}, "training.epsilon", "must be above 0"),
     ("grpo", {"reward_funcs": ["gsm8k"], "scale_rewards": "std"}, "training.scale_rewards", "group, batch, none"),
@@ -206,6 +208,31 @@ def test_trl_checks_the_generation_batch_naming_the_field():
 def test_recipe_checks(task, training, field, words):
     (problem,) = check_preference_recipe(recipe_for(task, **training))
     assert problem.field == field and words in f"{problem.message} {problem.fix}"
+
+
+def test_grpo_sync_ref_model_needs_a_reference_beta_above_0():
+    """GRPO's beta defaults to 0, and then it keeps no reference model: TRL refused sync_ref_model as the
+    trainer started, after the weights had loaded."""
+    recipe = recipe_for("grpo", peft={"method": "full"}, reward_funcs=["gsm8k"], sync_ref_model=True)
+    (problem,) = check_preference_recipe(recipe)
+    assert problem.field == "training.sync_ref_model" and "beta 0" in problem.message
+    assert check_preference_recipe(recipe_for("grpo", peft={"method": "full"}, reward_funcs=["gsm8k"],
+                                              sync_ref_model=True, beta=0.04)) == []
+
+
+def test_generate_during_eval_without_a_logger_for_its_samples(monkeypatch):
+    """ORPOTrainer refuses generate_during_eval without wandb or comet, once the weights have loaded."""
+    import importlib.util
+
+    from lora_ns.validate.rules import check_rules
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "comet_ml")
+                        else real(name, *a))
+    recipe = recipe_for("orpo", generate_during_eval=True)
+    for for_training, severity in ((False, "warning"), (True, "error")):
+        (problem,) = [p for p in check_rules(recipe, for_training) if p.field == "training.generate_during_eval"]
+        assert problem.severity == severity and "Weights & Biases or Comet" in problem.message
 
 
 def test_kto_without_a_kl_term_takes_one_row_batches_in_any_order():

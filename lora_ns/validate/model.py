@@ -46,8 +46,7 @@ def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
         return problems + [recipe.problem("model.name_or_path", f"model not built on the meta device "
                                           f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
-    if (beyond := context_problem(recipe, model)) is not None:
-        problems.append(beyond)
+    problems += [p for p in (context_problem(recipe, model), router_problem(recipe, config)) if p is not None]
     tokenizer, _ = reachable_tokenizer(recipe)  # none: the data checks say why
     if tokenizer is not None:
         rows = model.get_input_embeddings().num_embeddings
@@ -56,6 +55,16 @@ def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
         if any(p is not None and p.is_error for p in found):  # training cannot start: no adapter checks
             return problems
     return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
+
+
+def router_problem(recipe: Recipe, config) -> Problem | None:
+    """A router_aux_loss_coef for a model with no router: TRL's trainers refuse it as they start."""
+    coef = recipe.training.get("router_aux_loss_coef")
+    if not coef or hasattr(config.get_text_config(), "output_router_logits"):
+        return None
+    model = type(config).__name__.removesuffix("Config")
+    return recipe.problem("training.router_aux_loss_coef", f"{coef}, but {model} is not a Mixture-of-Experts "
+                          "model: it has no router loss to weight", "remove training.router_aux_loss_coef")
 
 
 def context_problem(recipe: Recipe, model) -> Problem | None:

@@ -267,12 +267,19 @@ def hardware_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
 
 
 def package_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
-    """A DeepSpeed config without deepspeed installed (TrainingArguments imports it). As with
-    `hardware_problems`: an error when training, a warning when validating on another machine."""
+    """A DeepSpeed config without deepspeed installed (TrainingArguments imports it); ORPO's samples logged
+    with no logger that takes them. As with `hardware_problems`: an error when training, a warning when
+    validating on another machine."""
+    severity = "error" if for_training else "warning"
     if r.training.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         yield r.problem("training.deepspeed", "deepspeed is not installed",
                         "pip install 'lora_ns[deepspeed]' where training runs, or remove training.deepspeed",
-                        "error" if for_training else "warning")
+                        severity)
+    loggers = ("wandb", "comet_ml")  # where ORPO's generate_during_eval sends its samples
+    if r.training.get("generate_during_eval") and not any(map(importlib.util.find_spec, loggers)):
+        yield r.problem("training.generate_during_eval", "its samples go to Weights & Biases or Comet, and "
+                        "neither is installed", "pip install wandb where training runs (report_to: wandb), "
+                        "or remove training.generate_during_eval", severity)
 
 
 def single_process_problems(r: Recipe, processes: int = 1) -> Iterator[Problem]:
