@@ -30,7 +30,7 @@ from lora_ns.model import eos_problem, load_model, load_tokenizer, vocabulary_pr
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
 from lora_ns.run_record import save_run
-from lora_ns.setup import Checks, print_notes, setup
+from lora_ns.setup import Checks, library_problem, print_notes, setup
 
 PROG = "lora_ns.train"
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
@@ -157,7 +157,7 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     if args.process_index == 0:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
-    with args.main_process_first(desc="tokenize the datasets"), template_errors(recipe):
+    with args.main_process_first(desc="tokenize the datasets"), template_errors(recipe, starting=True):
         trainer = build_trainer(recipe, args, model, tokenizer, *datasets)
     return trainer, tokenizer, (trainable, total)
 
@@ -182,8 +182,10 @@ def disk_errors(recipe: Recipe) -> Iterator[None]:
 
 
 @contextmanager
-def template_errors(recipe: Recipe) -> Iterator[None]:
-    """A conversation past validate's sample that the chat template refuses (`validate.tokens`): one line."""
+def template_errors(recipe: Recipe, starting: bool = False) -> Iterator[None]:
+    """A conversation past validate's sample that the chat template refuses (`validate.tokens`): one line.
+    `starting`: the trainer is being built, and a ValueError is its own check of the arguments and data
+    (those validate does not repeat), one line naming the recipe field as validate's errors do."""
     from jinja2 import TemplateError
 
     try:
@@ -192,6 +194,11 @@ def template_errors(recipe: Recipe) -> Iterator[None]:
         raise UserError(recipe.problem("model.chat_template", f"the chat template refuses a conversation in "
                                        f"the data: {err}", "set model.chat_template to one that takes it, or "
                                        "fix those rows (validate names the first in its sample)")) from None
+    except ValueError as err:
+        if not starting:
+            raise
+        problem = library_problem(recipe, "training", recipe.training, err, "the trainer's docs")
+        raise UserError(problem) from None
 
 
 @contextmanager

@@ -145,6 +145,27 @@ def test_a_run_that_trains_no_step_is_an_error_not_a_finished_run(tmp_path, caps
     assert not (out / "run_summary.json").exists() and not (out / "adapter_model.safetensors").exists()
 
 
+def test_assistant_only_loss_on_plain_text_rows_is_refused_before_the_weights_load(tmp_path):
+    """A prompt_template sends prompt/completion rows out as plain text; SFTTrainer refused
+    assistant_only_loss on them as it started, with a traceback, after validate had passed. validate says it;
+    a refusal of the trainer's own that validate does not repeat is one line naming the field."""
+    from lora_ns.config import load_recipe
+    from lora_ns.setup import Checks, setup
+    from lora_ns.train import run_training
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "training.assistant_only_loss=true", f"training.output_dir={tmp_path / 'out'}", "training.max_steps=1"])
+    recipe.dataset.prompt_template = "Q: {prompt}\nA:\n"
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    assert "training.assistant_only_loss: needs chat rows, and these go out as plain text" in str(err.value)
+    with pytest.raises(UserError) as err:  # past validate's data checks: the trainer's own refusal
+        run_training(recipe, Checks(data=False))
+    (problem,) = err.value.problems
+    assert problem.field == "training.assistant_only_loss" and "not conversational" in problem.message
+    assert not (tmp_path / "out" / "run_summary.json").exists()
+
+
 def test_saved_recipe_never_holds_tokens(tmp_path):
     from lora_ns.run_record import saved_recipe
 

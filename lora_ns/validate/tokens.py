@@ -47,6 +47,11 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
             return err.problems
         if args.assistant_only_loss and (problems := assistant_mask_problems(recipe, tokenizer)):
             return problems
+    chat = fmt.kind == "messages" or fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
+    if args is not None and args.assistant_only_loss and not chat:  # SFTTrainer refuses it as it starts
+        return [recipe.problem("training.assistant_only_loss", "needs chat rows, and these go out as plain "
+                               "text", "set assistant_only_loss: false (prompt/completion rows train on the "
+                               "completion: completion_only_loss), or use the chat template")]
     rows = [render(example, recipe, tokenizer) for _, _, example in examples
             if fmt.kind != "text" or example["text"].strip()]
     if not rows:
@@ -67,8 +72,7 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
         lost = _truncated_away(recipe, args, limit, prepared) if limit and not args.packing else None
         if lost is not None and lost.is_error:
             return [lost]
-    chat = fmt.kind == "prompt_completion" and uses_chat_template(recipe, tokenizer)
-    style = "chat template" if chat or fmt.kind == "messages" else "plain text"
+    style = "chat template" if chat else "plain text"
     over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
         if limit else ""
     p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
