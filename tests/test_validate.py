@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_ns.errors import run_cli
+from lora_ns.errors import UserError, run_cli
 from lora_ns.validate.__main__ import main as validate_main
 
 from conftest import REPO
@@ -217,6 +217,35 @@ def test_a_ddp_backend_in_a_single_process_run_is_left_out_with_a_warning(capsys
     assert train_main([quickstart, "training.ddp_backend=gloo", f"training.output_dir={out}", "training.max_steps=1",
                        "dataset.val_split=null", "training.eval_strategy=no", "training.eval_on_start=false"]) == 0
     assert warning in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_in_a_single_process_run_is_left_out_with_a_warning(capsys, tmp_path, monkeypatch):
+    """The Trainer refuses fsdp outside distributed training ("Using fsdp only works in distributed
+    training") once the weights have loaded; validate passed. As ddp_backend: left out in a run of one."""
+    from lora_ns.train import main as train_main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    quickstart, out = str(REPO / "recipes" / "quickstart.yaml"), tmp_path / "out"
+    warning = f"warning: {quickstart}: training.fsdp: fsdp 'full_shard' applies under a launcher of several"
+    assert validate_main([quickstart, "--no-data", "training.fsdp=full_shard"]) == 0
+    err = capsys.readouterr().err
+    assert warning in err and "accelerate_configs/fsdp2.yaml" in err
+    assert train_main([quickstart, "training.fsdp=full_shard", f"training.output_dir={out}", "training.max_steps=1",
+                       "dataset.val_split=null", "training.eval_strategy=no", "training.eval_on_start=false"]) == 0
+    assert warning in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_accumulation_twice_is_refused_before_the_weights_load():
+    """accelerator_config's gradient_accumulation_kwargs num_steps beside gradient_accumulation_steps: the
+    Trainer refused the pair as it started."""
+    from lora_ns.config import load_recipe
+    from lora_ns.setup import Checks, setup
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "training.accelerator_config={gradient_accumulation_kwargs: {num_steps: 2}}",
+        "training.gradient_accumulation_steps=4"])
+    with pytest.raises(UserError, match="training.gradient_accumulation_steps: set beside accelerator_config"):
+        setup(recipe, dry_run=True, checks=Checks(data=False))
 
 
 def test_a_ddp_backend_validated_for_a_launch_of_several_processes_is_not_warned_about(capsys, monkeypatch):

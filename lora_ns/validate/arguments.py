@@ -45,6 +45,12 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
             problems.append(recipe.problem("training.gradient_checkpointing_kwargs", f"torch's checkpoint "
                                            f"takes no '{unknown}' (it would stop at the first step)",
                                            suggest(unknown, keywords)))
+    accumulation = getattr(args.accelerator_config, "gradient_accumulation_kwargs", None) or {}
+    steps = accumulation.get("num_steps")
+    if steps and args.gradient_accumulation_steps > 1:  # the Trainer refuses both as it starts
+        problems.append(recipe.problem("training.gradient_accumulation_steps", "set beside accelerator_config"
+                                       f"'s gradient_accumulation_kwargs num_steps ({steps})",
+                                       "keep one of them"))
     if args.optim_args and not all("=" in item for item in args.optim_args.replace(" ", "").split(",")):
         problems.append(recipe.problem("training.optim_args", f"'{args.optim_args}' is not key=value pairs",
                                        "write them as key=value,key=value (e.g. betas=0.9)"))

@@ -283,26 +283,29 @@ def package_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
 
 
 def single_process_problems(r: Recipe, processes: int = 1) -> Iterator[Problem]:
-    """ddp_backend in a run of one process (no launcher set WORLD_SIZE): accelerate then asks torch for the
-    world size of a process group nobody started, and the Trainer's arguments fail to build. The backend only
-    matters across processes, so a run of one leaves it out (see `LEFT_OUT_WHEN_WARNED`); validating for a
-    launch config of several `processes`, that is only said."""
-    if not (backend := r.training.get("ddp_backend")) or int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    """ddp_backend or fsdp in a run of one process (no launcher set WORLD_SIZE): accelerate asks torch for the
+    world size of a process group nobody started (ddp_backend), and the Trainer refuses fsdp outside
+    distributed training. Both only matter across processes, so a run of one leaves them out (see
+    `LEFT_OUT_WHEN_WARNED`); validating for a launch config of several `processes`, that is only said."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         return
-    if processes > 1:
-        yield r.problem("training.ddp_backend", f"ddp_backend '{backend}' is for the {processes} launched "
-                        "processes: checked here without it", severity="info")
-    else:
-        yield r.problem("training.ddp_backend", f"ddp_backend '{backend}' applies under a launcher of "
-                        "several processes; a run of one (as here) leaves it out",
-                        "to use it, train with accelerate launch --config_file "
-                        "accelerate_configs/multi_gpu.yaml -m lora_ns.train", "warning")
+    for key in (k for k in ("ddp_backend", "fsdp") if r.training.get(k)):
+        value = r.training[key]
+        if processes > 1:
+            yield r.problem(f"training.{key}", f"{key} '{value}' is for the {processes} launched processes: "
+                            "checked here without it", severity="info")
+        else:
+            config = "fsdp2" if key == "fsdp" else "multi_gpu"
+            launch = f"accelerate launch --config_file accelerate_configs/{config}.yaml -m lora_ns.train"
+            yield r.problem(f"training.{key}", f"{key} '{value}' applies under a launcher of several "
+                            "processes; a run of one (as here) leaves it out",
+                            f"to use it, train with {launch}", "warning")
 
 
 # training keys a warning above says this machine or launch cannot use: the set-up builds the arguments
 # without them (TrainingArguments refuses tf32 without an Ampere GPU, a ddp_backend without a launcher, and a
-# DeepSpeed config without deepspeed)
-LEFT_OUT_WHEN_WARNED = {"tf32", "ddp_backend", "deepspeed"}
+# DeepSpeed config without deepspeed; the Trainer refuses fsdp in one process)
+LEFT_OUT_WHEN_WARNED = {"tf32", "ddp_backend", "fsdp", "deepspeed"}
 
 
 def hub_problems(r: Recipe, for_training: bool) -> Iterator[Problem]:
