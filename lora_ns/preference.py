@@ -242,6 +242,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems += _kto_kl_problems(recipe)
     if recipe.task == "dpo":
         problems += _dpo_loss_problems(recipe, wanted)
+    if not grpo and t.get("train_sampling_strategy") == "group_by_length":  # its sampler fails at the start
+        problems.append(recipe.problem("training.train_sampling_strategy", f"{recipe.task} rows carry prompt "
+                                       "and reply ids, not the input_ids length grouping measures",
+                                       "remove training.train_sampling_strategy"))
     known = loss_types(recipe.task) if wanted else []
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",

@@ -195,6 +195,7 @@ def test_trl_checks_the_generation_batch_naming_the_field():
     ("kto", {"per_device_train_batch_size": 1}, "training.per_device_train_batch_size", "from the other rows"),
     ("dpo", {"use_weighting": True, "loss_type": ["sigmoid", "aot"]}, "training.use_weighting", "sorts the rows"),
     ("dpo", {"loss_type": "exo_pair"}, "training.label_smoothing", "label_smoothing: 0.001"),
+    ("orpo", {"train_sampling_strategy": "group_by_length"}, "training.train_sampling_strategy", "input_ids"),
     ("kto", {"train_sampling_strategy": "random"}, "training.train_sampling_strategy", "KTO samples in order"),
     ("grpo", {"reward_funcs": ["gsm8k"], "epsilon": -0.2}, "training.epsilon", "must be above 0"),
     ("grpo", {"reward_funcs": ["gsm8k"], "scale_rewards": "std"}, "training.scale_rewards", "group, batch, none"),
