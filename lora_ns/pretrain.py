@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from lora_ns.builtin_models import cache_dir, resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.data import build_datasets
+from lora_ns.data.loading import columns_of
 from lora_ns.data.sources import LocalSource, source_for
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.fileio import atomic_folder
@@ -153,7 +154,8 @@ def _packed(dataset, tokenizer, length: int):
     import datasets
 
     kwargs = {"desc": "Tokenizing and packing"} if isinstance(dataset, datasets.Dataset) else {}
-    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+    # a stream may not know its columns (None): every one must go, as packing changes the number of rows
+    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=columns_of(dataset),
                        fn_kwargs={"tokenizer": tokenizer, "length": length}, **kwargs)
 
 

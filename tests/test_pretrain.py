@@ -98,6 +98,18 @@ def test_pretrain_resume_and_lora_on_the_result(tmp_path, capsys):
     assert summary3["first_loss"] < summary["first_loss"] - 1.0  # LoRA starts from the pretrained weights
 
 
+def test_a_streamed_corpus_is_packed_as_it_trains(tmp_path):
+    """The shipped pretrain recipe streams its corpus. A stream does not know its columns, so packing kept
+    'text' beside rows of another count and the first step failed ("Column lengths mismatch")."""
+    from lora_ns.train import run_training
+
+    data = pretrain_data(tmp_path / "out", max_steps=2)
+    data["dataset"].update(streaming=True, val_split=None)
+    trainer, summary = run_training(parse_recipe(data))
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
+    assert len(next(iter(trainer.train_dataset))["input_ids"]) == MAX_LENGTH
+
+
 def test_pretrain_rules_name_the_fix():
     bad = pretrain_data(Path("out"))
     bad["peft"] = {"method": "lora"}
