@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 import time
 import traceback
@@ -184,8 +185,9 @@ def disk_errors(recipe: Recipe) -> Iterator[None]:
 @contextmanager
 def template_errors(recipe: Recipe, starting: bool = False) -> Iterator[None]:
     """A conversation past validate's sample that the chat template refuses (`validate.tokens`): one line.
-    `starting`: the trainer is being built, and a ValueError is its own check of the arguments and data
-    (those validate does not repeat), one line naming the recipe field as validate's errors do."""
+    `starting`: the trainer is being built, and a ValueError naming a key of the recipe's training section is
+    its own check of that key (one validate does not repeat): one line naming it, as validate's errors do.
+    Any other stays a traceback: it is not the recipe's to fix."""
     from jinja2 import TemplateError
 
     try:
@@ -195,7 +197,7 @@ def template_errors(recipe: Recipe, starting: bool = False) -> Iterator[None]:
                                        f"the data: {err}", "set model.chat_template to one that takes it, or "
                                        "fix those rows (validate names the first in its sample)")) from None
     except ValueError as err:
-        if not starting:
+        if not (starting and any(re.search(rf"\b{re.escape(key)}\b", str(err)) for key in recipe.training)):
             raise
         problem = library_problem(recipe, "training", recipe.training, err, "the trainer's docs")
         raise UserError(problem) from None
