@@ -22,7 +22,7 @@ def offline_overrides(path: Path, out: Path) -> list[str]:
     recipe = load_recipe(path)
     model = "builtin:tiny-bert" if recipe.task == "seq_cls" else "builtin:tiny-llama"
     overrides = [f"model.name_or_path={model}", f"dataset.path=sample:{recipe.dataset.formatter}",
-                 "dataset.name=null", "dataset.revision=null", "dataset.streaming=false",
+                 "dataset.name=null", "dataset.revision=null",  # streaming kept: the local sample streams too
                  "model.dtype=fp32", "training.bf16=false", "training.fp16=false",
                  "training.max_steps=2", "training.per_device_train_batch_size=2",
                  "training.gradient_accumulation_steps=1", "training.report_to=none", "training.logging_steps=1",
