@@ -242,6 +242,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems += _kto_kl_problems(recipe)
     if recipe.task == "dpo":
         problems += _dpo_loss_problems(recipe, wanted)
+    if recipe.task == "orpo" and recipe.dataset.streaming:  # TRL's experimental ORPO maps with num_proc
+        problems.append(recipe.problem("dataset.streaming", "ORPO (trl.experimental) cannot read a stream: "
+                                       "it prepares the whole data set as it starts",
+                                       "set dataset.streaming: false"))
     if not grpo and t.get("train_sampling_strategy") == "group_by_length":  # its sampler fails at the start
         problems.append(recipe.problem("training.train_sampling_strategy", f"{recipe.task} rows carry prompt "
                                        "and reply ids, not the input_ids length grouping measures",

@@ -236,6 +236,19 @@ def test_generate_during_eval_without_a_logger_for_its_samples(monkeypatch):
         assert problem.severity == severity and "Weights & Biases or Comet" in problem.message
 
 
+def test_orpo_cannot_stream():
+    """TRL's experimental ORPOTrainer maps its data with num_proc, which a stream does not take: a TypeError
+    as the trainer started; the other preference trainers stream."""
+    recipe = recipe_for("orpo")
+    recipe.dataset.streaming = True
+    (problem,) = check_preference_recipe(recipe)
+    assert problem.field == "dataset.streaming" and "cannot read a stream" in problem.message
+    for task in ("dpo", "kto"):
+        streamed = recipe_for(task)
+        streamed.dataset.streaming = True
+        assert check_preference_recipe(streamed) == []
+
+
 def test_kto_without_a_kl_term_takes_one_row_batches_in_any_order():
     recipe = recipe_for("kto", per_device_train_batch_size=1, train_sampling_strategy="random",
                         loss_type="apo_zero_unpaired")
