@@ -242,6 +242,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
         problems += _kto_kl_problems(recipe)
     if recipe.task == "dpo":
         problems += _dpo_loss_problems(recipe, wanted)
+    if t.get("precompute_ref_log_probs") and recipe.dataset.streaming:  # the trainers refuse it at the start
+        problems.append(recipe.problem("training.precompute_ref_log_probs", "needs the whole data set "
+                                       "first, and dataset.streaming reads it as training goes",
+                                       "set one of them false"))
     if recipe.task == "orpo" and recipe.dataset.streaming:  # TRL's experimental ORPO maps with num_proc
         problems.append(recipe.problem("dataset.streaming", "ORPO (trl.experimental) cannot read a stream: "
                                        "it prepares the whole data set as it starts",

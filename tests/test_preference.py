@@ -236,7 +236,7 @@ def test_generate_during_eval_without_a_logger_for_its_samples(monkeypatch):
         assert problem.severity == severity and "Weights & Biases or Comet" in problem.message
 
 
-def test_orpo_cannot_stream():
+def test_orpo_cannot_stream_nor_a_precomputed_reference():
     """TRL's experimental ORPOTrainer maps its data with num_proc, which a stream does not take: a TypeError
     as the trainer started; the other preference trainers stream."""
     recipe = recipe_for("orpo")
@@ -247,6 +247,9 @@ def test_orpo_cannot_stream():
         streamed = recipe_for(task)
         streamed.dataset.streaming = True
         assert check_preference_recipe(streamed) == []
+        streamed.training["precompute_ref_log_probs"] = True  # refused as the trainer started
+        (problem,) = check_preference_recipe(streamed)
+        assert problem.field == "training.precompute_ref_log_probs" and "whole data set" in problem.message
 
 
 def test_kto_without_a_kl_term_takes_one_row_batches_in_any_order():

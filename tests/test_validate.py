@@ -248,6 +248,15 @@ def test_gradient_accumulation_twice_is_refused_before_the_weights_load():
         setup(recipe, dry_run=True, checks=Checks(data=False))
 
 
+def test_packing_without_a_max_length_is_refused_before_the_weights_load():
+    from lora_ns.config import load_recipe
+    from lora_ns.setup import Checks, setup
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["training.packing=true", "training.max_length=null"])
+    with pytest.raises(UserError, match="training.max_length: null, and packing needs the row length"):
+        setup(recipe, dry_run=True, checks=Checks(data=False))
+
+
 def test_a_ddp_backend_validated_for_a_launch_of_several_processes_is_not_warned_about(capsys, monkeypatch):
     """Under --accelerate-config multi_gpu (8 processes) the backend is what that launch uses: the "run of one"
     warning was wrong there. It is still left out of this one process's arguments (they would not build)."""

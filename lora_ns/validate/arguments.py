@@ -62,6 +62,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
         problems.append(recipe.problem("training.save_strategy", "save_strategy 'best' with nothing to "
                                        "compare", "set training.metric_for_best_model (e.g. loss)"))
     sft = hasattr(args, "packing")  # SFTConfig; DPOConfig has padding_free but no packing
+    if sft and args.packing and args.max_length is None:  # SFTTrainer refuses it as it starts
+        problems.append(recipe.problem("training.max_length", "null, and packing needs the row length it "
+                                       "packs to", "set training.max_length (e.g. 2048)"))
     if sft and getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
