@@ -158,7 +158,7 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     if args.process_index == 0:
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
-    with args.main_process_first(desc="tokenize the datasets"), template_errors(recipe, starting=True):
+    with args.main_process_first(desc="tokenize the datasets"), trainer_errors(recipe, starting=True):
         trainer = build_trainer(recipe, args, model, tokenizer, *datasets)
     return trainer, tokenizer, (trainable, total)
 
@@ -183,10 +183,10 @@ def disk_errors(recipe: Recipe) -> Iterator[None]:
 
 
 @contextmanager
-def template_errors(recipe: Recipe, starting: bool = False) -> Iterator[None]:
-    """A conversation past validate's sample that the chat template refuses (`validate.tokens`): one line.
-    `starting`: the trainer is being built, and a ValueError naming a key of the recipe's training section is
-    its own check of that key (one validate does not repeat): one line naming it, as validate's errors do.
+def trainer_errors(recipe: Recipe, starting: bool = False) -> Iterator[None]:
+    """What the trainer raises that is the recipe's to fix, as one line: a conversation past validate's sample
+    that the chat template refuses (`validate.tokens`); `starting` (the trainer is being built), a ValueError
+    naming a key of the recipe's training section, its own check of that key (one validate does not repeat).
     Any other stays a traceback: it is not the recipe's to fix."""
     from jinja2 import TemplateError
 
@@ -231,7 +231,7 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
     checkpoint = resume_target(recipe)
     if (problem := resume_problem(recipe, trainer.model, checkpoint)) is not None and problem.is_error:
         raise UserError(problem)  # a warning was shown by setup's checks
-    with disk_errors(recipe), stream_errors(recipe), template_errors(recipe):  # GRPO templates as it samples
+    with disk_errors(recipe), stream_errors(recipe), trainer_errors(recipe):  # GRPO templates as it samples
         result = trainer.train(resume_from_checkpoint=checkpoint)
         if trainer.state.global_step == 0:  # not one batch (fewer rows than one, with dataloader_drop_last)
             raise UserError(recipe.problem("training.per_device_train_batch_size", "no training step ran: "
