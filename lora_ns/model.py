@@ -60,9 +60,10 @@ def context_length(config) -> int | None:
 
 
 def gradient_checkpointing(recipe: Recipe) -> bool:
-    """The recipe's choice, else on for quantized (memory-bound QLoRA) runs and off otherwise."""
-    t = recipe.training
-    return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", recipe.quantized)))
+    """The recipe's choice, else on for quantized (memory-bound QLoRA) runs and off otherwise (and for prefix
+    tuning, which it breaks: `validate.rules.checkpointing_fits_method`)."""
+    t, default = recipe.training, recipe.quantized and recipe.peft.method != "prefix_tuning"
+    return bool(t.get("activation_checkpointing", t.get("gradient_checkpointing", default)))
 
 
 def packs(recipe: Recipe) -> bool:

@@ -31,6 +31,9 @@ CASES = [
      "quantization.load_in_8bit", "error"),
     (rules.quantization_fits_method, {"quantization": {"load_in_4bit": True}, "peft": {"method": "full"}},
      "peft.method", "error"),
+    (rules.checkpointing_fits_method, {"peft": {"method": "prefix_tuning", "num_virtual_tokens": 8},
+                                       "training": {"gradient_checkpointing": True}},
+     "training.gradient_checkpointing", "error"),  # the first backward stopped on a size mismatch
     (rules.seq_cls_labels, {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert"},
                                   "dataset": PAIRS}, "model.num_labels", "error"),
     (rules.seq_cls_labels, {"task": "seq_cls", "model": {**BERT, "labels": ["a", "b", "c"]}, "dataset": PAIRS},
@@ -165,6 +168,16 @@ def test_push_to_hub_needs_the_hub_and_a_login_where_training_runs(monkeypatch):
     assert problems(False, None, False) == [("push_to_hub, but no login here", "warning")]
     assert problems(False, "hf_x", True) == []
     assert list(rules.hub_problems(make({}), True)) == []
+
+
+def test_prefix_tuning_is_not_checkpointed_by_default_even_when_quantized():
+    """Checkpointing is on by default for a quantized model, and breaks prefix tuning: off for it."""
+    from lora_ns.model import gradient_checkpointing
+
+    quantized = {"quantization": {"load_in_4bit": True}}
+    assert gradient_checkpointing(make({**quantized, "peft": {"method": "qlora"}}))
+    recipe = make({**quantized, "peft": {"method": "prefix_tuning", "num_virtual_tokens": 8}})
+    assert not gradient_checkpointing(recipe) and list(rules.checkpointing_fits_method(recipe)) == []
 
 
 def test_every_rule_has_a_case():

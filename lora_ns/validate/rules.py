@@ -20,6 +20,7 @@ from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
 from lora_ns.errors import Problem
 from lora_ns.hf_fields import PEFT_TYPES
+from lora_ns.model import gradient_checkpointing
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
 
@@ -36,6 +37,17 @@ def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
     if r.quantized and r.peft.method == "full":
         yield r.problem("peft.method", "a quantized model cannot be fully fine-tuned",
                         "use peft.method: qlora (or lora), or turn quantization off")
+
+
+def checkpointing_fits_method(r: Recipe) -> Iterator[Problem]:
+    """Gradient checkpointing recomputes a layer without prefix tuning's virtual keys and values: the first
+    backward stops on a size mismatch (transformers 5, Llama and Qwen2 alike)."""
+    if r.peft.method == "prefix_tuning" and gradient_checkpointing(r):
+        key = next((k for k in ("activation_checkpointing", "gradient_checkpointing") if k in r.training),
+                   "gradient_checkpointing")
+        yield r.problem(f"training.{key}", "prefix tuning cannot train with gradient checkpointing: "
+                        "recomputed layers lose its virtual tokens (a size mismatch at the first step)",
+                        f"set training.{key}: false")
 
 
 def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
@@ -232,8 +244,8 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, seq_cls_labels, data_splits, values_in_range, names_resolve,
-    local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
+    quantization_fits_method, checkpointing_fits_method, seq_cls_labels, data_splits, values_in_range,
+    names_resolve, local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
     checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
 ]
