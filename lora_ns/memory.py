@@ -258,8 +258,8 @@ def batch_length(recipe: Recipe, row_lengths: Sequence[int] = ()) -> tuple[int, 
             return guess + completion, f"{budget} + {guess} prompt tokens: no data sample"
         return max(row_lengths) + completion, f"the longest of {len(row_lengths)} sampled prompts + {budget}"
     limit = int(t.get("max_length") or SFT_DEFAULT_MAX_LENGTH)
-    if packs(recipe) or not row_lengths:
-        return limit, "packed to max_length" if packs(recipe) else "max_length: no data sample"
+    if (packed := packs(recipe)) or not row_lengths:
+        return limit, "packed to max_length" if packed else "max_length: no data sample"
     capped = ", capped at max_length" if max(row_lengths) > limit else ""
     multiple = int(t.get("pad_to_multiple_of") or 1)
     seq = math.ceil(min(max(row_lengths), limit) / multiple) * multiple

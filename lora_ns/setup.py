@@ -101,12 +101,22 @@ def deep_problems(recipe: Recipe, checks: Checks, dry_run: bool = True) -> list[
     return list({str(p): p for p in problems}.values())  # the tokenizer's problems: data and model checks
 
 
+def _words(message: str) -> list[str]:
+    return re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?|\w+", message)
+
+
+def named_keys(message: str, given: dict[str, Any]) -> list[str]:
+    """The keys of `given` a library's error message names, in the order it names them."""
+    words = _words(message)
+    return sorted((k for k in given if k in words), key=words.index)
+
+
 def field_for(message: str, given: dict[str, Any]) -> str | None:
     """The key of `given` a library's error message is about: named in it (the first one named), else the only
     key whose value appears in it as a word. None when neither says."""
-    words = re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?|\w+", message)
-    if named := [k for k in given if k in words]:
-        return min(named, key=words.index)
+    if named := named_keys(message, given):
+        return named[0]
+    words = _words(message)
 
     def appears(item: Any) -> bool:
         return str(item) in words or (isinstance(item, str) and len(item) >= 3 and item in message)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import re
 import sys
 import time
 import traceback
@@ -31,7 +30,7 @@ from lora_ns.model import eos_problem, load_model, load_tokenizer, vocabulary_pr
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
 from lora_ns.pretrain import pretrain_datasets
 from lora_ns.run_record import save_run
-from lora_ns.setup import Checks, library_problem, print_notes, setup
+from lora_ns.setup import Checks, library_problem, named_keys, print_notes, setup
 
 PROG = "lora_ns.train"
 # Flags of the Hugging Face example scripts, taken as the recipe overrides they mean (snake_case works too).
@@ -197,7 +196,7 @@ def trainer_errors(recipe: Recipe, starting: bool = False) -> Iterator[None]:
                                        f"the data: {err}", "set model.chat_template to one that takes it, or "
                                        "fix those rows (validate names the first in its sample)")) from None
     except ValueError as err:
-        if not (starting and any(re.search(rf"\b{re.escape(key)}\b", str(err)) for key in recipe.training)):
+        if not (starting and named_keys(str(err), recipe.training)):
             raise
         problem = library_problem(recipe, "training", recipe.training, err, "the trainer's docs")
         raise UserError(problem) from None
