@@ -182,6 +182,19 @@ def test_a_hold_out_that_leaves_no_training_rows_is_refused(tmp_path, capsys, ti
     assert validate_main([str(path)]) == 0, capsys.readouterr().err
 
 
+def test_rows_that_fill_no_batch_with_drop_last_are_refused(tmp_path, capsys, tiny_llama):
+    """16 rows, 4 held out, batches of 16 with dataloader_drop_last: training ran no step (train stopped only
+    after the weights loaded). The data check knows the row count and says it; batches of 12 fill one."""
+    training = {**EVAL_ON["training"], "per_device_train_batch_size": 16, "dataloader_drop_last": True}
+    path = write(tmp_path, "drop", {"dataset": {"val_split": 0.25}, "training": training})
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(path)])) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert " training.per_device_train_batch_size: 12 training rows fill no batch of 16" in line, line
+    write(tmp_path, "drop", {"dataset": {"val_split": 0.25}, "training": {**training,
+                                                                         "per_device_train_batch_size": 12}})
+    assert validate_main([str(path)]) == 0, capsys.readouterr().err
+
+
 def test_a_max_length_that_cuts_every_answer_away_is_refused(tmp_path, capsys, tiny_llama):
     """TRL truncates rows to max_length, then drops those left with no loss token: at 16 tokens every GSM8K
     row loses its answer and training started with no data (an IndexError in the sampler). Some rows lost:

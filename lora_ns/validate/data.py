@@ -20,6 +20,7 @@ from lora_ns.data.sources import (
     HubSource, LocalSource, Location, Source, first_rows, located_rows, looks_local, source_for,
 )
 from lora_ns.errors import Problem, UserError
+from lora_ns.model import packs
 from lora_ns.preference import REWARD_TRIAL_ROWS, reference_problems, reward_trial_problems
 from lora_ns.validate.model import hub_reachable, reachable_tokenizer
 from lora_ns.validate.tokens import token_stats
@@ -84,17 +85,25 @@ def check_dataset(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
 
 
 def held_out_problems(recipe: Recipe, sampled: int) -> list[Problem]:
-    """A fraction val_split of training rows known whole (the sample read them all, or max_samples caps
-    them): split that many as training will, so a split leaving either side empty fails now."""
-    whole = sampled < SAMPLE_ROWS or sampled == recipe.dataset.max_samples
-    if not isinstance(recipe.dataset.val_split, float) or not whole:
+    """Training rows known whole (the sample read them all, or max_samples caps them): a fraction val_split
+    is split as training will, so a split leaving either side empty fails now, and rows that fill no batch
+    with ``dataloader_drop_last`` (a run of no step) fail too."""
+    if not (sampled < SAMPLE_ROWS or sampled == recipe.dataset.max_samples):
         return []
-    import datasets
+    if isinstance(recipe.dataset.val_split, float):
+        import datasets
 
-    try:
-        hold_out(datasets.Dataset.from_dict({"row": list(range(sampled))}), recipe)
-    except UserError as err:
-        return err.problems
+        try:
+            sampled = len(hold_out(datasets.Dataset.from_dict({"row": list(range(sampled))}), recipe)[0])
+        except UserError as err:
+            return err.problems
+    batch = int(recipe.training.get("per_device_train_batch_size", 8))
+    # one row a training example: packing and pretrain's blocks make more, GRPO repeats each prompt
+    one_to_one = not packs(recipe) and recipe.task not in ("pretrain", "grpo")
+    if recipe.training.get("dataloader_drop_last") and one_to_one and sampled < batch:
+        return [recipe.problem("training.per_device_train_batch_size", f"{sampled} training rows fill no "
+                               f"batch of {batch} with dataloader_drop_last: the run would train no step",
+                               "add rows, lower it, or set training.dataloader_drop_last: false")]
     return []
 
 
