@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from lora_ns.errors import Problem, UserError, fail, suggest
-from lora_ns.hf_fields import PEFT_TYPES, coerce, peft_fields, training_fields
+from lora_ns.hf_fields import (
+    DROPPED_TRAINING_KEYS, PEFT_TYPES, TRL_BOOL_VALUES, coerce, peft_fields, training_fields,
+)
 from lora_ns.yaml_reader import read_yaml
 
 Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
@@ -131,34 +133,6 @@ class Recipe(_Section):
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig, "quantization": QuantizationConfig, "peft": PeftSection, "dataset": DatasetConfig,
 }
-# training keys of older tutorials that transformers 5 / TRL 1 dropped, and what to write instead
-# (renames difflib finds, such as evaluation_strategy or max_seq_length, need no entry)
-DROPPED_TRAINING_KEYS = {
-    "warmup_ratio": "use warmup_steps: a value below 1 is a share of the run (e.g. 0.03)",
-    "no_cuda": "use use_cpu: true",
-    "save_safetensors": "remove it: checkpoints are always safetensors",
-    "logging_dir": "remove it: logs go under output_dir (or set TENSORBOARD_LOGGING_DIR)",
-    "torch_dtype": "set model.dtype (bf16, fp16, fp32 or auto) instead",
-    "rpo_alpha": "DPO: add the SFT loss instead (loss_type: [sigmoid, sft], loss_weights: [1.0, 1.0])",
-    "max_prompt_length": "remove it: TRL 1 cuts whole rows at max_length (see truncation_mode)",
-    "group_by_length": "use train_sampling_strategy: group_by_length",
-    "use_mps_device": "remove it: an Apple GPU is used when there is one (use_cpu: true keeps to the CPU)",
-    "fp16_backend": "remove it: mixed precision is torch's AMP (fp16: true or bf16: true)",
-    "half_precision_backend": "remove it: mixed precision is torch's AMP (fp16: true or bf16: true)",
-    "fp16_opt_level": "remove it (apex is gone): fp16: true or bf16: true",
-    "dispatch_batches": "set it under accelerator_config: {dispatch_batches: ...}",
-    "split_batches": "set it under accelerator_config: {split_batches: ...}",
-    "torchdynamo": "use torch_compile: true (torch_compile_backend names the backend)",
-    "fsdp_transformer_layer_cls_to_wrap": "put it in fsdp_config, or launch with an accelerate FSDP config",
-    "fsdp_min_num_params": "put min_num_params in fsdp_config, or launch with an accelerate FSDP config",
-    "dataset_batch_size": "remove it: TRL 1 packs with packing: true at max_length",
-    "num_of_sequences": "remove it: TRL 1 packs with packing: true at max_length",
-    "chars_per_token": "remove it: TRL 1 packs with packing: true at max_length",
-    "push_to_hub_token": "remove it: log in with `hf auth login` (or HF_TOKEN); a recipe holds no token",
-}
-# Booleans TRL maps to one of a string field's values (GRPOConfig.__post_init__): read as that value, so the
-# string type check and preference.TRL_VALUES accept what TRL documents.
-TRL_BOOL_VALUES = {"scale_rewards": {True: "group", False: "none"}}
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}

@@ -82,7 +82,7 @@ def test_unknown_keys_suggest_the_closest_field():
 
 
 def test_keys_the_libraries_dropped_say_what_replaced_them():
-    from lora_ns.config import DROPPED_TRAINING_KEYS
+    from lora_ns.hf_fields import DROPPED_TRAINING_KEYS
 
     data = _copy()
     data["training"].update({key: 1 for key in DROPPED_TRAINING_KEYS})
