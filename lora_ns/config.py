@@ -167,8 +167,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     """Parse ``key.sub=value``, ``--key.sub value`` and ``--key.sub=value`` into (path, value), and
     ``~key.sub`` (Hydra's spelling) into (path, `REMOVE`): the recipe's key is dropped.
 
-    Values are read as YAML scalars (``true``, ``3``, ``[a, b]``). A key with no dot is looked
-    up in the sections when `apply_overrides` runs.
+    Values stay text here: `apply_overrides` reads them as YAML (``true``, ``3``, ``[a, b]``), or as typed for
+    a text field. A key with no dot is looked up in the sections when `apply_overrides` runs.
     """
     pairs: list[tuple[str, Any]] = []
     i = 0
@@ -185,11 +185,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             i, raw = (i + 1, args[i + 1]) if followed else (i, "true")
         elif not eq:
             raise fail("<command line>", arg, "not an override", "write key.sub=value or --key.sub value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        pairs.append((key.replace("-", "_") if dashed else key, value))
+        pairs.append((key.replace("-", "_") if dashed else key, raw))
         i += 1
     return pairs
 
@@ -203,8 +199,21 @@ def _known_keys(section: str, data: dict[str, Any]) -> set[str]:
     return set(SECTIONS[section].model_fields)
 
 
+def _override_value(path: list[str], raw: str) -> Any:
+    """A text field of our sections (a prompt template, a path) takes the text as typed, ``null`` aside: YAML
+    reads 'Q: {prompt}' as a mapping, a '#' as a comment, and folds a newline into a space."""
+    field = SECTIONS[path[0]].model_fields.get(path[-1]) if len(path) == 2 and path[0] in SECTIONS else None
+    if field is not None and field.annotation in (str, str | None) and raw not in ("null", "~"):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
-    """Set each override into the raw recipe dict (before validation); `REMOVE` drops the key."""
+    """Set each override (text from `parse_overrides`) into the raw recipe dict (before validation);
+    `REMOVE` drops the key."""
     for key, value in overrides:
         path = key.split(".")
         if len(path) == 1 and key != "task":
@@ -221,7 +230,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> N
                 node[part] = {}
             node = node[part]
         if value is not REMOVE:
-            node[path[-1]] = value
+            node[path[-1]] = _override_value(path, value)
         elif node.pop(path[-1], REMOVE) is REMOVE:
             raise fail("<command line>", f"~{key}", "not in the recipe: nothing to remove",
                        "check the key's name")

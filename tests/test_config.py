@@ -43,6 +43,20 @@ def test_override_forms_all_reach_the_recipe():
     assert recipe.training["max_length"] == 64  # dotless key found in its only section
 
 
+def test_a_text_field_override_keeps_the_text_as_typed():
+    """YAML read a prompt template given on the command line as a mapping ('Q: {prompt}'), a '### Response:'
+    line as a comment and a newline as a space: the template trained on was not the one typed."""
+    typed = {"prompt_template": "### Question:\n{prompt}\nA:\n", "system_prompt": "Be brief.\nSay why."}
+    data = _copy()
+    apply_overrides(data, parse_overrides([f"dataset.{k}={v}" for k, v in typed.items()] + ["model.revision=007"]))
+    recipe = parse_recipe(data)
+    assert recipe.dataset.prompt_template == typed["prompt_template"]
+    assert recipe.dataset.system_prompt == typed["system_prompt"] and recipe.model.revision == "007"
+    apply_overrides(data, parse_overrides(["dataset.system_prompt=null", "training.max_steps=3"]))
+    recipe = parse_recipe(data)
+    assert recipe.dataset.system_prompt is None and recipe.training["max_steps"] == 3  # YAML still
+
+
 def test_ambiguous_dotless_override_is_rejected():
     data = _copy()
     with pytest.raises(UserError, match="several sections"):
