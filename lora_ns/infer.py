@@ -17,8 +17,10 @@ from typing import Any
 from lora_ns.checkpoints import saved_recipe_file
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import Recipe, load_recipe
-from lora_ns.data import sources
+from lora_ns.data import formatted_examples, sources
+from lora_ns.data.loading import column_map
 from lora_ns.data.formatters import FORMATTERS, RowError, check_messages, text_value
+from lora_ns.data.sources import Location
 from lora_ns.errors import UserError, fail, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
 from lora_ns.inference import (classify, generate, is_chat, load, pair_of, prompt_and_reference,
@@ -33,9 +35,10 @@ LEGACY_FLAGS = {"--model_path": "--model", "--adapter_path": "--model", "--input
                 "--output": "--output-file"}
 
 
-def read_inputs(path: str | Path) -> list[dict[str, Any]]:
+def read_inputs(path: str | Path, recipe: Recipe | None = None) -> list[dict[str, Any]]:
     """Rows of a .jsonl/.json file ("prompt", "messages", "text" or "sentence1"), or of text (one prompt a
-    line), read as the data loader reads them (a bad line is one error naming it)."""
+    line), read as the data loader reads them (a bad line is one error naming it). Rows in the training
+    data's own columns (GSM8K's question/answer) are read by the `recipe`'s formatter (`recipe_rows`)."""
     where = str(path)
     if not Path(where).is_file():
         raise fail(where, "--input-file", "file not found", "check the path")
@@ -47,7 +50,11 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
             continue
         key = next((k for k in ("prompt", "messages", "text", "sentence1") if k in row), None)  # as read next
         if key is None:
-            fix = 'give each line a "prompt" (or "messages") field'
+            fmt = FORMATTERS.get(recipe.dataset.formatter) if recipe else None
+            if fmt and not column_map(fmt, recipe.dataset.columns, list(row), Location(where, line, 1))[1]:
+                return recipe_rows(where, recipe)
+            theirs = f" or the recipe formatter's ({', '.join(fmt.fields)})" if fmt else ""
+            fix = f'give each line a "prompt" (or "messages") field{theirs}'
             raise fail(where, "prompt", "row has no prompt", fix, line)
         try:  # a number or a malformed chat crashed in the chat template, after the model loaded
             chat = key == "messages" or isinstance(row[key], list)
@@ -62,6 +69,13 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def recipe_rows(path: str, recipe: Recipe) -> list[dict[str, Any]]:
+    """Every row of a file read by the recipe's formatter, as ``evaluate --data-file`` reads it: the prompt,
+    the reference answer as ``completion`` and the columns the formatter did not read."""
+    return [{**example.pop("metadata"), **{k: v for k, v in example.items() if k != "row"}}
+            for example in formatted_examples(recipe, split=path)]
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.infer",
                            description="Run a base, adapter or merged model on a prompt or a file of them.")
@@ -74,7 +88,8 @@ def make_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="a single prompt")
     parser.add_argument("--pair", metavar="TEXT", help="the second text of a sentence pair, after --prompt "
                         "(a classifier trained on pairs)")
-    source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt' or 'messages')")
+    source.add_argument("--input-file", help=".txt (a prompt a line) or .jsonl ('prompt', 'messages' or "
+                        "the recipe's columns)")
     source.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line "
                         "(a chat model keeps the conversation; /clear starts over)")
     parser.add_argument("--output-file", help="write results here (default: print)")
@@ -200,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pair is not None and args.prompt is None:
         raise fail("<command line>", "--pair", "needs --prompt (the first text)", "pass both")
     one = {"prompt": args.prompt} if args.pair is None else {"sentence1": args.prompt, "sentence2": args.pair}
-    rows = read_inputs(args.input_file) if args.input_file else [one]
     saved = saved_recipe_file(args.model)  # training's: read once, here, for `load` too
     recipe = load_recipe(args.recipe) if args.recipe else load_recipe(saved) if saved else None
+    rows = read_inputs(args.input_file, recipe) if args.input_file else [one]
     if not args.interactive:
         classifier_inputs(rows, recipe)  # one text for a pair classifier: said before the weights load
     loaded, base = load(args.model, base=args.base, recipe=recipe), None

@@ -117,6 +117,27 @@ def test_cli_input_file_to_output_file(adapter_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl", "results.jsonl"]  # no temp files left
 
 
+def test_rows_in_the_training_datas_own_columns_are_read_by_the_recipes_formatter(adapter_dir, tmp_path):
+    """GSM8K rows (question/answer), as the recipe trained on them, were refused ("row has no prompt") though
+    evaluate --data-file reads them: the formatter gives the prompt, the answer stays as the reference."""
+    rows = [{"question": PROMPTS[1], "answer": "Ben has 33 - 27 = 6 left.\n#### 6", "id": 7},
+            {"question": PROMPTS[0], "answer": "2 + 2 = 4\n#### 4", "id": 8}]
+    questions = tmp_path / "gsm8k.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results.jsonl"
+    assert main(["--model", str(adapter_dir), "--input-file", str(questions), "--output-file", str(out),
+                 "--greedy", "--max-new-tokens", "4", "--no-progress"]) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["id"]) for r in results] == [(r["question"], r["id"]) for r in rows]
+    assert all(r["completion"] and isinstance(r["output"], str) for r in results)
+    with pytest.raises(UserError, match="row has no prompt") as err:
+        read_inputs(questions)  # no recipe: no formatter to read them
+    questions.write_text('{"query": "?"}\n')
+    with pytest.raises(UserError) as err:
+        main(["--model", str(adapter_dir), "--input-file", str(questions)])
+    assert "row has no prompt" in str(err.value) and "(question, answer)" in str(err.value)
+
+
 def test_interactive_answers_each_stdin_line(adapter_dir, loaded, monkeypatch, capsys):
     import io
     import sys
