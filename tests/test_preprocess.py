@@ -344,6 +344,17 @@ def test_overwrite_refused_then_allowed(corpus: Path, tmp_path: Path, capsys) ->
     assert out.read_text(encoding="utf-8").splitlines() == EXPECTED
 
 
+def test_an_out_file_inside_the_raw_dir_is_left_out_and_warned_of(corpus: Path, tmp_path: Path, capsys) -> None:
+    """This run leaves its own output out; a next run writing elsewhere read it as one more raw file."""
+    inside = corpus / "processed" / "all.txt"
+    assert main(["--raw-dir", str(corpus), "--out-file", str(inside), "--quiet"]) == 0
+    assert inside.read_text(encoding="utf-8").splitlines() == EXPECTED
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"lora_ns.preprocess: warning: {inside}: --out-file: inside --raw-dir"), line
+    assert main(["--raw-dir", str(corpus), "--out-file", str(tmp_path / "all.txt"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_out_file_folder_and_bad_counts_are_one_line(corpus: Path, tmp_path: Path, capsys) -> None:
     """A folder as --out-file is named as such even without --overwrite (which would not help); counts
     are parsed as every command parses them (command_line.at_least)."""

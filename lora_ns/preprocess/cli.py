@@ -7,12 +7,13 @@ import codecs
 import contextlib
 import importlib.util
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from lora_ns.command_line import CommandParser, at_least, at_least_one
-from lora_ns.errors import fail, run_cli
+from lora_ns.errors import fail, program, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic
 from lora_ns.preprocess.pipeline import PROG, PreprocessReport, discover, plan_tasks, process, split_by_size
 from lora_ns.preprocess.readers import CHUNK_BYTES, DEFAULT_ENCODINGS, NO_DOCX, UNITS, Options
@@ -77,6 +78,9 @@ def _check_paths(raw_dir: Path, out_file: Path, overwrite: bool) -> None:
     if not raw_dir.is_dir():
         raise fail(f"--raw-dir {raw_dir}", "", "not a directory", "pass the folder that holds the raw files")
     guard_output_file(out_file, overwrite, "--out-file")
+    if out_file.resolve().is_relative_to(raw_dir.resolve()):  # this run leaves it out; the next would not
+        print(f"{program(PROG)}: warning: {out_file}: --out-file: inside --raw-dir, where the next run reads "
+              "it as raw input (its text twice in that corpus) — write it outside --raw-dir", file=sys.stderr)
 
 
 def _shard(text: str) -> tuple[int, int]:
