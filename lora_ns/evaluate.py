@@ -10,6 +10,7 @@ ones training evaluated on (``dataset.val_split`` through `lora_ns.data.formatte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import tempfile
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         check_references([prompt_and_reference(e)[1] for e in examples], where)
 
     started = time.time()
-    loaded = load(model_path, base=args.base, recipe=recipe)
+    with progress_bars_off() if args.no_progress else contextlib.nullcontext():
+        loaded = load(model_path, base=args.base, recipe=recipe)
     metrics, rows = run_evaluation(kind, loaded, recipe, examples, args)
     predicted, reference = ("predicted", "label") if kind == "classification" else ("prediction", "reference")
     for metric in library:  # beside ours, on the same predictions and references

@@ -9,6 +9,7 @@ of prompts becomes a JSON list of {prompt, base, tuned}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from lora_ns.checkpoints import saved_recipe_file
 from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import formatted_examples, sources
-from lora_ns.data.loading import column_map
+from lora_ns.data.loading import column_map, progress_bars_off
 from lora_ns.data.formatters import FORMATTERS, RowError, check_messages, text_value
 from lora_ns.data.sources import Location
 from lora_ns.errors import UserError, fail, run_cli
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_inputs(args.input_file, recipe) if args.input_file else [one]
     if not args.interactive:
         classifier_inputs(rows, recipe)  # one text for a pair classifier: said before the weights load
-    loaded, base = load(args.model, base=args.base, recipe=recipe), None
+    with progress_bars_off() if args.no_progress else contextlib.nullcontext():
+        loaded, base = load(args.model, base=args.base, recipe=recipe), None
     if args.pair is not None and loaded.task != "seq_cls":
         raise fail(args.model, "--pair", "is for classifiers; this model generates", "put both in --prompt")
     if args.compare:
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.base or loaded.base):
             raise fail("<command line>", "--base", "needed when --model is not an adapter folder",
                        "pass --base MODEL")
-        base = load(args.base or loaded.base)
+        with progress_bars_off() if args.no_progress else contextlib.nullcontext():
+            base = load(args.base or loaded.base)
     if args.interactive:
         converse(loaded, base, {**options, "progress": False})
         return 0

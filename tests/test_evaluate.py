@@ -51,7 +51,9 @@ def test_math_scores_the_held_out_rows_from_the_predictions(gsm_adapter, capsys)
 
     recipe_file = str(gsm_adapter / "recipe.yaml")
     argv = [recipe_file, "--adapter", str(gsm_adapter), "--limit", "3", "--max-new-tokens", "12", "--no-progress"]
+    capsys.readouterr()
     assert main(argv) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # transformers' own bar: --no-progress is none
     metrics, rows = read_results(gsm_adapter / "eval")
 
     assert metrics["kind"] == "math" and metrics["num_examples"] == len(rows) == 3

@@ -103,7 +103,9 @@ def test_cli_input_file_to_output_file(adapter_dir, tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     argv = ["--model", str(adapter_dir), "--input-file", str(questions), "--output-file", str(out),
             "--greedy", "--max-new-tokens", "6", "--batch-size", "2", "--no-progress"]
+    capsys.readouterr()
     assert main(argv) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # transformers' own bar: --no-progress is none
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("id") for r in rows] == [1, None] and all(isinstance(r["output"], str) for r in rows)
 

@@ -25,16 +25,21 @@ from lora_ns.errors import Problem, UserError, fail, first_line, suggest
 
 @contextmanager
 def progress_bars_off() -> Iterator[None]:
-    """`datasets`' own bars ("Generating train split", "Map") hidden: amid our report they say nothing."""
+    """The libraries' own bars hidden (`datasets`' "Generating train split" and "Map", transformers' "Loading
+    weights", the Hub's downloads): amid our report they say nothing, and --no-progress means none."""
     import datasets
+    from transformers.utils import logging as hf_logging
 
-    shown = datasets.is_progress_bar_enabled()
+    shown = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if shown:
+        if shown[0]:
             datasets.enable_progress_bars()
+        if shown[1]:
+            hf_logging.enable_progress_bar()
 
 
 def _delimited(src: LocalSource, streaming: bool):
