@@ -126,12 +126,19 @@ def field_for(message: str, given: dict[str, Any]) -> str | None:
     return valued[0] if len(valued) == 1 else None
 
 
+# Library messages whose first named key is not the one to change: message text -> (key, fix)
+KNOWN_FIXES = {"saving steps to be a": ("save_steps", "make it a multiple of training.eval_steps"),
+               "save and eval strategy to match": ("save_strategy", "set it as training.eval_strategy")}
+
+
 def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Exception,
                     docs: str) -> Problem:
     """One line for a library's ValueError, naming the field when the message lets us."""
     reason = first_line(err, 500)
-    name = f"{section}.{key}" if (key := field_for(reason, given)) else section
-    return recipe.problem(name, reason, f"fix {name} (see {docs})")
+    key, fix = next((known for text, known in KNOWN_FIXES.items() if text in reason and section == "training"),
+                    (field_for(reason, given), ""))
+    name = f"{section}.{key}" if key else section
+    return recipe.problem(name, reason, fix or f"fix {name} (see {docs})")
 
 
 # --- training arguments ---------------------------------------------------------------------------

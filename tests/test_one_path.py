@@ -92,6 +92,12 @@ REJECTED = [
     ("best_model_metric_not_reported", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
                                                                 "metric_for_best_model": "accuracy"}},
      "training.metric_for_best_model"),
+    # transformers names load_best_model_at_end; the key to change is the other one
+    ("best_model_save_steps_off_eval", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST, "eval_steps": 2,
+                                                                "save_steps": 3}}, "training.save_steps"),
+    ("best_model_save_strategy_off_eval", {**EVAL_ON, "training": {**EVAL_ON["training"], **BEST,
+                                                                   "save_strategy": "epoch"}},
+     "training.save_strategy"),
     ("adam_beta_out_of_range", {"training": {"adam_beta1": 1.5}}, "training.adam_beta1"),
     ("seed_negative", {"training": {"seed": -1}}, "training.seed"),
     ("lora_on_lm_head", {"peft": {"method": "lora", "r": 4, "lora_alpha": 8,
