@@ -135,8 +135,8 @@ def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Ex
                     docs: str) -> Problem:
     """One line for a library's ValueError, naming the field when the message lets us."""
     reason = first_line(err, 500)
-    key, fix = next((known for text, known in KNOWN_FIXES.items() if text in reason and section == "training"),
-                    (field_for(reason, given), ""))
+    known = [fix for text, fix in KNOWN_FIXES.items() if text in reason and section == "training"]
+    key, fix = known[0] if known else (field_for(reason, given), "")
     name = f"{section}.{key}" if key else section
     return recipe.problem(name, reason, fix or f"fix {name} (see {docs})")
 

@@ -130,15 +130,16 @@ def test_missing_flash_attention_stops_before_loading(tmp_path, tiny_llama, caps
 
 
 def test_a_run_that_trains_no_step_is_an_error_not_a_finished_run(tmp_path, capsys):
-    """6 rows, batches of 8 with dataloader_drop_last: not one batch. The run said "Training finished", saved
-    the untrained adapter and marked the run finished (exit 0)."""
+    """6 rows packed, batches of 8 with dataloader_drop_last: not one batch. The run said "Training finished",
+    saved the untrained adapter and marked the run finished (exit 0). (Unpacked, validate counts the rows.)"""
     from lora_ns.errors import run_cli
     from lora_ns.train import main
 
     out = tmp_path / "out"
     argv = [str(REPO / "recipes" / "quickstart.yaml"), f"training.output_dir={out}", "dataset.max_samples=6",
             "dataset.val_split=null", "training.eval_strategy=no", "training.eval_on_start=false",
-            "training.max_steps=2", "training.per_device_train_batch_size=8", "training.dataloader_drop_last=true"]
+            "training.max_steps=2", "training.per_device_train_batch_size=8", "training.dataloader_drop_last=true",
+            "training.packing=true"]
     assert run_cli("lora_ns.train", lambda: main(argv)) == 2
     err = capsys.readouterr().err
     assert "training.per_device_train_batch_size: no training step ran: the data gave no full batch" in err
