@@ -286,7 +286,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
 # TRL 1.16 branches on these strings when the loss is computed, after the weights load; its configs list no
 # choices (lora_ns.validate.arguments checks fields that do)
 TRL_VALUES = {"f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
-              "scale_rewards": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence")}
+              "scale_rewards": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence"),
+              "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+              "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate",
+                                                "sequence_mask")}
 
 
 def _dpo_loss_problems(recipe: Recipe, losses: list[str]) -> list[Problem]:
