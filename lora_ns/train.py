@@ -82,10 +82,18 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
         None if d is None else encode_pairs(d, tokenizer, length, recipe.model.labels, recipe.dataset.path)
         for d in (train_dataset, eval_dataset))
 
-    def compute_metrics(eval_pred) -> dict[str, float]:
+    seen: tuple[list[int], list[int]] = ([], [])  # batch_eval_metrics: a batch a call, then compute_result
+
+    def compute_metrics(eval_pred, compute_result: bool = True) -> dict[str, float] | None:
         logits = eval_pred.predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
-        return classification_metrics(logits.argmax(-1), eval_pred.label_ids, model.config.num_labels)
+        seen[0].extend(logits.argmax(-1).tolist())
+        seen[1].extend(eval_pred.label_ids.tolist())
+        if not compute_result:
+            return None
+        metrics = classification_metrics(*seen, model.config.num_labels)
+        seen[0].clear(), seen[1].clear()
+        return metrics
 
     return Trainer(**{**kwargs, "train_dataset": train_dataset, "eval_dataset": eval_dataset},
                    data_collator=DataCollatorWithPadding(tokenizer),

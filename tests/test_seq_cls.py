@@ -62,6 +62,23 @@ def test_loss_goes_down_and_eval_reports_classification_metrics(trained):
     assert summary["eval"]["eval_accuracy"] == evals[-1]["eval_accuracy"]
 
 
+def test_batch_eval_metrics_scores_the_whole_eval_set(tmp_path, tiny_bert):
+    """With batch_eval_metrics the Trainer refused our metrics as it started (no `compute_result`); now they
+    come a batch at a time and are scored once over all of them, as without it."""
+    from lora_ns.train import run_training
+
+    recipe = seq_cls_recipe(tmp_path / "out", r=4, target_modules=["query", "value"])
+    recipe.training.update(max_steps=1, eval_steps=1, batch_eval_metrics=True, per_device_eval_batch_size=1)
+    recipe.dataset.val_split = 0.5  # 10 rows of both labels: a score of the last batch alone would differ
+    trainer, _ = run_training(recipe)
+    batched = trainer.evaluate()
+    trainer.args.batch_eval_metrics = False
+    whole = trainer.evaluate()
+    keys = ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall")
+    assert len(trainer.eval_dataset) == 10 and 0 < whole["eval_accuracy"] < 1, whole
+    assert [batched[k] for k in keys] == [whole[k] for k in keys]
+
+
 def test_saved_adapter_reloads_to_identical_logits(trained, tiny_bert):
     import torch
     from peft import PeftModel
