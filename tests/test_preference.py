@@ -14,8 +14,8 @@ from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
 from lora_ns.inference import preference_margin
-from lora_ns.preference import (answer_format, check_preference_recipe, completion_text, gsm8k_exact_match,
-                                resolve_rewards)
+from lora_ns.preference import check_preference_recipe
+from lora_ns.rewards import answer_format, completion_text, gsm8k_exact_match, resolve_rewards
 
 SAMPLE = {"dpo": ("preference", "preference"), "orpo": ("ultrafeedback", "ultrafeedback"),
           "kto": ("kto", "kto"), "grpo": ("gsm8k", "gsm8k_prompt")}
@@ -536,7 +536,7 @@ def reward_words(completions, **kwargs):
 def test_user_rewards_are_tried_on_sampled_rows_as_grpo_calls_them():
     """What GRPOTrainer stops on at the first step (after the weights load and sample) is found on the rows:
     an exception (a chat completion read as text), a number for the batch, a count or a type that is wrong."""
-    from lora_ns.preference import reward_trial_problems
+    from lora_ns.rewards import reward_trial_problems
 
     chat = [{"prompt": [{"role": "user", "content": f"{i}+2?"}], "answer": "#### 4"} for i in range(3)]
     text = [{"prompt": f"{i}+2?", "answer": "#### 4"} for i in range(3)]

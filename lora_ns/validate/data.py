@@ -21,7 +21,7 @@ from lora_ns.data.sources import (
 )
 from lora_ns.errors import Problem, UserError
 from lora_ns.model import packs
-from lora_ns.preference import REWARD_TRIAL_ROWS, reference_problems, reward_trial_problems
+from lora_ns.rewards import REWARD_TRIAL_ROWS, reference_problems, reward_trial_problems
 from lora_ns.validate.model import hub_reachable, reachable_tokenizer
 from lora_ns.validate.tokens import token_stats
 
