@@ -44,6 +44,12 @@ REJECTED = [
     ("batch_size_0", {"training": {BATCH: 0}}, f"training.{BATCH}"),
     ("eval_batch_size_0", {"training": {"per_device_eval_batch_size": 0}}, "training.per_device_eval_batch_size"),
     ("grad_accum_0", {"training": {ACCUM: 0}}, f"training.{ACCUM}"),
+    # these trained on, then stopped at the first evaluation, step or batch
+    ("eval_accumulation_0", {"training": {"eval_accumulation_steps": 0}}, "training.eval_accumulation_steps"),
+    ("neftune_negative", {"training": {"neftune_noise_alpha": -5.0}}, "training.neftune_noise_alpha"),
+    ("dataset_num_proc_negative", {"training": {"dataset_num_proc": -1}}, "training.dataset_num_proc"),
+    ("persistent_workers_without_workers", {"training": {"dataloader_persistent_workers": True}},
+     "training.dataloader_persistent_workers"),
     ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),
     ("label_smoothing_2", {"training": {"label_smoothing_factor": 2}}, "training.label_smoothing_factor"),
     ("max_length_negative", {"training": {"max_length": -1}}, "training.max_length"),

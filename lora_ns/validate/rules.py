@@ -88,9 +88,10 @@ def same_file(a: str, b: str) -> bool:
     return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
 
 
-# training keys the Trainer divides by or batches with: TrainingArguments accepts 0, training then fails.
-AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "pad_to_multiple_of")
+# training values TrainingArguments accepts, then the run stops on (divides by, batches with, draws noise)
+LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+         "pad_to_multiple_of": 1, "eval_accumulation_steps": 1, "neftune_noise_alpha": 0,
+         "dataset_num_proc": 0}
 DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 
 
@@ -98,10 +99,10 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
     """Values SFTConfig / TrainingArguments / LoraConfig accept, then crash on (or learn nothing from).
     The schema has checked their types (int / float, or None where the HF field allows it)."""
     t = r.training
-    for key in AT_LEAST_ONE:
-        if (v := t.get(key)) is not None and v < 1:
-            yield r.problem(f"training.{key}", f"{key} is {t[key]}: it must be at least 1",
-                            f"set training.{key}: 1")
+    for key, least in LEAST.items():
+        if (v := t.get(key)) is not None and v < least:
+            yield r.problem(f"training.{key}", f"{key} is {v}: it must be at least {least}",
+                            f"set training.{key} to {least} or more")
     if (lr := t.get("learning_rate")) is not None and lr <= 0:  # 0: a control run, else a slip
         what = "is negative" if lr < 0 else "never changes the weights: the run learns nothing"
         yield r.problem("training.learning_rate", f"learning_rate {lr} {what}",
@@ -120,6 +121,10 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
         if on and (v := t.get(key)) is not None and v <= 0:
             yield r.problem(f"training.{key}", f"{key} {t[key]} with {strategy} 'steps' never fires",
                             f"set training.{key} > 0 (a step count, or a fraction < 1 of the run)")
+    if t.get("dataloader_persistent_workers") and not t.get("dataloader_num_workers"):  # torch's DataLoader
+        yield r.problem("training.dataloader_persistent_workers", "keeps worker processes alive, and "
+                        "dataloader_num_workers is 0 (no workers): the first batch stops the run",
+                        "set training.dataloader_num_workers (e.g. 2), or remove it")
     # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
     if (alpha := r.peft.options.get("lora_alpha")) is not None and alpha <= 0:
         yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
