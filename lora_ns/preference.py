@@ -113,10 +113,14 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
                                        suggest(loss, known)))
-    if grpo and (iterations := t.get("num_iterations")) is not None and iterations < 1:  # TRL divides by it
-        problems.append(recipe.problem("training.num_iterations", f"is {iterations}; GRPO takes each "
-                                       "generated batch num_iterations times",
-                                       "set it to 1 (TRL's default) or more"))
+    for name in ("num_iterations", "steps_per_generation", "generation_batch_size") if grpo else ():
+        if (count := t.get(name)) is not None and count < 1:  # TRL divides or batches by it at step 1
+            problems.append(recipe.problem(f"training.{name}", f"is {count}; GRPO counts its generation "
+                                           "batches and steps with it", "set it to 1 or more, or remove it "
+                                           "(TRL's default)"))
+    if grpo and (share := t.get("top_entropy_quantile")) is not None and not 0 <= share <= 1:  # step 1
+        problems.append(recipe.problem("training.top_entropy_quantile", f"{share} is not a share of tokens "
+                                       "in [0, 1]", "use 0.2 (the paper's) or 1.0 (TRL's default: all)"))
     if grpo and (greedy := [k for k, v in (("top_p", 0), ("top_k", 1)) if t.get(k) == v]):
         problems.append(recipe.problem(f"training.{greedy[0]}", f"{greedy[0]} {t[greedy[0]]} keeps only the "
                                        "likeliest token: every completion of a prompt is the same, so each "

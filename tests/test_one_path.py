@@ -48,6 +48,8 @@ REJECTED = [
     ("eval_accumulation_0", {"training": {"eval_accumulation_steps": 0}}, "training.eval_accumulation_steps"),
     ("neftune_negative", {"training": {"neftune_noise_alpha": -5.0}}, "training.neftune_noise_alpha"),
     ("dataset_num_proc_negative", {"training": {"dataset_num_proc": -1}}, "training.dataset_num_proc"),
+    ("pad_to_multiple_of_a_word", {"task": "dpo", "dataset": {"path": "sample:preference", "formatter": "preference"},
+                                   "training": {"pad_to_multiple_of": "eight"}}, "training.pad_to_multiple_of"),
     ("persistent_workers_without_workers", {"training": {"dataloader_persistent_workers": True}},
      "training.dataloader_persistent_workers"),
     ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),

@@ -100,7 +100,7 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
     The schema has checked their types (int / float, or None where the HF field allows it)."""
     t = r.training
     for key, least in LEAST.items():
-        if (v := t.get(key)) is not None and v < least:
+        if isinstance(v := t.get(key), (int, float)) and v < least:
             yield r.problem(f"training.{key}", f"{key} is {v}: it must be at least {least}",
                             f"set training.{key} to {least} or more")
     if (lr := t.get("learning_rate")) is not None and lr <= 0:  # 0: a control run, else a slip
@@ -113,6 +113,8 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
     if (n := t.get("max_length")) is not None and n < 1:
         yield r.problem("training.max_length", f"max_length {t['max_length']} leaves no tokens",
                         "set training.max_length (e.g. 1024), or null for no truncation")
+    if isinstance(pad := t.get("pad_to_multiple_of"), str) and pad != "auto":  # TRL's one word for it
+        yield r.problem("training.pad_to_multiple_of", f"got '{pad}'", "use a number (e.g. 8) or auto")
     for key in ("seed", "data_seed"):  # set_seed passes them to numpy, which takes 0..2**32-1 only
         if (v := t.get(key)) is not None and not 0 <= v < 2 ** 32:
             yield r.problem(f"training.{key}", f"{key} {v} is outside 0..2**32-1", f"set training.{key}: 42")
