@@ -6,48 +6,25 @@ libraries accept, then fail on mid-run or silently train nothing with."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lora_ns.builtin_models import PREFIX, unknown_builtin
+from lora_ns.builtin_models import unknown_builtin
 from lora_ns.checkpoints import checkpoint_problem, finished_run_fix, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
 from lora_ns.errors import Problem
-from lora_ns.hf_fields import PEFT_TYPES
-from lora_ns.model import gradient_checkpointing
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
+from lora_ns.validate.adapter import (
+    checkpointing_fits_method, init_adapter_fits, peft_values, quantization_fits_method,
+)
 
 Rule = Callable[[Recipe], Iterator[Problem]]
-
-
-def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
-    q = r.quantization
-    if r.peft.method == "qlora" and not q.load_in_4bit:
-        yield r.problem("peft.method", "qlora needs a 4-bit base model",
-                        "set quantization.load_in_4bit: true")
-    if q.load_in_4bit and q.load_in_8bit:
-        yield r.problem("quantization.load_in_8bit", "4-bit and 8-bit are both set", "choose one of them")
-    if r.quantized and r.peft.method == "full":
-        yield r.problem("peft.method", "a quantized model cannot be fully fine-tuned",
-                        "use peft.method: qlora (or lora), or turn quantization off")
-
-
-def checkpointing_fits_method(r: Recipe) -> Iterator[Problem]:
-    """Gradient checkpointing recomputes a layer without prefix tuning's virtual keys and values: the first
-    backward stops on a size mismatch (transformers 5, Llama and Qwen2 alike)."""
-    if r.peft.method == "prefix_tuning" and gradient_checkpointing(r):
-        key = next((k for k in ("activation_checkpointing", "gradient_checkpointing") if k in r.training),
-                   "gradient_checkpointing")
-        yield r.problem(f"training.{key}", "prefix tuning cannot train with gradient checkpointing: "
-                        "recomputed layers lose its virtual tokens (a size mismatch at the first step)",
-                        f"set training.{key}: false")
 
 
 def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
@@ -92,7 +69,6 @@ def same_file(a: str, b: str) -> bool:
 LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
          "pad_to_multiple_of": 1, "eval_accumulation_steps": 1, "neftune_noise_alpha": 0,
          "dataset_num_proc": 0}
-DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
@@ -127,15 +103,6 @@ def values_in_range(r: Recipe) -> Iterator[Problem]:
         yield r.problem("training.dataloader_persistent_workers", "keeps worker processes alive, and "
                         "dataloader_num_workers is 0 (no workers): the first batch stops the run",
                         "set training.dataloader_num_workers (e.g. 2), or remove it")
-    # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
-    if (alpha := r.peft.options.get("lora_alpha")) is not None and alpha <= 0:
-        yield r.problem("peft.lora_alpha", f"lora_alpha {r.peft.options['lora_alpha']} must be positive",
-                        "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
-    # peft computes these in a pass over the data, a separate call lora_ns does not make: without it eva and
-    # lora_ga silently train a plain LoRA, corda stops when the adapter is built
-    if (init := r.peft.options.get("init_lora_weights")) in DATA_DRIVEN_INITS:
-        yield r.problem("peft.init_lora_weights", f"'{init}' needs peft's data-driven initialisation "
-                        "pass, which lora_ns does not run", "use pissa, olora, orthogonal, gaussian or true")
 
 
 def names_resolve(r: Recipe) -> Iterator[Problem]:
@@ -212,36 +179,6 @@ def output_dir_usable(r: Recipe) -> Iterator[Problem]:
                         "refuse it", finished_run_fix(r.output_dir), "warning")
 
 
-def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
-    """peft.init_from names an adapter folder of the same method; its own config wins over other peft keys."""
-    if not (path := r.peft.init_from):
-        return
-    if r.peft.method == "full":
-        yield r.problem("peft.init_from", "full fine-tuning has no adapter to start from",
-                        "name the merged model in model.name_or_path instead")
-        return
-    config_file = Path(path).expanduser() / "adapter_config.json"
-    try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        why = "not found" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__})"
-        yield r.problem("peft.init_from", f"{config_file} {why}",
-                        "point it at an adapter folder (a training output_dir)")
-        return
-    kind, method, model = str(saved.get("peft_type", "")).upper(), r.peft.method, r.model.name_or_path
-    if kind != PEFT_TYPES[method]:
-        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
-                        f"{method}",
-                        f"set peft.method to the adapter's method, or start a fresh {method} adapter")
-    if r.peft.options:
-        yield r.problem("peft.init_from", "the adapter's own config is used; ignoring "
-                        f"{', '.join(sorted(r.peft.options))}", "remove those keys", "warning")
-    base = str(saved.get("base_model_name_or_path") or "")
-    if base and Path(base).name != Path(model).name and not model.startswith(PREFIX):
-        yield r.problem("peft.init_from", f"the adapter was trained on {base}, this recipe loads {model}",
-                        "use the adapter's base model (shapes must match)", "warning")
-
-
 def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
     """Checkpoint settings next to save_strategy "no" save nothing, so the run cannot be resumed."""
     asked = [k for k in ("save_steps", "save_total_limit") if k in r.training]
@@ -251,9 +188,9 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, checkpointing_fits_method, seq_cls_labels, data_splits, values_in_range,
-    names_resolve, local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
-    checkpoints_are_saved, init_adapter_fits,
+    quantization_fits_method, checkpointing_fits_method, peft_values, seq_cls_labels, data_splits,
+    values_in_range, names_resolve, local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists,
+    output_dir_usable, checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
 ]
 

@@ -1,0 +1,93 @@
+"""Rules for the peft section (listed in `lora_ns.validate.rules.RULES`): the method fits the quantization and
+checkpointing, its values are ones the adapter trains with, and ``peft.init_from`` names an adapter of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from lora_ns.builtin_models import PREFIX
+from lora_ns.config import Recipe
+from lora_ns.errors import Problem
+from lora_ns.hf_fields import PEFT_TYPES
+from lora_ns.model import gradient_checkpointing
+
+DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
+# sizes peft builds the adapter with (prompt learning's virtual tokens and the layout it fills in from the
+# model, AdaLoRA's ranks and update interval): below 1 it fails to build, or stops at the first step
+SIZES = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers", "num_attention_heads",
+         "init_r", "target_r", "deltaT")
+
+
+def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
+    q = r.quantization
+    if r.peft.method == "qlora" and not q.load_in_4bit:
+        yield r.problem("peft.method", "qlora needs a 4-bit base model",
+                        "set quantization.load_in_4bit: true")
+    if q.load_in_4bit and q.load_in_8bit:
+        yield r.problem("quantization.load_in_8bit", "4-bit and 8-bit are both set", "choose one of them")
+    if r.quantized and r.peft.method == "full":
+        yield r.problem("peft.method", "a quantized model cannot be fully fine-tuned",
+                        "use peft.method: qlora (or lora), or turn quantization off")
+
+
+def checkpointing_fits_method(r: Recipe) -> Iterator[Problem]:
+    """Gradient checkpointing recomputes a layer without prefix tuning's virtual keys and values: the first
+    backward stops on a size mismatch (transformers 5, Llama and Qwen2 alike)."""
+    if r.peft.method == "prefix_tuning" and gradient_checkpointing(r):
+        key = next((k for k in ("activation_checkpointing", "gradient_checkpointing") if k in r.training),
+                   "gradient_checkpointing")
+        yield r.problem(f"training.{key}", "prefix tuning cannot train with gradient checkpointing: "
+                        "recomputed layers lose its virtual tokens (a size mismatch at the first step)",
+                        f"set training.{key}: false")
+
+
+def peft_values(r: Recipe) -> Iterator[Problem]:
+    """Values peft takes, then fails on (building the adapter, or at the first step) or trains nothing on."""
+    options = r.peft.options
+    for key in [k for k in SIZES if isinstance(options.get(k), int) and options[k] < 1]:
+        yield r.problem(f"peft.{key}", f"{key} is {options[key]}: it must be at least 1",
+                        f"set peft.{key} to 1 or more, or remove it for peft's default")
+    for key in ("beta1", "beta2") if r.peft.method == "adalora" else ():  # AdaLoRA's sensitivity averages
+        if isinstance(beta := options.get(key), (int, float)) and not 0 < beta < 1:
+            yield r.problem(f"peft.{key}", f"{beta} is outside (0, 1)", f"remove peft.{key} for peft's 0.85")
+    # LoRA's scale is lora_alpha / r: 0 trains nothing, < 0 is no scale (the schema refuses it elsewhere)
+    if (alpha := options.get("lora_alpha")) is not None and alpha <= 0:
+        yield r.problem("peft.lora_alpha", f"lora_alpha {options['lora_alpha']} must be positive",
+                        "set peft.lora_alpha (commonly 2 x peft.r, e.g. 16)")
+    # peft computes these in a pass over the data, a separate call lora_ns does not make: without it eva and
+    # lora_ga silently train a plain LoRA, corda stops when the adapter is built
+    if (init := options.get("init_lora_weights")) in DATA_DRIVEN_INITS:
+        yield r.problem("peft.init_lora_weights", f"'{init}' needs peft's data-driven initialisation "
+                        "pass, which lora_ns does not run", "use pissa, olora, orthogonal, gaussian or true")
+
+
+def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
+    """peft.init_from names an adapter folder of the same method; its own config wins over other peft keys."""
+    if not (path := r.peft.init_from):
+        return
+    if r.peft.method == "full":
+        yield r.problem("peft.init_from", "full fine-tuning has no adapter to start from",
+                        "name the merged model in model.name_or_path instead")
+        return
+    config_file = Path(path).expanduser() / "adapter_config.json"
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        why = "not found" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__})"
+        yield r.problem("peft.init_from", f"{config_file} {why}",
+                        "point it at an adapter folder (a training output_dir)")
+        return
+    kind, method, model = str(saved.get("peft_type", "")).upper(), r.peft.method, r.model.name_or_path
+    if kind != PEFT_TYPES[method]:
+        yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
+                        f"{method}",
+                        f"set peft.method to the adapter's method, or start a fresh {method} adapter")
+    if r.peft.options:
+        yield r.problem("peft.init_from", "the adapter's own config is used; ignoring "
+                        f"{', '.join(sorted(r.peft.options))}", "remove those keys", "warning")
+    base = str(saved.get("base_model_name_or_path") or "")
+    if base and Path(base).name != Path(model).name and not model.startswith(PREFIX):
+        yield r.problem("peft.init_from", f"the adapter was trained on {base}, this recipe loads {model}",
+                        "use the adapter's base model (shapes must match)", "warning")
