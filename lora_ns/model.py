@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import SFT_TASKS, TORCH_DTYPES, Recipe
-from lora_ns.errors import Problem, UserError, first_line
+from lora_ns.errors import Problem, UserError, first_line, suggest
 from lora_ns.pretrain import init_model, pretrain_tokenizer
 
 # attn_implementation -> (importable module, pip package)
@@ -141,6 +141,14 @@ def named_template(name: str) -> Path | None:
     return theirs if theirs.is_file() else None
 
 
+def template_names() -> list[str]:
+    """The names `named_template` knows."""
+    trl = importlib.util.find_spec("trl")
+    theirs = Path(trl.origin).parent / "chat_templates" if trl and trl.origin else TEMPLATES_DIR
+    return sorted({p.stem.removesuffix("_training") for p in (*TEMPLATES_DIR.glob("*.jinja"),
+                                                               *theirs.glob("*_training.jinja"))})
+
+
 def chat_template_text(recipe: Recipe) -> str:
     """model.chat_template: a shipped template's name, the file it names, or the template itself; a path
     that does not exist is an error (it would otherwise become the template text)."""
@@ -156,6 +164,9 @@ def chat_template_text(recipe: Recipe) -> str:
     if looks_like_path and not inline:
         raise UserError(recipe.problem(field, f"template file {value} not found",
                                        "check the path (relative to where you run the command)"))
+    if not inline:  # no Jinja: every conversation would render as this same text
+        raise UserError(recipe.problem(field, f"'{value}' is no template name, file or Jinja text",
+                                       suggest(value, template_names(), "names", show=8)))
     return value
 
 

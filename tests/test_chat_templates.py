@@ -97,6 +97,9 @@ def test_an_unknown_template_name_is_not_mistaken_for_template_text(tmp_path):
 
     with pytest.raises(UserError, match="not found"):
         chat_template_text(chat_recipe(tmp_path, "model.chat_template=templates/missing.jinja"))
+    # a mistyped name became template text without Jinja: every row rendered as "chatm1", no loss token left
+    with pytest.raises(UserError, match="'chatm1' is no template name, file or Jinja text — did you mean 'chatml'"):
+        chat_template_text(chat_recipe(tmp_path, "model.chat_template=chatm1"))
 
 
 def test_show_sample_marks_exactly_the_completion_on_the_bundled_sample(tiny_llama, tmp_path):
