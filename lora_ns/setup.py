@@ -127,8 +127,12 @@ def field_for(message: str, given: dict[str, Any]) -> str | None:
 
 
 # Library messages whose first named key is not the one to change: message text -> (key, fix)
-KNOWN_FIXES = {"saving steps to be a": ("save_steps", "make it a multiple of training.eval_steps"),
-               "save and eval strategy to match": ("save_strategy", "set it as training.eval_strategy")}
+KNOWN_FIXES = {
+    "saving steps to be a": ("save_steps", "make it a multiple of training.eval_steps"),
+    "save and eval strategy to match": ("save_strategy", "set it as training.eval_strategy"),
+    "global eval batch size": ("per_device_eval_batch_size", "make it a multiple of num_generations (or of "
+                               "num_generations_eval)"),
+}
 
 
 def library_problem(recipe: Recipe, section: str, given: dict[str, Any], err: Exception,

@@ -310,6 +310,20 @@ def test_best_model_metric_must_be_one_the_task_reports(tmp_path):
     assert problem.field == "training.metric_for_best_model" and "rewards/accuracies" in problem.fix
 
 
+def test_grpo_eval_batches_name_the_eval_batch_size(tmp_path):
+    """GRPOConfig's "global eval batch size ... must be divisible by the number of generations" named no key:
+    the line said "training: ... fix training"."""
+    from lora_ns.setup import setup
+
+    recipe = recipe_for("grpo", tmp_path / "out", reward_funcs=["gsm8k"], num_generations=2, eval_strategy="steps",
+                        eval_steps=1, per_device_eval_batch_size=3)
+    recipe.dataset.val_split = 0.25
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    (problem,) = err.value.problems
+    assert problem.field == "training.per_device_eval_batch_size" and "multiple of num_generations" in problem.fix
+
+
 @pytest.mark.parametrize("task", ["dpo", "kto"])
 def test_prompts_that_fill_max_length_are_found_before_training(tmp_path, task):
     """DPOTrainer and KTOTrainer drop a row whose prompt alone fills max_length; at 8 tokens every sampled
