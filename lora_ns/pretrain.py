@@ -212,6 +212,15 @@ def check_pretrain(r: Recipe) -> Iterator[Problem]:
                         "set training.max_steps (tokens = steps × tokens per step, see validate)")
 
 
+def architecture_problem(recipe: Recipe) -> Problem | None:
+    """A model.config that names no preset, folder or reachable hub config."""
+    try:
+        architecture(recipe)
+    except UserError as err:
+        return err.problems[0]
+    return None
+
+
 def describe_pretrain(recipe: Recipe, world_size: int | None = None) -> list[str]:
     """Lines for validate: parameters (counted on the meta device), tokens per optimizer step and per run.
     Processes: WORLD_SIZE under a launcher, else the visible GPUs, else 1."""

@@ -19,6 +19,7 @@ from lora_ns.errors import Problem, UserError, first_line, program
 from lora_ns.hf_fields import own_training_fields
 from lora_ns.model import gradient_checkpointing, packs, torch_dtype
 from lora_ns.preference import PREFERENCE_TASKS, config_class
+from lora_ns.pretrain import architecture_problem
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ def deep_problems(recipe: Recipe, checks: Checks, dry_run: bool = True) -> list[
 
         if recipe.task != "pretrain":
             problems += check_model(recipe, dry_run)
-        elif flash := flash_problem(recipe, dry_run):  # pretrain builds its model (lora_ns.pretrain)
-            problems.append(flash)
+        else:  # pretrain builds its model (lora_ns.pretrain) from model.config
+            problems += [p for p in (flash_problem(recipe, dry_run), architecture_problem(recipe)) if p]
     if checks.accelerate_config:
         from lora_ns.validate.launch import check_launch
 

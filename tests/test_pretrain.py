@@ -124,6 +124,23 @@ def test_pretrain_rules_name_the_fix():
     assert any(p.field == "model.config" for p in check_rules(parse_recipe(other, "o.yaml")))
 
 
+def test_validate_of_a_pretrain_recipe_checks_its_architecture_and_packs(tmp_path, capsys):
+    """An unknown model.config printed "OK", then the error (the architecture was first read for the token
+    lines under OK); and the data lines spoke of rows truncated and padded, which packed blocks never are."""
+    from lora_ns.errors import run_cli
+    from lora_ns.validate.__main__ import main
+
+    data = pretrain_data(tmp_path / "out")
+    data["model"]["config"] = "gpt2-124mm"
+    assert run_cli("lora_ns.validate", lambda: main([write(tmp_path / "p.yaml", data)])) == 2
+    out, err = capsys.readouterr()
+    assert "OK" not in out and "model.config: no architecture config 'gpt2-124mm'" in err, (out, err)
+    data["model"]["config"] = "tiny"
+    assert main([write(tmp_path / "p.yaml", data)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("OK ") and "truncated" not in err and "padding" not in err, err
+
+
 def test_describe_pretrain_counts_parameters_and_tokens():
     from lora_ns.pretrain import describe_pretrain
 

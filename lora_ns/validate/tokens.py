@@ -31,8 +31,8 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     tokenizer, why = reachable_tokenizer(recipe)
     if tokenizer is not None and (refused := refused_conversation(recipe, tokenizer, examples)):
         return [refused]
-    if fmt.kind in PREFERENCE_KINDS and recipe.task not in ("dpo", "kto"):  # not SFT rows, none dropped
-        return []
+    if fmt.kind in PREFERENCE_KINDS and recipe.task not in ("dpo", "kto") or recipe.task == "pretrain":
+        return []  # not SFT rows and none dropped, or (pretrain) documents packed whole: none cut or padded
     if tokenizer is None:
         return [Problem(where, "dataset", f"token-length stats skipped: {why}", severity="info")]
     if (problem := eos_problem(recipe, tokenizer)) is not None:  # TRL's preparation would stop on it
