@@ -85,10 +85,12 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
     seen: tuple[list[int], list[int]] = ([], [])  # batch_eval_metrics: a batch a call, then compute_result
 
     def compute_metrics(eval_pred, compute_result: bool = True) -> dict[str, float] | None:
-        logits = eval_pred.predictions
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
-        seen[0].extend(logits.argmax(-1).tolist())
-        seen[1].extend(eval_pred.label_ids.tolist())
+        for part in logits if isinstance(logits, list) else [logits]:  # a list: eval_do_concat_batches false
+            seen[0].extend(part.argmax(-1).tolist())
+        for part in labels if isinstance(labels, list) else [labels]:
+            seen[1].extend(part.tolist())
         if not compute_result:
             return None
         metrics = classification_metrics(*seen, model.config.num_labels)

@@ -64,7 +64,7 @@ def test_loss_goes_down_and_eval_reports_classification_metrics(trained):
 
 def test_batch_eval_metrics_scores_the_whole_eval_set(tmp_path, tiny_bert):
     """With batch_eval_metrics the Trainer refused our metrics as it started (no `compute_result`); now they
-    come a batch at a time and are scored once over all of them, as without it."""
+    come a batch at a time and are scored once over all of them, as without it (and as unconcatenated)."""
     from lora_ns.train import run_training
 
     recipe = seq_cls_recipe(tmp_path / "out", r=4, target_modules=["query", "value"])
@@ -77,6 +77,8 @@ def test_batch_eval_metrics_scores_the_whole_eval_set(tmp_path, tiny_bert):
     keys = ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall")
     assert len(trainer.eval_dataset) == 10 and 0 < whole["eval_accuracy"] < 1, whole
     assert [batched[k] for k in keys] == [whole[k] for k in keys]
+    trainer.args.eval_do_concat_batches = False  # a list of batches: our metrics crashed ('list'.argmax)
+    assert [trainer.evaluate()[k] for k in keys] == [whole[k] for k in keys]
 
 
 def test_saved_adapter_reloads_to_identical_logits(trained, tiny_bert):
