@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.checkpoints import saved_recipe_file
-from lora_ns.command_line import CommandParser, at_least_one
+from lora_ns.command_line import CommandParser, at_least, at_least_one
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import formatted_examples, sources
 from lora_ns.data.loading import column_map, progress_bars_off
@@ -96,7 +96,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-file", help="write results here (default: print)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
     for flag, kind, default in (("--batch-size", at_least_one, 8), ("--max-new-tokens", at_least_one, 256),
-                                ("--temperature", float, 0.7), ("--top-p", float, 0.9), ("--seed", int, 0)):
+                                ("--temperature", float, 0.7), ("--top-p", float, 0.9),
+                                ("--seed", at_least(0), 0)):
         parser.add_argument(flag, type=kind, default=default)
     parser.add_argument("--greedy", action="store_true", default=None,
                         help="greedy decoding, ignoring temperature/top-p (the default with --compare)")
@@ -114,6 +115,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
                    "use e.g. 0.7, or --greedy for deterministic output")
     if not 0 < args.top_p <= 1:
         raise fail("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9")
+    if args.seed >= 2 ** 32:  # numpy seeds 0..2**32-1 (transformers' set_seed)
+        raise fail("<command line>", "--seed", f"must be below 2**32, got {args.seed}", "use e.g. 0")
     keys = ("max_new_tokens", "temperature", "top_p", "batch_size", "seed")
     return {"greedy": greedy, **{key: getattr(args, key) for key in keys}}
 

@@ -406,6 +406,10 @@ TABLE: list[Case] = [
       "<command line>", "command line", setup=adapter()),
     C("infer_max_new_tokens_zero", "infer", "--model adapter --prompt hi --max-new-tokens 0", "--max-new-tokens",
       "<command line>", "command line", setup=adapter()),
+    C("infer_negative_seed", "infer", "--model adapter --prompt hi --seed -1", "--seed", "<command line>",
+      "command line", setup=adapter()),  # numpy's "Seed must be between 0 and 2**32 - 1" traceback
+    C("infer_seed_past_numpy", "infer", "--model adapter --prompt hi --seed 4294967296", "--seed",
+      "<command line>", "command line", setup=adapter()),
     C("infer_temperature_not_number", "infer", "--model adapter --prompt hi --temperature warm", "--temperature",
       "<command line>", "command line", setup=adapter()),
     C("infer_empty_prompt_file", "infer", "--model adapter --input-file p.txt", "--input-file", "p.txt", "data",
