@@ -118,6 +118,10 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
             problems.append(recipe.problem(f"training.{name}", f"is {count}; GRPO counts its generation "
                                            "batches and steps with it", "set it to 1 or more, or remove it "
                                            "(TRL's default)"))
+    if grpo and t.get("remove_unused_columns"):  # lora_ns sets it false: the first step's rewards lack them
+        problems.append(recipe.problem("training.remove_unused_columns", "drops the data columns GRPO's "
+                                       "rewards are called with (the reference answer)",
+                                       "remove it (lora_ns sets it false for GRPO)"))
     if grpo and (share := t.get("top_entropy_quantile")) is not None and not 0 <= share <= 1:  # step 1
         problems.append(recipe.problem("training.top_entropy_quantile", f"{share} is not a share of tokens "
                                        "in [0, 1]", "use 0.2 (the paper's) or 1.0 (TRL's default: all)"))

@@ -52,6 +52,13 @@ REJECTED = [
                                    "training": {"pad_to_multiple_of": "eight"}}, "training.pad_to_multiple_of"),
     ("persistent_workers_without_workers", {"training": {"dataloader_persistent_workers": True}},
      "training.dataloader_persistent_workers"),
+    ("compile_mode_unknown", {"training": {"torch_compile_mode": "max_autotune"}}, "training.torch_compile_mode"),
+    ("adam_epsilon_0", {"training": {"adam_epsilon": 0.0}}, "training.adam_epsilon"),  # NaN at step 1
+    ("chat_template_path_neither_file_nor_hub_id", {"training": {"chat_template_path": "chatml"}},
+     "training.chat_template_path"),
+    ("orpo_negative_padding_value", {"task": "orpo", "dataset": {"path": "sample:ultrafeedback",
+                                                                 "formatter": "ultrafeedback"},
+                                     "training": {"padding_value": -1}}, "training.padding_value"),
     ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),
     ("label_smoothing_2", {"training": {"label_smoothing_factor": 2}}, "training.label_smoothing_factor"),
     ("max_length_negative", {"training": {"max_length": -1}}, "training.max_length"),

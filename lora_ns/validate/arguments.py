@@ -65,6 +65,9 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if sft and args.packing and args.max_length is None:  # SFTTrainer refuses it as it starts
         problems.append(recipe.problem("training.max_length", "null, and packing needs the row length it "
                                        "packs to", "set training.max_length (e.g. 2048)"))
+    if args.torch_compile_mode and args.torch_compile_mode not in (modes := _compile_modes()):  # first step
+        problems.append(recipe.problem("training.torch_compile_mode", f"got '{args.torch_compile_mode}'",
+                                       suggest(args.torch_compile_mode, modes)))
     if sft and getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
@@ -72,6 +75,12 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     problems += choice_problems(recipe, args)
     checks = (optimizer_problem, scheduler_problem, best_model_metric_problem)
     return problems + [p for p in (check(recipe, args) for check in checks) if p]
+
+
+def _compile_modes() -> list[str]:
+    import torch._inductor
+
+    return list(torch._inductor.list_mode_options())
 
 
 def choice_problems(recipe: Recipe, args) -> list[Problem]:
@@ -138,6 +147,9 @@ def optimizer_problem(recipe: Recipe, args) -> Problem | None:
             return recipe.problem("training.optim", f"optim '{optim}': {first_line(err, 200)}",
                                   "install it, or use another training.optim (e.g. adamw_torch)")
         return None
+    if isinstance(eps := kwargs.get("eps"), (int, float)) and eps <= 0:  # torch takes 0: 0 / (sqrt(0) + 0)
+        return recipe.problem("training.adam_epsilon", f"{eps}: a weight with no gradient yet (LoRA's A at "
+                              "the first step) is updated by 0/0 and turns NaN", "use 1e-8 (the default)")
     if not cls.__module__.startswith(("torch.optim", "transformers.")):  # bitsandbytes etc. may need a GPU
         return None
     try:

@@ -65,10 +65,10 @@ def same_file(a: str, b: str) -> bool:
     return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
 
 
-# training values TrainingArguments accepts, then the run stops on (divides by, batches with, draws noise)
+# training values the configs accept, then the run stops on (divides by, batches with, pads with, ...)
 LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
          "pad_to_multiple_of": 1, "eval_accumulation_steps": 1, "neftune_noise_alpha": 0,
-         "dataset_num_proc": 0}
+         "dataset_num_proc": 0, "padding_value": 0}
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
@@ -132,7 +132,8 @@ def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
     values = {f"model.{f}": getattr(r.model, f) for f in ("name_or_path", "tokenizer_name_or_path")}
     values["training.chat_template_path"] = r.training.get("chat_template_path")
     for field, value in values.items():
-        local = value and (value.startswith(("/", "./", "../", "~")) or value.endswith(".jinja"))
+        local = value and (value.startswith(("/", "./", "../", "~")) or value.endswith(".jinja")
+                           or field.endswith("chat_template_path") and "/" not in value)  # nor owner/name
         if local and not Path(value).expanduser().exists():
             yield r.problem(field, f"{value} not found", "check the path, or use a hub id")
     if isinstance(ds := r.training.get("deepspeed"), str) and not Path(ds).expanduser().is_file():
