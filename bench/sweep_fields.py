@@ -2,7 +2,7 @@
 method's) set to a suspicious value in turn (a bool flipped; an int 0 and -1; a float 0, -0.5 and 2; a str
 'bogus'), validated with train's own set-up, and, when that passes, trained for two steps on the tiny model.
 
-    python bench/sweep_fields.py                    # causal_lm (SFTConfig), dpo, kto, orpo, grpo, peft methods
+    python bench/sweep_fields.py                    # causal_lm, seq_cls, dpo, kto, orpo, grpo, peft methods
     python bench/sweep_fields.py grpo peft:adalora  # some of them
 
 A case is `refused` (validate said it), `trained`, `train-refused` (train's one-line net, after validate
@@ -32,7 +32,8 @@ from lora_ns.setup import setup  # noqa: E402
 from lora_ns.train import run_training  # noqa: E402
 
 DATA = {"causal_lm": ("gsm8k", "gsm8k"), "dpo": ("preference", "preference"), "kto": ("kto", "kto"),
-        "orpo": ("ultrafeedback", "ultrafeedback"), "grpo": ("gsm8k", "gsm8k_prompt")}
+        "orpo": ("ultrafeedback", "ultrafeedback"), "grpo": ("gsm8k", "gsm8k_prompt"),
+        "seq_cls": ("glue_mrpc", "glue_mrpc")}
 # what the sweep cannot set meaningfully here: paths, hub and logging targets, GPU-only or vLLM settings
 SKIP = {"output_dir", "logging_dir", "run_name", "report_to", "hub_token", "hub_model_id", "push_to_hub",
         "resume_from_checkpoint", "deepspeed", "fsdp", "fsdp_config", "use_cpu", "max_steps", "save_strategy",
@@ -67,11 +68,16 @@ def recipe_for(target: str, name: str, value: object, out: str):
     peft = {"method": method, **({"r": 8, "lora_alpha": 16} if method == "lora" else {}),
             **({"total_step": 2} if method == "adalora" else {}),
             **({"num_virtual_tokens": 4} if method in ("prefix_tuning", "prompt_tuning") else {})}
+    model = {"name_or_path": "builtin:tiny-llama", "dtype": "fp32"}
     if task == "grpo":
         training.update(reward_funcs=["gsm8k"], num_generations=2, max_completion_length=8)
+    if task == "seq_cls":
+        model.update(name_or_path="builtin:tiny-bert", num_labels=2)
+        peft["target_modules"] = ["query", "value"]
+    if task in ("grpo", "seq_cls"):
         del training["max_length"]
     (peft if target.startswith("peft:") else training)[name] = value
-    return parse_recipe({"task": task, "model": {"name_or_path": "builtin:tiny-llama", "dtype": "fp32"},
+    return parse_recipe({"task": task, "model": model,
                          "peft": peft, "dataset": {"path": f"sample:{sample}", "formatter": formatter,
                                                    "max_samples": 16}, "training": training}, f"{target}.yaml")
 
@@ -96,12 +102,13 @@ def outcome(target: str, name: str, value: object) -> tuple[str, str]:
 
 
 def main(targets: list[str]) -> None:
+    from transformers import TrainingArguments
     from trl import SFTConfig
 
     counts = Counter()
     for target in targets:
-        cls = peft_config_class(target[5:]) if target.startswith("peft:") else \
-            SFTConfig if target == "causal_lm" else config_class(target)
+        cls = peft_config_class(target[5:]) if target.startswith("peft:") else SFTConfig if target == \
+            "causal_lm" else TrainingArguments if target == "seq_cls" else config_class(target)
         for name, value in suspicious(cls):
             kind, why = outcome(target, name, value)
             counts[kind] += 1
@@ -111,5 +118,5 @@ def main(targets: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["causal_lm", "dpo", "kto", "orpo", "grpo", *(f"peft:{m}" for m in (
+    main(sys.argv[1:] or ["causal_lm", "seq_cls", "dpo", "kto", "orpo", "grpo", *(f"peft:{m}" for m in (
         "lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning"))])
