@@ -52,6 +52,21 @@ def preference_trainer(recipe: Recipe, model, **kwargs):
     return _load(TASKS[recipe.task][1])(model=model, **kwargs)
 
 
+def try_prompt_templates(tokenizer, rows) -> None:
+    """GRPO renders its chat prompts as it samples, mid-run: render one prompt of each role sequence in the
+    whole data now (templates refuse by roles: a system turn, turns out of order), so that a refusal comes
+    before the weights load; jinja's TemplateError is train's to word. A stream is left to the sampling."""
+    import datasets
+
+    if not isinstance(rows, datasets.Dataset) or not tokenizer.chat_template:
+        return
+    seen: set[tuple[str, ...]] = set()
+    for prompt in rows["prompt"]:
+        if isinstance(prompt, list) and (roles := tuple(m["role"] for m in prompt)) not in seen:
+            seen.add(roles)
+            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
 # --- validate: what TRL does not check -------------------------------------------------------------
 
 def check_preference_recipe(recipe: Recipe) -> list[Problem]:

@@ -27,7 +27,7 @@ from lora_ns.data.sources import source_for
 from lora_ns.errors import Problem, UserError, run_cli
 from lora_ns.metrics import classification_metrics
 from lora_ns.model import eos_problem, load_model, load_tokenizer, vocabulary_problem
-from lora_ns.preference import PREFERENCE_TASKS, preference_trainer
+from lora_ns.preference import PREFERENCE_TASKS, preference_trainer, try_prompt_templates
 from lora_ns.pretrain import pretrain_datasets
 from lora_ns.run_record import save_run
 from lora_ns.setup import Checks, library_problem, named_keys, print_notes, setup
@@ -157,6 +157,10 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
     with args.main_process_first(desc="build the datasets"):  # first: a bad row fails before the weights load
         datasets = build(recipe, tokenizer)
+    if recipe.task == "grpo":
+        with trainer_errors(recipe):
+            for rows in datasets:
+                try_prompt_templates(tokenizer, rows)
     model = load_model(recipe, tokenizer)
     problem = vocabulary_problem(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     if problem is not None and problem.is_error:

@@ -382,6 +382,28 @@ def test_formatter_must_fit_the_task():
     assert check_preference_recipe(recipe_for("dpo", loss_type=["sigmoid", "sft"])) == []
 
 
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+             "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+
+
+def test_a_grpo_prompt_the_template_refuses_stops_the_run_before_the_weights_load(tmp_path, monkeypatch):
+    """GRPO renders its prompts as it samples: a prompt past validate's sample that the chat template refuses
+    (Gemma's on a system turn) stopped the run at that step, after the weights loaded and sampled. Train's
+    set-up now renders one prompt of each role sequence in the whole data first."""
+    import lora_ns.train
+    from lora_ns.setup import Checks
+
+    def no_weights(*_, **__):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(lora_ns.train, "load_model", no_weights)
+    recipe = recipe_for("grpo", tmp_path / "out", reward_funcs=["gsm8k"], num_generations=2, max_steps=1,
+                        per_device_train_batch_size=2, max_completion_length=4)
+    recipe.model.chat_template, recipe.dataset.system_prompt = NO_SYSTEM, "Be brief."
+    with pytest.raises(UserError, match="refuses a conversation in the data: System role not supported"):
+        lora_ns.train.run_training(recipe, Checks(data=False))  # as rows validate did not sample
+
+
 def test_reward_funcs_only_for_grpo():
     with pytest.raises(UserError) as err:
         recipe_for("dpo", reward_funcs=["gsm8k"])
