@@ -194,6 +194,8 @@ def test_trl_checks_the_generation_batch_naming_the_field():
      "in [0, 1]"),
     ("grpo", {"reward_funcs": ["gsm8k"], "remove_unused_columns": True}, "training.remove_unused_columns",
      "the reference answer"),
+    ("grpo", {"reward_funcs": ["gsm8k"], "cache_implementation": "statik"}, "training.cache_implementation",
+     "did you mean 'static'?"),
     ("grpo", {"reward_funcs": ["gsm8k"], "top_p": 0.0}, "training.top_p", "each advantage is 0"),
     ("grpo", {"reward_funcs": ["gsm8k"], "top_k": 1}, "training.top_k", "GRPO learns nothing"),
     ("kto", {"loss_type": "apo_zero"}, "training.loss_type", "did you mean 'apo_zero_unpaired'?"),
