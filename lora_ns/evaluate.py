@@ -10,7 +10,6 @@ ones training evaluated on (``dataset.val_split`` through `lora_ns.data.formatte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import sys
 import tempfile
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         check_references([prompt_and_reference(e)[1] for e in examples], where)
 
     started = time.time()
-    with progress_bars_off() if args.no_progress else contextlib.nullcontext():
+    with progress_bars_off(args.no_progress):
         loaded = load(model_path, base=args.base, recipe=recipe)
     metrics, rows = run_evaluation(kind, loaded, recipe, examples, args)
     predicted, reference = ("predicted", "label") if kind == "classification" else ("prediction", "reference")

@@ -9,7 +9,6 @@ of prompts becomes a JSON list of {prompt, base, tuned}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_inputs(args.input_file, recipe) if args.input_file else [one]
     if not args.interactive:
         classifier_inputs(rows, recipe)  # one text for a pair classifier: said before the weights load
-    with progress_bars_off() if args.no_progress else contextlib.nullcontext():
+    with progress_bars_off(args.no_progress):
         loaded, base = load(args.model, base=args.base, recipe=recipe), None
     if args.pair is not None and loaded.task != "seq_cls":
         raise fail(args.model, "--pair", "is for classifiers; this model generates", "put both in --prompt")
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.base or loaded.base):
             raise fail("<command line>", "--base", "needed when --model is not an adapter folder",
                        "pass --base MODEL")
-        with progress_bars_off() if args.no_progress else contextlib.nullcontext():
+        with progress_bars_off(args.no_progress):
             base = load(args.base or loaded.base)
     if args.interactive:
         converse(loaded, base, {**options, "progress": False})

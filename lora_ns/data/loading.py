@@ -24,9 +24,13 @@ from lora_ns.errors import Problem, UserError, fail, first_line, suggest
 
 
 @contextmanager
-def progress_bars_off() -> Iterator[None]:
+def progress_bars_off(off: bool = True) -> Iterator[None]:
     """The libraries' own bars hidden (`datasets`' "Generating train split" and "Map", transformers' "Loading
-    weights", the Hub's downloads): amid our report they say nothing, and --no-progress means none."""
+    weights", the Hub's downloads): amid our report they say nothing, and --no-progress means none. `off`
+    false: as they are (a command's --no-progress not given)."""
+    if not off:
+        yield
+        return
     import datasets
     from transformers.utils import logging as hf_logging
 
