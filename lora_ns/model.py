@@ -126,6 +126,12 @@ def model_folder_problem(recipe: Recipe) -> Problem | None:
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 
+def _trl_templates() -> Path | None:
+    """TRL's folder of training templates (<name>_training.jinja): found, not imported (that is slow)."""
+    trl = importlib.util.find_spec("trl")
+    return None if trl is None or trl.origin is None else Path(trl.origin).parent / "chat_templates"
+
+
 def named_template(name: str) -> Path | None:
     """A training-ready template by name: ours (``chatml``) or one TRL ships (``qwen2_5``, ``llama3``, ...:
     trl/chat_templates/<name>_training.jinja), with {% generation %} markers for assistant-only loss."""
@@ -134,19 +140,15 @@ def named_template(name: str) -> Path | None:
     ours = TEMPLATES_DIR / f"{name}.jinja"
     if ours.is_file():
         return ours
-    trl = importlib.util.find_spec("trl")  # found, not imported: importing trl takes seconds
-    if trl is None or trl.origin is None:
-        return None
-    theirs = Path(trl.origin).parent / "chat_templates" / f"{name}_training.jinja"
-    return theirs if theirs.is_file() else None
+    theirs = folder / f"{name}_training.jinja" if (folder := _trl_templates()) else None
+    return theirs if theirs and theirs.is_file() else None
 
 
 def template_names() -> list[str]:
     """The names `named_template` knows."""
-    trl = importlib.util.find_spec("trl")
-    theirs = Path(trl.origin).parent / "chat_templates" if trl and trl.origin else TEMPLATES_DIR
-    return sorted({p.stem.removesuffix("_training") for p in (*TEMPLATES_DIR.glob("*.jinja"),
-                                                               *theirs.glob("*_training.jinja"))})
+    theirs = _trl_templates()
+    return sorted({p.stem.removesuffix("_training") for p in (
+        *TEMPLATES_DIR.glob("*.jinja"), *(theirs.glob("*_training.jinja") if theirs else ()))})
 
 
 def chat_template_text(recipe: Recipe) -> str:
