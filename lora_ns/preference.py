@@ -128,11 +128,6 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
                                        suggest(loss, known)))
-    for name in ("num_iterations", "steps_per_generation", "generation_batch_size") if grpo else ():
-        if (count := t.get(name)) is not None and count < 1:  # TRL divides or batches by it at step 1
-            problems.append(recipe.problem(f"training.{name}", f"is {count}; GRPO counts its generation "
-                                           "batches and steps with it", "set it to 1 or more, or remove it "
-                                           "(TRL's default)"))
     if grpo and isinstance(cache := t.get("cache_implementation"), str):  # GenerationConfig: trainer start
         from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 

@@ -101,6 +101,14 @@ def test_rule_fires_on_its_mistake(rule, change, field, severity):
     assert problems[0].file == "r.yaml"
 
 
+@pytest.mark.parametrize("key", ["num_iterations", "steps_per_generation", "generation_batch_size"])
+def test_grpo_counts_below_one_are_refused(key):
+    """GRPOConfig takes 0; GRPOTrainer divides or batches by it at the first step, after sampling."""
+    grpo = {"task": "grpo", "dataset": {"formatter": "gsm8k_prompt"}, "training": {"reward_funcs": ["gsm8k"], key: 0}}
+    (problem,) = rules.values_in_range(make(grpo))
+    assert problem.field == f"training.{key}" and "1 or more" in problem.fix
+
+
 def test_all_linear_misspelt_is_named():
     """A target_modules string is a regex to peft: "all_linear" matched nothing and peft said only that."""
     (problem,) = rules.names_resolve(make({"peft": {"method": "lora", "target_modules": "ALL_linear"}}))

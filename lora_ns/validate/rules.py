@@ -65,10 +65,12 @@ def same_file(a: str, b: str) -> bool:
     return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
 
 
-# training values the configs accept, then the run stops on (divides by, batches with, pads with, ...)
+# training values the configs accept, then the run stops on (divides by, batches with, pads with, ...);
+# num_iterations, steps_per_generation and generation_batch_size are GRPO's
 LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
          "pad_to_multiple_of": 1, "eval_accumulation_steps": 1, "neftune_noise_alpha": 0,
-         "dataset_num_proc": 0, "padding_value": 0}
+         "dataset_num_proc": 0, "padding_value": 0, "num_iterations": 1, "steps_per_generation": 1,
+         "generation_batch_size": 1}
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
