@@ -128,12 +128,6 @@ def check_preference_recipe(recipe: Recipe) -> list[Problem]:
     for loss in [w for w in wanted if known and w not in known]:  # the trainers check it at the first step
         problems.append(recipe.problem("training.loss_type", f"unknown {recipe.task} loss '{loss}'",
                                        suggest(loss, known)))
-    if grpo and isinstance(cache := t.get("cache_implementation"), str):  # GenerationConfig: trainer start
-        from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
-
-        if cache not in (known := (*ALL_CACHE_IMPLEMENTATIONS, "paged")):
-            problems.append(recipe.problem("training.cache_implementation", f"got '{cache}'",
-                                           suggest(cache, known)))
     if grpo and t.get("remove_unused_columns"):  # lora_ns sets it false: the first step's rewards lack them
         problems.append(recipe.problem("training.remove_unused_columns", "drops the data columns GRPO's "
                                        "rewards are called with (the reference answer)",

@@ -68,6 +68,12 @@ def run_problems(recipe: Recipe, args) -> list[Problem]:
     if args.torch_compile_mode and args.torch_compile_mode not in (modes := _compile_modes()):  # first step
         problems.append(recipe.problem("training.torch_compile_mode", f"got '{args.torch_compile_mode}'",
                                        suggest(args.torch_compile_mode, modes)))
+    if isinstance(cache := getattr(args, "cache_implementation", None), str):  # GRPO's GenerationConfig
+        from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS  # (at its start)
+
+        if cache not in (known := (*ALL_CACHE_IMPLEMENTATIONS, "paged")):
+            problems.append(recipe.problem("training.cache_implementation", f"got '{cache}'",
+                                           suggest(cache, known)))
     if sft and getattr(args, "padding_free", False) and not args.packing and args.max_length is not None:
         problems.append(recipe.problem(  # SFTTrainer refuses it: padding-free rows are not truncated
             "training.padding_free", "padding_free without packing does not cut rows to max_length",
