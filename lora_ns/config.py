@@ -97,6 +97,8 @@ class DatasetConfig(_Section):
     columns: dict[str, str] = Field(default_factory=dict, description="formatter field -> column in the data")
     prompt_template: str | None = None
     system_prompt: str | None = None
+    pairs: bool | None = Field(default=None, description="seq_cls: rows are sentence pairs (default: as "
+                               "the first row is); the run saves what it trained on, for inference")
     val_split: str | float | None = Field(default=None, description="split name, or a held-out fraction")
     streaming: bool = False
     max_samples: int | None = Field(default=None, ge=1)

@@ -121,10 +121,12 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def takes_pairs(recipe: Recipe | None) -> bool:
-    """A classifier lora_ns trained on sentence pairs (its formatter requires sentence2, as glue_mrpc does):
-    given one text alone it answers something it never learned."""
-    return recipe is not None and recipe.task == "seq_cls" and "sentence2" in getattr(
-        FORMATTERS.get(recipe.dataset.formatter), "fields", ())
+    """A classifier lora_ns trained on sentence pairs (its saved recipe's dataset.pairs, or a formatter that
+    requires sentence2, as glue_mrpc does): given one text alone it answers something it never learned."""
+    if recipe is None or recipe.task != "seq_cls":
+        return False
+    fields = getattr(FORMATTERS.get(recipe.dataset.formatter), "fields", ())
+    return recipe.dataset.pairs if recipe.dataset.pairs is not None else "sentence2" in fields
 
 
 def classifier_inputs(rows: list[dict[str, Any]], recipe: Recipe | None) -> list[tuple[str, str | None]]:

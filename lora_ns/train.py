@@ -21,7 +21,7 @@ from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
 from lora_ns.checkpoints import last_checkpoint, resume_problem, resume_target
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, load_recipe
-from lora_ns.data import build_datasets, encode_pairs
+from lora_ns.data import build_datasets, encode_pairs, is_pair
 from lora_ns.data.loading import read_every_row
 from lora_ns.data.sources import source_for
 from lora_ns.errors import Problem, UserError, run_cli
@@ -78,8 +78,10 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_dataset, eval_da
 
     length = recipe.training.get("max_length") or min(tokenizer.model_max_length,
                                                        getattr(model.config, "max_position_embeddings", 512))
-    train_dataset, eval_dataset = (
-        None if d is None else encode_pairs(d, tokenizer, length, recipe.model.labels, recipe.dataset.path)
+    if recipe.dataset.pairs is None and train_dataset is not None:  # saved with the run: infer asks alike
+        recipe.dataset.pairs = is_pair(next(iter(train_dataset), None) or {})
+    train_dataset, eval_dataset = (None if d is None else encode_pairs(
+        d, tokenizer, length, recipe.model.labels, recipe.dataset.path, recipe.dataset.pairs)
         for d in (train_dataset, eval_dataset))
 
     seen: tuple[list[int], list[int]] = ([], [])  # batch_eval_metrics: a batch a call, then compute_result

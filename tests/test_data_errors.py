@@ -336,3 +336,18 @@ def test_run_cli_prints_a_data_error_as_one_line(tmp_path, capsys):
     assert [line for line in err.splitlines() if "error" in line] == \
         [f"lora_ns.train: error: {data}:3: answer: missing value — fill it in or drop the row"]
     assert "Traceback" not in err
+
+
+def test_pair_rows_of_both_kinds_are_refused_at_the_first_of_the_other_kind(tmp_path):
+    # a classifier trained on a mix answers one kind from what it learned of the other
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"sentence1": f"s{i}", "sentence2": f"t{i}", "label": i % 2} for i in range(250)]
+    rows[204] = {"sentence1": "alone", "label": 1}
+    data.write_text(lines(*rows), encoding="utf-8")
+    text = one_problem(lambda: build_datasets(recipe(data, "pair", "seq_cls")))
+    assert text.startswith(f"{data}:205: sentence2: missing in a sentence-pair dataset")
+    # validate reads past its 200-row sample with the sample's converter: the kind row 1 set holds there
+    errors = [p for p in check_dataset(recipe(data, "pair", "seq_cls")) if p.is_error]
+    assert [(p.line, p.field) for p in errors] == [(205, "sentence2")]
+    said_single = recipe(data, "pair", "seq_cls", pairs=False)  # the recipe's word beats row 1
+    assert one_problem(lambda: build_datasets(said_single)).startswith(f"{data}:1: sentence2: set in a dataset")

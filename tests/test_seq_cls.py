@@ -166,3 +166,21 @@ def test_max_length_cuts_long_pairs_and_validate_reports_it(tmp_path, tiny_bert,
     # padded beside a longer text: masked, so equal up to fp32 summation order (~1e-7) and the 6-digit rounding
     assert list(mixed[0]["probabilities"].values()) == pytest.approx(list(alone["probabilities"].values()),
                                                                      abs=2e-6)
+
+
+def test_the_generic_pair_formatter_saves_what_it_trained_on_for_inference(tmp_path, tiny_bert):
+    from lora_ns.config import load_recipe
+    from lora_ns.infer import takes_pairs
+    from lora_ns.train import run_training
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"sentence1": f"a{i}", "sentence2": f"b{i}", "label": i % 2}) + "\n"
+                            for i in range(4)), encoding="utf-8")
+    recipe = seq_cls_recipe(tmp_path / "out")
+    recipe.dataset = recipe.dataset.model_copy(update={"path": str(data), "formatter": "pair",
+                                                       "max_samples": None, "val_split": None})
+    recipe.training.update(max_steps=1, eval_strategy="no")
+    assert not takes_pairs(recipe)  # `pair` takes one text or two: the data says which
+    run_training(recipe)
+    saved = load_recipe(tmp_path / "out" / "recipe.yaml")
+    assert saved.dataset.pairs is True and takes_pairs(saved)

@@ -5,4 +5,6 @@ Heavy libraries are imported only when these functions run."""
 from lora_ns.data.formatters import FORMATTERS  # noqa: F401
 from lora_ns.data.render import prompt_text, render, sft_defaults, split_last_reply  # noqa: F401
 from lora_ns.data import preference  # noqa: F401  (registers the dpo/orpo/kto/grpo formatters)
-from lora_ns.data.loading import build_datasets, encode_pairs, formatted_examples, label_id  # noqa: F401
+from lora_ns.data.loading import (  # noqa: F401
+    build_datasets, encode_pairs, formatted_examples, is_pair, label_id,
+)

@@ -154,11 +154,13 @@ class RowConverter:
 
     def __init__(self, fmt: Formatter, columns: dict[str, str], src: Source, recipe: Recipe, tokenizer=None):
         self.fmt, self.columns, self.src, self.recipe, self.tokenizer = fmt, columns, src, recipe, tokenizer
+        self.paired = recipe.dataset.pairs  # seq_cls: sentence pairs or single texts; None: as the first row
 
     def canonical(self, row: dict[str, Any]) -> dict[str, Any]:
         example = self.fmt({name: row.get(column) for name, column in self.columns.items()})
         if self.recipe.task == "seq_cls" and self.fmt.kind == "pair":
             label_id(example["label"], self.recipe.model.labels, self.recipe.model.num_labels)
+            self.paired = same_kind(example, self.paired)
         return example
 
     def problem(self, err: RowError, where: Location) -> Problem:
@@ -171,6 +173,20 @@ class RowConverter:
             return render(example, self.recipe, self.tokenizer) if rendered else example
         except RowError as err:
             raise UserError(self.problem(err, locate(self.src, index))) from None
+
+
+def is_pair(example: dict[str, Any]) -> bool:
+    return example.get("sentence2") is not None
+
+
+def same_kind(example: dict[str, Any], paired: bool | None) -> bool:
+    """Whether the rows are sentence pairs: `paired`, or this first row's kind; a row of the other kind is a
+    `RowError` (a classifier trained on a mix answers one kind from what it learned of the other)."""
+    if paired is not None and is_pair(example) != paired:
+        raise RowError("sentence2", "missing in a sentence-pair dataset" if paired else "set in a dataset of "
+                       "single texts (row 1 has none, or dataset.pairs: false)",
+                       "give every row a sentence2, or none")
+    return is_pair(example) if paired is None else paired
 
 
 def columns_of(raw) -> list[str]:
@@ -294,12 +310,11 @@ def label_id(label: Any, label_names: Sequence[str] | None = None, num_labels: i
 
 
 def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequence[str] | None,
-                 source: str = "<dataset>"):
+                 source: str = "<dataset>", paired: bool | None = None):
     """Tokenize the pair formatters' rows and map labels to ids, for `Trainer` + `DataCollatorWithPadding`.
-    The first row's ``sentence2`` says whether rows are pairs; `source` names the data in errors."""
-    first = next(iter(dataset), None) or {}
+    `paired`: rows are sentence pairs (default: as the first row is); `source` names the data in errors."""
     columns = columns_of(dataset)
-    paired = first.get("sentence2") is not None
+    paired = is_pair(next(iter(dataset), None) or {}) if paired is None else paired
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         labels = []
@@ -307,12 +322,7 @@ def encode_pairs(dataset, tokenizer, max_length: int | None, label_names: Sequen
         for i, second, label in zip(indices, seconds, batch["label"]):
             try:
                 labels.append(label_id(label, label_names))
-                if paired and not isinstance(second, str):
-                    raise RowError("sentence2", "missing in a sentence-pair dataset",
-                                   "fill it in or drop the row")
-                if not paired and second is not None:
-                    raise RowError("sentence2", "set here but not in row 1",
-                                   "give every row a sentence2, or none")
+                same_kind({"sentence2": second}, paired)
             except RowError as err:
                 raise fail(source, err.field, f"row {i + 1}: {err.message}", err.fix) from None
         limit = max_length or tokenizer.model_max_length

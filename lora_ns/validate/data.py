@@ -13,7 +13,7 @@ from typing import Any
 
 from lora_ns.config import Recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
-from lora_ns.data.loading import converter, hold_out, label_id, strict_rows
+from lora_ns.data.loading import RowConverter, converter, hold_out, label_id, strict_rows
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, template_problem
 from lora_ns.data.sources import (
@@ -65,10 +65,10 @@ def check_dataset(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
             return problems + [recipe.problem(
                 "dataset.path", f"dataset '{cfg.path}' not reachable, data checks skipped",
                 "run validate where the Hub (or its cache) is available", "warning")]
-        formatted, columns, errors = _format(recipe, src, sampled)
-        problems += errors or _past_the_sample(recipe, src, len(sampled))
+        formatted, conv, errors = _format(recipe, src, sampled)
+        problems += errors or _past_the_sample(recipe, src, len(sampled), conv)
         if split is None:
-            examples, found = formatted, columns
+            examples, found = formatted, conv.columns if conv else {}
             problems += held_out_problems(recipe, len(sampled))
     if any(p.is_error for p in problems) or not examples:
         return problems
@@ -124,14 +124,15 @@ def _sample(src: Source) -> list[tuple[Location, dict[str, Any]]] | None:
         return None
 
 
-def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str, Any]]]) -> \
-        tuple[list[Sampled], dict[str, str], list[Problem]]:
-    """The sampled rows with their canonical examples, the field -> column map, and the problems
-    (missing columns, rows the formatter rejects: the first `MAX_ROW_ERRORS` of them)."""
+def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str, Any]]],
+            conv: RowConverter | None = None) -> tuple[list[Sampled], RowConverter | None, list[Problem]]:
+    """The sampled rows with their canonical examples, the row converter (the sample's, or `conv`: one for
+    a split, as training maps it), and the problems (missing columns, rows the formatter rejects: the first
+    `MAX_ROW_ERRORS` of them)."""
     try:
-        conv = converter(list(dict.fromkeys(k for _, row in sampled for k in row)), src, recipe)
+        conv = conv or converter(list(dict.fromkeys(k for _, row in sampled for k in row)), src, recipe)
     except UserError as err:
-        return [], {}, err.problems
+        return [], None, err.problems
     # preference prompts are rendered next in training: a multi-turn one through a prompt_template fails there
     tokenizer = reachable_tokenizer(recipe)[0] if conv.fmt.kind in PREFERENCE_KINDS else None
     examples, bad = [], []
@@ -147,10 +148,10 @@ def _format(recipe: Recipe, src: Source, sampled: list[tuple[Location, dict[str,
         more = len(bad) - MAX_ROW_ERRORS
         bad = bad[:MAX_ROW_ERRORS] + [Problem(bad[0].file, bad[0].field,
                                               f"... and {more} more rows like these")]
-    return examples, conv.columns, bad
+    return examples, conv, bad
 
 
-def _past_the_sample(recipe: Recipe, src: Source, sampled: int) -> list[Problem]:
+def _past_the_sample(recipe: Recipe, src: Source, sampled: int, conv: RowConverter) -> list[Problem]:
     """Small local data read whole, in one pass, strictly (`strict_rows`: malformed rows, a file with columns
     the first lacks), and its rows after the sample up to max_samples formatted: a bad row there would
     otherwise stop training once the weights have loaded. Rows past max_samples are read, not formatted:
@@ -162,7 +163,7 @@ def _past_the_sample(recipe: Recipe, src: Source, sampled: int) -> list[Problem]
         rows = islice(strict_rows(src), sampled, None)
         used = islice(rows, None if cap is None else max(cap - sampled, 0))
         while chunk := list(islice(used, 10_000)):
-            if errors := _format(recipe, src, chunk)[2]:
+            if errors := _format(recipe, src, chunk, conv)[2]:
                 return errors
         for _ in rows:
             pass
