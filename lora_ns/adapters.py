@@ -31,7 +31,14 @@ def peft_options(recipe: Recipe) -> dict[str, Any]:
         options.setdefault("target_modules", "all-linear")
     if method in ("prefix_tuning", "prompt_tuning"):
         options.setdefault("num_virtual_tokens", 20)
-    if method == "prompt_tuning" and str(options.get("prompt_tuning_init", "")).upper() == "TEXT":
+    if method == "prompt_tuning" and "prompt_tuning_init" in options:  # peft compares with its enum: an
+        from peft import PromptTuningInit  # unknown word, or "text" in lower case, inits at random unsaid
+
+        if (init := str(options["prompt_tuning_init"]).upper()) not in PromptTuningInit.__members__:
+            raise ValueError(f"prompt_tuning_init '{options['prompt_tuning_init']}' is none of peft's "
+                             f"{', '.join(PromptTuningInit.__members__)}")
+        options["prompt_tuning_init"] = PromptTuningInit[init]
+    if method == "prompt_tuning" and options.get("prompt_tuning_init") == "TEXT":
         m = recipe.model
         tokenizer = resolve_model_path(m.tokenizer_name_or_path or m.name_or_path)
         options.setdefault("tokenizer_name_or_path", tokenizer)

@@ -99,3 +99,20 @@ def test_lora_on_qwen2(tmp_path, tiny_qwen2):
     summary = train(causal_recipe(tmp_path / "out", "lora", model="builtin:tiny-qwen2", r=8,
                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     assert summary["last_loss"] < summary["first_loss"] - 0.02, summary
+
+
+def test_prompt_tuning_init_is_read_as_peft_spells_it(tmp_path, tiny_llama):
+    """peft compares the init with its upper-case enum: "text" (or a word it lacks) initialised at random."""
+    from peft import PromptTuningInit
+
+    from lora_ns.adapters import peft_config
+    from lora_ns.errors import UserError
+    from lora_ns.setup import Checks, setup
+
+    def recipe(init: str):
+        return causal_recipe(tmp_path / "out", "prompt_tuning", num_virtual_tokens=8, prompt_tuning_init=init,
+                             prompt_tuning_init_text="Think.")
+
+    assert peft_config(recipe("text")).prompt_tuning_init == PromptTuningInit.TEXT
+    with pytest.raises(UserError, match=r"peft.prompt_tuning_init: .*'bogus' is none of peft's TEXT"):
+        setup(recipe("bogus"), dry_run=True, checks=Checks(model=False))

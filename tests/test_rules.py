@@ -84,6 +84,11 @@ CASES = [
     (rules.peft_values, {"peft": {"method": "adalora", "total_step": 10, "deltaT": 0}}, "peft.deltaT", "error"),
     (rules.peft_values, {"peft": {"method": "adalora", "total_step": 10, "init_r": 0}}, "peft.init_r", "error"),
     (rules.peft_values, {"peft": {"method": "adalora", "total_step": 10, "beta1": 1.0}}, "peft.beta1", "error"),
+    # these trained, doing nothing (or the opposite) of what they say
+    (rules.peft_values, {"peft": {"method": "adalora", "total_step": 10, "tinit": -1}}, "peft.tinit", "error"),
+    (rules.peft_values, {"peft": {"method": "lora", "lora_dropout": -0.1}}, "peft.lora_dropout", "error"),
+    (rules.peft_values, {"peft": {"method": "lora", "lora_dropout": 1.0}}, "peft.lora_dropout", "error"),
+    (rules.values_in_range, {"training": {"weight_decay": -0.01}}, "training.weight_decay", "error"),
     (rules.checkpoints_are_saved, {"training": {"save_total_limit": 2, "save_strategy": "no"}},
      "training.save_total_limit", "warning"),
     (rules.checkpoints_are_saved, {"training": {"save_steps": 5, "save_strategy": "no"}}, "training.save_steps",

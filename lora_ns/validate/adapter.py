@@ -15,9 +15,10 @@ from lora_ns.model import gradient_checkpointing
 
 DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
 # sizes peft builds the adapter with (prompt learning's virtual tokens and the layout it fills in from the
-# model, AdaLoRA's ranks and update interval): below 1 it fails to build, or stops at the first step
-SIZES = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers", "num_attention_heads",
-         "init_r", "target_r", "deltaT")
+# model, AdaLoRA's ranks and update interval): below 1 it fails to build, or stops at the first step;
+# AdaLoRA's warm-up and final steps below 0 shift its rank budget schedule off the run
+LEAST = {**dict.fromkeys(("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers",
+                          "num_attention_heads", "init_r", "target_r", "deltaT"), 1), "tinit": 0, "tfinal": 0}
 
 
 def quantization_fits_method(r: Recipe) -> Iterator[Problem]:
@@ -46,9 +47,13 @@ def checkpointing_fits_method(r: Recipe) -> Iterator[Problem]:
 def peft_values(r: Recipe) -> Iterator[Problem]:
     """Values peft takes, then fails on (building the adapter, or at the first step) or trains nothing on."""
     options = r.peft.options
-    for key in [k for k in SIZES if isinstance(options.get(k), int) and options[k] < 1]:
-        yield r.problem(f"peft.{key}", f"{key} is {options[key]}: it must be at least 1",
-                        f"set peft.{key} to 1 or more, or remove it for peft's default")
+    for key, least in LEAST.items():
+        if isinstance(options.get(key), int) and options[key] < least:
+            yield r.problem(f"peft.{key}", f"{key} is {options[key]}: it must be at least {least}",
+                            f"set peft.{key} to {least} or more, or remove it for peft's default")
+    # peft reads a dropout below 0 as none; 1 drops every input of the adapter, which then learns nothing
+    if isinstance(p := options.get("lora_dropout"), (int, float)) and not 0 <= p < 1:
+        yield r.problem("peft.lora_dropout", f"{p} is outside [0, 1)", "use e.g. 0.05, or 0 for none")
     for key in ("beta1", "beta2") if r.peft.method == "adalora" else ():  # AdaLoRA's sensitivity averages
         if isinstance(beta := options.get(key), (int, float)) and not 0 < beta < 1:
             yield r.problem(f"peft.{key}", f"{beta} is outside (0, 1)", f"remove peft.{key} for peft's 0.85")

@@ -70,7 +70,7 @@ def same_file(a: str, b: str) -> bool:
 LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
          "pad_to_multiple_of": 1, "eval_accumulation_steps": 1, "neftune_noise_alpha": 0,
          "dataset_num_proc": 0, "padding_value": 0, "num_iterations": 1, "steps_per_generation": 1,
-         "generation_batch_size": 1}
+         "generation_batch_size": 1, "weight_decay": 0}  # below 0 the optimizer grows the weights
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
