@@ -263,6 +263,31 @@ def test_a_max_length_past_the_models_positions(tiny_bert, tiny_llama):
     assert problem.severity == "warning" and "never trained" in problem.message
 
 
+def test_a_grpo_completion_must_leave_room_for_a_prompt_in_the_positions():
+    """GRPO generates max_completion_length tokens after the whole prompt: on learned positions (GPT-2) the
+    first completion that long indexes past them mid-generation (an error); rotary ones run on (a warning)."""
+    from accelerate import init_empty_weights
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lora_ns.config import parse_recipe
+    from lora_ns.validate.model import context_problem
+
+    def recipe(length: int):
+        return parse_recipe({"task": "grpo", "model": {"name_or_path": "builtin:tiny-llama"},
+                             "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k_prompt"},
+                             "training": {"reward_funcs": ["gsm8k"], "max_completion_length": length}}, "g.yaml")
+
+    with init_empty_weights():
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=64))
+    assert context_problem(recipe(63), gpt2) is None
+    problem = context_problem(recipe(64), gpt2)
+    assert problem.is_error and problem.field == "training.max_completion_length"
+    assert "leaves no room for a prompt in the model's 64 positions" in problem.message
+    assert context_problem(recipe(64), llama).severity == "warning"
+
+
 def test_a_router_loss_coefficient_needs_a_mixture_of_experts_model():
     """TRL's trainers refuse router_aux_loss_coef on a model without a router, once the weights have loaded."""
     from transformers import LlamaConfig, Qwen2MoeConfig

@@ -21,7 +21,7 @@ from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import (attention_problem, auto_model_class, context_length, eos_problem, label_kwargs,
                            load_tokenizer, model_folder_problem, packs, vocabulary_problem)
-from lora_ns.setup import library_problem
+from lora_ns.setup import library_problem, training_arguments
 
 SKIPPED = "model checks skipped"
 
@@ -70,18 +70,26 @@ def router_problem(recipe: Recipe, config) -> Problem | None:
 def context_problem(recipe: Recipe, model) -> Problem | None:
     """A max_length past the model's positions. Learned position embeddings (GPT-2, BERT) are indexed out of
     range by the first longer row, mid-run; rotary ones run on over positions the model never trained on.
-    Packed rows are all max_length long; unpacked ones only as long as the data makes them."""
-    context, length = context_length(model.config), recipe.training.get("max_length")
-    if not (context and length and length > context):
+    Packed rows are all max_length long; unpacked ones only as long as the data makes them. GRPO generates
+    max_completion_length tokens after the whole prompt (TRL 1 cuts none): they must leave room for one."""
+    grpo = recipe.task == "grpo"
+    key = "max_completion_length" if grpo else "max_length"
+    context = context_length(model.config)
+    length = getattr(training_arguments(recipe), key) if grpo else recipe.training.get(key)
+    if not (context and length and length + grpo > context):
         return None
     import torch
 
     tokens = model.get_input_embeddings()  # another embedding of `context` rows: positions (BERT, GPT-2)
     learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings >= context
                   for m in model.modules())
-    reach = "every packed row passes it" if packs(recipe) else "a row that long passes it"
     what = ("its learned position embeddings have no row for it: training stops there" if learned else
             "its positions past that were never trained")
+    if grpo:
+        return recipe.problem(f"training.{key}", f"{key} {length} leaves no room for a prompt in the model's "
+                              f"{context} positions: every completion that long passes them, and {what}",
+                              f"set training.{key} well below {context}", "error" if learned else "warning")
+    reach = "every packed row passes it" if packs(recipe) else "a row that long passes it"
     return recipe.problem("training.max_length", f"max_length {length} is longer than the model's {context} "
                           f"positions: {reach}, and {what}", f"set training.max_length: {context} or less",
                           "error" if learned else "warning")
