@@ -351,3 +351,9 @@ def test_pair_rows_of_both_kinds_are_refused_at_the_first_of_the_other_kind(tmp_
     assert [(p.line, p.field) for p in errors] == [(205, "sentence2")]
     said_single = recipe(data, "pair", "seq_cls", pairs=False)  # the recipe's word beats row 1
     assert one_problem(lambda: build_datasets(said_single)).startswith(f"{data}:1: sentence2: set in a dataset")
+    val = tmp_path / "val.jsonl"  # a validation file of the other kind: training stopped at its evaluation
+    val.write_text(lines({"sentence1": "one", "label": 0}), encoding="utf-8")
+    rows[204] = rows[0]
+    data.write_text(lines(*rows), encoding="utf-8")
+    errors = [p for p in check_dataset(recipe(data, "pair", "seq_cls", val_split=str(val))) if p.is_error]
+    assert [(p.file, p.line, p.message) for p in errors] == [(str(val), 1, "missing in a sentence-pair dataset")]

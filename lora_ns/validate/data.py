@@ -70,6 +70,8 @@ def check_dataset(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
         if split is None:
             examples, found = formatted, conv.columns if conv else {}
             problems += held_out_problems(recipe, len(sampled))
+            if conv is not None and conv.paired is not None:  # seq_cls: the validation rows are of this kind
+                recipe = recipe.model_copy(update={"dataset": cfg.model_copy(update={"pairs": conv.paired})})
     if any(p.is_error for p in problems) or not examples:
         return problems
     if recipe.task == "grpo":
