@@ -288,6 +288,24 @@ def test_a_grpo_completion_must_leave_room_for_a_prompt_in_the_positions():
     assert context_problem(recipe(64), llama).severity == "warning"
 
 
+def test_a_grpo_completion_after_the_longest_sampled_prompt_past_the_positions_is_warned(tiny_llama):
+    from lora_ns.config import parse_recipe
+    from lora_ns.validate.data import check_dataset
+
+    def warned(length: int):
+        recipe = parse_recipe({"task": "grpo", "model": {"name_or_path": "builtin:tiny-llama"},
+                               "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k_prompt", "max_samples": 8},
+                               "training": {"reward_funcs": ["gsm8k"], "max_completion_length": length}}, "g.yaml")
+        return [p for p in check_dataset(recipe) if p.field == "training.max_completion_length"]
+
+    context = 2048  # tiny-llama's positions; GSM8K prompts in its chat template are 60-200 tokens
+    assert warned(context - 300) == []
+    (problem,) = warned(context - 10)
+    assert problem.severity == "warning" and f"pass the model's {context} positions" in problem.message
+    longest = int(problem.message.split("(")[1].split()[0])
+    assert problem.fix == f"set it to {context - longest} or less, or shorten the prompts" and longest > 10
+
+
 def test_a_router_loss_coefficient_needs_a_mixture_of_experts_model():
     """TRL's trainers refuse router_aux_loss_coef on a model without a router, once the weights have loaded."""
     from transformers import LlamaConfig, Qwen2MoeConfig

@@ -12,9 +12,9 @@ from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import render, require_chat_template, uses_chat_template
 from lora_ns.errors import Problem, UserError
-from lora_ns.model import eos_problem
+from lora_ns.model import context_length, eos_problem
 from lora_ns.setup import training_arguments
-from lora_ns.validate.model import reachable_tokenizer
+from lora_ns.validate.model import load_config, reachable_tokenizer
 from lora_ns.validate.sample import prepared_rows
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
     tokenizer, why = reachable_tokenizer(recipe)
     if tokenizer is not None and (refused := refused_conversation(recipe, tokenizer, examples)):
         return [refused]
+    if recipe.task == "grpo" and tokenizer is not None:
+        return _completion_room(recipe, tokenizer, examples)
     if fmt.kind in PREFERENCE_KINDS and recipe.task not in ("dpo", "kto") or recipe.task == "pretrain":
         return []  # not SFT rows and none dropped, or (pretrain) documents packed whole: none cut or padded
     if tokenizer is None:
@@ -114,6 +116,28 @@ def refused_conversation(recipe: Recipe, tokenizer, examples: list[Sampled]) -> 
                                f"refuses this conversation: {err}", f"set model.chat_template to one that "
                                f"takes it, {fix}", where.line)
     return None
+
+
+def _completion_room(recipe: Recipe, tokenizer, examples: list[Sampled]) -> list[Problem]:
+    """GRPO samples max_completion_length tokens after the whole prompt (TRL 1 cuts none): with the longest
+    sampled prompt, past the model's positions, a completion reaches positions learned embeddings (GPT-2) have
+    no row for, mid-generation, or a rotary model never trained on. (The completion alone: validate.model.)"""
+    config, _ = load_config(recipe)
+    context, completion = config and context_length(config), training_arguments(recipe).max_completion_length
+    if not (context and completion):
+        return []
+    longest = 0
+    for _, _, example in examples:
+        prompt = render(example, recipe, tokenizer)["prompt"]
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False) \
+            if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
+        longest = max(longest, len(ids))
+    if longest + completion <= context or completion >= context:
+        return []
+    return [recipe.problem("training.max_completion_length", f"the longest sampled prompt ({longest} tokens) "
+                           f"and max_completion_length {completion} pass the model's {context} positions: a "
+                           "completion that long runs past them (learned positions stop there, mid-run)",
+                           f"set it to {context - longest} or less, or shorten the prompts", "warning")]
 
 
 def _truncated_away(recipe: Recipe, args, limit: int, prepared: list[dict]) -> Problem | None:
