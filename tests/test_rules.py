@@ -34,6 +34,11 @@ CASES = [
     (rules.checkpointing_fits_method, {"peft": {"method": "prefix_tuning", "num_virtual_tokens": 8},
                                        "training": {"gradient_checkpointing": True}},
      "training.gradient_checkpointing", "error"),  # the first backward stopped on a size mismatch
+    # TRL's trainers stopped on these once the weights had loaded (AdaLoRA: the reference copy of the adapter)
+    (rules.method_fits_trainer, {"task": "dpo", "peft": {"method": "adalora", "total_step": 10},
+                                 "dataset": {"formatter": "preference"}}, "peft.method", "error"),
+    (rules.method_fits_trainer, {"task": "orpo", "peft": {"method": "prompt_tuning"},
+                                 "dataset": {"formatter": "preference"}}, "peft.method", "error"),
     (rules.seq_cls_labels, {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert"},
                                   "dataset": PAIRS}, "model.num_labels", "error"),
     (rules.seq_cls_labels, {"task": "seq_cls", "model": {**BERT, "labels": ["a", "b", "c"]}, "dataset": PAIRS},
@@ -243,3 +248,17 @@ def test_shipped_recipes_break_no_rule(path: Path, monkeypatch):
     monkeypatch.chdir(REPO)
     problems = rules.check_rules(load_recipe(path))
     assert [str(p) for p in problems if p.is_error] == []
+
+
+def test_adalora_beside_a_reference_copy_only_where_the_trainer_makes_one():
+    """GRPO keeps a reference model only with beta above 0 (TRL's default is 0); ORPO keeps none."""
+    def fired(task: str, method: str, formatter: str, **training) -> list[str]:
+        peft = {"method": method, **({"total_step": 10} if method == "adalora" else {})}
+        recipe = make({"task": task, "peft": peft, "dataset": {"formatter": formatter},
+                       "training": {"reward_funcs": ["gsm8k"], **training} if task == "grpo" else training})
+        return [p.fix for p in rules.method_fits_trainer(recipe)]
+
+    assert fired("grpo", "adalora", "gsm8k_prompt", beta=0.04) == ["use lora, or training.beta: 0 (no reference "
+                                                                   "model)"]
+    assert fired("grpo", "adalora", "gsm8k_prompt") == fired("orpo", "adalora", "preference") == []
+    assert fired("orpo", "prefix_tuning", "preference") == fired("dpo", "prompt_tuning", "preference") == []

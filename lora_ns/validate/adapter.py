@@ -44,6 +44,19 @@ def checkpointing_fits_method(r: Recipe) -> Iterator[Problem]:
                         f"set training.{key}: false")
 
 
+def method_fits_trainer(r: Recipe) -> Iterator[Problem]:
+    """Adapters a TRL trainer builds on, then stops at: it starts once the weights have loaded."""
+    method, grpo_reference = r.peft.method, r.task == "grpo" and (r.training.get("beta") or 0) > 0
+    if method == "adalora" and (r.task in ("dpo", "kto") or grpo_reference):
+        yield r.problem("peft.method", f"TRL's {r.task} trainer adds a frozen copy of the adapter as its "
+                        "reference model, and peft takes one AdaLoRA adapter per model only", "use lora" +
+                        (", or training.beta: 0 (no reference model)" if r.task == "grpo" else ""))
+    if method == "prompt_tuning" and r.task == "orpo":
+        yield r.problem("peft.method", "ORPO (trl.experimental) lines its labels up with logits that prompt "
+                        "tuning lengthens by its virtual tokens: a size mismatch at the first step",
+                        "use lora, or prefix_tuning")
+
+
 def peft_values(r: Recipe) -> Iterator[Problem]:
     """Values peft takes, then fails on (building the adapter, or at the first step) or trains nothing on."""
     options = r.peft.options

@@ -21,7 +21,7 @@ from lora_ns.errors import Problem
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
 from lora_ns.validate.adapter import (
-    checkpointing_fits_method, init_adapter_fits, peft_values, quantization_fits_method,
+    checkpointing_fits_method, init_adapter_fits, method_fits_trainer, peft_values, quantization_fits_method,
 )
 
 Rule = Callable[[Recipe], Iterator[Problem]]
@@ -191,7 +191,8 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, checkpointing_fits_method, peft_values, seq_cls_labels, data_splits,
+    quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values, seq_cls_labels,
+    data_splits,
     values_in_range, names_resolve, local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists,
     output_dir_usable, checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
