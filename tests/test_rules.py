@@ -91,6 +91,8 @@ CASES = [
     (rules.peft_values, {"peft": {"method": "adalora", "total_step": 10, "beta1": 1.0}}, "peft.beta1", "error"),
     # these trained, doing nothing (or the opposite) of what they say
     (rules.peft_values, {"peft": {"method": "adalora", "total_step": 10, "tinit": -1}}, "peft.tinit", "error"),
+    (rules.peft_values, {"peft": {"method": "lora", "layers_to_transform": [0]}}, "peft.layers_to_transform",
+     "error"),  # peft refused it beside the default 'all-linear' with a fix naming layers_to_transform only
     (rules.peft_values, {"peft": {"method": "lora", "lora_dropout": -0.1}}, "peft.lora_dropout", "error"),
     (rules.peft_values, {"peft": {"method": "lora", "lora_dropout": 1.0}}, "peft.lora_dropout", "error"),
     (rules.values_in_range, {"training": {"weight_decay": -0.01}}, "training.weight_decay", "error"),

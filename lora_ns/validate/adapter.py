@@ -64,6 +64,10 @@ def peft_values(r: Recipe) -> Iterator[Problem]:
         if isinstance(options.get(key), int) and options[key] < least:
             yield r.problem(f"peft.{key}", f"{key} is {options[key]}: it must be at least {least}",
                             f"set peft.{key} to {least} or more, or remove it for peft's default")
+    if options.get("layers_to_transform") is not None and isinstance(options.get("target_modules", ""), str):
+        default = "" if "target_modules" in options else " (lora_ns's default is the string 'all-linear')"
+        yield r.problem("peft.layers_to_transform", f"peft picks layers among target_modules given as a list"
+                        f"{default}", "list peft.target_modules too, e.g. [q_proj, k_proj, v_proj, o_proj]")
     # peft reads a dropout below 0 as none; 1 drops every input of the adapter, which then learns nothing
     if isinstance(p := options.get("lora_dropout"), (int, float)) and not 0 <= p < 1:
         yield r.problem("peft.lora_dropout", f"{p} is outside [0, 1)", "use e.g. 0.05, or 0 for none")
