@@ -110,6 +110,10 @@ def model_folder_problem(recipe: Recipe) -> Problem | None:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (folder / "adapter_config.json").is_file():  # a training output: an adapter, not a model
+            return recipe.problem(field, f"{folder} holds an adapter, not a model", "set peft.init_from: "
+                                  f"{folder} to train it further (its base stays in model.name_or_path), "
+                                  "or merge it first (python -m lora_ns.merge)")
         return recipe.problem(field, f"{folder} has no config.json", "point it at a saved model folder")
     except (OSError, ValueError) as err:
         return recipe.problem(field, f"{folder}/config.json is not valid JSON ({err})", "re-save the model")

@@ -194,6 +194,16 @@ def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
     assert error.is_error and error.field == "model.name_or_path" and "not found" in error.message
 
 
+def test_an_adapter_folder_as_the_model_says_how_to_use_it(tmp_path):
+    """A training output named as model.name_or_path (a common slip on the way from SFT to DPO)."""
+    from lora_ns.model import model_folder_problem
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
+    problem = model_folder_problem(recipe_for(str(tmp_path)))
+    assert problem.message == f"{tmp_path} holds an adapter, not a model"
+    assert problem.fix.startswith(f"set peft.init_from: {tmp_path} to train it further")
+
+
 def test_a_tokenizer_training_would_stop_on_is_refused_by_validate_and_by_train(tmp_path, capsys, tiny_llama,
                                                                                  tiny_bert):
     """Another model's tokenizer: ids past the embedding rows (an IndexError at the first batch holding one),
