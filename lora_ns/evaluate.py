@@ -62,8 +62,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def eval_kind(recipe) -> str:
-    """classification (sklearn), preference (accuracy, margin), math (exact match of a greedy answer),
-    generation (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
+    """classification (sklearn), preference (accuracy, margin), math (exact match of a greedy answer: GSM8K,
+    MetaMath, GRPO's prompts), generation (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
     kind = FORMATTERS[recipe.dataset.formatter].kind
     if recipe.task == "seq_cls":
         return "classification"
@@ -71,7 +71,8 @@ def eval_kind(recipe) -> str:
         return "preference"
     if recipe.task == "cpt" or kind == "text":
         return "perplexity"
-    return "math" if recipe.dataset.formatter in MATH_FORMATTERS else "generation"
+    # GRPO's prompts have no completion to take a loss on; their answer is what the rewards compare with
+    return "math" if recipe.dataset.formatter in MATH_FORMATTERS or kind == "prompt_only" else "generation"
 
 
 def eval_examples(recipe, split: str | None, data_file: str | None, limit: int | None) -> tuple[list, str]:

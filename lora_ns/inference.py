@@ -168,8 +168,7 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
             from peft import PeftModel
 
             config, kind = check_adapter(local), "adapter"
-            seq_cls = config.get("task_type") == "SEQ_CLS"
-            task = recipe.task if recipe else "seq_cls" if seq_cls else "causal_lm"
+            task = recipe.task if recipe else {"SEQ_CLS": "seq_cls"}.get(config.get("task_type"), "causal_lm")
             base = adapter_base(local, config, base, recipe)
             model, rounded = load_base(base, task, recipe, merging, requantize)
             try:
@@ -203,14 +202,15 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
 # --- inputs -----------------------------------------------------------------------------------------
 
 def prompt_and_reference(row: dict[str, Any]) -> tuple[PromptInput, str]:
-    """What a row asks and the answer it holds: messages ending on an assistant turn split there (that turn is
-    the reference, `render.split_last_reply`), other messages whole; else its text and completion."""
+    """What a row asks and the answer it holds: messages ending on an assistant turn split there (that turn
+    is the reference, `render.split_last_reply`), other messages whole; else text and completion or answer."""
     if "messages" in row and "prompt" not in row:
         messages = list(row["messages"])
         if messages and messages[-1]["role"] == "assistant":
             return split_last_reply(messages)
         return messages, ""
-    return row.get("prompt", row.get("text", row.get("sentence1", ""))), row.get("completion") or ""
+    asked = row.get("prompt", row.get("text", row.get("sentence1", "")))
+    return asked, row.get("completion") or row.get("answer") or ""
 
 
 def pair_of(row: dict[str, Any], tab: bool = False) -> tuple[str, str | None]:

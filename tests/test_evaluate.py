@@ -220,3 +220,17 @@ def test_a_metric_that_cannot_load_is_one_line_before_the_model(gsm_adapter, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--metric" in err[0] and str(bad) in err[0]
     assert not (tmp_path / "e").exists()
+
+
+def test_a_grpo_run_is_scored_on_the_answers_its_rewards_compare_with(in_tmp, tiny_llama):
+    """GRPO's prompt-only rows have no completion to take a loss on (evaluate stopped on a KeyError)."""
+    recipe = in_tmp / "grpo.yaml"
+    recipe.write_text("task: grpo\nmodel: {name_or_path: 'builtin:tiny-llama'}\n"
+                      "dataset: {path: 'sample:gsm8k', formatter: gsm8k_prompt}\n"
+                      "training: {reward_funcs: [gsm8k]}\n", encoding="utf-8")
+    data = in_tmp / "questions.jsonl"
+    data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "5 + 6 = 11\n#### 11"}) + "\n")
+    assert main([str(recipe), "--model", "builtin:tiny-llama", "--data-file", str(data),
+                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    metrics, rows = read_results(in_tmp / "outputs" / "eval" / "builtin_tiny-llama")
+    assert metrics["kind"] == "math" and [r["reference_answer"] for r in rows] == ["11"]
