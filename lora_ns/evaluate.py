@@ -26,7 +26,7 @@ from lora_ns.data.loading import progress_bars_off
 from lora_ns.data.sources import looks_local, resolve_sample
 from lora_ns.errors import UserError, fail, program, require, run_cli
 from lora_ns.fileio import guard_output_file, write_json_atomic, write_jsonl_atomic
-from lora_ns.inference import classify, generate, load, pair_of, preference_margin, prompt_and_reference
+from lora_ns.inference import classify, generate, load, pair_of, preference_ids, prompt_and_reference
 from lora_ns.metrics import (classification_metrics, generation_metrics, library_metric, math_metrics,
                              perplexity)
 
@@ -62,13 +62,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def eval_kind(recipe) -> str:
-    """classification (sklearn), preference (accuracy, margin), math (exact match of a greedy answer: GSM8K,
-    MetaMath, GRPO's prompts), generation (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
+    """classification (sklearn), preference (accuracy, margin), unpaired (KTO: log-probs of desirable and
+    undesirable replies), math (exact match of a greedy answer: GSM8K, MetaMath, GRPO's prompts), generation
+    (BLEU, ROUGE-L, perplexity) or perplexity (cpt and plain text)."""
     kind = FORMATTERS[recipe.dataset.formatter].kind
     if recipe.task == "seq_cls":
         return "classification"
-    if kind == "preference":
-        return "preference"
+    if kind in ("preference", "unpaired"):
+        return kind
     if recipe.task == "cpt" or kind == "text":
         return "perplexity"
     # GRPO's prompts have no completion to take a loss on; their answer is what the rewards compare with
@@ -131,6 +132,44 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
         return float(trainer.evaluate()["eval_loss"])
 
 
+def reply_logprobs(loaded, example: dict[str, Any], recipe) -> list[tuple[float, int]]:
+    """(log p(reply | prompt) in nats, its token count) for each reply of a preference row (chosen, rejected)
+    or a KTO row (its completion), over the tokens TRL's trainers train on: the row rendered by training's
+    own `render` (system prompt, chat template or prompt_template), each reply as the assistant turn (its
+    end-of-turn token included) or, as plain text, followed by EOS. Replies start at the first token where
+    the prompt alone and prompt + a reply differ (TRL's `common_prefix_length`)."""
+    import torch
+
+    model = loaded.model
+    start, fulls = preference_ids(example, recipe, loaded.tokenizer)
+    scores = []
+    for full in fulls:
+        ids = torch.tensor([full], device=model.device)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        picked = logprobs.gather(-1, ids[0, 1:, None])[start - 1:]
+        scores.append((float(picked.sum()), len(picked)))
+    return scores
+
+
+def preference_margin(loaded, example: dict[str, Any], recipe) -> float:
+    """log p(chosen | prompt) - log p(rejected | prompt) in nats (`reply_logprobs`)."""
+    (chosen, _), (rejected, _) = reply_logprobs(loaded, example, recipe)
+    return chosen - rejected
+
+
+def unpaired_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """KTO's rows: the mean log-prob per token of the desirable and of the undesirable replies, and their gap
+    (per token: unpaired replies differ in length, which a sum would mostly measure)."""
+    means = {}
+    for name, good in (("desirable", True), ("undesirable", False)):
+        scores = [r["logp_per_token"] for r in rows if r["label"] == good]
+        means[f"{name}_logp_per_token"] = sum(scores) / len(scores) if scores else None
+    both = None not in means.values()
+    return {**means, "kto_margin": means["desirable_logp_per_token"] - means["undesirable_logp_per_token"]
+            if both else None}
+
+
 def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     progress, count = not args.no_progress, loaded.model.config.num_labels
     if kind == "classification":
@@ -147,6 +186,11 @@ def run_evaluation(kind: str, loaded, recipe, examples, args) -> tuple[dict[str,
                 for e, m in zip(examples, margins)]
         metrics = {"preference_accuracy": sum(r["correct"] for r in rows) / len(rows),
                    "mean_margin": sum(r["margin"] for r in rows) / len(rows)}
+    elif kind == "unpaired":  # KTO: how likely the desirable replies are against the undesirable ones
+        scores = [reply_logprobs(loaded, e, recipe)[0] for e in examples]
+        rows = [{"row": e.get("row"), "prompt": e["prompt"], "label": e["label"],
+                 "logp_per_token": total / count} for e, (total, count) in zip(examples, scores)]
+        metrics = unpaired_metrics(rows)
     elif kind == "perplexity":
         rows, metrics = [{"row": e.get("row"), "text": e["text"]} for e in examples], {}
     else:
@@ -179,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args.recipe = args.recipe or str(saved)
     recipe = load_recipe(args.recipe, overrides)  # schema only: training-time rules don't apply here
     kind = eval_kind(recipe)
-    if args.metric and kind in ("preference", "perplexity"):
+    if args.metric and kind in ("preference", "unpaired", "perplexity"):
         raise fail("<command line>", "--metric", f"{kind} evaluation has no predictions to score",
                    "drop --metric for this recipe")
     library = [library_metric(name) for name in args.metric]  # before the model: a bad name fails fast

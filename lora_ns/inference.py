@@ -315,9 +315,9 @@ def classify(loaded, pairs: Sequence[tuple[str, str | None]], *, batch_size: int
 
 
 def preference_ids(example: dict[str, Any], recipe: Recipe, tokenizer) -> tuple[int, list[list[int]]]:
-    """(prompt tokens, [prompt + chosen ids, prompt + rejected ids]) as TRL's DPO tokenizes a row (see
-    `preference_margin`; KTO's one completion likewise); validate counts the prompts that fill max_length,
-    which DPO and KTO drop."""
+    """(prompt tokens, [prompt + chosen ids, prompt + rejected ids]) as TRL's DPO tokenizes a row (KTO's one
+    completion likewise): `lora_ns.evaluate.reply_logprobs` scores them; validate counts the prompts that
+    fill max_length, which DPO and KTO drop."""
     from trl.data_utils import common_prefix_length
 
     row = render(example, recipe, tokenizer)
@@ -330,21 +330,3 @@ def preference_ids(example: dict[str, Any], recipe: Recipe, tokenizer) -> tuple[
         head = tokenizer(row["prompt"])["input_ids"]
         fulls = [tokenizer(row["prompt"] + row[k] + tokenizer.eos_token)["input_ids"] for k in replies]
     return min(common_prefix_length(head, full) for full in fulls), fulls
-
-
-def preference_margin(loaded, example: dict[str, Any], recipe: Recipe) -> float:
-    """log p(chosen | prompt) - log p(rejected | prompt) in nats, over the tokens TRL's DPO trains on: the row
-    rendered by training's own `render` (system prompt, chat template or prompt_template), each reply as the
-    assistant turn (its end-of-turn token included) or, as plain text, followed by EOS. Both replies start at
-    the first token where the prompt alone and prompt + either reply differ (TRL's `common_prefix_length`)."""
-    import torch
-
-    model = loaded.model
-    start, fulls = preference_ids(example, recipe, loaded.tokenizer)
-    sums = []
-    for full in fulls:
-        ids = torch.tensor([full], device=model.device)
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        sums.append(float(logprobs.gather(-1, ids[0, 1:, None])[start - 1:].sum()))
-    return sums[0] - sums[1]

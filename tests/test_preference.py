@@ -13,7 +13,7 @@ import pytest
 from lora_ns.config import parse_recipe
 from lora_ns.data.formatters import FORMATTERS, RowError
 from lora_ns.errors import UserError
-from lora_ns.inference import preference_margin
+from lora_ns.evaluate import preference_margin
 from lora_ns.preference import check_preference_recipe
 from lora_ns.rewards import answer_format, completion_text, gsm8k_exact_match, resolve_rewards
 
@@ -475,6 +475,30 @@ def test_dpo_raises_the_preference_margin(tmp_path):
     assert metrics["preference_accuracy"] == sum(m > 0 for m in after) / len(after)
     # same model and tokens, reloaded from disk: equal up to fp32 rounding of ~100-nat sums (1e-5 relative)
     assert abs(metrics["mean_margin"] - sum(after) / len(after)) < 1e-3 * max(1.0, abs(sum(after) / len(after)))
+
+
+def test_kto_training_raises_the_desirable_replies_over_the_undesirable_in_evaluate(tmp_path):
+    """lora_ns.evaluate scored KTO's rows as generation: BLEU against undesirable replies too. It now reports
+    the mean log-prob per token of each kind; training should widen their gap on the rows it trained on."""
+    from lora_ns.evaluate import main as evaluate
+    from lora_ns.train import run_training
+
+    run_training(recipe_for("kto", tmp_path / "out", max_steps=12, per_device_train_batch_size=4,
+                            learning_rate=1e-2, lr_scheduler_type="constant", max_length=128))
+    sample = Path(__file__).parents[1] / "lora_ns/samples/kto.jsonl"
+    margins = []
+    for which, where in (("--model", "builtin:tiny-llama"), ("--adapter", str(tmp_path / "out"))):
+        out = tmp_path / f"eval{len(margins)}"
+        assert evaluate([str(tmp_path / "out" / "recipe.yaml"), which, where, "--data-file", str(sample),
+                         "--output-dir", str(out), "--no-progress"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["kind"] == "unpaired"
+        assert metrics["kto_margin"] == pytest.approx(
+            metrics["desirable_logp_per_token"] - metrics["undesirable_logp_per_token"])
+        margins.append(metrics["kto_margin"])
+    # per-token log-probs are ~ -7 nats on the random base (gap ~0), ~0.5 nat apart after these 12 steps; a
+    # gain of 0.25 nat per token is far above fp32 rounding of the means (~1e-5) and CPU-to-CPU drift
+    assert margins[1] > margins[0] + 0.25, margins
 
 
 @pytest.mark.parametrize("template", [None, "Q: {prompt}\nA: "], ids=["chat", "prompt_template"])
