@@ -82,11 +82,20 @@ def guard_output_dir(recipe: Recipe) -> None:
     if not recipe.training.get("overwrite_output_dir"):
         raise UserError(recipe.problem("training.output_dir", f"{out} already holds a finished run",
                                        finished_run_fix(out)))
-    if os.environ.get("RANK", "0") == "0":  # the other ranks see the result after the datasets barrier
-        say(f"overwriting the finished run in {out}")
-        for folder in checkpoints(out):
+
+
+def clear_finished_run(recipe: Recipe) -> None:
+    """Overwriting a finished run (overwrite_output_dir): its marker and checkpoints go, so an interrupted
+    new run resumes itself, not the old one; but only once every set-up check has passed (a recipe refused
+    later keeps the old run), and never the checkpoint this run resumes from."""
+    out, keep = Path(recipe.output_dir), wanted_checkpoint(recipe)
+    if not is_finished(out) or os.environ.get("RANK", "0") != "0":  # other ranks: after the data barrier
+        return
+    say(f"overwriting the finished run in {out}")
+    for folder in checkpoints(out):
+        if keep in (None, "auto") or not Path(keep).exists() or not folder.samefile(keep):
             shutil.rmtree(folder)
-        (out / FINISHED_MARKER).unlink()
+    (out / FINISHED_MARKER).unlink()
 
 
 def safetensors_defect(path: Path) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.adapters import peft_config
-from lora_ns.checkpoints import guard_output_dir
+from lora_ns.checkpoints import clear_finished_run, guard_output_dir
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import sft_defaults
 from lora_ns.errors import Problem, UserError, first_line, program
@@ -59,7 +59,10 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
             peft_config(recipe)  # peft's own checks run
         except (ValueError, TypeError) as err:
             raise UserError(library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs"))
-    return Setup(args, problems + _raise_errors(deep_problems(recipe, checks, dry_run)))
+    problems += _raise_errors(deep_problems(recipe, checks, dry_run))
+    if not dry_run:
+        clear_finished_run(recipe)
+    return Setup(args, problems)
 
 
 def check_recipe_file(path: str | Path, overrides: list[str] | None = None, for_training: bool = False,

@@ -16,7 +16,8 @@ import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.errors import UserError
-from lora_ns.checkpoints import COMPLETE_MARKER, FINISHED_MARKER, guard_output_dir, last_checkpoint, resume_target
+from lora_ns.checkpoints import (COMPLETE_MARKER, FINISHED_MARKER, clear_finished_run, guard_output_dir, last_checkpoint,
+                                 resume_target)
 from lora_ns.setup import Checks, setup
 
 from conftest import REPO
@@ -120,8 +121,28 @@ def test_finished_run_is_kept_unless_overwrite(tmp_path):
     overwrite = recipe(out, overwrite_output_dir=True)
     assert resume_target(overwrite) is None  # starts over rather than "resuming" the finished run
     guard_output_dir(overwrite)
-    # ...and clears the old run's marker and checkpoints, so an interrupted new run resumes itself, not the old one
+    # ...then, once every set-up check has passed, clears the old run's marker and checkpoints, so an interrupted
+    # new run resumes itself, not the old one
+    assert (out / FINISHED_MARKER).exists()
+    clear_finished_run(overwrite)
     assert not (out / FINISHED_MARKER).exists() and last_checkpoint(out) is None
+
+
+def test_overwriting_a_finished_run_keeps_it_until_the_checks_pass_and_keeps_the_resumed_checkpoint(tmp_path):
+    """The old run was deleted first: a recipe refused a moment later lost it for nothing, and one resuming from
+    a checkpoint inside it lost that checkpoint, then stopped on 'not found'."""
+    out = tmp_path / "run"
+    for step in (2, 4):
+        fake_checkpoint(out, step)
+    (out / FINISHED_MARKER).write_text("{}")
+    with pytest.raises(UserError):  # a later check refuses the recipe: the finished run stays whole
+        setup(recipe(out, overwrite_output_dir=True, weight_decay=-1.0), dry_run=False,
+              checks=Checks(data=False, model=False))
+    assert (out / FINISHED_MARKER).exists() and len(list(out.glob("checkpoint-*"))) == 2
+    further = recipe(out, overwrite_output_dir=True, resume_from_checkpoint=str(out / "checkpoint-4"))
+    setup(further, dry_run=False, checks=Checks(data=False, model=False))
+    assert not (out / FINISHED_MARKER).exists() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert resume_target(further) == str(out / "checkpoint-4")
 
 
 # --- the real thing: SIGKILL, resume, compare ---------------------------------------------------------
