@@ -59,8 +59,9 @@ def output_dir_problem(recipe: Recipe) -> Problem | None:
     files = [] if ours else sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if files and not recipe.training.get("overwrite_output_dir"):
         shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-        return recipe.problem(name, f"{out} already holds files that are not a lora_ns run ({shown}); "
-                              "training would overwrite them",
+        what = "a lora_ns run cut off as it saved (no run_summary.json, no checkpoint)" if RECIPE_FILE in \
+            files else "files that are not a lora_ns run"
+        return recipe.problem(name, f"{out} already holds {what} ({shown}); training would overwrite them",
                               "choose a new or empty output_dir, or set training.overwrite_output_dir: true")
     return None
 

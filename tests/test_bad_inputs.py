@@ -657,6 +657,8 @@ def test_output_dir_rules_allow_runs_and_explicit_overwrite(tmp_path):
     assert problem(mine) is None  # empty but for hidden files
     (mine / "README.md").write_text("x")
     assert "not a lora_ns run" in problem(mine).message
+    (mine / "recipe.yaml").write_text("x")  # lora_ns saves it with the weights, run_summary.json last
+    assert "a lora_ns run cut off as it saved" in problem(mine).message
     assert problem(mine, overwrite_output_dir=True) is None  # the user said so
     (mine / "checkpoint-3").mkdir()
     assert problem(mine) is None  # an interrupted lora_ns run: resumed, not refused
