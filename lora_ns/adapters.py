@@ -9,6 +9,7 @@ so it is trained and saved with the adapter.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from lora_ns.builtin_models import resolve_model_path
@@ -120,3 +121,49 @@ def merge_blocker(model) -> str | None:
             if getattr(module.get_base_layer(), "bias", None) is None:
                 return f"lora_bias on {name.removeprefix('base_model.model.')}, a layer without a bias"
     return None
+
+
+@functools.cache
+def prefix_generation_problem() -> str | None:
+    """Why a prefix-tuned model cannot generate with the installed peft and transformers, or None. Tried,
+    not assumed: peft 0.21 hands the virtual keys to `generate` as ``past_key_values``, which transformers
+    5's models (reading ``cache``) ignore, so the base model answers. Probed on a random 1-layer Llama."""
+    import warnings
+
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        torch.manual_seed(0)
+        warnings.simplefilter("ignore")  # transformers' deprecation notes on what peft calls
+        model = get_peft_model(LlamaForCausalLM(config), PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                            num_virtual_tokens=4))
+    if generates_as_it_scores(model.eval()):
+        return None
+    return "peft's prefix tuning does not reach transformers' generate in these versions (the base model " \
+        "answers, as if untuned)"
+
+
+def generates_as_it_scores(model) -> bool:
+    """Whether `model` scores its first two greedily generated tokens as plain forward passes score them."""
+    import warnings
+
+    import torch
+    from transformers import logging
+
+    ids, verbosity = torch.tensor([[1, 2, 3]]), logging.get_verbosity()
+    logging.set_verbosity_error()  # generate's notes on a toy model's generation config
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes on what peft passes
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+            steps = [out.sequences[:, :3], out.sequences[:, :4]]
+            wanted = [model(input_ids=s, attention_mask=torch.ones_like(s)).logits[:, -1] for s in steps]
+    finally:
+        logging.set_verbosity(verbosity)
+    # the same fp32 sums in another order: 1e-4 is far above their rounding, far below the prefix's effect
+    return all(torch.allclose(got, want, atol=1e-4) for got, want in zip(out.logits, wanted))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
-from lora_ns.adapters import merge_blocker
+from lora_ns.adapters import merge_blocker, prefix_generation_problem
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.checkpoints import safetensors_defect, saved_recipe_file
 from lora_ns.config import Recipe, load_recipe
@@ -265,6 +265,11 @@ def generate(loaded, prompts: Sequence[PromptInput], *, recipe=None, max_new_tok
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    prefix = getattr(getattr(loaded.model, "active_peft_config", None), "peft_type", None) == "PREFIX_TUNING"
+    if prefix and (why := prefix_generation_problem()):  # silently the base model's answers otherwise
+        where = loaded.recipe.source if loaded.recipe else "<model>"
+        raise fail(where, "peft.method", f"cannot generate with a prefix-tuning adapter: {why}",
+                   "evaluate it by loss (perplexity, preference margin), or train lora to generate")
     if seed is not None:
         set_seed(seed)
     tokenizer, recipe = loaded.tokenizer, recipe or loaded.recipe

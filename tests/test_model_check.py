@@ -332,3 +332,25 @@ def test_a_router_loss_coefficient_needs_a_mixture_of_experts_model():
     assert problem.field == "training.router_aux_loss_coef" and "Llama is not a Mixture-of-Experts" in problem.message
     assert router_problem(recipe(router_aux_loss_coef=0.01), Qwen2MoeConfig()) is None
     assert router_problem(recipe(), LlamaConfig()) is None
+
+
+def test_prefix_tuning_where_generate_ignores_the_prefix(monkeypatch, tiny_llama):
+    """Where the probe finds generate ignoring the prefix: GRPO (which learns from its own samples) is refused,
+    an SFT run warned (its adapter trains, but cannot be asked); where it works, neither."""
+    from lora_ns.validate import model as model_check
+    from lora_ns.validate.model import check_model
+
+    def said(task: str, broken: str | None):
+        monkeypatch.setattr(model_check, "prefix_generation_problem", lambda: broken)
+        grpo = {"dataset": {"path": "sample:gsm8k", "formatter": "gsm8k_prompt"},
+                "training": {"reward_funcs": ["gsm8k"]}} if task == "grpo" else {}
+        recipe = parse_recipe({"task": task, "model": {"name_or_path": "builtin:tiny-llama"},
+                               "peft": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+                               "dataset": {"path": "sample:gsm8k", "formatter": "gsm8k"}, **grpo}, "r.yaml")
+        return [(p.severity, p.message) for p in check_model(recipe) if p.field == "peft.method"
+                and p.severity != "info"]
+
+    assert said("grpo", "it ignores the prefix") == [("error", "it ignores the prefix: GRPO would learn from the "
+                                                             "untuned model's samples")]
+    assert [severity for severity, _ in said("causal_lm", "it ignores the prefix")] == ["warning"]
+    assert said("grpo", None) == said("causal_lm", None) == []

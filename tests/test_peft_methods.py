@@ -69,9 +69,15 @@ def test_method_trains_and_loss_goes_down(name, tmp_path, tiny_llama, capsys):
             assert config["use_rslora"] is True
         if name == "prompt_text":
             assert config["tokenizer_name_or_path"] == tiny_llama
+        from lora_ns.adapters import prefix_generation_problem
+        from lora_ns.errors import UserError
         from lora_ns.inference import generate, load  # every adapter trained here also loads for inference
 
         loaded = load(str(out))
+        if method == "prefix_tuning" and prefix_generation_problem():  # these peft/transformers: see adapters
+            with pytest.raises(UserError, match="cannot generate with a prefix-tuning adapter"):
+                generate(loaded, ["What is 2+2?"], max_new_tokens=4)
+            return
         (reply,) = generate(loaded, ["What is 2+2?"], max_new_tokens=4)
         assert isinstance(reply, str)
         if method in ("prefix_tuning", "prompt_tuning"):  # batched (left-padded) = one prompt at a time
@@ -116,3 +122,30 @@ def test_prompt_tuning_init_is_read_as_peft_spells_it(tmp_path, tiny_llama):
     assert peft_config(recipe("text")).prompt_tuning_init == PromptTuningInit.TEXT
     with pytest.raises(UserError, match=r"peft.prompt_tuning_init: .*'bogus' is none of peft's TEXT"):
         setup(recipe("bogus"), dry_run=True, checks=Checks(model=False))
+
+
+def test_the_prefix_generation_probe_tells_what_generate_does(tiny_llama):
+    """The probe passes a model that generates as it scores; its verdict on prefix tuning matches what
+    generate does: where it finds a problem, a prefix-tuned model generates exactly as its base does."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_ns.adapters import generates_as_it_scores, prefix_generation_problem
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    assert generates_as_it_scores(base)
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        plain = base.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        torch.manual_seed(0)
+        tuned = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)).eval()
+        prefixed = tuned.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                  do_sample=False)
+        scored = tuned(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+    if prefix_generation_problem():
+        # the prefix changes the scores only: the base's first token scores ~0.5 below the prefixed model's best
+        # (top two ~0.01 apart: whichever wins on this CPU, neither is the base's)
+        assert torch.equal(prefixed, plain) and prefixed[0, 4] != scored
+    else:
+        assert prefixed[0, 4] == scored

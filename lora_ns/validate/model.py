@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lora_ns.adapters import SEQ_CLS_HEADS, apply_peft, count_parameters, merge_blocker
+from lora_ns.adapters import (SEQ_CLS_HEADS, apply_peft, count_parameters, merge_blocker,
+                              prefix_generation_problem)
 from lora_ns.builtin_models import is_builtin, resolve_model_path
 from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
@@ -226,6 +227,12 @@ def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
         return recipe.problem("peft.target_modules", f"an adapter on lm_head: TRL's {recipe.task} trainer "
                               "scores tokens with lm_head.weight itself, so it would never train",
                               "leave lm_head out of peft.target_modules")
+    generates = recipe.peft.method == "prefix_tuning" and recipe.task != "seq_cls"
+    if generates and (why := prefix_generation_problem()):
+        grpo = recipe.task == "grpo"  # samples with generate: it would learn from the untuned model's answers
+        return recipe.problem("peft.method", f"{why}: " + ("GRPO would learn from the untuned model's samples"
+                              if grpo else "the adapter trains, but infer and evaluate cannot ask it"),
+                              "use lora (or prompt_tuning)", "error" if grpo else "warning")
     if recipe.peft.method == "prefix_tuning" and recipe.task == "seq_cls":
         # peft's test before a classifier's prefix-tuning forward: its forward, or its backbone's, takes it
         base = peft_model.get_base_model()
