@@ -83,10 +83,16 @@ def recipe_for(target: str, name: str, value: object, out: str):
 
 
 def outcome(target: str, name: str, value: object) -> tuple[str, str]:
+    return verdict(lambda out: recipe_for(target, name, value, out))
+
+
+def verdict(build: typing.Callable[[str], typing.Any]) -> tuple[str, str]:
+    """(kind, why) for the recipe `build(output_dir)` makes: validated with train's own set-up, then trained;
+    also bench/sweep_combos.py's."""
     quiet = (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()))
     with tempfile.TemporaryDirectory() as out, quiet[0], quiet[1]:
         try:
-            recipe = recipe_for(target, name, value, out)
+            recipe = build(out)
             setup(recipe, dry_run=True)
         except UserError as err:
             return "refused", str(err).splitlines()[0]
