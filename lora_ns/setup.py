@@ -136,6 +136,9 @@ KNOWN_FIXES = {
     "save and eval strategy to match": ("save_strategy", "set it as training.eval_strategy"),
     "global eval batch size": ("per_device_eval_batch_size", "make it a multiple of num_generations (or of "
                                "num_generations_eval)"),
+    # lora_ns turns on the mixed precision of model.dtype: the user set only the other one
+    "fp16 and bf16 can be True": ("fp16", "remove training.fp16 and training.bf16: lora_ns sets the one "
+                                  "model.dtype names (or set model.dtype: fp16)"),
 }
 
 

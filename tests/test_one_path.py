@@ -192,6 +192,15 @@ def test_a_library_error_keeps_the_list_its_first_line_introduces(tmp_path, caps
     assert "but found Evaluation strategy: " in line and ", Save strategy: " in line and "EPOCH" in line, line
 
 
+def test_fp16_beside_a_bf16_model_says_where_bf16_came_from(tmp_path, capsys, tiny_llama):
+    """lora_ns turns on the mixed precision model.dtype names: transformers' refusal speaks of a bf16 the user
+    never wrote, so the fix says it came from model.dtype."""
+    path = write(tmp_path, "mixed", {"model": {"dtype": "bf16"}, "training": {"fp16": True}})
+    assert run_cli("lora_ns.validate", lambda: validate_main([str(path), "--no-data"])) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert " training.fp16: " in line and "lora_ns sets the one model.dtype names" in line, line
+
+
 def test_a_hold_out_that_leaves_no_training_rows_is_refused(tmp_path, capsys, tiny_llama):
     """16 rows, 0.99 held out: datasets' split leaves training empty. The data check knows the row count
     (max_samples caps it) and splits as training does."""
