@@ -138,6 +138,12 @@ def run_cli(prog: str, main: Callable[[], int]) -> int:
         for problem in err.problems:
             print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file the checks up front could not foresee (a full disk, a path the OS
+        if err.filename is None:  # refuses at creation); an OSError naming no file is a bug: shown whole
+            raise
+        print(f"{prog}: error: {err.filename}: {err.strerror or err} — check that its folder exists, can be "
+              "written and has room", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -708,3 +708,27 @@ def test_bitsandbytes_kernel_warning_is_hidden_and_nothing_else(caplog):
     logger.warning(prefix + " from kernels-community: %s. Please make sure...", "no kernels")
     logger.warning("a real warning")
     assert prefix not in caplog.text and "a real warning" in caplog.text
+
+
+def test_a_file_the_os_refuses_mid_run_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """The checks up front cannot foresee every write (a disk that fills, a path refused at creation): what
+    an OSError names becomes one line; one naming no file is a bug and keeps its traceback."""
+    import errno
+
+    from lora_ns.errors import run_cli
+    from lora_ns.fileio import write_json_atomic
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".metrics.json.tmp"))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert run_cli("lora_ns.evaluate", lambda: write_json_atomic(tmp_path / "metrics.json", {}) or 0) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"lora_ns.evaluate: error: {tmp_path}/.metrics.json.tmp: No space left on device — ")
+    assert not (tmp_path / "metrics.json").exists()
+
+    def bug():
+        raise OSError("no file named")
+
+    with pytest.raises(OSError, match="no file named"):
+        run_cli("lora_ns.evaluate", bug)
