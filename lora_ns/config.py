@@ -88,7 +88,8 @@ class PeftSection(BaseModel):
 class DatasetConfig(_Section):
     """Where the data comes from and how rows become training examples."""
 
-    path: str = Field(description="hub id, local file/glob/folder, or sample:<name> for a bundled sample")
+    path: str = Field(min_length=1, description="hub id, local file/glob/folder, or sample:<name> for a "
+                      "bundled sample")
     name: str | None = Field(default=None, description="hub dataset config name")
     split: str = "train"
     revision: str | None = None

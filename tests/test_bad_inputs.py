@@ -215,7 +215,10 @@ TABLE: list[Case] = [
     C("yaml_a_list", "validate", NM, "mapping of sections", "r.yaml", "recipe", {"r.yaml": "- task\n- model\n"}),
     C("recipe_is_a_folder", "validate", "recipes_dir --no-model", "folder", "recipes_dir", "filesystem",
       setup=lambda w: (w / "recipes_dir").mkdir()),
+    C("validate_show_sample_negative", "validate", "r.yaml --no-model --show-sample -1", "--show-sample",
+      "<command line>", "command line", {"r.yaml": recipe()}),
     # --- recipe fields ------------------------------------------------------------------------------------------
+    C("dataset_path_empty", "validate", NM, "dataset.path", "r.yaml:5", "recipe", {"r.yaml": recipe(data="''")}),
     C("chat_template_missing_file", "validate", V, "model.chat_template", "r.yaml", "recipe",
       {"r.yaml": recipe(extra="", training="").replace("model:\n", "model:\n  chat_template: templates/x.jinja\n")}),
     C("chat_template_missing_dir_path", "validate", V, "model.chat_template", "r.yaml", "recipe",

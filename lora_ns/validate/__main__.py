@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from lora_ns.command_line import CommandParser
+from lora_ns.command_line import CommandParser, at_least_one
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, exit_now, program, run_cli
 from lora_ns.memory import estimate_for_recipe
@@ -35,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="skip loading the model config (meta device)")
     parser.add_argument("--accelerate-config", metavar="YAML",
                         help="also check the recipe against this accelerate config (DeepSpeed/FSDP)")
-    parser.add_argument("--show-sample", nargs="?", type=int, const=3, metavar="N",
+    parser.add_argument("--show-sample", nargs="?", type=at_least_one, const=3, metavar="N",
                         help="print N (default 3) training examples as train sees them, loss tokens marked")
     parser.add_argument("--gpu-memory", metavar="SIZE", type=memory_size,
                         help="print the per-GPU memory estimate; warn over 90%% of SIZE (24GiB, 80GB)")
