@@ -81,6 +81,8 @@ def adapter_base(folder: Path, config: dict[str, Any], base: str | None, recipe:
     recipe's ``builtin:`` name."""
     named = saved = config.get("base_model_name_or_path")
     if base:
+        if base.startswith((os.sep, ".", "~")) and not Path(base).expanduser().exists():
+            raise fail(base, "--base", "model folder not found", "check the path")
         path = resolve_model_path(base)
         if saved and os.path.realpath(path) != os.path.realpath(saved):
             print(f"{program('lora_ns')}: warning: {folder} was trained on {saved}; loading it on --base "

@@ -393,6 +393,8 @@ TABLE: list[Case] = [
     C("infer_prompt_and_file", "infer", "--model adapter --prompt hi --input-file p.txt", "--input-file",
       "<command line>", "command line"),
     C("infer_model_missing", "infer", "--model ./nowhere --prompt hi", "--model", "./nowhere", "filesystem"),
+    C("infer_base_missing", "infer", "--model adapter --base ./nowhere --prompt hi", "folder not found", "./nowhere",
+      "filesystem", setup=adapter()),
     C("infer_empty_prompt", "infer", "--model adapter --prompt ''", "--prompt", "<command line>", "command line",
       setup=adapter()),
     C("infer_blank_prompt", "infer", "--model adapter --prompt '  '", "--prompt", "<command line>", "command line",
