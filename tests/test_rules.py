@@ -50,6 +50,7 @@ CASES = [
     (rules.data_splits, {"dataset": {"streaming": True}, "training": {"max_steps": -1}},
      "training.max_steps", "error"),
     (rules.data_splits, {"dataset": {"val_split": 1.5}}, "dataset.val_split", "error"),
+    (rules.data_splits, {"dataset": {"revision": "v1"}}, "dataset.revision", "warning"),  # sample: local
     (rules.names_resolve, {"dataset": {"formatter": "gsm9k"}}, "dataset.formatter", "error"),
     (rules.names_resolve, {"task": "cpt"}, "dataset.formatter", "error"),
     (rules.names_resolve, {"model": {"name_or_path": "builtin:tiny-gpt9"}}, "model.name_or_path", "error"),

@@ -17,6 +17,7 @@ from lora_ns.checkpoints import checkpoint_problem, finished_run_fix, is_finishe
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
+from lora_ns.data.sources import looks_local
 from lora_ns.errors import Problem
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
@@ -59,6 +60,10 @@ def data_splits(r: Recipe) -> Iterator[Problem]:
     if r.dataset.streaming and int(r.training.get("max_steps", -1)) <= 0:
         yield r.problem("training.max_steps", "a streamed dataset has no length, so epochs are undefined",
                         "set training.max_steps")
+    local = looks_local(r.dataset.path)
+    for key in [k for k in ("name", "revision") if local and getattr(r.dataset, k)]:
+        yield r.problem(f"dataset.{key}", f"only a Hub dataset has a {key}: ignored for {r.dataset.path}",
+                        f"remove dataset.{key}", "warning")
 
 
 def same_file(a: str, b: str) -> bool:
