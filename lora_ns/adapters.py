@@ -16,9 +16,6 @@ from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
 from lora_ns.hf_fields import peft_config_class
 
-# Classification heads that must be trained and saved with the adapter (peft adds them for SEQ_CLS).
-SEQ_CLS_HEADS = ["classifier", "score"]
-
 
 def peft_options(recipe: Recipe) -> dict[str, Any]:
     """The recipe's peft fields plus the defaults lora_ns derives from the rest of the recipe: all-linear

@@ -80,20 +80,27 @@ def selective_checkpointing(recipe: Recipe) -> bool:
                  or {}).get("selective"))
 
 
+# Classification heads: trained and saved with the adapter (peft adds them to modules_to_save for SEQ_CLS)
+SEQ_CLS_HEADS = ["classifier", "score"]
+
+
 def quantization_config(recipe: Recipe):
-    """A transformers BitsAndBytesConfig, or None."""
+    """A transformers BitsAndBytesConfig, or None. A classifier's head stays unquantized: it trains whole
+    (peft's copy of a 4-bit head failed a bitsandbytes assertion, of an 8-bit one its missing state)."""
     q = recipe.quantization
     if not recipe.quantized:
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": SEQ_CLS_HEADS} if recipe.task == "seq_cls" else {}
     if q.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     compute = recipe.model.dtype if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
     storage = TORCH_DTYPES.get(q.bnb_4bit_quant_storage, "uint8")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage)
+                              bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage,
+                              **skip)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load unpickles them: they can run code

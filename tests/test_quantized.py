@@ -45,6 +45,27 @@ def test_quantized_lora_trains(quantization, method, layer, tmp_path, tiny_llama
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.parametrize("quantization, method, layer", [
+    (FOUR_BIT, "qlora", "Linear4bit"),
+    ({"load_in_8bit": True}, "lora", "Linear8bitLt"),
+])
+def test_a_quantized_classifier_trains_its_head_whole(quantization, method, layer, tmp_path, tiny_bert):
+    """peft trains a copy of the head (modules_to_save): quantized, it failed bitsandbytes' checks at step 1."""
+    from lora_ns.train import run_training
+
+    recipe = quantized_recipe(tmp_path / "out", quantization, method)
+    recipe = recipe.model_copy(update={"task": "seq_cls"})
+    recipe.model = recipe.model.model_copy(update={"name_or_path": "builtin:tiny-bert", "num_labels": 2})
+    recipe.peft.options["target_modules"] = ["query", "value"]
+    recipe.dataset = recipe.dataset.model_copy(update={"path": "sample:glue_mrpc", "formatter": "glue_mrpc"})
+    recipe.training.pop("max_length")
+    trainer, summary = run_training(recipe)
+    model = trainer.model.base_model.model
+    assert layer in {type(m).__name__ for m in model.modules()}  # the encoder is quantized...
+    assert type(model.classifier.modules_to_save["default"]).__name__ == "Linear"  # ...the trained head not
+    assert summary["steps"] == STEPS
+
+
 def test_quantization_config_follows_recipe():
     import torch
 

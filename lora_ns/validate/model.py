@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lora_ns.adapters import (SEQ_CLS_HEADS, apply_peft, count_parameters, merge_blocker,
-                              prefix_generation_problem)
+from lora_ns.adapters import apply_peft, count_parameters, merge_blocker, prefix_generation_problem
 from lora_ns.builtin_models import is_builtin, resolve_model_path
 from lora_ns.checkpoints import resume_problem, resume_target
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
-from lora_ns.model import (attention_problem, auto_model_class, context_length, eos_problem, label_kwargs,
-                           load_tokenizer, model_folder_problem, packs, vocabulary_problem)
+from lora_ns.model import (SEQ_CLS_HEADS, attention_problem, auto_model_class, context_length, eos_problem,
+                           label_kwargs, load_tokenizer, model_folder_problem, packs, vocabulary_problem)
 from lora_ns.setup import library_problem, training_arguments
 
 SKIPPED = "model checks skipped"
