@@ -51,6 +51,8 @@ CASES = [
      "training.max_steps", "error"),
     (rules.data_splits, {"dataset": {"val_split": 1.5}}, "dataset.val_split", "error"),
     (rules.data_splits, {"dataset": {"revision": "v1"}}, "dataset.revision", "warning"),  # sample: local
+    (rules.seq_cls_labels, {"model": {"name_or_path": "builtin:tiny-llama", "num_labels": 3}}, "model.num_labels",
+     "warning"),  # causal_lm: ignored
     (rules.names_resolve, {"dataset": {"formatter": "gsm9k"}}, "dataset.formatter", "error"),
     (rules.names_resolve, {"task": "cpt"}, "dataset.formatter", "error"),
     (rules.names_resolve, {"model": {"name_or_path": "builtin:tiny-gpt9"}}, "model.name_or_path", "error"),

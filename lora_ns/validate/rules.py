@@ -34,6 +34,9 @@ def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
     if r.task == "seq_cls" and not (m.num_labels or m.labels):
         yield r.problem("model.num_labels", "seq_cls needs the number of classes",
                         "set model.num_labels (e.g. 2)")
+    for key in [k for k in ("num_labels", "labels") if getattr(m, k)] if r.task != "seq_cls" else []:
+        yield r.problem(f"model.{key}", f"only a classifier (task: seq_cls) has classes: ignored by {r.task}",
+                        f"remove model.{key}, or set task: seq_cls", "warning")
     if m.num_labels and m.labels and m.num_labels != len(m.labels):
         yield r.problem("model.labels", f"{len(m.labels)} names for num_labels={m.num_labels}",
                         "give one name per class")
