@@ -149,3 +149,30 @@ def test_the_prefix_generation_probe_tells_what_generate_does(tiny_llama):
         assert torch.equal(prefixed, plain) and prefixed[0, 4] != scored
     else:
         assert prefixed[0, 4] == scored
+
+
+def test_prompt_tuning_generates_what_its_forward_pass_picks(tiny_llama):
+    """peft's cached generation steps give transformers 5 positions without the virtual tokens, so later
+    tokens were scored ~0.1 logit off the forward pass training ran; lora_ns generates uncached for them."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_ns.inference import Loaded, generate, render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)).eval()
+    prompt = render_prompt(tokenizer, "What is 2+2?")
+    ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens, return_tensors="pt")["input_ids"]
+    picked = ids
+    with torch.no_grad():
+        for _ in range(12):  # greedy by whole forward passes, as training scores
+            token = model(input_ids=picked, attention_mask=torch.ones_like(picked)).logits[0, -1].argmax()
+            picked = torch.cat([picked, token.view(1, 1)], dim=1)
+            if token == tokenizer.eos_token_id:
+                break
+    expected = tokenizer.decode(picked[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    loaded = Loaded(model, tokenizer, "causal_lm", "adapter")
+    assert generate(loaded, ["What is 2+2?"], max_new_tokens=12, progress=False) == [expected]
