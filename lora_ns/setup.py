@@ -179,6 +179,8 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults["eval_strategy"] = "no"
     if recipe.task == "grpo":
         defaults["remove_unused_columns"] = False  # the reward functions read the reference column
+        if recipe.peft.method == "prompt_tuning":  # sample as training scores (see inference.generate)
+            defaults["generation_kwargs"] = {"use_cache": False}
     elif recipe.task not in PREFERENCE_TASKS and recipe.task != "seq_cls":
         defaults.update(sft_defaults(recipe))  # the loss mask the formatter's kind needs
         if packs(recipe) and "packing" not in recipe.training:

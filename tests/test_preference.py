@@ -660,3 +660,18 @@ def test_grpo_raises_the_mean_reward(tmp_path):
     # three steps. A rise of 0.25 (first three steps -> last three) is five standard errors.
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last - first > 0.25, rewards
+
+
+def test_grpo_samples_a_prompt_tuned_model_uncached(tmp_path):
+    """peft's cached generation steps misplace prompt tuning's virtual tokens (lora_ns.inference.generate):
+    GRPO would learn from samples of a slightly different model, so it samples uncached, as training scores."""
+    from lora_ns.setup import setup
+    from lora_ns.train import prepare
+
+    recipe = recipe_for("grpo", tmp_path / "out", reward_funcs=["gsm8k"], num_generations=2,
+                        per_device_train_batch_size=2, max_completion_length=8,
+                        peft={"method": "prompt_tuning", "num_virtual_tokens": 4})
+    trainer, _, _ = prepare(recipe, setup(recipe, dry_run=True).args)
+    assert trainer.generation_config.use_cache is False
+    lora = recipe_for("grpo", tmp_path / "out2", reward_funcs=["gsm8k"])
+    assert setup(lora, dry_run=True).args.generation_kwargs is None  # others keep the cache (faster)
