@@ -193,11 +193,27 @@ def _line_rows(f: IO[bytes], file: str, fmt: str) -> Iterator[tuple[int | None, 
                 fix = "fix or remove that line (one JSON object per line)"
                 if number == 1 and not text.lstrip().startswith(("{", "[")):
                     fix = "if the file is CSV/TSV/text, set dataset.data_format to csv, tsv or text"
+                if number == 1 and (why := _one_object(file)):  # a JSON document, not JSON lines
+                    raise fail(file, "", why, "write the rows as a JSON list of objects, or as JSON lines")
                 raise fail(file, "", f"not valid JSON: {err.msg} (column {err.colno})", fix, number)
             if not isinstance(row, dict):
                 raise fail(file, "", f"expected a JSON object, got {type(row).__name__}",
                            "write one {\"column\": value, ...} object per line", number)
             yield number, row
+
+
+def _one_object(file: str) -> str | None:
+    """What a file that fails as JSON lines holds when it is one JSON object spread over lines (a JSON
+    document, perhaps with its rows under a key, as SQuAD's 'data'), or None."""
+    try:
+        with _open(file) as f:
+            data = json.loads(f.read().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    key = next((k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
+    return "holds one JSON object, not rows" + (f" (they seem to sit under '{key}')" if key else "")
 
 
 def _json_rows(f: IO[bytes], file: str) -> Iterator[tuple[int | None, dict[str, Any]]]:
