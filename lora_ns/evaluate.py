@@ -116,6 +116,7 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
     """TRL's eval loss on the examples rendered as in training (completion tokens only, as trained)."""
     import datasets
     import torch
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = loaded.tokenizer
@@ -129,6 +130,7 @@ def mean_eval_loss(loaded, recipe, examples, batch_size: int, progress: bool = T
         # SFTTrainer insists on a train set; one row keeps its tokenizing cheap (it is never trained on).
         trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=rendered.select([0]),
                              eval_dataset=rendered, processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # its dict of eval logs on stdout, beside evaluate's report
         return float(trainer.evaluate()["eval_loss"])
 
 

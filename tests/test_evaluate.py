@@ -80,12 +80,15 @@ def test_a_perfect_math_prediction_set_scores_one():
     assert math_metrics(rows)["exact_match"] == pytest.approx(2 / 3)
 
 
-def test_generation_metrics_and_perplexity(gsm_adapter, tmp_path):
+def test_generation_metrics_and_perplexity(gsm_adapter, tmp_path, capsys):
     out = tmp_path / "zh"
     argv = [str(gsm_adapter / "recipe.yaml"), "--adapter", str(gsm_adapter), "--limit", "3", "--max-new-tokens",
             "8", "--output-dir", str(out), "--no-progress", "dataset.path=sample:alpaca_zh",
             "dataset.formatter=alpaca_zh"]
+    capsys.readouterr()
     assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()  # the report alone: no Trainer log dict beside it
+    assert len(printed) == 2 and printed[0].startswith("generation on 3 examples"), printed
     metrics, rows = read_results(out)
 
     assert metrics["kind"] == "generation" and len(rows) == 3
