@@ -36,6 +36,8 @@ def test_continued_adapter_starts_from_the_old_weights(tiny_llama, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("peft.init_from=/nonexistent/adapter", "not found"),
     ("peft.method=adalora", "holds a LORA adapter"),
+    # peft had answered with a page of target modules missing from the classifier
+    ("task=seq_cls", "holds a CAUSAL_LM adapter, this seq_cls recipe trains a SEQ_CLS one"),
 ])
 def test_validate_checks_the_adapter_folder(tiny_llama, tmp_path, override, message):
     from lora_ns.setup import setup

@@ -106,6 +106,10 @@ def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
         yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
                         f"{method}",
                         f"set peft.method to the adapter's method, or start a fresh {method} adapter")
+    wanted = "SEQ_CLS" if r.task == "seq_cls" else "CAUSAL_LM"  # what peft_config builds for the task
+    if (task_type := saved.get("task_type")) and task_type != wanted:  # a classifier's head, or none
+        yield r.problem("peft.init_from", f"{path} holds a {task_type} adapter, this {r.task} recipe trains "
+                        f"a {wanted} one", "start from an adapter of the same task, or remove peft.init_from")
     if r.peft.options:
         yield r.problem("peft.init_from", "the adapter's own config is used; ignoring "
                         f"{', '.join(sorted(r.peft.options))}", "remove those keys", "warning")
