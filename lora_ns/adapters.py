@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_ns.builtin_models import resolve_model_path
 from lora_ns.config import Recipe
-from lora_ns.hf_fields import peft_config_class
+from lora_ns.hf_fields import peft_config_class, peft_task_type
 
 
 def peft_options(recipe: Recipe) -> dict[str, Any]:
@@ -58,8 +58,8 @@ def peft_config(recipe: Recipe):
         config = PeftConfig.from_pretrained(recipe.peft.init_from)
         config.inference_mode = False
         return config
-    task_type = "SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM"
-    return peft_config_class(recipe.peft.method)(task_type=task_type, **peft_options(recipe))
+    config_class = peft_config_class(recipe.peft.method)
+    return config_class(task_type=peft_task_type(recipe.task), **peft_options(recipe))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -22,6 +22,12 @@ from lora_ns.fileio import write_text_atomic
 PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
               "prefix_tuning": "PREFIX_TUNING", "prompt_tuning": "PROMPT_TUNING"}
 
+
+def peft_task_type(task: str) -> str:
+    """The peft task type a recipe's task trains: a classifier's adapter carries its head, the others none."""
+    return "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM"
+
+
 # training keys of older tutorials that transformers 5 / TRL 1 dropped, and what to write instead
 # (renames difflib finds, such as evaluation_strategy or max_seq_length, need no entry)
 DROPPED_TRAINING_KEYS = {

@@ -10,7 +10,7 @@ from typing import Iterator
 from lora_ns.builtin_models import PREFIX
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
-from lora_ns.hf_fields import PEFT_TYPES
+from lora_ns.hf_fields import PEFT_TYPES, peft_task_type
 from lora_ns.model import gradient_checkpointing
 
 DATA_DRIVEN_INITS = ("eva", "corda", "lora_ga")
@@ -106,8 +106,7 @@ def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
         yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
                         f"{method}",
                         f"set peft.method to the adapter's method, or start a fresh {method} adapter")
-    wanted = "SEQ_CLS" if r.task == "seq_cls" else "CAUSAL_LM"  # what peft_config builds for the task
-    if (task_type := saved.get("task_type")) and task_type != wanted:  # a classifier's head, or none
+    if (task_type := saved.get("task_type")) and task_type != (wanted := peft_task_type(r.task)):
         yield r.problem("peft.init_from", f"{path} holds a {task_type} adapter, this {r.task} recipe trains "
                         f"a {wanted} one", "start from an adapter of the same task, or remove peft.init_from")
     if r.peft.options:
