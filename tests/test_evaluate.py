@@ -127,12 +127,17 @@ def test_the_recipe_defaults_to_the_one_training_saved(classifier, tmp_path, cap
     assert code == 2 and "--model: no recipe.yaml there" in err[-1] and not (out / "x").exists()
 
 
-def test_base_model_on_a_data_file(in_tmp, tiny_llama):
-    data = in_tmp / "questions.jsonl"
+def one_question_on_the_base(folder: Path, recipe: Path) -> tuple[dict, list[dict]]:
+    """evaluate `recipe` with builtin:tiny-llama on a file of one GSM8K question (in `folder`, the cwd)."""
+    data = folder / "questions.jsonl"
     data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "5 + 6 = 11\n#### 11"}) + "\n")
-    assert main([str(QUICKSTART), "--model", "builtin:tiny-llama", "--data-file", str(data),
+    assert main([str(recipe), "--model", "builtin:tiny-llama", "--data-file", str(data),
                  "--max-new-tokens", "4", "--no-progress"]) == 0
-    metrics, rows = read_results(in_tmp / "outputs" / "eval" / "builtin_tiny-llama")
+    return read_results(folder / "outputs" / "eval" / "builtin_tiny-llama")
+
+
+def test_base_model_on_a_data_file(in_tmp, tiny_llama):
+    metrics, rows = one_question_on_the_base(in_tmp, QUICKSTART)
     assert metrics["model_kind"] == "base" and [r["reference_answer"] for r in rows] == ["11"]
 
 
@@ -231,9 +236,5 @@ def test_a_grpo_run_is_scored_on_the_answers_its_rewards_compare_with(in_tmp, ti
     recipe.write_text("task: grpo\nmodel: {name_or_path: 'builtin:tiny-llama'}\n"
                       "dataset: {path: 'sample:gsm8k', formatter: gsm8k_prompt}\n"
                       "training: {reward_funcs: [gsm8k]}\n", encoding="utf-8")
-    data = in_tmp / "questions.jsonl"
-    data.write_text(json.dumps({"question": "What is 5 + 6?", "answer": "5 + 6 = 11\n#### 11"}) + "\n")
-    assert main([str(recipe), "--model", "builtin:tiny-llama", "--data-file", str(data),
-                 "--max-new-tokens", "4", "--no-progress"]) == 0
-    metrics, rows = read_results(in_tmp / "outputs" / "eval" / "builtin_tiny-llama")
+    metrics, rows = one_question_on_the_base(in_tmp, recipe)
     assert metrics["kind"] == "math" and [r["reference_answer"] for r in rows] == ["11"]

@@ -33,6 +33,16 @@ def recipe_for(task: str, out: Path | str = "out", data: str | None = None, form
                      "seed": 0, **training}})
 
 
+def the_setup_error(recipe) -> object:
+    """The one problem train's set-up (validate's too) refuses `recipe` with."""
+    from lora_ns.setup import setup
+
+    with pytest.raises(UserError) as err:
+        setup(recipe, dry_run=True)
+    (problem,) = err.value.problems
+    return problem
+
+
 # --- formatters -------------------------------------------------------------------------------------
 
 def test_layouts_share_one_canonical_pair():
@@ -297,41 +307,29 @@ def test_validate_builds_a_preference_config_with_sft_only_keys_absent(tmp_path)
 def test_best_model_metric_must_be_one_the_task_reports(tmp_path):
     """'accuracy' is a classification metric: DPO reports rewards/accuracies, and the Trainer would stop at
     the first evaluation after the weights load."""
-    from lora_ns.setup import setup
-
     recipe = recipe_for("dpo", tmp_path / "out", eval_strategy="steps", eval_steps=1, max_steps=1,
                         metric_for_best_model="accuracy")
     recipe.dataset.val_split = 0.25
-    with pytest.raises(UserError) as err:
-        setup(recipe, dry_run=True)
-    (problem,) = err.value.problems
+    problem = the_setup_error(recipe)
     assert problem.field == "training.metric_for_best_model" and "rewards/accuracies" in problem.fix
 
 
 def test_grpo_eval_batches_name_the_eval_batch_size(tmp_path):
     """GRPOConfig's "global eval batch size ... must be divisible by the number of generations" named no key:
     the line said "training: ... fix training"."""
-    from lora_ns.setup import setup
-
     recipe = recipe_for("grpo", tmp_path / "out", reward_funcs=["gsm8k"], num_generations=2, eval_strategy="steps",
                         eval_steps=1, per_device_eval_batch_size=3)
     recipe.dataset.val_split = 0.25
-    with pytest.raises(UserError) as err:
-        setup(recipe, dry_run=True)
-    (problem,) = err.value.problems
+    problem = the_setup_error(recipe)
     assert problem.field == "training.per_device_eval_batch_size" and "multiple of num_generations" in problem.fix
 
 
 def test_grpo_cache_implementation_is_one_transformers_knows(tmp_path):
     """GenerationConfig refuses an unknown one as GRPOTrainer starts, after the weights load. Checked with the
     built arguments (transformers is imported there anyway), not among the recipe rules."""
-    from lora_ns.setup import setup
-
     recipe = recipe_for("grpo", tmp_path / "out", reward_funcs=["gsm8k"], num_generations=2, max_steps=1,
                         cache_implementation="statik")
-    with pytest.raises(UserError) as err:
-        setup(recipe, dry_run=True)
-    (problem,) = err.value.problems
+    problem = the_setup_error(recipe)
     assert problem.field == "training.cache_implementation" and problem.fix == "did you mean 'static'?"
 
 
