@@ -200,9 +200,8 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 RULES: list[Rule] = [
     quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values, seq_cls_labels,
-    data_splits,
-    values_in_range, names_resolve, local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists,
-    output_dir_usable, checkpoints_are_saved, init_adapter_fits,
+    data_splits, values_in_range, names_resolve, local_model_paths_exist, no_secrets_in_recipe,
+    resume_checkpoint_exists, output_dir_usable, checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
 ]
 
