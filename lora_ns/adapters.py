@@ -48,6 +48,11 @@ def peft_options(recipe: Recipe) -> dict[str, Any]:
     return options
 
 
+# peft saves a projected prefix as the prefix it made: the projection (what trains) is not in the file
+PROJECTION_NOT_SAVED = ("prefix tuning with prefix_projection saves the prefix its projection made, not the "
+                        "projection that trains, so it cannot be trained further")
+
+
 def peft_config(recipe: Recipe):
     """A peft config object, or None for full fine-tuning; with ``peft.init_from``, that adapter's own."""
     if recipe.peft.method == "full":
@@ -75,12 +80,18 @@ def apply_peft(model, recipe: Recipe):
     config = peft_config(recipe)
     if config is None:
         return model
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 
     on_meta = next(model.parameters()).is_meta  # validate's weightless model: the shapes are enough
-    if recipe.peft.init_from and not on_meta:  # train on from an earlier adapter's weights
+    if not recipe.peft.init_from or on_meta:
+        return get_peft_model(model, config)
+    if not config.is_prompt_learning:  # train on from an earlier adapter's weights
         return PeftModel.from_pretrained(model, recipe.peft.init_from, is_trainable=True)
-    return get_peft_model(model, config)
+    # peft loads prompt-learning adapters for inference only; what they save (without prefix_projection,
+    # refused by validate) is the very embedding a new adapter trains, so load it into one
+    wrapped = get_peft_model(model, config)
+    set_peft_model_state_dict(wrapped, load_peft_weights(recipe.peft.init_from))
+    return wrapped
 
 
 def training_callbacks(recipe: Recipe) -> list:

@@ -11,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from lora_ns.adapters import PROJECTION_NOT_SAVED
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.fileio import unwritable
@@ -176,9 +177,13 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
 
         config = folder / "adapter_config.json"
         saved_config = json.loads(config.read_text()) if config.is_file() else {}
-        if saved_config.get("rank_pattern"):
-            return None  # AdaLoRA after rank allocation saves pruned shapes; peft resizes ours to them
-        ours, files = get_peft_model_state_dict(model), [folder / "adapter_model.safetensors"]
+        if problem := unloadable(recipe, checkpoint, saved_config):
+            return problem
+        files, active = [folder / "adapter_model.safetensors"], model.active_adapter
+        # a prompt-learning checkpoint is loaded into the prompt encoder's embedding (peft reads that much
+        # of a meta-device model; its state dict would run the encoder and copy the result off the device)
+        ours = {"prompt_embeddings": model.prompt_encoder[active].embedding.weight} if \
+            model.peft_config[active].is_prompt_learning else get_peft_model_state_dict(model)
     else:
         ours, files = model.state_dict(), sorted(folder.glob("model*.safetensors"))
     saved: dict[str, list[int]] = {}
@@ -196,6 +201,21 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
     return recipe.problem("peft" if adapter else "model.name_or_path", f"cannot resume from {checkpoint}: "
                           f"it was saved with {why}", "set the recipe back as that run had it, or train "
                           "afresh in another training.output_dir")
+
+
+def unloadable(recipe: Recipe, checkpoint: str, saved_config: dict) -> Problem | None:
+    """An adapter checkpoint the Trainer cannot load back into the adapter it trains, whatever the recipe."""
+    if saved_config.get("rank_pattern"):
+        why = ("peft saves AdaLoRA checkpoints pruned to the ranks it allocated, which the Trainer cannot "
+               "load back into the full-rank adapter it trains")
+        fix = f"go on from its weights in a new output_dir with peft.init_from: {checkpoint} (steps and " \
+              "optimizer start afresh)"
+    elif saved_config.get("prefix_projection"):
+        why, fix = PROJECTION_NOT_SAVED, "train afresh in another output_dir"
+    else:
+        return None
+    return recipe.problem("peft.method", f"cannot resume from {checkpoint}: {why}",
+                          f"{fix}, or set training.resume_from_checkpoint: none")
 
 
 def base_model_problem(recipe: Recipe, checkpoint: str, saved_config: dict, model) -> Problem | None:

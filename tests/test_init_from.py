@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -13,24 +16,34 @@ QUICK = ["training.max_steps=3", "training.logging_steps=1", "training.save_stra
          "training.eval_strategy=no", "training.eval_on_start=false", "dataset.val_split=null"]
 
 
-def run(tmp_path, name: str, *overrides: str):
+def run(tmp_path, name: str, *overrides: str, peft: dict | None = None):
+    """Train the quickstart recipe 3 steps (with another peft section, if given); its saved adapter."""
     from lora_ns.train import train
 
-    out = tmp_path / name
-    train(load_recipe(REPO / "recipes" / "quickstart.yaml", [f"training.output_dir={out}", *QUICK, *overrides]))
+    out, recipe = tmp_path / name, REPO / "recipes" / "quickstart.yaml"
+    if peft:
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text()),
+                                          "peft": peft}))
+    train(load_recipe(recipe, [f"training.output_dir={out}", *QUICK, *overrides]))
     return load_file(str(out / "adapter_model.safetensors"))
 
 
-def test_continued_adapter_starts_from_the_old_weights(tiny_llama, tmp_path):
-    first = run(tmp_path, "first")
+@pytest.mark.parametrize("peft", [
+    None,  # the quickstart's LoRA
+    # peft loads prompt-learning adapters for inference only: ValueError after the weights had loaded
+    {"method": "prompt_tuning", "num_virtual_tokens": 4},
+])
+def test_continued_adapter_starts_from_the_old_weights(tiny_llama, tmp_path, peft):
+    first = run(tmp_path, "first", peft=peft)
     # lr 0: the continued run cannot move, so its saved adapter is exactly where it started
-    again = run(tmp_path, "again", f"peft.init_from={tmp_path / 'first'}", "training.learning_rate=0")
-    fresh = run(tmp_path, "fresh", "training.learning_rate=0")
+    again = run(tmp_path, "again", f"peft.init_from={tmp_path / 'first'}", "training.learning_rate=0", peft=peft)
+    fresh = run(tmp_path, "fresh", "training.learning_rate=0", peft=peft)
     assert first.keys() == again.keys()
     assert all(bool((first[k] == again[k]).all()) for k in first)
+    assert any(bool((first[k] != fresh[k]).any()) for k in first)  # so equality above means something
     b_keys = [k for k in first if "lora_B" in k]
-    assert b_keys and all(float(fresh[k].abs().max()) == 0.0 for k in b_keys)  # fresh LoRA B starts at zero
-    assert any(float(first[k].abs().max()) > 0.0 for k in b_keys)  # so equality above means something
+    assert all(float(fresh[k].abs().max()) == 0.0 for k in b_keys)  # fresh LoRA B starts at zero
 
 
 @pytest.mark.parametrize("override, message", [
@@ -46,5 +59,21 @@ def test_validate_checks_the_adapter_folder(tiny_llama, tmp_path, override, mess
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
         f"training.output_dir={tmp_path / 'next'}", f"peft.init_from={tmp_path / 'first'}", override])
     with pytest.raises(UserError, match=message) as err:
+        setup(recipe, dry_run=True)
+    assert "peft.init_from" in str(err.value)
+
+
+def test_a_projected_prefix_cannot_be_continued(tmp_path):
+    """peft saves a prefix_projection adapter's projected prefix, not the projection: nothing to train on."""
+    from lora_ns.setup import setup
+
+    adapter = tmp_path / "projected"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "prefix_projection": True}))
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        f"training.output_dir={tmp_path / 'next'}", f"peft.init_from={adapter}"])
+    recipe.peft.method = "prefix_tuning"
+    with pytest.raises(UserError, match="not the projection that trains") as err:
         setup(recipe, dry_run=True)
     assert "peft.init_from" in str(err.value)

@@ -294,3 +294,40 @@ def test_a_changed_adapter_or_optimizer_is_refused_before_resuming(tmp_path, tin
             (problem,) = err.value.problems
             assert problem.field == field and "cannot resume from" in problem.message, problem
             assert words in problem.message and "checkpoint-2" in problem.message
+
+
+@pytest.mark.parametrize("peft, changed, words", [
+    # these crashed as the set-up read a meta-device prompt encoder, so they never resumed
+    ({"method": "prompt_tuning", "num_virtual_tokens": 4}, None, None),
+    ({"method": "prompt_tuning", "num_virtual_tokens": 4}, {"num_virtual_tokens": 6},
+     "prompt_embeddings of shape [4, 64], this recipe builds [6, 64]"),
+    # these loaded the weights, then stopped on a size mismatch: the checkpoint cannot be resumed at all
+    ({"method": "adalora", "total_step": 2}, None, "pruned to the ranks it allocated"),
+    ({"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 8},
+     None, "not the projection that trains"),
+])
+def test_resuming_an_adapter_of_each_kind(tmp_path, capsys, tiny_llama, peft, changed, words):
+    """An interrupted prompt-tuning run resumes to the step it was asked for; a checkpoint the Trainer
+    cannot load back is refused by the set-up, validate and train alike, before any weights load."""
+    from lora_ns.train import train
+
+    def peft_recipe(peft: dict, max_steps: int):
+        run = recipe(tmp_path / "run", max_steps=max_steps, save_steps=1, report_to="none", max_length=64,
+                     per_device_train_batch_size=2)
+        return parse_recipe({**run.model_dump(exclude_unset=True), "peft": peft}, "r.yaml")
+
+    train(peft_recipe(peft, 2))
+    (tmp_path / "run" / FINISHED_MARKER).unlink()  # as if killed before the end
+    again = peft_recipe({**peft, **(changed or {})}, 3)
+    if words is None:
+        capsys.readouterr()
+        train(again)
+        assert f"resuming from {tmp_path / 'run' / 'checkpoint-2'}" in capsys.readouterr().err
+        state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
+        assert state["global_step"] == 3
+        return
+    for dry_run in (True, False):
+        with pytest.raises(UserError) as err:
+            setup(again, dry_run=dry_run)
+        (problem,) = err.value.problems
+        assert "cannot resume from" in problem.message and words in problem.message, problem

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from lora_ns.adapters import PROJECTION_NOT_SAVED
 from lora_ns.builtin_models import PREFIX
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
@@ -106,6 +107,9 @@ def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
         yield r.problem("peft.init_from", f"{path} holds a {kind or 'unknown'} adapter, peft.method is "
                         f"{method}",
                         f"set peft.method to the adapter's method, or start a fresh {method} adapter")
+    if saved.get("prefix_projection"):
+        yield r.problem("peft.init_from", f"{path}: {PROJECTION_NOT_SAVED}",
+                        "start a fresh adapter (prefix tuning without prefix_projection can be continued)")
     if (task_type := saved.get("task_type")) and task_type != (wanted := peft_task_type(r.task)):
         yield r.problem("peft.init_from", f"{path} holds a {task_type} adapter, this {r.task} recipe trains "
                         f"a {wanted} one", "start from an adapter of the same task, or remove peft.init_from")

@@ -1,0 +1,95 @@
+"""What fails after training: every peft method with every task is trained two steps (saving a checkpoint
+each step), then taken through the commands users run next: evaluate, infer, merge, infer on the merged
+model, and a second train run (in a new
+output_dir) that resumes the first's last checkpoint to a third step.
+
+    python bench/sweep_after.py              # every case (~15 minutes on 2 CPU cores)
+    python bench/sweep_after.py dpo:lora     # some of them, by task:method
+
+Each step is `ok`, `refused` (a one-line error, exit 2: fine when it says why, e.g. merging prompt tuning)
+or `crashed` (a traceback: a check to add, or a bug). Steps after a failed train are skipped.
+`bench/sweep_combos.py` sweeps what passes validate and fails in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import yaml  # noqa: E402
+
+from lora_ns import evaluate, infer, merge, train  # noqa: E402
+from lora_ns.errors import run_cli  # noqa: E402
+from sweep_combos import DATA, PEFT, base  # noqa: E402  (bench/ is the script's folder)
+
+PROMPT = {"seq_cls": ["--prompt", "The cat sat.", "--pair", "A cat was sitting."]}
+
+
+def step(module, argv: list[str]) -> tuple[str, str]:
+    """(kind, why) of one command run in this process, its output kept out of the report."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_cli(module.PROG, lambda: module.main(argv))
+    except Exception as exc:  # noqa: BLE001 - the point is to see them
+        return "crashed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    lines = [line for line in err.getvalue().splitlines() if "error:" in line]
+    return ("ok", "") if code == 0 else ("refused", lines[-1] if lines else f"exit {code}")
+
+
+def flows(task: str, method: str, work: Path) -> list[tuple[str, str, str]]:
+    """Train, then each command after it, as (step, kind, why)."""
+    recipe = base(task, method, str(work / "run"))
+    recipe["training"].update(save_strategy="steps", save_steps=1)
+    recipe["dataset"]["val_split"] = 0.25
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = str(work / "run")
+    ask = PROMPT.get(recipe["task"], ["--prompt", "What is 2 + 3?", "--max-new-tokens", "4", "--greedy"])
+    steps = [("train", train, [str(work / "recipe.yaml")])]
+    adapter_or_model = ["--model", run] if method == "full" else ["--adapter", run]
+    steps += [("evaluate", evaluate, [*adapter_or_model, "--limit", "4", "--max-new-tokens", "4", "--no-progress"]),
+              ("infer", infer, ["--model", run, *ask, "--no-progress"])]
+    if method != "full":
+        steps += [("merge", merge, ["--adapter", run, "--output", str(work / "merged")]),
+                  ("infer merged", infer, ["--model", str(work / "merged"), *ask, "--no-progress"])]
+    steps.append(("resume", train, [str(work / "recipe.yaml"), "training.max_steps=3", f"training.output_dir={work}/run2",
+                                   f"training.resume_from_checkpoint={run}/checkpoint-2"]))
+    results = []
+    for name, module, argv in steps:
+        if name == "infer merged" and results[-1][1] != "ok":
+            continue
+        results.append((name, *step(module, argv)))
+        if name == "train" and results[-1][1] != "ok":
+            break
+    if results[-1][0] == "resume" and results[-1][1] == "ok":
+        state = json.loads((work / "run2" / "checkpoint-3" / "trainer_state.json").read_text())
+        if state["global_step"] != 3:
+            results[-1] = ("resume", "crashed", f"resumed to step {state['global_step']}, not 3")
+    return results
+
+
+def main(chosen: list[str]) -> None:
+    counts: Counter = Counter()
+    for task in DATA:
+        for method in PEFT:
+            if chosen and f"{task}:{method}" not in chosen:
+                continue
+            with tempfile.TemporaryDirectory() as work:
+                for name, kind, why in flows(task, method, Path(work)):
+                    counts[kind] += 1
+                    if kind != "ok":
+                        print(f"{task:9} {method:13} {name:12} {kind:8} {why[:150]}", flush=True)
+            print(f"{task:9} {method:13} done", flush=True)
+    print(json.dumps({"bench": "sweep_after", **counts}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
