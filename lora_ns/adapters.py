@@ -108,12 +108,16 @@ def training_callbacks(recipe: Recipe) -> list:
     set_total_step = not recipe.peft.options.get("total_step")
 
     class AdaLoraCallback(TrainerCallback):
+        allocate = True
+
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if set_total_step and model is not None:
+            # an adapter continued with peft.init_from comes cut to the ranks it was allocated: train those
+            self.allocate = model is not None and not model.peft_config[model.active_adapter].rank_pattern
+            if self.allocate and set_total_step:
                 model.base_model.rankallocator.set_total_step(state.max_steps)
 
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if model is not None:
+            if self.allocate and model is not None:
                 model.base_model.update_and_allocate(state.global_step)
 
     return [AdaLoraCallback()]

@@ -46,6 +46,18 @@ def test_continued_adapter_starts_from_the_old_weights(tiny_llama, tmp_path, pef
     assert all(float(fresh[k].abs().max()) == 0.0 for k in b_keys)  # fresh LoRA B starts at zero
 
 
+def test_a_continued_adalora_adapter_trains_the_ranks_it_was_allocated(tiny_llama, tmp_path):
+    """An AdaLoRA adapter comes back cut to its allocated ranks; allocating them again (a budget meant for the
+    full adapter) crashed in peft where a layer had kept none, as here (lr 0: every importance score ties)."""
+    adalora = {"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 3}
+    first = run(tmp_path, "first", "training.learning_rate=0", peft=adalora)
+    assert any(0 in tensor.shape for tensor in first.values())  # the case that crashed
+    again = run(tmp_path, "again", f"peft.init_from={tmp_path / 'first'}", "training.learning_rate=0",
+                peft=adalora)
+    assert first.keys() == again.keys()
+    assert all(bool((first[k] == again[k]).all()) for k in first)
+
+
 @pytest.mark.parametrize("override, message", [
     ("peft.init_from=/nonexistent/adapter", "not found"),
     ("peft.method=adalora", "holds a LORA adapter"),
