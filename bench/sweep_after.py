@@ -1,7 +1,8 @@
 """What fails after training: every peft method with every task is trained two steps (saving a checkpoint
 each step), then taken through the commands users run next: evaluate, infer, merge, infer on the merged
-model, and a second train run (in a new
-output_dir) that resumes the first's last checkpoint to a third step.
+model, a second train run (in a new output_dir) that
+resumes the first's last checkpoint to a third step, and a third that starts a new adapter from the first's
+(peft.init_from).
 
     python bench/sweep_after.py              # every case (~15 minutes on 2 CPU cores)
     python bench/sweep_after.py dpo:lora     # some of them, by task:method
@@ -60,8 +61,11 @@ def flows(task: str, method: str, work: Path) -> list[tuple[str, str, str]]:
     if method != "full":
         steps += [("merge", merge, ["--adapter", run, "--output", str(work / "merged")]),
                   ("infer merged", infer, ["--model", str(work / "merged"), *ask, "--no-progress"])]
-    steps.append(("resume", train, [str(work / "recipe.yaml"), "training.max_steps=3", f"training.output_dir={work}/run2",
-                                   f"training.resume_from_checkpoint={run}/checkpoint-2"]))
+    again = [str(work / "recipe.yaml"), "training.max_steps=3"]
+    steps.append(("resume", train, [*again, f"training.output_dir={work}/run2",
+                                    f"training.resume_from_checkpoint={run}/checkpoint-2"]))
+    if method != "full":
+        steps.append(("init_from", train, [*again, f"training.output_dir={work}/run3", f"peft.init_from={run}"]))
     results = []
     for name, module, argv in steps:
         if name == "infer merged" and results[-1][1] != "ok":
@@ -69,10 +73,10 @@ def flows(task: str, method: str, work: Path) -> list[tuple[str, str, str]]:
         results.append((name, *step(module, argv)))
         if name == "train" and results[-1][1] != "ok":
             break
-    if results[-1][0] == "resume" and results[-1][1] == "ok":
-        state = json.loads((work / "run2" / "checkpoint-3" / "trainer_state.json").read_text())
-        if state["global_step"] != 3:
-            results[-1] = ("resume", "crashed", f"resumed to step {state['global_step']}, not 3")
+    for i, (name, kind, _) in enumerate(results):
+        state = work / "run2" / "checkpoint-3" / "trainer_state.json"
+        if name == "resume" and kind == "ok" and (reached := json.loads(state.read_text())["global_step"]) != 3:
+            results[i] = ("resume", "crashed", f"resumed to step {reached}, not 3")
     return results
 
 

@@ -179,11 +179,14 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
         saved_config = json.loads(config.read_text()) if config.is_file() else {}
         if problem := unloadable(recipe, checkpoint, saved_config):
             return problem
-        files, active = [folder / "adapter_model.safetensors"], model.active_adapter
-        # a prompt-learning checkpoint is loaded into the prompt encoder's embedding (peft reads that much
-        # of a meta-device model; its state dict would run the encoder and copy the result off the device)
-        ours = {"prompt_embeddings": model.prompt_encoder[active].embedding.weight} if \
-            model.peft_config[active].is_prompt_learning else get_peft_model_state_dict(model)
+        files, config = [folder / "adapter_model.safetensors"], model.peft_config[model.active_adapter]
+        # in inference mode peft takes a prompt encoder's embedding as it is (what a checkpoint loads into)
+        # instead of running the encoder and copying its output off the device, which a meta model cannot
+        training, config.inference_mode = config.inference_mode, True
+        try:
+            ours = get_peft_model_state_dict(model)
+        finally:
+            config.inference_mode = training
     else:
         ours, files = model.state_dict(), sorted(folder.glob("model*.safetensors"))
     saved: dict[str, list[int]] = {}

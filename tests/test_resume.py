@@ -296,29 +296,36 @@ def test_a_changed_adapter_or_optimizer_is_refused_before_resuming(tmp_path, tin
             assert words in problem.message and "checkpoint-2" in problem.message
 
 
-@pytest.mark.parametrize("peft, changed, words", [
+PROMPT_TUNING = {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4}}
+CLASSIFIER = {"task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "num_labels": 2},
+              "dataset": {"path": "sample:glue_mrpc", "formatter": "glue_mrpc"}, "training": {"max_length": None}}
+
+
+@pytest.mark.parametrize("sections, changed, words", [
     # these crashed as the set-up read a meta-device prompt encoder, so they never resumed
-    ({"method": "prompt_tuning", "num_virtual_tokens": 4}, None, None),
-    ({"method": "prompt_tuning", "num_virtual_tokens": 4}, {"num_virtual_tokens": 6},
-     "prompt_embeddings of shape [4, 64], this recipe builds [6, 64]"),
+    (PROMPT_TUNING, {}, None),
+    ({**CLASSIFIER, **PROMPT_TUNING}, {}, None),  # its head was then "other target modules"
+    (PROMPT_TUNING, {"num_virtual_tokens": 6}, "prompt_embeddings of shape [4, 64], this recipe builds [6, 64]"),
     # these loaded the weights, then stopped on a size mismatch: the checkpoint cannot be resumed at all
-    ({"method": "adalora", "total_step": 2}, None, "pruned to the ranks it allocated"),
-    ({"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 8},
-     None, "not the projection that trains"),
+    ({"peft": {"method": "adalora", "total_step": 2}}, {}, "pruned to the ranks it allocated"),
+    ({"peft": {"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True,
+               "encoder_hidden_size": 8}}, {}, "not the projection that trains"),
 ])
-def test_resuming_an_adapter_of_each_kind(tmp_path, capsys, tiny_llama, peft, changed, words):
+def test_resuming_an_adapter_of_each_kind(tmp_path, capsys, tiny_llama, sections, changed, words):
     """An interrupted prompt-tuning run resumes to the step it was asked for; a checkpoint the Trainer
     cannot load back is refused by the set-up, validate and train alike, before any weights load."""
     from lora_ns.train import train
 
-    def peft_recipe(peft: dict, max_steps: int):
+    def peft_recipe(peft_changes: dict, max_steps: int):
         run = recipe(tmp_path / "run", max_steps=max_steps, save_steps=1, report_to="none", max_length=64,
-                     per_device_train_batch_size=2)
-        return parse_recipe({**run.model_dump(exclude_unset=True), "peft": peft}, "r.yaml")
+                     per_device_train_batch_size=2).model_dump(exclude_unset=True)
+        for name, section in sections.items():
+            run[name] = {**run[name], **section} if isinstance(section, dict) and name != "peft" else section
+        return parse_recipe({**run, "peft": {**sections["peft"], **peft_changes}}, "r.yaml")
 
-    train(peft_recipe(peft, 2))
+    train(peft_recipe({}, 2))
     (tmp_path / "run" / FINISHED_MARKER).unlink()  # as if killed before the end
-    again = peft_recipe({**peft, **(changed or {})}, 3)
+    again = peft_recipe(changed, 3)
     if words is None:
         capsys.readouterr()
         train(again)
