@@ -5,7 +5,7 @@ resumes the first's last checkpoint to a third step, and a third that starts a n
 (peft.init_from).
 
     python bench/sweep_after.py              # every case (~15 minutes on 2 CPU cores)
-    python bench/sweep_after.py dpo:lora     # some of them, by task:method
+    python bench/sweep_after.py dpo:lora     # some of them, by task:method (quantized: task:4bit-lora)
 
 Each step is `ok`, `refused` (a one-line error, exit 2: fine when it says why, e.g. merging prompt tuning)
 or `crashed` (a traceback: a check to add, or a bug). Steps after a failed train are skipped.
@@ -29,9 +29,13 @@ import yaml  # noqa: E402
 
 from lora_ns import evaluate, infer, merge, train  # noqa: E402
 from lora_ns.errors import run_cli  # noqa: E402
-from sweep_combos import DATA, PEFT, base  # noqa: E402  (bench/ is the script's folder)
+from sweep_combos import DATA, PEFT, base, merged  # noqa: E402  (bench/ is the script's folder)
 
 PROMPT = {"seq_cls": ["--prompt", "The cat sat.", "--pair", "A cat was sitting."]}
+# (name, task, method, recipe change): every method x task, then quantized bases (bitsandbytes runs on CPU)
+CASES = [(method, task, method, {}) for task in DATA for method in PEFT] + [
+    (f"{bits}bit-{method}", task, method, {"quantization": {f"load_in_{bits}bit": True}})
+    for bits in (4, 8) for task in ("causal_lm", "seq_cls", "dpo", "grpo") for method in ("lora", "ia3")]
 
 
 def step(module, argv: list[str]) -> tuple[str, str]:
@@ -46,9 +50,9 @@ def step(module, argv: list[str]) -> tuple[str, str]:
     return ("ok", "") if code == 0 else ("refused", lines[-1] if lines else f"exit {code}")
 
 
-def flows(task: str, method: str, work: Path) -> list[tuple[str, str, str]]:
+def flows(task: str, method: str, change: dict, work: Path) -> list[tuple[str, str, str]]:
     """Train, then each command after it, as (step, kind, why)."""
-    recipe = base(task, method, str(work / "run"))
+    recipe = merged(base(task, method, str(work / "run")), change)
     recipe["training"].update(save_strategy="steps", save_steps=1)
     recipe["dataset"]["val_split"] = 0.25
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -82,16 +86,15 @@ def flows(task: str, method: str, work: Path) -> list[tuple[str, str, str]]:
 
 def main(chosen: list[str]) -> None:
     counts: Counter = Counter()
-    for task in DATA:
-        for method in PEFT:
-            if chosen and f"{task}:{method}" not in chosen:
-                continue
-            with tempfile.TemporaryDirectory() as work:
-                for name, kind, why in flows(task, method, Path(work)):
-                    counts[kind] += 1
-                    if kind != "ok":
-                        print(f"{task:9} {method:13} {name:12} {kind:8} {why[:150]}", flush=True)
-            print(f"{task:9} {method:13} done", flush=True)
+    for case, task, method, change in CASES:
+        if chosen and f"{task}:{case}" not in chosen:
+            continue
+        with tempfile.TemporaryDirectory() as work:
+            for name, kind, why in flows(task, method, change, Path(work)):
+                counts[kind] += 1
+                if kind != "ok":
+                    print(f"{task:9} {case:13} {name:12} {kind:8} {why[:150]}", flush=True)
+        print(f"{task:9} {case:13} done", flush=True)
     print(json.dumps({"bench": "sweep_after", **counts}))
 
 

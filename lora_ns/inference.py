@@ -131,7 +131,9 @@ def load_base(path: str, task: str, recipe: Recipe | None, merging: bool, requan
     if not four_bit:
         return model, 0
     rounded = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-    return model.dequantize(dtype=torch.float32).float().cpu(), rounded
+    model = model.dequantize(dtype=torch.float32).float().cpu()
+    model.is_loaded_in_4bit = False  # transformers leaves the flag set, and peft's IA3 merge refuses on it
+    return model, rounded
 
 
 def stop_at_end_of_turn(model, tokenizer) -> None:

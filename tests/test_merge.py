@@ -17,13 +17,14 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.ya
 PROMPTS = ["Question: Ben has 33 stickers and gives away 27. How many are left?", "#### 1,080 and -3.5"]
 
 
-def make_adapter(out: Path, overrides: list[str], recipe_file: Path = QUICKSTART) -> Path:
+def make_adapter(out: Path, overrides: list[str], recipe_file: Path = QUICKSTART,
+                 random_init: str = "peft.init_lora_weights=false") -> Path:
     """A saved adapter dir like training leaves (weights, tokenizer, recipe.yaml), with random LoRA B."""
     from lora_ns.adapters import apply_peft
     from lora_ns.config import load_recipe
     from lora_ns.model import load_model, load_tokenizer
 
-    recipe = load_recipe(recipe_file, [f"training.output_dir={out}", "peft.init_lora_weights=false", *overrides])
+    recipe = load_recipe(recipe_file, [f"training.output_dir={out}", random_init, *overrides])
     tokenizer = load_tokenizer(recipe)
     torch.manual_seed(0)
     model = apply_peft(load_model(recipe, tokenizer), recipe)
@@ -130,6 +131,20 @@ def test_qlora_merge_requantizes_like_training(qlora_dir, tmp_path):
     scale = max(float(t.abs().max()) for t in trained)
     assert diff_rq < diff_plain / 10
     assert diff_rq < 32 * kernel_epsilon() * scale
+
+
+def test_a_4bit_ia3_adapter_merges_through_the_round_trip(tmp_path, tiny_llama):
+    """transformers' dequantize left the base flagged as loaded in 4-bit, and peft's IA3 merge refuses such a
+    model: a ValueError where a LoRA adapter of the same recipe merged."""
+    import yaml
+
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe.update(peft={"method": "ia3"}, quantization={"load_in_4bit": True})
+    (tmp_path / "ia3.yaml").write_text(yaml.safe_dump(recipe))
+    adapter = make_adapter(tmp_path / "ia3", [], tmp_path / "ia3.yaml", "peft.init_ia3_weights=false")
+    info = merge(str(adapter), str(tmp_path / "merged"))
+    merged, tokenizer = load_merged(tmp_path / "merged")
+    assert info["requantized"] and info["max_logit_diff_fp32"] < fp32_reassociation_tol(logits(merged, tokenizer))
 
 
 def test_cli_saves_in_the_base_dtype(lora_dir, tiny_llama, tmp_path, capsys):
