@@ -1,8 +1,8 @@
 """What fails after training: every peft method with every task is trained two steps (saving a checkpoint
-each step), then taken through the commands users run next: evaluate, infer, merge, infer on the merged
-model, a second train run (in a new output_dir) that
-resumes the first's last checkpoint to a third step, and a third that starts a new adapter from the first's
-(peft.init_from).
+each step), then taken through the commands users run next: evaluate (on the hold-out and on a file of
+rows), infer (a prompt, a file of rows, a checkpoint), merge, infer and evaluate on the merged model, a second
+train run (in a new output_dir) that resumes the first's last checkpoint to a third step, and a third that
+starts a new adapter from the first's (peft.init_from).
 
     python bench/sweep_after.py              # every case (~15 minutes on 2 CPU cores)
     python bench/sweep_after.py dpo:lora     # some of them, by task:method (quantized: task:4bit-lora)
@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import yaml  # noqa: E402
 
 from lora_ns import evaluate, infer, merge, train  # noqa: E402
+from lora_ns.data.sources import resolve_sample  # noqa: E402
 from lora_ns.errors import run_cli  # noqa: E402
 from sweep_combos import DATA, PEFT, base, merged  # noqa: E402  (bench/ is the script's folder)
 
@@ -58,13 +59,22 @@ def flows(task: str, method: str, change: dict, work: Path) -> list[tuple[str, s
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = str(work / "run")
     ask = PROMPT.get(recipe["task"], ["--prompt", "What is 2 + 3?", "--max-new-tokens", "4", "--greedy"])
+    rows = work / f"rows{Path(resolve_sample(recipe['dataset']['path'])).suffix}"  # a few of the data's rows
+    rows.write_text("".join(open(resolve_sample(recipe["dataset"]["path"]), encoding="utf-8").readlines()[:6]))
     steps = [("train", train, [str(work / "recipe.yaml")])]
+    brief = ["--limit", "4", "--max-new-tokens", "4", "--no-progress"]
     adapter_or_model = ["--model", run] if method == "full" else ["--adapter", run]
-    steps += [("evaluate", evaluate, [*adapter_or_model, "--limit", "4", "--max-new-tokens", "4", "--no-progress"]),
-              ("infer", infer, ["--model", run, *ask, "--no-progress"])]
+    steps += [("evaluate", evaluate, [*adapter_or_model, *brief]),
+              ("evaluate file", evaluate, [*adapter_or_model, "--data-file", str(rows), *brief,
+                                           "--output-dir", str(work / "eval-file")]),
+              ("infer", infer, ["--model", run, *ask, "--no-progress"]),
+              ("infer file", infer, ["--model", run, "--input-file", str(rows), "--max-new-tokens", "4",
+                                     "--output-file", str(work / "answers.jsonl"), "--no-progress"]),
+              ("infer checkpoint", infer, ["--model", f"{run}/checkpoint-1", *ask, "--no-progress"])]
     if method != "full":
         steps += [("merge", merge, ["--adapter", run, "--output", str(work / "merged")]),
-                  ("infer merged", infer, ["--model", str(work / "merged"), *ask, "--no-progress"])]
+                  ("infer merged", infer, ["--model", str(work / "merged"), *ask, "--no-progress"]),
+                  ("eval merged", evaluate, ["--model", str(work / "merged"), *brief])]
     again = [str(work / "recipe.yaml"), "training.max_steps=3"]
     steps.append(("resume", train, [*again, f"training.output_dir={work}/run2",
                                     f"training.resume_from_checkpoint={run}/checkpoint-2"]))
@@ -72,7 +82,7 @@ def flows(task: str, method: str, change: dict, work: Path) -> list[tuple[str, s
         steps.append(("init_from", train, [*again, f"training.output_dir={work}/run3", f"peft.init_from={run}"]))
     results = []
     for name, module, argv in steps:
-        if name == "infer merged" and results[-1][1] != "ok":
+        if name in ("infer merged", "eval merged") and results[-1][1] != "ok":
             continue
         results.append((name, *step(module, argv)))
         if name == "train" and results[-1][1] != "ok":
