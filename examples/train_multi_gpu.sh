@@ -48,7 +48,8 @@ elif [[ $machines -eq 1 ]]; then
     launch+=(--num_processes "$gpus")
 fi
 
-# Schema, rules and recipe x accelerate-config combinations; stops on any error (train re-checks data+model).
-"$PYTHON" -m lora_ns.validate "$recipe" --accelerate-config "$config" --no-data --no-model "$@"
+# Train's own set-up without weights (data sample, model config, recipe x accelerate config), once, before
+# the ranks start: a recipe they would all refuse ends here in one line, not in the launcher's traceback.
+"$PYTHON" -m lora_ns.validate "$recipe" --accelerate-config "$config" "$@"
 
 exec "$PYTHON" "${launch[@]}" -m lora_ns.train "$recipe" "$@"

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -179,3 +180,22 @@ def test_tokenized_once(ddp_run):
             for rank in range(WORLD_SIZE)}
     assert maps[0], "rank 0 ran no dataset map at all (was the datasets cache not fresh?)"
     assert maps[1] == [], f"rank 1 recomputed {len(maps[1])} dataset maps instead of reading rank 0's cache"
+
+
+def test_a_recipe_the_model_check_refuses_stops_before_the_ranks_start(tmp_path, tiny_bert):
+    """The script validated without data or model, so a recipe train's model check refuses started every rank,
+    each printed the error, and the launcher ended in torch.distributed's traceback."""
+    recipe = tmp_path / "prefix_cls.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "task": "seq_cls", "model": {"name_or_path": "builtin:tiny-bert", "num_labels": 2},
+        "peft": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+        "dataset": {"path": "sample:glue_mrpc", "formatter": "glue_mrpc", "max_samples": 8},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1}}), encoding="utf-8")
+    env = {**os.environ, "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE), "MAIN_PROCESS_PORT": "0",
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(["bash", str(REPO / "examples" / "train_multi_gpu.sh"), str(recipe)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("lora_ns.validate: error:") and "prefix" in errors[0], errors
+    assert not (tmp_path / "out").exists()
