@@ -3,7 +3,7 @@ ranks on the CPU (gloo), launched as users launch on GPUs (examples/train_multi_
 recipe against the accelerate config first), with a checkpoint saved at the end.
 
     python bench/sweep_ddp.py               # every case (~25 minutes on 2 CPU cores)
-    python bench/sweep_ddp.py grpo:lora     # some of them, by task:method
+    python bench/sweep_ddp.py grpo:lora     # some of them, by task:method (or task:eval, :streaming, :resume)
 
 A case is `ok`, `refused` (a one-line error, exit 2) or `crashed` (a traceback: a check to add, or a bug).
 bench/sweep_after.py runs the same cases in one process.
@@ -11,6 +11,7 @@ bench/sweep_after.py runs the same cases in one process.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -21,15 +22,21 @@ from pathlib import Path
 
 import yaml
 
-from sweep_combos import DATA, PEFT, base  # bench/ is the script's folder
+from sweep_combos import DATA, EVAL, PEFT, base, merged  # bench/ is the script's folder
 
 REPO = Path(__file__).resolve().parent.parent
+# (name, task, method, recipe change): every method x task, then each task with a hold-out evaluated every
+# step, streamed data (also with a hold-out), and resumed from the first run's checkpoint by a second two-rank run
+CASES = [(method, task, method, {}) for task in DATA for method in PEFT] + [
+    (name, task, "lora", change) for task in DATA for name, change in (
+        ("eval", EVAL), ("streaming", {"dataset": {"streaming": True}}),
+        ("stream+eval", merged({"dataset": {"streaming": True}}, copy.deepcopy(EVAL))), ("resume", {}))]
 
 
-def launched(task: str, method: str, work: Path) -> tuple[str, str]:
+def launched(task: str, method: str, change: dict, work: Path, steps: int = 2) -> tuple[str, str]:
     """(kind, why) of a two-rank run of the case."""
-    recipe = base(task, method, str(work / "run"))
-    recipe["training"].update(save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+    recipe = merged(base(task, method, str(work / "run")), change)
+    recipe["training"].update(save_strategy="steps", save_steps=1, per_device_train_batch_size=2, max_steps=steps)
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHON": sys.executable, "CPU_PROCESSES": "2", "MAIN_PROCESS_PORT": "0",
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -41,8 +48,9 @@ def launched(task: str, method: str, work: Path) -> tuple[str, str]:
         return "crashed", "no end within 10 minutes (a rank waiting on the other?)"
     errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
     if done.returncode == 0:
-        state = json.loads((work / "run" / "checkpoint-2" / "trainer_state.json").read_text())
-        return ("ok", "") if state["global_step"] == 2 else ("crashed", f"step {state['global_step']}, not 2")
+        out = Path(recipe["training"]["output_dir"])
+        state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+        return ("ok", "") if state["global_step"] == steps else ("crashed", f"step {state['global_step']}")
     if "Traceback" not in done.stderr and errors:
         return "refused", errors[-1]
     return "crashed", (errors or done.stderr.splitlines() or ["(no output)"])[-1]
@@ -50,14 +58,17 @@ def launched(task: str, method: str, work: Path) -> tuple[str, str]:
 
 def main(chosen: list[str]) -> None:
     counts: Counter = Counter()
-    for task in DATA:
-        for method in PEFT:
-            if chosen and f"{task}:{method}" not in chosen:
-                continue
-            with tempfile.TemporaryDirectory() as work:
-                kind, why = launched(task, method, Path(work))
-            counts[kind] += 1
-            print(f"{task:9} {method:13} {kind:8} {why[:160]}", flush=True)
+    for case, task, method, change in CASES:
+        if chosen and f"{task}:{case}" not in chosen:
+            continue
+        with tempfile.TemporaryDirectory() as work:
+            kind, why = launched(task, method, change, Path(work))
+            if case == "resume" and kind == "ok":  # the finished run, resumed to a third step
+                change = {"training": {"resume_from_checkpoint": f"{work}/run/checkpoint-2",
+                                       "output_dir": f"{work}/run2"}}
+                kind, why = launched(task, method, change, Path(work), steps=3)
+        counts[kind] += 1
+        print(f"{task:9} {case:13} {kind:8} {why[:160]}", flush=True)
     print(json.dumps({"bench": "sweep_ddp", **counts}))
 
 

@@ -177,6 +177,9 @@ def training_defaults(recipe: Recipe) -> dict[str, Any]:
         defaults[name] = gradient_checkpointing(recipe)
     if recipe.dataset.val_split is None:
         defaults["eval_strategy"] = "no"
+    if recipe.dataset.streaming:  # several processes: each reads the stream, keeping its share of each batch;
+        # dispatched (accelerate's default for streams), the ranks' batches are joined: they pad unequally
+        defaults["accelerator_config"] = {"dispatch_batches": False}
     if recipe.task == "grpo":
         defaults["remove_unused_columns"] = False  # the reward functions read the reference column
         if recipe.peft.method == "prompt_tuning":  # sample as training scores (see inference.generate)
