@@ -212,9 +212,12 @@ def training_arguments(recipe: Recipe) -> Any:
     """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
     ours = {"resume_from_checkpoint", *own_training_fields(recipe.task)}
     given = {k: v for k, v in recipe.training.items() if k not in ours}
-    cls = training_arguments_class(recipe.task)
+    cls, defaults = training_arguments_class(recipe.task), training_defaults(recipe)
+    # a mapping the recipe also gives (generation_kwargs, accelerator_config) keeps our keys it leaves out
+    given |= {k: {**defaults[k], **v} for k, v in given.items() if isinstance(defaults.get(k), dict)
+              and isinstance(v, dict)}
     try:
-        return cls(**{**training_defaults(recipe), **given, "output_dir": recipe.output_dir})
+        return cls(**{**defaults, **given, "output_dir": recipe.output_dir})
     except (ValueError, ImportError) as err:  # __post_init__ checks values, and packages (deepspeed)
         problem = library_problem(recipe, "training", given, err, f"the {cls.__name__} docs")
         if isinstance(err, ImportError):

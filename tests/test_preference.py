@@ -671,5 +671,8 @@ def test_grpo_samples_a_prompt_tuned_model_uncached(tmp_path):
                         peft={"method": "prompt_tuning", "num_virtual_tokens": 4})
     trainer, _, _ = prepare(recipe, setup(recipe, dry_run=True).args)
     assert trainer.generation_config.use_cache is False
+    # generation_kwargs of the recipe's own replaced ours whole: cached again
+    recipe.training["generation_kwargs"] = {"top_k": 5}
+    assert setup(recipe, dry_run=True).args.generation_kwargs == {"use_cache": False, "top_k": 5}
     lora = recipe_for("grpo", tmp_path / "out2", reward_funcs=["gsm8k"])
     assert setup(lora, dry_run=True).args.generation_kwargs is None  # others keep the cache (faster)

@@ -37,6 +37,14 @@ def test_sft_groups_by_length_unless_packing_streaming_or_the_recipe_says(tmp_pa
                            task="seq_cls")) == "random"
 
 
+def test_every_process_reads_a_stream_beside_the_recipes_accelerate_options(tmp_path):
+    """Dispatched batches of a stream stop a multi-process run (tests/test_distributed.py); a recipe's own
+    accelerator_config replaced ours whole."""
+    streamed = training_arguments(recipe(tmp_path, dataset={"streaming": True},
+                                         accelerator_config={"even_batches": False})).accelerator_config
+    assert streamed.dispatch_batches is False and streamed.even_batches is False
+
+
 def row_alone_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL over the trained positions of one unpadded row, and their count."""
     logits = model(input_ids=ids[None]).logits[0, :-1]
