@@ -33,23 +33,27 @@ gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda
 machines=$("$PYTHON" -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("num_machines") or 1)' \
            "$config")
 
+processes=()  # the count the launch starts, for validate (GRPO's batches depend on it)
 if [[ $gpus -eq 0 && -n ${CPU_PROCESSES:-} ]]; then
     # `accelerate launch --cpu --num_processes N` starts ONE process; --multi_gpu starts N, and
     # ACCELERATE_USE_CPU makes the Trainer join them in a gloo process group instead of training alone.
     export ACCELERATE_USE_CPU=true
     launch+=(--multi_gpu --num_processes "$CPU_PROCESSES" --mixed_precision no)
+    processes=(--num-processes "$CPU_PROCESSES")
 elif [[ $gpus -eq 0 ]]; then
     echo "train_multi_gpu.sh: error: no GPU visible — run on a GPU machine," \
          "or set CPU_PROCESSES=2 to try DDP on the CPU" >&2
     exit 2
 elif [[ -n ${NUM_PROCESSES:-} ]]; then
     launch+=(--num_processes "$NUM_PROCESSES")
+    processes=(--num-processes "$NUM_PROCESSES")
 elif [[ $machines -eq 1 ]]; then
     launch+=(--num_processes "$gpus")
+    processes=(--num-processes "$gpus")
 fi
 
 # Train's own set-up without weights (data sample, model config, recipe x accelerate config), once, before
 # the ranks start: a recipe they would all refuse ends here in one line, not in the launcher's traceback.
-"$PYTHON" -m lora_ns.validate "$recipe" --accelerate-config "$config" "$@"
+"$PYTHON" -m lora_ns.validate "$recipe" --accelerate-config "$config" "${processes[@]}" "$@"
 
 exec "$PYTHON" "${launch[@]}" -m lora_ns.train "$recipe" "$@"

@@ -29,6 +29,7 @@ class Checks:
     data: bool = True
     model: bool = True
     accelerate_config: str | None = None
+    processes: int | None = None  # the launch's processes, when not the accelerate config's num_processes
 
 
 @dataclass
@@ -45,14 +46,14 @@ def setup(recipe: Recipe, dry_run: bool, checks: Checks = Checks()) -> Setup:
 
     if not dry_run:
         guard_output_dir(recipe)  # refuse a finished run at once, before the slower checks
-    processes = launch_processes(checks.accelerate_config) if dry_run else 1
+    processes = checks.processes or launch_processes(checks.accelerate_config) if dry_run else 1
     problems = _raise_errors(check_rules(recipe, not dry_run, processes))
     if dry_run and not (checks.model or checks.data):  # validate --no-model --no-data: no torch imported
         return Setup(None, problems + _raise_errors(deep_problems(recipe, checks, dry_run)))
     if left_out := {p.field.removeprefix("training.") for p in problems} & LEFT_OUT_WHEN_WARNED:
         recipe = recipe.model_copy(update={"training": {k: v for k, v in recipe.training.items()
                                                          if k not in left_out}})
-    args = training_arguments(recipe)
+    args = training_arguments(recipe, processes)
     problems += _raise_errors(run_problems(recipe, args))
     if recipe.peft.method != "full":
         try:
@@ -134,6 +135,11 @@ def field_for(message: str, given: dict[str, Any]) -> str | None:
 KNOWN_FIXES = {
     "saving steps to be a": ("save_steps", "make it a multiple of training.eval_steps"),
     "save and eval strategy to match": ("save_strategy", "set it as training.eval_strategy"),
+    # GRPO's batches count the processes: validate sees them in --accelerate-config or --num-processes
+    "must be divisible by num_generations": ("num_generations", "make it divide per_device_train_batch_size "
+                                             "x processes x steps_per_generation"),
+    "divisible by the global batch size": ("generation_batch_size", "make it a multiple of "
+                                           "per_device_train_batch_size x processes"),
     "global eval batch size": ("per_device_eval_batch_size", "make it a multiple of num_generations (or of "
                                "num_generations_eval)"),
     # lora_ns turns on the mixed precision of model.dtype: the user set only the other one
@@ -208,11 +214,23 @@ def training_arguments_class(task: str) -> type:
     return TrainingArguments if task == "seq_cls" else SFTConfig
 
 
-def training_arguments(recipe: Recipe) -> Any:
-    """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run."""
+def training_value(recipe: Recipe, key: str) -> Any:
+    """A training field as the trainer's config takes it: the recipe's, else the config class's default
+    (without building the config, whose batch checks depend on the launch)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(training_arguments_class(recipe.task))}
+    return recipe.training.get(key, defaults.get(key))
+
+
+def training_arguments(recipe: Recipe, processes: int = 1) -> Any:
+    """The real SFTConfig / TrainingArguments from the recipe's training section; its own checks run, for
+    `processes` processes (validate runs in one; in a launched rank the real count is used)."""
     ours = {"resume_from_checkpoint", *own_training_fields(recipe.task)}
     given = {k: v for k, v in recipe.training.items() if k not in ours}
     cls, defaults = training_arguments_class(recipe.task), training_defaults(recipe)
+    if processes > 1:  # GRPO sizes its generation batch by the processes: check it for the launch's count
+        cls = type(cls.__name__, (cls,), {"world_size": property(lambda _: processes)})
     # a mapping the recipe also gives (generation_kwargs, accelerator_config) keeps our keys it leaves out
     given |= {k: {**defaults[k], **v} for k, v in given.items() if isinstance(defaults.get(k), dict)
               and isinstance(v, dict)}

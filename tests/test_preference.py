@@ -182,7 +182,7 @@ def test_trl_checks_the_generation_batch_naming_the_field():
                                       reward_funcs=["gsm8k"]))
     (problem,) = err.value.problems
     assert problem.field == "training.num_generations" and "divisible by num_generations" in problem.message
-    assert problem.fix == "fix training.num_generations (see the GRPOConfig docs)"  # the class that refused it
+    assert "per_device_train_batch_size x processes" in problem.fix  # TRL counts the processes too
 
 
 @pytest.mark.parametrize("task, training, field, words", [
@@ -658,6 +658,23 @@ def test_grpo_raises_the_mean_reward(tmp_path):
     # three steps. A rise of 0.25 (first three steps -> last three) is five standard errors.
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last - first > 0.25, rewards
+
+
+def test_grpo_batches_are_checked_for_the_launchs_processes(tmp_path):
+    """TRL sizes GRPO's generation batch by the processes: validate, one process, refused a recipe right for
+    two and passed one that every rank of a larger launch refused. It counts the launch's now."""
+    from lora_ns.setup import Checks, setup
+
+    grpo = dict(reward_funcs=["gsm8k"], max_completion_length=8, per_device_train_batch_size=2)
+    four = recipe_for("grpo", tmp_path / "a", num_generations=4, **grpo)  # 2 x 2 processes = 4 per step
+    problem = the_setup_error(four)
+    assert problem.field == "training.num_generations" and "x processes" in problem.fix, problem
+    assert setup(four, dry_run=True, checks=Checks(processes=2)).args.generation_batch_size == 4
+    two = recipe_for("grpo", tmp_path / "b", num_generations=2, generation_batch_size=2, **grpo)
+    setup(two, dry_run=True)
+    with pytest.raises(UserError, match="training.generation_batch_size") as err:
+        setup(two, dry_run=True, checks=Checks(processes=2))  # 2 rows cannot make 2 processes' batches of 2
+    assert "x processes" in str(err.value)
 
 
 def test_grpo_samples_a_prompt_tuned_model_uncached(tmp_path):

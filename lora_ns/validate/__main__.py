@@ -35,6 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="skip loading the model config (meta device)")
     parser.add_argument("--accelerate-config", metavar="YAML",
                         help="also check the recipe against this accelerate config (DeepSpeed/FSDP)")
+    parser.add_argument("--num-processes", type=at_least_one, metavar="N", help="processes the launch "
+                        "starts (default: the accelerate config's num_processes, else 1)")
     parser.add_argument("--show-sample", nargs="?", type=at_least_one, const=3, metavar="N",
                         help="print N (default 3) training examples as train sees them, loss tokens marked")
     parser.add_argument("--gpu-memory", metavar="SIZE", type=memory_size,
@@ -96,7 +98,8 @@ def describe(recipe: Recipe) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
-    checks = Checks(data=not args.no_data, model=not args.no_model, accelerate_config=args.accelerate_config)
+    checks = Checks(data=not args.no_data, model=not args.no_model, accelerate_config=args.accelerate_config,
+                    processes=args.num_processes)
     folder = Path(args.all) if args.all else None
     paths = sorted(folder.glob("*.y*ml")) if folder else [Path(args.recipe or "")]
     if folder and not paths:

@@ -21,7 +21,7 @@ from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import (SEQ_CLS_HEADS, attention_problem, auto_model_class, context_length, eos_problem,
                            label_kwargs, load_tokenizer, model_folder_problem, packs, vocabulary_problem)
-from lora_ns.setup import library_problem, training_arguments
+from lora_ns.setup import library_problem, training_value
 
 SKIPPED = "model checks skipped"
 
@@ -75,7 +75,7 @@ def context_problem(recipe: Recipe, model) -> Problem | None:
     grpo = recipe.task == "grpo"
     key = "max_completion_length" if grpo else "max_length"
     context = context_length(model.config)
-    length = getattr(training_arguments(recipe), key) if grpo else recipe.training.get(key)
+    length = training_value(recipe, key) if grpo else recipe.training.get(key)
     if not (context and length and length + grpo > context):
         return None
     import torch

@@ -13,7 +13,7 @@ from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import render, require_chat_template, uses_chat_template
 from lora_ns.errors import Problem, UserError
 from lora_ns.model import context_length, eos_problem
-from lora_ns.setup import training_arguments
+from lora_ns.setup import training_arguments, training_value
 from lora_ns.validate.model import load_config, reachable_tokenizer
 from lora_ns.validate.sample import prepared_rows
 
@@ -123,7 +123,7 @@ def _completion_room(recipe: Recipe, tokenizer, examples: list[Sampled]) -> list
     sampled prompt, past the model's positions, a completion reaches positions learned embeddings (GPT-2) have
     no row for, mid-generation, or a rotary model never trained on. (The completion alone: validate.model.)"""
     config, _ = load_config(recipe)
-    context, completion = config and context_length(config), training_arguments(recipe).max_completion_length
+    context, completion = config and context_length(config), training_value(recipe, "max_completion_length")
     if not (context and completion):
         return []
     longest = 0
