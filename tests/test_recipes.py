@@ -33,7 +33,7 @@ def offline_overrides(path: Path, out: Path) -> list[str]:
     if recipe.dataset.val_split is not None:
         overrides += ["dataset.val_split=0.25", "training.eval_steps=1", "training.save_steps=1"]
     if recipe.task == "grpo":  # GRPOConfig has no max_length; keep the sampled completions short
-        overrides += ["training.max_completion_length=16", "training.generation_batch_size=4",
+        overrides += ["training.max_completion_length=16", "training.steps_per_generation=2",
                       "training.num_generations=2"]
     elif recipe.task != "seq_cls":
         overrides.append("training.max_length=128")
