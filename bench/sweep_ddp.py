@@ -2,8 +2,8 @@
 ranks on the CPU (gloo), launched as users launch on GPUs (examples/train_multi_gpu.sh, which validates the
 recipe against the accelerate config first), with a checkpoint saved at the end.
 
-    python bench/sweep_ddp.py               # every case (~25 minutes on 2 CPU cores)
-    python bench/sweep_ddp.py grpo:lora     # some of them, by task:method (or task:eval, :streaming, :resume)
+    python bench/sweep_ddp.py               # every case (~30 minutes on 2 CPU cores)
+    python bench/sweep_ddp.py grpo:lora     # some of them, by task:method (or task:eval, :streaming, :resume, ...)
 
 A case is `ok`, `refused` (a one-line error, exit 2) or `crashed` (a traceback: a check to add, or a bug).
 bench/sweep_after.py runs the same cases in one process.
@@ -26,11 +26,14 @@ from sweep_combos import DATA, EVAL, PEFT, base, merged  # bench/ is the script'
 
 REPO = Path(__file__).resolve().parent.parent
 # (name, task, method, recipe change): every method x task, then each task with a hold-out evaluated every
-# step, streamed data (also with a hold-out), and resumed from the first run's checkpoint by a second two-rank run
+# step, streamed data (also with a hold-out), resumed from the first run's checkpoint by a second two-rank run,
+# gradient checkpointing, and a 4-bit base
 CASES = [(method, task, method, {}) for task in DATA for method in PEFT] + [
     (name, task, "lora", change) for task in DATA for name, change in (
         ("eval", EVAL), ("streaming", {"dataset": {"streaming": True}}),
-        ("stream+eval", merged({"dataset": {"streaming": True}}, copy.deepcopy(EVAL))), ("resume", {}))]
+        ("stream+eval", merged({"dataset": {"streaming": True}}, copy.deepcopy(EVAL))), ("resume", {}),
+        ("checkpointing", {"training": {"gradient_checkpointing": True}}),
+        ("4bit", {"quantization": {"load_in_4bit": True}}))]
 
 
 def launched(task: str, method: str, change: dict, work: Path, steps: int = 2) -> tuple[str, str]:
