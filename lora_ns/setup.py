@@ -229,7 +229,7 @@ def training_arguments(recipe: Recipe, processes: int = 1) -> Any:
     ours = {"resume_from_checkpoint", *own_training_fields(recipe.task)}
     given = {k: v for k, v in recipe.training.items() if k not in ours}
     cls, defaults = training_arguments_class(recipe.task), training_defaults(recipe)
-    if processes > 1:  # GRPO sizes its generation batch by the processes: check it for the launch's count
+    if processes > 1 and recipe.task == "grpo":  # TRL sizes its generation batch by the launch's processes
         cls = type(cls.__name__, (cls,), {"world_size": property(lambda _: processes)})
     # a mapping the recipe also gives (generation_kwargs, accelerator_config) keeps our keys it leaves out
     given |= {k: {**defaults[k], **v} for k, v in given.items() if isinstance(defaults.get(k), dict)
