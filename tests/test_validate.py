@@ -125,7 +125,7 @@ def test_gpu_memory_prints_the_estimate_and_warns_when_it_does_not_fit(capsys):
 
 
 def test_grpo_memory_report_counts_the_sampling_phase_without_progress_bars(capsys):
-    """GRPO samples generation_batch_size rows at once (the recipe's 32): the report shows that phase's KV
+    """GRPO samples a generation batch at once (the recipe's 4 steps of 8): the report shows that phase's KV
     cache; reading the prompts for it printed a datasets "Map" bar in the middle of the report."""
     from lora_ns.validate.__main__ import main
 
@@ -133,6 +133,11 @@ def test_grpo_memory_report_counts_the_sampling_phase_without_progress_bars(caps
                  "model.name_or_path=builtin:tiny-llama", "dataset.path=sample:gsm8k", "dataset.name=null"]) == 0
     out = capsys.readouterr()
     assert "or sampling 32 rows (KV cache)" in out.out and "Map" not in out.err + out.out
+    # a generation batch is shared by the processes the launch starts (--num-processes, as the config's)
+    assert main([str(REPO / "recipes" / "gsm8k_grpo.yaml"), "--gpu-memory", "80GiB", "--num-processes", "2",
+                 "model.name_or_path=builtin:tiny-llama", "dataset.path=sample:gsm8k", "dataset.name=null",
+                 "training.steps_per_generation=null", "training.generation_batch_size=32"]) == 0
+    assert "or sampling 16 rows (KV cache)" in capsys.readouterr().out
 
 
 def test_pretrain_recipe_reports_parameters_and_token_budget(capsys):
