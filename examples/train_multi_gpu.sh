@@ -54,6 +54,6 @@ fi
 
 # Train's own set-up without weights (data sample, model config, recipe x accelerate config), once, before
 # the ranks start: a recipe they would all refuse ends here in one line, not in the launcher's traceback.
-"$PYTHON" -m lora_ns.validate "$recipe" --accelerate-config "$config" "${processes[@]}" "$@"
+"$PYTHON" -m lora_ns.validate "$recipe" --accelerate-config "$config" ${processes[@]+"${processes[@]}"} "$@"
 
 exec "$PYTHON" "${launch[@]}" -m lora_ns.train "$recipe" "$@"
