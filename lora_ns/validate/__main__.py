@@ -73,7 +73,7 @@ def memory_report(recipe: Recipe, args: argparse.Namespace) -> list[str]:
         except UserError:  # e.g. a Hub dataset out of reach: the data checks said so already
             pass
     try:
-        processes = args.num_processes or (int(cfg.data.get("num_processes") or 1) if cfg else 1)
+        processes = args.num_processes or (cfg.processes if cfg else 1)
         found = estimate_for_recipe(recipe, processes, cfg.strategy if cfg else None, lengths)
     except UserError as err:  # e.g. a hub model offline: the model check already warned; not a reason to fail
         return [f"{program(PROG)}: warning: memory estimate skipped: {err.problems[0]}"]

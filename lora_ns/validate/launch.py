@@ -42,9 +42,14 @@ class LaunchConfig:
         return self.kind == "DEEPSPEED" and str(self.ds.get("zero_stage", 2)) == "3"
 
     @property
+    def processes(self) -> int:
+        """num_processes: every machine's together (1 when unset)."""
+        return int(self.data.get("num_processes") or 1)
+
+    @property
     def strategy(self) -> str | None:
         """The sharding lora_ns.memory estimates: zero3, fsdp2, zero2, ddp, or None for one process."""
-        ddp = "ddp" if int(self.data.get("num_processes") or 1) > 1 else None
+        ddp = "ddp" if self.processes > 1 else None
         return {"DEEPSPEED": "zero3" if self.zero3 else "zero2", "FSDP": "fsdp2"}.get(self.kind, ddp)
 
     @property
@@ -250,7 +255,7 @@ def visible_gpus(cfg: LaunchConfig) -> int:
 def machine_fits(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     """A warning only: the config may well be meant for another machine than the one validating it. (A missing
     deepspeed is `accelerate launch`'s own first check.)"""
-    total, machines = int(cfg.data.get("num_processes") or 1), max(int(cfg.data.get("num_machines") or 1), 1)
+    total, machines = cfg.processes, max(int(cfg.data.get("num_machines") or 1), 1)
     per_machine = total // machines if total > 0 else 0
     if not _flag(cfg.data.get("use_cpu", False)) and per_machine > (gpus := visible_gpus(cfg)):
         yield cfg.problem("num_processes", f"{per_machine} processes per machine but this machine sees "
@@ -267,7 +272,7 @@ def launch_processes(path: str | None) -> int:
     """num_processes of an accelerate config; 1 without one, or when it cannot be read (`check_launch` says
     why)."""
     try:
-        return int(read_launch_config(path).data.get("num_processes") or 1) if path else 1
+        return read_launch_config(path).processes if path else 1
     except UserError:
         return 1
 
