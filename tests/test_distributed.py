@@ -104,6 +104,13 @@ def read_trace(log: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment examples/train_multi_gpu.sh needs to start WORLD_SIZE ranks on the CPU."""
+    return {**os.environ, "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE),
+            "MAIN_PROCESS_PORT": "0",  # accelerate picks a free port itself, right before it starts the ranks
+            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
 def launch(tmp: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """examples/train_multi_gpu.sh on a fresh folder: (output dir, trace log, the finished process)."""
     (tmp / "hooks").mkdir()
@@ -111,13 +118,10 @@ def launch(tmp: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
     recipe = tmp / "ddp.yaml"
     recipe.write_text(RECIPE, encoding="utf-8")
     out, log = tmp / "out", tmp / "trace"
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(tmp / "hooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE),
-           "MAIN_PROCESS_PORT": "0",  # accelerate picks a free port itself, right before it starts the ranks
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "HF_DATASETS_CACHE": str(tmp / "hf_datasets_cache"),  # fresh: rank 0 must really tokenize
-           "LORA_NS_TRACE_LOG": str(log), "LORA_NS_TRACE_OUT": str(out)}
+    env = launcher_env(
+        PYTHONPATH=os.pathsep.join([str(tmp / "hooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        HF_DATASETS_CACHE=str(tmp / "hf_datasets_cache"),  # fresh: rank 0 must really tokenize
+        LORA_NS_TRACE_LOG=str(log), LORA_NS_TRACE_OUT=str(out))
     result = subprocess.run(["bash", str(REPO / "examples" / "train_multi_gpu.sh"), str(recipe),
                              f"training.output_dir={out}"], cwd=tmp, env=env, capture_output=True, text=True,
                             timeout=540)
@@ -190,10 +194,8 @@ def launch_classifier(tmp_path: Path, peft: dict, dataset: dict) -> subprocess.C
         "dataset": {"path": "sample:glue_mrpc", "formatter": "glue_mrpc", "max_samples": 8, **dataset},
         "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2,
                      "report_to": "none"}}), encoding="utf-8")
-    env = {**os.environ, "PYTHON": sys.executable, "CPU_PROCESSES": str(WORLD_SIZE), "MAIN_PROCESS_PORT": "0",
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(["bash", str(REPO / "examples" / "train_multi_gpu.sh"), str(recipe)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=launcher_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_a_streamed_data_set_trains_on_two_ranks(tmp_path, tiny_bert):
