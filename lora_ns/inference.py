@@ -76,14 +76,21 @@ def check_adapter(folder: Path) -> dict[str, Any]:
     return config
 
 
+def local_model_path(path: str, flag: str, fix: str) -> str:
+    """`path` with ``~`` expanded (``--model=~/run`` reaches us unexpanded); a path shaped like a folder
+    (``/``, ``.``, ``~``) that does not exist is an error, not a Hub id to try."""
+    expanded = os.path.expanduser(path)
+    if path.startswith((os.sep, ".", "~")) and not os.path.exists(expanded):
+        raise fail(path, flag, "model folder not found", fix)
+    return expanded
+
+
 def adapter_base(folder: Path, config: dict[str, Any], base: str | None, recipe: Recipe | None) -> str:
     """`base`, else the base the adapter names; a builtin's cache folder that is gone is rebuilt from the
     recipe's ``builtin:`` name."""
     named = saved = config.get("base_model_name_or_path")
     if base:
-        if base.startswith((os.sep, ".", "~")) and not Path(base).expanduser().exists():
-            raise fail(base, "--base", "model folder not found", "check the path")
-        path = resolve_model_path(base)
+        path = resolve_model_path(local_model_path(base, "--base", "check the path"))
         if saved and os.path.realpath(path) != os.path.realpath(saved):
             print(f"{program('lora_ns')}: warning: {folder} was trained on {saved}; loading it on --base "
                   f"{base} (fine if it is a copy of that model)", file=sys.stderr)
@@ -161,9 +168,8 @@ def load(path: str, base: str | None = None, recipe: Recipe | None = None, *, me
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    path = local_model_path(path, "--model", "check the path (an output_dir?)")
     local, rounded = Path(path), 0
-    if not local.exists() and path.startswith((os.sep, ".", "~")):
-        raise fail(path, "--model", "model folder not found", "check the path (an output_dir?)")
     if recipe is None and (saved := saved_recipe_file(local)):  # training and merge save it with the weights
         recipe = load_recipe(saved)
     trust = bool(recipe and recipe.model.trust_remote_code)

@@ -313,6 +313,16 @@ def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "not found" in err and err.count("\n") == 0
 
 
+def test_a_home_relative_model_path_is_expanded(adapter_dir, capsys, monkeypatch):
+    """``--model=~/run`` (no shell expands a ``~`` after ``=``) was called missing though the folder exists."""
+    monkeypatch.setenv("HOME", str(adapter_dir.parent))
+    code = run_cli("lora_ns.infer", lambda: main([f"--model=~/{adapter_dir.name}", "--prompt", "hi",
+                                                  "--max-new-tokens", "2"]))
+    assert code == 0, capsys.readouterr().err[-500:]
+    code = run_cli("lora_ns.infer", lambda: main(["--model=~/nothing", "--prompt", "hi"]))
+    assert code == 2 and "~/nothing: --model: model folder not found" in capsys.readouterr().err
+
+
 def test_a_base_the_adapter_does_not_fit_is_one_line_and_another_name_a_warning(adapter_dir, tmp_path, capsys,
                                                                                tiny_llama, tiny_qwen2):
     """--base of other shapes printed a page of torch's "size mismatch" lines; one of the same shapes but
