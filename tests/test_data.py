@@ -146,6 +146,19 @@ def test_text_formatter_skips_blank_lines_only():
     assert len(train) < len(lines) and len(lines) > 200
 
 
+def test_a_number_among_texts_is_trained_as_text(tmp_path):
+    """A number in a column of texts: `datasets` types the column `Json` and gave the converted rows that type,
+    which decoded the text "42" back to 42 (train crashed in the tokenizer or in `str.strip`)."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"sentence1": f"s {i}", "sentence2": "t", "label": i % 2} for i in range(4)]
+    rows[2]["sentence1"] = 42
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    r = recipe({"path": str(path), "formatter": "glue_mrpc"}, "seq_cls", "builtin:tiny-bert", num_labels=2)
+    assert build_datasets(r)[0]["sentence1"] == ["s 0", "s 1", "42", "s 3"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", 4.5, "b")), encoding="utf-8")
+    assert build_datasets(recipe({"path": str(path), "formatter": "text"}, "cpt"))[0]["text"] == ["a", "4.5", "b"]
+
+
 def test_columns_map_generic_formatter_fields():
     r = recipe({"path": "sample:gsm8k", "formatter": "prompt_completion",
                 "columns": {"prompt": "question", "completion": "answer"}})

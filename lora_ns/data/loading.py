@@ -217,8 +217,21 @@ def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -
 
 
 def _convert(raw, src: Source, recipe: Recipe, tokenizer):
-    columns = columns_of(raw)
-    return raw.map(converter(columns, src, recipe, tokenizer), with_indices=True, remove_columns=columns)
+    """`raw` converted row by row. The output columns are written under new names, then renamed: `datasets`
+    gives an output column the type of the input column of its name, and a column of mixed types (a number
+    among texts) has the `Json` type, which decodes our text "42" back to the number 42. (A stream's rows
+    are not retyped, and its columns are not known without reading a row.)"""
+    import datasets
+
+    columns, convert = columns_of(raw), converter(columns_of(raw), src, recipe, tokenizer)
+    if not isinstance(raw, datasets.Dataset):
+        return raw.map(convert, with_indices=True, remove_columns=columns)
+    converted = raw.map(lambda row, i: {NEW + k: v for k, v in convert(row, i).items()}, with_indices=True,
+                        remove_columns=columns)
+    return converted.rename_columns({c: c[len(NEW):] for c in converted.column_names})
+
+
+NEW = "__lora_ns__"  # `_convert`'s output columns, until renamed
 
 
 def hold_out(data, recipe: Recipe):
