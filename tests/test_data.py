@@ -10,7 +10,7 @@ import pytest
 
 from lora_ns.config import parse_recipe
 from lora_ns.data import (
-    FORMATTERS, build_datasets, encode_pairs, formatted_examples, prompt_text, sft_defaults,
+    FORMATTERS, build_datasets, encode_pairs, formatted_examples, label_id, prompt_text, sft_defaults,
     split_last_reply,
 )
 from lora_ns.validate.data import check_dataset
@@ -157,6 +157,22 @@ def test_a_number_among_texts_is_trained_as_text(tmp_path):
     assert build_datasets(r)[0]["sentence1"] == ["s 0", "s 1", "42", "s 3"]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", 4.5, "b")), encoding="utf-8")
     assert build_datasets(recipe({"path": str(path), "formatter": "text"}, "cpt"))[0]["text"] == ["a", "4.5", "b"]
+
+
+@pytest.mark.parametrize("formatter", ["glue_mrpc", "pair"])
+def test_labels_written_as_floats_are_read_as_the_class_ids(tmp_path, formatter):
+    """pandas writes a column of ints with a gap as floats ("1.0" in a CSV): read as in JSON, where 1.0 was
+    class 1 already; a fraction is still no class."""
+    path = tmp_path / "labels.csv"
+    path.write_text("sentence1,sentence2,label\na,b,1.0\nc,d,0.0\ne,f,0\n", encoding="utf-8")
+    r = recipe({"path": str(path), "formatter": formatter}, "seq_cls", "builtin:tiny-bert", num_labels=2)
+    assert [e["label"] for e in formatted_examples(r)] in ([1, 0, 0], ["1.0", "0.0", "0"])
+    assert [label_id(e["label"]) for e in formatted_examples(r)] == [1, 0, 0]
+    path.write_text("sentence1,sentence2,label\na,b,0.5\n", encoding="utf-8")
+    with pytest.raises(UserError, match="labels.csv:2: label: unknown label '0.5'"):
+        list(formatted_examples(r))
+    kto = [FORMATTERS["kto"]({"prompt": "q", "completion": "a", "label": v})["label"] for v in ("1.0", 0.0, "0")]
+    assert kto == [True, False, False]
 
 
 def test_columns_map_generic_formatter_fields():

@@ -72,6 +72,19 @@ def text_value(row: Row, name: str, required: bool = True) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def whole_number(value: Any) -> int | None:
+    """An int, a float with no fraction, or the text of one ("1", "1.0": pandas writes a column of ints with
+    gaps as floats) as an int; anything else (a bool too) None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _content_text(content: Any, which: str, name: str) -> Any:
     """Content given as a list of parts (the OpenAI format: [{"type": "text", "text": "..."}]) as one text,
     and a number as text (as `text_value` reads one: `datasets` decodes a reply "4" to 4 when other rows of
@@ -185,12 +198,12 @@ def pair(row: Row) -> Row:
            aliases={"sentence1": ("#1 String",), "sentence2": ("#2 String",), "label": ("Quality",)})
 def glue_mrpc(row: Row) -> Row:
     """GLUE MRPC, from the HF schema or the original TSV (``Quality``, ``#1 String``, ``#2 String``);
-    labels are 0 / 1 (as a bool, int, float or digit string)."""
+    labels are 0 / 1 (as a bool, a number or its text)."""
     label = row.get("label")
     if label is None:
         raise RowError("label", "missing label")
-    value = label.strip() if isinstance(label, str) else label
-    if value not in (("0", "1") if isinstance(value, str) else (0, 1)):
+    value = label if isinstance(label, bool) else whole_number(label)
+    if value not in (0, 1):
         raise RowError("label", f"unknown label {label!r}",
                        "MRPC labels are 0 (not equivalent) or 1 (equivalent)")
     return {"sentence1": text_value(row, "sentence1"), "sentence2": text_value(row, "sentence2"),

@@ -15,7 +15,7 @@ from itertools import islice
 from typing import Any, Iterator, Sequence
 
 from lora_ns.config import DatasetConfig, Recipe
-from lora_ns.data.formatters import FORMATTERS, Formatter, RowError
+from lora_ns.data.formatters import FORMATTERS, Formatter, RowError, whole_number
 from lora_ns.data.render import TEMPLATE_EXAMPLE, render, require_chat_template, template_problem
 from lora_ns.data.sources import (
     BUILDERS, LocalSource, Location, Source, first_rows, locate, located_rows, source_for,
@@ -301,20 +301,17 @@ def formatted_examples(recipe: Recipe, split: str | float | None = None,
 # --- sequence classification ------------------------------------------------------------------------
 
 def label_id(label: Any, label_names: Sequence[str] | None = None, num_labels: int | None = None) -> int:
-    """A label (id, class name, or digit string) -> its id; `RowError` when it names no class."""
+    """A label (id, class name, or the text of an id) -> its id; `RowError` when it names no class."""
     names = list(label_names or [])
     count = len(names) or num_labels
-    if isinstance(label, str):
-        if label.strip() in names:
-            return names.index(label.strip())
-        if not label.strip().lstrip("-").isdigit():
+    if isinstance(label, str) and label.strip() in names:
+        return names.index(label.strip())
+    if (number := whole_number(label)) is None:
+        hint = "use a class id (0, 1, ...) or a class name"
+        if isinstance(label, str):
             hint = suggest(label.strip(), names) if names else "list the class names in model.labels"
-            raise RowError("label", f"unknown label {label!r}", hint)
-        label = int(label.strip())
-    if isinstance(label, float) and label.is_integer():
-        label = int(label)
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise RowError("label", f"unknown label {label!r}", "use a class id (0, 1, ...) or a class name")
+        raise RowError("label", f"unknown label {label!r}", hint)
+    label = number
     if label < 0 or (count and label >= count):
         valid = f"0..{count - 1}" if count else "0 or more"
         raise RowError("label", f"label {label} is out of range ({valid})",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lora_ns.data.formatters import Row, RowError, check_messages, formatter, text_value
+from lora_ns.data.formatters import Row, RowError, check_messages, formatter, text_value, whole_number
 from lora_ns.data.render import split_last_reply
 
 PREFERENCE_KINDS = ("preference", "unpaired", "prompt_only")
@@ -108,8 +108,8 @@ def kto(row: Row) -> Row:
     label = row.get("label")
     if isinstance(label, str) and label.strip().lower() in _TRUE | _FALSE:
         label = label.strip().lower() in _TRUE
-    elif isinstance(label, (int, float)) and not isinstance(label, bool) and label in (0, 1):
-        label = bool(label)
+    elif whole_number(label) in (0, 1):
+        label = bool(whole_number(label))
     if not isinstance(label, bool):
         raise RowError("label", f"expected true or false, got {label!r}", "true = a desirable completion")
     return {"prompt": _messages(row.get("prompt"), "prompt"),
