@@ -1,12 +1,13 @@
 """What passes validate and then fails in training, for *data* rather than settings: each task's bundled
 sample written as JSON lines, JSON, Parquet, CSV and TSV (flat rows), then one row spoiled (row 10 of 16, so
 a check of the first rows alone misses it) or the whole file spoiled (bytes that are not UTF-8, a BOM, CRLF
-line ends, blank lines, a cut-off last line). Each case is validated with train's own set-up and, when that
+line ends, blank lines, a cut-off last line); the JSON lines also streamed, and as the validation file. Each case is validated with train's own set-up and, when that
 passes, trained two steps on the tiny models, as in bench/sweep_combos.py.
 
     python bench/sweep_data.py                 # every case (~25 minutes on 2 CPU cores)
     python bench/sweep_data.py seq_cls kto     # the cases of some tasks
     python bench/sweep_data.py seq_cls:csv     # ... in one format
+    python bench/sweep_data.py stream kto:eval # streamed cases; kto's spoiled validation files
 
 A case is `refused` (validate said it), `trained`, `train-refused` (train's one-line net, after validate
 passed), `unwritable` (pyarrow cannot write those rows as Parquet: no user has such a file) or `crashed`
@@ -154,8 +155,9 @@ def spoil_bytes(data: bytes, defect: str) -> bytes:
 FILE_DEFECTS = ["not_utf8", "bom", "crlf", "blank_lines", "cut_off", "latin1"]
 
 
-def cases() -> list[tuple[str, str, str, Any]]:
-    """(task, format, defect kind, defect) for every case."""
+def cases() -> list[tuple[str, str, str, str, Any]]:
+    """(task, use, format, defect kind, defect) for every case: each format trained on; JSON lines also
+    streamed, and as the validation file (a clean sample trained on)."""
     found = []
     for task, (_, sample, _, field, label) in TASKS.items():
         rows = sample_rows(sample)
@@ -169,7 +171,9 @@ def cases() -> list[tuple[str, str, str, Any]]:
             found += [(task, fmt, "label", value) for value in LABELS if label and fmt in ("jsonl", "csv")]
             found += [(task, fmt, "messages", name) for name in MESSAGES
                       if fmt == "jsonl" and isinstance(rows[0].get(field), list)]
-    return found
+    found = [(task, "train", *case) for task, *case in found]
+    return found + [(task, use, *case) for task, _, *case in found if case[0] == "jsonl"
+                    for use in ("stream", "eval")]
 
 
 def data_file(folder: Path, task: str, fmt: str, kind: str, defect: Any) -> Path | None:
@@ -197,13 +201,16 @@ def data_file(folder: Path, task: str, fmt: str, kind: str, defect: Any) -> Path
     return path
 
 
-def outcome(task: str, fmt: str, kind: str, defect: Any) -> tuple[str, str]:
-    combos_task, _, formatter, _, _ = TASKS[task]
+def outcome(task: str, use: str, fmt: str, kind: str, defect: Any) -> tuple[str, str]:
+    combos_task, sample, formatter, _, _ = TASKS[task]
 
     def recipe(out: str):
-        path = data_file(Path(out), task, fmt, kind, defect)
+        path = str(data_file(Path(out), task, fmt, kind, defect))
         config = base(combos_task, "lora", f"{out}/run")
-        config["dataset"].update(path=str(path), formatter=formatter)
+        config["dataset"].update(path=path, formatter=formatter, streaming=use == "stream")
+        if use == "eval":
+            config["dataset"].update(path=f"sample:{sample}", val_split=path)
+            config["training"].update(eval_strategy="steps", eval_steps=1)
         return parse_recipe(config, "case.yaml")
 
     with tempfile.TemporaryDirectory() as folder:
@@ -214,12 +221,12 @@ def outcome(task: str, fmt: str, kind: str, defect: Any) -> tuple[str, str]:
 
 def main(chosen: list[str]) -> None:
     counts: Counter = Counter()
-    for task, fmt, kind, defect in cases():
-        if chosen and task not in chosen and f"{task}:{fmt}" not in chosen:
+    for task, use, fmt, kind, defect in cases():
+        if chosen and not {task, f"{task}:{fmt}", f"{task}:{use}", use} & set(chosen):
             continue
-        result, why = outcome(task, fmt, kind, defect)
+        result, why = outcome(task, use, fmt, kind, defect)
         counts[result] += 1
-        print(f"{task:9} {fmt:7} {kind:8} {str(defect):15} {result:13} {why[:150]}", flush=True)
+        print(f"{task:9} {use:6} {fmt:7} {kind:8} {str(defect):15} {result:13} {why[:150]}", flush=True)
     print(json.dumps({"bench": "sweep_data", **counts}))
 
 
