@@ -291,8 +291,8 @@ def model_kwargs(recipe: Recipe) -> dict[str, Any]:
             # Under DDP one full quantized copy per rank, on its own GPU; else the CPU.
             gpu = torch.cuda.is_available()
             kwargs["device_map"] = {"": PartialState().local_process_index} if gpu else "cpu"
-    if recipe.task == "seq_cls":
-        kwargs.update(label_kwargs(recipe))
+    if recipe.task == "seq_cls":  # a head saved for other classes is trained anew (validate warns, and
+        kwargs.update(label_kwargs(recipe), ignore_mismatched_sizes=True)  # refuses other shapes that differ)
     return kwargs
 
 

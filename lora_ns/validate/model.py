@@ -20,8 +20,10 @@ from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
 from lora_ns.model import (SEQ_CLS_HEADS, attention_problem, auto_model_class, context_length, eos_problem,
-                           label_kwargs, load_tokenizer, model_folder_problem, packs, vocabulary_problem)
+                           label_kwargs, load_tokenizer, model_folder_problem, packs, tokenizer_field,
+                           vocabulary_problem)
 from lora_ns.setup import library_problem, training_value
+from lora_ns.validate.weights import local_folder, weights_problems
 
 SKIPPED = "model checks skipped"
 
@@ -32,6 +34,9 @@ def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
     if (missing := model_folder_problem(recipe)) is not None:
         return problems + [missing]
     config, why = load_config(recipe)
+    if config is None and local_folder(recipe):  # what training loads, and cannot
+        return problems + [recipe.problem("model.name_or_path", f"cannot load its config.json: {why}",
+                                          "check config.json's model_type, or upgrade transformers")]
     if config is None:
         return problems + [recipe.problem("model.name_or_path", f"model config not reachable ({why}); "
                                           f"{SKIPPED}", "run validate where the Hub (or the model folder) is "
@@ -47,6 +52,9 @@ def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
                                           f"({first_line(err)}); {SKIPPED}", "training will tell; or check "
                                           "the model's config", severity="warning")]
     problems += [p for p in (context_problem(recipe, model), router_problem(recipe, config)) if p is not None]
+    problems += weights_problems(recipe, model)
+    if any(p.is_error for p in problems):
+        return problems
     tokenizer, _ = reachable_tokenizer(recipe)  # none: the data checks say why
     if tokenizer is not None:
         rows = model.get_input_embeddings().num_embeddings
@@ -163,7 +171,12 @@ def _load_tokenizer(recipe: Recipe) -> tuple[Any, str]:
     except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
         raise
     except Exception as err:  # a broken or partial download: report it, don't fail validation
-        return None, f"tokenizer '{name}' could not be loaded ({first_line(err)})"
+        if not (is_builtin(name) or Path(name).is_dir()):
+            return None, f"tokenizer '{name}' could not be loaded ({first_line(err)})"
+        # a local folder: what training loads, and cannot
+        raise UserError(model_folder_problem(recipe) or recipe.problem(
+            tokenizer_field(recipe), f"cannot load the tokenizer in {name}: {first_line(err)}",
+            "save the tokenizer with the model (save_pretrained), or set model.tokenizer_name_or_path"))
 
 
 def hub_reachable() -> bool:

@@ -12,7 +12,7 @@ from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.preference import PREFERENCE_KINDS
 from lora_ns.data.render import render, require_chat_template, uses_chat_template
 from lora_ns.errors import Problem, UserError
-from lora_ns.model import context_length, eos_problem
+from lora_ns.model import context_length, eos_problem, tokenizer_field
 from lora_ns.setup import training_arguments, training_value
 from lora_ns.validate.model import load_config, reachable_tokenizer
 from lora_ns.validate.sample import prepared_rows
@@ -66,19 +66,23 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
             limit, limit_name = recipe.training["max_length"], "training.max_length"
         seconds = [r.get("sentence2") for r in rows]
         pair = seconds if all(isinstance(s, str) for s in seconds) else None
-        lengths = [len(ids) for ids in tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]]
+        ids = tokenizer([r["sentence1"] for r in rows], pair)["input_ids"]
     else:
         limit, limit_name, args.max_length = args.max_length, "training.max_length", None  # the full lengths
         prepared = prepared_rows(args, datasets.Dataset.from_list(rows), tokenizer)
-        lengths = [len(row["input_ids"]) for row in prepared]
-        lost = _truncated_away(recipe, args, limit, prepared) if limit and not args.packing else None
+        ids = [row["input_ids"] for row in prepared]
+    if (unknown := unknown_problem(recipe, tokenizer, ids)) is not None and unknown.is_error:
+        return [unknown]
+    lengths = [len(row) for row in ids]
+    if args is not None and limit and not args.packing:
+        lost = _truncated_away(recipe, args, limit, prepared)
         if lost is not None and lost.is_error:
             return [lost]
     style = "chat template" if chat else "plain text"
     over = f"; {sum(n > limit for n in lengths)} exceed {limit_name}={limit} and will be truncated" \
         if limit else ""
     p50, p95 = (int(np.percentile(lengths, q)) for q in (50, 95))
-    notes = [lost] if lost is not None else []
+    notes = [p for p in (unknown, lost) if p is not None]
     notes += [Problem(where, "dataset", f"{len(lengths)} rows sampled ({style}): tokens per example "
                      f"p50 {p50}, p95 {p95}, max {max(lengths)}{over}", severity="info")]
     if args is not None and not args.packing and len(lengths) > 1:
@@ -91,6 +95,19 @@ def token_stats(recipe: Recipe, examples: list[Sampled]) -> list[Problem]:
         notes.append(Problem(where, "dataset", f"at batch size {batch}, {share:.0%} of computed tokens would "
                              f"be padding ({how})", severity="info"))
     return notes
+
+
+def unknown_problem(recipe: Recipe, tokenizer, ids: list[list[int]]) -> Problem | None:
+    """Many of the sampled rows' tokens the unknown token: the tokenizer cannot read this text (another
+    language's, or none: transformers builds an empty one for a folder saved without its vocabulary file)."""
+    total, unk = sum(map(len, ids)), tokenizer.unk_token_id
+    share = sum(i == unk for row in ids for i in row) / total if unk is not None and total else 0
+    if share < 0.05:  # a rare symbol or emoji a vocabulary lacks is normal
+        return None
+    return recipe.problem(tokenizer_field(recipe), f"{share:.0%} of the sampled rows' tokens are "
+                          f"{tokenizer.unk_token} (unknown): the tokenizer ({len(tokenizer):,} tokens) "
+                          "cannot read this text", "use the model's own tokenizer, saved with its vocabulary",
+                          "error" if share >= 0.5 else "warning")
 
 
 def refused_conversation(recipe: Recipe, tokenizer, examples: list[Sampled]) -> Problem | None:
