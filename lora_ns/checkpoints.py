@@ -1,5 +1,6 @@
 """The output folder of a run: fresh, interrupted (which checkpoint resumes it, and whether this recipe can
-load that checkpoint), or finished (refused unless ``overwrite_output_dir``). Shared by validate and train.
+load that checkpoint), or finished (refused unless ``overwrite_output_dir``); shared by validate and train.
+And the adapter a run leaves, as infer, merge and evaluate read it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from lora_ns.adapters import PROJECTION_NOT_SAVED
 from lora_ns.config import Recipe
-from lora_ns.errors import Problem, UserError, first_line
+from lora_ns.errors import Problem, UserError, fail, first_line
 from lora_ns.fileio import unwritable
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's, beside adapter_model.safetensors
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written by lora_ns.train beside the weights
 FINISHED_MARKER = "run_summary.json"  # written last by lora_ns.train
 # Trainer writes weights, optimizer, scheduler and RNG state first and this file last: a checkpoint without it
@@ -112,6 +115,40 @@ def safetensors_defect(path: Path) -> str | None:
         return f"{path.name} is truncated or has no valid safetensors header ({why})"
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_CONFIG
+    resave = "re-save the adapter, or point at the training output_dir that holds it"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise fail(str(path), "", f"not a readable adapter config ({first_line(err)})", resave)
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise fail(str(path), "peft_type", "missing: not a peft adapter config", resave)
+    from peft import PeftType
+
+    if str(config["peft_type"]) not in PeftType.__members__:
+        raise fail(str(path), "peft_type", f"{config['peft_type']} is no adapter type this peft knows",
+                   f"upgrade peft (pip install -U peft), or {resave}")
+    return config
+
+
+def check_adapter(folder: Path) -> dict[str, Any]:
+    """The adapter's config, once its weights are known to be whole safetensors (a pickle can run code)."""
+    config, weights = read_adapter_config(folder), folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
+        found = "not found" + pickle * weights.with_suffix(".bin").is_file()
+        raise fail(str(weights), "", found, "re-save the adapter as safetensors (save_pretrained), "
+                   "or point at a complete training output_dir")
+    if why := safetensors_defect(weights):
+        raise fail(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter")
+    return config
+
+
 def checkpoint_defect(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from: no trainer_state.json, or a weights, optimizer or
     scheduler file that is not whole. Reads headers and zip indexes only, never unpickles."""
@@ -119,6 +156,9 @@ def checkpoint_defect(folder: Path) -> str | None:
         json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"no readable {COMPLETE_MARKER} (cut off mid-save)"
+    engine_saved = any(folder.glob("global_step*")) or any(folder.glob("pytorch_model_fsdp*"))  # their own
+    if not engine_saved and not any(folder.glob("*.safetensors")):  # the Trainer's "no valid checkpoint"
+        return "no weights (adapter_model.safetensors or model.safetensors)"
     for file in sorted(folder.iterdir()):
         if file.suffix == ".safetensors" and (why := safetensors_defect(file)):
             return why
@@ -167,43 +207,55 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
     """A checkpoint saved from another model than this recipe builds (peft r or target modules, the model or
     its vocabulary changed since): resuming would stop on a size mismatch or the optimizer's parameter groups.
     `model`: the trainer's, real or on the meta device; only the checkpoint's safetensors headers are read."""
-    from safetensors import safe_open
-
     folder, adapter = Path(checkpoint or ""), hasattr(model, "peft_config")
     if checkpoint is None or not folder.is_dir():
         return None
+    saved_config: dict = {}
     if adapter:
-        from peft import get_peft_model_state_dict
-
         config = folder / "adapter_config.json"
         saved_config = json.loads(config.read_text()) if config.is_file() else {}
         if problem := unloadable(recipe, checkpoint, saved_config):
             return problem
-        files, config = [folder / "adapter_model.safetensors"], model.peft_config[model.active_adapter]
-        # in inference mode peft takes a prompt encoder's embedding as it is (what a checkpoint loads into)
-        # instead of running the encoder and copying its output off the device, which a meta model cannot
-        training, config.inference_mode = config.inference_mode, True
-        try:
-            ours = get_peft_model_state_dict(model)
-        finally:
-            config.inference_mode = training
+        ours, files = adapter_shapes(model), [folder / "adapter_model.safetensors"]
     else:
-        ours, files = model.state_dict(), sorted(folder.glob("model*.safetensors"))
+        ours = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+        files = sorted(folder.glob("model*.safetensors"))
+    if why := shapes_differ(ours, files, adapter):
+        return recipe.problem("peft" if adapter else "model.name_or_path", f"cannot resume from "
+                              f"{checkpoint}: it was saved with {why}", "set the recipe back as that run had "
+                              "it, or train afresh in another training.output_dir")
+    return adapter and base_model_problem(recipe, checkpoint, saved_config, model) or None
+
+
+def adapter_shapes(model) -> dict[str, list[int]]:
+    """The shapes of what peft saves of `model`'s adapter, as its files name them."""
+    from peft import get_peft_model_state_dict
+
+    # in inference mode peft takes a prompt encoder's embedding as it is (what a checkpoint loads into)
+    # instead of running the encoder and copying its output off the device, which a meta model cannot
+    config = model.peft_config[model.active_adapter]
+    training, config.inference_mode = config.inference_mode, True
+    try:
+        return {name: list(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+    finally:
+        config.inference_mode = training
+
+
+def shapes_differ(ours: dict[str, list[int]], files: list[Path], adapter: bool) -> str | None:
+    """What in the saved `files` does not fit the shapes `ours` (read from the safetensors headers), or None;
+    an adapter's tensors must also be the same set (other target modules)."""
+    from safetensors import safe_open
+
     saved: dict[str, list[int]] = {}
     for file in (f for f in files if f.is_file()):
         with safe_open(file, "pt") as weights:
             saved.update({name: list(weights.get_slice(name).get_shape()) for name in weights.keys()})
-    shapes = {name: list(tensor.shape) for name, tensor in ours.items()}
-    if differ := [name for name in sorted(saved.keys() & shapes.keys()) if saved[name] != shapes[name]]:
-        why = f"{differ[0]} of shape {saved[differ[0]]}, this recipe builds {shapes[differ[0]]}"
-    elif adapter and saved and saved.keys() != shapes.keys():
-        name = min(saved.keys() ^ shapes.keys())
-        why = f"{name} {'but this recipe has none' if name in saved else 'missing'} (other target modules)"
-    else:
-        return adapter and base_model_problem(recipe, checkpoint, saved_config, model) or None
-    return recipe.problem("peft" if adapter else "model.name_or_path", f"cannot resume from {checkpoint}: "
-                          f"it was saved with {why}", "set the recipe back as that run had it, or train "
-                          "afresh in another training.output_dir")
+    if differ := [name for name in sorted(saved.keys() & ours.keys()) if saved[name] != ours[name]]:
+        return f"{differ[0]} of shape {saved[differ[0]]}, this recipe builds {ours[differ[0]]}"
+    if adapter and saved and saved.keys() != ours.keys():
+        name = min(saved.keys() ^ ours.keys())
+        return f"{name} {'but this recipe has none' if name in saved else 'missing'} (other target modules)"
+    return None
 
 
 def unloadable(recipe: Recipe, checkpoint: str, saved_config: dict) -> Problem | None:

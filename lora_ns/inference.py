@@ -9,7 +9,6 @@ only when the recipe trusts it. Prompts are rendered as training rendered them (
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from contextlib import contextmanager
@@ -19,13 +18,13 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from lora_ns.adapters import merge_blocker, prefix_generation_problem
 from lora_ns.builtin_models import resolve_model_path
-from lora_ns.checkpoints import safetensors_defect, saved_recipe_file
+from lora_ns.checkpoints import ADAPTER_CONFIG, check_adapter, is_adapter_dir, saved_recipe_file
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data.render import prompt_text, render, split_last_reply, uses_chat_template
 from lora_ns.errors import fail, first_line, program
 from lora_ns.model import auto_model_class, head_loaded_next, model_kwargs, tokenizer_as_trained
 
-ADAPTER_CONFIG, MERGE_INFO = "adapter_config.json", "merge_info.json"
+MERGE_INFO = "merge_info.json"
 PromptInput = str | list[dict[str, str]]
 
 
@@ -43,37 +42,6 @@ class Loaded:
     recipe: Recipe | None = None
     base: str | None = None  # the base model an adapter was loaded on
     requantized_layers: int = 0  # to merge: the base's layers that went through the 4-bit round trip
-
-
-# --- what a folder holds ----------------------------------------------------------------------------
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / ADAPTER_CONFIG
-    resave = "re-save the adapter, or point at the training output_dir that holds it"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise fail(str(path), "", f"not a readable adapter config ({first_line(err)})", resave)
-    if not isinstance(config, dict) or not config.get("peft_type"):
-        raise fail(str(path), "peft_type", "missing: not a peft adapter config", resave)
-    return config
-
-
-def check_adapter(folder: Path) -> dict[str, Any]:
-    """The adapter's config, once its weights are known to be whole safetensors (a pickle can run code)."""
-    config, weights = read_adapter_config(folder), folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
-        found = "not found" + pickle * weights.with_suffix(".bin").is_file()
-        raise fail(str(weights), "", found, "re-save the adapter as safetensors (save_pretrained), "
-                   "or point at a complete training output_dir")
-    if why := safetensors_defect(weights):
-        raise fail(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter")
-    return config
 
 
 def local_model_path(path: str, flag: str, fix: str) -> str:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.adapters import merge_blocker
-from lora_ns.checkpoints import RECIPE_FILE, saved_recipe_file
+from lora_ns.checkpoints import (ADAPTER_CONFIG, RECIPE_FILE, is_adapter_dir, read_adapter_config,
+                                 saved_recipe_file)
 from lora_ns.command_line import CommandParser
 from lora_ns.config import TORCH_DTYPES, load_recipe
 from lora_ns.errors import fail, run_cli
 from lora_ns.fileio import atomic_folder, unwritable, write_json_atomic
-from lora_ns.inference import ADAPTER_CONFIG, MERGE_INFO, is_adapter_dir, load, read_adapter_config
+from lora_ns.inference import MERGE_INFO, load
 from lora_ns.model import torch_dtype
 
 PROG = "lora_ns.merge"

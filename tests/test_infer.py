@@ -313,6 +313,18 @@ def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "not found" in err and err.count("\n") == 0
 
 
+def test_an_adapter_type_peft_does_not_know_is_one_line(adapter_dir, tmp_path, capsys):
+    """A newer peft's adapter (or a hand-edited config): peft's KeyError traceback from infer and evaluate."""
+    import shutil
+
+    copy = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FOO"}))
+    code = run_cli("lora_ns.infer", lambda: main(["--model", str(copy), "--prompt", "hi"]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "peft_type: FOO is no adapter type this peft knows" in err
+
+
 def test_a_home_relative_model_path_is_expanded(adapter_dir, capsys, monkeypatch):
     """``--model=~/run`` (no shell expands a ``~`` after ``=``) was called missing though the folder exists."""
     monkeypatch.setenv("HOME", str(adapter_dir.parent))

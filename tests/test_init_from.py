@@ -75,6 +75,38 @@ def test_validate_checks_the_adapter_folder(tiny_llama, tmp_path, override, mess
     assert "peft.init_from" in str(err.value)
 
 
+def test_an_adapter_folder_that_cannot_load_is_refused(tiny_llama, tmp_path):
+    """Weights missing (peft then asked the Hub: HFValidationError), cut short (SafetensorError), only a pickle
+    (which peft loaded), or not fitting the model (its config edited, or another base: a page of size
+    mismatches): each passed validate and failed as training loaded it."""
+    import shutil
+
+    from lora_ns.setup import setup
+
+    run(tmp_path, "first")
+
+    def refusal(spoil) -> str:
+        adapter = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tmp_path / "first", adapter)
+        spoil(adapter)
+        recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+            f"training.output_dir={tmp_path / 'next'}", f"peft.init_from={adapter}"])
+        with pytest.raises(UserError) as err:
+            setup(recipe, dry_run=True)
+        return str(err.value)
+
+    weights = "adapter_model.safetensors"
+    assert f"{weights}: not found" in refusal(lambda a: (a / weights).unlink())
+    assert f"{weights}: not found" in refusal(lambda a: (a / weights).rename(a / "adapter_model.bin"))
+    cut = refusal(lambda a: (a / weights).write_bytes((a / weights).read_bytes()[:100]))
+    assert f"{weights} is truncated" in cut
+
+    def rank_two(adapter):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    assert "does not fit this model: it holds base_model.model" in refusal(rank_two)
+
+
 def test_a_projected_prefix_cannot_be_continued(tmp_path):
     """peft saves a prefix_projection adapter's projected prefix, not the projection: nothing to train on."""
     from lora_ns.setup import setup

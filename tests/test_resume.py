@@ -93,10 +93,13 @@ def test_resume_auto_explicit_and_off(tmp_path, capsys):
     assert resume_target(recipe(out, resume_from_checkpoint="no")) is None
 
 
-@pytest.mark.parametrize("wanted, words", [("nowhere/checkpoint-7", "not found"), ("partial", COMPLETE_MARKER)])
+@pytest.mark.parametrize("wanted, words", [("nowhere/checkpoint-7", "not found"), ("partial", COMPLETE_MARKER),
+                                           ("weightless", "no weights")])  # the Trainer's "no valid checkpoint"
 def test_resume_from_a_bad_path_is_a_user_error(tmp_path, wanted, words):
     """setup's rules (validate and train alike) refuse it before anything loads."""
     fake_checkpoint(tmp_path, 0, complete=False).rename(tmp_path / "partial")
+    (fake_checkpoint(tmp_path, 1) / "adapter_model.safetensors").unlink()
+    (tmp_path / "checkpoint-1").rename(tmp_path / "weightless")
     with pytest.raises(UserError) as err:
         setup(recipe(tmp_path / "run", resume_from_checkpoint=str(tmp_path / wanted)), dry_run=False,
               checks=Checks(data=False, model=False))

@@ -244,6 +244,7 @@ def test_existing_local_paths_pass(tmp_path, tiny_llama):
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # empty, whole
     resume = make({"training": {"resume_from_checkpoint": str(checkpoint)}})
     assert list(rules.resume_checkpoint_exists(resume)) == []
 

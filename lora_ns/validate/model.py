@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from lora_ns.adapters import apply_peft, count_parameters, merge_blocker, prefix_generation_problem
 from lora_ns.builtin_models import is_builtin, resolve_model_path
-from lora_ns.checkpoints import resume_problem, resume_target
+from lora_ns.checkpoints import adapter_shapes, resume_problem, resume_target, shapes_differ
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
@@ -261,6 +261,20 @@ def adapter_problem(recipe: Recipe, peft_model) -> Problem | None:
     return None
 
 
+def init_from_problem(recipe: Recipe, model) -> Problem | None:
+    """The adapter ``peft.init_from`` names does not fit this model (it was trained on another, or its config
+    was edited): loading it would stop on a page of size mismatches. `model`: with that adapter's config."""
+    if not recipe.peft.init_from or not hasattr(model, "peft_config"):
+        return None
+    if getattr(model.peft_config[model.active_adapter], "rank_pattern", None):  # AdaLoRA's, saved pruned to
+        return None  # its ranks: peft cuts the built adapter so as it loads (not on the meta device)
+    folder = Path(recipe.peft.init_from).expanduser()
+    if why := shapes_differ(adapter_shapes(model), [folder / "adapter_model.safetensors"], adapter=True):
+        return recipe.problem("peft.init_from", f"{folder} does not fit this model: it holds {why}",
+                              "start from an adapter trained on model.name_or_path, or remove peft.init_from")
+    return None
+
+
 def parameter_count(recipe: Recipe, model) -> list[Problem]:
     """Apply the recipe's peft config to the meta model and report trainable / total parameters (and
     whether the checkpoint an interrupted run resumes from fits it)."""
@@ -275,7 +289,8 @@ def parameter_count(recipe: Recipe, model) -> list[Problem]:
     except (ValueError, TypeError, KeyError) as err:  # e.g. r: 0, lora_dropout: 1.5 (torch's Dropout)
         return [library_problem(recipe, "peft", recipe.peft.options, err, "the peft config docs")]
     resumed = resume_target(recipe, quiet=True)
-    found = [p for p in (adapter_problem(recipe, model), resume_problem(recipe, model, resumed)) if p]
+    found = [p for p in (adapter_problem(recipe, model), resume_problem(recipe, model, resumed),
+                         init_from_problem(recipe, model)) if p]
     if errors := [p for p in found if p.is_error]:
         return errors[:1]
     for name, param in model.named_parameters():
