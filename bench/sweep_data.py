@@ -1,10 +1,11 @@
 """What passes validate and then fails in training, for *data* rather than settings: each task's bundled
 sample written as JSON lines, JSON, Parquet, CSV and TSV (flat rows), then one row spoiled (row 10 of 16, so
 a check of the first rows alone misses it) or the whole file spoiled (bytes that are not UTF-8, a BOM, CRLF
-line ends, blank lines, a cut-off last line); the JSON lines also streamed, and as the validation file. Each case is validated with train's own set-up and, when that
-passes, trained two steps on the tiny models, as in bench/sweep_combos.py.
+line ends, blank lines, a cut-off last line); the JSON lines also streamed, and as the validation file.
+Each case is validated with train's own set-up and, when that passes, trained two steps on the tiny models,
+as in bench/sweep_combos.py.
 
-    python bench/sweep_data.py                 # every case (~25 minutes on 2 CPU cores)
+    python bench/sweep_data.py                 # every case (~7 minutes on 2 CPU cores)
     python bench/sweep_data.py seq_cls kto     # the cases of some tasks
     python bench/sweep_data.py seq_cls:csv     # ... in one format
     python bench/sweep_data.py stream kto:eval # streamed cases; kto's spoiled validation files
@@ -71,14 +72,14 @@ OTHER_FORMATS_ROW = ("null", "number", "missing", "empty", "long")  # the rest o
 LABELS = ["1", 1.0, "true", True, 2, -1, "positive", None, 0.5]
 MESSAGES: dict[str, Callable[[list], Any]] = {
     "unknown_role": lambda m: [{**m[0], "role": "bot"}, *m[1:]],
-    "null_content": lambda m: [m[0], {**m[-1], "content": None}] if len(m) > 1 else [{**m[0], "content": None}],
+    "null_content": lambda m: [*m[:-1], {**m[-1], "content": None}],
     "no_assistant": lambda m: [x for x in m if x.get("role", x.get("from")) not in ("assistant", "gpt")],
     "assistant_first": lambda m: list(reversed(m)),
     "system_only": lambda m: [{"role": "system", "content": "Be brief."}],
     "no_role": lambda m: [{"content": "hi"}, *m[1:]],
     "empty_list": lambda m: [],
     "a_string": lambda m: "hello",
-    "content_parts": lambda m: [{**x, "content": [{"type": "text", "text": str(x.get("content"))}]} for x in m],
+    "content_parts": lambda m: [{**x, "content": [{"type": "text", "text": str(x["content"])}]} for x in m],
     "image_part": lambda m: [{**m[0], "content": [{"type": "image", "url": "x.png"}]}, *m[1:]],
     "empty_reply": lambda m: [*m[:-1], {**m[-1], "content": ""}],
 }
@@ -97,7 +98,8 @@ def _scaled(value: Any, times: int, tail: str = "") -> Any:
 def sample_rows(sample: str) -> Rows:
     path = resolve_sample(f"sample:{sample}")
     if path.endswith(".txt"):
-        return [{"text": line} for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()][:16]
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return [{"text": line} for line in lines if line.strip()][:16]
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()][:16]
 
 

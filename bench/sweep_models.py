@@ -42,7 +42,8 @@ def resave(folder: Path, **kwargs) -> None:
     import transformers
 
     architecture = json.loads((folder / "config.json").read_text(encoding="utf-8"))["architectures"][0]
-    model = getattr(transformers, architecture).from_pretrained(folder, dtype=kwargs.pop("dtype", torch.float32))
+    dtype = kwargs.pop("dtype", torch.float32)
+    model = getattr(transformers, architecture).from_pretrained(folder, dtype=dtype)
     (folder / "model.safetensors").unlink()
     model.save_pretrained(folder, **kwargs)
 
@@ -84,7 +85,7 @@ DEFECTS: dict[str, Callable[[Path], None]] = {
     "clean": lambda folder: None,
     "no_tokenizer": delete("tokenizer.json", "tokenizer_config.json"),
     "no_config": delete("config.json"),
-    "config_not_json": lambda folder: (folder / "config.json").write_text("{\"model_type\": ", encoding="utf-8"),
+    "config_not_json": lambda folder: (folder / "config.json").write_text('{"model_type": ', "utf-8"),
     "no_architectures": lambda folder: edit_json(folder, "config.json", lambda c: c.pop("architectures")),
     "unknown_model_type": config(model_type="llamax"),
     "remote_code": config(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM",
@@ -110,9 +111,11 @@ DEFECTS: dict[str, Callable[[Path], None]] = {
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "utf-8"),
     "generation_config_not_json": lambda folder: (folder / "generation_config.json").write_text("{", "utf-8"),
     "head_of_3_classes": lambda folder: (config(num_labels=3, id2label={i: str(i) for i in range(3)},
-                                                label2id={str(i): i for i in range(3)})(folder), resave(folder)),
+                                                label2id={str(i): i for i in range(3)})(folder),
+                                         resave(folder)),
 }
-CHAT_ONLY = {"no_chat_template", "template_not_jinja", "template_without_generation", "generation_config_not_json"}
+CHAT_ONLY = {"no_chat_template", "template_not_jinja", "template_without_generation",
+             "generation_config_not_json"}
 SEQ_CLS_ONLY = {"head_of_3_classes"}  # the recipe's classifier has 2
 
 

@@ -44,8 +44,10 @@ def write(name: str, text: str) -> Callable[[Path], None]:
 
 
 def adapter_config(**change) -> Callable[[Path], None]:
-    return lambda folder: edit_json(folder, CONFIG, lambda c: [c.pop(k, None) if v is None else c.update({k: v})
-                                                               for k, v in change.items()])
+    def edit(config: dict) -> None:
+        for key, value in change.items():
+            config.pop(key, None) if value is None else config.update({key: value})
+    return lambda folder: edit_json(folder, CONFIG, edit)
 
 
 def pickled(folder: Path) -> None:
@@ -102,8 +104,8 @@ def output_steps(recipe: Path, run: Path, task: str) -> list[tuple[str, object, 
     again = [str(recipe), "training.max_steps=3", f"training.output_dir={run.parent / 'next'}"]
     return [("infer", infer, ["--model", str(run), *ask, "--no-progress"]),
             ("merge", merge, ["--adapter", str(run), "--output", str(run.parent / "merged")]),
-            ("evaluate", evaluate, ["--adapter", str(run), "--limit", "4", "--max-new-tokens", "4", "--no-progress",
-                                    "--output-dir", str(run.parent / "eval")]),
+            ("evaluate", evaluate, ["--adapter", str(run), "--limit", "4", "--max-new-tokens", "4",
+                                    "--no-progress", "--output-dir", str(run.parent / "eval")]),
             ("init_from", train, [*again, f"peft.init_from={run}"])]
 
 

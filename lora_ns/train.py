@@ -24,9 +24,9 @@ from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import build_datasets, encode_pairs, is_pair
 from lora_ns.data.loading import read_every_row
 from lora_ns.data.sources import source_for
-from lora_ns.errors import Problem, UserError, run_cli
+from lora_ns.errors import Problem, UserError, first_line, run_cli
 from lora_ns.metrics import classification_metrics
-from lora_ns.model import eos_problem, load_model, load_tokenizer, vocabulary_problem
+from lora_ns.model import eos_problem, load_model, load_tokenizer, tokenizer_field, vocabulary_problem
 from lora_ns.preference import PREFERENCE_TASKS, preference_trainer, try_prompt_templates
 from lora_ns.pretrain import pretrain_datasets
 from lora_ns.run_record import save_run
@@ -153,7 +153,8 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     set_seed(args.seed)  # before peft creates (randomly initialised) adapter weights
     avoid_cudnn_attention(recipe)
     score_label_positions_only(args)
-    tokenizer = load_tokenizer(recipe)
+    with hub_errors(recipe, "tokenizer", tokenizer_field(recipe)):
+        tokenizer = load_tokenizer(recipe)
     if (problem := eos_problem(recipe, tokenizer)) is not None:  # the nets for what validate could not reach
         raise UserError(problem)
     build = pretrain_datasets if recipe.task == "pretrain" else build_datasets  # preference rows too
@@ -163,7 +164,8 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
         with trainer_errors(recipe):
             for rows in datasets:
                 try_prompt_templates(tokenizer, rows)
-    model = load_model(recipe, tokenizer)
+    with hub_errors(recipe, "model", "model.name_or_path"):
+        model = load_model(recipe, tokenizer)
     problem = vocabulary_problem(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     if problem is not None and problem.is_error:
         raise UserError(problem)
@@ -176,6 +178,17 @@ def prepare(recipe: Recipe, args) -> tuple[Any, Any, tuple[int, int]]:
     with args.main_process_first(desc="tokenize the datasets"), trainer_errors(recipe, starting=True):
         trainer = build_trainer(recipe, args, model, tokenizer, *datasets)
     return trainer, tokenizer, (trainable, total)
+
+
+@contextmanager
+def hub_errors(recipe: Recipe, what: str, field: str) -> Iterator[None]:
+    """A tokenizer or model validate could not reach (a Hub id, offline there; a gated or missing repo) that
+    does not load here either, as one line."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(recipe.problem(field, f"cannot load the {what}: {first_line(err, 300)}", "check the "
+                                       "id; offline (HF_HUB_OFFLINE), it must be in the HF cache")) from None
 
 
 @contextmanager

@@ -129,6 +129,19 @@ def test_missing_flash_attention_stops_before_loading(tmp_path, tiny_llama, caps
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_a_hub_tokenizer_or_model_that_does_not_load_at_train_is_one_line(tmp_path, capsys, tiny_llama):
+    """Validate can only warn about a Hub id it cannot reach (offline here); train, which must load it, printed
+    huggingface_hub's OSError traceback."""
+    from lora_ns.errors import run_cli
+    from lora_ns.train import main
+
+    base = [str(REPO / "recipes" / "quickstart.yaml"), f"training.output_dir={tmp_path / 'out'}"]
+    for field in ("model.tokenizer_name_or_path", "model.name_or_path"):
+        assert run_cli("lora_ns.train", lambda: main([*base, f"{field}=some-org/not-cached-xyz"])) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line or "Traceback" in line]
+        assert len(err) == 1 and f"{field}: cannot load the " in err[0] and "HF cache" in err[0], err
+
+
 def test_a_run_that_trains_no_step_is_an_error_not_a_finished_run(tmp_path, capsys):
     """6 rows packed, batches of 8 with dataloader_drop_last: not one batch. The run said "Training finished",
     saved the untrained adapter and marked the run finished (exit 0). (Unpacked, validate counts the rows.)"""
