@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lora_ns.builtin_models import unknown_builtin
+from lora_ns.builtin_models import is_builtin, unknown_builtin
 from lora_ns.checkpoints import checkpoint_problem, finished_run_fix, is_finished, output_dir_problem
 from lora_ns.config import Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
@@ -28,8 +28,9 @@ from lora_ns.validate.adapter import (
 Rule = Callable[[Recipe], Iterator[Problem]]
 
 
-def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
-    """(The head needs no rule: for SEQ_CLS peft itself adds classifier/score to modules_to_save.)"""
+def classifier_fields(r: Recipe) -> Iterator[Problem]:
+    """The classes a seq_cls recipe names, and the fields only a classifier reads or only it ignores. (The
+    head needs no rule: for SEQ_CLS peft itself adds classifier/score to modules_to_save.)"""
     m = r.model
     if r.task == "seq_cls" and not (m.num_labels or m.labels):
         yield r.problem("model.num_labels", "seq_cls needs the number of classes",
@@ -44,6 +45,12 @@ def seq_cls_labels(r: Recipe) -> Iterator[Problem]:
         twice = sorted({name for name in m.labels if m.labels.count(name) > 1})
         yield r.problem("model.labels", f"{', '.join(twice)} named twice (label ids map names one to one)",
                         "give each class its own name")
+    if r.dataset.pairs is not None and r.task != "seq_cls":
+        yield r.problem("dataset.pairs", f"only a classifier reads sentence pairs: ignored by {r.task}",
+                        "remove dataset.pairs", "warning")
+    if r.dataset.system_prompt and r.task == "seq_cls":
+        yield r.problem("dataset.system_prompt", "a classifier reads its texts as they are, not as a chat: "
+                        "ignored by seq_cls", "remove dataset.system_prompt", "warning")
 
 
 def data_splits(r: Recipe) -> Iterator[Problem]:
@@ -146,6 +153,10 @@ def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
                            or field.endswith("chat_template_path") and "/" not in value)  # nor owner/name
         if local and not Path(value).expanduser().exists():
             yield r.problem(field, f"{value} not found", "check the path, or use a hub id")
+    name = r.model.name_or_path
+    if r.model.revision and (is_builtin(name) or Path(name).expanduser().is_dir()):
+        yield r.problem("model.revision", f"only a Hub model has a revision: ignored for {name}",
+                        "remove model.revision", "warning")
     if isinstance(ds := r.training.get("deepspeed"), str) and not Path(ds).expanduser().is_file():
         yield r.problem("training.deepspeed", f"DeepSpeed config {ds} not found", "give the JSON's path from "
                         "where training starts, or launch with an accelerate DeepSpeed config instead")
@@ -199,7 +210,7 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values, seq_cls_labels,
+    quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values, classifier_fields,
     data_splits, values_in_range, names_resolve, local_model_paths_exist, no_secrets_in_recipe,
     resume_checkpoint_exists, output_dir_usable, checkpoints_are_saved, init_adapter_fits,
     check_preference_recipe, check_pretrain,
