@@ -170,13 +170,18 @@ def test_not_utf8(tmp_path, good_rows, streaming):
     assert text.startswith(f"{data}:{good_rows + 1}: not UTF-8 text")
 
 
-def test_sharegpt_unknown_speaker(tmp_path):
+def test_sharegpt_unknown_speaker_and_a_turn_without_text(tmp_path):
     data = tmp_path / "chats.jsonl"
     ok = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
     bad = {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}
     data.write_text(lines(ok, bad), encoding="utf-8")
     text = one_problem(lambda: list(formatted_examples(recipe(data, "sharegpt"))))
     assert text.startswith(f"{data}:2: conversations: turn 2 has unknown speaker 'from: robot'")
+    bad["conversations"][1] = {"from": "gpt", "value": None}  # said in chat's words ("message 2 ... content")
+    data.write_text(lines(ok, bad), encoding="utf-8")
+    text = one_problem(lambda: list(formatted_examples(recipe(data, "sharegpt"))))
+    assert text.startswith(f"{data}:2: conversations: turn 2 (gpt) value must be text, got null")
+    assert '"value": "..."' in text
 
 
 def test_messages_without_an_assistant_turn(tmp_path):

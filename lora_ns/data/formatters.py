@@ -167,6 +167,10 @@ def sharegpt(row: Row) -> Row:
         if role is None:
             raise RowError("conversations", f"turn {i} has unknown speaker 'from: {turn['from']}'",
                            "use system, human or gpt")
+        if turn["value"] is None or isinstance(turn["value"], (bool, dict)):  # said in ShareGPT's words
+            got = "null" if turn["value"] is None else type(turn["value"]).__name__
+            raise RowError("conversations", f"turn {i} ({turn['from']}) value must be text, got {got}",
+                           'write the text as "value": "...", or drop the turn or the row')
         converted.append({"role": role, "content": turn["value"]})
     return {"messages": check_messages(converted, "conversations")}
 
