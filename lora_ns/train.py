@@ -187,8 +187,9 @@ def hub_errors(recipe: Recipe, what: str, field: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise UserError(recipe.problem(field, f"cannot load the {what}: {first_line(err, 300)}", "check the "
-                                       "id; offline (HF_HUB_OFFLINE), it must be in the HF cache")) from None
+        why = first_line(err, 300)
+        fix = "check the id or path; offline (HF_HUB_OFFLINE), it must be in the HF cache"
+        raise UserError(recipe.problem(field, f"cannot load the {what}: {why}", fix)) from None
 
 
 @contextmanager

@@ -170,7 +170,7 @@ def _load_tokenizer(recipe: Recipe) -> tuple[Any, str]:
         return load_tokenizer(recipe), ""
     except UserError:  # the recipe's own mistake (e.g. model.chat_template), not a broken download
         raise
-    except Exception as err:  # a broken or partial download: report it, don't fail validation
+    except Exception as err:  # from the Hub cache (a partial download): reported; training may reach it
         if not (is_builtin(name) or Path(name).is_dir()):
             return None, f"tokenizer '{name}' could not be loaded ({first_line(err)})"
         # a local folder: what training loads, and cannot
