@@ -216,6 +216,9 @@ def converter(columns: list[str], src: Source, recipe: Recipe, tokenizer=None) -
     return RowConverter(FORMATTERS[name], found, src, recipe, tokenizer)
 
 
+NEW = "__lora_ns__"  # `_convert`'s output columns, until renamed
+
+
 def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     """`raw` converted row by row. The output columns are written under new names, then renamed: `datasets`
     gives an output column the type of the input column of its name, and a column of mixed types (a number
@@ -223,15 +226,13 @@ def _convert(raw, src: Source, recipe: Recipe, tokenizer):
     are not retyped, and its columns are not known without reading a row.)"""
     import datasets
 
-    columns, convert = columns_of(raw), converter(columns_of(raw), src, recipe, tokenizer)
+    columns = columns_of(raw)
+    convert = converter(columns, src, recipe, tokenizer)
     if not isinstance(raw, datasets.Dataset):
         return raw.map(convert, with_indices=True, remove_columns=columns)
     converted = raw.map(lambda row, i: {NEW + k: v for k, v in convert(row, i).items()}, with_indices=True,
                         remove_columns=columns)
     return converted.rename_columns({c: c[len(NEW):] for c in converted.column_names})
-
-
-NEW = "__lora_ns__"  # `_convert`'s output columns, until renamed
 
 
 def hold_out(data, recipe: Recipe):
