@@ -18,7 +18,7 @@ from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, fail, first_line
 from lora_ns.fileio import unwritable
 
-ADAPTER_CONFIG = "adapter_config.json"  # peft's, beside adapter_model.safetensors
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's adapter files
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written by lora_ns.train beside the weights
 FINISHED_MARKER = "run_summary.json"  # written last by lora_ns.train
 # Trainer writes weights, optimizer, scheduler and RNG state first and this file last: a checkpoint without it
@@ -136,16 +136,22 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def adapter_weights_defect(folder: Path) -> str | None:
+    """Why `folder` holds no whole safetensors adapter weights (a pickle, which can run code, is never
+    loaded), or None."""
+    weights = folder / ADAPTER_WEIGHTS
+    if weights.is_file():
+        return safetensors_defect(weights)
+    return "not found" + " (only a pickle adapter_model.bin, which lora_ns does not load)" * \
+        weights.with_suffix(".bin").is_file()
+
+
 def check_adapter(folder: Path) -> dict[str, Any]:
-    """The adapter's config, once its weights are known to be whole safetensors (a pickle can run code)."""
-    config, weights = read_adapter_config(folder), folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickle = " (only a pickle adapter_model.bin, which lora_ns does not load)"
-        found = "not found" + pickle * weights.with_suffix(".bin").is_file()
-        raise fail(str(weights), "", found, "re-save the adapter as safetensors (save_pretrained), "
-                   "or point at a complete training output_dir")
-    if why := safetensors_defect(weights):
-        raise fail(str(weights), "", why, "the copy is incomplete: copy or re-save the adapter")
+    """The adapter's config, once its weights are known to be whole safetensors."""
+    config = read_adapter_config(folder)
+    if why := adapter_weights_defect(folder):
+        raise fail(str(folder / ADAPTER_WEIGHTS), "", why, "re-save the adapter as safetensors "
+                   "(save_pretrained), or copy the whole training output_dir again")
     return config
 
 
@@ -216,7 +222,7 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
         saved_config = json.loads(config.read_text()) if config.is_file() else {}
         if problem := unloadable(recipe, checkpoint, saved_config):
             return problem
-        ours, files = adapter_shapes(model), [folder / "adapter_model.safetensors"]
+        ours, files = adapter_shapes(model), [folder / ADAPTER_WEIGHTS]
     else:
         ours = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
         files = sorted(folder.glob("model*.safetensors"))

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from lora_ns.adapters import PROJECTION_NOT_SAVED
 from lora_ns.builtin_models import PREFIX
-from lora_ns.checkpoints import safetensors_defect
+from lora_ns.checkpoints import ADAPTER_WEIGHTS, adapter_weights_defect
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
 from lora_ns.hf_fields import PEFT_TYPES, peft_task_type
@@ -114,10 +114,9 @@ def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
     if (task_type := saved.get("task_type")) and task_type != (wanted := peft_task_type(r.task)):
         yield r.problem("peft.init_from", f"{path} holds a {task_type} adapter, this {r.task} recipe trains "
                         f"a {wanted} one", "start from an adapter of the same task, or remove peft.init_from")
-    weights = config_file.parent / "adapter_model.safetensors"
-    if why := ("not found" if not weights.is_file() else safetensors_defect(weights)):
-        yield r.problem("peft.init_from", f"{weights}: {why}", "point it at a complete adapter folder (its "
-                        "weights saved as safetensors)")
+    if why := adapter_weights_defect(config_file.parent):
+        yield r.problem("peft.init_from", f"{config_file.parent / ADAPTER_WEIGHTS}: {why}", "point it at a "
+                        "complete adapter folder (its weights saved as safetensors)")
     if r.peft.options:
         yield r.problem("peft.init_from", "the adapter's own config is used; ignoring "
                         f"{', '.join(sorted(r.peft.options))}", "remove those keys", "warning")

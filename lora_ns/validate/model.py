@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from lora_ns.adapters import apply_peft, count_parameters, merge_blocker, prefix_generation_problem
 from lora_ns.builtin_models import is_builtin, resolve_model_path
-from lora_ns.checkpoints import adapter_shapes, resume_problem, resume_target, shapes_differ
+from lora_ns.checkpoints import ADAPTER_WEIGHTS, adapter_shapes, resume_problem, resume_target, shapes_differ
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
@@ -269,7 +269,7 @@ def init_from_problem(recipe: Recipe, model) -> Problem | None:
     if getattr(model.peft_config[model.active_adapter], "rank_pattern", None):  # AdaLoRA's, saved pruned to
         return None  # its ranks: peft cuts the built adapter so as it loads (not on the meta device)
     folder = Path(recipe.peft.init_from).expanduser()
-    if why := shapes_differ(adapter_shapes(model), [folder / "adapter_model.safetensors"], adapter=True):
+    if why := shapes_differ(adapter_shapes(model), [folder / ADAPTER_WEIGHTS], adapter=True):
         return recipe.problem("peft.init_from", f"{folder} does not fit this model: it holds {why}",
                               "start from an adapter trained on model.name_or_path, or remove peft.init_from")
     return None
