@@ -148,6 +148,9 @@ def test_the_plugin_accelerate_would_build(path, clean_env):
     ("distributed_type: MULTI_GPU\n  num_processes: 2\n: x\n", "", "invalid YAML"),
     ("- distributed_type: MULTI_GPU\n", "", "must be a mapping"),
     ("", "", "must be a mapping"),
+    # validate's process count and accelerate's launch read them with int(): a ValueError traceback
+    ("distributed_type: MULTI_GPU\nnum_processes: eight\n", "num_processes", "'eight' is not a whole number"),
+    ("distributed_type: MULTI_GPU\nnum_processes: 2\nnum_machines: -2\n", "num_machines", "at least 1"),
 ])
 def test_unreadable_configs_are_one_problem_each(tmp_path, text, field, words):
     path = tmp_path / "acc.yaml"
@@ -155,6 +158,15 @@ def test_unreadable_configs_are_one_problem_each(tmp_path, text, field, words):
     problems = check_launch(recipe(), str(path))
     assert [p.field for p in problems] == [field] and words in problems[0].message + problems[0].fix
     assert problems[0].file == str(path)
+
+
+def test_processes_left_to_the_launch_are_not_refused(tmp_path):
+    """num_processes: -1 is accelerate's own default, for a count given at launch (SLURM): one process to
+    validate's checks, where it had counted -1."""
+    path = tmp_path / "acc.yaml"
+    path.write_text("distributed_type: MULTI_GPU\nnum_processes: -1\n", encoding="utf-8")
+    assert read_launch_config(path).processes == 1
+    assert not [p for p in check_launch(recipe(), str(path)) if p.is_error]
 
 
 def test_missing_json_and_named_configs(tmp_path, eight_gpus, monkeypatch):

@@ -43,8 +43,8 @@ class LaunchConfig:
 
     @property
     def processes(self) -> int:
-        """num_processes: every machine's together (1 when unset)."""
-        return int(self.data.get("num_processes") or 1)
+        """num_processes: every machine's together (1 when unset, 0, or -1: given at launch)."""
+        return max(int(self.data.get("num_processes") or 1), 1)
 
     @property
     def strategy(self) -> str | None:
@@ -60,6 +60,9 @@ class LaunchConfig:
 def _flag(value: Any) -> bool:
     """accelerate keeps these as strings or bools ("true", True, "yes")."""
     return str(value).strip().lower() in ("true", "1", "yes")
+
+
+COUNTS = {"num_processes": 0, "num_machines": 1, "machine_rank": 0}  # each key's least value (0 processes: 1)
 
 
 def read_launch_config(name: str | Path) -> LaunchConfig:
@@ -88,6 +91,13 @@ def read_launch_config(name: str | Path) -> LaunchConfig:
     except (TypeError, KeyError, AttributeError) as err:
         raise UserError(Problem(source, "", f"accelerate cannot read it: {err}", start))
     data = {k: getattr(v, "value", v) for k, v in vars(loaded).items()}
+    for key, least in COUNTS.items():  # accelerate reads them with int() as it launches: a traceback
+        value = data.get(key)
+        if value is None or key == "num_processes" and str(value) == "-1":  # -1: given at launch (SLURM)
+            continue
+        if not (str(value).isdigit() and int(value) >= least):
+            raise UserError(Problem(source, key, f"{value!r} is not a whole number of at least {least}",
+                                    f"set {key} (e.g. {least or 1})", lines.get(key)))
     precision = None if data.get("mixed_precision") is None else str(data["mixed_precision"]).lower()
     return LaunchConfig(source, data, lines, str(data.get("distributed_type", "NO")),
                         data.get("deepspeed_config") or {}, data.get("fsdp_config") or {}, precision)
