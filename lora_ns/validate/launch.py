@@ -265,8 +265,7 @@ def visible_gpus(cfg: LaunchConfig) -> int:
 def machine_fits(r: Recipe, cfg: LaunchConfig) -> Iterator[Problem]:
     """A warning only: the config may well be meant for another machine than the one validating it. (A missing
     deepspeed is `accelerate launch`'s own first check.)"""
-    total, machines = cfg.processes, max(int(cfg.data.get("num_machines") or 1), 1)
-    per_machine = total // machines if total > 0 else 0
+    per_machine = cfg.processes // int(cfg.data.get("num_machines") or 1)  # both at least 1 (COUNTS)
     if not _flag(cfg.data.get("use_cpu", False)) and per_machine > (gpus := visible_gpus(cfg)):
         yield cfg.problem("num_processes", f"{per_machine} processes per machine but this machine sees "
                           f"{gpus} GPU{'s' if gpus != 1 else ''}",
