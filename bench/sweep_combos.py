@@ -16,12 +16,12 @@ import copy
 import json
 import os
 import sys
-from collections import Counter
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lora_ns.config import parse_recipe  # noqa: E402
-from sweep_fields import verdict  # noqa: E402  (bench/ is the script's folder)
+from sweep_fields import tally, verdict  # noqa: E402  (bench/ is the script's folder)
 
 # task -> (sample, formatter); "chat" is causal_lm on multi-turn data
 DATA = {"causal_lm": ("gsm8k", "gsm8k"), "chat": ("code_feedback", "code_feedback"), "cpt": ("text", "text"),
@@ -107,15 +107,15 @@ def outcome(task: str, method: str, change: dict) -> tuple[str, str]:
                                             "case.yaml"))
 
 
-def main(chosen: list[str]) -> None:
-    counts: Counter = Counter()
+def results(chosen: list[str]) -> Iterator[tuple[str, str, str]]:
     for number, (task, method, change) in enumerate(CASES):
-        if chosen and str(number) not in chosen:
-            continue
-        kind, why = outcome(task, method, change)
-        counts[kind] += 1
-        print(f"{number:3} {task:9} {method:13} {json.dumps(change)[:70]:70} {kind:13} {why[:160]}", flush=True)
-    print(json.dumps({"bench": "sweep_combos", **counts}))
+        if not chosen or str(number) in chosen:
+            columns = f"{number:3} {task:9} {method:13} {json.dumps(change)[:70]:70}"
+            yield columns, *outcome(task, method, change)
+
+
+def main(chosen: list[str]) -> None:
+    tally("sweep_combos", results(chosen))
 
 
 if __name__ == "__main__":

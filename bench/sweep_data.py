@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import tempfile
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lora_ns.config import parse_recipe  # noqa: E402
 from lora_ns.data.sources import resolve_sample  # noqa: E402
 from sweep_combos import base  # noqa: E402  (bench/ is the script's folder)
-from sweep_fields import verdict  # noqa: E402
+from sweep_fields import tally, verdict  # noqa: E402
 
 Rows = list[dict[str, Any]]
 # case name -> (task for sweep_combos.base, sample, formatter, the text field spoiled, the label field)
@@ -221,15 +221,15 @@ def outcome(task: str, use: str, fmt: str, kind: str, defect: Any) -> tuple[str,
     return verdict(recipe)
 
 
-def main(chosen: list[str]) -> None:
-    counts: Counter = Counter()
+def results(chosen: list[str]) -> Iterator[tuple[str, str, str]]:
     for task, use, fmt, kind, defect in cases():
-        if chosen and not {task, f"{task}:{fmt}", f"{task}:{use}", use} & set(chosen):
-            continue
-        result, why = outcome(task, use, fmt, kind, defect)
-        counts[result] += 1
-        print(f"{task:9} {use:6} {fmt:7} {kind:8} {str(defect):15} {result:13} {why[:150]}", flush=True)
-    print(json.dumps({"bench": "sweep_data", **counts}))
+        if not chosen or {task, f"{task}:{fmt}", f"{task}:{use}", use} & set(chosen):
+            columns = f"{task:9} {use:6} {fmt:7} {kind:8} {str(defect):15}"
+            yield columns, *outcome(task, use, fmt, kind, defect)
+
+
+def main(chosen: list[str]) -> None:
+    tally("sweep_data", results(chosen))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,16 @@ def verdict(build: typing.Callable[[str], typing.Any]) -> tuple[str, str]:
     return "trained", ""
 
 
+def tally(bench: str, results: typing.Iterable[tuple[str, str, str]]) -> None:
+    """Print each case's (columns, kind, why) as it finishes, then how many of each kind as one JSON line;
+    also the other sweeps'."""
+    counts: Counter = Counter()
+    for columns, kind, why in results:
+        counts[kind] += 1
+        print(f"{columns} {kind:13} {why[:160]}", flush=True)
+    print(json.dumps({"bench": bench, **counts}))
+
+
 def main(targets: list[str]) -> None:
     from transformers import TrainingArguments
     from trl import SFTConfig

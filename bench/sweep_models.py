@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import sys
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lora_ns.builtin_models import resolve_model_path  # noqa: E402
 from lora_ns.config import parse_recipe  # noqa: E402
 from sweep_combos import base  # noqa: E402  (bench/ is the script's folder)
-from sweep_fields import verdict  # noqa: E402
+from sweep_fields import tally, verdict  # noqa: E402
 
 TASKS = ("causal_lm", "chat", "seq_cls", "dpo", "grpo")
 
@@ -131,16 +131,15 @@ def outcome(task: str, defect: str) -> tuple[str, str]:
     return verdict(recipe)
 
 
-def main(chosen: list[str]) -> None:
-    counts: Counter = Counter()
-    for task in TASKS:
+def results(chosen: list[str]) -> Iterator[tuple[str, str, str]]:
+    for task in (t for t in TASKS if not chosen or t in chosen):
         for defect in DEFECTS:
-            if chosen and task not in chosen or defect in (CHAT_ONLY if task == "seq_cls" else SEQ_CLS_ONLY):
-                continue
-            kind, why = outcome(task, defect)
-            counts[kind] += 1
-            print(f"{task:9} {defect:28} {kind:13} {why[:170]}", flush=True)
-    print(json.dumps({"bench": "sweep_models", **counts}))
+            if defect not in (CHAT_ONLY if task == "seq_cls" else SEQ_CLS_ONLY):
+                yield f"{task:9} {defect:28}", *outcome(task, defect)
+
+
+def main(chosen: list[str]) -> None:
+    tally("sweep_models", results(chosen))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ Each step is `ok`, `refused` (a one-line error, exit 2) or `crashed` (a tracebac
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import tempfile
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +28,7 @@ import yaml  # noqa: E402
 from lora_ns import evaluate, infer, merge, train  # noqa: E402
 from sweep_after import PROMPT, step  # noqa: E402  (bench/ is the script's folder)
 from sweep_combos import base  # noqa: E402
+from sweep_fields import tally  # noqa: E402
 from sweep_models import cut, edit_json  # noqa: E402
 
 TASKS = ("causal_lm", "seq_cls", "dpo")
@@ -116,24 +116,22 @@ def checkpoint_steps(recipe: Path, run: Path, task: str) -> list[tuple[str, obje
             ("infer checkpoint", infer, ["--model", f"{run}/checkpoint-2", *ask, "--no-progress"])]
 
 
-def main(chosen: list[str]) -> None:
-    counts: Counter = Counter()
-    for task in TASKS:
-        if chosen and task not in chosen:
-            continue
+def results(chosen: list[str]) -> Iterator[tuple[str, str, str]]:
+    cases = [("output", name, spoil, output_steps) for name, spoil in OUTPUT.items()] + \
+        [("checkpoint", name, spoil, checkpoint_steps) for name, spoil in CHECKPOINT.items()]
+    for task in (t for t in TASKS if not chosen or t in chosen):
         with tempfile.TemporaryDirectory() as work:
             recipe = trained(task, Path(work))
-            cases = [("output", name, spoil, output_steps) for name, spoil in OUTPUT.items()] + \
-                [("checkpoint", name, spoil, checkpoint_steps) for name, spoil in CHECKPOINT.items()]
             for where, name, spoil, steps in cases:
                 with tempfile.TemporaryDirectory() as case:
                     run = Path(shutil.copytree(Path(work) / "run", Path(case) / "run"))
                     spoil(run if where == "output" else run / "checkpoint-2")
                     for label, module, argv in steps(recipe, run, task):
-                        kind, why = step(module, argv)
-                        counts[kind] += 1
-                        print(f"{task:9} {where:10} {name:24} {label:16} {kind:8} {why[:140]}", flush=True)
-    print(json.dumps({"bench": "sweep_runs", **counts}))
+                        yield f"{task:9} {where:10} {name:24} {label:16}", *step(module, argv)
+
+
+def main(chosen: list[str]) -> None:
+    tally("sweep_runs", results(chosen))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ import json
 import os
 import sys
 import typing
-from collections import Counter
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lora_ns.config import DatasetConfig, ModelConfig, QuantizationConfig, parse_recipe  # noqa: E402
 from sweep_combos import base  # noqa: E402  (bench/ is the script's folder)
-from sweep_fields import verdict  # noqa: E402
+from sweep_fields import tally, verdict  # noqa: E402
 
 TASKS = ("causal_lm", "seq_cls", "grpo")
 SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "quantization": QuantizationConfig}
@@ -55,7 +55,7 @@ def cases() -> list[tuple[str, str, str, object]]:
     found = [(task, section, name, value) for task in TASKS for section, cls in SECTIONS.items()
              for name, field in cls.model_fields.items() if name not in SKIP
              for value in values(field.annotation)]
-    return [case for case in found if case[2:] != ("num_labels", 2**32)]  # a head that only runs out of memory
+    return [case for case in found if case[2:] != ("num_labels", 2**32)]  # a head that only runs out of RAM
 
 
 def outcome(task: str, section: str, name: str, value: object) -> tuple[str, str]:
@@ -67,15 +67,15 @@ def outcome(task: str, section: str, name: str, value: object) -> tuple[str, str
     return verdict(recipe)
 
 
-def main(chosen: list[str]) -> None:
-    counts: Counter = Counter()
+def results(chosen: list[str]) -> Iterator[tuple[str, str, str]]:
     for task, section, name, value in cases():
-        if chosen and task not in chosen:
-            continue
-        kind, why = outcome(task, section, name, value)
-        counts[kind] += 1
-        print(f"{task:9} {section}.{name:22} {json.dumps(value)[:20]:20} {kind:13} {why[:140]}", flush=True)
-    print(json.dumps({"bench": "sweep_sections", **counts}))
+        if not chosen or task in chosen:
+            columns = f"{task:9} {section}.{name:22} {json.dumps(value)[:20]:20}"
+            yield columns, *outcome(task, section, name, value)
+
+
+def main(chosen: list[str]) -> None:
+    tally("sweep_sections", results(chosen))
 
 
 if __name__ == "__main__":
