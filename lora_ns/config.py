@@ -29,6 +29,7 @@ SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
 # a recipe's dtype names -> torch's (lora_ns.model.torch_dtype); "auto" picks one (lora_ns.model.dtype_name)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _DTYPE_SPELLINGS = {**{name: short for short, name in TORCH_DTYPES.items()}, "half": "fp16", "float": "fp32"}
+MAX_LABELS = 1_000_000  # model.num_labels: see ModelConfig
 
 
 def _short_dtype(value: Any) -> Any:
@@ -54,7 +55,9 @@ class ModelConfig(_Section):
     dtype: DType = "auto"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
-    num_labels: int | None = Field(default=None, ge=1, description="seq_cls: number of classes")
+    # le: transformers names every class in the config (id2label, label2id: ~200 bytes each in memory, 40 in
+    # config.json), so 10^8 classes exhaust memory before the model is built; XML benchmarks top out ~3M
+    num_labels: int | None = Field(default=None, ge=1, le=MAX_LABELS, description="seq_cls: classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
     chat_template: str | None = Field(default=None, description="chatml (or a TRL training template name), a "
                                       ".jinja path, or the template text; replaces the tokenizer's own")

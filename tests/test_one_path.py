@@ -78,6 +78,8 @@ REJECTED = [
     ("dropout_1.5", {"peft": {"lora_dropout": 1.5}}, "peft.lora_dropout"),
     ("target_list_names_nothing", {"peft": {"target_modules": ["q_projection"]}}, "peft.target_modules"),
     ("target_regex_matches_nothing", {"peft": {"target_modules": "nothing_here.*"}}, "peft.target_modules"),
+    # transformers names each class in the config: 10^12 of them exhausted memory in validate itself
+    ("num_labels_absurd", {**SEQ_CLS, "model": {**SEQ_CLS["model"], "num_labels": 10 ** 12}}, "model.num_labels"),
     ("duplicate_labels", {**SEQ_CLS, "model": {**SEQ_CLS["model"], "labels": ["pos", "pos"]}},
      "model.labels"),
     ("scheduler_needs_kwargs", {"training": {"lr_scheduler_type": "cosine_with_min_lr"}},
