@@ -395,6 +395,23 @@ def test_no_readable_files_writes_nothing(tmp_path: Path, capsys) -> None:
     assert "no .txt/.csv/.docx/.zip files found (1 other files ignored)" in capsys.readouterr().err
 
 
+def test_a_corpus_with_no_samples_is_an_error_not_an_empty_file(tmp_path: Path, capsys) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out" / "all.txt"
+    write(raw / "a.txt", "")
+    write(raw / "b.txt", "  \n\n \n")
+    assert main(["--raw-dir", str(raw), "--out-file", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no samples to write: the 2 files read hold no text" in err
+    assert not out.exists() and not out.parent.exists()
+    write(raw / "b.txt", "tiny\n\nsmall\n")
+    assert main(["--raw-dir", str(raw), "--out-file", str(out), "--min-chars", "10"]) == 2
+    assert "all 2 are shorter than --min-chars 10 — lower --min-chars" in capsys.readouterr().err
+    assert not out.exists()
+    # one shard of many may hold only short or empty files: it writes its (empty) part for the concatenation
+    assert main(["--raw-dir", str(raw), "--out-file", str(out), "--min-chars", "10", "--shard", "0/2"]) == 0
+    assert out.read_text() == ""
+
+
 def test_raw_dir_is_a_file(tmp_path: Path, capsys) -> None:
     not_dir = write(tmp_path / "file.txt", "x")
     assert main(["--raw-dir", str(not_dir), "--out-file", str(tmp_path / "o.txt")]) == 2

@@ -62,7 +62,7 @@ def preprocess(raw_dir: str | os.PathLike, out_file: str | os.PathLike, *, num_w
     created = [p for p in (out_file.parent, *out_file.parent.parents) if not p.exists()]
     try:  # if it fails, remove the folders it created (no empty output dir left behind)
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        process(tasks, opts, out_file, num_workers, dedup, quiet, report, raw_dir)
+        process(tasks, opts, out_file, num_workers, dedup, quiet, report, raw_dir, shard[1] == 1)
     except BaseException:
         for folder in created:
             with contextlib.suppress(OSError):

@@ -244,8 +244,9 @@ class Collector:
 
 
 def process(tasks: list[Task], opts: Options, out_file: Path, num_workers: int, dedup: bool, quiet: bool,
-            report: PreprocessReport, raw_dir: Path) -> None:
-    """Run every task and write the output atomically; refuse to finish if no file was readable."""
+            report: PreprocessReport, raw_dir: Path, whole: bool = True) -> None:
+    """Run every task and write the output atomically; refuse to finish if no file was readable or, for the
+    `whole` corpus (not one shard), nothing is left to write."""
     from tqdm import tqdm
 
     with (tempfile.TemporaryDirectory(prefix=f".{out_file.name}.work-", dir=out_file.parent) as work_dir,
@@ -262,3 +263,9 @@ def process(tasks: list[Task], opts: Options, out_file: Path, num_workers: int, 
             path, why = report.files_skipped[0] if report.files_skipped else ("", "")
             raise fail(f"--raw-dir {raw_dir}", "", f"no readable files: all {len({t.rel for t in tasks})} "
                        f"were skipped (first: {path}: {why})", "fix or remove the broken files")
+        if tasks and report.samples_written == 0 and whole:  # one shard of many may hold only empty files
+            short = report.short_dropped
+            raise fail(f"--raw-dir {raw_dir}", "", "no samples to write: " + (
+                f"all {short:,} are shorter than --min-chars {opts.min_chars}" if short else
+                f"the {report.files_read} files read hold no text"), "lower --min-chars" if short else
+                "add text to the files (for CSV: check --csv-column)")
