@@ -3,13 +3,15 @@
 Users arrive with habits: Hugging Face scripts spell flags in snake_case (``--output_dir``), and the
 scripts lora_ns descends from used ``--model_path``, ``--adapter_path``, ``--input_text`` and so on.
 `CommandParser` accepts ``--foo_bar`` for ``--foo-bar`` (and the reverse), plus each command's own
-legacy names (``aliases``), without listing them in ``--help``. Tokens that name no option of the
+legacy names (``aliases``), without listing them in ``--help``. A leading ``~`` in the `paths` arguments is
+expanded (``--output=~/run`` named a folder "~" in the working directory). Tokens that name no option of the
 command, such as recipe overrides (``--training.output_dir 5``), are left exactly as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -17,13 +19,18 @@ from lora_ns.errors import fail
 
 
 class CommandParser(argparse.ArgumentParser):
-    def __init__(self, *args, aliases: dict[str, str] | None = None, **kwargs) -> None:
+    def __init__(self, *args, aliases: dict[str, str] | None = None, paths: Sequence[str] = (),
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.aliases = aliases or {}
+        self.aliases, self.paths = aliases or {}, paths
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
         args = self.canonical(list(sys.argv[1:] if args is None else args))
-        return super().parse_known_args(args, namespace)
+        namespace, rest = super().parse_known_args(args, namespace)
+        for name in self.paths:  # a shell expands ~ in "--output ~/run", not in "--output=~/run"
+            if isinstance(value := getattr(namespace, name, None), str):
+                setattr(namespace, name, os.path.expanduser(value))
+        return namespace, rest
 
     def canonical(self, args: list[str]) -> list[str]:
         """``args`` with every alias or other spelling of a known option replaced by its own name."""

@@ -10,6 +10,7 @@ problem with its field path and YAML line.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -18,9 +19,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from lora_ns.errors import Problem, UserError, fail, suggest
-from lora_ns.hf_fields import (
-    DROPPED_TRAINING_KEYS, PEFT_TYPES, TRL_BOOL_VALUES, coerce, peft_fields, training_fields,
-)
+from lora_ns.hf_fields import (DROPPED_TRAINING_KEYS, PEFT_TYPES, TRL_BOOL_VALUES, coerce, peft_fields,
+                               training_fields)
 from lora_ns.yaml_reader import read_yaml
 
 Task = Literal["causal_lm", "seq_cls", "cpt", "pretrain", "dpo", "orpo", "kto", "grpo"]
@@ -55,8 +55,7 @@ class ModelConfig(_Section):
     dtype: DType = "auto"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
-    # le: transformers names every class in the config (id2label, label2id: ~200 bytes each in memory, 40 in
-    # config.json), so 10^8 classes exhaust memory before the model is built; 10^6 costs ~0.6 s and ~200 MB
+    # le: transformers names each class in the config (10^6: 0.6 s, 200 MB); 10^8 exhausted memory in validate
     num_labels: int | None = Field(default=None, ge=1, le=MAX_LABELS, description="seq_cls: classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
     chat_template: str | None = Field(default=None, description="chatml (or a TRL training template name), a "
@@ -136,9 +135,8 @@ class Recipe(_Section):
         return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
 
 
-SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelConfig, "quantization": QuantizationConfig, "peft": PeftSection, "dataset": DatasetConfig,
-}
+SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "quantization": QuantizationConfig,
+                                        "peft": PeftSection, "dataset": DatasetConfig}
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}
@@ -306,6 +304,20 @@ def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int])
     return problems
 
 
+# paths: "~/x" in a recipe reaches no shell (to transformers a Hub id; TrainingArguments made a "~" folder)
+HOME_PATHS = {"model": ("name_or_path", "tokenizer_name_or_path", "chat_template", "config"),
+              "dataset": ("path", "val_split"), "peft": ("init_from",),
+              "training": ("output_dir", "deepspeed", "chat_template_path", "resume_from_checkpoint")}
+
+
+def _expand_home(data: dict[str, Any]) -> None:
+    for section, names in HOME_PATHS.items():
+        body = data.get(section)
+        for name in names if isinstance(body, dict) else ():
+            if isinstance(value := body.get(name), str) and value.startswith("~"):
+                body[name] = os.path.expanduser(value)
+
+
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
                  lines: dict[str, int] | None = None) -> Recipe:
     """Validate a raw recipe dict into a `Recipe` (schema only; cross-field rules: lora_ns.validate.rules)."""
@@ -316,6 +328,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
     model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
     if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:
         model["name_or_path"] = str(model.get("config") or "")
+    _expand_home(data)
     problems = _check_sections(data, source, lines)
     recipe = None
     try:

@@ -39,7 +39,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(aliases={"--adapter_path": "--adapter", "--model_path": "--model"},
                            prog="python -m lora_ns.evaluate",
                            description="Evaluate an adapter, merged or base model on a recipe's eval split.",
-                           epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2")
+                           epilog="Recipe overrides: key.sub=value, e.g. dataset.val_split=0.2",
+                           paths=("recipe", "adapter", "model", "base", "data_file", "output_dir"))
     parser.add_argument("recipe", nargs="?", help="the recipe the model was trained with (default: the "
                         "recipe.yaml training saved beside the adapter or model)")
     which = parser.add_mutually_exclusive_group(required=True)

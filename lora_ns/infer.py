@@ -78,7 +78,8 @@ def recipe_rows(path: str, recipe: Recipe) -> list[dict[str, Any]]:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.infer",
-                           description="Run a base, adapter or merged model on a prompt or a file of them.")
+                           description="Run a base, adapter or merged model on a prompt or a file of them.",
+                           paths=("model", "base", "recipe", "input_file", "output_file"))
     parser.add_argument("--model", required=True,
                         help="training output dir (adapter), merged dir, folder, hub id or builtin:<name>")
     parser.add_argument("--base", help="base model for an adapter (default: the one in adapter_config.json)")

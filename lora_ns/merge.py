@@ -36,7 +36,8 @@ LEGACY_FLAGS = {"--adapter_path": "--adapter", "--output_path": "--output", "--b
 
 def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(aliases=LEGACY_FLAGS, prog="python -m lora_ns.merge",
-                           description="Merge a trained adapter into its base model and save it.")
+                           description="Merge a trained adapter into its base model and save it.",
+                           paths=("adapter", "output", "base", "recipe"))
     parser.add_argument("--adapter", required=True, help="training output dir (holds adapter_config.json)")
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--base", help="base model (default: the one named in adapter_config.json)")

@@ -42,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="python -m lora_ns.train", description="Fine-tune a model as a recipe describes.",
         epilog="Overrides: key.sub=value or --key.sub value, e.g. training.max_steps=10 --peft.r 8",
-        aliases={"--config": "--recipe"})
+        aliases={"--config": "--recipe"}, paths=("recipe", "recipe_flag"))
     parser.add_argument("recipe", nargs="?", help="path to a recipe YAML (see recipes/)")
     parser.add_argument("--recipe", dest="recipe_flag", help=argparse.SUPPRESS)  # --config: older scripts
     for flag, key in HF_SCRIPT_FLAGS.items():

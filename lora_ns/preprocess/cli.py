@@ -92,7 +92,8 @@ def _shard(text: str) -> tuple[int, int]:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog=PROG, description="Clean a folder of .txt/.csv/.docx/.zip files into one "
-                           "text corpus for continued pretraining (one sample per line, or JSON lines).")
+                           "text corpus for continued pretraining (one sample per line, or JSON lines).",
+                           paths=("raw_dir", "out_file", "report_file"))
     add = parser.add_argument
     add("--raw-dir", default="data/raw", help="folder read recursively (default: %(default)s)")
     add("--out-file", default="data/processed/all_text.txt", help="output file (default: %(default)s)")

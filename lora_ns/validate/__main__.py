@@ -27,7 +27,8 @@ PROG = "lora_ns.validate"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="python -m lora_ns.validate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m lora_ns.validate", description=__doc__.split("\n\n")[0],
+                           paths=("recipe", "all", "accelerate_config"))
     parser.add_argument("recipe", nargs="?", help="recipe YAML to check")
     parser.add_argument("--all", nargs="?", const="recipes", metavar="DIR",
                         help="check every *.yaml in DIR (default: recipes/)")
