@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 from lora_ns.builtin_models import is_builtin, unknown_builtin
 from lora_ns.checkpoints import checkpoint_problem, finished_run_fix, is_finished, output_dir_problem
-from lora_ns.config import Recipe, is_secret
+from lora_ns.config import HOME_PATHS, Recipe, is_secret
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
 from lora_ns.data.sources import looks_local
@@ -143,6 +143,19 @@ def names_resolve(r: Recipe) -> Iterator[Problem]:
                         "keep it only for a model you trust", severity="warning")
 
 
+def no_shell_variables(r: Recipe) -> Iterator[Problem]:
+    """A path holding "$SCRATCH": no shell reads a recipe, and output_dir made a folder of that name."""
+    for section, names in HOME_PATHS.items():
+        body = r.training if section == "training" else dict(getattr(r, section))
+        for name in names:
+            value = body.get(name)
+            if isinstance(value, str) and re.search(r"\$\{?[A-Za-z_]", value) and (
+                    name != "chat_template" or value.endswith(".jinja")):  # else template text
+                yield r.problem(f"{section}.{name}", f"{value} holds a shell variable: a recipe is not read "
+                                "by a shell", "write the path out, or set it on the command line, where the "
+                                f"shell expands it: {section}.{name}={value}")
+
+
 def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
     """A model path that can only be local must exist: a hub lookup of it fails obscurely; so must a DeepSpeed
     JSON (read from where training starts). (Data paths are lora_ns.data's: globs, folders and samples.)"""
@@ -211,9 +224,9 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 RULES: list[Rule] = [
     quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values, classifier_fields,
-    data_splits, values_in_range, names_resolve, local_model_paths_exist, no_secrets_in_recipe,
-    resume_checkpoint_exists, output_dir_usable, checkpoints_are_saved, init_adapter_fits,
-    check_preference_recipe, check_pretrain,
+    data_splits, values_in_range, names_resolve, no_shell_variables, local_model_paths_exist,
+    no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, checkpoints_are_saved,
+    init_adapter_fits, check_preference_recipe, check_pretrain,
 ]
 
 
