@@ -332,7 +332,8 @@ def test_a_home_relative_model_path_is_expanded(adapter_dir, capsys, monkeypatch
                                                   "--max-new-tokens", "2"]))
     assert code == 0, capsys.readouterr().err[-500:]
     code = run_cli("lora_ns.infer", lambda: main(["--model=~/nothing", "--prompt", "hi"]))
-    assert code == 2 and "~/nothing: --model: model folder not found" in capsys.readouterr().err
+    assert code == 2 and f"{adapter_dir.parent / 'nothing'}: --model: model folder not found" in \
+        capsys.readouterr().err
 
 
 def test_a_base_the_adapter_does_not_fit_is_one_line_and_another_name_a_warning(adapter_dir, tmp_path, capsys,
