@@ -11,7 +11,6 @@ problem with its field path and YAML line.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -140,26 +139,6 @@ SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "quantization": Qu
 # peft fields that lora_ns sets itself from the recipe.
 PEFT_MANAGED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                 "revision", "inference_mode"}
-
-
-# --- credentials: refused in a recipe (validate.rules), never written to a saved one (train) ------------
-
-SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
-# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque run of letters and digits.
-_SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
-_OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
-
-
-def looks_like_secret(value: Any) -> bool:
-    text = value.strip() if isinstance(value, str) else ""
-    return bool(_SECRET_SHAPES.match(text) or _OPAQUE.match(text))
-
-
-def is_secret(key: str, value: Any) -> bool:
-    """A set hub_token, or a token-shaped value under a credential's name (eos_token "<|im_end|>" is none)."""
-    name = key.lower()
-    return (name == "hub_token" and bool(value)) or (any(w in name for w in SECRET_KEY_WORDS)
-                                                     and looks_like_secret(value))
 
 
 # --- overrides ----------------------------------------------------------------------------------
@@ -304,18 +283,23 @@ def _pydantic_problems(err: ValidationError, source: str, lines: dict[str, int])
     return problems
 
 
-# paths: "~/x" in a recipe reaches no shell (to transformers a Hub id; TrainingArguments made a "~" folder)
+# Paths. "~/x" in a recipe reaches no shell (to transformers a Hub id; TrainingArguments made a "~" folder).
+# A relative local model, adapter or data path is made absolute: infer, merge and evaluate read it from the
+# saved recipe and adapter_config.json's base, often run from another folder.
 HOME_PATHS = {"model": ("name_or_path", "tokenizer_name_or_path", "chat_template", "config"),
               "dataset": ("path", "val_split"), "peft": ("init_from",),
               "training": ("output_dir", "deepspeed", "chat_template_path", "resume_from_checkpoint")}
+ANCHORED = {"name_or_path", "tokenizer_name_or_path", "config", "init_from", "path"}
 
 
-def _expand_home(data: dict[str, Any]) -> None:
+def _resolve_paths(data: dict[str, Any]) -> None:
     for section, names in HOME_PATHS.items():
         body = data.get(section)
         for name in names if isinstance(body, dict) else ():
             if isinstance(value := body.get(name), str) and value.startswith("~"):
-                body[name] = os.path.expanduser(value)
+                body[name] = value = os.path.expanduser(value)
+            if name in ANCHORED and isinstance(value, str) and os.path.exists(value):
+                body[name] = os.path.abspath(value)
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
@@ -328,7 +312,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>",
     model = data.get("model")  # pretrain hook: no weights, so the architecture names the model
     if data.get("task") == "pretrain" and isinstance(model, dict) and "name_or_path" not in model:
         model["name_or_path"] = str(model.get("config") or "")
-    _expand_home(data)
+    _resolve_paths(data)
     problems = _check_sections(data, source, lines)
     recipe = None
     try:

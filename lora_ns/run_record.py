@@ -6,6 +6,7 @@ the trainer state, ``summary.txt`` and ``loss_curve.png`` (also printed, with th
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from contextlib import suppress
@@ -13,12 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from lora_ns.checkpoints import FINISHED_MARKER, RECIPE_FILE
-from lora_ns.config import Recipe, is_secret, load_recipe
+from lora_ns.config import Recipe, load_recipe
 from lora_ns.errors import program
 from lora_ns.fileio import atomic_output, write_text_atomic
 from lora_ns.model import dtype_name
 
 PROG = "lora_ns.train"  # the command whose runs this records
+
+# --- credentials: refused in a recipe (validate.rules), never written to a saved one ------------------
+
+SECRET_KEY_WORDS = ("token", "secret", "password", "api_key")
+# Known token shapes (Hugging Face, OpenAI, GitHub, Slack, AWS), or a long opaque run of letters and digits.
+_SECRET_SHAPES = re.compile(r"^(hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}$")
+_OPAQUE = re.compile(r"^(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,}$")
+
+
+def looks_like_secret(value: Any) -> bool:
+    text = value.strip() if isinstance(value, str) else ""
+    return bool(_SECRET_SHAPES.match(text) or _OPAQUE.match(text))
+
+
+def is_secret(key: str, value: Any) -> bool:
+    """A set hub_token, or a token-shaped value under a credential's name (eos_token "<|im_end|>" is none)."""
+    name = key.lower()
+    return (name == "hub_token" and bool(value)) or (any(w in name for w in SECRET_KEY_WORDS)
+                                                     and looks_like_secret(value))
 
 
 def saved_recipe(recipe: Recipe) -> str:

@@ -100,7 +100,7 @@ def test_tokens_in_a_recipe_are_refused_without_echoing_them(tmp_path, where, ch
 
 
 def test_token_rule_fix_and_false_positives():
-    from lora_ns.config import is_secret, looks_like_secret
+    from lora_ns.run_record import is_secret, looks_like_secret
     from lora_ns.validate.rules import no_secrets_in_recipe
 
     (problem,) = no_secrets_in_recipe(parse_recipe({**BASE, "training": {"hub_token": SECRET}}))

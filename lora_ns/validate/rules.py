@@ -14,13 +14,14 @@ from typing import Any, Callable, Iterator
 
 from lora_ns.builtin_models import is_builtin, unknown_builtin
 from lora_ns.checkpoints import checkpoint_problem, finished_run_fix, is_finished, output_dir_problem
-from lora_ns.config import HOME_PATHS, Recipe, is_secret
+from lora_ns.config import HOME_PATHS, Recipe
 from lora_ns.data.formatters import FORMATTERS
 from lora_ns.data.loading import unknown_formatter
 from lora_ns.data.sources import looks_local
 from lora_ns.errors import Problem
 from lora_ns.preference import check_preference_recipe
 from lora_ns.pretrain import check_pretrain
+from lora_ns.run_record import is_secret
 from lora_ns.validate.adapter import (
     checkpointing_fits_method, init_adapter_fits, method_fits_trainer, peft_values, quantization_fits_method,
 )
