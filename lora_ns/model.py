@@ -268,12 +268,11 @@ def sharded_training() -> bool:
 
 
 def label_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """seq_cls: num_labels, and id2label/label2id from model.labels so saved configs carry class names."""
-    labels = recipe.model.labels or []
-    kwargs: dict[str, Any] = {"num_labels": recipe.model.num_labels or len(labels) or 2}
-    if labels:
-        kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-    return kwargs
+    """seq_cls: the classes as id2label/label2id (model.labels, so saved configs carry class names; else
+    transformers' LABEL_i). Not num_labels, which transformers checks against a checkpoint's own map of
+    another length and warns of twice (validate has said it: a new head)."""
+    names = recipe.model.labels or [f"LABEL_{i}" for i in range(recipe.model.num_labels or 2)]
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:
