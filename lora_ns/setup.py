@@ -30,6 +30,7 @@ class Checks:
     model: bool = True
     accelerate_config: str | None = None
     processes: int | None = None  # the launch's processes, when not the accelerate config's num_processes
+    gpu_memory: int | None = None  # validate --gpu-memory: checked for a GPU elsewhere, not this machine
 
 
 @dataclass
@@ -96,7 +97,7 @@ def deep_problems(recipe: Recipe, checks: Checks, dry_run: bool = True) -> list[
         from lora_ns.validate.model import check_model, flash_problem
 
         if recipe.task != "pretrain":
-            problems += check_model(recipe, dry_run)
+            problems += check_model(recipe, dry_run, this_machine=checks.gpu_memory is None)
         else:  # pretrain builds its model (lora_ns.pretrain) from model.config
             problems += [p for p in (flash_problem(recipe, dry_run), architecture_problem(recipe)) if p]
     if checks.accelerate_config:

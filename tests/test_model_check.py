@@ -354,3 +354,32 @@ def test_prefix_tuning_where_generate_ignores_the_prefix(monkeypatch, tiny_llama
                                                              "untuned model's samples")]
     assert [severity for severity, _ in said("causal_lm", "it ignores the prefix")] == ["warning"]
     assert said("grpo", None) == said("causal_lm", None) == []
+
+
+def test_weights_larger_than_this_machine_warn_when_no_gpu_is_visible(monkeypatch, tiny_llama):
+    """Training with no GPU holds the weights in this machine's memory: a model whose weights alone exceed it
+    was found out after loading began (a 10^12-class head was OOM-killed). A warning: validate often runs on a
+    laptop for a GPU machine."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_ns.validate.model import check_model
+
+    fp32 = 4 * AutoModelForCausalLM.from_pretrained(tiny_llama).num_parameters()
+
+    def machine(memory: int) -> None:
+        pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": memory // 4096}
+        monkeypatch.setattr(os, "sysconf", pages.__getitem__)
+
+    def warned(recipe) -> list[str]:
+        return [p.severity for p in check_model(recipe) if "no GPU is visible" in p.message]
+
+    machine(fp32 // 2)  # half the weights' bytes
+    assert warned(recipe_for()) == ["warning"]
+    machine(fp32 * 2)
+    assert warned(recipe_for()) == []
+    machine(fp32 // 4)  # 4-bit weights take an eighth of fp32's bytes
+    assert warned(recipe_for(quantization={"load_in_4bit": True})) == []
+    machine(fp32 // 2)  # validate --gpu-memory checks for a GPU machine: this one's memory is not the question
+    assert not [p for p in check_model(recipe_for(), this_machine=False) if "no GPU is visible" in p.message]

@@ -100,7 +100,7 @@ def describe(recipe: Recipe) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = make_parser().parse_known_args(argv)
     checks = Checks(data=not args.no_data, model=not args.no_model, accelerate_config=args.accelerate_config,
-                    processes=args.num_processes)
+                    processes=args.num_processes, gpu_memory=args.gpu_memory)
     folder = Path(args.all) if args.all else None
     paths = sorted(folder.glob("*.y*ml")) if folder else [Path(args.recipe or "")]
     if folder and not paths:

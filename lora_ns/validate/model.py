@@ -19,17 +19,18 @@ from lora_ns.checkpoints import ADAPTER_WEIGHTS, adapter_shapes, resume_problem,
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem, UserError, first_line
 from lora_ns.memory import FUSED_HEAD_TASKS
-from lora_ns.model import (SEQ_CLS_HEADS, attention_problem, auto_model_class, context_length, eos_problem,
-                           label_kwargs, load_tokenizer, model_folder_problem, packs, tokenizer_field,
-                           vocabulary_problem)
+from lora_ns.model import (SEQ_CLS_HEADS, attention_problem, auto_model_class, context_length, dtype_name,
+                           eos_problem, label_kwargs, load_tokenizer, model_folder_problem, packs,
+                           tokenizer_field, vocabulary_problem)
 from lora_ns.setup import library_problem, training_value
 from lora_ns.validate.weights import local_folder, weights_problems
 
 SKIPPED = "model checks skipped"
 
 
-def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
-    """Problems (errors, warnings, one info line with parameter counts) found without model weights."""
+def check_model(recipe: Recipe, dry_run: bool = True, this_machine: bool = True) -> list[Problem]:
+    """Problems (errors, warnings, one info line with parameter counts) found without model weights;
+    `this_machine`: whether the weights fit it (`memory_problem`)."""
     problems = [p for p in (flash_problem(recipe, dry_run), bitsandbytes_problem(recipe)) if p is not None]
     if (missing := model_folder_problem(recipe)) is not None:
         return problems + [missing]
@@ -62,7 +63,7 @@ def check_model(recipe: Recipe, dry_run: bool = True) -> list[Problem]:
         problems += [p for p in found if p is not None]
         if any(p is not None and p.is_error for p in found):  # training cannot start: no adapter checks
             return problems
-    return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model))
+    return problems + (target_module_problems(recipe, model) or parameter_count(recipe, model, this_machine))
 
 
 def router_problem(recipe: Recipe, config) -> Problem | None:
@@ -275,7 +276,27 @@ def init_from_problem(recipe: Recipe, model) -> Problem | None:
     return None
 
 
-def parameter_count(recipe: Recipe, model) -> list[Problem]:
+def memory_problem(recipe: Recipe, parameters: int) -> Problem | None:
+    """With no GPU, training here holds the weights in this machine's memory: weights alone larger than it are
+    a warning (a laptop often validates for a GPU machine: `--gpu-memory` gives that estimate)."""
+    import torch
+
+    if torch.cuda.is_available() or not hasattr(os, "sysconf"):
+        return None
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    q = recipe.quantization  # bytes per weight as training loads them; 4-bit packs two in a byte
+    need = parameters * (0.5 if q.load_in_4bit else 1 if q.load_in_8bit else
+                         {"fp32": 4}.get(dtype_name(recipe.model.dtype), 2))
+    if need <= memory:
+        return None
+    gib = 2 ** 30
+    why = (f"its weights alone take {need / gib:,.1f} GiB, over this machine's {memory / gib:,.1f} GiB of "
+           "memory, and no GPU is visible: training here runs out of memory as it loads")
+    return recipe.problem("model.name_or_path", why, "train on a GPU machine (validate --gpu-memory SIZE "
+                          "estimates for one), or use a smaller model or quantization", "warning")
+
+
+def parameter_count(recipe: Recipe, model, this_machine: bool = True) -> list[Problem]:
     """Apply the recipe's peft config to the meta model and report trainable / total parameters (and
     whether the checkpoint an interrupted run resumes from fits it)."""
     check = recipe.model_copy(deep=True)
@@ -298,6 +319,7 @@ def parameter_count(recipe: Recipe, model) -> list[Problem]:
             param.requires_grad_(False)
     trainable, total = count_parameters(model)
     quant = " (before quantization)" if recipe.quantized else ""
+    found += [p for p in (this_machine and memory_problem(recipe, total),) if p]
     return found + [recipe.problem(
         "peft.method", f"{recipe.peft.method}: trainable params {trainable:,} of {total:,}{quant} "
         f"({100 * trainable / max(total, 1):.4f}%)", severity="info")]
