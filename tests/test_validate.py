@@ -122,6 +122,10 @@ def test_gpu_memory_prints_the_estimate_and_warns_when_it_does_not_fit(capsys):
     assert "per-GPU memory estimate" in out.out and "total" in out.out and "warning: memory" not in out.err
     assert main([str(REPO / "recipes" / "quickstart.yaml"), "--no-data", "--gpu-memory", "1MiB"]) == 0
     assert "warning: memory: needs ~" in capsys.readouterr().err  # a warning, not an error: exit 0
+    # a size without a unit is bytes: '80' made every recipe "over 90%" of an 80-byte card
+    assert run_cli("lora_ns.validate", lambda: main([str(REPO / "recipes" / "quickstart.yaml"), "--gpu-memory",
+                                                     "80"])) == 2
+    assert "--gpu-memory: '80' is 80 bytes: give a unit, e.g. 80GiB" in capsys.readouterr().err
 
 
 def test_grpo_memory_report_counts_the_sampling_phase_without_progress_bars(capsys):

@@ -46,7 +46,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def memory_size(text: str) -> int:
-    """'24GiB', '80GB' (decimal), '24g' (binary) or a plain number of bytes -> bytes."""
+    """'24GiB', '80GB' (decimal), '24g' (binary), or a number of bytes (1 MiB or more) -> bytes."""
     match = re.fullmatch(r"([\d.]+)\s*([kmgt]?)(i?)(b?)", text.strip().lower())
     try:
         value = float(match[1]) * (1000 if match[4] and not match[3] else 1024) ** " kmgt".index(match[2])
@@ -54,6 +54,8 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size (e.g. 24GiB, 80GB)")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a memory size must be positive")
+    if value < 1 << 20:  # '80' read as 80 bytes made every recipe "over 90%" of the card
+        raise argparse.ArgumentTypeError(f"{text!r} is {value:.0f} bytes: give a unit, e.g. {text}GiB")
     return int(value)
 
 
