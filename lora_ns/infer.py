@@ -110,8 +110,8 @@ def make_parser() -> argparse.ArgumentParser:
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `generate` keywords of the flags, checked before any model loads."""
     greedy = args.compare if args.greedy is None else args.greedy
-    if not greedy and not args.temperature > 0:
-        raise fail("<command line>", "--temperature", f"must be above 0, got {args.temperature}",
+    if not greedy and not 0 < args.temperature < float("inf"):  # inf: uniform over the vocabulary
+        raise fail("<command line>", "--temperature", f"must be above 0 and finite, got {args.temperature}",
                    "use e.g. 0.7, or --greedy for deterministic output")
     if not 0 < args.top_p <= 1:
         raise fail("<command line>", "--top-p", f"must be in (0, 1], got {args.top_p}", "use e.g. 0.9")

@@ -60,6 +60,9 @@ REJECTED = [
                                                                  "formatter": "ultrafeedback"},
                                      "training": {"padding_value": -1}}, "training.padding_value"),
     ("negative_lr", {"training": {"learning_rate": -2e-4}}, "training.learning_rate"),
+    # YAML's .inf/.nan: trained NaN weights (losses logged as 0) to a "finished" run
+    ("lr_inf", {"training": {"learning_rate": float("inf")}}, "training.learning_rate"),
+    ("weight_decay_nan", {"training": {"weight_decay": float("nan")}}, "training.weight_decay"),
     ("label_smoothing_2", {"training": {"label_smoothing_factor": 2}}, "training.label_smoothing_factor"),
     ("max_length_negative", {"training": {"max_length": -1}}, "training.max_length"),
     ("save_steps_0", {"training": {"save_steps": 0}}, "training.save_steps"),

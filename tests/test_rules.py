@@ -73,6 +73,11 @@ CASES = [
      "training.resume_from_checkpoint", "error"),
     (rules.local_model_paths_exist, {"model": {"name_or_path": "./models/nowhere"}}, "model.name_or_path", "error"),
     (rules.no_shell_variables, {"training": {"output_dir": "$SCRATCH/runs/a"}}, "training.output_dir", "error"),
+    # YAML's .inf/.nan: NaN weights and a "finished" run (lr, weight decay), or nothing learned (adam_epsilon)
+    (rules.finite_numbers, {"training": {"learning_rate": float("inf")}}, "training.learning_rate", "error"),
+    (rules.finite_numbers, {"training": {"weight_decay": float("nan")}}, "training.weight_decay", "error"),
+    (rules.finite_numbers, {"peft": {"lora_alpha": 16, "lora_dropout": float("nan")}}, "peft.lora_dropout",
+     "error"),
     (rules.no_shell_variables, {"model": {"chat_template": "${TEMPLATES}/chatml.jinja"}}, "model.chat_template",
      "error"),
     (rules.local_model_paths_exist, {"model": {"tokenizer_name_or_path": "/nowhere/tokenizer"}},
@@ -225,6 +230,12 @@ def test_every_rule_has_a_case():
                         rules.init_adapter_fits,  # tests/test_init_from.py (needs a trained adapter)
                         rules.check_preference_recipe}  # tests/test_preference.py::test_recipe_checks
     assert set(rules.RULES) <= {rule for rule, *_ in CASES} | tested_elsewhere
+
+
+def test_one_error_line_per_field():
+    """lora_dropout: .nan broke two rules (not finite; outside [0, 1)): the first one names it, alone."""
+    (problem,) = rules.check_rules(make({"peft": {"lora_dropout": float("nan")}}))
+    assert problem.field == "peft.lora_dropout" and "nan is not a finite number" in problem.message
 
 
 def test_a_good_recipe_breaks_no_rule():

@@ -89,7 +89,7 @@ def peft_values(r: Recipe) -> Iterator[Problem]:
 
 def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
     """peft.init_from names an adapter folder of the same method; its own config wins over other peft keys."""
-    if not (path := r.peft.init_from) or "$" in path:  # a shell variable: `rules.no_shell_variables`
+    if not (path := r.peft.init_from):
         return
     if r.peft.method == "full":
         yield r.problem("peft.init_from", "full fine-tuning has no adapter to start from",

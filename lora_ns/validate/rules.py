@@ -6,6 +6,7 @@ libraries accept, then fail on mid-run or silently train nothing with."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -87,6 +88,16 @@ LEAST = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gra
          "pad_to_multiple_of": 1, "eval_accumulation_steps": 1, "neftune_noise_alpha": 0,
          "dataset_num_proc": 0, "padding_value": 0, "num_iterations": 1, "steps_per_generation": 1,
          "generation_batch_size": 1, "weight_decay": 0}  # below 0 the optimizer grows the weights
+
+
+def finite_numbers(r: Recipe) -> Iterator[Problem]:
+    """YAML's .nan and .inf, which the libraries take: a learning_rate or weight_decay of them trained NaN
+    weights to a "finished" run, and adam_epsilon: .inf trained nothing."""
+    for section, body in (("training", r.training), ("peft", r.peft.options)):
+        for key, value in body.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                yield r.problem(f"{section}.{key}", f"{value} is not a finite number", "write a number" + (
+                    " (0 turns clipping off)" if key == "max_grad_norm" else ""))
 
 
 def values_in_range(r: Recipe) -> Iterator[Problem]:
@@ -224,10 +235,10 @@ def checkpoints_are_saved(r: Recipe) -> Iterator[Problem]:
 
 
 RULES: list[Rule] = [
-    quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values, classifier_fields,
-    data_splits, values_in_range, names_resolve, no_shell_variables, local_model_paths_exist,
-    no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable, checkpoints_are_saved,
-    init_adapter_fits, check_preference_recipe, check_pretrain,
+    finite_numbers, quantization_fits_method, checkpointing_fits_method, method_fits_trainer, peft_values,
+    classifier_fields, data_splits, values_in_range, names_resolve, no_shell_variables,
+    local_model_paths_exist, no_secrets_in_recipe, resume_checkpoint_exists, output_dir_usable,
+    checkpoints_are_saved, init_adapter_fits, check_preference_recipe, check_pretrain,
 ]
 
 
@@ -318,4 +329,9 @@ def check_rules(r: Recipe, for_training: bool = False, processes: int = 1) -> li
     """Every rule; `processes`: how many the launch config being validated for starts."""
     here = [*hardware_problems(r, for_training), *package_problems(r, for_training),
             *hub_problems(r, for_training), *single_process_problems(r, processes)]
-    return [p for rule in RULES for p in rule(r)] + here  # here: what the machine and launch decide
+    problems, wrong = [], set()  # a field's first error alone: "nan", not also "outside [0, 1)"
+    for problem in [p for rule in RULES for p in rule(r)] + here:  # here: what the machine and launch decide
+        if not (problem.is_error and problem.field in wrong):
+            problems.append(problem)
+            wrong |= {problem.field} if problem.is_error else set()
+    return problems
