@@ -406,6 +406,8 @@ TABLE: list[Case] = [
       "<command line>", "command line", setup=adapter()),
     C("infer_zero_temperature", "infer", "--model adapter --prompt hi --temperature 0", "--temperature",
       "<command line>", "command line", setup=adapter()),
+    C("infer_infinite_temperature", "infer", "--model adapter --prompt hi --temperature inf", "--temperature",
+      "<command line>", "command line", setup=adapter()),  # sampled uniformly from the vocabulary
     C("infer_top_p_zero", "infer", "--model adapter --prompt hi --top-p 0", "--top-p", "<command line>",
       "command line", setup=adapter()),
     C("infer_top_p_above_one", "infer", "--model adapter --prompt hi --top-p 1.5", "--top-p", "<command line>",
