@@ -1,6 +1,7 @@
 """How much of what passes validate then fails in training: every field of a trainer's config (or a peft
-method's) set to a suspicious value in turn (a bool flipped; an int 0 and -1; a float 0, -0.5 and 2; a str
-'bogus'), validated with train's own set-up, and, when that passes, trained for two steps on the tiny model.
+method's) set to a suspicious value in turn (a bool flipped; an int 0 and -1; a float 0, -0.5, 2, nan and
+inf; a str 'bogus'), validated with train's own set-up, and, when that passes, trained for two steps on the
+tiny model.
 
     python bench/sweep_fields.py                    # causal_lm, seq_cls, dpo, kto, orpo, grpo, peft methods
     python bench/sweep_fields.py grpo peft:adalora  # some of them
@@ -54,7 +55,7 @@ def suspicious(cls) -> list[tuple[str, object]]:
         elif "int" in hint and "float" not in hint and "str" not in hint:
             cases += [(f.name, 0), (f.name, -1)]
         elif "float" in hint:
-            cases += [(f.name, 0.0), (f.name, -0.5), (f.name, 2.0)]
+            cases += [(f.name, value) for value in (0.0, -0.5, 2.0, float("nan"), float("inf"))]
         elif "str" in hint and "dict" not in hint and not f.metadata.get("choices"):
             cases.append((f.name, "bogus"))
     return cases

@@ -28,7 +28,6 @@ SFT_TASKS = ("causal_lm", "cpt", "pretrain")  # trained by TRL's SFTTrainer
 # a recipe's dtype names -> torch's (lora_ns.model.torch_dtype); "auto" picks one (lora_ns.model.dtype_name)
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _DTYPE_SPELLINGS = {**{name: short for short, name in TORCH_DTYPES.items()}, "half": "fp16", "float": "fp32"}
-MAX_LABELS = 1_000_000  # model.num_labels: see ModelConfig
 
 
 def _short_dtype(value: Any) -> Any:
@@ -55,7 +54,7 @@ class ModelConfig(_Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
     # le: transformers names each class in the config (10^6: 0.6 s, 200 MB); 10^8 exhausted memory in validate
-    num_labels: int | None = Field(default=None, ge=1, le=MAX_LABELS, description="seq_cls: classes")
+    num_labels: int | None = Field(default=None, ge=1, le=1_000_000, description="seq_cls: classes")
     labels: list[str] | None = Field(default=None, description="seq_cls: class names, index = label id")
     chat_template: str | None = Field(default=None, description="chatml (or a TRL training template name), a "
                                       ".jinja path, or the template text; replaces the tokenizer's own")
