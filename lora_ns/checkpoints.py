@@ -10,8 +10,9 @@ import os
 import shutil
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_ns.adapters import PROJECTION_NOT_SAVED
 from lora_ns.config import Recipe
@@ -87,6 +88,36 @@ def guard_output_dir(recipe: Recipe) -> None:
     if not recipe.training.get("overwrite_output_dir"):
         raise UserError(recipe.problem("training.output_dir", f"{out} already holds a finished run",
                                        finished_run_fix(out)))
+
+
+@contextmanager
+def one_writer(recipe: Recipe) -> Iterator[None]:
+    """One training writes an output_dir at a time: the same command launched twice (a second terminal, a job
+    requeued while the first still runs) resumed from the first one's checkpoints as it wrote them. An OS lock
+    on the folder, dropped however the process ends; the main process takes it (no fcntl: not checked)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    out = Path(recipe.output_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # after the set-up's output_dir checks
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(recipe.problem("training.output_dir", f"another training is writing {out} now",
+                                           "wait for it to end (or stop it), or set another output_dir")
+                            ) from None
+        yield
+    finally:
+        os.close(folder)
+        if created and not any(out.iterdir()):  # a run stopped before writing leaves no empty folder
+            out.rmdir()
 
 
 def clear_finished_run(recipe: Recipe) -> None:

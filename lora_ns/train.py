@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from lora_ns.adapters import apply_peft, count_parameters, training_callbacks
-from lora_ns.checkpoints import last_checkpoint, resume_problem, resume_target
+from lora_ns.checkpoints import last_checkpoint, one_writer, resume_problem, resume_target
 from lora_ns.command_line import CommandParser
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.data import build_datasets, encode_pairs, is_pair
@@ -256,6 +256,11 @@ def run_training(recipe: Recipe, checks: Checks = Checks()) -> tuple[Any, dict[s
     started = time.time()
     ready = setup(recipe, dry_run=False, checks=checks)
     print_notes([n for n in ready.notes if n.severity == "warning"], PROG)
+    with one_writer(recipe):
+        return _train(recipe, ready, started)
+
+
+def _train(recipe: Recipe, ready, started: float) -> tuple[Any, dict[str, Any]]:
     trainer, tokenizer, (trainable, total) = prepare(recipe, ready.args)
     checkpoint = resume_target(recipe)
     if (problem := resume_problem(recipe, trainer.model, checkpoint)) is not None and problem.is_error:

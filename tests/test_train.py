@@ -349,3 +349,30 @@ def test_without_matplotlib_the_summary_says_how_to_get_the_curve(adapter_dir, m
     text = (adapter_dir / "summary.txt").read_text(encoding="utf-8")
     assert "pip install 'lora_ns[plot]'" in text and not (adapter_dir / "loss_curve.png").exists()
     assert "pip install 'lora_ns[plot]'" in capsys.readouterr().err
+
+
+def test_a_second_training_into_an_output_dir_being_written_is_refused(tmp_path, capsys, tiny_llama):
+    """The same command launched twice (a second terminal, a job requeued while the first still runs) resumed
+    from the first run's checkpoints while it was writing them: the folder is locked while a training runs."""
+    import fcntl
+
+    from lora_ns.errors import run_cli
+    from lora_ns.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-2").mkdir()  # the first training's, mid-run
+    args = [str(REPO / "recipes" / "quickstart.yaml"), f"training.output_dir={out}", "training.max_steps=1",
+            "training.eval_strategy=no", "training.eval_on_start=false", "dataset.val_split=null"]
+    first = os.open(out, os.O_RDONLY)
+    fcntl.flock(first, fcntl.LOCK_EX)  # what the first training holds until it ends
+    try:
+        assert run_cli("lora_ns.train", lambda: main(args)) == 2
+    finally:
+        os.close(first)
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].endswith(f" training.output_dir: another training is writing {out} now — "
+                                             "wait for it to end (or stop it), or set another output_dir"), err
+    assert [p.name for p in out.iterdir()] == ["checkpoint-2"]  # nothing written, nothing resumed
+    (out / "checkpoint-2").rmdir()
+    assert run_cli("lora_ns.train", lambda: main(args)) == 0  # the lock went with the first training
