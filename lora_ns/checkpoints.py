@@ -113,6 +113,8 @@ def one_writer(recipe: Recipe) -> Iterator[None]:
             raise UserError(recipe.problem("training.output_dir", f"another training is writing {out} now",
                                            "wait for it to end (or stop it), or set another output_dir")
                             ) from None
+        except OSError:  # a file system without locks (some network mounts): train unguarded, as before
+            pass
         yield
     finally:
         os.close(folder)

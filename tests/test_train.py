@@ -376,3 +376,27 @@ def test_a_second_training_into_an_output_dir_being_written_is_refused(tmp_path,
     assert [p.name for p in out.iterdir()] == ["checkpoint-2"]  # nothing written, nothing resumed
     (out / "checkpoint-2").rmdir()
     assert run_cli("lora_ns.train", lambda: main(args)) == 0  # the lock went with the first training
+
+
+def test_a_file_system_without_locks_trains_unguarded(tmp_path, capsys, monkeypatch, tiny_llama):
+    """Some network mounts refuse flock (ENOLCK): training goes on as before the lock, no traceback."""
+    import errno
+    import fcntl
+    import stat
+
+    from lora_ns.errors import run_cli
+    from lora_ns.train import main
+
+    real = fcntl.flock
+
+    def no_folder_locks(fd, operation):  # datasets' file locks still work: only the output folder's fails
+        if stat.S_ISDIR(os.fstat(fd if isinstance(fd, int) else fd.fileno()).st_mode):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_folder_locks)
+    args = [str(REPO / "recipes" / "quickstart.yaml"), f"training.output_dir={tmp_path / 'run'}",
+            "training.max_steps=1", "training.eval_strategy=no", "training.eval_on_start=false",
+            "dataset.val_split=null"]
+    assert run_cli("lora_ns.train", lambda: main(args)) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "run_summary.json").is_file()
