@@ -251,7 +251,7 @@ def resume_problem(recipe: Recipe, model, checkpoint: str | None) -> Problem | N
         return None
     saved_config: dict = {}
     if adapter:
-        config = folder / "adapter_config.json"
+        config = folder / ADAPTER_CONFIG
         saved_config = json.loads(config.read_text()) if config.is_file() else {}
         if problem := unloadable(recipe, checkpoint, saved_config):
             return problem

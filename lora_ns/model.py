@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_ns.builtin_models import resolve_model_path
+from lora_ns.checkpoints import is_adapter_dir
 from lora_ns.config import SFT_TASKS, TORCH_DTYPES, Recipe
 from lora_ns.errors import Problem, UserError, first_line, suggest
 from lora_ns.pretrain import init_model, pretrain_tokenizer
@@ -117,7 +118,7 @@ def model_folder_problem(recipe: Recipe) -> Problem | None:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        if (folder / "adapter_config.json").is_file():  # a training output: an adapter, not a model
+        if is_adapter_dir(folder):  # a training output: an adapter, not a model
             return recipe.problem(field, f"{folder} holds an adapter, not a model", "set peft.init_from: "
                                   f"{folder} to train it further (its base stays in model.name_or_path), "
                                   "or merge it first (python -m lora_ns.merge)")

@@ -13,7 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from lora_ns.checkpoints import FINISHED_MARKER, RECIPE_FILE
+from lora_ns.checkpoints import FINISHED_MARKER, RECIPE_FILE, is_adapter_dir
 from lora_ns.config import Recipe, load_recipe
 from lora_ns.errors import program
 from lora_ns.fileio import atomic_output, write_text_atomic
@@ -100,7 +100,7 @@ def next_commands(output_dir: Path) -> list[tuple[str, str]]:
     """(what, command) pairs for what to do with a finished run, with the real paths."""
     saved = output_dir / RECIPE_FILE
     out, recipe = shlex.quote(str(output_dir)), shlex.quote(str(saved))
-    adapter = (output_dir / "adapter_config.json").is_file()
+    adapter = is_adapter_dir(output_dir)
     weights = "--adapter" if adapter else "--model"
     # evaluate's rows: the run's held-out split, else a file of them
     rows = "" if saved.is_file() and load_recipe(saved).dataset.val_split else " --data-file HELD_OUT.jsonl"
@@ -129,7 +129,7 @@ def write_report(log_history: list[dict[str, Any]], output_dir: str | Path, summ
             curve = ("not drawn: matplotlib is not installed (pip install 'lora_ns[plot]')"
                      if isinstance(err, ImportError) else f"not drawn: {type(err).__name__}: {err}")
             print(f"{program(PROG)}: warning: loss curve {curve}", file=sys.stderr)
-    kind = "adapter" if (out / "adapter_config.json").is_file() else "model"
+    kind = "adapter" if is_adapter_dir(out) else "model"
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     minutes, seconds = divmod(float(summary.get("seconds", 0)), 60)
     rows = {"steps": summary.get("steps", "-"),

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from lora_ns.adapters import PROJECTION_NOT_SAVED
 from lora_ns.builtin_models import PREFIX
-from lora_ns.checkpoints import ADAPTER_WEIGHTS, adapter_weights_defect
+from lora_ns.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights_defect
 from lora_ns.config import Recipe
 from lora_ns.errors import Problem
 from lora_ns.hf_fields import PEFT_TYPES, peft_task_type
@@ -95,7 +95,7 @@ def init_adapter_fits(r: Recipe) -> Iterator[Problem]:
         yield r.problem("peft.init_from", "full fine-tuning has no adapter to start from",
                         "name the merged model in model.name_or_path instead")
         return
-    config_file = Path(path).expanduser() / "adapter_config.json"
+    config_file = Path(path) / ADAPTER_CONFIG  # (a ~ was expanded as the recipe loaded)
     try:
         saved = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
