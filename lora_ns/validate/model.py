@@ -269,7 +269,7 @@ def init_from_problem(recipe: Recipe, model) -> Problem | None:
         return None
     if getattr(model.peft_config[model.active_adapter], "rank_pattern", None):  # AdaLoRA's, saved pruned to
         return None  # its ranks: peft cuts the built adapter so as it loads (not on the meta device)
-    folder = Path(recipe.peft.init_from).expanduser()
+    folder = Path(recipe.peft.init_from)
     if why := shapes_differ(adapter_shapes(model), [folder / ADAPTER_WEIGHTS], adapter=True):
         return recipe.problem("peft.init_from", f"{folder} does not fit this model: it holds {why}",
                               "start from an adapter trained on model.name_or_path, or remove peft.init_from")

@@ -170,19 +170,20 @@ def no_shell_variables(r: Recipe) -> Iterator[Problem]:
 
 def local_model_paths_exist(r: Recipe) -> Iterator[Problem]:
     """A model path that can only be local must exist: a hub lookup of it fails obscurely; so must a DeepSpeed
-    JSON (read from where training starts). (Data paths are lora_ns.data's: globs, folders and samples.)"""
+    JSON (read from where training starts). (Data paths are lora_ns.data's: globs, folders and samples; a
+    leading ~ was expanded as the recipe loaded: config.HOME_PATHS.)"""
     values = {f"model.{f}": getattr(r.model, f) for f in ("name_or_path", "tokenizer_name_or_path")}
     values["training.chat_template_path"] = r.training.get("chat_template_path")
     for field, value in values.items():
         local = value and (value.startswith(("/", "./", "../", "~")) or value.endswith(".jinja")
                            or field.endswith("chat_template_path") and "/" not in value)  # nor owner/name
-        if local and not Path(value).expanduser().exists():
+        if local and not Path(value).exists():
             yield r.problem(field, f"{value} not found", "check the path, or use a hub id")
     name = r.model.name_or_path
-    if r.model.revision and (is_builtin(name) or Path(name).expanduser().is_dir()):
+    if r.model.revision and (is_builtin(name) or Path(name).is_dir()):
         yield r.problem("model.revision", f"only a Hub model has a revision: ignored for {name}",
                         "remove model.revision", "warning")
-    if isinstance(ds := r.training.get("deepspeed"), str) and not Path(ds).expanduser().is_file():
+    if isinstance(ds := r.training.get("deepspeed"), str) and not Path(ds).is_file():
         yield r.problem("training.deepspeed", f"DeepSpeed config {ds} not found", "give the JSON's path from "
                         "where training starts, or launch with an accelerate DeepSpeed config instead")
     if (r.training.get("dataset_kwargs") or {}).get("skip_prepare_dataset"):  # TRL then gets untokenized rows

@@ -14,7 +14,7 @@ from lora_ns.model import SEQ_CLS_HEADS
 
 def local_folder(recipe: Recipe) -> Path | None:
     """The model folder on this machine (a builtin's too), else None (a Hub id)."""
-    folder = Path(resolve_model_path(recipe.model.name_or_path)).expanduser()
+    folder = Path(resolve_model_path(recipe.model.name_or_path))
     return folder if folder.is_dir() else None
 
 
